@@ -1,0 +1,110 @@
+"""The one place that talks to array-api-compat.
+
+Every public function resolves its namespace here, once per call, from *named* arrays, so
+that a bad argument is reported by its name and not by a traceback from deep inside the math.
+"""
+
+from __future__ import annotations
+
+import array_api_compat as _aac
+
+__all__ = [
+    "namespace",
+    "device_of",
+    "is_cupy",
+    "is_writeable",
+    "default_namespace",
+]
+
+
+def _describe(xp) -> str:
+    return getattr(xp, "__name__", repr(xp)).replace("array_api_compat.", "")
+
+
+def namespace(**arrays):
+    """Return the common array namespace of the named ``arrays``.
+
+    Also checks that every array has a real floating dtype, that all share one dtype, and
+    that all live on one device.
+
+    Parameters
+    ----------
+    **arrays
+        The arrays of a public call, keyed by the name the user knows them by (``x``, ``a0``,
+        ``Wf``, ...). ``None`` values are skipped.
+
+    Returns
+    -------
+    xp : module
+        The array-api-compat namespace of the arrays.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, if the arrays come from different namespaces, or if
+        a dtype is not real floating or differs between arguments.
+    ValueError
+        If the arrays live on different devices.
+    """
+    named = [(k, v) for k, v in arrays.items() if v is not None]
+    if not named:
+        raise TypeError("no arrays were given")
+    spaces = []
+    for name, arr in named:
+        try:
+            spaces.append(_aac.array_namespace(arr))
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an array, got {type(arr).__name__}"
+            ) from None
+    first_name, _ = named[0]
+    xp = spaces[0]
+    for (name, _), other in zip(named, spaces):
+        if other is not xp:
+            raise TypeError(
+                f"mixed array namespaces: {first_name} is {_describe(xp)} but {name} is "
+                f"{_describe(other)}; convert all arrays to one namespace first"
+            )
+    dtype = None
+    for name, arr in named:
+        if not xp.isdtype(arr.dtype, "real floating"):
+            raise TypeError(
+                f"{name} must have a real floating dtype (float32 or float64), got {arr.dtype}"
+            )
+        if dtype is None:
+            dtype, dtype_name = arr.dtype, name
+        elif arr.dtype != dtype:
+            raise TypeError(
+                f"dtype mismatch: {dtype_name} is {dtype} but {name} is {arr.dtype}; "
+                "cast all arrays to one floating dtype"
+            )
+    dev = device_of(named[0][1])
+    for name, arr in named[1:]:
+        if device_of(arr) != dev:
+            raise ValueError(
+                f"device mismatch: {first_name} is on {dev} but {name} is on "
+                f"{device_of(arr)}; move all arrays to one device"
+            )
+    return xp
+
+
+def device_of(x):
+    """Return the device of array ``x``."""
+    return _aac.device(x)
+
+
+def is_cupy(xp) -> bool:
+    """True when ``xp`` is CuPy's namespace (imports nothing)."""
+    return _aac.is_cupy_namespace(xp)
+
+
+def is_writeable(x) -> bool:
+    """True when ``x`` supports in-place writes (not JAX, not read-only numpy views)."""
+    return _aac.is_writeable_array(x)
+
+
+def default_namespace():
+    """The namespace used when the caller passes no array and no ``xp``: numpy."""
+    import numpy
+
+    return _aac.array_namespace(numpy.empty(0))

@@ -1,0 +1,209 @@
+"""The fused sequence engine: the seed's equations regrouped around big matrix products.
+
+Internal layout is time-major with the batch in rows: a step's gates are one ``(m, 4 n_a)``
+block in gate order (o, f, i, c) (see :mod:`xlstm.params`), hidden and cell states are
+``(m, n_a)``, and a sequence of them is ``(T, m, n_a)``.
+
+Forward, per chunk of time steps: one GEMM for the input projections of all its steps; per
+step one recurrent GEMM plus :func:`step_forward`. Backward: the activation-derivative
+coefficients of all steps in a few vectorised operations, then per step
+:func:`step_backward` plus one GEMM ``dG @ Wa``; after the loop ``dW``, ``db`` and ``dx`` are
+single GEMMs and reductions over the stacked ``dG``.
+
+The two ``step_*`` functions hold all pointwise math; the cell functions in
+:mod:`xlstm.lstm` call the same ones, so there is one path for the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+from ._compat import device_of, is_writeable
+from .activations import _softmax
+from .params import fused_backward_weights, fused_forward_weights
+
+#: Rows (time steps x batch) per input-projection GEMM. Bounds the temporary ``Gx`` block
+#: so that memory beyond the outputs does not grow with ``T_x``.
+CHUNK_ROWS = 4096
+
+State = namedtuple("State", "A C S CCT TC X params n_a")
+State.__doc__ = """Stacked forward state kept for the backward pass.
+
+A, C : (T+1, m, n_a)  hidden and cell states, index 0 holds a0 / c0
+S    : (T, m, 3 n_a)  sigmoid gates (o, f, i)
+CCT  : (T, m, n_a)    candidate values
+TC   : (T, m, n_a)    tanh(c)
+X    : (T*m, n_x)     a time-major copy of the input
+"""
+
+
+# --------------------------------------------------------------------------- pointwise math
+def step_forward(g, c_prev, n_a, *, xp):
+    """Pointwise part of one forward step, equations (1)-(6).
+
+    ``g`` is the ``(..., m, 4 n_a)`` pre-activation in gate order (o, f, i, c) with the
+    sigmoid gates already halved, so ``tanh(g)`` gives every gate with one call.
+    Returns ``(s, cct, c, tc, a)``: sigmoid gates (o, f, i), candidate, cell state,
+    ``tanh(c)`` and hidden state.
+    """
+    t = xp.tanh(g)
+    s = 0.5 * t[..., : 3 * n_a] + 0.5  # (1), (2), (5): sigmoid = 0.5 tanh(z/2) + 0.5
+    cct = t[..., 3 * n_a :]  # (3)
+    c = s[..., n_a : 2 * n_a] * c_prev + s[..., 2 * n_a :] * cct  # (4)
+    tc = xp.tanh(c)
+    a = s[..., :n_a] * tc  # (6)
+    return s, cct, c, tc, a
+
+
+def backward_coefficients(s, cct, tc, c_prev, n_a, *, xp):
+    """Per-step factors of equations (7)-(10) that depend only on the forward pass.
+
+    With ``da`` and ``dc`` the gradients arriving at a step, the step's pre-activation
+    gradient is ``[da * Q, (dc + da * K) * P]`` (see :func:`step_backward`), where
+
+    * ``K = o (1 - tanh^2 c)``: the path from ``a`` back into ``c`` (eq. 7-10),
+    * ``Q = tanh(c) o (1 - o)``: eq. (7) without ``da``,
+    * ``P = [c_prev f (1-f), cct i (1-i), i (1 - cct^2)]``: eqs. (10), (9), (8) without the
+      common factor, shaped ``(..., m, 3, n_a)``.
+
+    Works for one step or, vectorised, for a whole ``(T, m, ...)`` stack.
+    """
+    o = s[..., :n_a]
+    f = s[..., n_a : 2 * n_a]
+    i = s[..., 2 * n_a :]
+    K = o * (1.0 - tc * tc)
+    Q = tc * o * (1.0 - o)
+    P = xp.stack([c_prev * f * (1.0 - f), cct * i * (1.0 - i), i * (1.0 - cct * cct)], axis=-2)
+    return K, Q, P
+
+
+def step_backward(da, dc, K, Q, P, f, *, xp):
+    """Pointwise part of one backward step: equations (7)-(10) and (20).
+
+    ``da`` and ``dc`` are the total gradients reaching this step's ``a`` and ``c``.
+    Returns ``(dg, dc_prev)``: the ``(m, 4 n_a)`` pre-activation gradient in gate order
+    (o, f, i, c) and the gradient flowing into ``c_prev``.
+    """
+    dct = dc + da * K  # dL/dc_t, through c directly and through a = o tanh(c)
+    dsig = xp.reshape(dct[..., None, :] * P, (*dct.shape[:-1], 3 * dct.shape[-1]))
+    dg = xp.concat([da * Q, dsig], axis=-1)  # (7), (10), (9), (8)
+    return dg, dct * f  # (20)
+
+
+# ------------------------------------------------------------------------------ sequences
+class _Collect:
+    """Gathers blocks along a leading time axis into one array of ``length`` rows.
+
+    A single block that covers everything is returned as it is. Otherwise, where the
+    namespace allows writes, the result is preallocated and filled block by block, so peak
+    memory is the result plus one block; elsewhere (JAX) the blocks are concatenated.
+    """
+
+    def __init__(self, xp, length, like):
+        self.xp, self.length, self.like = xp, length, like
+        self.blocks = []  # (start, block) pairs while no buffer is allocated
+        self.buf = None
+
+    def put(self, start, block):
+        if self.buf is None and block.shape[0] < self.length and is_writeable(self.like):
+            self.buf = self.xp.empty(
+                (self.length, *block.shape[1:]), dtype=block.dtype, device=device_of(block)
+            )
+            for s0, b in self.blocks:
+                self.buf[s0 : s0 + b.shape[0], ...] = b
+            self.blocks = []
+        if self.buf is not None:
+            self.buf[start : start + block.shape[0], ...] = block
+        else:
+            self.blocks.append((start, block))
+
+    def result(self):
+        if self.buf is not None:
+            return self.buf
+        if len(self.blocks) == 1:
+            return self.blocks[0][1]
+        return self.xp.concat([b for _, b in self.blocks], axis=0)
+
+
+def forward(x, a0, c0, params, n_a, *, xp, keep):
+    """Run the LSTM over ``x`` (seed layout ``(n_x, m, T)``).
+
+    Returns ``(A, C, Y, state)`` with ``A, C`` of shape ``(T+1, m, n_a)`` (index 0 holds the
+    initial state), ``Y`` of shape ``(T, m, n_y)`` and ``state`` a :class:`State` when
+    ``keep`` is true, else ``None``.
+    """
+    n_x, m, T = x.shape
+    dtype, dev = x.dtype, device_of(x)
+    WaT, WxT, b = fused_forward_weights(params, n_a, xp=xp)
+    WyT = xp.matrix_transpose(params["Wy"])
+    by = xp.matrix_transpose(params["by"])
+    n_y = WyT.shape[1]
+    a = xp.matrix_transpose(a0)
+    c = xp.zeros((m, n_a), dtype=dtype, device=dev) if c0 is None else xp.matrix_transpose(c0)
+    if keep:
+        # A time-major copy, so that a later write into the caller's x cannot change what
+        # the backward pass computes.
+        X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
+
+    chunk = max(1, min(T, CHUNK_ROWS // m))
+    names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
+    outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in (*names, "Y")}
+    outs["A"].put(0, a[None, ...])
+    outs["C"].put(0, c[None, ...])
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        if keep:
+            rows = X[t0 * m : t1 * m, :]
+        else:
+            rows = xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
+        Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
+        steps = {k: [] for k in names}
+        for t in range(t1 - t0):
+            s, cct, c, tc, a = step_forward(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
+            for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
+                if k in steps:
+                    steps[k].append(v)
+        blocks = {k: xp.stack(v) for k, v in steps.items()}
+        for k, block in blocks.items():
+            outs[k].put(t0 + 1 if k in ("A", "C") else t0, block)
+        logits = xp.reshape(blocks["A"], ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
+        y = _softmax(logits, -1, xp=xp)
+        outs["Y"].put(t0, xp.reshape(y, (t1 - t0, m, n_y)))
+    res = {k: v.result() for k, v in outs.items()}
+    state = None
+    if keep:
+        state = State(res["A"], res["C"], res["S"], res["CCT"], res["TC"], X, params, n_a)
+    return res["A"], res["C"], res["Y"], state
+
+
+def backward(da, state, *, xp):
+    """Backward pass over the first ``T_da = da.shape[-1]`` steps of a kept forward pass.
+
+    ``da`` is in seed layout ``(n_a, m, T_da)``. Returns ``(dX, da0, dc0, dW, db)`` with
+    ``dX`` time-major ``(T_da, m, n_x)``, ``da0, dc0`` of shape ``(m, n_a)``,
+    ``dW`` ``(4 n_a, n_a + n_x)`` and ``db`` ``(4 n_a, 1)``, in gate order (o, f, i, c).
+    """
+    n_a = state.n_a
+    T = da.shape[-1]
+    m = da.shape[1]
+    dtype, dev = da.dtype, device_of(da)
+    Wa, Wx = fused_backward_weights(state.params, n_a, xp=xp)
+    S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
+    K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
+    F = S[..., n_a : 2 * n_a]
+    da_t = xp.permute_dims(da, (2, 1, 0))
+    da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
+    dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
+    dgs = []
+    for t in range(T - 1, -1, -1):
+        dg, dc = step_backward(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
+                               F[t, ...], xp=xp)
+        da_rec = dg @ Wa  # (19), recurrent part
+        dgs.append(dg)
+    dG = xp.reshape(xp.stack(dgs[::-1]), (T * m, 4 * n_a))
+    dGT = xp.matrix_transpose(dG)
+    A_prev = xp.reshape(state.A[:T, ...], (T * m, n_a))
+    dW = xp.concat([dGT @ A_prev, dGT @ state.X[: T * m, :]], axis=1)  # (11)-(14)
+    db = xp.sum(dGT, axis=1, keepdims=True)  # (15)-(18)
+    dX = xp.reshape(dG @ Wx, (T, m, Wx.shape[1]))  # (21)
+    return dX, da_rec, dc, dW, db

@@ -1,0 +1,374 @@
+"""The seed's LSTM API: cell and sequence, forward and backward.
+
+Shapes follow the seed (``n_x`` inputs, ``n_a`` hidden units, ``n_y`` classes, ``m``
+examples, ``T_x`` steps): a step's arrays are ``(features, m)``, a sequence's are
+``(features, m, T_x)``. Equation numbers (1)-(21) are the seed's.
+
+Sequences run through the fused engine (:mod:`xlstm._engine`); the cell functions use the
+same pointwise code, so the two agree to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Sequence
+
+from . import _engine
+from ._compat import device_of, namespace
+from .params import (
+    PARAM_KEYS,
+    check_params,
+    fused_backward_weights,
+    param_arrays,
+    split_gates,
+)
+
+__all__ = [
+    "LSTMCache",
+    "LSTMCaches",
+    "lstm_cell_forward",
+    "lstm_forward",
+    "lstm_cell_backward",
+    "lstm_backward",
+]
+
+LSTMCache = namedtuple(
+    "LSTMCache", ["a_next", "c_next", "a_prev", "c_prev", "ft", "it", "cct", "ot", "xt", "params"]
+)
+LSTMCache.__doc__ = """One step's cache, in the seed's order. All arrays are ``(n_a, m)``
+except ``xt`` ``(n_x, m)``; ``params`` is the parameter dict itself (a reference)."""
+
+
+class _StepCaches(Sequence):
+    """The per-step caches of a sequence, built on access as views into the stacked state."""
+
+    def __init__(self, state, xp):
+        self._state, self._xp = state, xp
+
+    def __len__(self):
+        return self._state.S.shape[0]
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[k] for k in range(*t.indices(len(self)))]
+        T = len(self)
+        if not -T <= t < T:
+            raise IndexError(f"step {t} is out of range for a sequence of {T} steps")
+        t %= T
+        st, n, tr = self._state, self._state.n_a, self._xp.matrix_transpose
+        m = st.A.shape[1]
+        s = st.S[t, ...]
+        return LSTMCache(
+            tr(st.A[t + 1, ...]), tr(st.C[t + 1, ...]), tr(st.A[t, ...]), tr(st.C[t, ...]),
+            tr(s[:, n : 2 * n]), tr(s[:, 2 * n :]), tr(st.CCT[t, ...]), tr(s[:, :n]),
+            tr(st.X[t * m : (t + 1) * m, :]), st.params,
+        )  # fmt: skip
+
+
+class LSTMCaches(tuple):
+    """What :func:`lstm_forward` returns as ``caches``: the seed's pair ``(caches, x)``.
+
+    ``caches[0]`` is the sequence of per-step :class:`LSTMCache` tuples (views into the
+    stacked forward state, built on access) and ``caches[1]`` is ``x``. The stacked state
+    itself is :attr:`state`; :func:`lstm_backward` uses it directly.
+    """
+
+    def __new__(cls, steps, x, state):
+        obj = super().__new__(cls, (steps, x))
+        obj.state = state
+        return obj
+
+
+# ----------------------------------------------------------------------------- validation
+def _resolve(params, need_output=True, **arrays):
+    """Check params' keys, then namespace/dtype/device of everything, then params' shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    for key in PARAM_KEYS if need_output else PARAM_KEYS[:8]:
+        if key not in params:
+            check_params(params, need_output=need_output)  # raises the KeyError
+    xp = namespace(**arrays, **param_arrays(params, need_output=need_output))
+    return xp, check_params(params, need_output=need_output)
+
+
+def _check_shape(name, arr, expected, what):
+    """Raise ValueError naming ``name`` unless ``arr.shape`` matches ``expected``.
+
+    ``expected`` holds ints or ``None`` (any size); ``what`` names each axis.
+    """
+    if arr.ndim != len(expected):
+        raise ValueError(
+            f"{name} must be {len(expected)}-D {what}, got shape {tuple(arr.shape)}"
+        )
+    labels = what.strip("()").split(", ")
+    for axis, (want, got, label) in enumerate(zip(expected, arr.shape, labels)):
+        if want is not None and got != want:
+            raise ValueError(
+                f"{name} has {label}={got} (axis {axis}) but {want} is expected from the "
+                f"other arguments; {name}.shape is {tuple(arr.shape)}, expected {what}"
+            )
+        if got < 1:
+            raise ValueError(f"{name} has {label}=0; every dimension must be at least 1")
+
+
+# ----------------------------------------------------------------------------- forward
+def lstm_cell_forward(xt, a_prev, c_prev, params):
+    """One LSTM step, equations (1)-(6), and the softmax prediction.
+
+    Parameters
+    ----------
+    xt : array, shape (n_x, m)
+        Input at step t.
+    a_prev : array, shape (n_a, m)
+        Hidden state at step t-1.
+    c_prev : array, shape (n_a, m)
+        Cell state at step t-1.
+    params : dict
+        ``Wf, Wi, Wc, Wo`` of shape ``(n_a, n_a + n_x)`` acting on ``[a_prev; xt]``,
+        ``bf, bi, bc, bo`` ``(n_a, 1)``, ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)``.
+
+    Returns
+    -------
+    a_next : array, shape (n_a, m)
+        ``ot * tanh(c_next)``, eq. (6).
+    c_next : array, shape (n_a, m)
+        ``ft * c_prev + it * cct``, eq. (4).
+    yt_pred : array, shape (n_y, m)
+        ``softmax(Wy a_next + by)`` over axis 0.
+    cache : LSTMCache
+        ``(a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, params)`` for
+        :func:`lstm_cell_backward`.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        For a missing parameter, mixed namespaces or dtypes, or a shape that disagrees;
+        the message names the argument.
+    """
+    xp, (n_a, n_x, _) = _resolve(params, xt=xt, a_prev=a_prev, c_prev=c_prev)
+    _check_shape("xt", xt, (n_x, None), "(n_x, m)")
+    m = xt.shape[1]
+    _check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
+    _check_shape("c_prev", c_prev, (n_a, m), "(n_a, m)")
+    x = xp.reshape(xt, (n_x, m, 1))
+    A, C, Y, state = _engine.forward(x, a_prev, c_prev, params, n_a, xp=xp, keep=True)
+    cache = _StepCaches(state, xp)[0]
+    tr = xp.matrix_transpose
+    copy = _copy(xp)
+    return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
+
+
+def lstm_forward(x, a0, params, c0=None, *, return_caches=True):
+    """Run the LSTM over a whole sequence, equations (1)-(6) at every step.
+
+    Parameters
+    ----------
+    x : array, shape (n_x, m, T_x)
+        Inputs of every step.
+    a0 : array, shape (n_a, m)
+        Initial hidden state.
+    params : dict
+        The seed's parameters, see :func:`lstm_cell_forward`.
+    c0 : array, shape (n_a, m), optional
+        Initial cell state. Default ``None`` means zeros, as in the seed.
+    return_caches : bool, optional
+        Default True. False runs the inference path: nothing is kept for a backward pass
+        and ``caches`` is ``None``.
+
+    Returns
+    -------
+    a : array, shape (n_a, m, T_x)
+        Hidden states.
+    y : array, shape (n_y, m, T_x)
+        Softmax predictions, ``softmax(Wy a_t + by)`` over axis 0.
+    c : array, shape (n_a, m, T_x)
+        Cell states.
+    caches : LSTMCaches or None
+        The seed's pair ``(list of per-step caches, x)``: ``len(caches) == 2`` and
+        ``caches[1]`` is ``x``. The per-step caches are views into one stacked forward
+        state, which :func:`lstm_backward` uses directly.
+
+    Notes
+    -----
+    One GEMM computes the input projections of up to ``4096 // m`` steps at a time; each
+    step is then one GEMM with the recurrent weights plus pointwise math; the predictions
+    are one GEMM and one softmax per block of steps.
+
+    Memory. With caches, the forward state costs ``(7 n_a + n_x) m`` numbers per step
+    (gates ``4 n_a``, ``c``, ``tanh(c)`` and ``a``, and a copy of ``x_t``), on top of the
+    outputs, and no per-step copy of ``params``. Without caches, the extra memory is
+    ``O((4 n_a + n_x) m)`` per step of one block of at most ``4096 // m`` steps, independent of
+    ``T_x`` (on namespaces with immutable arrays, such as JAX, the outputs are assembled
+    by concatenation, which briefly holds them twice).
+
+    The returned ``a``, ``c`` and ``y`` are independent of ``caches``: writing into them
+    never changes what :func:`lstm_backward` computes.
+    """
+    xp, (n_a, n_x, _) = _resolve(params, x=x, a0=a0, c0=c0)
+    _check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
+    m = x.shape[1]
+    _check_shape("a0", a0, (n_a, m), "(n_a, m)")
+    if c0 is not None:
+        _check_shape("c0", c0, (n_a, m), "(n_a, m)")
+    keep = bool(return_caches)
+    A, C, Y, state = _engine.forward(x, a0, c0, params, n_a, xp=xp, keep=keep)
+    seed = (2, 1, 0)  # (T, m, k) -> (k, m, T)
+    a = xp.permute_dims(A[1:, ...], seed)
+    c = xp.permute_dims(C[1:, ...], seed)
+    y = xp.permute_dims(Y, seed)
+    if not keep:
+        return a, y, c, None
+    copy = _copy(xp)
+    return copy(a), y, copy(c), LSTMCaches(_StepCaches(state, xp), x, state)
+
+
+def _copy(xp):
+    return lambda v: xp.asarray(v, copy=True)
+
+
+# ---------------------------------------------------------------------------- backward
+def lstm_cell_backward(da_next, dc_next, cache):
+    """Backward pass of one LSTM step, equations (7)-(21).
+
+    Parameters
+    ----------
+    da_next : array, shape (n_a, m)
+        Gradient of the loss with respect to this step's hidden state.
+    dc_next : array, shape (n_a, m)
+        Gradient with respect to this step's cell state.
+    cache : tuple
+        The 10-field cache of :func:`lstm_cell_forward`, in the seed's order
+        ``(a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, params)``; a hand-built
+        tuple works too.
+
+    Returns
+    -------
+    dict
+        ``dxt`` ``(n_x, m)`` eq. (21); ``da_prev`` ``(n_a, m)`` eq. (19);
+        ``dc_prev`` ``(n_a, m)`` eq. (20); ``dWf, dWi, dWc, dWo`` ``(n_a, n_a + n_x)``
+        eqs. (11)-(14); ``dbf, dbi, dbc, dbo`` ``(n_a, 1)`` eqs. (15)-(18).
+    """
+    if not isinstance(cache, tuple) or len(cache) != 10:
+        raise TypeError(
+            "cache must be the 10-tuple (a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, "
+            "params) returned by lstm_cell_forward"
+        )
+    (a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, params) = cache
+    named = dict(zip(LSTMCache._fields[:9], cache[:9]))
+    xp, (n_a, n_x, _) = _resolve(
+        params, need_output=False, da_next=da_next, dc_next=dc_next,
+        **{f"cache.{k}": v for k, v in named.items()},
+    )  # fmt: skip
+    _check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
+    m = xt.shape[1]
+    for name, arr in (("da_next", da_next), ("dc_next", dc_next), *named.items()):
+        if name != "xt":
+            _check_shape(name if name[0] == "d" else f"cache.{name}", arr, (n_a, m), "(n_a, m)")
+    tr = xp.matrix_transpose
+    s = xp.concat([tr(ot), tr(ft), tr(it)], axis=-1)
+    K, Q, P = _engine.backward_coefficients(
+        s, tr(cct), xp.tanh(tr(c_next)), tr(c_prev), n_a, xp=xp
+    )
+    dg, dc_prev = _engine.step_backward(tr(da_next), tr(dc_next), K, Q, P, tr(ft), xp=xp)
+    Wa, Wx = fused_backward_weights(params, n_a, xp=xp)
+    dgT = tr(dg)
+    dW = dgT @ xp.concat([tr(a_prev), tr(xt)], axis=-1)  # (11)-(14)
+    db = xp.sum(dgT, axis=1, keepdims=True)  # (15)-(18)
+    return {
+        "dxt": tr(dg @ Wx),  # (21)
+        "da_prev": tr(dg @ Wa),  # (19)
+        "dc_prev": tr(dc_prev),  # (20)
+        **_seed_order(split_gates(dW, prefix="dW"), split_gates(db, prefix="db")),
+    }
+
+
+def _seed_order(dW, db):
+    return {k: v for g in "fico" for k, v in ((f"dW{g}", dW[f"dW{g}"]), (f"db{g}", db[f"db{g}"]))}
+
+
+def lstm_backward(da, caches):
+    """Backward pass over a whole sequence (backpropagation through time).
+
+    Parameters
+    ----------
+    da : array, shape (n_a, m, T_da)
+        Gradient of the loss with respect to the hidden states ``a``. It may cover only the
+        first ``T_da <= T_x`` steps: the loss then depends on those steps only, so the
+        gradients of later inputs are zero and backpropagation starts at step ``T_da - 1``.
+    caches : tuple
+        The ``caches`` returned by :func:`lstm_forward`. A hand-built seed-style pair
+        ``(list of per-step caches, x)`` also works, through the per-step path.
+
+    Returns
+    -------
+    dict
+        ``dx`` ``(n_x, m, T_x)`` eq. (21); ``da0`` ``(n_a, m)`` eq. (19);
+        ``dWf, dbf, dWi, dbi, dWc, dbc, dWo, dbo`` summed over steps, eqs. (11)-(18); and
+        ``dc0`` ``(n_a, m)``, the gradient with respect to the initial cell state, eq. (20).
+
+    Notes
+    -----
+    Per step: the pointwise math of eqs. (7)-(10), (20) and one GEMM ``dG @ Wa``. After the
+    loop: one GEMM each for ``dW`` and ``dx`` and one reduction for ``db`` over the stacked
+    pre-activation gradients ``dG``. Extra memory: ``dG`` and the backward coefficients,
+    ``(4 n_a + 5 n_a) m`` numbers per step.
+    """
+    if not isinstance(caches, tuple) or len(caches) != 2:
+        raise TypeError("caches must be the pair (list of per-step caches, x) from lstm_forward")
+    steps, x = caches
+    if isinstance(caches, LSTMCaches):
+        return _backward_fused(da, caches.state, x)
+    return _backward_per_step(da, steps, x)
+
+
+def _check_da(da, n_a, m, T_x):
+    _check_shape("da", da, (n_a, m, None), "(n_a, m, T_da)")
+    if da.shape[2] > T_x:
+        raise ValueError(
+            f"da covers T_da={da.shape[2]} steps but the forward pass ran T_x={T_x}; "
+            "need T_da <= T_x"
+        )
+
+
+def _backward_fused(da, state, x):
+    xp = namespace(da=da, caches=state.A)
+    n_a, (T1, m, _) = state.n_a, state.A.shape
+    T_x = T1 - 1
+    _check_da(da, n_a, m, T_x)
+    dX, da0, dc0, dW, db = _engine.backward(da, state, xp=xp)
+    T_da, n_x = dX.shape[0], dX.shape[2]
+    if T_da < T_x:  # later steps do not touch the loss
+        zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
+        dX = xp.concat([dX, zeros], axis=0)
+    tr = xp.matrix_transpose
+    return {
+        "dx": xp.permute_dims(dX, (2, 1, 0)),
+        "da0": tr(da0),
+        **_seed_order(split_gates(dW, prefix="dW"), split_gates(db, prefix="db")),
+        "dc0": tr(dc0),
+    }
+
+
+def _backward_per_step(da, steps, x):
+    if len(steps) == 0:
+        raise ValueError("caches holds no steps")
+    first = steps[0]
+    if not isinstance(first, tuple) or len(first) != 10:
+        raise TypeError("caches[0] must be a list of 10-field per-step caches")
+    xp = namespace(da=da, x=x, **{"caches[0][0].a_next": first[0]})
+    n_a, m = first[0].shape
+    T_x = len(steps)
+    _check_da(da, n_a, m, T_x)
+    T_da = da.shape[2]
+    da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
+    dc_prev = da_prev
+    total, dxs = None, []
+    for t in range(T_da - 1, -1, -1):
+        g = lstm_cell_backward(da[:, :, t] + da_prev, dc_prev, steps[t])
+        da_prev, dc_prev = g["da_prev"], g["dc_prev"]
+        dxs.append(g["dxt"])
+        sums = {k: v for k, v in g.items() if k[:2] in ("dW", "db")}
+        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+    zero = xp.zeros_like(dxs[0])
+    dx = xp.stack(dxs[::-1] + [zero] * (T_x - T_da), axis=-1)
+    return {"dx": dx, "da0": da_prev, **total, "dc0": dc_prev}

@@ -1,0 +1,175 @@
+"""The seed's parameter dict: validation, initialisation, and the fused gate layout.
+
+Shape letters used throughout the package:
+
+* ``n_x`` input features, ``n_a`` hidden units, ``n_y`` output classes,
+* ``m`` batch size, ``T_x`` sequence length.
+
+The seed keeps one weight matrix per gate, ``W* : (n_a, n_a + n_x)``, acting on the
+concatenation ``[a_prev; x_t]``. The engine stacks them into one matrix of ``4 n_a`` rows in
+the gate order :data:`GATES` = ``(o, f, i, c)``: the three sigmoid gates first and contiguous,
+then the tanh candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ._compat import default_namespace
+
+__all__ = ["init_params", "PARAM_KEYS", "GATES"]
+
+#: Keys of the seed's parameter dict, in the seed's order.
+PARAM_KEYS = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")
+#: Gate order of the fused weight matrix: sigmoid gates (o, f, i), then the candidate (c).
+GATES = ("o", "f", "i", "c")
+
+
+def check_params(params, *, need_output=True):
+    """Validate the seed's parameter dict and return its sizes ``(n_a, n_x, n_y)``.
+
+    ``n_y`` is ``None`` when ``need_output`` is False (the backward pass never reads
+    ``Wy``/``by``). Raises ``TypeError`` for a non-mapping, ``KeyError`` for a missing key
+    and ``ValueError`` naming the key for a wrongly shaped entry.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
+    for key in keys:
+        if key not in params:
+            raise KeyError(f"params is missing {key!r} (needs {', '.join(keys)})")
+    Wf = params["Wf"]
+    if getattr(Wf, "ndim", None) != 2:
+        raise ValueError(
+            f"params['Wf'] must be 2-D (n_a, n_a + n_x), got shape {getattr(Wf, 'shape', None)}"
+        )
+    n_a = Wf.shape[0]
+    n_x = Wf.shape[1] - n_a
+    if n_a < 1 or n_x < 1:
+        raise ValueError(
+            f"params['Wf'] has shape {tuple(Wf.shape)}; expected (n_a, n_a + n_x) "
+            "with n_a >= 1 and n_x >= 1"
+        )
+    expected = {}
+    for g in "fico":
+        expected["W" + g] = (n_a, n_a + n_x)
+        expected["b" + g] = (n_a, 1)
+    n_y = None
+    if need_output:
+        Wy = params["Wy"]
+        if getattr(Wy, "ndim", None) != 2 or Wy.shape[1] != n_a:
+            raise ValueError(
+                f"params['Wy'] must have shape (n_y, n_a) with n_a={n_a}, "
+                f"got {tuple(getattr(Wy, 'shape', ()))}"
+            )
+        n_y = Wy.shape[0]
+        expected["by"] = (n_y, 1)
+    for key, shape in expected.items():
+        got = getattr(params[key], "shape", None)
+        if got is None or tuple(got) != shape:
+            raise ValueError(
+                f"params[{key!r}] must have shape {shape} (n_a={n_a}, n_x={n_x}), "
+                f"got {None if got is None else tuple(got)}"
+            )
+    return n_a, n_x, n_y
+
+
+def param_arrays(params, *, need_output=True):
+    """The parameter arrays keyed for :func:`xlstm._compat.namespace` error messages."""
+    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
+    return {f"params['{k}']": params[k] for k in keys}
+
+
+def fused_forward_weights(params, n_a, *, xp):
+    """Stacked weights for the forward pass: ``(WaT, WxT, b)``.
+
+    ``WaT`` is ``(n_a, 4 n_a)``, ``WxT`` is ``(n_x, 4 n_a)`` and ``b`` is ``(1, 4 n_a)``, in
+    gate order (o, f, i, c). The sigmoid-gate rows are pre-multiplied by 0.5, so that one
+    ``tanh`` over all four gates yields ``tanh(z/2)`` for the sigmoid gates
+    (``sigmoid(z) = 0.5 tanh(z/2) + 0.5``) and ``tanh(z)`` for the candidate. Scaling by a
+    power of two is exact in binary floating point, so this is bit-for-bit the same as
+    halving the pre-activation afterwards.
+    """
+    W = xp.concat([0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]])
+    b = xp.concat([0.5 * params["bo"], 0.5 * params["bf"], 0.5 * params["bi"], params["bc"]])
+    WT = xp.matrix_transpose(W)
+    return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, 4 * n_a))
+
+
+def fused_backward_weights(params, n_a, *, xp):
+    """Unscaled stacked weights ``(Wa, Wx)``: ``(4 n_a, n_a)`` and ``(4 n_a, n_x)``."""
+    W = xp.concat([params["Wo"], params["Wf"], params["Wi"], params["Wc"]])
+    return W[:, :n_a], W[:, n_a:]
+
+
+def split_gates(stacked, *, prefix):
+    """Split a ``(4 n_a, k)`` array in gate order (o, f, i, c) into the seed's per-gate keys."""
+    n_a = stacked.shape[0] // 4
+    return {f"{prefix}{g}": stacked[j * n_a : (j + 1) * n_a, :] for j, g in enumerate(GATES)}
+
+
+def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
+    """Initialise the seed's parameter dict for an LSTM with a softmax output layer.
+
+    The input part of each gate weight, ``W*[:, n_a:]``, and ``Wy`` are Glorot-uniform; the
+    recurrent part, ``W*[:, :n_a]``, is a random orthogonal matrix per gate; ``bf`` is 1
+    (so the cell remembers by default) and the other biases are 0. Numbers are drawn on the
+    host with ``numpy.random.default_rng(seed)`` and then moved to ``xp`` and ``device``, so
+    one ``seed`` gives the same parameters on every backend.
+
+    Parameters
+    ----------
+    n_x, n_a, n_y : int
+        Input size, hidden size and number of output classes (all >= 1).
+    xp : namespace, optional
+        Target array namespace (numpy, cupy, torch, ...). Default: numpy.
+    dtype : dtype, optional
+        Floating dtype in ``xp``. Default: the namespace's default floating dtype.
+    device : device, optional
+        Target device. Default: the namespace's default device.
+    seed : int or numpy.random.Generator, optional
+        Seed for the host random generator.
+
+    Returns
+    -------
+    dict
+        ``Wf, bf, Wi, bi, Wc, bc, Wo, bo`` of shapes ``(n_a, n_a + n_x)`` / ``(n_a, 1)``,
+        ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)``.
+    """
+    import numpy as np  # host-side random numbers only; the array API has none
+
+    for name, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if xp is None:
+        xp = default_namespace()
+    else:
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(xp.empty(0))
+    if dtype is None:
+        dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    rng = np.random.default_rng(seed)
+
+    def glorot(rows, cols):
+        lim = np.sqrt(6.0 / (rows + cols))
+        return rng.uniform(-lim, lim, size=(rows, cols))
+
+    def orthogonal(n):
+        q, r = np.linalg.qr(rng.standard_normal((n, n)))
+        return q * np.sign(np.diag(r))  # sign fix makes the distribution uniform (Haar)
+
+    host = {}
+    for g in "fico":
+        host["W" + g] = np.concatenate([orthogonal(n_a), glorot(n_a, n_x)], axis=1)
+        host["b" + g] = np.full((n_a, 1), 1.0 if g == "f" else 0.0)
+    host["Wy"] = glorot(n_y, n_a)
+    host["by"] = np.zeros((n_y, 1))
+    out = {}
+    for k in PARAM_KEYS:
+        arr = xp.asarray(host[k], device=device)
+        out[k] = xp.astype(arr, dtype)
+    return out
+
