@@ -14,6 +14,7 @@ __all__ = [
     "is_cupy",
     "is_writeable",
     "default_namespace",
+    "to_host",
 ]
 
 
@@ -108,3 +109,28 @@ def default_namespace():
     import numpy
 
     return _aac.array_namespace(numpy.empty(0))
+
+
+def to_host(x):
+    """Return array ``x`` as a numpy array on the host (CPU).
+
+    numpy arrays come back as they are (no copy); torch tensors are detached and moved to
+    the CPU, CuPy arrays are copied from the GPU, JAX arrays are converted, and
+    array-api-strict arrays are first moved to their CPU device. Anything else goes through
+    ``numpy.asarray``. Used for I/O and interop only, never in the math.
+    """
+    import numpy
+
+    if _aac.is_numpy_array(x):
+        return numpy.asarray(x)
+    if _aac.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if _aac.is_cupy_array(x):
+        return x.get()
+    if _aac.is_jax_array(x):
+        return numpy.asarray(x)
+    if _aac.is_array_api_obj(x) and _aac.is_array_api_strict_namespace(_aac.array_namespace(x)):
+        import array_api_strict as strict
+
+        return numpy.asarray(strict.asarray(x, device=strict.Device("CPU_DEVICE")))
+    return numpy.asarray(x)

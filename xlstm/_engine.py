@@ -16,9 +16,10 @@ The two ``step_*`` functions hold all pointwise math; the cell functions in
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
-from ._compat import device_of, is_writeable
+from ._compat import device_of, is_cupy, is_writeable
 from .activations import _softmax
 from .params import fused_backward_weights, fused_forward_weights
 
@@ -90,6 +91,20 @@ def step_backward(da, dc, K, Q, P, f, *, xp):
     return dg, dct * f  # (20)
 
 
+def pointwise(xp):
+    """The ``(step_forward, step_backward)`` pair to use on namespace ``xp``.
+
+    On CuPy the fused CUDA kernels of :mod:`xlstm._cuda` replace the ~10 array operations of
+    each step with one launch; they compute the same arithmetic (from the same ``.cuh``
+    source that the tests run on the CPU). ``XLSTM_ACCEL=0`` turns them off.
+    """
+    if is_cupy(xp) and os.environ.get("XLSTM_ACCEL", "1") != "0":
+        from . import _cuda
+
+        return _cuda.step_forward, _cuda.step_backward
+    return step_forward, step_backward
+
+
 # ------------------------------------------------------------------------------ sequences
 class _Collect:
     """Gathers blocks along a leading time axis into one array of ``length`` rows.
@@ -145,6 +160,7 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
+    fwd, _ = pointwise(xp)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
     outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in (*names, "Y")}
@@ -159,7 +175,7 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
         steps = {k: [] for k in names}
         for t in range(t1 - t0):
-            s, cct, c, tc, a = step_forward(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
+            s, cct, c, tc, a = fwd(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
             for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
                 if k in steps:
                     steps[k].append(v)
@@ -191,12 +207,13 @@ def backward(da, state, *, xp):
     S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
     K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
     F = S[..., n_a : 2 * n_a]
+    _, bwd = pointwise(xp)
     da_t = xp.permute_dims(da, (2, 1, 0))
     da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
     dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
     dgs = []
     for t in range(T - 1, -1, -1):
-        dg, dc = step_backward(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
+        dg, dc = bwd(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
                                F[t, ...], xp=xp)
         da_rec = dg @ Wa  # (19), recurrent part
         dgs.append(dg)

@@ -1,0 +1,66 @@
+"""Shared test helpers: moving data between numpy and a backend, and one strict assertion."""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+
+#: Relative / absolute tolerances per dtype name, against a float64 truth.
+TOL = {"float64": (1e-10, 1e-12), "float32": (1e-5, 1e-6)}
+
+
+def to_numpy(arr):
+    """Copy any supported array to a float64-preserving numpy array on the host."""
+    if array_api_compat.is_numpy_array(arr):
+        return np.asarray(arr)
+    if array_api_compat.is_torch_array(arr):
+        return arr.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(arr):
+        return arr.get()
+    if array_api_compat.is_jax_array(arr):
+        return np.asarray(arr)
+    # array-api-strict: bring it to its CPU device first
+    import array_api_strict as s
+
+    return np.asarray(s.asarray(arr, device=s.Device("CPU_DEVICE")))
+
+
+def to_xp(a, xp, device, dtype=None):
+    """A numpy array (or a dict of them) as ``xp`` arrays on ``device``."""
+    if isinstance(a, dict):
+        return {k: to_xp(v, xp, device, dtype) for k, v in a.items()}
+    dtype = xp.float64 if dtype is None else dtype
+    return xp.asarray(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
+
+
+def dtype_name(dtype) -> str:
+    return "float32" if "32" in str(dtype) else "float64"
+
+
+def assert_array(actual, *, xp, device, shape=None, dtype=None):
+    """Check namespace, dtype, shape and device, so a test that fell back to numpy fails."""
+    got_xp = array_api_compat.array_namespace(actual)
+    assert got_xp is xp, f"result lives in {got_xp.__name__}, expected {xp.__name__}"
+    if dtype is not None:
+        assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
+    if shape is not None:
+        assert tuple(actual.shape) == tuple(shape), f"shape {tuple(actual.shape)}, expected {shape}"
+    if device is not None:
+        got = array_api_compat.device(actual)
+        assert got == device or str(got) == str(device), f"device {got}, expected {device}"
+
+
+def assert_close(actual, expected, *, xp, device, dtype=None, rtol=None, atol=None, err=""):
+    """``assert_array`` then compare values with numpy's ``assert_allclose``.
+
+    Tolerances default to :data:`TOL` for the actual dtype.
+    """
+    expected = np.asarray(expected) if not hasattr(expected, "__array_namespace__") else (
+        to_numpy(expected)
+    )
+    assert_array(actual, xp=xp, device=device, shape=expected.shape, dtype=dtype)
+    r, a = TOL[dtype_name(actual.dtype)]
+    np.testing.assert_allclose(
+        to_numpy(actual), expected, rtol=r if rtol is None else rtol,
+        atol=a if atol is None else atol, err_msg=err,
+    )

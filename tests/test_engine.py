@@ -1,0 +1,72 @@
+"""The fused engine equals the plain per-step path, whatever the chunking and storage route."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_close, to_numpy, to_xp
+from test_lstm import random_case
+
+import xlstm
+from xlstm import _engine
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 6, 4096])
+@pytest.mark.parametrize("T_da", [7, 3])
+def test_chunked_engine_equals_per_step_path(xp, device, monkeypatch, chunk_rows, T_da):
+    """Time chunks of 1, 2 (6 rows / m=3) and all steps; hand-built caches take the cell path."""
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
+    rng = np.random.default_rng(11)
+    x, a0, c0, params = random_case(rng, n_x=4, n_a=3, n_y=2, m=3, T=7)
+    X, A0, C0, P = (to_xp(v, xp, device) for v in (x, a0, c0, params))
+    a, y, c, caches = xlstm.lstm_forward(X, A0, P, c0=C0)
+    a_t, c_t = A0, C0
+    steps = []
+    for t in range(7):
+        a_t, c_t, y_t, cache = xlstm.lstm_cell_forward(X[:, :, t], a_t, c_t, P)
+        steps.append(cache)
+        for mine, ref in ((a, a_t), (y, y_t), (c, c_t)):
+            assert_close(mine[:, :, t], to_numpy(ref), xp=xp, device=device,
+                         rtol=1e-12, atol=1e-14)
+    da = to_xp(rng.standard_normal((3, 3, T_da)), xp, device)
+    fused = xlstm.lstm_backward(da, caches)
+    plain = xlstm.lstm_backward(da, (steps, X))
+    for k in fused:
+        assert_close(fused[k], to_numpy(plain[k]), xp=xp, device=device,
+                     rtol=1e-11, atol=1e-13, err=k)
+    inf = xlstm.lstm_forward(X, A0, P, c0=C0, return_caches=False)
+    for mine, ref in zip(inf[:3], (a, y, c)):
+        assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0, atol=0)
+
+
+def test_sigmoid_inside_the_engine_is_the_public_sigmoid():
+    """Pre-halved weights give ``sigmoid(W z + b)`` up to the GEMM's summation order."""
+    rng = np.random.default_rng(12)
+    x, a0, c0, p = random_case(rng, n_x=5, n_a=6, n_y=2, m=4, T=1, scale=3.0)
+    *_, cache = xlstm.lstm_cell_forward(x[:, :, 0], a0, c0, p)
+    z = np.concatenate([a0, x[:, :, 0]])
+    for gate, key in (("ft", "f"), ("it", "i"), ("ot", "o")):
+        want = xlstm.sigmoid(p["W" + key] @ z + p["b" + key])
+        np.testing.assert_allclose(getattr(cache, gate), want, rtol=1e-14, atol=1e-16)
+
+
+def test_halving_the_weights_is_exact():
+    """Scaling by 0.5 commutes with every rounding of a GEMM: the halved GEMM is bit-exact."""
+    rng = np.random.default_rng(14)
+    W, z = rng.standard_normal((64, 96)), rng.standard_normal((96, 33))
+    np.testing.assert_array_equal((0.5 * W) @ z, 0.5 * (W @ z))
+    W32, z32 = W.astype(np.float32), z.astype(np.float32)
+    np.testing.assert_array_equal((0.5 * W32) @ z32, 0.5 * (W32 @ z32))
+
+
+def test_step_caches_are_views_into_one_state():
+    rng = np.random.default_rng(13)
+    x, a0, c0, params = random_case(rng, n_x=2, n_a=3, n_y=2, m=2, T=4)
+    *_, caches = xlstm.lstm_forward(x, a0, params, c0=c0)
+    state = caches.state
+    for t, step in enumerate(caches[0]):
+        assert np.shares_memory(step.ft, state.S) and np.shares_memory(step.a_next, state.A)
+        assert step.params is params
+    assert len(caches[0][1:3]) == 2 and caches[0][-1].a_next.shape == (3, 2)
+    with pytest.raises(IndexError):
+        caches[0][4]

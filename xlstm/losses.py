@@ -1,0 +1,297 @@
+"""Training losses on top of the LSTM: the loss value and every gradient in one call.
+
+Shape letters are those of :mod:`xlstm.params` (``n_x`` inputs, ``n_a`` hidden units,
+``n_y`` outputs, ``m`` examples, ``T_x`` steps). Both losses reuse the output layer of the
+seed's parameter dict, ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)``, and return a ``grads``
+dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` and ``dby``.
+
+* :func:`sequence_cross_entropy`: softmax cross-entropy at every step (sequence labelling,
+  language modelling), with an optional mask for padded positions;
+* :func:`last_step_mse`: mean squared error of a linear read-out of the last hidden state
+  (sequence regression); :func:`last_step_predict` is its inference path.
+"""
+
+from __future__ import annotations
+
+from ._compat import device_of, namespace
+from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
+
+__all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
+
+
+# ----------------------------------------------------------------------------- validation
+def _as_float(name, arr, kinds, *, xp, dtype, like):
+    """``arr`` (an argument that need not be floating) checked, and cast to ``dtype``.
+
+    ``kinds`` are the array-API dtype kinds ``arr`` may have (``"integral"``, ``"bool"``,
+    ``"real floating"``). :func:`xlstm._compat.namespace` accepts floating arrays only, so
+    the namespace and device are checked on a floating copy, next to ``like`` (the pair
+    ``(name, array)`` of a floating argument). A floating ``arr`` must have ``dtype``
+    itself: nothing is silently up- or down-cast.
+    """
+    if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
+        raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
+    like_name, like_arr = like
+    foreign = TypeError(
+        f"{name} must be an array of the same namespace as {like_name} "
+        f"({type(like_arr).__name__}), got {type(arr).__name__} with dtype {arr.dtype}"
+    )
+    try:
+        cast = xp.astype(arr, dtype)
+    except (TypeError, ValueError, AttributeError):
+        raise foreign from None
+    if type(cast) is not type(arr):  # a foreign array that astype converted on the way
+        raise foreign
+    namespace(**{like_name: like_arr, name: cast})  # namespace and device
+    kind = next((k for k in kinds if xp.isdtype(arr.dtype, k)), None)
+    if kind is None:
+        raise TypeError(f"{name} must have a {' or '.join(kinds)} dtype, got {arr.dtype}")
+    if kind == "real floating":
+        namespace(**{like_name: like_arr, name: arr})  # the same dtype as like
+        return arr
+    return cast
+
+
+def _prepare(params, x, a0, c0, **extra):
+    """Namespace and sizes of a loss call: ``(xp, n_a, n_x, n_y, m, T_x)``."""
+    xp, (n_a, n_x, n_y) = _resolve(params, x=x, a0=a0, c0=c0, **extra)
+    _check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
+    _, m, T_x = x.shape
+    return xp, n_a, n_x, n_y, m, T_x
+
+
+def _output_grads(dZ, a, Wy, *, xp):
+    """``dWy``, ``dby`` and ``da`` of a linear layer ``Z = Wy a + by`` (2-D, columns)."""
+    dWy = dZ @ xp.matrix_transpose(a)
+    dby = xp.sum(dZ, axis=1, keepdims=True)
+    da = xp.matrix_transpose(Wy) @ dZ
+    return dWy, dby, da
+
+
+# ---------------------------------------------------------------------- sequence labelling
+def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
+    r"""Softmax cross-entropy over every step of a sequence, and all its gradients.
+
+    With ``a = lstm_forward(x, a0, params, c0)[0]`` the logits, log-probabilities and loss are
+
+    .. math::
+
+        z_{:,i,t} = W_y a_{:,i,t} + b_y, \qquad
+        \log p_{k,i,t} = z_{k,i,t} - \max_j z_{j,i,t}
+                         - \log \sum_j e^{z_{j,i,t} - \max_l z_{l,i,t}},
+
+        L = \frac{1}{N} \sum_{i,t} w_{i,t} \, \bigl(-\log p_{y_{i,t},i,t}\bigr), \qquad
+        N = \sum_{i,t} w_{i,t},
+
+    where ``y`` are the ``labels`` and ``w`` the ``mask`` (all ones when omitted, so ``N`` is
+    ``m T_x`` and ``L`` is the plain mean). The gradients start from
+
+    .. math::
+
+        \frac{\partial L}{\partial z_{:,i,t}} = \frac{w_{i,t}}{N}
+            \bigl(p_{:,i,t} - e_{y_{i,t}}\bigr),
+
+    (``e_k`` the one-hot vector of class ``k``), then
+    ``dWy = sum_{i,t} dz a^T``, ``dby = sum_{i,t} dz`` and ``da = Wy^T dz``, which
+    :func:`xlstm.lstm.lstm_backward` carries back through time.
+
+    Parameters
+    ----------
+    x : array, shape (n_x, m, T_x)
+        Inputs of every step.
+    a0 : array, shape (n_a, m)
+        Initial hidden state.
+    params : dict
+        The seed's parameters, ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by``.
+    labels : array of integers, shape (m, T_x)
+        The class index in ``[0, n_y)`` of every example and step; same namespace and
+        device as ``x``, any integer dtype. Values at masked-out positions are ignored and
+        may be anything (for example a padding value such as -100).
+    mask : array, shape (m, T_x), optional
+        Which positions count. A boolean mask keeps the ``True`` positions. A floating mask
+        (of the parameters' dtype) weighs each position by its value, so a 0/1 mask keeps
+        the ones; the loss is then the weighted mean. Default: every position counts.
+    c0 : array, shape (n_a, m), optional
+        Initial cell state; default zeros.
+
+    Returns
+    -------
+    loss : array, shape ()
+        ``L``, a 0-d array of the parameters' dtype, namespace and device.
+    grads : dict
+        ``dx`` ``(n_x, m, T_x)``, ``da0`` ``(n_a, m)``,
+        ``dWf, dbf, dWi, dbi, dWc, dbc, dWo, dbo`` (shapes of the parameters), ``dc0``
+        ``(n_a, m)``, and ``dWy`` ``(n_y, n_a)``, ``dby`` ``(n_y, 1)``: the gradients of
+        ``L`` with respect to every input and parameter.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
+        disagrees (the message names the argument, for instance ``labels`` or ``mask``);
+        ``ValueError`` when a counted label lies outside ``[0, n_y)`` or when no position
+        counts (an all-false mask).
+
+    Notes
+    -----
+    The logits of all steps are one GEMM over ``m T_x`` columns, and the gradient of the
+    output layer is one GEMM each for ``dWy`` and ``da``. The one-hot targets are built by
+    comparison with ``arange(n_y)``, with no indexed writes, so JAX works too.
+
+    Validating the labels and the mask costs one host synchronisation (a single reduction
+    is read back); everything else stays on the device.
+    """
+    xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0)
+    dtype, dev = x.dtype, device_of(x)
+    _check_shape("labels", labels, (m, T_x), "(m, T_x)")
+    _as_float("labels", labels, ("integral",), xp=xp, dtype=dtype, like=("x", x))
+    if mask is None:
+        weights = None
+        count = float(m * T_x)
+        counted = None
+    else:
+        _check_shape("mask", mask, (m, T_x), "(m, T_x)")
+        weights = _as_float(
+            "mask", mask, ("bool", "real floating"), xp=xp, dtype=dtype, like=("x", x)
+        )
+        counted = mask if xp.isdtype(mask.dtype, "bool") else weights != 0.0
+        count = xp.sum(weights)
+    _check_labels(labels, counted, count, n_y, xp=xp)
+
+    a, _, _, caches = lstm_forward(x, a0, params, c0)
+    Wy, by = params["Wy"], params["by"]
+    A = xp.reshape(a, (n_a, m * T_x))  # columns in (example, step) order
+    Z = Wy @ A + by  # (n_y, m T_x), every step in one GEMM
+    shifted = Z - xp.max(Z, axis=0, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
+    logp = shifted - lse
+    classes = xp.arange(n_y, dtype=labels.dtype, device=dev)
+    onehot = xp.astype(xp.reshape(labels, (1, m * T_x)) == classes[:, None], dtype)
+    nll = -xp.sum(onehot * logp, axis=0, keepdims=True)  # (1, m T_x)
+    if weights is None:
+        scale = 1.0 / count  # a Python float: keeps the dtype of float32 arrays
+        loss = xp.sum(nll) * scale
+        dZ = (xp.exp(logp) - onehot) * scale
+    else:
+        scale = xp.reshape(weights, (1, m * T_x)) / count  # 0 at masked positions
+        loss = xp.sum(nll * scale)  # nll is finite everywhere, so masked terms are 0
+        dZ = (xp.exp(logp) - onehot) * scale
+    dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
+    grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
+    grads["dWy"], grads["dby"] = dWy, dby
+    return loss, grads
+
+
+def _check_labels(labels, counted, count, n_y, *, xp):
+    """Raise ValueError for a counted label outside ``[0, n_y)`` or for nothing counted.
+
+    One reduction is read back to the host; the detailed message is worked out only when
+    something is wrong.
+    """
+    outside = (labels < 0) | (labels >= n_y)
+    if counted is not None:
+        outside = outside & counted
+    bad = xp.any(outside)
+    if counted is not None:
+        bad = bad | (count <= 0.0)
+    if not bool(bad):
+        return
+    if counted is not None and bool(count <= 0.0):
+        raise ValueError(
+            "mask counts no position (it is all False or its weights sum to <= 0); "
+            "the mean over counted positions is undefined"
+        )
+    n_bad = int(xp.sum(xp.astype(outside, xp.int64)))
+    raise ValueError(
+        f"labels must lie in [0, n_y) = [0, {n_y}) at every counted position; "
+        f"{n_bad} value(s) fall outside (smallest {int(xp.min(labels))}, "
+        f"largest {int(xp.max(labels))})"
+    )
+
+
+# --------------------------------------------------------------------- sequence regression
+def last_step_predict(x, a0, params, *, c0=None):
+    r"""Linear read-out of the last hidden state: ``pred = Wy a_T + by``.
+
+    The inference path of :func:`last_step_mse`: runs :func:`xlstm.lstm.lstm_forward` with
+    ``return_caches=False``, so nothing is kept for a backward pass.
+
+    Parameters
+    ----------
+    x : array, shape (n_x, m, T_x)
+        Inputs of every step.
+    a0 : array, shape (n_a, m)
+        Initial hidden state.
+    params : dict
+        The seed's parameters; ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)`` are used as a
+        plain linear layer (no softmax).
+    c0 : array, shape (n_a, m), optional
+        Initial cell state; default zeros.
+
+    Returns
+    -------
+    pred : array, shape (n_y, m)
+        :math:`W_y a_{T_x} + b_y`, in the inputs' namespace, dtype and device.
+    """
+    a, _, _, _ = lstm_forward(x, a0, params, c0, return_caches=False)
+    return params["Wy"] @ a[:, :, -1] + params["by"]
+
+
+def last_step_mse(x, a0, params, targets, *, c0=None):
+    r"""Mean squared error of a linear read-out of the last hidden state, and all gradients.
+
+    .. math::
+
+        \hat y = W_y a_{T_x} + b_y, \qquad
+        L = \frac{1}{n_y m} \sum_{k,i} (\hat y_{k,i} - y_{k,i})^2,
+
+    with ``y`` the ``targets``. The gradients start from
+    :math:`\partial L / \partial \hat y = 2 (\hat y - y) / (n_y m)`, then
+    ``dWy = d\hat y \, a_{T_x}^T``, ``dby = sum_i d\hat y`` and
+    ``da_{T_x} = Wy^T d\hat y``; ``da`` is zero at every earlier step, and
+    :func:`xlstm.lstm.lstm_backward` carries it back through time.
+
+    Parameters
+    ----------
+    x : array, shape (n_x, m, T_x)
+        Inputs of every step.
+    a0 : array, shape (n_a, m)
+        Initial hidden state.
+    params : dict
+        The seed's parameters; ``Wy`` and ``by`` are the linear output layer.
+    targets : array, shape (n_y, m)
+        Regression targets, of the parameters' floating dtype, namespace and device.
+    c0 : array, shape (n_a, m), optional
+        Initial cell state; default zeros.
+
+    Returns
+    -------
+    loss : array, shape ()
+        ``L``, a 0-d array of the parameters' dtype, namespace and device.
+    grads : dict
+        The keys of :func:`xlstm.lstm.lstm_backward` (``dx, da0, dWf, dbf, dWi, dbi, dWc,
+        dbc, dWo, dbo, dc0``) plus ``dWy`` ``(n_y, n_a)`` and ``dby`` ``(n_y, 1)``.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
+        disagrees; the message names the argument (for instance ``targets``).
+    """
+    xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0, targets=targets)
+    _check_shape("targets", targets, (n_y, m), "(n_y, m)")
+    a, _, _, caches = lstm_forward(x, a0, params, c0)
+    Wy = params["Wy"]
+    a_last = a[:, :, -1]
+    diff = Wy @ a_last + params["by"] - targets
+    scale = 1.0 / (n_y * m)
+    loss = xp.sum(diff * diff) * scale
+    dWy, dby, da_last = _output_grads((2.0 * scale) * diff, a_last, Wy, xp=xp)
+    if T_x > 1:
+        zeros = xp.zeros((n_a, m, T_x - 1), dtype=x.dtype, device=device_of(x))
+        da = xp.concat([zeros, da_last[:, :, None]], axis=2)
+    else:
+        da = da_last[:, :, None]
+    grads = lstm_backward(da, caches)
+    grads["dWy"], grads["dby"] = dWy, dby
+    return loss, grads

@@ -1,0 +1,445 @@
+"""Functional optimizers and gradient clipping for the seed's parameter dict.
+
+An optimizer holds only its hyperparameters. Its state is a plain dict that lives in the
+parameters' namespace, device and dtype, and every call returns new arrays::
+
+    opt = Adam(lr=1e-2)
+    state = opt.init(params)
+    for x, y in batches:
+        grads = ...                       # e.g. lstm_backward(...) plus the output layer
+        grads, norm = clip_by_global_norm(grads, 5.0)
+        params, state = opt.step(params, grads, state)
+
+Gradients are keyed ``"d" + key`` for every parameter ``key`` (``dWf`` for ``Wf``, ...).
+Other entries of a gradient dict (``dx``, ``da0``, ``dc0``) are ignored by the optimizers
+and passed through unchanged by the clipping functions. Nothing here mutates its inputs, so
+the same code runs on immutable JAX arrays, and nothing reads an array value back to the
+host, so a CuPy step never synchronises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+
+from ._compat import device_of, namespace
+
+__all__ = ["SGD", "Adam", "clip_by_value", "clip_by_global_norm"]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _real(name, value, *, low=None, high=None, low_open=False, high_open=True):
+    """``value`` as a Python float after checking it is a finite real in the given range.
+
+    Converting to ``float`` matters: a numpy float64 scalar would upcast float32 arrays.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return v
+
+
+def _check_mapping(name, obj):
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{name} must be a dict of arrays, got {type(obj).__name__}")
+
+
+def _check_step_args(params, grads):
+    """Validate ``params``/``grads`` and return the parameter keys in ``params``' order."""
+    _check_mapping("params", params)
+    _check_mapping("grads", grads)
+    keys = tuple(params)
+    if not keys:
+        raise ValueError("params is empty")
+    for k in keys:
+        if "d" + k not in grads:
+            raise KeyError(f"grads is missing 'd{k}', the gradient of params[{k!r}]")
+    return keys
+
+
+def _check_buffers(state, field, keys):
+    """The ``state[field]`` dict, checked to hold one buffer per parameter key."""
+    bufs = state.get(field) if isinstance(state, Mapping) else None
+    if not isinstance(bufs, Mapping):
+        raise TypeError(
+            f"state[{field!r}] must be a dict of arrays; pass the state returned by init() "
+            "or by the previous step()"
+        )
+    for k in keys:
+        if k not in bufs:
+            raise KeyError(
+                f"state[{field!r}] is missing {k!r}; was the state made by init() for "
+                "these params?"
+            )
+    return bufs
+
+
+def _check_shapes(keys, params, others):
+    """Each ``others`` entry ``(label, dict, prefix)`` must match ``params``' shapes."""
+    for k in keys:
+        want = tuple(params[k].shape)
+        for label, d, prefix in others:
+            got = tuple(d[prefix + k].shape)
+            if got != want:
+                raise ValueError(
+                    f"{label}[{prefix + k!r}] has shape {got} but params[{k!r}] has shape {want}"
+                )
+
+
+def _step_count(state):
+    if not isinstance(state, Mapping) or "step" not in state:
+        raise TypeError("state must be the dict returned by init() or by the previous step()")
+    t = state["step"]
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ValueError(f"state['step'] must be a non-negative int, got {t!r}")
+    return t
+
+
+def _zeros_like(xp, p):
+    return xp.zeros(p.shape, dtype=p.dtype, device=device_of(p))
+
+
+def _init_buffers(params, fields):
+    _check_mapping("params", params)
+    if not params:
+        raise ValueError("params is empty")
+    xp = namespace(**{f"params[{k!r}]": v for k, v in params.items()})
+    return {f: {k: _zeros_like(xp, p) for k, p in params.items()} for f in fields}
+
+
+# ---------------------------------------------------------------------------------- SGD
+class SGD:
+    """Stochastic gradient descent, optionally with (Nesterov) momentum.
+
+    The update is that of ``torch.optim.SGD`` without dampening or weight decay. With
+    gradient ``g`` and velocity ``v`` (zero at the start)::
+
+        v <- momentum * v + g
+        p <- p - lr * (g + momentum * v)   if nesterov
+        p <- p - lr * v                    otherwise
+
+    With ``momentum=0`` this is plain ``p <- p - lr * g`` and no velocity is kept.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, > 0.
+    momentum : float, optional
+        Momentum factor in ``[0, 1)``. Default 0.
+    nesterov : bool, optional
+        Use Nesterov momentum (needs ``momentum > 0``). Default False.
+
+    Raises
+    ------
+    ValueError
+        If a hyperparameter is out of range; the message names it.
+    """
+
+    def __init__(self, lr, momentum=0.0, nesterov=False):
+        self.lr = _real("lr", lr, low=0.0, low_open=True)
+        self.momentum = _real("momentum", momentum, low=0.0, high=1.0)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
+        if nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.nesterov = nesterov
+
+    def __repr__(self):
+        return f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r})"
+
+    def init(self, params):
+        """Return the initial state for ``params``.
+
+        Parameters
+        ----------
+        params : dict of arrays
+            The parameters to optimise (any keys; usually the seed's ``Wf, bf, ..., by``).
+
+        Returns
+        -------
+        dict
+            ``{"step": 0, "velocity": {key: zeros}}``; the velocity buffers have each
+            parameter's shape, dtype and device. With ``momentum=0`` the velocity dict is
+            empty.
+        """
+        if self.momentum == 0.0:
+            return {"step": 0, **_init_buffers(params, ()), "velocity": {}}
+        return {"step": 0, **_init_buffers(params, ("velocity",))}
+
+    def step(self, params, grads, state):
+        """Apply one update and return ``(new_params, new_state)``.
+
+        Parameters
+        ----------
+        params : dict of arrays
+            Current parameters.
+        grads : dict of arrays
+            Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
+            ignored.
+        state : dict
+            The state from :meth:`init` or from the previous :meth:`step`.
+
+        Returns
+        -------
+        new_params : dict of arrays
+            Updated parameters (new arrays, same keys, namespace, dtype and device).
+        new_state : dict
+            The next state. Neither ``params``, ``grads`` nor ``state`` is modified.
+
+        Raises
+        ------
+        KeyError
+            If ``grads`` lacks the gradient of a parameter (the message names it) or the
+            state lacks a buffer.
+        TypeError, ValueError
+            For mixed namespaces, dtypes or devices, or mismatched shapes.
+        """
+        keys = _check_step_args(params, grads)
+        t = _step_count(state)
+        mu = self.momentum
+        arrays = {f"params[{k!r}]": params[k] for k in keys}
+        arrays.update({f"grads['d{k}']": grads["d" + k] for k in keys})
+        checks = [("grads", grads, "d")]
+        if mu != 0.0:
+            vel = _check_buffers(state, "velocity", keys)
+            arrays.update({f"state['velocity'][{k!r}]": vel[k] for k in keys})
+            checks.append(("state['velocity']", vel, ""))
+        namespace(**arrays)
+        _check_shapes(keys, params, checks)
+
+        lr = self.lr
+        new_params, new_vel = {}, {}
+        for k in keys:
+            g = grads["d" + k]
+            if mu == 0.0:
+                new_params[k] = params[k] - lr * g
+                continue
+            v = mu * vel[k] + g
+            new_vel[k] = v
+            d = g + mu * v if self.nesterov else v
+            new_params[k] = params[k] - lr * d
+        return new_params, {"step": t + 1, "velocity": new_vel}
+
+
+# --------------------------------------------------------------------------------- Adam
+class Adam:
+    """Adam (Kingma and Ba, 2015) with bias correction.
+
+    With gradient ``g`` at step ``t`` (counting from 1) and moments ``m``, ``v`` (zero at
+    the start)::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g**2
+        p <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    which is the update of ``torch.optim.Adam`` (no weight decay, no amsgrad) and the
+    course's ``m_corrected / (sqrt(v_corrected) + eps)`` form, arranged so that the bias
+    corrections are Python floats.
+
+    Parameters
+    ----------
+    lr : float, optional
+        Learning rate, > 0. Default 1e-3.
+    beta1, beta2 : float, optional
+        Decay rates of the first and second moment estimates, in ``[0, 1)``.
+        Defaults 0.9 and 0.999.
+    eps : float, optional
+        Added to the denominator, >= 0. Default 1e-8.
+
+    Raises
+    ------
+    ValueError
+        If a hyperparameter is out of range; the message names it.
+    """
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr = _real("lr", lr, low=0.0, low_open=True)
+        self.beta1 = _real("beta1", beta1, low=0.0, high=1.0)
+        self.beta2 = _real("beta2", beta2, low=0.0, high=1.0)
+        self.eps = _real("eps", eps, low=0.0)
+
+    def __repr__(self):
+        return (
+            f"Adam(lr={self.lr!r}, beta1={self.beta1!r}, beta2={self.beta2!r}, "
+            f"eps={self.eps!r})"
+        )
+
+    def init(self, params):
+        """Return the initial state for ``params``.
+
+        Parameters
+        ----------
+        params : dict of arrays
+            The parameters to optimise.
+
+        Returns
+        -------
+        dict
+            ``{"step": 0, "m": {key: zeros}, "v": {key: zeros}}``: the step count (a
+            Python int) and the first and second moment estimates, each with its
+            parameter's shape, dtype and device.
+        """
+        return {"step": 0, **_init_buffers(params, ("m", "v"))}
+
+    def step(self, params, grads, state):
+        """Apply one update and return ``(new_params, new_state)``.
+
+        Parameters
+        ----------
+        params : dict of arrays
+            Current parameters.
+        grads : dict of arrays
+            Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
+            ignored.
+        state : dict
+            The state from :meth:`init` or from the previous :meth:`step`.
+
+        Returns
+        -------
+        new_params : dict of arrays
+            Updated parameters (new arrays, same keys, namespace, dtype and device).
+        new_state : dict
+            The next state, with ``step`` increased by one. Neither ``params``, ``grads``
+            nor ``state`` is modified.
+
+        Raises
+        ------
+        KeyError
+            If ``grads`` lacks the gradient of a parameter (the message names it) or the
+            state lacks a moment buffer.
+        TypeError, ValueError
+            For mixed namespaces, dtypes or devices, or mismatched shapes.
+        """
+        keys = _check_step_args(params, grads)
+        t = _step_count(state) + 1
+        m_buf = _check_buffers(state, "m", keys)
+        v_buf = _check_buffers(state, "v", keys)
+        arrays = {f"params[{k!r}]": params[k] for k in keys}
+        arrays.update({f"grads['d{k}']": grads["d" + k] for k in keys})
+        arrays.update({f"state['m'][{k!r}]": m_buf[k] for k in keys})
+        arrays.update({f"state['v'][{k!r}]": v_buf[k] for k in keys})
+        xp = namespace(**arrays)
+        _check_shapes(
+            keys,
+            params,
+            [("grads", grads, "d"), ("state['m']", m_buf, ""), ("state['v']", v_buf, "")],
+        )
+
+        b1, b2 = self.beta1, self.beta2
+        step_size = self.lr / (1.0 - b1**t)  # Python floats: no upcast, no device work
+        inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2**t)
+        new_params, new_m, new_v = {}, {}, {}
+        for k in keys:
+            g = grads["d" + k]
+            m = b1 * m_buf[k] + (1.0 - b1) * g
+            v = b2 * v_buf[k] + (1.0 - b2) * (g * g)
+            new_m[k], new_v[k] = m, v
+            new_params[k] = params[k] - step_size * (m / (xp.sqrt(v) * inv_sqrt_bc2 + self.eps))
+        return new_params, {"step": t, "m": new_m, "v": new_v}
+
+
+# ----------------------------------------------------------------------------- clipping
+def _param_grad_keys(grads):
+    """Keys of the parameter gradients (``dW*``, ``db*``) in ``grads``."""
+    _check_mapping("grads", grads)
+    keys = [k for k in grads if isinstance(k, str) and k[:2] in ("dW", "db")]
+    if not keys:
+        raise ValueError(
+            "grads holds no parameter gradients (keys starting with 'dW' or 'db'); "
+            f"got keys {sorted(map(str, grads))}"
+        )
+    return keys
+
+
+def clip_by_value(grads, max_value):
+    """Clip every parameter gradient elementwise to ``[-max_value, max_value]``.
+
+    This is the course's ``clip`` for exploding gradients in the character-level model.
+
+    Parameters
+    ----------
+    grads : dict of arrays
+        Gradients; the entries whose key starts with ``dW`` or ``db`` are clipped, any
+        other entry (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged.
+    max_value : float
+        Positive bound.
+
+    Returns
+    -------
+    dict
+        A new dict with the same keys, in the same order; ``grads`` is not modified.
+
+    Raises
+    ------
+    ValueError
+        If ``max_value`` is not a positive finite number, or ``grads`` holds no parameter
+        gradient.
+    """
+    bound = _real("max_value", max_value, low=0.0, low_open=True)
+    keys = _param_grad_keys(grads)
+    xp = namespace(**{f"grads[{k!r}]": grads[k] for k in keys})
+    clip = getattr(xp, "clip", None)
+    out = dict(grads)
+    for k in keys:
+        g = grads[k]
+        if clip is not None:
+            out[k] = clip(g, -bound, bound)
+        else:  # older namespaces: the same thing from minimum/maximum with 0-d bounds
+            hi = xp.asarray(bound, dtype=g.dtype, device=device_of(g))
+            out[k] = xp.maximum(xp.minimum(g, hi), -hi)
+    return out
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale all parameter gradients together so that their joint L2 norm is at most ``max_norm``.
+
+    With ``norm = sqrt(sum of squares of every dW*, db* entry)`` every parameter gradient is
+    multiplied by ``min(1, max_norm / (norm + 1e-12))``. The scale is computed with array
+    operations, so nothing is read back to the host (no device synchronisation). When the
+    norm is already at most ``max_norm`` the scale is exactly 1 and the gradients come back
+    equal to the input.
+
+    Parameters
+    ----------
+    grads : dict of arrays
+        Gradients; the entries whose key starts with ``dW`` or ``db`` are scaled, any other
+        entry (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged.
+    max_norm : float
+        Positive bound on the global norm.
+
+    Returns
+    -------
+    clipped : dict
+        A new dict with the same keys, in the same order; ``grads`` is not modified.
+    norm : array
+        0-d array, the global norm *before* clipping, in the gradients' namespace, dtype
+        and device.
+
+    Raises
+    ------
+    ValueError
+        If ``max_norm`` is not a positive finite number, or ``grads`` holds no parameter
+        gradient.
+    """
+    bound = _real("max_norm", max_norm, low=0.0, low_open=True)
+    keys = _param_grad_keys(grads)
+    xp = namespace(**{f"grads[{k!r}]": grads[k] for k in keys})
+    total = None
+    for k in keys:
+        g = grads[k]
+        sq = xp.sum(g * g)
+        total = sq if total is None else total + sq
+    norm = xp.sqrt(total)
+    one = xp.ones((), dtype=norm.dtype, device=device_of(norm))
+    scale = xp.minimum(one, bound / (norm + 1e-12))
+    out = dict(grads)
+    for k in keys:
+        out[k] = grads[k] * scale
+    return out, norm
