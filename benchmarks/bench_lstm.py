@@ -3,45 +3,38 @@
 
 Usage and options: ``python benchmarks/bench_lstm.py --help`` and ``benchmarks/README.md``.
 
-Methodology
------------
-Workload. Per size ``(n_x, n_a, m, T_x)``: the sequence forward pass alone, and forward then
-backward (gradients of the input, the initial state and all gate weights and biases), with
-``n_y = 10`` classes. Inputs, ``a0`` and the upstream gradient ``da`` are random normal numbers
-times 0.1 (never zeros); the parameters of ``xlstm.init_params(seed=0)`` are copied into every
-implementation, and each one's hidden states are checked against xlstm's.
-
-Implementations.
+Methodology. Per size ``(n_x, n_a, m, T_x)``, with ``n_y = 10`` classes, each implementation
+runs the sequence forward pass alone, and forward then backward (gradients of the input, the
+initial state and all gate weights and biases). Inputs, ``a0`` and the upstream gradient ``da``
+are random normal numbers times 0.1 (never zeros); the parameters of
+``xlstm.init_params(seed=0)`` are copied into every implementation, and each one's hidden
+states are checked against xlstm's.
 
 * xlstm: ``lstm_forward(..., return_caches=False)`` forward; ``lstm_forward`` then
   ``lstm_backward(da, caches)`` forward+backward, on ``--backend``.
-* seed-style: :class:`SeedLSTM`, the notebook's step-by-step code: a fresh ``zeros``
-  concatenation and four gate GEMMs per step, a softmax, a cache tuple per step; backward with
-  four ``dW`` GEMMs and eight ``da``/``dx`` GEMMs per step and per-step accumulation. Like the
-  notebook it works in float64 whatever ``--dtype`` says. numpy, or CuPy with ``--backend
-  cupy``; skipped for torch tensors on a GPU.
+* seed-style: :class:`SeedLSTM`, the notebook's step-by-step code (per step a fresh ``zeros``
+  concatenation, four gate GEMMs, a softmax and a cache tuple; backward four ``dW`` and eight
+  ``da``/``dx`` GEMMs per step, accumulated step by step). Like the notebook it works in
+  float64 whatever ``--dtype`` says. numpy, or CuPy with ``--backend cupy``.
 * torch.nn.LSTM: time-major input ``(T_x, m, n_x)``; input and ``h0`` require gradients, so
-  ``out.backward(grad)`` (``grad`` is the same ``da``) computes the same gradients as
-  ``lstm_backward``. Forward alone runs under ``torch.inference_mode``. CPU on CPU backends,
-  cuDNN on a GPU. LSTM core only: xlstm and the seed also compute the softmax prediction.
-* GEMMs only: just the workload's matrix products at their real shapes on ``--backend``.
-  Forward: ``(T m, n_x) @ (n_x, 4 n_a)``, ``(T m, n_a) @ (n_a, n_y)`` and ``T`` times
-  ``(m, n_a) @ (n_a, 4 n_a)``; backward: ``T`` times ``(m, 4 n_a) @ (4 n_a, n_a)``,
-  ``(4 n_a, T m) @ (T m, n_a + n_x)`` and ``(T m, 4 n_a) @ (4 n_a, n_x)``. A GEMM-bound
-  implementation cannot beat this by much.
+  ``out.backward(da)`` computes the same gradients. Forward alone runs under
+  ``torch.inference_mode``. CPU on CPU backends, cuDNN on a GPU. LSTM core only: xlstm and
+  the seed also compute the softmax prediction.
+* GEMMs only: the workload's matrix products alone, at their real shapes, on ``--backend``:
+  ``(T m, n_x) @ (n_x, 4 n_a)``, ``(T m, n_a) @ (n_a, n_y)`` and ``T`` times
+  ``(m, n_a) @ (n_a, 4 n_a)`` forward; ``T`` times ``(m, 4 n_a) @ (4 n_a, n_a)``,
+  ``(4 n_a, T m) @ (T m, n_a + n_x)`` and ``(T m, 4 n_a) @ (4 n_a, n_x)`` backward.
 
-Timing. Median wall time of ``--repeat`` runs after ``--warmup`` untimed runs, with the
-garbage collector paused; on a GPU the device is synchronised before the clock starts and
-before it stops.
-
-Flops. Forward ``2 T m 4 n_a (n_a + n_x) + 2 T m n_y n_a``; backward twice the gate part (torch
-is credited with the gate flops only). The ceiling is the GFLOP/s of one square
+Each time is the median of ``--repeat`` runs after ``--warmup`` untimed ones, with the garbage
+collector paused; on a GPU the device is synchronised before the clock starts and stops.
+Flops: forward ``2 T m 4 n_a (n_a + n_x) + 2 T m n_y n_a``, backward twice the gate part
+(torch is credited with the gate flops only). The ceiling is the GFLOP/s of a square
 ``1024^3`` GEMM in ``--dtype`` on ``--backend``, measured in the same run.
 
-Threads. numpy's BLAS and torch use ``--threads`` threads (default: the cores this process may
-use): ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set before numpy
-is imported. Other BLAS settings (``OPENBLAS_CORETYPE``, ``OPENBLAS_L2_SIZE``) are left alone
-and recorded as found in the JSON's ``env`` entry.
+Threads: numpy's BLAS and torch use ``--threads`` (default: the cores this process may use);
+``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set before numpy is
+imported. Other BLAS settings (``OPENBLAS_CORETYPE``, ``OPENBLAS_L2_SIZE``) are left alone and
+recorded as found in the JSON's ``env`` entry.
 """
 
 from __future__ import annotations
@@ -199,6 +192,10 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def versions():
@@ -377,7 +374,7 @@ def plot(report, path):
         return False
     entries = report["results"]
     labels = {k: r["label"] for e in entries for k, r in e["results"].items()}
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(entries)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(5, 2 * len(entries)), 4.5))
     width = 0.8 / len(labels)
     for j, (key, label) in enumerate(labels.items()):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(entries))]
@@ -389,9 +386,8 @@ def plot(report, path):
     ax.set_xlabel("size n_x,n_a,m,T_x")
     ax.set_ylabel("forward+backward ms (median, log scale)")
     ax.set_title(f"LSTM forward+backward, {report['dtype']}, {report['device']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -450,6 +446,9 @@ def main(argv=None):
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in env:
             print(f"note: {var}={env[var]} is set in the environment (left as is)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load and load[0] >= 1:
+        print(f"note: load average {load[0]:.2f} before the run: other work skews the timings")
 
     timed = lambda fn: measure(fn, be.sync, args.repeat, args.warmup)  # noqa: E731
     rng = np.random.default_rng(1234)
@@ -463,7 +462,7 @@ def main(argv=None):
         "n_y": N_Y, "repeat": args.repeat, "warmup": args.warmup,
         "sizes": [list(s) for s in args.sizes], "versions": versions(), "env": env,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gemm_ceiling": ceiling, "results": [],
+        "loadavg_before": load, "gemm_ceiling": ceiling, "results": [],
     }  # fmt: skip
     if be.gpu and torch is not None and torch.cuda.is_available():
         report["versions"]["cudnn"] = torch.backends.cudnn.version()
@@ -476,12 +475,14 @@ def main(argv=None):
         tables.append(markdown_table(report["results"][-1]))
         print(tables[-1])
 
+    report["loadavg_after"] = os.getloadavg() if load else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench_{args.backend}_{args.dtype}_{slug(be.device_name)}"
     written = [f"{base}.json", f"{base}.md"]
     if not args.no_plot and plot(report, f"{base}.png"):
         written.append(f"{base}.png")
+        report["versions"].update(versions())  # now with matplotlib
     head = (f"# LSTM benchmark: {args.backend}, {args.dtype}, {be.device_name}\n\n"
             f"{report['timestamp']}; {args.threads} threads (torch {threads['torch']}); "
             f"GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s ({ceiling['n']}^3); median of "
@@ -493,10 +494,6 @@ def main(argv=None):
     Path(f"{base}.md").write_text(head + "\n".join(tables))
     Path(f"{base}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     print("wrote " + ", ".join(written))
-
-
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 if __name__ == "__main__":

@@ -15,41 +15,16 @@ import os
 
 import pytest
 
-ALL_BACKENDS = ("numpy", "strict", "strict-device1", "torch", "jax", "cupy")
+from xlstm._compat import BACKENDS as ALL_BACKENDS
+from xlstm._compat import BackendUnavailable, load_backend
 
 
 def _load(name):
-    """Return ``(xp, device)`` for a backend, or raise ``pytest.skip`` with the reason."""
-    import array_api_compat
-
-    if name == "numpy":
-        import numpy as np
-
-        return array_api_compat.array_namespace(np.empty(0)), "cpu"
-    if name.startswith("strict"):
-        import array_api_strict as s
-
-        dev = s.Device("device1" if name == "strict-device1" else "CPU_DEVICE")
-        return s, dev
-    if name == "torch":
-        torch = pytest.importorskip("torch", reason="torch is not installed")
-        return array_api_compat.array_namespace(torch.empty(0)), torch.device("cpu")
-    if name == "jax":
-        jax = pytest.importorskip("jax", reason="jax is not installed")
-        jax.config.update("jax_enable_x64", True)  # float64 tests need it
-        import jax.numpy as jnp
-
-        return array_api_compat.array_namespace(jnp.empty(0)), jax.devices("cpu")[0]
-    if name == "cupy":
-        cp = pytest.importorskip("cupy", reason="cupy is not installed")
-        try:
-            if cp.cuda.runtime.getDeviceCount() < 1:
-                pytest.skip("cupy is installed but no CUDA device is visible")
-            cp.ones(1).sum().item()
-        except Exception as exc:  # noqa: BLE001 - any CUDA runtime failure means "no GPU here"
-            pytest.skip(f"cupy is installed but CUDA is unusable: {exc}")
-        return array_api_compat.array_namespace(cp.empty(0)), cp.cuda.Device(0)
-    raise ValueError(name)
+    """Return ``(xp, device)`` for a backend, or skip the test with the reason."""
+    try:
+        return load_backend(name)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def _selected():

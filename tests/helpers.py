@@ -5,24 +5,15 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
+from xlstm._compat import to_host
+
 #: Relative / absolute tolerances per dtype name, against a float64 truth.
 TOL = {"float64": (1e-10, 1e-12), "float32": (1e-5, 1e-6)}
 
 
 def to_numpy(arr):
-    """Copy any supported array to a float64-preserving numpy array on the host."""
-    if array_api_compat.is_numpy_array(arr):
-        return np.asarray(arr)
-    if array_api_compat.is_torch_array(arr):
-        return arr.detach().cpu().numpy()
-    if array_api_compat.is_cupy_array(arr):
-        return arr.get()
-    if array_api_compat.is_jax_array(arr):
-        return np.asarray(arr)
-    # array-api-strict: bring it to its CPU device first
-    import array_api_strict as s
-
-    return np.asarray(s.asarray(arr, device=s.Device("CPU_DEVICE")))
+    """Copy any supported array to a numpy array on the host."""
+    return to_host(arr)
 
 
 def to_xp(a, xp, device, dtype=None):

@@ -6,10 +6,10 @@ import re
 
 import numpy as np
 import pytest
-import seed_cases as sc
 from helpers import assert_array, assert_close, to_numpy, to_xp
 
 import xlstm
+from xlstm import _seed as sc
 
 
 def pick(results, key):

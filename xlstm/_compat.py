@@ -134,3 +134,58 @@ def to_host(x):
 
         return numpy.asarray(strict.asarray(x, device=strict.Device("CPU_DEVICE")))
     return numpy.asarray(x)
+
+
+#: Every backend the project knows, in the order they are tried and reported.
+BACKENDS = ("numpy", "strict", "strict-device1", "torch", "jax", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here; the message says why."""
+
+
+def load_backend(name):
+    """Return ``(xp, device)`` for backend ``name`` from :data:`BACKENDS`.
+
+    ``strict-device1`` is array-api-strict on its second device, which exposes any allocation
+    that forgets ``device=``. JAX is switched to 64-bit mode so that float64 stays float64.
+
+    Raises
+    ------
+    BackendUnavailable
+        If the package is not installed or (CuPy) no CUDA device answers.
+    """
+    import importlib
+
+    def need(module):
+        try:
+            return importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a broken install is as unavailable as none
+            raise BackendUnavailable(f"{module} is not importable: {exc}") from None
+
+    if name == "numpy":
+        np = need("numpy")
+        return _aac.array_namespace(np.empty(0)), "cpu"
+    if name in ("strict", "strict-device1"):
+        s = need("array_api_strict")
+        return s, s.Device("device1" if name == "strict-device1" else "CPU_DEVICE")
+    if name == "torch":
+        torch = need("torch")
+        return _aac.array_namespace(torch.empty(0)), torch.device("cpu")
+    if name == "jax":
+        jax = need("jax")
+        jax.config.update("jax_enable_x64", True)
+        jnp = need("jax.numpy")
+        return _aac.array_namespace(jnp.empty(0)), jax.devices("cpu")[0]
+    if name == "cupy":
+        cp = need("cupy")
+        try:
+            if cp.cuda.runtime.getDeviceCount() < 1:
+                raise BackendUnavailable("cupy is installed but no CUDA device is visible")
+            cp.ones(1).sum().item()
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any CUDA runtime error means "no GPU here"
+            raise BackendUnavailable(f"cupy is installed but CUDA is unusable: {exc}") from None
+        return _aac.array_namespace(cp.empty(0)), cp.cuda.Device(0)
+    raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")

@@ -179,39 +179,14 @@ def load_params(path, *, xp=None, device=None):
     --------
     save_params
     """
-    import numpy as np
-
     where = _name(path)
     target = _target_namespace(xp)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except _READ_ERRORS as exc:
-        raise ValueError(
-            f"{where}: not a readable xlstm .npz parameter file ({_why(exc)})"
-        ) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{where}: holds a single .npy array, not an .npz parameter archive")
-
-    with archive:
-        names = set(archive.files)
-        if _META not in names:
-            raise ValueError(
-                f"{where}: has no {_META} entry; it was not written by xlstm.save_params"
-            )
-        missing = [k for k in PARAM_KEYS if k not in names]
-        if missing:
-            raise KeyError(f"{where}: parameter {missing[0]!r} is missing from the file")
-        extra = sorted(names - set(PARAM_KEYS) - {_META})
-        if extra:
-            raise ValueError(f"{where}: unexpected entries {extra} in a parameter file")
-        host = {}
-        for k in (_META, *PARAM_KEYS):
-            try:
-                host[k] = archive[k]
-            except _READ_ERRORS as exc:
-                raise ValueError(f"{where}: cannot read entry {k!r} ({_why(exc)})") from None
+    if isinstance(path, (str, bytes, os.PathLike)):
+        # Our own handle, closed here: numpy leaks the one it opens when a damaged zip fails.
+        with open(path, "rb") as f:
+            host = _read_archive(f, where)
+    else:
+        host = _read_archive(path, where)
 
     meta = _read_meta(host.pop(_META), where)
     for k, arr in host.items():
@@ -249,13 +224,47 @@ def load_params(path, *, xp=None, device=None):
     return out
 
 
+def _read_archive(f, where):
+    """Every entry of the ``.npz`` in open file ``f``, checked for names and readability."""
+    import numpy as np
+
+    try:
+        archive = np.load(f, allow_pickle=False)
+    except _READ_ERRORS as exc:
+        raise ValueError(
+            f"{where}: not a readable xlstm .npz parameter file ({_why(exc)})"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{where}: holds a single .npy array, not an .npz parameter archive")
+
+    with archive:
+        names = set(archive.files)
+        if _META not in names:
+            raise ValueError(
+                f"{where}: has no {_META} entry; it was not written by xlstm.save_params"
+            )
+        missing = [k for k in PARAM_KEYS if k not in names]
+        if missing:
+            raise KeyError(f"{where}: parameter {missing[0]!r} is missing from the file")
+        extra = sorted(names - set(PARAM_KEYS) - {_META})
+        if extra:
+            raise ValueError(f"{where}: unexpected entries {extra} in a parameter file")
+        host = {}
+        for k in (_META, *PARAM_KEYS):
+            try:
+                host[k] = archive[k]
+            except _READ_ERRORS as exc:
+                raise ValueError(f"{where}: cannot read entry {k!r} ({_why(exc)})") from None
+    return host
+
+
 def _why(exc):
     """A short reason for a numpy read error; says so plainly when pickled data was refused."""
     text = str(exc.args[0]) if exc.args else ""
-    if isinstance(exc, ValueError) and "allow_pickle" in text:
+    if isinstance(exc, ValueError) and ("allow_pickle" in text or "pickled" in text):
         return (
-            "it holds pickled data or an object array, which load_params refuses because "
-            f"unpickling can run arbitrary code; numpy said: {text}"
+            "it holds pickled data or an object array, which load_params refuses: "
+            "unpickling a file can run arbitrary code"
         )
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -20,6 +20,9 @@ __all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
 
 
 # ----------------------------------------------------------------------------- validation
+_KIND_WORDS = {"integral": "an integer", "bool": "a boolean", "real floating": "a real floating"}
+
+
 def _as_float(name, arr, kinds, *, xp, dtype, like):
     """``arr`` (an argument that need not be floating) checked, and cast to ``dtype``.
 
@@ -45,7 +48,8 @@ def _as_float(name, arr, kinds, *, xp, dtype, like):
     namespace(**{like_name: like_arr, name: cast})  # namespace and device
     kind = next((k for k in kinds if xp.isdtype(arr.dtype, k)), None)
     if kind is None:
-        raise TypeError(f"{name} must have a {' or '.join(kinds)} dtype, got {arr.dtype}")
+        words = " or ".join(_KIND_WORDS[k] for k in kinds)
+        raise TypeError(f"{name} must have {words} dtype, got {arr.dtype}")
     if kind == "real floating":
         namespace(**{like_name: like_arr, name: arr})  # the same dtype as like
         return arr
@@ -143,17 +147,17 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     """
     xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0)
     dtype, dev = x.dtype, device_of(x)
-    _check_shape("labels", labels, (m, T_x), "(m, T_x)")
     _as_float("labels", labels, ("integral",), xp=xp, dtype=dtype, like=("x", x))
+    _check_shape("labels", labels, (m, T_x), "(m, T_x)")
     if mask is None:
         weights = None
         count = float(m * T_x)
         counted = None
     else:
-        _check_shape("mask", mask, (m, T_x), "(m, T_x)")
         weights = _as_float(
             "mask", mask, ("bool", "real floating"), xp=xp, dtype=dtype, like=("x", x)
         )
+        _check_shape("mask", mask, (m, T_x), "(m, T_x)")
         counted = mask if xp.isdtype(mask.dtype, "bool") else weights != 0.0
         count = xp.sum(weights)
     _check_labels(labels, counted, count, n_y, xp=xp)
@@ -179,7 +183,7 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
     grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
     grads["dWy"], grads["dby"] = dWy, dby
-    return loss, grads
+    return xp.asarray(loss), grads  # asarray: numpy reductions give scalars, not arrays
 
 
 def _check_labels(labels, counted, count, n_y, *, xp):
@@ -202,10 +206,12 @@ def _check_labels(labels, counted, count, n_y, *, xp):
             "the mean over counted positions is undefined"
         )
     n_bad = int(xp.sum(xp.astype(outside, xp.int64)))
+    # min/max over the offending values only (they are a subset of all labels)
+    lo = int(xp.min(xp.where(outside, labels, xp.max(labels))))
+    hi = int(xp.max(xp.where(outside, labels, xp.min(labels))))
     raise ValueError(
         f"labels must lie in [0, n_y) = [0, {n_y}) at every counted position; "
-        f"{n_bad} value(s) fall outside (smallest {int(xp.min(labels))}, "
-        f"largest {int(xp.max(labels))})"
+        f"{n_bad} counted value(s) fall outside, from {lo} to {hi}"
     )
 
 
@@ -294,4 +300,4 @@ def last_step_mse(x, a0, params, targets, *, c0=None):
         da = da_last[:, :, None]
     grads = lstm_backward(da, caches)
     grads["dWy"], grads["dby"] = dWy, dby
-    return loss, grads
+    return xp.asarray(loss), grads

@@ -100,29 +100,28 @@ def _kernel(step, dtype_name):
 # ------------------------------------------------------------------- kernel arguments
 # These build the argument tuples in the kernels' order. They only read shapes, dtypes and
 # strides and allocate through ``empty``, so the tests run them on numpy arrays against
-# the host build of the same header.
+# the host build of the same header. Sizes and strides are Python ints, which CuPy passes
+# as ``long long``.
 
-
-def _int(v):
-    return _np.int64(v)
+_DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "float64"}
 
 
 def _strides(arr):
-    """Strides of ``arr`` in elements (as kernel scalars), or ``None`` if one is not a
-    whole number of elements."""
+    """Strides of ``arr`` in elements, or ``None`` if one is not a whole number of them."""
     size = arr.itemsize
-    if any(s % size for s in arr.strides):
+    st = arr.strides
+    if any(s % size for s in st):
         return None
-    return tuple(_int(s // size) for s in arr.strides)
+    return tuple(s // size for s in st)
 
 
 def _dtype_name(*arrays):
     """``"float32"`` or ``"float64"`` when all arrays share that dtype, else ``None``."""
     dt = arrays[0].dtype
-    if any(a.dtype != dt for a in arrays[1:]):
-        return None
-    name = str(dt)
-    return name if name in ("float32", "float64") else None
+    for a in arrays[1:]:
+        if a.dtype != dt:
+            return None
+    return _DTYPE_NAMES.get(dt)
 
 
 def _forward_args(g, c_prev, n_a, empty):
@@ -142,7 +141,7 @@ def _forward_args(g, c_prev, n_a, empty):
         return None
     dt = g.dtype
     outs = (empty((m, 3 * n), dt), *(empty((m, n), dt) for _ in range(4)))
-    args = (_int(m), _int(n), g, *g_st, c_prev, *cp_st, *outs)
+    args = (m, n, g, *g_st, c_prev, *cp_st, *outs)
     return name, m * n, args, outs
 
 
@@ -159,7 +158,7 @@ def _backward_args(da, dc, K, Q, P, f, empty):
     name = _dtype_name(da, dc, K, Q, P, f)
     if name is None:
         return None
-    args = (_int(m), _int(n))
+    args = (m, n)
     for v in (da, dc, K, Q, P, f):
         st = _strides(v)
         if st is None:

@@ -1,4 +1,8 @@
-"""The seed notebook's four examples: their inputs (same random draws) and printed outputs."""
+"""The seed notebook's four examples: their inputs (the same random draws) and printed outputs.
+
+Used by ``python -m xlstm check`` and by the tests. Inputs are drawn on the host with numpy's
+legacy global generator, exactly as the notebook does.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,370 @@
+"""Losses: values and every gradient against central differences, torch autograd and numpy.
+
+The central-difference gradcheck (float64, every entry of every gradient) runs on numpy;
+every backend is then compared with the numpy result, and with torch autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from helpers import assert_array, assert_close, to_numpy, to_xp
+
+from xlstm import lstm_forward
+from xlstm.losses import last_step_mse, last_step_predict, sequence_cross_entropy
+
+N_X, N_A, N_Y, M, T = 3, 4, 5, 2, 3
+PARAM_NAMES = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")
+GRAD_KEYS = ("dx", "da0", "dWf", "dbf", "dWi", "dbi", "dWc", "dbc", "dWo", "dbo", "dc0")
+ALL_GRADS = (*GRAD_KEYS, "dWy", "dby")
+#: Masks: a boolean one, 0/1/fractional weights, and none at all.
+MASKS = ("bool", "weights", None)
+PAD = -100  # label value at masked-out positions, out of range on purpose
+
+
+@functools.lru_cache(maxsize=None)
+def _host(T_x=T, seed=0):
+    """Host (numpy, float64) data: arrays, params, labels, masks and targets."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for g in "fico":
+        params["W" + g] = rng.normal(0.0, 0.6, (N_A, N_A + N_X))
+        params["b" + g] = rng.normal(0.0, 0.3, (N_A, 1))
+    params["Wy"] = rng.normal(0.0, 0.8, (N_Y, N_A))
+    params["by"] = rng.normal(0.0, 0.3, (N_Y, 1))
+    mask = np.ones((M, T_x), dtype=bool)
+    mask[0, -1] = False  # padding: the end of the first example
+    if T_x > 1:
+        mask[1, 0] = False
+    labels = rng.integers(0, N_Y, (M, T_x))
+    labels[~mask] = PAD
+    weights = np.where(mask, rng.choice([0.5, 1.0, 2.0], size=(M, T_x)), 0.0)
+    return {
+        "x": rng.normal(0.0, 1.0, (N_X, M, T_x)),
+        "a0": rng.normal(0.0, 0.5, (N_A, M)),
+        "c0": rng.normal(0.0, 0.5, (N_A, M)),
+        "params": params,
+        "labels": labels,
+        "masks": {"bool": mask, "weights": weights, None: None},
+        "targets": rng.normal(0.0, 1.0, (N_Y, M)),
+    }
+
+
+def _move(h, xp, device, dtype=None, mask=None):
+    """The arguments of both losses as ``xp`` arrays: ``(args, kwargs, labels, targets)``."""
+    dtype = xp.float64 if dtype is None else dtype
+    args = (to_xp(h["x"], xp, device, dtype), to_xp(h["a0"], xp, device, dtype),
+            to_xp(h["params"], xp, device, dtype))  # fmt: skip
+    m = h["masks"][mask]
+    if m is not None:
+        m = xp.asarray(m, device=device) if m.dtype == bool else to_xp(m, xp, device, dtype)
+    kwargs = {"c0": to_xp(h["c0"], xp, device, dtype), "mask": m}
+    labels = xp.asarray(_labels(h, mask), dtype=xp.int64, device=device)
+    return args, kwargs, labels, to_xp(h["targets"], xp, device, dtype)
+
+
+def _labels(h, mask):
+    """The labels, with the padding replaced by a valid class where every position counts."""
+    return h["labels"] if mask is not None else np.where(h["labels"] == PAD, 2, h["labels"])
+
+
+def _np_ce(h, mask, arrays=None):
+    """numpy reference: loss and grads of the cross-entropy on (possibly perturbed) arrays."""
+    arrays = _flat(h) if arrays is None else arrays
+    params = {k: arrays[k] for k in PARAM_NAMES}
+    return sequence_cross_entropy(arrays["x"], arrays["a0"], params, _labels(h, mask),
+                                  mask=h["masks"][mask], c0=arrays["c0"])  # fmt: skip
+
+
+def _np_mse(h, arrays=None):
+    arrays = _flat(h) if arrays is None else arrays
+    params = {k: arrays[k] for k in PARAM_NAMES}
+    return last_step_mse(arrays["x"], arrays["a0"], params, h["targets"], c0=arrays["c0"])
+
+
+def _flat(h):
+    return {"x": h["x"], "a0": h["a0"], "c0": h["c0"], **h["params"]}
+
+
+def _grad_name(name):
+    return "d" + name
+
+
+# ---------------------------------------------------------------------------- gradcheck
+def _central_differences(loss_of, arrays, h=1e-6):
+    """d loss / d every entry of every array, by central differences."""
+    out = {}
+    for name, arr in arrays.items():
+        g = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += h
+            minus[idx] -= h
+            g[idx] = (loss_of({**arrays, name: plus}) - loss_of({**arrays, name: minus})) / (2 * h)
+        out[_grad_name(name)] = g
+    return out
+
+
+def _gradcheck(loss_and_grads, h):
+    arrays = _flat(h)
+    loss, grads = loss_and_grads(arrays)
+    assert set(grads) == set(ALL_GRADS)
+    numeric = _central_differences(lambda a: float(loss_and_grads(a)[0]), arrays)
+    for key, want in numeric.items():
+        np.testing.assert_allclose(grads[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+@pytest.mark.parametrize("mask", ["bool", "weights"])  # no mask: see the torch test
+def test_gradcheck_sequence_cross_entropy(mask):
+    h = _host()
+    _gradcheck(lambda arrays: _np_ce(h, mask, arrays), h)
+
+
+@pytest.mark.parametrize("T_x", [1, T])
+def test_gradcheck_last_step_mse(T_x):
+    h = _host(T_x)
+    _gradcheck(lambda arrays: _np_mse(h, arrays), h)
+
+
+# ------------------------------------------------------------------- values on the host
+def test_cross_entropy_value_from_softmax_predictions():
+    """The loss is -mean log y[label] over counted steps, with y from lstm_forward."""
+    h = _host()
+    params = h["params"]
+    _, y, _, _ = lstm_forward(h["x"], h["a0"], params, h["c0"])
+    mask, labels = h["masks"]["bool"], h["labels"]
+    picked = np.take_along_axis(y, np.where(mask, labels, 0)[None], axis=0)[0]
+    expected = -np.log(picked[mask]).mean()
+    loss, _ = _np_ce(h, "bool")
+    assert isinstance(loss, np.ndarray) and loss.shape == () and loss.dtype == np.float64
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+
+    # no mask is the plain mean; a bool mask equals its 0/1 float form
+    full = -np.log(np.take_along_axis(y, np.where(mask, labels, 1)[None], axis=0)[0]).mean()
+    unmasked = {**h, "labels": np.where(mask, labels, 1)}
+    np.testing.assert_allclose(_np_ce(unmasked, None)[0], full, rtol=1e-12)
+    as_float = {**h, "masks": {"bool": mask.astype(np.float64)}}
+    loss_f, grads_f = _np_ce(as_float, "bool")
+    _, grads_b = _np_ce(h, "bool")
+    np.testing.assert_allclose(loss_f, loss, rtol=1e-14)
+    for k in ALL_GRADS:
+        np.testing.assert_allclose(grads_f[k], grads_b[k], rtol=1e-14, atol=1e-16)
+
+
+def test_masked_labels_are_ignored():
+    h = _host()
+    other = {**h, "labels": np.where(h["masks"]["bool"], h["labels"], 3)}
+    (l1, g1), (l2, g2) = _np_ce(h, "bool"), _np_ce(other, "bool")
+    assert float(l1) == float(l2)
+    for k in ALL_GRADS:
+        np.testing.assert_array_equal(g1[k], g2[k])
+
+
+# ------------------------------------------------------------------ every backend vs numpy
+@pytest.mark.parametrize("mask", MASKS)
+def test_cross_entropy_matches_numpy(xp, device, mask):
+    h = _host()
+    want_loss, want = _np_ce(h, mask)
+    (x, a0, params), kw, labels, _ = _move(h, xp, device, mask=mask)
+    loss, grads = sequence_cross_entropy(x, a0, params, labels, **kw)
+    assert_close(loss, want_loss, xp=xp, device=device, dtype=xp.float64)
+    assert set(grads) == set(ALL_GRADS)
+    for k in ALL_GRADS:
+        assert_close(grads[k], want[k], xp=xp, device=device, dtype=xp.float64, err=k)
+
+
+def _check_mse(xp, device, T_x):
+    h = _host(T_x)
+    want_loss, want = _np_mse(h)
+    (x, a0, params), kw, _, targets = _move(h, xp, device)
+    loss, grads = last_step_mse(x, a0, params, targets, c0=kw["c0"])
+    assert_close(loss, want_loss, xp=xp, device=device, dtype=xp.float64)
+    assert set(grads) == set(ALL_GRADS)
+    for k in ALL_GRADS:
+        assert_close(grads[k], want[k], xp=xp, device=device, dtype=xp.float64, err=k)
+
+    pred = last_step_predict(x, a0, params, c0=kw["c0"])
+    a, _, _, _ = lstm_forward(h["x"], h["a0"], h["params"], h["c0"])
+    want_pred = h["params"]["Wy"] @ a[:, :, -1] + h["params"]["by"]
+    assert_close(pred, want_pred, xp=xp, device=device, dtype=xp.float64)
+    np.testing.assert_allclose(np.mean((want_pred - h["targets"]) ** 2), want_loss, rtol=1e-12)
+
+
+def test_last_step_mse_matches_numpy(xp, device):
+    _check_mse(xp, device, T)
+
+
+def test_last_step_mse_single_step():
+    """T_x = 1 (no zero padding of da) on the strictest backend; numpy gradchecks it too."""
+    strict = pytest.importorskip("array_api_strict")
+    _check_mse(strict, strict.Device("device1"), 1)
+
+
+def test_int32_labels_and_default_c0(xp, device):
+    h = _host()
+    (x, a0, params), kw, labels, _ = _move(h, xp, device, mask="bool")
+    labels32 = xp.astype(labels, xp.int32)
+    loss, grads = sequence_cross_entropy(x, a0, params, labels32, mask=kw["mask"])
+    np_params = h["params"]
+    want_loss, want = sequence_cross_entropy(
+        h["x"], h["a0"], np_params, h["labels"], mask=h["masks"]["bool"]
+    )
+    assert_close(loss, want_loss, xp=xp, device=device, dtype=xp.float64)
+    for k in ALL_GRADS:
+        assert_close(grads[k], want[k], xp=xp, device=device, dtype=xp.float64, err=k)
+
+
+# ----------------------------------------------------------------------- torch autograd
+def _torch_reference(torch, h, loss_kind, mask=None):
+    """Loss and gradients of the seed's equations, written with plain torch ops."""
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in _flat(h).items()}
+    a, c = t["a0"], t["c0"]
+    hs = []
+    for k in range(t["x"].shape[2]):
+        z = torch.cat([a, t["x"][:, :, k]], dim=0)
+        f = torch.sigmoid(t["Wf"] @ z + t["bf"])
+        i = torch.sigmoid(t["Wi"] @ z + t["bi"])
+        cc = torch.tanh(t["Wc"] @ z + t["bc"])
+        o = torch.sigmoid(t["Wo"] @ z + t["bo"])
+        c = f * c + i * cc
+        a = o * torch.tanh(c)
+        hs.append(a)
+    F = torch.nn.functional
+    if loss_kind == "mse":
+        loss = F.mse_loss(t["Wy"] @ hs[-1] + t["by"], torch.tensor(h["targets"]))
+    else:
+        logits = torch.stack([t["Wy"] @ a_t + t["by"] for a_t in hs], dim=-1)  # (n_y, m, T)
+        flat = logits.permute(1, 2, 0).reshape(-1, N_Y)
+        labels = torch.tensor(_labels(h, mask)).reshape(-1)
+        if mask == "bool":  # padding through ignore_index, the usual torch idiom
+            loss = F.cross_entropy(flat, labels, ignore_index=PAD)
+        else:
+            w = np.ones(labels.shape) if mask is None else h["masks"][mask].reshape(-1)
+            w = torch.tensor(w)
+            nll = F.cross_entropy(flat, labels.clamp(min=0), reduction="none")
+            loss = (nll * w).sum() / w.sum()
+    loss.backward()
+    return loss.detach().numpy(), {_grad_name(k): v.grad.numpy() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("case", [("ce", "bool"), ("ce", "weights"), ("ce", None), ("mse", None)])
+def test_against_torch_autograd(xp, device, case):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    kind, mask = case
+    h = _host()
+    want_loss, want = _torch_reference(torch, h, kind, mask)
+    (x, a0, params), kw, labels, targets = _move(h, xp, device, mask=mask)
+    if kind == "mse":
+        loss, grads = last_step_mse(x, a0, params, targets, c0=kw["c0"])
+    else:
+        loss, grads = sequence_cross_entropy(x, a0, params, labels, **kw)
+    assert_close(loss, want_loss, xp=xp, device=device, dtype=xp.float64)
+    assert set(want) == set(ALL_GRADS)
+    for k in ALL_GRADS:
+        assert_close(grads[k], want[k], xp=xp, device=device, dtype=xp.float64,
+                     rtol=1e-10, atol=1e-12, err=k)  # fmt: skip
+
+
+# ---------------------------------------------------------------- dtype, mutation, errors
+@pytest.mark.parametrize("mask", ["bool", "weights"])
+def test_float32_stays_float32(xp, device, mask):
+    h = _host()
+    want_ce, want_ce_g = _np_ce(h, mask)
+    want_mse, want_mse_g = _np_mse(h)
+    (x, a0, params), kw, labels, targets = _move(h, xp, device, xp.float32, mask=mask)
+    for (loss, grads), wl, wg in (
+        (sequence_cross_entropy(x, a0, params, labels, **kw), want_ce, want_ce_g),
+        (last_step_mse(x, a0, params, targets, c0=kw["c0"]), want_mse, want_mse_g),
+    ):
+        assert_close(loss, wl, xp=xp, device=device, dtype=xp.float32, rtol=1e-5, atol=1e-6)
+        for k in ALL_GRADS:
+            assert_close(grads[k], wg[k], xp=xp, device=device, dtype=xp.float32,
+                         rtol=1e-4, atol=1e-6, err=k)  # fmt: skip
+    pred = last_step_predict(x, a0, params, c0=kw["c0"])
+    assert_array(pred, xp=xp, device=device, shape=(N_Y, M), dtype=xp.float32)
+
+
+def test_inputs_not_mutated(xp, device):
+    h = _host()
+    (x, a0, params), kw, labels, targets = _move(h, xp, device, mask="weights")
+    inputs = {"x": x, "a0": a0, "labels": labels, "targets": targets, **kw, **params}
+
+    def snapshot():
+        return {k: np.array(to_numpy(v), copy=True) for k, v in inputs.items()}
+
+    before = snapshot()
+    sequence_cross_entropy(x, a0, params, labels, **kw)
+    last_step_mse(x, a0, params, targets, c0=kw["c0"])
+    last_step_predict(x, a0, params, c0=kw["c0"])
+    after = snapshot()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+def test_large_logits_are_stable(xp, device):
+    """Logits of order 1e4: a finite loss and finite gradients, and no warning."""
+    h = _host()
+    big = {**h, "params": {**h["params"], "Wy": h["params"]["Wy"] * 1e4}}
+    (x, a0, params), kw, labels, _ = _move(big, xp, device, mask="bool")
+    loss, grads = sequence_cross_entropy(x, a0, params, labels, **kw)
+    assert np.isfinite(to_numpy(loss)) and float(to_numpy(loss)) > 1.0
+    for k in ALL_GRADS:
+        assert np.all(np.isfinite(to_numpy(grads[k]))), k
+
+
+def test_shape_and_dtype_errors_name_the_argument(xp, device):
+    h = _host()
+    (x, a0, params), kw, labels, targets = _move(h, xp, device, mask="bool")
+    mask = kw["mask"]
+    ce = functools.partial(sequence_cross_entropy, x, a0, params)
+    with pytest.raises(ValueError, match="labels"):
+        ce(labels[:, :-1])
+    with pytest.raises(ValueError, match="labels"):
+        ce(labels[None, ...])
+    with pytest.raises(TypeError, match="labels.*integer"):
+        ce(xp.astype(labels, xp.float64))
+    with pytest.raises(ValueError, match="mask"):
+        ce(labels, mask=mask[:1, :])
+    with pytest.raises(TypeError, match="mask"):
+        ce(labels, mask=xp.astype(labels, xp.int32))
+    with pytest.raises(TypeError, match="mask"):
+        ce(labels, mask=xp.astype(mask, xp.float32))  # float64 params
+    with pytest.raises(ValueError, match="targets"):
+        last_step_mse(x, a0, params, targets[:, :1])
+    with pytest.raises(ValueError, match="targets"):
+        last_step_mse(x, a0, params, xp.reshape(targets, (N_Y * M,)))
+    with pytest.raises(TypeError, match="targets"):
+        last_step_mse(x, a0, params, xp.astype(targets, xp.float32))
+    with pytest.raises(TypeError, match="labels"):
+        ce([[0] * T] * M)
+
+
+def test_value_errors(xp, device):
+    h = _host()
+    (x, a0, params), kw, labels, _ = _move(h, xp, device, mask="bool")
+    ce = functools.partial(sequence_cross_entropy, x, a0, params)
+    bad = xp.asarray(np.where(h["masks"]["bool"], N_Y, PAD), dtype=xp.int64, device=device)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, n_y\)"):
+        ce(bad, mask=kw["mask"])
+    with pytest.raises(ValueError, match="labels"):
+        ce(labels)  # the padding value counts when there is no mask
+    nothing = xp.asarray(np.zeros((M, T), dtype=bool), device=device)
+    with pytest.raises(ValueError, match="mask counts no position"):
+        ce(labels, mask=nothing)
+    with pytest.raises(ValueError, match="mask counts no position"):
+        ce(labels, mask=xp.astype(nothing, xp.float64))
+
+
+def test_labels_from_another_namespace(xp, device):
+    h = _host()
+    (x, a0, params), kw, _, _ = _move(h, xp, device)
+    if xp.__name__.endswith("numpy") and "strict" not in xp.__name__:
+        import array_api_strict as other
+
+        foreign = other.asarray(h["labels"])
+    else:
+        foreign = h["labels"]  # plain numpy
+    with pytest.raises(TypeError, match="labels"):
+        sequence_cross_entropy(x, a0, params, foreign)

@@ -1,0 +1,184 @@
+"""Command line: ``python -m xlstm {check,info}``.
+
+``check`` runs the seed notebook's four examples and a float64 gradient check on every backend
+that is importable here, prints a pass/fail table and exits non-zero on any failure.
+``info`` prints versions and devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import numpy as np
+
+import xlstm
+
+from . import _seed
+from ._compat import BACKENDS, BackendUnavailable, load_backend, to_host
+
+SEED_TOL = 1e-7  # the notebook prints 8-12 significant digits
+GRAD_TOL = 1e-7  # central differences with h = 1e-6 in float64
+
+
+def _arrays(xp, device, tree):
+    """Host data as float64 arrays of ``xp`` on ``device`` (plain numpy when ``xp`` is None)."""
+    if isinstance(tree, dict):
+        return {k: _arrays(xp, device, v) for k, v in tree.items()}
+    if xp is None:
+        return np.asarray(tree, dtype=np.float64)
+    return xp.asarray(np.asarray(tree, dtype=np.float64), device=device)
+
+
+def _pick(results, key):
+    """``results['dWf'][3][1]`` for the seed's printed key ``'dWf[3][1]'``."""
+    name, _, rest = key.partition("[")
+    value = results[name]
+    for i in rest.replace("]", "").split("[") if rest else ():
+        value = value[int(i)] if isinstance(value, tuple) else value[int(i), ...]
+    return to_host(value)
+
+
+def _worst(results, expected):
+    return max(float(np.max(np.abs(_pick(results, k) - np.asarray(v)))) for k, v in expected.items())
+
+
+def seed_examples(xp, device):
+    """Largest absolute deviation from the notebook's printed outputs, over all four examples."""
+    xt, a_prev, c_prev, params, da_next, dc_next = _seed.cell_case()
+    P = _arrays(xp, device, params)
+    a_next, c_next, yt, cache = xlstm.lstm_cell_forward(
+        *(_arrays(xp, device, v) for v in (xt, a_prev, c_prev)), P
+    )
+    err = _worst({"a_next": a_next, "c_next": c_next, "yt": yt, "cache": cache},
+                 _seed.CELL_FORWARD)
+    g = xlstm.lstm_cell_backward(_arrays(xp, device, da_next), _arrays(xp, device, dc_next), cache)
+    err = max(err, _worst(g, _seed.CELL_BACKWARD))
+    x, a0, params, _ = _seed.sequence_case()
+    a, y, c, caches = xlstm.lstm_forward(_arrays(xp, device, x), _arrays(xp, device, a0),
+                                         _arrays(xp, device, params))
+    err = max(err, _worst({"a": a, "y": y, "c": c, "caches": caches}, _seed.FORWARD))
+    x, a0, params, da = _seed.sequence_case(zero_output=True)
+    *_, caches = xlstm.lstm_forward(_arrays(xp, device, x), _arrays(xp, device, a0),
+                                    _arrays(xp, device, params))
+    g = xlstm.lstm_backward(_arrays(xp, device, da), caches)
+    return max(err, _worst(g, _seed.BACKWARD))
+
+
+def _gradcheck_case(n_x=2, n_a=3, m=2, T=3, seed=0):
+    rng = np.random.default_rng(seed)
+    host = {k: 0.8 * rng.standard_normal(v.shape)
+            for k, v in xlstm.init_params(n_x, n_a, 2, seed=seed).items()}
+    host.update(x=rng.standard_normal((n_x, m, T)), a0=rng.standard_normal((n_a, m)),
+                c0=rng.standard_normal((n_a, m)))
+    return host, rng.standard_normal((n_a, m, T))
+
+
+def _run(xp, device, host, G=None):
+    d = _arrays(xp, device, host)
+    P = {k: d[k] for k in xlstm.params.PARAM_KEYS}
+    a, _, _, caches = xlstm.lstm_forward(d["x"], d["a0"], P, c0=d["c0"],
+                                         return_caches=G is not None)
+    if G is None:
+        return to_host(a)
+    return {k: to_host(v) for k, v in xlstm.lstm_backward(_arrays(xp, device, G), caches).items()}
+
+
+def central_differences(h=1e-6):
+    """Central-difference gradients (numpy, float64) of ``L = sum(G * a)`` in every input.
+
+    ``G`` is a fixed random array, so the exact gradient in ``a`` is ``G``; every entry of
+    ``x``, ``a0``, ``c0`` and of the gate weights and biases is perturbed.
+    """
+    host, G = _gradcheck_case()
+    num = {}
+    for name in ("x", "a0", "c0", *xlstm.params.PARAM_KEYS[:8]):
+        num["d" + name] = np.zeros_like(host[name])
+        for idx in np.ndindex(host[name].shape):
+            up, down = ({**host, name: host[name].copy()} for _ in range(2))
+            up[name][idx] += h
+            down[name][idx] -= h
+            diff = np.sum((_run(None, None, up) - _run(None, None, down)) * G)
+            num["d" + name][idx] = diff / (2 * h)
+    return num
+
+
+def gradcheck(xp, device, numeric):
+    """Worst relative error of the backend's gradients against ``numeric`` differences."""
+    host, G = _gradcheck_case()
+    grads = _run(xp, device, host, G)
+    return max(float(np.max(np.abs(numeric[k] - grads[k]))) / max(1.0, float(np.max(np.abs(v))))
+               for k, v in numeric.items())
+
+
+def cmd_check(args):
+    names = args.backends.split(",") if args.backends else BACKENDS
+    rows, failed = [], False
+    numeric = central_differences()
+    for name in names:
+        try:
+            xp, device = load_backend(name)
+        except BackendUnavailable as exc:
+            rows.append((name, "-", "-", "-", "skip", str(exc)))
+            continue
+        t0 = time.perf_counter()
+        try:
+            seed_err = seed_examples(xp, device)
+            grad_err = gradcheck(xp, device, numeric)
+        except Exception as exc:  # noqa: BLE001 - report every backend, then fail
+            rows.append((name, str(device), "error", "error", "FAIL", repr(exc)))
+            failed = True
+            continue
+        ok = seed_err < SEED_TOL and grad_err < GRAD_TOL
+        failed |= not ok
+        rows.append((name, str(device), f"{seed_err:.1e}", f"{grad_err:.1e}",
+                     "pass" if ok else "FAIL", f"{time.perf_counter() - t0:.2f} s"))
+    head = ("backend", "device", "seed max |err|", "gradcheck rel err", "result", "note")
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\nseed examples must match to {SEED_TOL:g}; gradients to {GRAD_TOL:g} (relative)")
+    ran = sum(r[4] != "skip" for r in rows)
+    print("FAILED" if failed else f"all {ran} available backends passed")
+    return 1 if failed or ran == 0 else 0
+
+
+def cmd_info(_args):
+    import array_api_compat
+
+    print(f"xlstm {xlstm.__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"numpy {np.__version__}, array-api-compat {array_api_compat.__version__}")
+    for name in BACKENDS[1:]:
+        if name == "strict-device1":
+            continue
+        try:
+            xp, device = load_backend(name)
+        except BackendUnavailable as exc:
+            print(f"{name}: unavailable ({exc})")
+            continue
+        mod = sys.modules[{"strict": "array_api_strict"}.get(name, name)]
+        extra = ""
+        if name == "cupy":
+            props = mod.cuda.runtime.getDeviceProperties(0)
+            extra = f", {props['name'].decode()}"
+        print(f"{name} {getattr(mod, '__version__', '?')}: device {device}{extra}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m xlstm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="seed examples and a gradient check on every backend")
+    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("info", help="versions and devices")
+    p.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
