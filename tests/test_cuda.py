@@ -474,7 +474,7 @@ def test_gpu_extreme_inputs(cp, cpx, dtype):
 def test_gpu_sequences_with_and_without_kernels(cp, cpx, monkeypatch, dtype):
     n_x, n_a, n_y, m, T = 5, 40, 6, 33, 9
     rng = np.random.default_rng(8)
-    params = xlstm.init_params(n_x, n_a, n_y, xp=cpx, dtype=getattr(cp, dtype), seed=9)
+    params = xlstm.init_params(n_x, n_a, n_y, xp=cpx, dtype=getattr(cpx, dtype), seed=9)
     x = cp.asarray(rng.standard_normal((n_x, m, T)).astype(dtype))
     a0 = cp.asarray(rng.standard_normal((n_a, m)).astype(dtype))
     c0 = cp.asarray(rng.standard_normal((n_a, m)).astype(dtype))

@@ -5,6 +5,9 @@ inputs' namespace, dtype and device.
 """
 
 from .activations import sigmoid, softmax
+from .interop import from_torch_lstm_weights, to_torch_lstm_weights
+from .io import load_params, save_params
+from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .lstm import (
     LSTMCache,
     LSTMCaches,
@@ -13,19 +16,34 @@ from .lstm import (
     lstm_cell_forward,
     lstm_forward,
 )
+from .optim import SGD, Adam, clip_by_global_norm, clip_by_value
 from .params import init_params
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sigmoid",
-    "softmax",
+    # the seed's API
     "lstm_cell_forward",
     "lstm_forward",
     "lstm_cell_backward",
     "lstm_backward",
-    "init_params",
+    "sigmoid",
+    "softmax",
     "LSTMCache",
     "LSTMCaches",
+    # training
+    "init_params",
+    "sequence_cross_entropy",
+    "last_step_mse",
+    "last_step_predict",
+    "SGD",
+    "Adam",
+    "clip_by_value",
+    "clip_by_global_norm",
+    # persistence and interop
+    "save_params",
+    "load_params",
+    "to_torch_lstm_weights",
+    "from_torch_lstm_weights",
     "__version__",
 ]

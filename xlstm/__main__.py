@@ -17,7 +17,7 @@ import numpy as np
 import xlstm
 
 from . import _seed
-from ._compat import BACKENDS, BackendUnavailable, load_backend, to_host
+from ._compat import BACKENDS, COMPAT_VERSION, BackendUnavailable, load_backend, to_host
 
 SEED_TOL = 1e-7  # the notebook prints 8-12 significant digits
 GRAD_TOL = 1e-7  # central differences with h = 1e-6 in float64
@@ -146,11 +146,9 @@ def cmd_check(args):
 
 
 def cmd_info(_args):
-    import array_api_compat
-
     print(f"xlstm {xlstm.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
-    print(f"numpy {np.__version__}, array-api-compat {array_api_compat.__version__}")
+    print(f"numpy {np.__version__}, array-api-compat {COMPAT_VERSION}")
     for name in BACKENDS[1:]:
         if name == "strict-device1":
             continue

@@ -22,7 +22,7 @@ def _describe(xp) -> str:
     return getattr(xp, "__name__", repr(xp)).replace("array_api_compat.", "")
 
 
-def namespace(**arrays):
+def namespace(*, kinds=None, **arrays):
     """Return the common array namespace of the named ``arrays``.
 
     Also checks that every array has a real floating dtype, that all share one dtype, and
@@ -30,6 +30,11 @@ def namespace(**arrays):
 
     Parameters
     ----------
+    kinds : dict, optional
+        Exceptions to the floating rule: ``{name: ("integral", "bool")}`` lets the array
+        ``name`` have any of those array-API dtype kinds instead (labels, masks). Such an
+        array must still share the namespace and device; a floating one must still share
+        the common dtype.
     **arrays
         The arrays of a public call, keyed by the name the user knows them by (``x``, ``a0``,
         ``Wf``, ...). ``None`` values are skipped.
@@ -66,12 +71,17 @@ def namespace(**arrays):
                 f"mixed array namespaces: {first_name} is {_describe(xp)} but {name} is "
                 f"{_describe(other)}; convert all arrays to one namespace first"
             )
+    kinds = kinds or {}
     dtype = None
     for name, arr in named:
         if not xp.isdtype(arr.dtype, "real floating"):
-            raise TypeError(
-                f"{name} must have a real floating dtype (float32 or float64), got {arr.dtype}"
-            )
+            allowed = kinds.get(name, ())
+            if any(xp.isdtype(arr.dtype, k) for k in allowed):
+                continue
+            words = " or ".join(("a real floating", *allowed)) if allowed else (
+                "a real floating dtype (float32 or float64)")
+            raise TypeError(f"{name} must have {words}{' dtype' if allowed else ''}, "
+                            f"got {arr.dtype}")
         if dtype is None:
             dtype, dtype_name = arr.dtype, name
         elif arr.dtype != dtype:
@@ -102,6 +112,25 @@ def is_cupy(xp) -> bool:
 def is_writeable(x) -> bool:
     """True when ``x`` supports in-place writes (not JAX, not read-only numpy views)."""
     return _aac.is_writeable_array(x)
+
+
+def namespace_of_module(xp=None):
+    """The array-api-compat namespace for a user's ``xp`` argument.
+
+    ``xp`` may be a plain module (``numpy``, ``torch``, ``cupy``, ``jax.numpy``), an
+    array-api-compat wrapper, or a standard namespace such as ``array_api_strict``;
+    ``None`` means numpy.
+    """
+    if xp is None:
+        return default_namespace()
+    empty = getattr(xp, "empty", None)
+    if empty is None:
+        raise TypeError(f"xp must be an array namespace such as numpy or torch, got {xp!r}")
+    return _aac.array_namespace(empty(0))
+
+
+#: Version of array-api-compat, for ``python -m xlstm info``.
+COMPAT_VERSION = _aac.__version__
 
 
 def default_namespace():

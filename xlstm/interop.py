@@ -30,8 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ._compat import namespace, to_host
-from .io import _target_namespace
+from ._compat import namespace, namespace_of_module, to_host
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]
@@ -283,7 +282,7 @@ def from_torch_lstm_weights(
     host["Wy"] = np.array(wy, copy=True)  # never alias the caller's (or a module's) memory
     host["by"] = np.array(bias_y, copy=True)
 
-    target = _target_namespace(xp)
+    target = namespace_of_module(xp)
     if dtype is None:
         dtype = getattr(target, np.dtype(src).name)
     return {k: target.asarray(host[k], dtype=dtype, device=device) for k in PARAM_KEYS}

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 import zlib
 
-from ._compat import default_namespace, namespace, to_host
+from ._compat import namespace, namespace_of_module, to_host
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["save_params", "load_params", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -180,7 +180,7 @@ def load_params(path, *, xp=None, device=None):
     save_params
     """
     where = _name(path)
-    target = _target_namespace(xp)
+    target = namespace_of_module(xp)
     if isinstance(path, (str, bytes, os.PathLike)):
         # Our own handle, closed here: numpy leaks the one it opens when a damaged zip fails.
         with open(path, "rb") as f:
@@ -267,13 +267,3 @@ def _why(exc):
             "unpickling a file can run arbitrary code"
         )
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _target_namespace(xp):
-    """The array-api-compat namespace for a user's ``xp`` (a module or a compat wrapper)."""
-    if xp is None:
-        return default_namespace()
-    empty = getattr(xp, "empty", None)
-    if empty is None:
-        raise TypeError(f"xp must be an array namespace such as numpy or torch, got {xp!r}")
-    return namespace(xp=empty(0))

@@ -13,52 +13,16 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
-from ._compat import device_of, namespace
+from ._compat import device_of
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
 
 
 # ----------------------------------------------------------------------------- validation
-_KIND_WORDS = {"integral": "an integer", "bool": "a boolean", "real floating": "a real floating"}
-
-
-def _as_float(name, arr, kinds, *, xp, dtype, like):
-    """``arr`` (an argument that need not be floating) checked, and cast to ``dtype``.
-
-    ``kinds`` are the array-API dtype kinds ``arr`` may have (``"integral"``, ``"bool"``,
-    ``"real floating"``). :func:`xlstm._compat.namespace` accepts floating arrays only, so
-    the namespace and device are checked on a floating copy, next to ``like`` (the pair
-    ``(name, array)`` of a floating argument). A floating ``arr`` must have ``dtype``
-    itself: nothing is silently up- or down-cast.
-    """
-    if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
-        raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
-    like_name, like_arr = like
-    foreign = TypeError(
-        f"{name} must be an array of the same namespace as {like_name} "
-        f"({type(like_arr).__name__}), got {type(arr).__name__} with dtype {arr.dtype}"
-    )
-    try:
-        cast = xp.astype(arr, dtype)
-    except (TypeError, ValueError, AttributeError):
-        raise foreign from None
-    if type(cast) is not type(arr):  # a foreign array that astype converted on the way
-        raise foreign
-    namespace(**{like_name: like_arr, name: cast})  # namespace and device
-    kind = next((k for k in kinds if xp.isdtype(arr.dtype, k)), None)
-    if kind is None:
-        words = " or ".join(_KIND_WORDS[k] for k in kinds)
-        raise TypeError(f"{name} must have {words} dtype, got {arr.dtype}")
-    if kind == "real floating":
-        namespace(**{like_name: like_arr, name: arr})  # the same dtype as like
-        return arr
-    return cast
-
-
-def _prepare(params, x, a0, c0, **extra):
+def _prepare(params, x, a0, c0, kinds=None, **extra):
     """Namespace and sizes of a loss call: ``(xp, n_a, n_x, n_y, m, T_x)``."""
-    xp, (n_a, n_x, n_y) = _resolve(params, x=x, a0=a0, c0=c0, **extra)
+    xp, (n_a, n_x, n_y) = _resolve(params, kinds=kinds, x=x, a0=a0, c0=c0, **extra)
     _check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
     _, m, T_x = x.shape
     return xp, n_a, n_x, n_y, m, T_x
@@ -145,20 +109,23 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     Validating the labels and the mask costs one host synchronisation (a single reduction
     is read back); everything else stays on the device.
     """
-    xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0)
+    xp, n_a, _, n_y, m, T_x = _prepare(
+        params, x, a0, c0, labels=labels, mask=mask,
+        kinds={"labels": ("integral",), "mask": ("bool",)},
+    )  # fmt: skip
     dtype, dev = x.dtype, device_of(x)
-    _as_float("labels", labels, ("integral",), xp=xp, dtype=dtype, like=("x", x))
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     _check_shape("labels", labels, (m, T_x), "(m, T_x)")
     if mask is None:
         weights = None
         count = float(m * T_x)
         counted = None
     else:
-        weights = _as_float(
-            "mask", mask, ("bool", "real floating"), xp=xp, dtype=dtype, like=("x", x)
-        )
         _check_shape("mask", mask, (m, T_x), "(m, T_x)")
-        counted = mask if xp.isdtype(mask.dtype, "bool") else weights != 0.0
+        is_bool = xp.isdtype(mask.dtype, "bool")
+        weights = xp.astype(mask, dtype) if is_bool else mask
+        counted = mask if is_bool else mask != 0.0
         count = xp.sum(weights)
     _check_labels(labels, counted, count, n_y, xp=xp)
 

@@ -80,14 +80,17 @@ class LSTMCaches(tuple):
 
 
 # ----------------------------------------------------------------------------- validation
-def _resolve(params, need_output=True, **arrays):
-    """Check params' keys, then namespace/dtype/device of everything, then params' shapes."""
+def _resolve(params, need_output=True, kinds=None, **arrays):
+    """Check params' keys, then namespace/dtype/device of everything, then params' shapes.
+
+    ``kinds`` passes through to :func:`xlstm._compat.namespace` (non-floating arguments).
+    """
     if not hasattr(params, "keys"):
         raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     for key in PARAM_KEYS if need_output else PARAM_KEYS[:8]:
         if key not in params:
             check_params(params, need_output=need_output)  # raises the KeyError
-    xp = namespace(**arrays, **param_arrays(params, need_output=need_output))
+    xp = namespace(kinds=kinds, **arrays, **param_arrays(params, need_output=need_output))
     return xp, check_params(params, need_output=need_output)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._compat import default_namespace
+from ._compat import namespace_of_module
 
-__all__ = ["init_params", "PARAM_KEYS", "GATES"]
+__all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
 #: Keys of the seed's parameter dict, in the seed's order.
 PARAM_KEYS = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")
@@ -141,12 +141,7 @@ def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
     for name, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if xp is None:
-        xp = default_namespace()
-    else:
-        from array_api_compat import array_namespace
-
-        xp = array_namespace(xp.empty(0))
+    xp = namespace_of_module(xp)
     if dtype is None:
         dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
     if not xp.isdtype(dtype, "real floating"):

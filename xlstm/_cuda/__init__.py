@@ -54,8 +54,9 @@ __all__ = ["step_forward", "step_backward", "source", "BLOCK", "OPTIONS"]
 #: Threads per block.
 BLOCK = 256
 
-#: NVRTC options (CuPy adds the target architecture). No fused multiply-add, so each
-#: operation rounds as in the array path.
+#: NVRTC options. No fused multiply-add, so each operation rounds as in the array path.
+#: CuPy adds the target architecture, ``--std=c++17`` and ``-ftz=true`` itself (the last
+#: for its own elementwise kernels too, so float32 subnormals flush alike on both paths).
 OPTIONS = ("--fmad=false",)
 
 HEADER = "lstm_pointwise.cuh"
@@ -109,10 +110,12 @@ _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "floa
 def _strides(arr):
     """Strides of ``arr`` in elements, or ``None`` if one is not a whole number of them."""
     size = arr.itemsize
-    st = arr.strides
-    if any(s % size for s in st):
-        return None
-    return tuple(s // size for s in st)
+    out = []
+    for s in arr.strides:
+        if s % size:
+            return None
+        out.append(s // size)
+    return out
 
 
 def _dtype_name(*arrays):
