@@ -240,8 +240,11 @@ def gemm_ceiling(be, rng, n, timed):
     return {"n": n, **t, "gflops": 2 * n**3 / (t["median_ms"] * 1e6)}
 
 
-def bench_size(be, torch, size, rng, timed):
-    """Time every implementation at one size; returns ``{key: result dict}``."""
+IMPLS = ("xlstm", "seed", "torch", "gemm")
+
+
+def bench_size(be, torch, size, rng, timed, only=IMPLS):
+    """Time the implementations in ``only`` at one size; returns ``{key: result dict}``."""
     import numpy as np
     import xlstm
 
@@ -257,12 +260,15 @@ def bench_size(be, torch, size, rng, timed):
     def xl_fwd_bwd():
         return xlstm.lstm_backward(da, xlstm.lstm_forward(x, a0, params)[3])
 
-    res["xlstm"] = {"label": f"xlstm ({be.name}{', GPU' if be.gpu else ''})",
-                    "fwd": timed(lambda: xlstm.lstm_forward(x, a0, params, return_caches=False)),
-                    "fwd_bwd": timed(xl_fwd_bwd)}  # fmt: skip
+    if "xlstm" in only:
+        res["xlstm"] = {
+            "label": f"xlstm ({be.name}{', GPU' if be.gpu else ''})",
+            "fwd": timed(lambda: xlstm.lstm_forward(x, a0, params, return_caches=False)),
+            "fwd_bwd": timed(xl_fwd_bwd),
+        }
 
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
-    if seed_mod is not None:
+    if seed_mod is not None and "seed" in only:
         seed = SeedLSTM(p_h, seed_mod)
         sx, sa0, sda = (seed_mod.asarray(v) for v in (x_h, a0_h, da_h))
         res["seed"] = {"label": f"seed-style ({seed_mod.__name__}, float64, per step)",
@@ -270,10 +276,12 @@ def bench_size(be, torch, size, rng, timed):
                        "fwd_bwd": timed(lambda: seed.backward(sda, seed.forward(sx, sa0)[3])),
                        "check_max_abs_diff_a": diff(seed.forward(sx, sa0)[0])}  # fmt: skip
 
-    if torch is not None and (not be.gpu or torch.cuda.is_available()):
+    if "torch" in only and torch is not None and (not be.gpu or torch.cuda.is_available()):
         res["torch"] = bench_torch(torch, be.gpu, be.dtype_name, p_h, x_h, a0_h, da_h, timed)
         res["torch"]["check_max_abs_diff_a"] = diff(res["torch"].pop("a"))
 
+    if "gemm" not in only:
+        return res
     r = lambda *shape: be.asarray(rng.standard_normal(shape))  # noqa: E731
     X, WxT, A, WaT, AS, WyT = (r(T * m, n_x), r(n_x, 4 * n_a), r(m, n_a), r(n_a, 4 * n_a),
                                r(T * m, n_a), r(n_a, N_Y))  # fmt: skip
@@ -392,6 +400,25 @@ def plot(report, path):
     return True
 
 
+def run_worker(args, worker, size, versions_seen):
+    """Run one measurement in a fresh interpreter and return its result dict."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
+           "--backend", args.backend, "--dtype", args.dtype, "--repeat", str(args.repeat),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+    if args.quick:
+        cmd.append("--quick")
+    if size is not None:
+        cmd += ["--sizes", ",".join(map(str, size))]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {worker} {size} failed:\n{done.stderr[-4000:]}")
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    versions_seen.update(line["versions"])
+    return line["result"]
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("numpy", "cupy", "torch"), default="numpy")
@@ -404,6 +431,11 @@ def parse_args(argv):
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, md, PNG")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, repeat 2: a smoke test")
+    ap.add_argument("--in-process", action="store_true",
+                    help="time everything in this process (default: a fresh process per "
+                         "implementation and size, so that idle BLAS/OpenMP threads of one "
+                         "library cannot steal cores from another)")
+    ap.add_argument("--worker", choices=(*IMPLS, "ceiling"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.repeat, args.warmup = list(QUICK_SIZES), 2, 1
@@ -426,12 +458,14 @@ def main(argv=None):
     import numpy as np
     import xlstm  # noqa: F401  (imported for its version)
 
-    try:
-        import torch
+    torch = None
+    if args.worker in (None, "torch") or args.backend == "torch":
+        try:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    except ImportError:
-        torch = None
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            torch = None
     be = Backend(args.backend, args.dtype)
     if be.gpu and torch is not None and torch.cuda.is_available():
         torch.backends.cudnn.enabled = True
@@ -452,15 +486,32 @@ def main(argv=None):
 
     timed = lambda fn: measure(fn, be.sync, args.repeat, args.warmup)  # noqa: E731
     rng = np.random.default_rng(1234)
-    ceiling = gemm_ceiling(be, rng, 256 if args.quick else 1024, timed)
+    if args.worker:  # one measurement for the parent process, as a JSON line
+        if args.worker == "ceiling":
+            out = gemm_ceiling(be, rng, 256 if args.quick else 1024, timed)
+        else:
+            out = bench_size(be, torch, args.sizes[0], rng, timed, only=(args.worker,))
+        print(json.dumps({"result": out, "versions": versions()}, default=str))
+        return
+    isolate = not args.in_process
+
+    def run(worker, size=None):
+        if not isolate:
+            if worker == "ceiling":
+                return gemm_ceiling(be, rng, 256 if args.quick else 1024, timed)
+            return bench_size(be, torch, size, rng, timed)
+        return run_worker(args, worker, size, report["versions"])
+
+    report = {"versions": versions()}
+    ceiling = run("ceiling")
     print(f"{be.device_name} | {args.backend} {args.dtype} | {args.threads} threads "
           f"(torch {threads['torch']}) | GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s "
           f"({ceiling['n']}^3)\n")  # fmt: skip
     report = {
-        "backend": args.backend, "dtype": args.dtype, "device": be.device_name,
+        "isolated": isolate, "backend": args.backend, "dtype": args.dtype, "device": be.device_name,
         "gpu": be.gpu, "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
         "n_y": N_Y, "repeat": args.repeat, "warmup": args.warmup,
-        "sizes": [list(s) for s in args.sizes], "versions": versions(), "env": env,
+        "sizes": [list(s) for s in args.sizes], "versions": report["versions"], "env": env,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_before": load, "gemm_ceiling": ceiling, "results": [],
     }  # fmt: skip
@@ -468,7 +519,12 @@ def main(argv=None):
         report["versions"]["cudnn"] = torch.backends.cudnn.version()
     tables = []
     for size in args.sizes:
-        res = bench_size(be, torch, size, rng, timed)
+        if isolate:
+            res = {}
+            for impl in IMPLS:
+                res.update(run(impl, size))
+        else:
+            res = run(None, size)
         flops = flop_counts(*size)
         add_rates(res, flops, ceiling["gflops"])
         report["results"].append({"size": list(size), "flops": flops, "results": res})
