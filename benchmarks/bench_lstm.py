@@ -437,14 +437,15 @@ def parse_args(argv):
                          "library cannot steal cores from another)")
     ap.add_argument("--worker", choices=(*IMPLS, "ceiling"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.sizes, args.repeat, args.warmup = list(QUICK_SIZES), 2, 1
     try:
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
     except ValueError:
         args.sizes = None
     if not args.sizes or any(len(s) != 4 or min(s) < 1 for s in args.sizes):
         ap.error("each size must be four positive integers n_x,n_a,m,T_x")
+    if args.quick and not args.worker:  # a worker gets its size and counts passed explicitly
+        args.repeat, args.warmup = 2, 1
+        args.sizes = [tuple(int(v) for v in s.split(",")) for s in QUICK_SIZES]
     if args.repeat < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("--repeat and --threads must be at least 1, --warmup at least 0")
     return args
@@ -466,7 +467,10 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         except ImportError:
             torch = None
-    be = Backend(args.backend, args.dtype)
+    try:
+        be = Backend(args.backend, args.dtype)
+    except ImportError as err:
+        sys.exit(f"--backend {args.backend} is not available: {err}")
     if be.gpu and torch is not None and torch.cuda.is_available():
         torch.backends.cudnn.enabled = True
     threads = {"requested": args.threads, "blas_env": args.threads,

@@ -18,6 +18,7 @@ from .lstm import (
 )
 from .optim import SGD, Adam, clip_by_global_norm, clip_by_value
 from .params import init_params
+from .train import FitResult, StepInfo, fit
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,9 @@ __all__ = [
     "Adam",
     "clip_by_value",
     "clip_by_global_norm",
+    "fit",
+    "FitResult",
+    "StepInfo",
     # persistence and interop
     "save_params",
     "load_params",

@@ -1,8 +1,9 @@
-"""Command line: ``python -m xlstm {check,info}``.
+"""Command line: ``python -m xlstm {check,info,demo}``.
 
 ``check`` runs the seed notebook's four examples and a float64 gradient check on every backend
 that is importable here, prints a pass/fail table and exits non-zero on any failure.
 ``info`` prints versions and devices.
+``demo charlm`` and ``demo adding`` train the demos of :mod:`xlstm.demos`.
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def cmd_info(_args):
     return 0
 
 
+def cmd_demo(args):
+    from . import demos
+
+    result = demos.main([args.demo, *args.demo_args])
+    return 0 if result.get("solved", True) else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m xlstm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +182,11 @@ def main(argv=None):
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("info", help="versions and devices")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("demo", help="training demos (see: demo NAME --help)")
+    p.add_argument("demo", choices=("charlm", "adding"),
+                   help="charlm: character-level language model; adding: the adding problem")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
+    p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

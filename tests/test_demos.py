@@ -1,0 +1,180 @@
+"""The demos, with tiny settings: they run, learn, save, and are reproducible."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from xlstm import demos, init_params, load_params
+from xlstm.__main__ import main as cli_main
+from xlstm._compat import BackendUnavailable, load_backend
+
+TINY_CHARLM = ["--steps", "4", "--hidden", "8", "--seq-len", "12", "--batch", "4",
+               "--sample-every", "2", "--sample-len", "15", "--no-progress"]
+TINY_ADDING = ["--T", "6", "--steps", "6", "--hidden", "4", "--batch", "8", "--eval-every", "3",
+               "--test-size", "16", "--no-progress"]
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 20
+
+
+def _finite(result, *keys):
+    for k in keys:
+        assert math.isfinite(result[k]), (k, result[k])
+    assert all(math.isfinite(v) for v in result["history"])
+
+
+def test_charlm_tiny_on_the_default_corpus(tmp_path, capsys):
+    out = tmp_path / "lm.npz"
+    res = demos.main(["charlm", *TINY_CHARLM, "--out", str(out)])
+    _finite(res, "initial_loss", "final_loss", "train_loss_first", "train_loss_last")
+    assert res["steps"] == 4 and len(res["history"]) == 4
+    assert res["baseline"] == pytest.approx(math.log(res["vocab_size"]))
+    assert res["vocab_size"] > 50  # English documentation text
+    assert abs(res["initial_loss"] - res["baseline"]) < 0.5  # an untrained model is near uniform
+    assert len(res["sample"]) == 15
+    assert [s for s, _ in res["evals"]] == [0, 2, 4]
+    params = load_params(out)
+    assert params["Wf"].shape == (8, 8 + res["vocab_size"])
+    assert params["Wf"].dtype == np.float32
+    if res["plot_path"] is not None:
+        assert res["plot_path"] == str(tmp_path / "lm_loss.png")
+        assert (tmp_path / "lm_loss.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "held-out loss before training" in printed and "sample at step 2" in printed
+
+
+def test_charlm_learns_a_small_text_and_is_reproducible(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+
+    def run(name):
+        return demos.charlm(text=path, steps=60, hidden=16, seq_len=16, batch=8, lr=2e-2,
+                            sample_every=0, sample_len=20, out=tmp_path / name, plot=False,
+                            progress=False, verbose=False)
+
+    a, b = run("a.npz"), run("b.npz")
+    assert a["vocab_size"] == len(set(TEXT))
+    assert a["final_loss"] < 0.6 * a["initial_loss"]
+    assert a["train_loss_last"] < a["train_loss_first"]
+    assert a["plot_path"] is None and not list(tmp_path.glob("*.png"))
+    assert a["history"] == b["history"] and a["sample"] == b["sample"]
+    pa, pb = load_params(tmp_path / "a.npz"), load_params(tmp_path / "b.npz")
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_sample_is_seeded_and_checks_its_prime():
+    vocab = list("abc")
+    params = init_params(3, 4, 3, seed=0)
+    one = demos.sample(params, vocab, 30, prime="ab", rng=np.random.default_rng(5))
+    two = demos.sample(params, vocab, 30, prime="ab", rng=np.random.default_rng(5))
+    assert one == two and len(one) == 30 and set(one) <= set(vocab)
+    cold = demos.sample(params, vocab, 30, prime="a", temperature=0.01,
+                        rng=np.random.default_rng(1))
+    assert len(set(cold)) <= 2  # almost greedy
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        demos.sample(params, vocab, 3, prime="abz")
+    with pytest.raises(ValueError, match="temperature"):
+        demos.sample(params, vocab, 3, temperature=0.0)
+
+
+def test_adding_tiny(tmp_path, capsys):
+    out = tmp_path / "add.npz"
+    res = demos.main(["adding", *TINY_ADDING, "--out", str(out)])
+    _finite(res, "initial_loss", "final_loss", "baseline", "train_loss_first",
+            "train_loss_last")
+    assert res["steps"] == 6
+    assert [s for s, _ in res["evals"]] == [0, 3, 6]
+    assert 0.05 < res["baseline"] < 0.4  # 1/6 in expectation
+    params = load_params(out)
+    assert params["Wy"].shape == (1, 4) and params["Wf"].shape == (4, 6)
+    if res["plot_path"] is not None:
+        assert (tmp_path / "add_loss.png").exists()
+    assert "test MSE before training" in capsys.readouterr().out
+
+
+def test_adding_learns(tmp_path):
+    """A short T: the test error falls far below the always-1.0 baseline within seconds."""
+    res = demos.adding(T=20, hidden=16, batch=32, steps=600, eval_every=50, test_size=200,
+                       out=tmp_path / "p.npz", plot=False, progress=False, verbose=False)
+    assert res["train_loss_last"] < 0.2 * res["train_loss_first"]
+    assert res["final_loss"] < 0.2 * res["baseline"]
+    assert res["final_loss"] < res["initial_loss"]
+    assert res["solved"] == (res["final_loss"] < 0.01)
+    assert res["seconds"] < 30
+
+
+def test_adding_is_reproducible(tmp_path):
+    kw = {"T": 8, "hidden": 6, "batch": 8, "steps": 10, "eval_every": 5, "test_size": 32,
+          "plot": False, "progress": False, "verbose": False}
+    a = demos.adding(out=tmp_path / "a.npz", **kw)
+    b = demos.adding(out=tmp_path / "b.npz", **kw)
+    assert a["history"] == b["history"] and a["evals"] == b["evals"]
+
+
+def test_adding_data_marks_one_position_per_half():
+    x, y = demos.adding_data(50, 10, np.random.default_rng(0))
+    assert x.shape == (2, 50, 10) and y.shape == (1, 50)
+    markers = x[1]
+    assert np.all(markers.sum(axis=1) == 2)
+    assert np.all(markers[:, :5].sum(axis=1) == 1)
+    np.testing.assert_allclose(y[0], np.sum(x[0] * markers, axis=1))
+
+
+@pytest.mark.parametrize("backend", ["strict-device1", "torch"])
+def test_demos_on_other_backends(backend, tmp_path):
+    chosen = os.environ.get("XLSTM_BACKENDS", "").strip()
+    if chosen and backend not in {n.strip() for n in chosen.split(",")}:
+        pytest.skip(f"{backend} is not in XLSTM_BACKENDS={chosen}")
+    try:
+        load_backend(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    common = ["--backend", backend, "--dtype", "float64", "--quiet", "--no-plot"]
+    res = demos.main(["adding", *TINY_ADDING, *common, "--out", str(tmp_path / "a.npz")])
+    ref = demos.main(["adding", *TINY_ADDING, "--dtype", "float64", "--quiet", "--no-plot",
+                      "--out", str(tmp_path / "ref.npz")])
+    np.testing.assert_allclose(res["history"], ref["history"], rtol=1e-9)
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    res = demos.main(["charlm", *TINY_CHARLM, *common, "--text", str(path),
+                      "--out", str(tmp_path / "c.npz")])
+    _finite(res, "initial_loss", "final_loss")
+    assert load_params(tmp_path / "c.npz")["Wf"].dtype == np.float64
+
+
+def test_cli_demo_subcommand(tmp_path, capsys):
+    code = cli_main(["demo", "adding", *TINY_ADDING, "--quiet", "--no-plot",
+                     "--out", str(tmp_path / "p.npz")])
+    assert code == 1  # six steps do not solve it, and the exit code says so
+    assert (tmp_path / "p.npz").exists()
+    code = cli_main(["demo", "adding", *TINY_ADDING, "--quiet", "--no-plot", "--target", "10",
+                     "--out", str(tmp_path / "q.npz")])
+    assert code == 0
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "nosuchdemo"])
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "charlm", "--help"])
+    assert "--seq-len" in capsys.readouterr().out
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="eval_every"):
+        demos.adding(eval_every=0, out=tmp_path / "p.npz", verbose=False)
+    with pytest.raises(ValueError, match="T must be"):
+        demos.adding(T=1, out=tmp_path / "p.npz", verbose=False)
+    short = tmp_path / "short.txt"
+    short.write_text("abcabc", encoding="utf-8")
+    with pytest.raises(ValueError, match="characters"):
+        demos.charlm(text=short, seq_len=10, out=tmp_path / "p.npz", verbose=False)
+
+
+def test_no_plot_without_matplotlib(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
+    res = demos.main(["adding", *TINY_ADDING, "--quiet", "--out", str(tmp_path / "p.npz")])
+    assert res["plot_path"] is None
+    assert (tmp_path / "p.npz").exists() and not list(tmp_path.glob("*.png"))
