@@ -70,3 +70,21 @@ def test_step_caches_are_views_into_one_state():
     assert len(caches[0][1:3]) == 2 and caches[0][-1].a_next.shape == (3, 2)
     with pytest.raises(IndexError):
         caches[0][4]
+
+
+def test_inference_memory_does_not_grow_with_T(monkeypatch):
+    """Without caches, the memory beyond the outputs is bounded by one block of steps."""
+    import tracemalloc
+
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
+    rng = np.random.default_rng(15)
+    extra = {}
+    for T in (64, 512):
+        x, a0, c0, params = random_case(rng, n_x=8, n_a=16, n_y=4, m=4, T=T)
+        tracemalloc.start()
+        a, y, c, _ = xlstm.lstm_forward(x, a0, params, c0=c0, return_caches=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        extra[T] = peak - (a.nbytes + y.nbytes + c.nbytes)
+    assert extra[64] > 0
+    assert extra[512] < 1.25 * extra[64], extra  # 8x the steps, about the same extra memory
