@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from . import _engine
 from ._compat import device_of, namespace
 from .params import (
-    PARAM_KEYS,
     check_params,
     fused_backward_weights,
     param_arrays,
+    require_keys,
     split_gates,
 )
 
@@ -85,11 +85,7 @@ def _resolve(params, need_output=True, kinds=None, **arrays):
 
     ``kinds`` passes through to :func:`xlstm._compat.namespace` (non-floating arguments).
     """
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
-    for key in PARAM_KEYS if need_output else PARAM_KEYS[:8]:
-        if key not in params:
-            check_params(params, need_output=need_output)  # raises the KeyError
+    require_keys(params, need_output=need_output)
     xp = namespace(kinds=kinds, **arrays, **param_arrays(params, need_output=need_output))
     return xp, check_params(params, need_output=need_output)
 
@@ -264,9 +260,10 @@ def lstm_cell_backward(da_next, dc_next, cache):
     )  # fmt: skip
     _check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
     m = xt.shape[1]
-    for name, arr in (("da_next", da_next), ("dc_next", dc_next), *named.items()):
-        if name != "xt":
-            _check_shape(name if name[0] == "d" else f"cache.{name}", arr, (n_a, m), "(n_a, m)")
+    states = {"da_next": da_next, "dc_next": dc_next}
+    states.update((f"cache.{k}", v) for k, v in named.items() if k != "xt")
+    for name, arr in states.items():
+        _check_shape(name, arr, (n_a, m), "(n_a, m)")
     tr = xp.matrix_transpose
     s = xp.concat([tr(ot), tr(ft), tr(it)], axis=-1)
     K, Q, P = _engine.backward_coefficients(

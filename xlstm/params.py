@@ -32,12 +32,7 @@ def check_params(params, *, need_output=True):
     ``Wy``/``by``). Raises ``TypeError`` for a non-mapping, ``KeyError`` for a missing key
     and ``ValueError`` naming the key for a wrongly shaped entry.
     """
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
-    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
-    for key in keys:
-        if key not in params:
-            raise KeyError(f"params is missing {key!r} (needs {', '.join(keys)})")
+    require_keys(params, need_output=need_output)
     Wf = params["Wf"]
     if getattr(Wf, "ndim", None) != 2:
         raise ValueError(
@@ -72,6 +67,16 @@ def check_params(params, *, need_output=True):
                 f"got {None if got is None else tuple(got)}"
             )
     return n_a, n_x, n_y
+
+
+def require_keys(params, *, need_output=True):
+    """Raise ``TypeError`` unless ``params`` is a mapping, ``KeyError`` naming a missing key."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
+    for key in keys:
+        if key not in params:
+            raise KeyError(f"params is missing {key!r} (needs {', '.join(keys)})")
 
 
 def param_arrays(params, *, need_output=True):
