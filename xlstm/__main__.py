@@ -9,6 +9,7 @@ that is importable here, prints a pass/fail table and exits non-zero on any fail
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -146,10 +147,22 @@ def cmd_check(args):
     return 1 if failed or ran == 0 else 0
 
 
+def _cpu_loops_status():
+    """Whether numpy arrays take the compiled loops of ``xlstm._cpu``, and why not."""
+    if os.environ.get("XLSTM_ACCEL", "1") == "0":
+        return "off (XLSTM_ACCEL=0)"
+    try:
+        import numba
+    except ImportError:
+        return "off (numba is not installed: pip install xlstm-array-api[cpu])"
+    return f"on (numba {numba.__version__})"
+
+
 def cmd_info(_args):
     print(f"xlstm {xlstm.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
     print(f"numpy {np.__version__}, array-api-compat {COMPAT_VERSION}")
+    print(f"compiled CPU loops: {_cpu_loops_status()}")
     for name in BACKENDS[1:]:
         if name == "strict-device1":
             continue

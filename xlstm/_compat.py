@@ -109,6 +109,11 @@ def is_cupy(xp) -> bool:
     return _aac.is_cupy_namespace(xp)
 
 
+def is_numpy(xp) -> bool:
+    """True when ``xp`` is numpy's namespace."""
+    return _aac.is_numpy_namespace(xp)
+
+
 def is_writeable(x) -> bool:
     """True when ``x`` supports in-place writes (not JAX, not read-only numpy views)."""
     return _aac.is_writeable_array(x)

@@ -11,15 +11,20 @@ coefficients of all steps in a few vectorised operations, then per step
 single GEMMs and reductions over the stacked ``dG``.
 
 The two ``step_*`` functions hold all pointwise math; the cell functions in
-:mod:`xlstm.lstm` call the same ones, so there is one path for the arithmetic.
+:mod:`xlstm.lstm` call the same ones, so there is one path for the arithmetic. Two optional
+accelerators evaluate the same expressions in compiled code: on numpy the time loops of
+:mod:`xlstm._cpu` (with numba installed; bit-identical results), on CuPy the fused
+kernels of :mod:`xlstm._cuda`. ``XLSTM_ACCEL=0`` turns both off.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from collections import namedtuple
 
-from ._compat import device_of, is_cupy, is_writeable
+from ._compat import device_of, is_cupy, is_numpy, is_writeable
 from .activations import _softmax
 from .params import fused_backward_weights, fused_forward_weights
 
@@ -91,6 +96,26 @@ def step_backward(da, dc, K, Q, P, f, *, xp):
     return dg, dct * f  # (20)
 
 
+@functools.cache
+def _have_numba():
+    return importlib.util.find_spec("numba") is not None
+
+
+def cpu_loops(xp, dtype):
+    """The compiled numpy time loops of :mod:`xlstm._cpu` for ``dtype``, or ``None``.
+
+    Used when ``xp`` is numpy, ``dtype`` is float32 or float64, numba is installed and
+    ``XLSTM_ACCEL`` is not ``"0"``. They give bit-identical results to the array path.
+    """
+    if os.environ.get("XLSTM_ACCEL", "1") == "0" or not is_numpy(xp):
+        return None
+    if dtype not in (xp.float32, xp.float64) or not _have_numba():
+        return None
+    from . import _cpu
+
+    return _cpu.loops(dtype)
+
+
 def pointwise(xp):
     """The ``(step_forward, step_backward)`` pair to use on namespace ``xp``.
 
@@ -160,12 +185,21 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
+    loops = cpu_loops(xp, dtype)
     fwd, _ = pointwise(xp)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
-    outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in (*names, "Y")}
-    outs["A"].put(0, a[None, ...])
-    outs["C"].put(0, c[None, ...])
+    collected = ("Y",) if loops is not None else (*names, "Y")
+    outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in collected}
+    if loops is not None:  # preallocated stacks, written in place step by step
+        slots = T if keep else 1  # inference reuses one slot of S, CCT, TC
+        bufs = {k: xp.empty((T + 1, m, n_a), dtype=dtype) for k in ("A", "C")}
+        bufs["S"] = xp.empty((slots, m, 3 * n_a), dtype=dtype)
+        bufs["CCT"], bufs["TC"] = (xp.empty((slots, m, n_a), dtype=dtype) for _ in "12")
+        bufs["A"][0, ...], bufs["C"][0, ...] = a, c
+    else:
+        outs["A"].put(0, a[None, ...])
+        outs["C"].put(0, c[None, ...])
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         if keep:
@@ -173,19 +207,27 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         else:
             rows = xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
         Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
-        steps = {k: [] for k in names}
-        for t in range(t1 - t0):
-            s, cct, c, tc, a = fwd(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
-            for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
-                if k in steps:
-                    steps[k].append(v)
-        blocks = {k: xp.stack(v) for k, v in steps.items()}
-        for k, block in blocks.items():
-            outs[k].put(t0 + 1 if k in ("A", "C") else t0, block)
-        logits = xp.reshape(blocks["A"], ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
+        if loops is not None:
+            sl = slice(t0, t1) if keep else slice(0, 1)
+            loops.forward(Gx, WaT, bufs["A"], bufs["C"], *(bufs[k][sl, ...] for k in ("S", "CCT", "TC")), t0)
+            A_new = bufs["A"][t0 + 1 : t1 + 1, ...]
+        else:
+            steps = {k: [] for k in names}
+            for t in range(t1 - t0):
+                s, cct, c, tc, a = fwd(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
+                for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
+                    if k in steps:
+                        steps[k].append(v)
+            blocks = {k: xp.stack(v) for k, v in steps.items()}
+            for k, block in blocks.items():
+                outs[k].put(t0 + 1 if k in ("A", "C") else t0, block)
+            A_new = blocks["A"]
+        logits = xp.reshape(A_new, ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
         y = _softmax(logits, -1, xp=xp)
         outs["Y"].put(t0, xp.reshape(y, (t1 - t0, m, n_y)))
     res = {k: v.result() for k, v in outs.items()}
+    if loops is not None:
+        res.update(bufs)
     state = None
     if keep:
         state = State(res["A"], res["C"], res["S"], res["CCT"], res["TC"], X, params, n_a)
@@ -205,19 +247,25 @@ def backward(da, state, *, xp):
     dtype, dev = da.dtype, device_of(da)
     Wa, Wx = fused_backward_weights(state.params, n_a, xp=xp)
     S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
-    K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
-    F = S[..., n_a : 2 * n_a]
-    _, bwd = pointwise(xp)
     da_t = xp.permute_dims(da, (2, 1, 0))
-    da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
-    dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
-    dgs = []
-    for t in range(T - 1, -1, -1):
-        dg, dc = bwd(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
-                               F[t, ...], xp=xp)
-        da_rec = dg @ Wa  # (19), recurrent part
-        dgs.append(dg)
-    dG = xp.reshape(xp.stack(dgs[::-1]), (T * m, 4 * n_a))
+    loops = cpu_loops(xp, dtype)
+    if loops is not None:
+        dG = xp.empty((T, m, 4 * n_a), dtype=dtype)
+        da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], Wa, dG)
+    else:
+        K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
+        F = S[..., n_a : 2 * n_a]
+        _, bwd = pointwise(xp)
+        da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
+        dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
+        dgs = []
+        for t in range(T - 1, -1, -1):
+            dg, dc = bwd(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
+                         F[t, ...], xp=xp)
+            da_rec = dg @ Wa  # (19), recurrent part
+            dgs.append(dg)
+        dG = xp.stack(dgs[::-1])
+    dG = xp.reshape(dG, (T * m, 4 * n_a))
     dGT = xp.matrix_transpose(dG)
     A_prev = xp.reshape(state.A[:T, ...], (T * m, n_a))
     dW = xp.concat([dGT @ A_prev, dGT @ state.X[: T * m, :]], axis=1)  # (11)-(14)

@@ -1,0 +1,135 @@
+"""The compiled CPU loops (numba, optional) give bit-for-bit the array path's results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import array_api_compat
+import numpy as np
+import pytest
+
+import xlstm
+from xlstm import _engine
+
+pytest.importorskip("numba", reason="numba is not installed (pip install xlstm-array-api[cpu])")
+from xlstm import _cpu  # needs numba
+
+NP = array_api_compat.array_namespace(np.zeros(1))
+DTYPES = (np.float32, np.float64)
+
+
+def _case(rng, n_x, n_a, m, T, dtype, scale=1.0):
+    p = xlstm.init_params(n_x, n_a, 3, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    p = {k: (v * scale).astype(dtype) for k, v in p.items()}
+    x = (rng.standard_normal((n_x, m, T)) * scale).astype(dtype)
+    a0 = rng.standard_normal((n_a, m)).astype(dtype)
+    c0 = rng.standard_normal((n_a, m)).astype(dtype)
+    return p, x, a0, c0
+
+
+def _run(monkeypatch, accel, x, a0, p, c0, da):
+    """Everything the sequence API computes, on the compiled loops or the array path."""
+    monkeypatch.setenv("XLSTM_ACCEL", accel)
+    a, y, c, caches = xlstm.lstm_forward(x, a0, p, c0)
+    out = {"a": a, "y": y, "c": c}
+    out.update({f"state.{k}": getattr(caches.state, k) for k in ("A", "C", "S", "CCT", "TC")})
+    out.update(xlstm.lstm_backward(da, caches))
+    for k, v in zip("ayc", xlstm.lstm_forward(x, a0, p, c0, return_caches=False)[:3]):
+        out["inference " + k] = v
+    return out
+
+
+def _assert_identical(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k, strict=True)
+
+
+def test_dispatch(monkeypatch):
+    assert isinstance(_engine.cpu_loops(NP, NP.float32), _cpu.Loops)
+    assert isinstance(_engine.cpu_loops(NP, NP.float64), _cpu.Loops)
+    monkeypatch.setenv("XLSTM_ACCEL", "0")
+    assert _engine.cpu_loops(NP, NP.float64) is None
+    monkeypatch.delenv("XLSTM_ACCEL")
+    strict = pytest.importorskip("array_api_strict")
+    assert _engine.cpu_loops(strict, strict.float64) is None
+
+
+def test_sequence_calls_run_the_compiled_loops(monkeypatch):
+    """A spy on both loops: lstm_forward and lstm_backward on numpy really take them."""
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(_cpu.Loops, name)
+
+        def spy(self, *args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(_cpu.Loops, name, spy)
+    p, x, a0, _ = _case(np.random.default_rng(0), 3, 4, 2, 5, np.float64)
+    _, _, _, caches = xlstm.lstm_forward(x, a0, p)
+    xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
+    assert calls == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n_x", "n_a", "m", "T", "T_da", "chunk_rows"),
+    [
+        (3, 5, 4, 7, 7, 4096),  # one chunk
+        (4, 6, 3, 9, 5, 4096),  # T_da < T_x
+        (2, 3, 1, 1, 1, 4096),  # one sample, one step
+        (5, 7, 4, 11, 10, 8),  # chunks of 2 steps, a short last chunk
+        (6, 9, 2, 5, 5, 1),  # chunks of one step
+    ],
+)
+def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_da, chunk_rows):
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
+    rng = np.random.default_rng(T * 100 + n_a)
+    p, x, a0, c0 = _case(rng, n_x, n_a, m, T, dtype)
+    da = rng.standard_normal((n_a, m, T_da)).astype(dtype)
+    _assert_identical(_run(monkeypatch, "1", x, a0, p, c0, da),
+                      _run(monkeypatch, "0", x, a0, p, c0, da))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_gates_bit_identical(monkeypatch, dtype):
+    """Pre-activations of +-1e4 (gates exactly 0 or 1) and a cell state that grows."""
+    rng = np.random.default_rng(5)
+    p, x, a0, c0 = _case(rng, 4, 5, 3, 6, dtype, scale=1e3)
+    da = rng.standard_normal((5, 3, 6)).astype(dtype)
+    got = _run(monkeypatch, "1", x, a0, p, c0, da)
+    assert all(np.all(np.isfinite(v)) for v in got.values())
+    _assert_identical(got, _run(monkeypatch, "0", x, a0, p, c0, da))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs(monkeypatch, dtype):
+    """Views with odd strides (reversed, every other step, Fortran order) read correctly."""
+    rng = np.random.default_rng(6)
+    p, x, a0, c0 = _case(rng, 3, 4, 5, 12, dtype)
+    big_da = rng.standard_normal((4, 5, 12)).astype(dtype)
+    views = {"x": x[:, ::-1, ::2], "a0": np.asfortranarray(a0), "c0": c0[:, ::-1],
+             "da": big_da[:, ::-1, ::2]}
+    copies = {k: np.ascontiguousarray(v) for k, v in views.items()}
+    p_f = {k: np.asfortranarray(v) for k, v in p.items()}
+    got = _run(monkeypatch, "1", views["x"], views["a0"], p_f, views["c0"], views["da"])
+    _assert_identical(got, _run(monkeypatch, "0", copies["x"], copies["a0"], p,
+                                copies["c0"], copies["da"]))
+
+
+def test_inputs_are_not_modified(monkeypatch):
+    rng = np.random.default_rng(7)
+    p, x, a0, c0 = _case(rng, 3, 4, 2, 6, np.float32)
+    da = rng.standard_normal((4, 2, 6)).astype(np.float32)
+    before = {k: v.copy() for k, v in {**p, "x": x, "a0": a0, "c0": c0, "da": da}.items()}
+    _run(monkeypatch, "1", x, a0, p, c0, da)
+    for k, v in {**p, "x": x, "a0": a0, "c0": c0, "da": da}.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_importing_xlstm_does_not_import_numba():
+    code = "import sys, xlstm; assert 'numba' not in sys.modules, 'numba imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
