@@ -202,7 +202,7 @@ def slug(text):
 def versions():
     """Versions of Python and of the libraries this run imported."""
     out = {"python": platform.python_version()}
-    for mod in ("numpy", "xlstm", "array_api_compat", "torch", "cupy", "matplotlib"):
+    for mod in ("numpy", "xlstm", "array_api_compat", "numba", "torch", "cupy", "matplotlib"):
         if mod in sys.modules:
             out[mod] = getattr(sys.modules[mod], "__version__", "unknown")
     return out
@@ -243,7 +243,20 @@ def gemm_ceiling(be, rng, n, timed):
     return {"n": n, **t, "gflops": 2 * n**3 / (t["min_ms"] * 1e6)}
 
 
-IMPLS = ("xlstm", "seed", "torch", "gemm")
+IMPLS = ("xlstm", "xlstm-plain", "seed", "torch", "gemm")
+
+
+def accelerator(be):
+    """The name of xlstm's compiled path on this backend, or None when it has none."""
+    if os.environ.get("XLSTM_ACCEL", "1") == "0":
+        return None
+    if be.name == "cupy":
+        return "fused CUDA kernels"
+    if be.name == "numpy":
+        import importlib.util
+
+        return "compiled loops" if importlib.util.find_spec("numba") else None
+    return None
 
 
 def bench_size(be, torch, size, rng, timed, only=IMPLS):
@@ -264,12 +277,20 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
     def xl_fwd_bwd():
         return xlstm.lstm_backward(da, xlstm.lstm_forward(x, a0, params)[3])
 
+    def xl_result(label):
+        return {"label": f"xlstm ({be.name}{', GPU' if be.gpu else ''}{label})",
+                "fwd": timed(lambda: xlstm.lstm_forward(x, a0, params, return_caches=False)),
+                "fwd_bwd": timed(xl_fwd_bwd)}  # fmt: skip
+
+    accel = accelerator(be)
     if "xlstm" in only:
-        res["xlstm"] = {
-            "label": f"xlstm ({be.name}{', GPU' if be.gpu else ''})",
-            "fwd": timed(lambda: xlstm.lstm_forward(x, a0, params, return_caches=False)),
-            "fwd_bwd": timed(xl_fwd_bwd),
-        }
+        res["xlstm"] = xl_result(f", {accel}" if accel else "")
+    if "xlstm-plain" in only and accel:  # the same calls on the array path, for the gain
+        os.environ["XLSTM_ACCEL"] = "0"
+        try:
+            res["xlstm-plain"] = xl_result(", array path")
+        finally:
+            del os.environ["XLSTM_ACCEL"]
 
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
     if seed_mod is not None and "seed" in only:

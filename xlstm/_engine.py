@@ -209,7 +209,8 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
         if loops is not None:
             sl = slice(t0, t1) if keep else slice(0, 1)
-            loops.forward(Gx, WaT, bufs["A"], bufs["C"], *(bufs[k][sl, ...] for k in ("S", "CCT", "TC")), t0)
+            scratch = (bufs[k][sl, ...] for k in ("S", "CCT", "TC"))
+            loops.forward(Gx, WaT, bufs["A"], bufs["C"], *scratch, t0)
             A_new = bufs["A"][t0 + 1 : t1 + 1, ...]
         else:
             steps = {k: [] for k in names}
