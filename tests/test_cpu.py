@@ -48,6 +48,7 @@ def _assert_identical(got, want):
 
 
 def test_dispatch(monkeypatch):
+    monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     assert isinstance(_engine.cpu_loops(NP, NP.float32), _cpu.Loops)
     assert isinstance(_engine.cpu_loops(NP, NP.float64), _cpu.Loops)
     monkeypatch.setenv("XLSTM_ACCEL", "0")
@@ -59,6 +60,7 @@ def test_dispatch(monkeypatch):
 
 def test_sequence_calls_run_the_compiled_loops(monkeypatch):
     """A spy on both loops: lstm_forward and lstm_backward on numpy really take them."""
+    monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     calls = []
     for name in ("forward", "backward"):
         real = getattr(_cpu.Loops, name)
