@@ -24,8 +24,8 @@ if [[ -n "$cxx" ]]; then
 #include "lstm_pointwise.cuh"
 template <typename T> void use() {
     T v[8] = {};
-    xlstm::lstm_fwd_elem<T>(0, 1, v, 0, 0, v, 0, 0, v, v, v, v, v);
-    xlstm::lstm_bwd_elem<T>(0, 1, v, 0, 0, v, 0, 0, v, 0, 0, v, 0, 0, v, 0, 0, 0, v, 0, 0, v, v);
+    xlstm::lstm_fwd_elem<T>(0, 1, v, v, v, v, v, v, v, v);
+    xlstm::lstm_bwd_elem<T>(0, 1, v, v, v, v, v, v, v, v, v);
 }
 template void use<float>();
 template void use<double>();

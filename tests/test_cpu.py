@@ -49,13 +49,13 @@ def _assert_identical(got, want):
 
 def test_dispatch(monkeypatch):
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
-    assert isinstance(_engine.cpu_loops(NP, NP.float32), _cpu.Loops)
-    assert isinstance(_engine.cpu_loops(NP, NP.float64), _cpu.Loops)
+    assert isinstance(_engine.accelerated_loops(NP, NP.float32), _cpu.Loops)
+    assert isinstance(_engine.accelerated_loops(NP, NP.float64), _cpu.Loops)
     monkeypatch.setenv("XLSTM_ACCEL", "0")
-    assert _engine.cpu_loops(NP, NP.float64) is None
+    assert _engine.accelerated_loops(NP, NP.float64) is None
     monkeypatch.delenv("XLSTM_ACCEL")
     strict = pytest.importorskip("array_api_strict")
-    assert _engine.cpu_loops(strict, strict.float64) is None
+    assert _engine.accelerated_loops(strict, strict.float64) is None
 
 
 def test_sequence_calls_run_the_compiled_loops(monkeypatch):

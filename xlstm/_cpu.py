@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the time loop on numpy (optional: ``pip install xlstm-array-api[cpu]``).
 
-:func:`xlstm._engine.accelerator` returns this module's :class:`Loops` when the arrays are
+:func:`xlstm._engine.accelerated_loops` returns this module's :class:`Loops` when the arrays are
 numpy's, their dtype is float32 or float64, numba is installed and ``XLSTM_ACCEL`` is not
 ``"0"``. Without numba nothing here is imported and the array path runs.
 

@@ -12,9 +12,10 @@ single GEMMs and reductions over the stacked ``dG``.
 
 The two ``step_*`` functions hold all pointwise math; the cell functions in
 :mod:`xlstm.lstm` call the same ones, so there is one path for the arithmetic. Two optional
-accelerators evaluate the same expressions in compiled code: on numpy the time loops of
-:mod:`xlstm._cpu` (with numba installed; bit-identical results), on CuPy the fused
-kernels of :mod:`xlstm._cuda`. ``XLSTM_ACCEL=0`` turns both off.
+accelerators run the same loops over preallocated stacks and evaluate the same expressions
+in compiled code (:func:`accelerated_loops`): on numpy the loops of :mod:`xlstm._cpu` (with
+numba installed; bit-identical results), on CuPy the fused kernels of :mod:`xlstm._cuda`.
+``XLSTM_ACCEL=0`` turns both off.
 """
 
 from __future__ import annotations
@@ -101,33 +102,26 @@ def _have_numba():
     return importlib.util.find_spec("numba") is not None
 
 
-def cpu_loops(xp, dtype):
-    """The compiled numpy time loops of :mod:`xlstm._cpu` for ``dtype``, or ``None``.
+def accelerated_loops(xp, dtype):
+    """The compiled time loops for namespace ``xp`` and ``dtype``, or ``None``.
 
-    Used when ``xp`` is numpy, ``dtype`` is float32 or float64, numba is installed and
-    ``XLSTM_ACCEL`` is not ``"0"``. They give bit-identical results to the array path.
+    On numpy with numba installed, :mod:`xlstm._cpu` (bit-identical to the array path); on
+    CuPy, the fused CUDA kernels of :mod:`xlstm._cuda` (the same arithmetic, from the
+    ``.cuh`` source that the tests also run on the CPU). Only for float32 and float64;
+    ``XLSTM_ACCEL=0`` turns both off. Their ``forward`` and ``backward`` methods run the
+    loops of :func:`forward` and :func:`backward` over preallocated stacks.
     """
-    if os.environ.get("XLSTM_ACCEL", "1") == "0" or not is_numpy(xp):
+    if os.environ.get("XLSTM_ACCEL", "1") == "0" or dtype not in (xp.float32, xp.float64):
         return None
-    if dtype not in (xp.float32, xp.float64) or not _have_numba():
-        return None
-    from . import _cpu
+    if is_numpy(xp) and _have_numba():
+        from . import _cpu
 
-    return _cpu.loops(dtype)
-
-
-def pointwise(xp):
-    """The ``(step_forward, step_backward)`` pair to use on namespace ``xp``.
-
-    On CuPy the fused CUDA kernels of :mod:`xlstm._cuda` replace the ~10 array operations of
-    each step with one launch; they compute the same arithmetic (from the same ``.cuh``
-    source that the tests run on the CPU). ``XLSTM_ACCEL=0`` turns them off.
-    """
-    if is_cupy(xp) and os.environ.get("XLSTM_ACCEL", "1") != "0":
+        return _cpu.loops(dtype)
+    if is_cupy(xp):
         from . import _cuda
 
-        return _cuda.step_forward, _cuda.step_backward
-    return step_forward, step_backward
+        return _cuda.loops(dtype)
+    return None
 
 
 # ------------------------------------------------------------------------------ sequences
@@ -185,17 +179,16 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
-    loops = cpu_loops(xp, dtype)
-    fwd, _ = pointwise(xp)
+    loops = accelerated_loops(xp, dtype)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
     collected = ("Y",) if loops is not None else (*names, "Y")
     outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in collected}
     if loops is not None:  # preallocated stacks, written in place step by step
         slots = T if keep else 1  # inference reuses one slot of S, CCT, TC
-        bufs = {k: xp.empty((T + 1, m, n_a), dtype=dtype) for k in ("A", "C")}
-        bufs["S"] = xp.empty((slots, m, 3 * n_a), dtype=dtype)
-        bufs["CCT"], bufs["TC"] = (xp.empty((slots, m, n_a), dtype=dtype) for _ in "12")
+        shapes = {"A": (T + 1, m, n_a), "C": (T + 1, m, n_a), "S": (slots, m, 3 * n_a),
+                  "CCT": (slots, m, n_a), "TC": (slots, m, n_a)}  # fmt: skip
+        bufs = {k: xp.empty(v, dtype=dtype, device=dev) for k, v in shapes.items()}
         bufs["A"][0, ...], bufs["C"][0, ...] = a, c
     else:
         outs["A"].put(0, a[None, ...])
@@ -215,7 +208,7 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         else:
             steps = {k: [] for k in names}
             for t in range(t1 - t0):
-                s, cct, c, tc, a = fwd(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
+                s, cct, c, tc, a = step_forward(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
                 for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
                     if k in steps:
                         steps[k].append(v)
@@ -249,20 +242,19 @@ def backward(da, state, *, xp):
     Wa, Wx = fused_backward_weights(state.params, n_a, xp=xp)
     S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
     da_t = xp.permute_dims(da, (2, 1, 0))
-    loops = cpu_loops(xp, dtype)
+    loops = accelerated_loops(xp, dtype)
     if loops is not None:
-        dG = xp.empty((T, m, 4 * n_a), dtype=dtype)
+        dG = xp.empty((T, m, 4 * n_a), dtype=dtype, device=dev)
         da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], Wa, dG)
     else:
         K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
         F = S[..., n_a : 2 * n_a]
-        _, bwd = pointwise(xp)
         da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
         dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
         dgs = []
         for t in range(T - 1, -1, -1):
-            dg, dc = bwd(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...], P[t, ...],
-                         F[t, ...], xp=xp)
+            dg, dc = step_backward(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...],
+                                   P[t, ...], F[t, ...], xp=xp)
             da_rec = dg @ Wa  # (19), recurrent part
             dgs.append(dg)
         dG = xp.stack(dgs[::-1])

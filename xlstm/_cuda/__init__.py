@@ -1,31 +1,35 @@
-"""Fused CUDA kernels for the pointwise part of each LSTM step (CuPy only).
+"""Fused CUDA kernels for the time loops on CuPy.
 
-:func:`xlstm._engine.pointwise` imports this module only when the arrays are CuPy's and
-``XLSTM_ACCEL`` is not ``"0"``. Its :func:`step_forward` and :func:`step_backward` have the
-signatures and results of :func:`xlstm._engine.step_forward` and
-:func:`xlstm._engine.step_backward` (same shapes and dtype, fresh C-contiguous arrays), but
-each replaces the ~10 array operations of a step with one kernel launch.
+:func:`xlstm._engine.accelerated_loops` returns this module's :class:`Loops` when the arrays
+are CuPy's (float32 or float64) and ``XLSTM_ACCEL`` is not ``"0"``. They run the engine's
+time loops over its preallocated stacks: a forward step is one cuBLAS GEMM
+(``A[t] @ WaT``) and one kernel launch that adds the input projection, applies every gate's
+activation and writes ``s``, ``cct``, ``c``, ``tanh(c)`` and ``a`` in place; a backward
+step is one kernel launch that forms the activation derivatives on the fly and writes
+``dG[t]`` and ``dc``, then one GEMM ``dG[t] @ Wa``. The array path needs ~15 launches per
+step, a stacking copy of every output, and in backward ``5 T m n_a`` numbers of
+precomputed coefficients; none of that remains.
 
 Source. The arithmetic is written once, in ``lstm_pointwise.cuh``, as templated host and
 device functions; ``lstm_kernels.cu`` wraps them in ``extern "C"`` kernels for float32 and
 float64, one thread per ``(row, unit)`` element of the ``(m, n_a)`` grid, in blocks of
 :data:`BLOCK` threads. The tests compile the same header with the host C++ compiler and
-compare it with the array path, so the math is checked on machines without a GPU.
+drive this module's own :class:`Loops` with it on numpy arrays (``Loops(dtype, mod=numpy,
+launch=...)``), so the loops, the argument order and the math are all checked on machines
+without a GPU.
 
 Compilation. :func:`source` inlines the header into the ``.cu`` text, and
 ``cupy.RawKernel`` compiles that with NVRTC on first use, once per device, caching the
 binary on disk (the cache key is the full text, so an edit of the header is never served
 stale). Contraction into fused multiply-adds is off (:data:`OPTIONS`), so every operation
-rounds as in the array path; the kernels are memory bound, so this costs nothing
+rounds as in the array path: backward steps are bit-identical to it, forward steps agree
+to the rounding of ``tanh``. The kernels are memory bound, so this costs nothing
 measurable.
 
-Strides. Inputs are passed as a pointer plus row and unit strides in elements (zero and
-negative strides work), so views such as the forget-gate slice of the stacked sigmoid
-gates, a transposed initial cell state or the per-step slices of ``K``, ``Q`` and ``P``
-are read in place, without copies. Inputs whose layout the kernels don't cover (other
-ranks, shapes that need broadcasting, mixed or non-float32/float64 dtypes) take the array
-path of :mod:`xlstm._engine`, so results never depend on which path ran. No call
-synchronises the device; launches go to CuPy's current stream.
+Layout. Every array a kernel sees is one step's C-contiguous slice of the engine's stacks;
+the upstream gradient, which may have any strides, is made contiguous once per backward
+call. Nothing here synchronises the device; launches go to CuPy's current stream, under the
+device of the arrays.
 
 Next step: a persistent kernel. The per-step cost is now one GEMM launch plus one
 pointwise launch, and at small batch sizes both are latency bound. A persistent kernel
@@ -45,11 +49,12 @@ order differs from cuBLAS, so results match the array path to rounding, not bit 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as _np
 
-__all__ = ["step_forward", "step_backward", "source", "BLOCK", "OPTIONS"]
+__all__ = ["BLOCK", "OPTIONS", "Loops", "loops", "source"]
 
 #: Threads per block.
 BLOCK = 256
@@ -98,118 +103,82 @@ def _kernel(step, dtype_name):
     return kern
 
 
-# ------------------------------------------------------------------- kernel arguments
-# These build the argument tuples in the kernels' order. They only read shapes, dtypes and
-# strides and allocate through ``empty``, so the tests run them on numpy arrays against
-# the host build of the same header. Sizes and strides are Python ints, which CuPy passes
-# as ``long long``.
-
 _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "float64"}
 
 
-def _strides(arr):
-    """Strides of ``arr`` in elements, or ``None`` if one is not a whole number of them."""
-    size = arr.itemsize
-    out = []
-    for s in arr.strides:
-        if s % size:
-            return None
-        out.append(s // size)
-    return out
-
-
-def _dtype_name(*arrays):
-    """``"float32"`` or ``"float64"`` when all arrays share that dtype, else ``None``."""
-    dt = arrays[0].dtype
-    for a in arrays[1:]:
-        if a.dtype != dt:
-            return None
-    return _DTYPE_NAMES.get(dt)
-
-
-def _forward_args(g, c_prev, n_a, empty):
-    """``(dtype name, m * n_a, args, outputs)`` for the forward kernel, or ``None`` where
-    the array path must run. ``empty(shape, dtype)`` allocates the outputs."""
-    n = int(n_a)
-    if n < 1 or g.ndim != 2 or c_prev.ndim != 2:
-        return None
-    m = g.shape[0]
-    if g.shape[1] != 4 * n or tuple(c_prev.shape) != (m, n):
-        return None
-    name = _dtype_name(g, c_prev)
-    if name is None:
-        return None
-    g_st, cp_st = _strides(g), _strides(c_prev)
-    if g_st is None or cp_st is None:
-        return None
-    dt = g.dtype
-    outs = (empty((m, 3 * n), dt), *(empty((m, n), dt) for _ in range(4)))
-    args = (m, n, g, *g_st, c_prev, *cp_st, *outs)
-    return name, m * n, args, outs
-
-
-def _backward_args(da, dc, K, Q, P, f, empty):
-    """``(dtype name, m * n_a, args, outputs)`` for the backward kernel, or ``None`` where
-    the array path must run."""
-    if da.ndim != 2:
-        return None
-    m, n = da.shape
-    if n < 1 or any(tuple(v.shape) != (m, n) for v in (dc, K, Q, f)):
-        return None
-    if tuple(P.shape) != (m, 3, n):
-        return None
-    name = _dtype_name(da, dc, K, Q, P, f)
-    if name is None:
-        return None
-    args = (m, n)
-    for v in (da, dc, K, Q, P, f):
-        st = _strides(v)
-        if st is None:
-            return None
-        args += (v, *st)
-    dt = da.dtype
-    outs = (empty((m, 4 * n), dt), empty((m, n), dt))
-    return name, m * n, args + outs, outs
-
-
 def _launch(step, name, total, args):
+    """Launch kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over ``total``
+    threads. Sizes are Python ints, which CuPy passes as ``long long`` (``index_t``)."""
     if total > 0:
         blocks = (total + BLOCK - 1) // BLOCK
         _kernel(step, name)((blocks,), (BLOCK,), args)
 
 
-# -------------------------------------------------------------------------- public
-def step_forward(g, c_prev, n_a, *, xp):
-    """Fused :func:`xlstm._engine.step_forward` for CuPy arrays: one kernel launch.
+class Loops:
+    """The forward and backward time loops for one float dtype, over CuPy arrays.
 
-    Returns ``(s, cct, c, tc, a)``: ``s`` is ``(m, 3 n_a)``, the others ``(m, n_a)``.
+    ``mod`` and ``launch`` are for the tests: with ``mod=numpy`` and a ``launch`` that calls
+    a host build of the kernels, the same loops run on the CPU.
     """
-    import cupy
 
-    with g.device:
-        plan = _forward_args(g, c_prev, n_a, cupy.empty)
-        if plan is None:
-            from .._engine import step_forward as reference
+    def __init__(self, dtype, *, mod=None, launch=None):
+        self.name = _DTYPE_NAMES[_np.dtype(dtype)]
+        self._mod = mod
+        self.launch = _launch if launch is None else launch
 
-            return reference(g, c_prev, n_a, xp=xp)
-        name, total, args, outs = plan
-        _launch("fwd", name, total, args)
-    return outs
+    @property
+    def mod(self):
+        if self._mod is None:
+            import cupy
+
+            self._mod = cupy
+        return self._mod
+
+    def _on_device(self, arr):
+        return arr.device if self.mod is not _np else contextlib.nullcontext()
+
+    def forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
+        """Run steps ``t0 .. t0 + len(Gx) - 1``, reading ``A[t], C[t]``, writing index ``t+1``.
+
+        ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection. ``S``, ``CCT``, ``TC``
+        hold one slot per step of the chunk, or a single slot that is reused (inference);
+        ``A`` and ``C`` are indexed by absolute step. All are C-contiguous.
+        """
+        T_c, m, _ = Gx.shape
+        n = C.shape[-1]
+        with self._on_device(Gx):
+            G = self.mod.empty(Gx.shape[1:], dtype=Gx.dtype)
+            for k in range(T_c):
+                t, j = t0 + k, (k if S.shape[0] > 1 else 0)
+                self.mod.matmul(A[t], WaT, out=G)
+                self.launch("fwd", self.name, m * n,
+                            (m, n, Gx[k], G, C[t], S[j], CCT[j], C[t + 1], TC[j], A[t + 1]))
+
+    def backward(self, da_t, S, CCT, TC, C, Wa, dG):
+        """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
+
+        ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
+        ``(T, m, 4 n_a)`` pre-activation gradients.
+        """
+        T, m, _ = dG.shape
+        n = Wa.shape[1]
+        with self._on_device(dG):
+            da_t = self.mod.ascontiguousarray(da_t)
+            da_rec = self.mod.zeros((m, n), dtype=dG.dtype)
+            dc = self.mod.zeros((m, n), dtype=dG.dtype)
+            for t in range(T - 1, -1, -1):
+                self.launch("bwd", self.name, m * n,
+                            (m, n, da_t[t], da_rec, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc))
+                self.mod.matmul(dG[t], Wa, out=da_rec)  # (19), recurrent part
+        return da_rec, dc
 
 
-def step_backward(da, dc, K, Q, P, f, *, xp):
-    """Fused :func:`xlstm._engine.step_backward` for CuPy arrays: one kernel launch.
+_loops = {}
 
-    Returns ``(dg, dc_prev)``: ``dg`` is ``(m, 4 n_a)`` in gate order (o, f, i, c).
-    """
-    import cupy
 
-    with da.device:
-        plan = _backward_args(da, dc, K, Q, P, f, cupy.empty)
-        if plan is None:
-            from .._engine import step_backward as reference
-
-            return reference(da, dc, K, Q, P, f, xp=xp)
-        name, total, args, outs = plan
-        _launch("bwd", name, total, args)
-    return outs
+def loops(dtype):
+    """The CuPy :class:`Loops` for ``dtype``."""
+    key = _np.dtype(dtype).name
+    if key not in _loops:
+        _loops[key] = Loops(dtype)
+    return _loops[key]

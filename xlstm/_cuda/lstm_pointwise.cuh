@@ -9,7 +9,8 @@
 // sigmoid(z) = 0.5 tanh(z / 2) + 0.5.
 //
 // The operations follow the array path one for one (same order, no fused multiply-add
-// when compiled with contraction off), so the results agree to the rounding of tanh.
+// when compiled with contraction off): forward results agree with it to the rounding of
+// tanh, backward results bit for bit.
 
 #ifndef XLSTM_LSTM_POINTWISE_CUH
 #define XLSTM_LSTM_POINTWISE_CUH
@@ -52,58 +53,54 @@ XLSTM_HD inline void lstm_fwd_point(T go, T gf, T gi, T gc, T c_prev,
     *a = o * t;  // (6)
 }
 
-// Backward, equations (7)-(10) and (20), with the coefficients K, Q, P of
-// xlstm._engine.backward_coefficients: dct = dc + da K, then
-// dg = [da Q, dct P_f, dct P_i, dct P_c] and dc_prev = dct f.
+// Backward, equations (7)-(10) and (20), for one (row, unit) of a step, from the values
+// the forward pass kept: the sigmoid gates o, f, i, tanh(c), the candidate cct and c_prev.
+// The expressions, and their order, are those of xlstm._engine.backward_coefficients
+// (K, Q, P) and xlstm._engine.step_backward, so with contraction off the results are
+// bit-identical to the array path (there is no transcendental function here).
 template <typename T>
-XLSTM_HD inline void lstm_bwd_point(T da, T dc, T K, T Q, T Pf, T Pi, T Pc, T f,
-                                    T* dgo, T* dgf, T* dgi, T* dgc, T* dc_prev) {
-    const T dct = dc + da * K;
-    *dgo = da * Q;    // (7)
-    *dgf = dct * Pf;  // (10)
-    *dgi = dct * Pi;  // (9)
-    *dgc = dct * Pc;  // (8)
-    *dc_prev = dct * f;  // (20)
+XLSTM_HD inline void lstm_bwd_point(T da, T da_rec, T dc, T o, T f, T i, T tc, T cct,
+                                    T c_prev, T* dgo, T* dgf, T* dgi, T* dgc, T* dc_prev) {
+    const T one = T(1);
+    const T d_a = da + da_rec;                     // upstream plus recurrent gradient
+    const T dct = dc + d_a * (o * (one - tc * tc));  // dL/dc_t, with K = o (1 - tanh^2 c)
+    *dgo = d_a * (tc * o * (one - o));             // (7), Q
+    *dgf = dct * (c_prev * f * (one - f));         // (10)
+    *dgi = dct * (cct * i * (one - i));            // (9)
+    *dgc = dct * (i * (one - cct * cct));          // (8)
+    *dc_prev = dct * f;                            // (20)
 }
 
 // ------------------------------------------------------- one element of the grid
-// Element e = r n + j of the (m, n) grid: row r, unit j. Inputs are strided views; a
-// stride is counted in elements and may be zero or negative (the pointer is the view's
-// first element). Outputs are fresh C-contiguous arrays.
+// Element e = r n + j of the (m, n) grid: row r, unit j. Every array is one step's
+// C-contiguous slice of the engine's stacks: gates (m, 4 n), sigmoid gates (m, 3 n), the
+// rest (m, n).
 
-// s (m, 3n), cct, c, tc, a (m, n).
+// Forward: the pre-activation is gx + ga (input projection plus recurrent product).
 template <typename T>
-XLSTM_HD inline void lstm_fwd_elem(index_t e, index_t n,
-                                   const T* g, index_t g_rs, index_t g_cs,
-                                   const T* c_prev, index_t cp_rs, index_t cp_cs,
-                                   T* s, T* cct, T* c, T* tc, T* a) {
+XLSTM_HD inline void lstm_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
+                                   const T* c_prev, T* s, T* cct, T* c, T* tc, T* a) {
     const index_t r = e / n;
     const index_t j = e - r * n;
-    const T* gr = g + r * g_rs;
+    const T* x = gx + r * 4 * n + j;
+    const T* h = ga + r * 4 * n + j;
     T* sr = s + r * 3 * n + j;
-    lstm_fwd_point<T>(gr[j * g_cs], gr[(n + j) * g_cs], gr[(2 * n + j) * g_cs],
-                      gr[(3 * n + j) * g_cs], c_prev[r * cp_rs + j * cp_cs],
-                      sr, sr + n, sr + 2 * n, cct + e, c + e, tc + e, a + e);
+    lstm_fwd_point<T>(x[0] + h[0], x[n] + h[n], x[2 * n] + h[2 * n], x[3 * n] + h[3 * n],
+                      c_prev[e], sr, sr + n, sr + 2 * n, cct + e, c + e, tc + e, a + e);
 }
 
-// dg (m, 4n), dc_prev (m, n). P is (m, 3, n) with a row, a gate and a unit stride.
+// Backward: writes dg (m, 4 n) and dc_prev, which may be dc itself (each element is read
+// before it is written, by the same thread).
 template <typename T>
-XLSTM_HD inline void lstm_bwd_elem(index_t e, index_t n,
-                                   const T* da, index_t da_rs, index_t da_cs,
-                                   const T* dc, index_t dc_rs, index_t dc_cs,
-                                   const T* K, index_t K_rs, index_t K_cs,
-                                   const T* Q, index_t Q_rs, index_t Q_cs,
-                                   const T* P, index_t P_rs, index_t P_gs, index_t P_cs,
-                                   const T* f, index_t f_rs, index_t f_cs,
-                                   T* dg, T* dc_prev) {
+XLSTM_HD inline void lstm_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
+                                   const T* dc, const T* s, const T* cct, const T* tc,
+                                   const T* c_prev, T* dg, T* dc_prev) {
     const index_t r = e / n;
     const index_t j = e - r * n;
-    const T* Pr = P + r * P_rs + j * P_cs;
+    const T* sr = s + r * 3 * n + j;
     T* dgr = dg + r * 4 * n + j;
-    lstm_bwd_point<T>(da[r * da_rs + j * da_cs], dc[r * dc_rs + j * dc_cs],
-                      K[r * K_rs + j * K_cs], Q[r * Q_rs + j * Q_cs],
-                      Pr[0], Pr[P_gs], Pr[2 * P_gs], f[r * f_rs + j * f_cs],
-                      dgr, dgr + n, dgr + 2 * n, dgr + 3 * n, dc_prev + e);
+    lstm_bwd_point<T>(da[e], da_rec[e], dc[e], sr[0], sr[n], sr[2 * n], tc[e], cct[e],
+                      c_prev[e], dgr, dgr + n, dgr + 2 * n, dgr + 3 * n, dc_prev + e);
 }
 
 }  // namespace xlstm
