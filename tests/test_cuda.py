@@ -174,7 +174,7 @@ def test_host_forward_step_matches_array_path(host_lib, dtype, m, n):
 @pytest.mark.parametrize("levels", [None, (-1e4, -30.0, -1.0, 0.0, 1.0, 30.0, 1e4)],
                          ids=["normal", "saturated"])
 def test_host_backward_is_bit_identical_to_array_path(host_lib, dtype, levels):
-    """Loops.backward against backward_coefficients + step_backward + dG @ Wa, step by step.
+    """Loops.backward against backward_coefficients + step_backward, step by step.
 
     No transcendental function in the backward kernel: every bit must agree, also for
     saturated gates (exact 0 and 1) and huge cell states.
@@ -182,12 +182,12 @@ def test_host_backward_is_bit_identical_to_array_path(host_lib, dtype, levels):
     rng = np.random.default_rng(1)
     T, m, n = 5, 6, 4
     S, CCT, C, TC = _stacked_state(rng, T, m, n, dtype, levels=levels)
-    Wa = rng.standard_normal((4 * n, n)).astype(dtype)
+    WaT = rng.standard_normal((n, 4 * n)).astype(dtype)
     da_seed = rng.standard_normal((n, m, T)).astype(dtype)  # the seed layout, as the engine
     da_t = np.transpose(da_seed, (2, 1, 0))  # passes it: a strided view
     dG = np.empty((T, m, 4 * n), dtype)
     loops = host_loops(host_lib, dtype)
-    da0, dc0 = loops.backward(da_t, S, CCT, TC, C[:T], Wa, dG)
+    da0, dc0 = loops.backward(da_t, S, CCT, TC, C[:T], WaT, dG)
     assert loops.launch.calls == ["bwd"] * T
 
     K, Q, P = _engine.backward_coefficients(S, CCT, TC, C[:T], n, xp=NP)
@@ -196,7 +196,7 @@ def test_host_backward_is_bit_identical_to_array_path(host_lib, dtype, levels):
     for t in range(T - 1, -1, -1):
         dg, dc = _engine.step_backward(da_t[t] + da_rec, dc, K[t], Q[t], P[t], F[t], xp=NP)
         np.testing.assert_array_equal(dG[t], dg, err_msg=f"dG[{t}]", strict=True)
-        da_rec = dg @ Wa
+        da_rec = dg @ WaT.T  # the product the loops make (cuBLAS on a GPU)
     np.testing.assert_array_equal(da0, da_rec, strict=True)
     np.testing.assert_array_equal(dc0, dc, strict=True)
     assert np.all(np.isfinite(dG))

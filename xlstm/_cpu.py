@@ -13,7 +13,7 @@ whole state. Here each step writes straight into preallocated stacks:
   ``tanh(G)`` in place, then one compiled pass for ``s``, ``cct`` and ``c``, then
   ``TC[t] = tanh(C[t+1])`` and ``A[t+1] = o * TC[t]``: six calls, no allocation;
 * backward step ``t``: one compiled pass that forms the coefficients ``K``, ``Q``, ``P``
-  of the step on the fly and writes ``dG[t]`` and ``dc``, then ``da_rec = dG[t] @ Wa``.
+  of the step on the fly and writes ``dG[t]`` and ``dc``, then ``da_rec^T = WaT @ dG[t]^T``.
 
 Same numbers. ``tanh`` and the matrix products are numpy's own calls, as on the array
 path; the compiled passes evaluate the same expressions as :func:`step_forward`,
@@ -92,23 +92,23 @@ class Loops:
             np.tanh(C[t + 1], out=TC[j])
             np.multiply(S[j, :, :n_a], TC[j], out=A[t + 1])  # (6)
 
-    def backward(self, da_t, S, CCT, TC, C, Wa, dG):
+    def backward(self, da_t, S, CCT, TC, C, WaT, dG):
         """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
 
         ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
         ``(T, m, 4 n_a)`` pre-activation gradients.
         """
         T, m, _ = dG.shape
-        n_a = Wa.shape[1]
+        n_a = WaT.shape[0]
         # One reordering copy: the kernel then reads each step's gradient contiguously
         # (a time slice of the seed layout has one element per cache line).
         da_t = np.ascontiguousarray(da_t)
-        da_rec = np.zeros((m, n_a), dtype=dG.dtype)
+        da_recT = np.zeros((n_a, m), dtype=dG.dtype)  # as the array path: WaT @ dg^T
         dc = np.zeros((m, n_a), dtype=dG.dtype)
         for t in range(T - 1, -1, -1):
-            _bwd(da_t[t], da_rec, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc, self.one)
-            np.matmul(dG[t], Wa, out=da_rec)  # (19), recurrent part
-        return da_rec, dc
+            _bwd(da_t[t], da_recT.T, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc, self.one)
+            np.matmul(WaT, dG[t].T, out=da_recT)  # (19), recurrent part
+        return da_recT.T, dc
 
 
 _loops = {}

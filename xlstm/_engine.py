@@ -239,13 +239,13 @@ def backward(da, state, *, xp):
     T = da.shape[-1]
     m = da.shape[1]
     dtype, dev = da.dtype, device_of(da)
-    Wa, Wx = fused_backward_weights(state.params, n_a, xp=xp)
+    WaT, Wx = fused_backward_weights(state.params, n_a, xp=xp)
     S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
     da_t = xp.permute_dims(da, (2, 1, 0))
     loops = accelerated_loops(xp, dtype)
     if loops is not None:
         dG = xp.empty((T, m, 4 * n_a), dtype=dtype, device=dev)
-        da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], Wa, dG)
+        da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], WaT, dG)
     else:
         K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
         F = S[..., n_a : 2 * n_a]
@@ -255,7 +255,7 @@ def backward(da, state, *, xp):
         for t in range(T - 1, -1, -1):
             dg, dc = step_backward(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...],
                                    P[t, ...], F[t, ...], xp=xp)
-            da_rec = dg @ Wa  # (19), recurrent part
+            da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dg))  # (19), recurrent
             dgs.append(dg)
         dG = xp.stack(dgs[::-1])
     dG = xp.reshape(dG, (T * m, 4 * n_a))

@@ -270,13 +270,13 @@ def lstm_cell_backward(da_next, dc_next, cache):
         s, tr(cct), xp.tanh(tr(c_next)), tr(c_prev), n_a, xp=xp
     )
     dg, dc_prev = _engine.step_backward(tr(da_next), tr(dc_next), K, Q, P, tr(ft), xp=xp)
-    Wa, Wx = fused_backward_weights(params, n_a, xp=xp)
+    WaT, Wx = fused_backward_weights(params, n_a, xp=xp)
     dgT = tr(dg)
     dW = dgT @ xp.concat([tr(a_prev), tr(xt)], axis=-1)  # (11)-(14)
     db = xp.sum(dgT, axis=1, keepdims=True)  # (15)-(18)
     return {
         "dxt": tr(dg @ Wx),  # (21)
-        "da_prev": tr(dg @ Wa),  # (19)
+        "da_prev": WaT @ dgT,  # (19)
         "dc_prev": tr(dc_prev),  # (20)
         **_seed_order(split_gates(dW, prefix="dW"), split_gates(db, prefix="db")),
     }

@@ -85,6 +85,12 @@ def param_arrays(params, *, need_output=True):
     return {f"params['{k}']": params[k] for k in keys}
 
 
+def _stacked_transpose(blocks, *, xp):
+    """``[B_o; B_f; B_i; B_c]^T`` as one fresh ``(n_a + n_x, 4 n_a)`` array (C order on
+    numpy and CuPy), so that its row blocks ``Wa^T`` and ``Wx^T`` are contiguous too."""
+    return xp.concat([xp.matrix_transpose(B) for B in blocks], axis=1)
+
+
 def fused_forward_weights(params, n_a, *, xp):
     """Stacked weights for the forward pass: ``(WaT, WxT, b)``.
 
@@ -95,16 +101,22 @@ def fused_forward_weights(params, n_a, *, xp):
     power of two is exact in binary floating point, so this is bit-for-bit the same as
     halving the pre-activation afterwards.
     """
-    W = xp.concat([0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]])
+    WT = _stacked_transpose(
+        [0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]], xp=xp
+    )
     b = xp.concat([0.5 * params["bo"], 0.5 * params["bf"], 0.5 * params["bi"], params["bc"]])
-    WT = xp.matrix_transpose(W)
     return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, 4 * n_a))
 
 
 def fused_backward_weights(params, n_a, *, xp):
-    """Unscaled stacked weights ``(Wa, Wx)``: ``(4 n_a, n_a)`` and ``(4 n_a, n_x)``."""
-    W = xp.concat([params["Wo"], params["Wf"], params["Wi"], params["Wc"]])
-    return W[:, :n_a], W[:, n_a:]
+    """Unscaled stacked weights ``(WaT, Wx)``: ``(n_a, 4 n_a)`` and ``(4 n_a, n_x)``.
+
+    The recurrent gradient of a step is computed as ``WaT @ dg^T`` (then transposed): with
+    OpenBLAS that orientation of the small per-step product took 20-30% less time than
+    ``dg @ Wa`` at ``(m, n_a) = (16, 64)`` and ``(64, 256)`` in float32.
+    """
+    WT = _stacked_transpose([params["W" + g] for g in GATES], xp=xp)
+    return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
 
 
 def split_gates(stacked, *, prefix):

@@ -154,14 +154,15 @@ class Loops:
                 self.launch("fwd", self.name, m * n,
                             (m, n, Gx[k], G, C[t], S[j], CCT[j], C[t + 1], TC[j], A[t + 1]))
 
-    def backward(self, da_t, S, CCT, TC, C, Wa, dG):
+    def backward(self, da_t, S, CCT, TC, C, WaT, dG):
         """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
 
         ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
         ``(T, m, 4 n_a)`` pre-activation gradients.
         """
         T, m, _ = dG.shape
-        n = Wa.shape[1]
+        n = WaT.shape[0]
+        Wa = WaT.T
         with self._on_device(dG):
             da_t = self.mod.ascontiguousarray(da_t)
             da_rec = self.mod.zeros((m, n), dtype=dG.dtype)
