@@ -135,3 +135,23 @@ def test_inputs_are_not_modified(monkeypatch):
 def test_importing_xlstm_does_not_import_numba():
     code = "import sys, xlstm; assert 'numba' not in sys.modules, 'numba imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_works_where_no_cache_folder_is_writable():
+    """numba refuses ``cache=True`` when it finds no writable folder; the loops then compile
+    in memory instead of failing the import."""
+    code = (
+        "import numba.core.caching as c\n"
+        "def deny(self):\n"
+        "    raise PermissionError('read-only')\n"
+        "for cls in c.CacheImpl._locator_classes:\n"
+        "    cls.ensure_cache_path = deny\n"
+        "import os, numpy as np, xlstm\n"
+        "from xlstm import _cpu\n"
+        "p = xlstm.init_params(2, 3, 2, seed=0)\n"
+        "x, a0 = np.ones((2, 4, 3)), np.zeros((3, 4))\n"
+        "a = xlstm.lstm_forward(x, a0, p)[0]\n"
+        "os.environ['XLSTM_ACCEL'] = '0'\n"
+        "assert (a == xlstm.lstm_forward(x, a0, p)[0]).all()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

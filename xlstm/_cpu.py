@@ -31,7 +31,17 @@ from numba import njit
 __all__ = ["Loops", "loops"]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+def _compile(fn):
+    """``numba.njit`` with the machine code cached on disk where numba finds a writable
+    place for it (next to this file, or a user cache folder), in memory otherwise."""
+    options = {"nogil": True, "error_model": "numpy"}
+    try:
+        return njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(**options)(fn)
+
+
+@_compile
 def _fwd(t_gates, c_prev, s, cct, c, half):
     # t_gates: (m, 4n) = tanh of the pre-activations in gate order (o, f, i, c), the sigmoid
     # rows pre-halved. Writes s (m, 3n), cct (m, n) and c (m, n). ``half`` is 0.5 in the
@@ -46,7 +56,7 @@ def _fwd(t_gates, c_prev, s, cct, c, half):
             c[r, j] = s[r, n + j] * c_prev[r, j] + s[r, 2 * n + j] * g  # (4)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_compile
 def _bwd(da, da_rec, dc, s, cct, tc, c_prev, dg, dc_prev, one):
     # da + da_rec and dc reach this step's a and c; writes dg (m, 4n) and dc_prev (which may
     # be dc itself). ``one`` is 1 in the arrays' dtype.
@@ -115,7 +125,7 @@ _loops = {}
 
 
 def loops(dtype):
-    """The :class:`Loops` for ``dtype`` (compiled on first use, then cached on disk)."""
+    """The :class:`Loops` for ``dtype`` (compiled on first use; see :func:`_compile`)."""
     key = np.dtype(dtype).name
     if key not in _loops:
         _loops[key] = Loops(dtype)
