@@ -28,6 +28,8 @@ Each time is the median of ``--repeat`` runs after ``--warmup`` untimed ones, wi
 collector paused; on a GPU the device is synchronised before the clock starts and stops. Each
 implementation and size, and the ceiling, run in a fresh process (``--in-process`` turns this
 off): torch's OpenMP threads keep spinning after a call and would slow numpy's BLAS down.
+``--rounds N`` runs the whole round of implementations N times in turn and reports the median
+of the rounds, so that a change in the machine's load during the run biases no ratio.
 Flops: forward ``2 T m 4 n_a (n_a + n_x) + 2 T m n_y n_a``, backward twice the gate part
 (torch is credited with the gate flops only). The ceiling is the GFLOP/s of a square
 ``2048^3`` GEMM (its fastest run) in ``--dtype`` on ``--backend``, measured in the same run.
@@ -358,6 +360,20 @@ def bench_torch(torch, gpu, dtype, p, x_h, a0_h, da_h, timed):
             "fwd_bwd": timed(fwd_bwd), "a": fwd().permute(2, 1, 0)}  # fmt: skip
 
 
+def combine_rounds(rounds):
+    """One result per implementation from several rounds: the median of the rounds'
+    medians and the smallest minimum; each round's median is kept in the JSON."""
+    out = {}
+    for key, first in rounds[0].items():
+        out[key] = dict(first)
+        for ph in ("fwd", "fwd_bwd"):
+            meds = [r[key][ph]["median_ms"] for r in rounds if key in r]
+            out[key][ph] = {"median_ms": statistics.median(meds),
+                            "min_ms": min(r[key][ph]["min_ms"] for r in rounds if key in r),
+                            "round_medians_ms": meds}  # fmt: skip
+    return out
+
+
 def add_rates(res, flops, ceiling):
     """GFLOP/s, fraction of the GEMM ceiling and speed ratios vs torch and vs the seed."""
     for key, r in res.items():
@@ -451,6 +467,9 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--repeat", type=int, default=7, help="timed runs per measurement")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the round of all implementations this often; report the "
+                         "median of the rounds (guards the ratios against drifting load)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
                     if hasattr(os, "sched_getaffinity") else os.cpu_count())  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, md, PNG")
@@ -471,8 +490,8 @@ def parse_args(argv):
     if args.quick and not args.worker:  # a worker gets its size and counts passed explicitly
         args.repeat, args.warmup = 2, 1
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in QUICK_SIZES]
-    if args.repeat < 1 or args.warmup < 0 or args.threads < 1:
-        ap.error("--repeat and --threads must be at least 1, --warmup at least 0")
+    if args.repeat < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
+        ap.error("--repeat, --rounds and --threads must be at least 1, --warmup at least 0")
     return args
 
 
@@ -542,7 +561,7 @@ def main(argv=None):
     report = {
         "isolated": isolate, "backend": args.backend, "dtype": args.dtype, "device": be.device_name,
         "gpu": be.gpu, "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-        "n_y": N_Y, "repeat": args.repeat, "warmup": args.warmup,
+        "n_y": N_Y, "repeat": args.repeat, "warmup": args.warmup, "rounds": args.rounds,
         "sizes": [list(s) for s in args.sizes], "versions": report["versions"], "env": env,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_before": load, "gemm_ceiling": ceiling, "results": [],
@@ -551,12 +570,16 @@ def main(argv=None):
         report["versions"]["cudnn"] = torch.backends.cudnn.version()
     tables = []
     for size in args.sizes:
-        if isolate:
-            res = {}
-            for impl in IMPLS:
-                res.update(run(impl, size))
-        else:
-            res = run(None, size)
+        rounds = []
+        for _ in range(args.rounds):  # round-robin, so that drift in the machine's load
+            if isolate:  # touches every implementation alike
+                res = {}
+                for impl in IMPLS:
+                    res.update(run(impl, size))
+            else:
+                res = run(None, size)
+            rounds.append(res)
+        res = combine_rounds(rounds)
         flops = flop_counts(*size)
         add_rates(res, flops, ceiling["gflops"])
         report["results"].append({"size": list(size), "flops": flops, "results": res})
@@ -574,7 +597,8 @@ def main(argv=None):
     head = (f"# LSTM benchmark: {args.backend}, {args.dtype}, {be.device_name}\n\n"
             f"{report['timestamp']}; {args.threads} threads (torch {threads['torch']}); "
             f"GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s ({ceiling['n']}^3); median of "
-            f"{args.repeat} runs after {args.warmup} warm-ups; versions {report['versions']}; "
+            f"{args.repeat} runs after {args.warmup} warm-ups (median of {args.rounds} "
+            f"round-robin rounds); versions {report['versions']}; "
             f"env {env}.\n\nn_y = {N_Y}: xlstm and the seed also compute the softmax "
             "prediction, torch.nn.LSTM the LSTM core only. 'vs X' = X's time / this time "
             "(> 1: faster than X). The seed works in float64 whatever the dtype, as the "
