@@ -72,10 +72,13 @@ def test_step_caches_are_views_into_one_state():
         caches[0][4]
 
 
-def test_inference_memory_does_not_grow_with_T(monkeypatch):
-    """Without caches, the memory beyond the outputs is bounded by one block of steps."""
+@pytest.mark.parametrize("accel", ["1", "0"], ids=["default", "array-path"])
+def test_inference_memory_does_not_grow_with_T(monkeypatch, accel):
+    """Without caches, the memory beyond the outputs is bounded by one block of steps, on
+    the array path and on the compiled loops (the default on numpy when numba is there)."""
     import tracemalloc
 
+    monkeypatch.setenv("XLSTM_ACCEL", accel)
     monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
     rng = np.random.default_rng(15)
     extra = {}
