@@ -261,6 +261,17 @@ def test_empty_grid_launches_nothing():
     _cuda._launch("bwd", "float64", 0, ())
 
 
+def test_launch_grid_and_argument_types(monkeypatch):
+    """What reaches cupy.RawKernel: enough blocks to cover the grid, sizes as int64."""
+    seen = []
+    monkeypatch.setattr(_cuda, "_kernel", lambda step, name: lambda *a: seen.append((step, name, a)))
+    arr = np.zeros(3, np.float32)
+    _cuda._launch("bwd", "float32", _cuda.BLOCK + 1, (2, 3, arr))
+    ((step, name, (grid, block, args)),) = seen
+    assert (step, name, grid, block) == ("bwd", "float32", (2,), (_cuda.BLOCK,))
+    assert [type(a) for a in args] == [np.int64, np.int64, np.ndarray] and args[2] is arr
+
+
 def test_dispatch_without_cupy(monkeypatch):
     """numpy never gets the CUDA loops; CuPy would, unless XLSTM_ACCEL=0."""
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)

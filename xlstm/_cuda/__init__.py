@@ -108,9 +108,11 @@ _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "floa
 
 def _launch(step, name, total, args):
     """Launch kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over ``total``
-    threads. Sizes are Python ints, which CuPy passes as ``long long`` (``index_t``)."""
+    threads. The sizes (Python ints) go as numpy int64, the kernels' ``long long``
+    ``index_t``, whatever CuPy's default for a Python int."""
     if total > 0:
         blocks = (total + BLOCK - 1) // BLOCK
+        args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
         _kernel(step, name)((blocks,), (BLOCK,), args)
 
 
