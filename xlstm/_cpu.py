@@ -87,7 +87,7 @@ class Loops:
     def forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading ``A[t], C[t]``, writing index ``t+1``.
 
-        ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection (overwritten). ``S``,
+        ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection (only read). ``S``,
         ``CCT``, ``TC`` hold one slot per step of the chunk, or a single slot that is reused
         (inference, nothing kept); ``A`` and ``C`` are indexed by absolute step.
         """
