@@ -249,16 +249,10 @@ IMPLS = ("xlstm", "xlstm-plain", "seed", "torch", "gemm")
 
 
 def accelerator(be):
-    """The name of xlstm's compiled path on this backend, or None when it has none."""
-    if os.environ.get("XLSTM_ACCEL", "1") == "0":
-        return None
-    if be.name == "cupy":
-        return "fused CUDA kernels"
-    if be.name == "numpy":
-        import importlib.util
+    """The label of xlstm's accelerator on this backend and dtype, or None without one."""
+    from xlstm import _engine
 
-        return "compiled loops" if importlib.util.find_spec("numba") else None
-    return None
+    return getattr(_engine.accelerated_loops(be.xp, be.dtype), "label", None)
 
 
 def bench_size(be, torch, size, rng, timed, only=IMPLS):

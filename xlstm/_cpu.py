@@ -25,6 +25,8 @@ results.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -80,6 +82,9 @@ def _bwd(da, da_rec, dc, s, cct, tc, c_prev, dg, dc_prev, one):
 class Loops:
     """The forward and backward time loops for one float dtype, over numpy arrays."""
 
+    #: How reports and the benchmark name this accelerator.
+    label = "compiled loops"
+
     def __init__(self, dtype):
         ftype = np.dtype(dtype).type
         self.half, self.one = ftype(0.5), ftype(1.0)
@@ -121,12 +126,7 @@ class Loops:
         return da_recT.T, dc
 
 
-_loops = {}
-
-
+@functools.cache
 def loops(dtype):
     """The :class:`Loops` for ``dtype`` (compiled on first use; see :func:`_compile`)."""
-    key = np.dtype(dtype).name
-    if key not in _loops:
-        _loops[key] = Loops(dtype)
-    return _loops[key]
+    return Loops(dtype)

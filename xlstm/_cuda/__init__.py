@@ -50,6 +50,7 @@ order differs from cuBLAS, so results match the array path to rounding, not bit 
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as _np
@@ -123,6 +124,9 @@ class Loops:
     a host build of the kernels, the same loops run on the CPU.
     """
 
+    #: How reports and the benchmark name this accelerator.
+    label = "fused CUDA kernels"
+
     def __init__(self, dtype, *, mod=None, launch=None):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
         self._mod = mod
@@ -176,12 +180,7 @@ class Loops:
         return da_rec, dc
 
 
-_loops = {}
-
-
+@functools.cache
 def loops(dtype):
     """The CuPy :class:`Loops` for ``dtype``."""
-    key = _np.dtype(dtype).name
-    if key not in _loops:
-        _loops[key] = Loops(dtype)
-    return _loops[key]
+    return Loops(dtype)
