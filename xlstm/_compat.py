@@ -13,6 +13,7 @@ __all__ = [
     "device_of",
     "is_cupy",
     "is_writeable",
+    "c_contiguous",
     "default_namespace",
     "to_host",
 ]
@@ -112,6 +113,25 @@ def is_cupy(xp) -> bool:
 def is_numpy(xp) -> bool:
     """True when ``xp`` is numpy's namespace."""
     return _aac.is_numpy_namespace(xp)
+
+
+def c_contiguous(x):
+    """``x`` itself, or a C-ordered copy of it where the layout is the caller's to choose.
+
+    numpy and CuPy arrays come back C-contiguous (a copy only when needed), so that the
+    matrix products that read them see the same layout, and so round alike, whatever the
+    order of the caller's arrays. Other namespaces choose their own layouts; ``x`` is
+    returned as it is.
+    """
+    if _aac.is_numpy_array(x):
+        import numpy
+
+        return numpy.ascontiguousarray(x)
+    if _aac.is_cupy_array(x):
+        import cupy
+
+        return cupy.ascontiguousarray(x)
+    return x
 
 
 def is_writeable(x) -> bool:

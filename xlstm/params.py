@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._compat import namespace_of_module
+from ._compat import c_contiguous, namespace_of_module
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
@@ -86,9 +86,11 @@ def param_arrays(params, *, need_output=True):
 
 
 def _stacked_transpose(blocks, *, xp):
-    """``[B_o; B_f; B_i; B_c]^T`` as one fresh ``(n_a + n_x, 4 n_a)`` array (C order on
-    numpy and CuPy), so that its row blocks ``Wa^T`` and ``Wx^T`` are contiguous too."""
-    return xp.concat([xp.matrix_transpose(B) for B in blocks], axis=1)
+    """``[B_o; B_f; B_i; B_c]^T`` as one fresh ``(n_a + n_x, 4 n_a)`` array, C-ordered on
+    numpy and CuPy whatever the blocks' order, so that its row blocks ``Wa^T`` and ``Wx^T``
+    are contiguous too and the products that read them round the same for every input
+    layout."""
+    return c_contiguous(xp.concat([xp.matrix_transpose(B) for B in blocks], axis=1))
 
 
 def fused_forward_weights(params, n_a, *, xp):
