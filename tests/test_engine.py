@@ -66,7 +66,7 @@ def test_step_caches_are_views_into_one_state():
     state = caches.state
     for t, step in enumerate(caches[0]):
         assert np.shares_memory(step.ft, state.S) and np.shares_memory(step.a_next, state.A)
-        assert step.params is params
+        assert step.params is state.params and step.params is not params  # one snapshot
     assert len(caches[0][1:3]) == 2 and caches[0][-1].a_next.shape == (3, 2)
     with pytest.raises(IndexError):
         caches[0][4]

@@ -183,6 +183,21 @@ def test_from_torch_on_every_backend(xp, device):
         assert_close(got32[k], want[k], xp=xp, device=device, dtype=xp.float32)
 
 
+def test_from_torch_dtype_names_sizes_and_integer_dtypes(xp, device):
+    """A dtype may be named; numpy integer n_y works; a non-floating dtype, which would
+    make every weight zero, is a TypeError naming ``dtype``."""
+    lstm = torch_lstm(seed=7)
+    want = from_torch_lstm_weights(lstm, n_y=N_Y, xp=xp, device=device, dtype=xp.float32)
+    got = from_torch_lstm_weights(lstm, n_y=np.int64(N_Y), xp=xp, device=device,
+                                  dtype="float32")
+    for k in PARAM_KEYS:
+        assert_close(got[k], to_numpy(want[k]), xp=xp, device=device, dtype=xp.float32,
+                     rtol=0, atol=0)
+    for bad in ("int32", xp.int32, xp.int64, xp.bool):
+        with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
+            from_torch_lstm_weights(lstm, n_y=N_Y, xp=xp, device=device, dtype=bad)
+
+
 def test_float32_module_keeps_float32():
     lstm = torch_lstm(seed=8, dtype=torch.float32)
     p = from_torch_lstm_weights(lstm, n_y=2)

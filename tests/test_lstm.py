@@ -113,7 +113,10 @@ def test_forward_equals_cell_loop(xp, device, with_c0):
         for field, want in zip(xlstm.LSTMCache._fields[:9], cache[:9]):
             assert_close(getattr(caches[0][t], field), to_numpy(want), xp=xp, device=device,
                          rtol=1e-12, atol=1e-14, err=field)
-        assert caches[0][t].params is P
+        snap = caches[0][t].params
+        assert snap is not P and snap.keys() == P.keys()
+        for k in P:
+            assert_close(snap[k], to_numpy(P[k]), xp=xp, device=device, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("T_da", [6, 2])
@@ -256,6 +259,32 @@ def test_writing_into_results_does_not_change_backward():
     again = xlstm.lstm_backward(da, caches)
     for k, v in first.items():
         np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_changing_params_after_forward_does_not_change_backward():
+    """Writing into a parameter array, or rebinding a key of the dict, between the forward
+    and the backward pass leaves the gradients as they were (sequence and cell caches)."""
+    rng = np.random.default_rng(18)
+    x, a0, c0, params = random_case(rng, n_x=3, n_a=4, n_y=2, m=3, T=4)
+    da = rng.standard_normal((4, 3, 4))
+    want = xlstm.lstm_backward(da, xlstm.lstm_forward(x, a0, params, c0=c0)[3])
+    cell_want = xlstm.lstm_cell_backward(
+        da[:, :, 0], da[:, :, 1], xlstm.lstm_cell_forward(x[:, :, 0], a0, c0, params)[3])
+    for change in ("write", "rebind"):
+        P = {k: v.copy() for k, v in params.items()}
+        caches = xlstm.lstm_forward(x, a0, P, c0=c0)[3]
+        cell_cache = xlstm.lstm_cell_forward(x[:, :, 0], a0, c0, P)[3]
+        for k in ("Wf", "Wi", "Wc", "Wo", "bf", "bo"):
+            if change == "write":
+                P[k][...] = 9.0
+            else:
+                P[k] = np.full_like(P[k], -9.0)
+        got = xlstm.lstm_backward(da, caches)
+        cell_got = xlstm.lstm_cell_backward(da[:, :, 0], da[:, :, 1], cell_cache)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{change} {k}")
+        for k in cell_want:
+            np.testing.assert_array_equal(cell_got[k], cell_want[k], err_msg=f"{change} {k}")
 
 
 def test_hand_built_seed_caches_use_the_per_step_path(xp, device):

@@ -46,9 +46,34 @@ def test_same_seed_same_numbers_on_every_backend(xp, device, dtype_name):
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="n_a must be a positive int"):
         xlstm.init_params(3, 0, 2)
-    with pytest.raises(ValueError, match="n_x must be a positive int"):
+    with pytest.raises(TypeError, match="n_x must be a positive int"):
         xlstm.init_params(2.5, 3, 2)
+    with pytest.raises(TypeError, match="n_y must be a positive int"):
+        xlstm.init_params(3, 4, True)
     with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
         xlstm.init_params(3, 4, 2, dtype=np.int32)
     with pytest.raises(TypeError, match="xp must be an array namespace"):
         xlstm.init_params(3, 4, 2, xp=object())
+
+
+def test_numpy_integer_sizes_and_dtype_names(xp, device):
+    """numpy integer scalars are sizes; a dtype may be given by name; both give the same
+    parameters as plain ints and dtype objects."""
+    ref = xlstm.init_params(N_X, N_A, N_Y, xp=xp, dtype=xp.float32, device=device, seed=5)
+    got = xlstm.init_params(np.int64(N_X), np.int32(N_A), np.uint8(N_Y), xp=xp,
+                            dtype="float32", device=device, seed=5)
+    for k, v in got.items():
+        assert_array(v, xp=xp, device=device, shape=ref[k].shape, dtype=xp.float32)
+        np.testing.assert_array_equal(to_numpy(v), to_numpy(ref[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("bad", ["int32", "float", "complex64", "int8"])
+def test_non_floating_dtypes_are_type_errors(xp, device, bad):
+    """Integer weights would all round to zero: every non-floating dtype is refused, by
+    name or as the namespace's own dtype object."""
+    with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
+        xlstm.init_params(3, 4, 2, xp=xp, dtype=bad, device=device)
+    native = getattr(xp, bad, None)
+    if native is not None and bad != "float":
+        with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
+            xlstm.init_params(3, 4, 2, xp=xp, dtype=native, device=device)

@@ -6,6 +6,9 @@ that a bad argument is reported by its name and not by a traceback from deep ins
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import array_api_compat as _aac
 
 __all__ = [
@@ -16,6 +19,9 @@ __all__ = [
     "c_contiguous",
     "default_namespace",
     "to_host",
+    "resolve_dtype",
+    "device_scope",
+    "on_input_device",
 ]
 
 
@@ -23,7 +29,7 @@ def _describe(xp) -> str:
     return getattr(xp, "__name__", repr(xp)).replace("array_api_compat.", "")
 
 
-def namespace(*, kinds=None, **arrays):
+def namespace(*, kinds=None, optional=(), **arrays):
     """Return the common array namespace of the named ``arrays``.
 
     Also checks that every array has a real floating dtype, that all share one dtype, and
@@ -36,9 +42,12 @@ def namespace(*, kinds=None, **arrays):
         ``name`` have any of those array-API dtype kinds instead (labels, masks). Such an
         array must still share the namespace and device; a floating one must still share
         the common dtype.
+    optional : collection of str, optional
+        Names of the arguments that may be ``None`` (skipped); any other ``None`` is a
+        ``TypeError`` naming the argument.
     **arrays
         The arrays of a public call, keyed by the name the user knows them by (``x``, ``a0``,
-        ``Wf``, ...). ``None`` values are skipped.
+        ``Wf``, ...).
 
     Returns
     -------
@@ -53,11 +62,18 @@ def namespace(*, kinds=None, **arrays):
     ValueError
         If the arrays live on different devices.
     """
-    named = [(k, v) for k, v in arrays.items() if v is not None]
+    named = []
+    for name, arr in arrays.items():
+        if arr is None:
+            if name in optional:
+                continue
+            raise TypeError(f"{name} must be an array, got None")
+        named.append((name, arr))
     if not named:
         raise TypeError("no arrays were given")
     spaces = []
     for name, arr in named:
+        _refuse_subclass(name, arr)
         try:
             spaces.append(_aac.array_namespace(arr))
         except TypeError:
@@ -98,6 +114,112 @@ def namespace(*, kinds=None, **arrays):
                 f"{device_of(arr)}; move all arrays to one device"
             )
     return xp
+
+
+def _refuse_subclass(name, arr):
+    """Raise TypeError for numpy array subclasses whose meaning the math would drop.
+
+    A masked array's mask and a ``numpy.matrix``'s ``*`` would be silently ignored or
+    misread; both are refused. Other subclasses (``numpy.memmap``) behave as arrays.
+    """
+    import numpy
+
+    if isinstance(arr, numpy.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array; xlstm would ignore its mask. Pass "
+            f"{name}.filled(value) (and, for the losses, the mask as mask=)"
+        )
+    if isinstance(arr, numpy.matrix):
+        raise TypeError(f"{name} is a numpy.matrix; pass numpy.asarray({name})")
+
+
+def resolve_dtype(xp, dtype, *, name="dtype", device=None):
+    """The real floating dtype of namespace ``xp`` that the user's ``dtype`` names.
+
+    ``None`` gives the namespace's default floating dtype. A dtype object of ``xp``, or a
+    name such as ``"float32"`` (also a numpy dtype or scalar type, by its name), is looked
+    up in ``xp``.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not a real floating dtype of ``xp`` (an integer dtype, say); the
+        message names the argument.
+    """
+    if dtype is None:
+        return xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    label = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", None)
+    if label is None and type(dtype).__module__.startswith("numpy"):
+        label = str(dtype)  # a numpy.dtype instance
+    if isinstance(label, str) and label in ("float16", "float32", "float64", "bfloat16"):
+        found = getattr(xp, label, None)
+        if found is not None:
+            dtype = found
+    elif isinstance(dtype, str):
+        raise TypeError(f"{name} must be a real floating dtype such as 'float32', got {dtype!r}")
+    try:
+        floating = xp.isdtype(dtype, "real floating")
+    except Exception:  # noqa: BLE001 - a foreign or unknown object: not a dtype of xp
+        floating = False
+    if not floating:
+        raise TypeError(f"{name} must be a real floating dtype such as float32, got {dtype!r}")
+    return dtype
+
+
+def device_scope(x=None, *, xp=None, device=None):
+    """A context that makes the device of CuPy array ``x`` (or CuPy ``device``) current.
+
+    array-api-compat does not pass ``device=`` on to CuPy's creation functions, and CuPy
+    runs kernels and allocates on its *current* device. Public functions therefore run
+    their CuPy work inside this context, so that every buffer and kernel lands on the
+    inputs' GPU, not on GPU 0. For every other namespace it does nothing.
+    """
+    if x is not None and _aac.is_cupy_array(x):
+        return x.device
+    if device is not None and xp is not None and _aac.is_cupy_namespace(xp):
+        return device
+    return contextlib.nullcontext()
+
+
+def _first_array(obj, depth=0):
+    """The first array in ``obj``, looking into dicts, lists, tuples and caches."""
+    if _aac.is_array_api_obj(obj):
+        return obj
+    if depth > 3:
+        return None
+    state = getattr(obj, "state", None)
+    if state is not None and not isinstance(obj, type):
+        found = _first_array(state, depth + 1)
+        if found is not None:
+            return found
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            found = _first_array(v, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def on_input_device(fn):
+    """Decorate a public function so that its CuPy work runs on its inputs' GPU.
+
+    The first array among the positional and keyword arguments (looking into parameter
+    dicts and caches) decides the device; see :func:`device_scope`. Without CuPy arrays the
+    call runs as it is.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = _first_array((*args, *kwargs.values()))
+        if first is None or not _aac.is_cupy_array(first):
+            return fn(*args, **kwargs)
+        with first.device:
+            return fn(*args, **kwargs)
+
+    wrapper.__xlstm_on_input_device__ = True
+    return wrapper
 
 
 def device_of(x):

@@ -27,7 +27,7 @@ from collections import namedtuple
 
 from ._compat import device_of, is_cupy, is_numpy, is_writeable
 from .activations import _softmax
-from .params import fused_backward_weights, fused_forward_weights
+from .params import PARAM_KEYS, fused_backward_weights, fused_forward_weights
 
 #: Rows (time steps x batch) per input-projection GEMM. Bounds the temporary ``Gx`` block
 #: so that memory beyond the outputs does not grow with ``T_x``.
@@ -41,6 +41,7 @@ S    : (T, m, 3 n_a)  sigmoid gates (o, f, i)
 CCT  : (T, m, n_a)    candidate values
 TC   : (T, m, n_a)    tanh(c)
 X    : (T*m, n_x)     a time-major copy of the input
+params               a copy of the parameter dict, taken by the forward pass
 """
 
 
@@ -168,6 +169,10 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
     """
     n_x, m, T = x.shape
     dtype, dev = x.dtype, device_of(x)
+    if keep:
+        # What the backward pass reads is fixed now: a later write into the caller's
+        # arrays, or a key rebound in their dict, cannot change the gradients.
+        params = {k: xp.asarray(params[k], copy=True) for k in PARAM_KEYS}
     WaT, WxT, b = fused_forward_weights(params, n_a, xp=xp)
     WyT = xp.matrix_transpose(params["Wy"])
     by = xp.matrix_transpose(params["by"])

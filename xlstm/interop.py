@@ -30,7 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ._compat import namespace, namespace_of_module, to_host
+from ._checks import positive_int
+from ._compat import device_scope, namespace, namespace_of_module, resolve_dtype, to_host
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]
@@ -200,9 +201,10 @@ def from_torch_lstm_weights(
         array-api-compat wrappers). Default: numpy.
     device : device, optional
         Target device in ``xp``. Default: the namespace's default device.
-    dtype : dtype, optional
-        Target floating dtype of ``xp``. Default: the LSTM weights' dtype (float32 for a
-        half-precision LSTM).
+    dtype : dtype or str, optional
+        Target real floating dtype of ``xp``, as a dtype object or a name such as
+        ``"float32"``. Default: the LSTM weights' dtype (float32 for a half-precision
+        LSTM).
 
     Returns
     -------
@@ -217,7 +219,8 @@ def from_torch_lstm_weights(
     KeyError
         If a weight is missing from the state dict.
     TypeError
-        For non-floating weights or an unsupported argument type.
+        For non-floating weights, a ``dtype`` that is not a real floating dtype of ``xp``
+        (integer weights would all be zero), or an unsupported argument type.
 
     See Also
     --------
@@ -253,15 +256,14 @@ def from_torch_lstm_weights(
                 "torch.nn.LSTM has no output layer: pass n_y for a zero (n_y, n_a) Wy and "
                 "zero by, or Wy (and by), e.g. an nn.Linear(n_a, n_y)'s weight and bias"
             )
-        if isinstance(n_y, bool) or not isinstance(n_y, int) or n_y < 1:
-            raise ValueError(f"n_y must be a positive int, got {n_y!r}")
+        n_y = positive_int("n_y", n_y)
         wy = np.zeros((n_y, n_a), dtype=src)
         bias_y = np.zeros((n_y, 1), dtype=src)
     else:
         wy = _host_float("Wy", Wy)
         if wy.ndim != 2 or wy.shape[1] != n_a:
             raise ValueError(f"Wy must have shape (n_y, n_a) with n_a={n_a}, got {wy.shape}")
-        if n_y is not None and n_y != wy.shape[0]:
+        if n_y is not None and positive_int("n_y", n_y) != wy.shape[0]:
             raise ValueError(f"n_y={n_y!r} disagrees with Wy's shape {wy.shape}")
         n_y = wy.shape[0]
         if by is None:
@@ -283,6 +285,6 @@ def from_torch_lstm_weights(
     host["by"] = np.array(bias_y, copy=True)
 
     target = namespace_of_module(xp)
-    if dtype is None:
-        dtype = getattr(target, np.dtype(src).name)
-    return {k: target.asarray(host[k], dtype=dtype, device=device) for k in PARAM_KEYS}
+    dtype = resolve_dtype(target, np.dtype(src).name if dtype is None else dtype)
+    with device_scope(xp=target, device=device):
+        return {k: target.asarray(host[k], dtype=dtype, device=device) for k in PARAM_KEYS}

@@ -36,7 +36,8 @@ LSTMCache = namedtuple(
     "LSTMCache", ["a_next", "c_next", "a_prev", "c_prev", "ft", "it", "cct", "ot", "xt", "params"]
 )
 LSTMCache.__doc__ = """One step's cache, in the seed's order. All arrays are ``(n_a, m)``
-except ``xt`` ``(n_x, m)``; ``params`` is the parameter dict itself (a reference)."""
+except ``xt`` ``(n_x, m)``; ``params`` is a copy of the parameter dict taken by the forward
+pass, so that changing the caller's parameters afterwards does not change the gradients."""
 
 
 class _StepCaches(Sequence):
@@ -80,13 +81,19 @@ class LSTMCaches(tuple):
 
 
 # ----------------------------------------------------------------------------- validation
+#: Array arguments of the public functions that may be ``None``.
+_OPTIONAL = ("c0", "mask")
+
+
 def _resolve(params, need_output=True, kinds=None, **arrays):
     """Check params' keys, then namespace/dtype/device of everything, then params' shapes.
 
     ``kinds`` passes through to :func:`xlstm._compat.namespace` (non-floating arguments).
+    Of ``arrays``, only those named in :data:`_OPTIONAL` may be ``None``.
     """
     require_keys(params, need_output=need_output)
-    xp = namespace(kinds=kinds, **arrays, **param_arrays(params, need_output=need_output))
+    xp = namespace(kinds=kinds, optional=_OPTIONAL, **arrays,
+                   **param_arrays(params, need_output=need_output))
     return xp, check_params(params, need_output=need_output)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._compat import c_contiguous, namespace_of_module
+from ._checks import positive_int
+from ._compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
@@ -139,11 +140,13 @@ def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
     Parameters
     ----------
     n_x, n_a, n_y : int
-        Input size, hidden size and number of output classes (all >= 1).
+        Input size, hidden size and number of output classes (all >= 1; any integer type,
+        such as ``numpy.int64``).
     xp : namespace, optional
         Target array namespace (numpy, cupy, torch, ...). Default: numpy.
-    dtype : dtype, optional
-        Floating dtype in ``xp``. Default: the namespace's default floating dtype.
+    dtype : dtype or str, optional
+        Real floating dtype in ``xp``, as a dtype object or a name such as ``"float32"``.
+        Default: the namespace's default floating dtype.
     device : device, optional
         Target device. Default: the namespace's default device.
     seed : int or numpy.random.Generator, optional
@@ -154,17 +157,20 @@ def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
     dict
         ``Wf, bf, Wi, bi, Wc, bc, Wo, bo`` of shapes ``(n_a, n_a + n_x)`` / ``(n_a, 1)``,
         ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)``.
+
+    Raises
+    ------
+    TypeError
+        If a size is not an integer, or ``dtype`` is not a real floating dtype (integer
+        weights would all be zero).
+    ValueError
+        If a size is smaller than 1.
     """
     import numpy as np  # host-side random numbers only; the array API has none
 
-    for name, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    n_x, n_a, n_y = (positive_int(k, v) for k, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)))
     xp = namespace_of_module(xp)
-    if dtype is None:
-        dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
-    if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+    dtype = resolve_dtype(xp, dtype, device=device)
     rng = np.random.default_rng(seed)
 
     def glorot(rows, cols):
@@ -182,8 +188,8 @@ def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
     host["Wy"] = glorot(n_y, n_a)
     host["by"] = np.zeros((n_y, 1))
     out = {}
-    for k in PARAM_KEYS:
-        arr = xp.asarray(host[k], device=device)
-        out[k] = xp.astype(arr, dtype)
+    with device_scope(xp=xp, device=device):
+        for k in PARAM_KEYS:
+            out[k] = xp.astype(xp.asarray(host[k], device=device), dtype)
     return out
 
