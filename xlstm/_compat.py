@@ -20,6 +20,7 @@ __all__ = [
     "default_namespace",
     "to_host",
     "resolve_dtype",
+    "is_concrete",
     "device_scope",
     "on_input_device",
 ]
@@ -220,6 +221,19 @@ def on_input_device(fn):
 
     wrapper.__xlstm_on_input_device__ = True
     return wrapper
+
+
+def is_concrete(x) -> bool:
+    """True when the values of array ``x`` can be read back to the host.
+
+    False for JAX tracers (inside ``jax.jit``, ``jax.grad`` or ``jax.vmap``) and for other
+    lazy arrays; checks that read values must then take another route.
+    """
+    if _aac.is_jax_array(x):
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    return not _aac.is_lazy_array(x)
 
 
 def device_of(x):

@@ -13,7 +13,7 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
-from ._compat import device_of
+from ._compat import device_of, is_concrete
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
@@ -78,7 +78,8 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     mask : array, shape (m, T_x), optional
         Which positions count. A boolean mask keeps the ``True`` positions. A floating mask
         (of the parameters' dtype) weighs each position by its value, so a 0/1 mask keeps
-        the ones; the loss is then the weighted mean. Default: every position counts.
+        the ones; the loss is then the weighted mean. Weights must be finite and
+        non-negative. Default: every position counts.
     c0 : array, shape (n_a, m), optional
         Initial cell state; default zeros.
 
@@ -97,8 +98,10 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     KeyError, TypeError, ValueError
         For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
         disagrees (the message names the argument, for instance ``labels`` or ``mask``);
-        ``ValueError`` when a counted label lies outside ``[0, n_y)`` or when no position
-        counts (an all-false mask).
+        ``ValueError`` when a counted label lies outside ``[0, n_y)``, when a mask weight
+        is negative, NaN or infinite, or when no position counts (an all-false mask).
+        Under ``jax.jit`` the values cannot be checked: there, any of these makes the
+        loss NaN instead (which :func:`xlstm.fit` reports).
 
     Notes
     -----
@@ -107,7 +110,9 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     comparison with ``arange(n_y)``, with no indexed writes, so JAX works too.
 
     Validating the labels and the mask costs one host synchronisation (a single reduction
-    is read back); everything else stays on the device.
+    is read back); everything else stays on the device. Labels of any integer dtype are
+    compared in the namespace's default integer dtype, so ``uint8`` labels work with any
+    number of classes.
     """
     xp, n_a, _, n_y, m, T_x = _prepare(
         params, x, a0, c0, labels=labels, mask=mask,
@@ -117,17 +122,27 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     _check_shape("labels", labels, (m, T_x), "(m, T_x)")
+    # Compare classes in the namespace's default integer dtype: a narrow dtype (uint8 with
+    # 300 classes, say) cannot hold arange(n_y), and a wrapped class index would count a
+    # label twice. Values beyond that dtype wrap to negatives and are reported below.
+    wide = xp.__array_namespace_info__().default_dtypes(device=dev)["integral"]
+    labels = xp.astype(labels, wide, copy=False)
     if mask is None:
         weights = None
         count = float(m * T_x)
         counted = None
+        bad_mask = None
     else:
         _check_shape("mask", mask, (m, T_x), "(m, T_x)")
         is_bool = xp.isdtype(mask.dtype, "bool")
         weights = xp.astype(mask, dtype) if is_bool else mask
         counted = mask if is_bool else mask != 0.0
         count = xp.sum(weights)
-    _check_labels(labels, counted, count, n_y, xp=xp)
+        bad_mask = None if is_bool else xp.any(~(xp.isfinite(mask) & (mask >= 0.0)))
+    outside = (labels < 0) | (labels >= n_y)
+    if counted is not None:
+        outside = outside & counted
+    bad = _check_targets(labels, outside, counted, count, bad_mask, n_y, xp=xp)
 
     a, _, _, caches = lstm_forward(x, a0, params, c0)
     Wy, by = params["Wy"], params["by"]
@@ -136,37 +151,49 @@ def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     shifted = Z - xp.max(Z, axis=0, keepdims=True)
     lse = xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
     logp = shifted - lse
-    classes = xp.arange(n_y, dtype=labels.dtype, device=dev)
+    classes = xp.arange(n_y, dtype=wide, device=dev)
     onehot = xp.astype(xp.reshape(labels, (1, m * T_x)) == classes[:, None], dtype)
     nll = -xp.sum(onehot * logp, axis=0, keepdims=True)  # (1, m T_x)
     if weights is None:
-        scale = 1.0 / count  # a Python float: keeps the dtype of float32 arrays
-        loss = xp.sum(nll) * scale
+        scale = 1.0 / count
+        # A 0-d array of the loss's dtype: a Python float times numpy 1.x's float32 scalar
+        # would give float64.
+        loss = xp.sum(nll) * xp.asarray(scale, dtype=dtype, device=dev)
         dZ = (xp.exp(logp) - onehot) * scale
     else:
         scale = xp.reshape(weights, (1, m * T_x)) / count  # 0 at masked positions
         loss = xp.sum(nll * scale)  # nll is finite everywhere, so masked terms are 0
         dZ = (xp.exp(logp) - onehot) * scale
+    if bad is not None:  # traced values (jax.jit): a bad label or weight makes the loss NaN
+        loss = xp.where(bad, xp.asarray(float("nan"), dtype=dtype, device=dev), loss)
     dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
     grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
     grads["dWy"], grads["dby"] = dWy, dby
     return xp.asarray(loss), grads  # asarray: numpy reductions give scalars, not arrays
 
 
-def _check_labels(labels, counted, count, n_y, *, xp):
-    """Raise ValueError for a counted label outside ``[0, n_y)`` or for nothing counted.
+def _check_targets(labels, outside, counted, count, bad_mask, n_y, *, xp):
+    """Raise ValueError for a counted label outside ``[0, n_y)``, a mask weight that is
+    negative or not finite, or nothing counted.
 
     One reduction is read back to the host; the detailed message is worked out only when
-    something is wrong.
+    something is wrong. Where the values cannot be read (JAX tracers under ``jax.jit``)
+    nothing is raised: the 0-d flag of a problem is returned for the loss to become NaN.
     """
-    outside = (labels < 0) | (labels >= n_y)
-    if counted is not None:
-        outside = outside & counted
     bad = xp.any(outside)
     if counted is not None:
         bad = bad | (count <= 0.0)
+    if bad_mask is not None:
+        bad = bad | bad_mask
+    if not is_concrete(bad):
+        return bad
     if not bool(bad):
-        return
+        return None
+    if bad_mask is not None and bool(bad_mask):
+        raise ValueError(
+            "mask weights must be finite and >= 0; the mask holds negative, NaN or "
+            "infinite values"
+        )
     if counted is not None and bool(count <= 0.0):
         raise ValueError(
             "mask counts no position (it is all False or its weights sum to <= 0); "
@@ -258,7 +285,7 @@ def last_step_mse(x, a0, params, targets, *, c0=None):
     a_last = a[:, :, -1]
     diff = Wy @ a_last + params["by"] - targets
     scale = 1.0 / (n_y * m)
-    loss = xp.sum(diff * diff) * scale
+    loss = xp.sum(diff * diff) * xp.asarray(scale, dtype=x.dtype, device=device_of(x))
     dWy, dby, da_last = _output_grads((2.0 * scale) * diff, a_last, Wy, xp=xp)
     if T_x > 1:
         zeros = xp.zeros((n_a, m, T_x - 1), dtype=x.dtype, device=device_of(x))
