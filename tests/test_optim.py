@@ -339,3 +339,69 @@ def test_clip_validation(fn):
         fn({"dx": np.ones((2, 2))}, 1.0)
     with pytest.raises(TypeError, match="grads"):
         fn([np.ones(2)], 1.0)
+
+
+def _exact_norm(g0):
+    """The global norm of the parameter gradients, exactly (Python integers of scaled
+    values would do too; float64 of float64 scaled by the largest entry is exact enough)."""
+    leaves = [np.asarray(v, dtype=np.float64).ravel() for k, v in g0.items() if k[:2] in ("dW", "db")]
+    top = max(np.max(np.abs(v)) for v in leaves)
+    return top * np.sqrt(sum(np.sum((v / top) ** 2) for v in leaves))
+
+
+@pytest.mark.parametrize("dtype_name, magnitude", [
+    ("float32", 1e30), ("float32", 3e38), ("float32", 1e-30), ("float32", 1e-44),
+    ("float64", 1e300), ("float64", 1e-310), ("float16", 300.0), ("float16", 6e4),
+])
+def test_clip_by_global_norm_is_right_for_every_finite_size(xp, device, dtype_name, magnitude):
+    """Sums of squares that overflow or underflow the dtype still give the right norm and
+    the right scale (they used to zero every gradient)."""
+    dtype = getattr(xp, dtype_name, None)
+    if dtype is None:
+        pytest.skip(f"{xp.__name__} has no {dtype_name}")
+    if magnitude < np.finfo(dtype_name).tiny and "jax" in xp.__name__:
+        pytest.skip("XLA flushes subnormal numbers to zero")
+    rng = np.random.default_rng(11)
+    g0 = {k: v for k, v in host_grads(12).items() if k[:2] in ("dW", "db")}
+    g0 = {k: (v / np.max(np.abs(v)) * magnitude).astype(dtype_name) for k, v in g0.items()}
+    g0["dx"] = rng.standard_normal((2, 2)).astype(dtype_name)
+    grads = {k: xp.asarray(v, device=device) for k, v in g0.items()}
+    true = _exact_norm({k: v for k, v in g0.items()})
+    norm_name = "float32" if dtype_name == "float16" else dtype_name
+    info = np.finfo(norm_name)
+    bound = min(0.5 * true, 0.1 * float(info.max)) if magnitude > 1 else 1.0
+    out, norm = clip_by_global_norm(grads, bound)
+    assert_array(norm, xp=xp, device=device, shape=(), dtype=getattr(xp, norm_name))
+    got = float(to_numpy(norm))
+    if true <= info.max:
+        np.testing.assert_allclose(got, true, rtol=2e-3 if dtype_name == "float16" else 1e-5,
+                                   atol=4 * float(info.smallest_subnormal))
+    else:
+        assert got == np.inf
+    for k in g0:
+        assert_array(out[k], xp=xp, device=device, dtype=dtype)
+        v = to_numpy(out[k]).astype(np.float64)
+        assert np.all(np.isfinite(v)), k
+        if k == "dx":
+            np.testing.assert_array_equal(to_numpy(out[k]), g0[k])
+        elif bound < true:  # clipped: the direction kept, the norm brought to the bound
+            np.testing.assert_allclose(v, g0[k].astype(np.float64) * (bound / true),
+                                       rtol=1e-2 if dtype_name == "float16" else 1e-5)
+            assert np.any(v != 0), k
+        else:
+            np.testing.assert_array_equal(to_numpy(out[k]), g0[k])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_clip_by_global_norm_non_finite_gradients(xp, device, bad):
+    """One inf or nan entry: the norm says so, and the gradients come back unscaled
+    (not zeroed, not turned into nan)."""
+    g0 = host_grads(13)
+    g0["dWc"] = g0["dWc"].copy()
+    g0["dWc"][1, 2] = bad
+    grads = to_xp(g0, xp, device)
+    out, norm = clip_by_global_norm(grads, 1.0)
+    got = float(to_numpy(norm))
+    assert (np.isnan(got) if np.isnan(bad) else got == np.inf)
+    for k in g0:
+        np.testing.assert_array_equal(to_numpy(out[k]), g0[k], err_msg=k)

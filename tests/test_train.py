@@ -160,6 +160,24 @@ def test_non_finite_loss_raises():
         fit(params, batches, loss_fn, SGD(lr=0.1), progress=False)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradients_raise_with_clip_norm(bad):
+    """A finite loss with an inf or NaN gradient: fit stops at that step instead of
+    stepping with gradients that clipping cannot scale."""
+    params, batches = host_setup(n_batches=3)
+    calls = []
+
+    def loss_fn(p, b):
+        loss, grads = make_loss()(p, b)
+        calls.append(1)
+        if len(calls) == 2:
+            grads = dict(grads, dWc=grads["dWc"] * bad)
+        return loss, grads
+
+    with pytest.raises(FloatingPointError, match="gradient norm is .* at step 2"):
+        fit(params, batches, loss_fn, SGD(lr=0.1), clip_norm=1.0, progress=False)
+
+
 def test_argument_errors():
     params, batches = host_setup(n_batches=2)
     loss_fn, opt = make_loss(), SGD(lr=0.1)

@@ -400,11 +400,16 @@ def clip_by_value(grads, max_value):
 def clip_by_global_norm(grads, max_norm):
     """Scale all parameter gradients together so that their joint L2 norm is at most ``max_norm``.
 
-    With ``norm = sqrt(sum of squares of every dW*, db* entry)`` every parameter gradient is
-    multiplied by ``min(1, max_norm / (norm + 1e-12))``. The scale is computed with array
-    operations, so nothing is read back to the host (no device synchronisation). When the
-    norm is already at most ``max_norm`` the scale is exactly 1 and the gradients come back
-    equal to the input.
+    With ``norm`` the L2 norm of every ``dW*``, ``db*`` entry taken together, every
+    parameter gradient is multiplied by ``min(1, max_norm / norm)``. When the norm is
+    already at most ``max_norm`` the scale is exactly 1 and the gradients come back equal
+    to the input.
+
+    The norm is computed without overflow or underflow, as ``g_max * sqrt(sum((g /
+    g_max)**2))`` with ``g_max`` the largest magnitude of any entry, so the scaling is
+    right for every finite input, however large (float32 gradients near 1e38 included).
+    Half-precision gradients are reduced in float32. Everything stays on the device: no
+    value is read back to the host.
 
     Parameters
     ----------
@@ -420,26 +425,73 @@ def clip_by_global_norm(grads, max_norm):
         A new dict with the same keys, in the same order; ``grads`` is not modified.
     norm : array
         0-d array, the global norm *before* clipping, in the gradients' namespace, dtype
-        and device.
+        (float32 for half-precision gradients) and device. It is ``inf`` or ``nan`` when a
+        gradient holds ``inf`` or ``nan`` (see Notes), and ``inf`` when the norm itself
+        exceeds the largest number of its dtype.
 
     Raises
     ------
     ValueError
         If ``max_norm`` is not a positive finite number, or ``grads`` holds no parameter
         gradient.
+
+    Notes
+    -----
+    Non-finite gradients. When any parameter gradient holds ``inf`` or ``nan`` there is no
+    meaningful scale: the gradients are returned unscaled (never silently zeroed or
+    turned into ``nan``) and the returned ``norm`` is not finite. :func:`xlstm.fit`
+    checks it and raises ``FloatingPointError`` naming the step.
     """
     bound = _real("max_norm", max_norm, low=0.0, low_open=True)
     keys = _param_grad_keys(grads)
     xp = namespace(**{f"grads[{k!r}]": grads[k] for k in keys})
+    dtype = grads[keys[0]].dtype
+    dev = device_of(grads[keys[0]])
+    work = _widest_float(xp, dev)
+    wide = [xp.astype(grads[k], work, copy=False) for k in keys]
+    g_max = None
+    for g in wide:
+        top = xp.max(xp.abs(g)) if g.size else xp.zeros((), dtype=work, device=dev)
+        g_max = top if g_max is None else xp.maximum(g_max, top)
+    one = xp.ones((), dtype=work, device=dev)
+    finite = xp.isfinite(g_max)
+    usable = finite & (g_max > 0.0)
+    unit = xp.where(usable, g_max, one)  # 1 where all are zero or some are not finite
     total = None
-    for k in keys:
-        g = grads[k]
-        sq = xp.sum(g * g)
+    for g in wide:
+        r = g / unit  # |r| <= 1: no overflow, and the largest entry contributes exactly 1
+        sq = xp.sum(r * r)
         total = sq if total is None else total + sq
-    norm = xp.sqrt(total)
-    one = xp.ones((), dtype=norm.dtype, device=device_of(norm))
-    scale = xp.minimum(one, bound / (norm + 1e-12))
+    root = xp.where(usable, xp.sqrt(total), one)  # >= 1 wherever usable
+    big = float(xp.finfo(work).max)
+    inf = xp.asarray(float("inf"), dtype=work, device=dev)
+    over = unit > big / root  # the norm itself is beyond the dtype's range
+    norm = xp.where(over, inf, unit * xp.where(over, one, root))
+    norm = xp.where(usable, norm, g_max)  # 0 when all are 0; inf or nan passes through
+    # Clip iff unit * root > bound, i.e. unit > bound / root; the ratio is then < 1, and
+    # the denominator is swapped for a harmless one where no clipping happens, so that
+    # nothing overflows or divides by zero in either branch.
+    limit = min(bound, big) / root
+    clip = usable & (unit > limit)
+    scale = limit / xp.where(clip, unit, limit)
     out = dict(grads)
-    for k in keys:
-        out[k] = grads[k] * scale
+    for k, g in zip(keys, wide):
+        out[k] = grads[k] * scale if work == dtype else xp.astype(g * scale, dtype)
+    norm_dtype = dtype if dtype in (xp.float32, xp.float64) else xp.float32
+    if norm_dtype != work:  # beyond the range of the result's dtype: inf, with no warning
+        norm = xp.astype(xp.where(norm > float(xp.finfo(norm_dtype).max), inf, norm), norm_dtype)
     return out, norm
+
+
+def _widest_float(xp, device):
+    """float64 where the namespace and device have it (not JAX without x64), else float32.
+
+    The global norm is reduced in it: float32 and half-precision gradients then neither
+    overflow nor underflow, and no reciprocal of a huge number is flushed to zero (XLA
+    divides by multiplying with the reciprocal).
+    """
+    try:
+        have = xp.__array_namespace_info__().dtypes(device=device, kind="real floating")
+    except Exception:  # noqa: BLE001 - an older namespace without the inspection API
+        return xp.float64
+    return have.get("float64", xp.float32)

@@ -20,7 +20,8 @@ give the same history, bit for bit, on the CPU.
 
 The loss is read back to the host once per step (one device synchronisation per step), to
 record the history, show it on the progress bar, hand it to the callback and stop on a
-non-finite value.
+non-finite value; with ``clip_norm`` the gradients' global norm is read back too, to stop on
+non-finite gradients.
 """
 
 from __future__ import annotations
@@ -232,8 +233,10 @@ def fit(
     Raises
     ------
     FloatingPointError
-        If a loss is NaN or infinite; the message gives the step. The parameters of the
-        steps before are lost with the exception, so lower the learning rate or clip.
+        If a loss is NaN or infinite, or (with ``clip_norm``) the gradients' global norm
+        is, which happens when a gradient holds inf or NaN; the message gives the step.
+        The parameters of the steps before are lost with the exception, so lower the
+        learning rate or clip.
     TypeError, ValueError
         For an invalid argument; the message names it.
 
@@ -287,6 +290,13 @@ def fit(
                 norm = None
                 if clip_norm is not None:
                     grads, norm = clip_by_global_norm(grads, clip_norm)
+                    size = float(norm)  # the step's second host synchronisation
+                    if not math.isfinite(size):
+                        raise FloatingPointError(
+                            f"gradient norm is {size} at step {len(history) + 1} (epoch "
+                            f"{epoch}): a gradient holds inf or NaN (or its norm exceeds "
+                            "the dtype's range); lower the learning rate or check the data"
+                        )
                 params, state = optimizer.step(params, grads, state)
                 history.append(value)
                 running = value if running is None else running + smoothing * (value - running)
