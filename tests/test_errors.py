@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from helpers import to_xp
@@ -129,3 +131,67 @@ def test_mixed_devices_are_named():
     d["c0"] = s.asarray(d["c0"], device=s.Device("device1"))
     with pytest.raises(ValueError, match="device mismatch: x is on .* but c0 is on"):
         forward(d)
+
+
+def test_none_and_masked_arrays_are_named():
+    d = good()
+    with pytest.raises(TypeError, match="a0 must be an array, got None"):
+        xlstm.lstm_forward(d["x"], None, d["params"])
+    with pytest.raises(TypeError, match="x must be an array, got None"):
+        xlstm.lstm_forward(None, d["a0"], d["params"])
+    with pytest.raises(TypeError, match=r"params\['Wc'\] must be an array, got None"):
+        xlstm.lstm_forward(d["x"], d["a0"], with_(d["params"], "Wc", None))
+    with pytest.raises(TypeError, match="xt must be an array, got None"):
+        xlstm.lstm_cell_forward(None, d["a0"], d["c0"], d["params"])
+    masked = np.ma.masked_array(d["x"], mask=d["x"] > 1.0)
+    with pytest.raises(TypeError, match="x is a numpy masked array"):
+        xlstm.lstm_forward(masked, d["a0"], d["params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # numpy's own, on matrix
+        matrix = np.asmatrix(d["a0"])
+    with pytest.raises(TypeError, match="a0 is a numpy.matrix"):
+        xlstm.lstm_forward(d["x"], matrix, d["params"])
+    *_, caches = forward(d)
+    with pytest.raises(TypeError, match="da must be an array, got None"):
+        xlstm.lstm_backward(None, caches)
+    with pytest.raises(TypeError, match=r"caches\[1\] must be an array, got None"):
+        xlstm.lstm_backward(np.ones((N_A, M, T)), (list(caches[0]), None))
+    # a memmap is an ndarray subclass that behaves as one: accepted
+    a, *_ = xlstm.lstm_forward(d["x"].view(np.memmap), d["a0"], d["params"], c0=d["c0"])
+    np.testing.assert_array_equal(a, forward(d)[0])
+
+
+def test_forged_caches_are_named():
+    from xlstm import _engine
+
+    d = good()
+    *_, caches = forward(d)
+    da = np.ones((N_A, M, T))
+    state = caches.state
+    forged = {
+        "not a state": (TypeError, "caches.state is not the forward state",
+                        xlstm.LSTMCaches(caches[0], caches[1], ("A", "C"))),
+        "short S": (ValueError, r"caches.state.S has shape \(5, 5, 12\)",
+                    xlstm.LSTMCaches(caches[0], caches[1], state._replace(S=state.S[:-1]))),
+        "n_a": (ValueError, "caches.state.params has n_a=4 but caches.state.n_a is 3",
+                xlstm.LSTMCaches(caches[0], caches[1], state._replace(n_a=3))),
+        "float32 X": (TypeError, "caches.state.X is float32",
+                      xlstm.LSTMCaches(caches[0], caches[1],
+                                       state._replace(X=state.X.astype(np.float32)))),
+        "list A": (TypeError, "caches.state.A must be an array",
+                   xlstm.LSTMCaches(caches[0], caches[1], state._replace(A=state.A.tolist()))),
+        "params": (KeyError, "'Wo'", xlstm.LSTMCaches(
+            caches[0], caches[1], state._replace(params=without(state.params, "Wo")))),
+    }
+    assert isinstance(state, _engine.State)
+    for name, (exc, words, bad) in forged.items():
+        with pytest.raises(exc, match=words):
+            xlstm.lstm_backward(da, bad)
+
+
+def test_foreign_caches_are_named():
+    s = pytest.importorskip("array_api_strict")
+    d = good()
+    *_, caches = forward(d)
+    with pytest.raises(TypeError, match="da is .*array_api_strict.* but caches is .*numpy"):
+        xlstm.lstm_backward(s.asarray(np.ones((N_A, M, T))), caches)

@@ -311,3 +311,34 @@ def test_inference_path_equals_cached_path(xp, device):
     assert none is None
     for mine, ref in ((a2, a), (y2, y), (c2, c)):
         assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_caches_copy_deepcopy_and_pickle(xp, device, how):
+    """The caches survive copy.copy, copy.deepcopy and a pickle round trip: the same
+    per-step views and the same gradients."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(19)
+    x, a0, c0, params = random_case(rng, n_x=3, n_a=4, n_y=2, m=3, T=4)
+    *_, caches = xlstm.lstm_forward(to_xp(x, xp, device), to_xp(a0, xp, device),
+                                    to_xp(params, xp, device), c0=to_xp(c0, xp, device))
+    da = to_xp(rng.standard_normal((4, 3, 4)), xp, device)
+    if how == "pickle":
+        try:
+            again = pickle.loads(pickle.dumps(caches))
+        except Exception as exc:  # noqa: BLE001 - the arrays themselves
+            probe = to_xp(np.ones(2), xp, device)
+            with pytest.raises(type(exc)):
+                pickle.dumps(probe)
+            pytest.skip(f"{xp.__name__} arrays cannot be pickled: {exc}")
+    else:
+        again = getattr(copy, how)(caches)
+    assert type(again) is xlstm.LSTMCaches and len(again) == 2 and len(again[0]) == 4
+    want, got = xlstm.lstm_backward(da, caches), xlstm.lstm_backward(da, again)
+    for k in want:
+        assert_close(got[k], to_numpy(want[k]), xp=xp, device=device, rtol=0, atol=0, err=k)
+    for field in ("a_next", "ft", "xt"):
+        assert_close(getattr(again[0][2], field), to_numpy(getattr(caches[0][2], field)),
+                     xp=xp, device=device, rtol=0, atol=0, err=field)

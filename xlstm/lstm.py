@@ -43,8 +43,12 @@ pass, so that changing the caller's parameters afterwards does not change the gr
 class _StepCaches(Sequence):
     """The per-step caches of a sequence, built on access as views into the stacked state."""
 
-    def __init__(self, state, xp):
-        self._state, self._xp = state, xp
+    def __init__(self, state, xp=None):
+        self._state = state
+        self._xp = namespace(caches=state.A) if xp is None else xp
+
+    def __reduce__(self):  # the namespace (a module) is found again from the arrays
+        return (type(self), (self._state,))
 
     def __len__(self):
         return self._state.S.shape[0]
@@ -72,12 +76,18 @@ class LSTMCaches(tuple):
     ``caches[0]`` is the sequence of per-step :class:`LSTMCache` tuples (views into the
     stacked forward state, built on access) and ``caches[1]`` is ``x``. The stacked state
     itself is :attr:`state`; :func:`lstm_backward` uses it directly.
+
+    It can be copied (:func:`copy.copy`, :func:`copy.deepcopy`) and pickled, as far as the
+    arrays of its namespace can.
     """
 
     def __new__(cls, steps, x, state):
         obj = super().__new__(cls, (steps, x))
         obj.state = state
         return obj
+
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its three parts
+        return (type(self), (self[0], self[1], self.state))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -325,7 +335,7 @@ def lstm_backward(da, caches):
         raise TypeError("caches must be the pair (list of per-step caches, x) from lstm_forward")
     steps, x = caches
     if isinstance(caches, LSTMCaches):
-        return _backward_fused(da, caches.state, x)
+        return _backward_fused(da, getattr(caches, "state", None), x)
     return _backward_per_step(da, steps, x)
 
 
@@ -338,7 +348,44 @@ def _check_da(da, n_a, m, T_x):
         )
 
 
+def _check_state(state):
+    """The namespace of a forward state after checking it is one that lstm_forward made.
+
+    A forged or damaged ``caches.state`` (wrong type, arrays of other shapes, namespaces or
+    dtypes) is a TypeError or ValueError here rather than a failure deep in the math.
+    """
+    if not isinstance(state, _engine.State):
+        raise TypeError(
+            "caches.state is not the forward state of lstm_forward; pass the caches that "
+            f"lstm_forward returned (got a state of type {type(state).__name__})"
+        )
+    n_a = state.n_a
+    if isinstance(n_a, bool) or not isinstance(n_a, int) or n_a < 1:
+        raise ValueError(f"caches.state.n_a must be a positive int, got {n_a!r}")
+    if not isinstance(state.params, dict):
+        raise TypeError("caches.state.params must be the parameter dict of the forward pass")
+    fields = {f"caches.state.{k}": getattr(state, k) for k in ("A", "C", "S", "CCT", "TC", "X")}
+    xp, (p_n_a, n_x, _) = _resolve(state.params, need_output=False, **fields)
+    if p_n_a != n_a:
+        raise ValueError(f"caches.state.params has n_a={p_n_a} but caches.state.n_a is {n_a}")
+    A = state.A
+    if A.ndim != 3 or A.shape[0] < 2:
+        raise ValueError(f"caches.state.A must be (T_x+1, m, n_a), got shape {tuple(A.shape)}")
+    T1, m = A.shape[0], A.shape[1]
+    expected = {"A": (T1, m, n_a), "C": (T1, m, n_a), "S": (T1 - 1, m, 3 * n_a),
+                "CCT": (T1 - 1, m, n_a), "TC": (T1 - 1, m, n_a), "X": ((T1 - 1) * m, n_x)}
+    for k, shape in expected.items():
+        got = tuple(getattr(state, k).shape)
+        if got != shape:
+            raise ValueError(
+                f"caches.state.{k} has shape {got}, expected {shape}; the caches were not "
+                "made by lstm_forward, or were changed since"
+            )
+    return xp
+
+
 def _backward_fused(da, state, x):
+    _check_state(state)
     xp = namespace(da=da, caches=state.A)
     n_a, (T1, m, _) = state.n_a, state.A.shape
     T_x = T1 - 1
@@ -363,7 +410,7 @@ def _backward_per_step(da, steps, x):
     first = steps[0]
     if not isinstance(first, tuple) or len(first) != 10:
         raise TypeError("caches[0] must be a list of 10-field per-step caches")
-    xp = namespace(da=da, x=x, **{"caches[0][0].a_next": first[0]})
+    xp = namespace(da=da, **{"caches[1]": x, "caches[0][0].a_next": first[0]})
     n_a, m = first[0].shape
     T_x = len(steps)
     _check_da(da, n_a, m, T_x)
