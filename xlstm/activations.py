@@ -6,11 +6,12 @@ Derivatives are expressed through the outputs (``s * (1 - s)`` for the sigmoid,
 
 from __future__ import annotations
 
-from ._compat import namespace
+from ._compat import namespace, on_input_device
 
 __all__ = ["sigmoid", "softmax"]
 
 
+@on_input_device
 def sigmoid(x):
     """Logistic sigmoid, ``1 / (1 + exp(-x))``, computed as ``0.5 * tanh(0.5 * x) + 0.5``.
 
@@ -38,6 +39,7 @@ def sigmoid(x):
     return _sigmoid(x, xp=xp)
 
 
+@on_input_device
 def softmax(x, axis=0):
     """Softmax along ``axis`` (axis 0, the class axis of the seed's ``(n_y, m)`` layout).
 

@@ -13,7 +13,7 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
-from ._compat import device_of, is_concrete
+from ._compat import device_of, is_concrete, on_input_device
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
@@ -37,6 +37,7 @@ def _output_grads(dZ, a, Wy, *, xp):
 
 
 # ---------------------------------------------------------------------- sequence labelling
+@on_input_device
 def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
     r"""Softmax cross-entropy over every step of a sequence, and all its gradients.
 
@@ -210,6 +211,7 @@ def _check_targets(labels, outside, counted, count, bad_mask, n_y, *, xp):
 
 
 # --------------------------------------------------------------------- sequence regression
+@on_input_device
 def last_step_predict(x, a0, params, *, c0=None):
     r"""Linear read-out of the last hidden state: ``pred = Wy a_T + by``.
 
@@ -237,6 +239,7 @@ def last_step_predict(x, a0, params, *, c0=None):
     return params["Wy"] @ a[:, :, -1] + params["by"]
 
 
+@on_input_device
 def last_step_mse(x, a0, params, targets, *, c0=None):
     r"""Mean squared error of a linear read-out of the last hidden state, and all gradients.
 

@@ -14,7 +14,7 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from . import _engine
-from ._compat import device_of, namespace
+from ._compat import device_of, namespace, on_input_device
 from .params import (
     check_params,
     fused_backward_weights,
@@ -128,6 +128,7 @@ def _check_shape(name, arr, expected, what):
 
 
 # ----------------------------------------------------------------------------- forward
+@on_input_device
 def lstm_cell_forward(xt, a_prev, c_prev, params):
     """One LSTM step, equations (1)-(6), and the softmax prediction.
 
@@ -174,6 +175,7 @@ def lstm_cell_forward(xt, a_prev, c_prev, params):
     return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
 
 
+@on_input_device
 def lstm_forward(x, a0, params, c0=None, *, return_caches=True):
     """Run the LSTM over a whole sequence, equations (1)-(6) at every step.
 
@@ -243,6 +245,7 @@ def _copy(xp):
 
 
 # ---------------------------------------------------------------------------- backward
+@on_input_device
 def lstm_cell_backward(da_next, dc_next, cache):
     """Backward pass of one LSTM step, equations (7)-(21).
 
@@ -303,6 +306,7 @@ def _seed_order(dW, db):
     return {k: v for g in "fico" for k, v in ((f"dW{g}", dW[f"dW{g}"]), (f"db{g}", db[f"db{g}"]))}
 
 
+@on_input_device
 def lstm_backward(da, caches):
     """Backward pass over a whole sequence (backpropagation through time).
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping
 from numbers import Real
 
-from ._compat import device_of, namespace
+from ._compat import device_of, namespace, on_input_device
 
 __all__ = ["SGD", "Adam", "clip_by_value", "clip_by_global_norm"]
 
@@ -154,6 +154,7 @@ class SGD:
     def __repr__(self):
         return f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r})"
 
+    @on_input_device
     def init(self, params):
         """Return the initial state for ``params``.
 
@@ -173,6 +174,7 @@ class SGD:
             return {"step": 0, **_init_buffers(params, ()), "velocity": {}}
         return {"step": 0, **_init_buffers(params, ("velocity",))}
 
+    @on_input_device
     def step(self, params, grads, state):
         """Apply one update and return ``(new_params, new_state)``.
 
@@ -271,6 +273,7 @@ class Adam:
             f"eps={self.eps!r})"
         )
 
+    @on_input_device
     def init(self, params):
         """Return the initial state for ``params``.
 
@@ -288,6 +291,7 @@ class Adam:
         """
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
+    @on_input_device
     def step(self, params, grads, state):
         """Apply one update and return ``(new_params, new_state)``.
 
@@ -358,6 +362,7 @@ def _param_grad_keys(grads):
     return keys
 
 
+@on_input_device
 def clip_by_value(grads, max_value):
     """Clip every parameter gradient elementwise to ``[-max_value, max_value]``.
 
@@ -397,6 +402,7 @@ def clip_by_value(grads, max_value):
     return out
 
 
+@on_input_device
 def clip_by_global_norm(grads, max_norm):
     """Scale all parameter gradients together so that their joint L2 norm is at most ``max_norm``.
 
