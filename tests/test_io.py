@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import sys
 import zipfile
@@ -570,3 +571,82 @@ def test_load_rejects_a_non_namespace(tmp_path):
     save_params(tmp_path / "p.npz", host_params())
     with pytest.raises(TypeError, match="xp"):
         load_params(tmp_path / "p.npz", xp="numpy")
+
+
+# ------------------------------------------------------------------------- file permissions
+posix_modes = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+
+
+@contextlib.contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@posix_modes
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o000])
+def test_new_file_honours_the_umask(tmp_path, mask):
+    with umask(mask):
+        save_params(tmp_path / "p.npz", host_params())
+        with open(tmp_path / "by_open", "wb"):
+            pass
+    mode = stat.S_IMODE((tmp_path / "p.npz").stat().st_mode)
+    assert mode == 0o666 & ~mask == stat.S_IMODE((tmp_path / "by_open").stat().st_mode)
+
+
+@posix_modes
+@pytest.mark.parametrize("existing", [0o640, 0o604, 0o600, 0o666])
+def test_replaced_file_keeps_its_mode(tmp_path, existing):
+    path = tmp_path / "p.npz"
+    path.write_bytes(b"old contents")
+    path.chmod(existing)
+    with umask(0o077):
+        save_params(path, host_params())
+    assert stat.S_IMODE(path.stat().st_mode) == existing
+    np.testing.assert_array_equal(load_params(path)["Wf"], host_params()["Wf"])
+
+
+@posix_modes
+def test_umask_is_read_without_proc_too(monkeypatch):
+    import xlstm.io
+
+    for mask in (0o022, 0o077, 0o027):
+        with umask(mask):
+            assert xlstm.io._umask() == mask
+            monkeypatch.setattr(xlstm.io, "_PROC_STATUS", "/nonexistent/status")
+            assert xlstm.io._umask() == mask
+            monkeypatch.undo()
+            assert os.umask(mask) == mask  # and left unchanged
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "p.npz"
+    save_params(path, host_params())
+    before = path.read_bytes()
+
+    def half_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_params(path, dict(host_params(), Wf=host_params()["Wf"] + 1.0))
+    with pytest.raises(OSError, match="disk full"):
+        save_params(tmp_path / "new.npz", host_params())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npz"]
+    assert path.read_bytes() == before
+
+
+def test_save_replaces_through_a_new_file(tmp_path):
+    # the new contents appear under the name in one step: a reader holding the old file
+    # keeps reading the old contents
+    path = tmp_path / "p.npz"
+    save_params(path, host_params())
+    with open(path, "rb") as old:
+        save_params(path, dict(host_params(), Wf=host_params()["Wf"] + 1.0))
+        np.testing.assert_array_equal(load_params(old)["Wf"], host_params()["Wf"])
+    np.testing.assert_array_equal(load_params(path)["Wf"], host_params()["Wf"] + 1.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 import zipfile
@@ -46,6 +47,7 @@ _MAX_META_DEPTH = 4  # nesting of JSON arrays and objects; save_params writes 1
 _MAX_HEADER_BYTES = 1024  # an .npy header; numpy writes 128 bytes for these arrays
 _MAX_DIRECTORY_BYTES = 1 << 16  # the zip central directory; 11 entries need about 1 KiB
 _CHUNK = 1 << 20  # array data is read in pieces of at most this many bytes
+_PROC_STATUS = "/proc/self/status"  # where Linux shows the umask without changing it
 _PICKLE_WHY = "which load_params refuses: unpickling a file can run arbitrary code"
 # What a damaged archive or entry can raise while it is read.
 _READ_ERRORS = (
@@ -69,7 +71,9 @@ def save_params(path, params):
     path : str, os.PathLike or binary file object
         Where to write. A path is used exactly as given (no ``.npz`` is appended) and is
         written atomically: the archive goes to a temporary file in the same folder that
-        then replaces ``path``, so a crash never leaves a half-written file behind.
+        then replaces ``path``, so a crash never leaves a half-written file behind. The
+        file gets the permissions ``open`` would give it: those of the file it replaces,
+        or ``0o666`` less the umask for a new file.
     params : dict of arrays
         ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by`` in any supported namespace (numpy, CuPy,
         torch, JAX, array-api-strict), all float32 or all float64, on one device. Extra
@@ -110,15 +114,44 @@ def save_params(path, params):
         return
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=".xlstm-", suffix=".npz.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **host)
+            if os.chmod in os.supports_fd:
+                os.chmod(f.fileno(), mode)
+        if os.chmod not in os.supports_fd:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path):
+    """The permission bits ``open(path, "wb")`` would leave ``path`` with.
+
+    ``open`` keeps an existing file's mode when it truncates it and creates a new one with
+    ``0o666`` less the umask; the temporary file that replaces ``path`` gets the same.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask():
+    """The process umask, read without changing it where the system allows."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it and restore it
+    os.umask(mask)
+    return mask
 
 
 def load_params(path, *, xp=None, device=None):
