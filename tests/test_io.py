@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
+import os
+import pathlib
+import re
+import stat
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
+from crafted_npz import deflated_zeros, npy, npy_header, stored, write_zip
 from helpers import assert_array, assert_close, to_numpy, to_xp
 
 from xlstm.io import FORMAT_VERSION, load_params, save_params
@@ -39,6 +48,10 @@ def meta_bytes(**fields):
     meta["dtype"] = "float64"
     meta.update(fields)
     return np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+
+def meta_raw(text):
+    return np.frombuffer(text, dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ round trips
@@ -277,6 +290,13 @@ def test_big_endian_file_loads_as_native(tmp_path):
         (meta_bytes(n_a=0), "'n_a'"),
         (meta_bytes(n_x="3"), "'n_x'"),
         (meta_bytes(dtype="float16"), "'dtype'"),
+        (meta_bytes(extra=1), r"unknown fields \['extra'\]"),
+        (meta_bytes(format="[[[[[[{{{{{{"), "not an xlstm parameter file"),  # brackets in text
+        (meta_raw(b'{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}"), "nested 1001 levels deep"),
+        (meta_raw(b'{"x": {"y": [[[0]]]}}'), "nested 5 levels deep"),
+        (meta_raw(b'{"format": "xlstm-params", "format": "xlstm-params"}'), "duplicate fields"),
+        (meta_bytes(format="x" * 5000), "metadata over 4096 bytes"),
+        (np.zeros(1 << 20, dtype=np.uint8), "metadata over 4096 bytes"),
     ],
 )
 def test_bad_metadata_is_refused(tmp_path, meta, match):
@@ -288,6 +308,251 @@ def test_bad_metadata_is_refused(tmp_path, meta, match):
     write_npz(tmp_path / "meta.npz", entries)
     with pytest.raises(ValueError, match=rf"meta\.npz.*{match}"):
         load_params(tmp_path / "meta.npz")
+
+
+def good_members(tmp_path, **replace):
+    """The entries of a good file as zip members; ``replace`` swaps members by key."""
+    members = {k: stored(k + ".npy", npy(v)) for k, v in saved_entries(tmp_path).items()}
+    members.update(replace)
+    return [m for m in members.values() if m is not None]
+
+
+def test_hand_written_zip_of_good_entries_loads(tmp_path):
+    # the crafting helper itself: the same entries in a hand-written zip load as saved
+    write_zip(tmp_path / "hand.npz", good_members(tmp_path))
+    back = load_params(tmp_path / "hand.npz")
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(back[k], host_params()[k])
+        assert back[k].flags.writeable and back[k].flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"hello, this is a text file\n", "not a zip archive"),
+        (bytes(range(256)) * 4, "not a zip archive"),
+        (b"\x00", "not a zip archive"),
+        (b"PK\x03\x04" + bytes(100), "damaged, truncated or unsupported zip archive"),
+    ],
+    ids=["text", "binary", "one-byte", "zip-start"],
+)
+def test_non_zip_file_is_refused_clearly(tmp_path, content, match):
+    path = tmp_path / "plain.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"plain\.npz.*not a readable.*{match}") as info:
+        load_params(path)
+    assert "pickle" not in str(info.value)
+
+
+def test_duplicate_entries_are_refused(tmp_path):
+    members = good_members(tmp_path)
+    wf = next(m for m in members if m.name == "Wf.npy")
+    write_zip(tmp_path / "dup.npz", [*members, stored("Wf.npy", npy(np.zeros((1, 1))))])
+    with pytest.raises(ValueError, match=r"dup\.npz.*duplicate entries \['Wf\.npy'\]"):
+        load_params(tmp_path / "dup.npz")
+    # even when both copies are identical
+    write_zip(tmp_path / "dup2.npz", [*members, wf])
+    with pytest.raises(ValueError, match=r"dup2\.npz.*duplicate"):
+        load_params(tmp_path / "dup2.npz")
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "Wf", "sub/", "__meta__.json"])
+def test_entry_that_is_not_npy_is_refused(tmp_path, name):
+    write_zip(tmp_path / "odd.npz", [*good_members(tmp_path), stored(name, b"hello")])
+    with pytest.raises(ValueError, match=rf"odd\.npz.*{re.escape(repr(name))} is not an \.npy"):
+        load_params(tmp_path / "odd.npz")
+
+
+def test_encrypted_or_exotically_compressed_entries_are_refused(tmp_path):
+    bz2 = zipfile.ZIP_BZIP2
+    wf = stored("Wf.npy", npy(host_params()["Wf"]))
+    write_zip(tmp_path / "bz.npz", good_members(tmp_path, Wf=dataclasses.replace(wf, method=bz2)))
+    with pytest.raises(ValueError, match=r"bz\.npz.*'Wf'.*compression method 12"):
+        load_params(tmp_path / "bz.npz")
+    write_zip(tmp_path / "enc.npz", good_members(tmp_path, Wf=dataclasses.replace(wf, flags=1)))
+    with pytest.raises(ValueError, match=r"enc\.npz.*'Wf' is encrypted"):
+        load_params(tmp_path / "enc.npz")
+
+
+def test_deflated_entries_load(tmp_path):
+    entries = saved_entries(tmp_path)
+    with open(tmp_path / "z.npz", "wb") as f:
+        np.savez_compressed(f, **entries)
+    back = load_params(tmp_path / "z.npz")
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(back[k], entries[k])
+
+
+def test_fortran_ordered_entries_load(tmp_path):
+    entries = {k: np.asfortranarray(v) for k, v in saved_entries(tmp_path).items()}
+    write_npz(tmp_path / "f.npz", entries)
+    with zipfile.ZipFile(tmp_path / "f.npz") as zf:
+        assert b"'fortran_order': True" in zf.read("Wf.npy")[:128]
+    back = load_params(tmp_path / "f.npz")
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(back[k], entries[k])
+        assert back[k].flags.writeable
+
+
+@pytest.mark.parametrize(
+    "member, match",
+    [
+        # an .npy header too long to be read safely
+        (stored("Wf.npy", b"\x93NUMPY\x01\x00" + (2000).to_bytes(2, "little") + b" " * 2000),
+         r"cannot read entry 'Wf'.*Header"),
+        # an .npy version numpy never writes for float arrays
+        (stored("Wf.npy", b"\x93NUMPY\x03\x00" + npy(np.zeros((N_A, N_A + N_X)))[8:]),
+         r"cannot read entry 'Wf'.*version 3\.0"),
+        (stored("Wf.npy", b"not an npy file at all"), r"cannot read entry 'Wf'"),
+        (stored("Wf.npy", npy_header((N_A, N_A + N_X), descr="<c16")),
+         r"'Wf' has dtype complex128"),
+        (stored("Wf.npy", npy_header((N_A, N_A + N_X), descr=[("a", "<f8")])),
+         r"'Wf' has dtype"),
+        (stored("Wf.npy", npy_header((N_A, N_A + N_X), descr="|O")), "object array"),
+        # the zip directory and the header disagree on the entry's size
+        (stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))[:-8]),
+         r"'Wf' is 344 bytes according to the zip directory.*128 \+ 224"),
+        (dataclasses.replace(stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))), file_size=10**9),
+         r"'Wf' is 1000000000 bytes according to the zip directory"),
+        # directory and header agree, the data is short: refused after reading what is there
+        (dataclasses.replace(stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))[:-8]),
+                             file_size=128 + 224),
+         r"cannot read entry 'Wf'|'Wf' is truncated"),
+    ],
+    ids=["long-header", "npy-v3", "not-npy", "complex", "structured", "object", "size-short",
+         "size-huge", "data-short"],
+)
+def test_bad_npy_entries_are_refused(tmp_path, member, match):
+    write_zip(tmp_path / "bad.npz", good_members(tmp_path, Wf=member))
+    with pytest.raises(ValueError, match=rf"(?s)bad\.npz.*{match}"):
+        load_params(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_damaged_files_raise_only_clear_errors(tmp_path, compressed):
+    # random byte changes anywhere in a good file: it loads, or ValueError / KeyError
+    save = np.savez_compressed if compressed else np.savez
+    buf = io.BytesIO()
+    save(buf, **saved_entries(tmp_path))
+    good = buf.getvalue()
+    rng = np.random.default_rng(8)
+    for _ in range(400):
+        bad = bytearray(good)
+        for at in rng.integers(0, len(bad), size=rng.choice([1, 2, 8])):
+            bad[at] = rng.integers(0, 256)
+        with contextlib.suppress(ValueError, KeyError):
+            load_params(io.BytesIO(bytes(bad)))
+
+
+def test_oversized_zip_directory_is_refused(tmp_path):
+    filler = [stored(f"x{i:04d}.npy", b"") for i in range(3000)]
+    write_zip(tmp_path / "many.npz", [*good_members(tmp_path), *filler])
+    with pytest.raises(ValueError, match=r"many\.npz.*3011 entries"):
+        load_params(tmp_path / "many.npz")
+
+
+def test_parameters_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    import xlstm.io
+
+    entries = saved_entries(tmp_path)
+    # metadata declaring 2**20 hidden units: 32 TiB of parameters, refused before any header
+    entries["__meta__"] = meta_bytes(n_a=1 << 20)
+    write_npz(tmp_path / "big.npz", entries)
+    with pytest.raises(ValueError, match=r"big\.npz.*\d+ bytes of parameters.*MAX_LOAD_BYTES"):
+        load_params(tmp_path / "big.npz")
+    # the limit is the module attribute at call time
+    save_params(tmp_path / "p.npz", host_params())
+    size = 8 * (4 * N_A * (N_A + N_X) + 4 * N_A + N_Y * N_A + N_Y)
+    monkeypatch.setattr(xlstm.io, "MAX_LOAD_BYTES", size - 1)
+    with pytest.raises(ValueError, match=rf"{size} bytes of parameters"):
+        load_params(tmp_path / "p.npz")
+    monkeypatch.setattr(xlstm.io, "MAX_LOAD_BYTES", size)
+    np.testing.assert_array_equal(load_params(tmp_path / "p.npz")["Wf"], host_params()["Wf"])
+
+
+_PEAK_SCRIPT = """
+import json, os, sys, tempfile, tracemalloc
+import numpy as np
+from xlstm.io import load_params, save_params
+from xlstm.params import init_params
+try:
+    import resource
+except ImportError:
+    resource = None
+def rss():
+    if resource is None:
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+good = os.path.join(tempfile.mkdtemp(), "good.npz")
+save_params(good, init_params(3, 4, 2, seed=0))
+load_params(good)  # every import and code path of a good load, before the baseline
+before = rss()
+tracemalloc.start()
+try:
+    load_params(sys.argv[1])
+    error = None
+except ValueError as exc:
+    error = str(exc)
+traced = tracemalloc.get_traced_memory()[1]
+after = rss()
+print(json.dumps({"error": error, "traced": traced,
+                  "rss": None if before is None else after - before}))
+"""
+
+
+def peak_memory_of_load(path):
+    """Load ``path`` in a fresh interpreter: its error and the memory the load added."""
+    import xlstm
+
+    root = pathlib.Path(xlstm.__file__).resolve().parents[1]  # the xlstm this test imports
+    paths = [str(root), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+        env=env, cwd=root, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant", ["shape-lie", "size-lie"])
+def test_crafted_huge_entry_is_refused_with_bounded_memory(tmp_path, variant):
+    if variant == "shape-lie":
+        # About 1 MB of file: Wf's header declares a (2**27,) float64 array, and 1 GiB of
+        # deflated zeros follow. numpy.load read all of it before any check (+1 GiB).
+        wf = deflated_zeros("Wf.npy", npy_header((1 << 27,)), 64)
+        members = good_members(tmp_path, Wf=wf)
+        match = r"'Wf' has shape \(134217728,\)"
+    else:
+        # Metadata, headers and zip directory all agree on 4 weights of 4096 x 4097 float64
+        # (537 MB, under the limit), but Wf holds only 16 MiB: memory follows the data that
+        # is there, not what the headers promise.
+        n_a, n_x = 4096, 1
+        head = npy_header((n_a, n_a + n_x))
+        full = len(head) + 8 * n_a * (n_a + n_x)
+        members = {
+            "__meta__": stored("__meta__.npy", npy(meta_bytes(n_a=n_a, n_x=n_x, n_y=N_Y))),
+            "Wf": dataclasses.replace(deflated_zeros("Wf.npy", head, 1), file_size=full),
+        }
+        for k in PARAM_KEYS[1:]:
+            shape = {"b": (n_a, 1), "W": (n_a, n_a + n_x)}[k[0]]
+            shape = {"Wy": (N_Y, n_a), "by": (N_Y, 1)}.get(k, shape)
+            members[k] = stored(k + ".npy", npy(np.zeros(shape))) if k[0] == "b" or k == "Wy" \
+                else deflated_zeros(k + ".npy", head, 0)
+            if k in ("Wi", "Wc", "Wo"):
+                members[k] = dataclasses.replace(members[k], file_size=full)
+        members = list(members.values())
+        match = r"'Wf' is truncated|cannot read entry 'Wf'"
+    path = tmp_path / "crafted.npz"
+    write_zip(path, members)
+    assert path.stat().st_size < 2 << 20
+    got = peak_memory_of_load(path)
+    limit = 100 << 20
+    assert got["traced"] < limit, f"load_params traced {got['traced'] / 2**20:.0f} MiB"
+    if got["rss"] is not None:
+        assert got["rss"] < limit, f"load_params added {got['rss'] / 2**20:.0f} MiB of RSS"
+    assert got["error"] is not None and re.search(match, got["error"]), got["error"]
 
 
 # ------------------------------------------------------------------------------ saving errors
@@ -306,3 +571,82 @@ def test_load_rejects_a_non_namespace(tmp_path):
     save_params(tmp_path / "p.npz", host_params())
     with pytest.raises(TypeError, match="xp"):
         load_params(tmp_path / "p.npz", xp="numpy")
+
+
+# ------------------------------------------------------------------------- file permissions
+posix_modes = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+
+
+@contextlib.contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@posix_modes
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o000])
+def test_new_file_honours_the_umask(tmp_path, mask):
+    with umask(mask):
+        save_params(tmp_path / "p.npz", host_params())
+        with open(tmp_path / "by_open", "wb"):
+            pass
+    mode = stat.S_IMODE((tmp_path / "p.npz").stat().st_mode)
+    assert mode == 0o666 & ~mask == stat.S_IMODE((tmp_path / "by_open").stat().st_mode)
+
+
+@posix_modes
+@pytest.mark.parametrize("existing", [0o640, 0o604, 0o600, 0o666])
+def test_replaced_file_keeps_its_mode(tmp_path, existing):
+    path = tmp_path / "p.npz"
+    path.write_bytes(b"old contents")
+    path.chmod(existing)
+    with umask(0o077):
+        save_params(path, host_params())
+    assert stat.S_IMODE(path.stat().st_mode) == existing
+    np.testing.assert_array_equal(load_params(path)["Wf"], host_params()["Wf"])
+
+
+@posix_modes
+def test_umask_is_read_without_proc_too(monkeypatch):
+    import xlstm.io
+
+    for mask in (0o022, 0o077, 0o027):
+        with umask(mask):
+            assert xlstm.io._umask() == mask
+            monkeypatch.setattr(xlstm.io, "_PROC_STATUS", "/nonexistent/status")
+            assert xlstm.io._umask() == mask
+            monkeypatch.undo()
+            assert os.umask(mask) == mask  # and left unchanged
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "p.npz"
+    save_params(path, host_params())
+    before = path.read_bytes()
+
+    def half_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_params(path, dict(host_params(), Wf=host_params()["Wf"] + 1.0))
+    with pytest.raises(OSError, match="disk full"):
+        save_params(tmp_path / "new.npz", host_params())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npz"]
+    assert path.read_bytes() == before
+
+
+def test_save_replaces_through_a_new_file(tmp_path):
+    # the new contents appear under the name in one step: a reader holding the old file
+    # keeps reading the old contents
+    path = tmp_path / "p.npz"
+    save_params(path, host_params())
+    with open(path, "rb") as old:
+        save_params(path, dict(host_params(), Wf=host_params()["Wf"] + 1.0))
+        np.testing.assert_array_equal(load_params(old)["Wf"], host_params()["Wf"])
+    np.testing.assert_array_equal(load_params(path)["Wf"], host_params()["Wf"] + 1.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]
