@@ -186,7 +186,7 @@ def _first_array(obj, depth=0):
     """The first array in ``obj``, looking into dicts, lists, tuples and caches."""
     if _aac.is_array_api_obj(obj):
         return obj
-    if depth > 3:
+    if depth > 4:
         return None
     state = getattr(obj, "state", None)
     if state is not None and not isinstance(obj, type):

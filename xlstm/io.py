@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 import zlib
 
-from ._compat import namespace, namespace_of_module, to_host
+from ._compat import device_scope, namespace, namespace_of_module, to_host
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["save_params", "load_params", "FORMAT_NAME", "FORMAT_VERSION", "MAX_LOAD_BYTES"]
@@ -214,13 +214,14 @@ def load_params(path, *, xp=None, device=None):
 
     dtype = getattr(target, meta["dtype"])
     out = {}
-    for k in PARAM_KEYS:
-        arr = target.asarray(host[k], dtype=dtype, device=device)
-        if arr.dtype != dtype:
-            raise TypeError(
-                f"{where}: the target namespace turned {meta['dtype']} into {arr.dtype}"
-            )
-        out[k] = arr
+    with device_scope(xp=target, device=device):
+        for k in PARAM_KEYS:
+            arr = target.asarray(host[k], dtype=dtype, device=device)
+            if arr.dtype != dtype:
+                raise TypeError(
+                    f"{where}: the target namespace turned {meta['dtype']} into {arr.dtype}"
+                )
+            out[k] = arr
     return out
 
 
