@@ -77,7 +77,7 @@ class LSTMCaches(tuple):
     stacked forward state, built on access) and ``caches[1]`` is ``x``. The stacked state
     itself is :attr:`state`; :func:`lstm_backward` uses it directly.
 
-    It can be copied (:func:`copy.copy`, :func:`copy.deepcopy`) and pickled, as far as the
+    It can be copied (``copy.copy``, ``copy.deepcopy``) and pickled, as far as the
     arrays of its namespace can.
     """
 
