@@ -7,12 +7,13 @@ Derivatives are expressed through the outputs (``s * (1 - s)`` for the sigmoid,
 from __future__ import annotations
 
 from ._compat import namespace, on_input_device
+from ._typing import Array
 
 __all__ = ["sigmoid", "softmax"]
 
 
 @on_input_device
-def sigmoid(x):
+def sigmoid(x: Array) -> Array:
     """Logistic sigmoid, ``1 / (1 + exp(-x))``, computed as ``0.5 * tanh(0.5 * x) + 0.5``.
 
     The tanh form never overflows: ``sigmoid(±1e4)`` and ``sigmoid(±710)`` give exactly 1
@@ -40,7 +41,7 @@ def sigmoid(x):
 
 
 @on_input_device
-def softmax(x, axis=0):
+def softmax(x: Array, axis: int = 0) -> Array:
     """Softmax along ``axis`` (axis 0, the class axis of the seed's ``(n_y, m)`` layout).
 
     The maximum along ``axis`` is subtracted before ``exp``, so inputs of ±1e4 give exact

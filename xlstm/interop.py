@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from ._checks import positive_int
 from ._compat import device_scope, namespace, namespace_of_module, resolve_dtype, to_host
+from ._typing import Array, Params
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]
@@ -41,7 +43,7 @@ _TORCH_ORDER = ("i", "f", "c", "o")
 _KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
-def to_torch_lstm_weights(params, *, device=None):
+def to_torch_lstm_weights(params: Params, *, device: Any = None) -> dict[str, Any]:
     """Convert the seed's gate parameters into a ``torch.nn.LSTM`` state dict.
 
     The result loads into a single-layer, unidirectional ``torch.nn.LSTM(n_x, n_a)``
@@ -166,8 +168,9 @@ def _host_float(name, value):
 
 
 def from_torch_lstm_weights(
-    state_dict_or_module, *, n_y=None, Wy=None, by=None, xp=None, device=None, dtype=None
-):
+    state_dict_or_module: Any, *, n_y: int | None = None, Wy: Array | None = None,
+    by: Array | None = None, xp: Any = None, device: Any = None, dtype: Any = None,
+) -> dict[str, Array]:
     """Convert ``torch.nn.LSTM`` weights into the seed's parameter dict.
 
     Gate order: torch's ``i, f, g, o`` row blocks become the seed's ``Wi, Wf, Wc, Wo``

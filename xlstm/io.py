@@ -24,8 +24,10 @@ import struct
 import tempfile
 import zipfile
 import zlib
+from typing import Any, BinaryIO
 
 from ._compat import device_scope, namespace, namespace_of_module, to_host
+from ._typing import Array, Params
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["save_params", "load_params", "FORMAT_NAME", "FORMAT_VERSION", "MAX_LOAD_BYTES"]
@@ -63,7 +65,7 @@ def _name(path):
     return repr(getattr(path, "name", path))
 
 
-def save_params(path, params):
+def save_params(path: str | os.PathLike | BinaryIO, params: Params) -> None:
     """Save the seed's parameter dict to an ``.npz`` archive.
 
     Parameters
@@ -154,7 +156,9 @@ def _umask():
     return mask
 
 
-def load_params(path, *, xp=None, device=None):
+def load_params(
+    path: str | os.PathLike | BinaryIO, *, xp: Any = None, device: Any = None
+) -> dict[str, Array]:
     """Load a parameter dict written by :func:`save_params`.
 
     The archive is read as untrusted data. Before any array data is read, every check is

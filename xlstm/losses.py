@@ -14,6 +14,7 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 from __future__ import annotations
 
 from ._compat import device_of, is_concrete, on_input_device
+from ._typing import Array, Grads, Params
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
@@ -38,7 +39,10 @@ def _output_grads(dZ, a, Wy, *, xp):
 
 # ---------------------------------------------------------------------- sequence labelling
 @on_input_device
-def sequence_cross_entropy(x, a0, params, labels, *, mask=None, c0=None):
+def sequence_cross_entropy(
+    x: Array, a0: Array, params: Params, labels: Array, *, mask: Array | None = None,
+    c0: Array | None = None,
+) -> tuple[Array, Grads]:
     r"""Softmax cross-entropy over every step of a sequence, and all its gradients.
 
     With ``a = lstm_forward(x, a0, params, c0)[0]`` the logits, log-probabilities and loss are
@@ -212,7 +216,7 @@ def _check_targets(labels, outside, counted, count, bad_mask, n_y, *, xp):
 
 # --------------------------------------------------------------------- sequence regression
 @on_input_device
-def last_step_predict(x, a0, params, *, c0=None):
+def last_step_predict(x: Array, a0: Array, params: Params, *, c0: Array | None = None) -> Array:
     r"""Linear read-out of the last hidden state: ``pred = Wy a_T + by``.
 
     The inference path of :func:`last_step_mse`: runs :func:`xlstm.lstm.lstm_forward` with
@@ -240,7 +244,9 @@ def last_step_predict(x, a0, params, *, c0=None):
 
 
 @on_input_device
-def last_step_mse(x, a0, params, targets, *, c0=None):
+def last_step_mse(
+    x: Array, a0: Array, params: Params, targets: Array, *, c0: Array | None = None
+) -> tuple[Array, Grads]:
     r"""Mean squared error of a linear read-out of the last hidden state, and all gradients.
 
     .. math::

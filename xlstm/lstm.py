@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from . import _engine
 from ._compat import device_of, namespace, on_input_device
+from ._typing import Array, Grads, Params
 from .params import (
     check_params,
     fused_backward_weights,
@@ -129,7 +130,9 @@ def _check_shape(name, arr, expected, what):
 
 # ----------------------------------------------------------------------------- forward
 @on_input_device
-def lstm_cell_forward(xt, a_prev, c_prev, params):
+def lstm_cell_forward(
+    xt: Array, a_prev: Array, c_prev: Array, params: Params
+) -> tuple[Array, Array, Array, LSTMCache]:
     """One LSTM step, equations (1)-(6), and the softmax prediction.
 
     Parameters
@@ -176,7 +179,9 @@ def lstm_cell_forward(xt, a_prev, c_prev, params):
 
 
 @on_input_device
-def lstm_forward(x, a0, params, c0=None, *, return_caches=True):
+def lstm_forward(
+    x: Array, a0: Array, params: Params, c0: Array | None = None, *, return_caches: bool = True
+) -> tuple[Array, Array, Array, LSTMCaches | None]:
     """Run the LSTM over a whole sequence, equations (1)-(6) at every step.
 
     Parameters
@@ -246,7 +251,7 @@ def _copy(xp):
 
 # ---------------------------------------------------------------------------- backward
 @on_input_device
-def lstm_cell_backward(da_next, dc_next, cache):
+def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
     """Backward pass of one LSTM step, equations (7)-(21).
 
     Parameters
@@ -307,7 +312,7 @@ def _seed_order(dW, db):
 
 
 @on_input_device
-def lstm_backward(da, caches):
+def lstm_backward(da: Array, caches: tuple) -> Grads:
     """Backward pass over a whole sequence (backpropagation through time).
 
     Parameters

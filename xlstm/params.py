@@ -14,9 +14,13 @@ then the tanh candidate.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 from ._checks import positive_int
 from ._compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
+from ._typing import Array
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
@@ -128,7 +132,10 @@ def split_gates(stacked, *, prefix):
     return {f"{prefix}{g}": stacked[j * n_a : (j + 1) * n_a, :] for j, g in enumerate(GATES)}
 
 
-def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
+def init_params(
+    n_x: int, n_a: int, n_y: int, *, xp: Any = None, dtype: Any = None, device: Any = None,
+    seed: int | np.random.Generator | None = None,
+) -> dict[str, Array]:
     """Initialise the seed's parameter dict for an LSTM with a softmax output layer.
 
     The input part of each gate weight, ``W*[:, n_a:]``, and ``Wy`` are Glorot-uniform; the
@@ -166,8 +173,6 @@ def init_params(n_x, n_a, n_y, *, xp=None, dtype=None, device=None, seed=None):
     ValueError
         If a size is smaller than 1.
     """
-    import numpy as np  # host-side random numbers only; the array API has none
-
     n_x, n_a, n_y = (positive_int(k, v) for k, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)))
     xp = namespace_of_module(xp)
     dtype = resolve_dtype(xp, dtype, device=device)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sized
 from typing import Any, NamedTuple
 
 from .optim import clip_by_global_norm, clip_by_value
+from ._typing import Grads, Params
 
 __all__ = ["fit", "FitResult", "StepInfo"]
 
@@ -159,21 +160,21 @@ def _make_bar(progress, total, desc, file):
 
 # --------------------------------------------------------------------------------- fit
 def fit(
-    params,
-    batches,
-    loss_fn,
-    optimizer,
+    params: Params,
+    batches: Iterable | Callable[[], Iterable],
+    loss_fn: Callable[[Params, Any], tuple[Any, Grads]],
+    optimizer: Any,
     *,
-    epochs=1,
-    steps=None,
-    clip_norm=None,
-    clip_value=None,
-    opt_state=None,
-    callback=None,
-    progress=None,
-    desc="train",
-    smoothing=0.05,
-):
+    epochs: int = 1,
+    steps: int | None = None,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+    opt_state: dict | None = None,
+    callback: Callable[[StepInfo], Any] | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+    smoothing: float = 0.05,
+) -> FitResult:
     """Train ``params`` on minibatches: loss and gradients, clipping, optimizer step.
 
     For every batch: ``loss, grads = loss_fn(params, batch)``; clip the parameter
