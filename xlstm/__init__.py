@@ -23,7 +23,7 @@ from .train import FitResult, StepInfo, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    # the seed's API
+    # the notebook's API
     "lstm_cell_forward",
     "lstm_forward",
     "lstm_cell_backward",

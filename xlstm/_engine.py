@@ -1,4 +1,4 @@
-"""The fused sequence engine: the seed's equations regrouped around big matrix products.
+"""The fused sequence engine: the notebook's equations regrouped around big matrix products.
 
 Internal layout is time-major with the batch in rows: a step's gates are one ``(m, 4 n_a)``
 block in gate order (o, f, i, c) (see :mod:`xlstm.params`), hidden and cell states are

@@ -42,7 +42,7 @@ def sigmoid(x: Array) -> Array:
 
 @on_input_device
 def softmax(x: Array, axis: int = 0) -> Array:
-    """Softmax along ``axis`` (axis 0, the class axis of the seed's ``(n_y, m)`` layout).
+    """Softmax along ``axis`` (axis 0, the class axis of the notebook's ``(n_y, m)`` layout).
 
     The maximum along ``axis`` is subtracted before ``exp``, so inputs of ±1e4 give exact
     one-hot limits with no overflow, warning or NaN.

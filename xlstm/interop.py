@@ -1,4 +1,4 @@
-"""Converting the seed's parameter dict to and from the weights of ``torch.nn.LSTM``.
+"""Converting the notebook's parameter dict to and from the weights of ``torch.nn.LSTM``.
 
 Both compute the same cell; only the layout differs.
 
@@ -15,10 +15,10 @@ A seed weight ``W* : (n_a, n_a + n_x)`` acts on ``[a_prev; x_t]``, so its first 
 columns are torch's recurrent weight (``weight_hh_l0``) and the remaining ``n_x`` columns are
 its input weight (``weight_ih_l0``). Torch has two biases per gate that are always added;
 the seed has one. Torch's sequences are ``(T_x, m, n_x)`` (or ``(m, T_x, n_x)`` with
-``batch_first=True``, which does not change the weights), the seed's are ``(n_x, m, T_x)``;
-torch's ``h0``/``c0`` are ``(1, m, n_a)``, the seed's ``a0``/``c0`` are ``(n_a, m)``.
+``batch_first=True``, which does not change the weights), the notebook's are ``(n_x, m, T_x)``;
+torch's ``h0``/``c0`` are ``(1, m, n_a)``, the notebook's ``a0``/``c0`` are ``(n_a, m)``.
 
-The seed's output layer ``softmax(Wy a + by)`` has no counterpart inside ``nn.LSTM``; it
+The notebook's output layer ``softmax(Wy a + by)`` has no counterpart inside ``nn.LSTM``; it
 corresponds to an ``nn.Linear(n_a, n_y)`` with ``weight = Wy`` and ``bias = by[:, 0]``
 followed by a softmax over classes.
 
@@ -38,20 +38,20 @@ from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]
 
-#: Seed gates in torch's row order (i, f, g, o).
+#: The notebook's gates in torch's row order (i, f, g, o).
 _TORCH_ORDER = ("i", "f", "c", "o")
 _KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
 def to_torch_lstm_weights(params: Params, *, device: Any = None) -> dict[str, Any]:
-    """Convert the seed's gate parameters into a ``torch.nn.LSTM`` state dict.
+    """Convert the notebook's gate parameters into a ``torch.nn.LSTM`` state dict.
 
     The result loads into a single-layer, unidirectional ``torch.nn.LSTM(n_x, n_a)``
     (``bias=True``, ``proj_size=0``) with ``module.load_state_dict(...)``. Gate order: torch's
-    ``i, f, g, o`` row blocks are the seed's ``i, f, c, o``. Each seed ``W*`` is split into
+    ``i, f, g, o`` row blocks are the notebook's ``i, f, c, o``. Each seed ``W*`` is split into
     its recurrent columns ``W*[:, :n_a]`` (torch ``weight_hh_l0``) and its input columns
     ``W*[:, n_a:]`` (torch ``weight_ih_l0``). The whole seed bias goes into
-    ``bias_ih_l0`` and ``bias_hh_l0`` is zero, so that their sum is the seed's bias.
+    ``bias_ih_l0`` and ``bias_hh_l0`` is zero, so that their sum is the notebook's bias.
     ``Wy``/``by`` are not part of an ``nn.LSTM`` and are ignored (see the module notes).
 
     Parameters
@@ -111,7 +111,7 @@ def _state_dict_of(obj):
             raise ValueError(f"expected a torch.nn.LSTM, got a module of mode {mode!r}")
         if getattr(obj, "num_layers", 1) != 1:
             raise ValueError(
-                f"only a single-layer LSTM converts to the seed's parameters; this one has "
+                f"only a single-layer LSTM converts to the notebook's parameters; this one has "
                 f"num_layers={obj.num_layers} (convert each layer's weights separately)"
             )
         if getattr(obj, "bidirectional", False):
@@ -130,12 +130,12 @@ def _state_dict_of(obj):
             continue
         if re.search(r"_l[1-9]\d*", str(key)):
             raise ValueError(
-                f"state dict has {key!r}: a multi-layer LSTM does not convert to the seed's "
+                f"state dict has {key!r}: a multi-layer LSTM does not convert to the notebook's "
                 "parameters (only single-layer)"
             )
         if "_reverse" in str(key):
             raise ValueError(
-                f"state dict has {key!r}: a bidirectional LSTM does not convert to the seed's "
+                f"state dict has {key!r}: a bidirectional LSTM does not convert to the notebook's "
                 "parameters (only unidirectional)"
             )
         if "weight_hr" in str(key):
@@ -171,9 +171,9 @@ def from_torch_lstm_weights(
     state_dict_or_module: Any, *, n_y: int | None = None, Wy: Array | None = None,
     by: Array | None = None, xp: Any = None, device: Any = None, dtype: Any = None,
 ) -> dict[str, Array]:
-    """Convert ``torch.nn.LSTM`` weights into the seed's parameter dict.
+    """Convert ``torch.nn.LSTM`` weights into the notebook's parameter dict.
 
-    Gate order: torch's ``i, f, g, o`` row blocks become the seed's ``Wi, Wf, Wc, Wo``
+    Gate order: torch's ``i, f, g, o`` row blocks become the notebook's ``Wi, Wf, Wc, Wo``
     (``g`` is the candidate ``c``). Each seed weight is ``[weight_hh | weight_ih]`` of its
     gate, acting on ``[a_prev; x_t]``, and each seed bias is ``bias_ih + bias_hh`` of its
     gate (a missing bias, as in ``nn.LSTM(..., bias=False)``, counts as zero).

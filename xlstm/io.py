@@ -1,4 +1,4 @@
-"""Saving and loading the seed's parameter dict as a plain ``.npz`` archive.
+"""Saving and loading the notebook's parameter dict as a plain ``.npz`` archive.
 
 The archive holds one float array per parameter (``Wf, bf, ..., Wy, by``, all float32 or
 all float64) and a ``__meta__`` entry: a UTF-8 JSON object stored as a ``uint8`` byte array,
@@ -66,7 +66,7 @@ def _name(path):
 
 
 def save_params(path: str | os.PathLike | BinaryIO, params: Params) -> None:
-    """Save the seed's parameter dict to an ``.npz`` archive.
+    """Save the notebook's parameter dict to an ``.npz`` archive.
 
     Parameters
     ----------

@@ -75,7 +75,7 @@ def sequence_cross_entropy(
     a0 : array, shape (n_a, m)
         Initial hidden state.
     params : dict
-        The seed's parameters, ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by``.
+        The notebook's parameters, ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by``.
     labels : array of integers, shape (m, T_x)
         The class index in ``[0, n_y)`` of every example and step; same namespace and
         device as ``x``, any integer dtype. Values at masked-out positions are ignored and
@@ -229,7 +229,7 @@ def last_step_predict(x: Array, a0: Array, params: Params, *, c0: Array | None =
     a0 : array, shape (n_a, m)
         Initial hidden state.
     params : dict
-        The seed's parameters; ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)`` are used as a
+        The notebook's parameters; ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)`` are used as a
         plain linear layer (no softmax).
     c0 : array, shape (n_a, m), optional
         Initial cell state; default zeros.
@@ -267,7 +267,7 @@ def last_step_mse(
     a0 : array, shape (n_a, m)
         Initial hidden state.
     params : dict
-        The seed's parameters; ``Wy`` and ``by`` are the linear output layer.
+        The notebook's parameters; ``Wy`` and ``by`` are the linear output layer.
     targets : array, shape (n_y, m)
         Regression targets, of the parameters' floating dtype, namespace and device.
     c0 : array, shape (n_a, m), optional

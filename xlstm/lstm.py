@@ -1,8 +1,9 @@
-"""The seed's LSTM API: cell and sequence, forward and backward.
+"""The LSTM API of the notebook "Building your LSTM RNN - Step by Step": cell and sequence,
+forward and backward.
 
-Shapes follow the seed (``n_x`` inputs, ``n_a`` hidden units, ``n_y`` classes, ``m``
+Shapes follow the notebook (``n_x`` inputs, ``n_a`` hidden units, ``n_y`` classes, ``m``
 examples, ``T_x`` steps): a step's arrays are ``(features, m)``, a sequence's are
-``(features, m, T_x)``. Equation numbers (1)-(21) are the seed's.
+``(features, m, T_x)``. Equation numbers (1)-(21) are the notebook's.
 
 Sequences run through the fused engine (:mod:`xlstm._engine`); the cell functions use the
 same pointwise code, so the two agree to floating-point rounding.
@@ -36,7 +37,7 @@ __all__ = [
 LSTMCache = namedtuple(
     "LSTMCache", ["a_next", "c_next", "a_prev", "c_prev", "ft", "it", "cct", "ot", "xt", "params"]
 )
-LSTMCache.__doc__ = """One step's cache, in the seed's order. All arrays are ``(n_a, m)``
+LSTMCache.__doc__ = """One step's cache, in the notebook's order. All arrays are ``(n_a, m)``
 except ``xt`` ``(n_x, m)``; ``params`` is a copy of the parameter dict taken by the forward
 pass, so that changing the caller's parameters afterwards does not change the gradients."""
 
@@ -72,7 +73,7 @@ class _StepCaches(Sequence):
 
 
 class LSTMCaches(tuple):
-    """What :func:`lstm_forward` returns as ``caches``: the seed's pair ``(caches, x)``.
+    """What :func:`lstm_forward` returns as ``caches``: the notebook's pair ``(caches, x)``.
 
     ``caches[0]`` is the sequence of per-step :class:`LSTMCache` tuples (views into the
     stacked forward state, built on access) and ``caches[1]`` is ``x``. The stacked state
@@ -191,9 +192,9 @@ def lstm_forward(
     a0 : array, shape (n_a, m)
         Initial hidden state.
     params : dict
-        The seed's parameters, see :func:`lstm_cell_forward`.
+        The notebook's parameters, see :func:`lstm_cell_forward`.
     c0 : array, shape (n_a, m), optional
-        Initial cell state. Default ``None`` means zeros, as in the seed.
+        Initial cell state. Default ``None`` means zeros, as in the notebook.
     return_caches : bool, optional
         Default True. False runs the inference path: nothing is kept for a backward pass
         and ``caches`` is ``None``.
@@ -207,7 +208,7 @@ def lstm_forward(
     c : array, shape (n_a, m, T_x)
         Cell states.
     caches : LSTMCaches or None
-        The seed's pair ``(list of per-step caches, x)``: ``len(caches) == 2`` and
+        The notebook's pair ``(list of per-step caches, x)``: ``len(caches) == 2`` and
         ``caches[1]`` is ``x``. The per-step caches are views into one stacked forward
         state, which :func:`lstm_backward` uses directly.
 
@@ -261,7 +262,7 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
     dc_next : array, shape (n_a, m)
         Gradient with respect to this step's cell state.
     cache : tuple
-        The 10-field cache of :func:`lstm_cell_forward`, in the seed's order
+        The 10-field cache of :func:`lstm_cell_forward`, in the notebook's order
         ``(a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, params)``; a hand-built
         tuple works too.
 
@@ -322,7 +323,7 @@ def lstm_backward(da: Array, caches: tuple) -> Grads:
         first ``T_da <= T_x`` steps: the loss then depends on those steps only, so the
         gradients of later inputs are zero and backpropagation starts at step ``T_da - 1``.
     caches : tuple
-        The ``caches`` returned by :func:`lstm_forward`. A hand-built seed-style pair
+        The ``caches`` returned by :func:`lstm_forward`. A hand-built notebook-style pair
         ``(list of per-step caches, x)`` also works, through the per-step path.
 
     Returns

@@ -1,4 +1,4 @@
-"""The seed's parameter dict: validation, initialisation, and the fused gate layout.
+"""The notebook's parameter dict: validation, initialisation, and the fused gate layout.
 
 Shape letters used throughout the package:
 
@@ -24,14 +24,14 @@ from ._typing import Array
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
-#: Keys of the seed's parameter dict, in the seed's order.
+#: Keys of the notebook's parameter dict, in the notebook's order.
 PARAM_KEYS = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")
 #: Gate order of the fused weight matrix: sigmoid gates (o, f, i), then the candidate (c).
 GATES = ("o", "f", "i", "c")
 
 
 def check_params(params, *, need_output=True):
-    """Validate the seed's parameter dict and return its sizes ``(n_a, n_x, n_y)``.
+    """Validate the notebook's parameter dict and return its sizes ``(n_a, n_x, n_y)``.
 
     ``n_y`` is ``None`` when ``need_output`` is False (the backward pass never reads
     ``Wy``/``by``). Raises ``TypeError`` for a non-mapping, ``KeyError`` for a missing key
@@ -127,7 +127,7 @@ def fused_backward_weights(params, n_a, *, xp):
 
 
 def split_gates(stacked, *, prefix):
-    """Split a ``(4 n_a, k)`` array in gate order (o, f, i, c) into the seed's per-gate keys."""
+    """Split a ``(4 n_a, k)`` array in gate order (o, f, i, c) into the notebook's per-gate keys."""
     n_a = stacked.shape[0] // 4
     return {f"{prefix}{g}": stacked[j * n_a : (j + 1) * n_a, :] for j, g in enumerate(GATES)}
 
@@ -136,7 +136,7 @@ def init_params(
     n_x: int, n_a: int, n_y: int, *, xp: Any = None, dtype: Any = None, device: Any = None,
     seed: int | np.random.Generator | None = None,
 ) -> dict[str, Array]:
-    """Initialise the seed's parameter dict for an LSTM with a softmax output layer.
+    """Initialise the notebook's parameter dict for an LSTM with a softmax output layer.
 
     The input part of each gate weight, ``W*[:, n_a:]``, and ``Wy`` are Glorot-uniform; the
     recurrent part, ``W*[:, :n_a]``, is a random orthogonal matrix per gate; ``bf`` is 1
