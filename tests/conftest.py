@@ -31,7 +31,7 @@ def _requested():
 
 
 def _probe(names):
-    """``(runnable, unavailable)``: the names that load here, and ``{name: reason}`` for the rest."""
+    """``(runnable, unavailable)``: the names that load here, ``{name: reason}`` for the rest."""
     runnable, unavailable = [], {}
     for name in names:
         if name not in ALL_BACKENDS:

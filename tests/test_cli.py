@@ -261,3 +261,47 @@ def test_version_from_the_real_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xlstm", "--version"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"xlstm {xlstm.__version__}\n"
+
+
+# ------------------------------------------------- the test suite's XLSTM_BACKENDS switch
+def _pytest(tmp_path, backends, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLSTM_BACKENDS"}
+    env["PYTHONPATH"] = str(Path(xlstm.__file__).resolve().parents[1])
+    if backends is not None:
+        env["XLSTM_BACKENDS"] = backends
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only",
+         "--rootdir", str(ROOT), str(ROOT / "tests" / "test_activations.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_named_backend_that_cannot_run_fails_the_run(tmp_path):
+    try:
+        load_backend("cupy")
+    except BackendUnavailable as exc:
+        reason = str(exc)
+    else:
+        pytest.skip("cupy runs here")
+    proc = _pytest(tmp_path, "numpy,cupy")
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
+    assert f"cannot run here: cupy: {reason}" in proc.stderr
+    proc = _pytest(tmp_path, "nosuch")
+    assert proc.returncode == 4 and "unknown names ['nosuch']" in proc.stderr
+
+
+def test_without_the_switch_the_header_names_every_backend(tmp_path, backends_run):
+    proc = _pytest(tmp_path, None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = [ln for ln in proc.stdout.splitlines() if ln.startswith("xlstm backends")]
+    assert len(header) == 1
+    assert header[0].startswith("xlstm backends (every one that loads here): ")
+    for name in cli.BACKENDS:
+        try:
+            load_backend(name)
+        except BackendUnavailable as exc:
+            assert f"{name} ({exc})" in header[0]  # named with its reason
+            assert f"[{name}-" not in proc.stdout and f"[{name}]" not in proc.stdout
+        else:
+            assert f"[{name}]" in proc.stdout or f"[{name}-" in proc.stdout
+    if os.environ.get("XLSTM_BACKENDS", "").strip() == "":
+        assert set(backends_run) == {n for n in cli.BACKENDS if f"[{n}" in proc.stdout}

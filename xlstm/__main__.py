@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -232,7 +233,7 @@ def cmd_demo(args):
     return 0 if result.get("solved", True) else 1
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The ``python -m xlstm`` argument parser (plain-text help, no markup)."""
     parser = argparse.ArgumentParser(prog="python -m xlstm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
@@ -259,7 +260,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     Argument errors raise ``SystemExit(2)`` after argparse prints the usage and the error.

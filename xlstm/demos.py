@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -724,19 +726,19 @@ def _adding_parser(parser=None):
     return p
 
 
-def charlm_main(argv=None):
+def charlm_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`charlm`; returns its result dict."""
     parser = _charlm_parser()
     return charlm(**vars(_check_args(parser, parser.parse_args(argv))))
 
 
-def adding_main(argv=None):
+def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`adding`; returns its result dict."""
     parser = _adding_parser()
     return adding(**vars(_check_args(parser, parser.parse_args(argv))))
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``main(["charlm", ...])`` or ``main(["adding", ...])``: run a demo by name.
 
     Returns the demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse
