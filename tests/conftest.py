@@ -1,12 +1,15 @@
-"""The backend matrix: one ``xp`` fixture (with its ``device``) over every array namespace.
+"""The backend matrix: one ``xp`` fixture (with its ``device``) over the array namespaces.
 
 * numpy and array-api-strict always; array-api-strict again on ``Device("device1")``, which
   catches any allocation that forgets ``device=``;
 * torch (CPU) and JAX when importable;
 * CuPy only when a CUDA device answers.
 
-A backend that cannot run is a skip with its reason, never a silent pass.
-``XLSTM_BACKENDS=numpy,cupy`` (comma separated) narrows the list.
+Without ``XLSTM_BACKENDS`` the tests run on every backend that loads here; the report header
+names them, and names each backend that cannot run here with the reason.
+``XLSTM_BACKENDS=numpy,cupy`` (comma separated) chooses the backends instead: a name that is
+unknown, or a backend that cannot run here, stops the run with a usage error (exit status 4)
+that gives the reason, so that a chosen backend never passes by being skipped.
 """
 
 from __future__ import annotations
@@ -19,32 +22,73 @@ from xlstm._compat import BACKENDS as ALL_BACKENDS
 from xlstm._compat import BackendUnavailable, load_backend
 
 
-def _load(name):
-    """Return ``(xp, device)`` for a backend, or skip the test with the reason."""
-    try:
-        return load_backend(name)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def _selected():
+def _requested():
+    """The names in ``XLSTM_BACKENDS`` (in order, without repeats), or None when unset."""
     env = os.environ.get("XLSTM_BACKENDS", "").strip()
     if not env:
-        return ALL_BACKENDS
-    names = tuple(n.strip() for n in env.split(",") if n.strip())
-    unknown = set(names) - set(ALL_BACKENDS)
+        return None
+    return tuple(dict.fromkeys(n.strip() for n in env.split(",") if n.strip()))
+
+
+def _probe(names):
+    """``(runnable, unavailable)``: the names that load here, ``{name: reason}`` for the rest."""
+    runnable, unavailable = [], {}
+    for name in names:
+        if name not in ALL_BACKENDS:
+            continue
+        try:
+            load_backend(name)
+        except BackendUnavailable as exc:
+            unavailable[name] = str(exc)
+        else:
+            runnable.append(name)
+    return tuple(runnable), unavailable
+
+
+REQUESTED = _requested()
+#: The backends every ``xp`` test runs on, and ``{name: reason}`` for those that cannot run.
+RUN, UNAVAILABLE = _probe(ALL_BACKENDS if REQUESTED is None else REQUESTED)
+
+
+def pytest_configure(config):
+    if REQUESTED is None:
+        return
+    unknown = [n for n in REQUESTED if n not in ALL_BACKENDS]
     if unknown:
         raise pytest.UsageError(
-            f"XLSTM_BACKENDS has unknown names {sorted(unknown)}; choose from {ALL_BACKENDS}"
+            f"XLSTM_BACKENDS has unknown names {unknown}; choose from {', '.join(ALL_BACKENDS)}"
         )
-    return names
+    if not REQUESTED:
+        raise pytest.UsageError("XLSTM_BACKENDS names no backend; unset it to run them all")
+    if UNAVAILABLE:
+        why = "; ".join(f"{n}: {reason}" for n, reason in UNAVAILABLE.items())
+        raise pytest.UsageError(f"XLSTM_BACKENDS names backends that cannot run here: {why}")
 
 
-@pytest.fixture(params=_selected())
+def pytest_report_header(config):
+    source = "XLSTM_BACKENDS" if REQUESTED is not None else "every one that loads here"
+    line = f"xlstm backends ({source}): {', '.join(RUN) or 'none'}"
+    if UNAVAILABLE:
+        line += "; not available: " + "; ".join(f"{n} ({r})" for n, r in UNAVAILABLE.items())
+    return line
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.get_verbosity() < 0 and UNAVAILABLE:  # -q hides the header: say it at the end
+        terminalreporter.write_line(pytest_report_header(config))
+
+
+@pytest.fixture(params=RUN)
 def backend(request):
     """``(name, xp, device)`` for one backend of the matrix."""
-    xp, device = _load(request.param)
+    xp, device = load_backend(request.param)
     return request.param, xp, device
+
+
+@pytest.fixture(scope="session")
+def backends_run():
+    """The names of the backends that this run covers (see the module docstring)."""
+    return RUN
 
 
 @pytest.fixture

@@ -1,39 +1,307 @@
-"""``python -m xlstm check`` and ``info``: the pass/fail table and the environment report."""
+"""``python -m xlstm``: the check table, the environment report, and argument errors.
+
+Every bad argument must end in an argparse error (a usage line, one ``error:`` line, exit
+status 2, no traceback) before any work starts.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import xlstm
 from xlstm import __main__ as cli
+from xlstm._compat import BackendUnavailable, load_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+#: reStructuredText that must not reach a terminal: ``literals``, :func:`roles`, ``::`` blocks.
+RST = re.compile(r"``|:[a-z]+:`|::$", re.M)
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 20
 
 
+def _usage_error(capsys, argv):
+    """Run ``main(argv)``; assert an argparse error and return its one error line."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    lines = captured.err.splitlines()
+    assert len(lines) == 2, captured.err
+    assert lines[0].startswith("usage: python -m xlstm")
+    assert " error: " in lines[1] and "Traceback" not in captured.err
+    return lines[1]
+
+
+# ------------------------------------------------------------------------------- check
 def test_check_passes_on_numpy_and_its_array_path(capsys, monkeypatch):
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     assert cli.main(["check", "--backends", "numpy,strict"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "pass" in rows["numpy"] and "pass" in rows["strict"]
+    ran = 2
     if importlib.util.find_spec("numba") is not None:  # the compiled loops are the default
         assert "pass" in rows["numpy (XLSTM_ACCEL=0)"]
-    assert "FAILED" not in out
+        ran = 3
+    assert "FAIL" not in out
+    assert out.splitlines()[-1] == f"all {ran} checks passed (the chosen backends and paths)"
 
 
 def test_check_fails_when_a_tolerance_is_missed(capsys, monkeypatch):
     monkeypatch.setattr(cli, "SEED_TOL", 0.0)  # the seed examples match to ~5e-9, not 0
     assert cli.main(["check", "--backends", "numpy"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "passed" not in out
+    assert re.search(r"^FAILED: (\d) of \1 checks failed$", out, re.M)
 
 
-def test_check_with_no_backend_available_fails(capsys):
-    if importlib.util.find_spec("cupy") is not None:
-        pytest.skip("cupy is installed")
-    assert cli.main(["check", "--backends", "cupy"]) == 1
-    assert "skip" in capsys.readouterr().out
+def test_check_reports_an_error_as_a_failure(capsys, monkeypatch):
+    def broken(xp, device):
+        raise RuntimeError("broken backend")
+
+    monkeypatch.setattr(cli, "seed_examples", broken)
+    assert cli.main(["check", "--backends", "strict"]) == 1
+    out = capsys.readouterr().out
+    assert "RuntimeError('broken backend')" in out
+    assert out.splitlines()[-1] == "FAILED: 1 of 1 checks failed"
 
 
+def test_check_with_no_backend_available_fails(capsys, monkeypatch):
+    def unavailable(name):
+        raise BackendUnavailable(f"{name} is switched off")
+
+    monkeypatch.setattr(cli, "load_backend", unavailable)
+    assert cli.main(["check"]) == 1  # no --backends: every backend skips
+    out = capsys.readouterr().out
+    assert "skip" in out and "passed" not in out
+    assert out.splitlines()[-1].startswith("FAILED: no backend ran (numpy, strict,")
+
+
+def test_check_fails_when_a_named_backend_cannot_run(capsys, monkeypatch):
+    def strict_unavailable(name):
+        if name == "strict":
+            raise BackendUnavailable("strict is switched off")
+        return load_backend(name)
+
+    monkeypatch.setattr(cli, "load_backend", strict_unavailable)
+    assert cli.main(["check", "--backends", "numpy,strict"]) == 1
+    out = capsys.readouterr().out
+    assert "strict is switched off" in out
+    assert "FAILED: strict (named with --backends) cannot run here;" in out.splitlines()[-1]
+    assert "all " not in out
+
+
+@pytest.mark.parametrize("value", ["nosuch", "numpy,nosuch", "", ","])
+def test_check_rejects_bad_backend_names(capsys, value):
+    line = _usage_error(capsys, ["check", "--backends", value])
+    assert "argument --backends:" in line
+
+
+# -------------------------------------------------------------------------------- info
 def test_info_reports_the_compiled_loops(capsys, monkeypatch):
     monkeypatch.setenv("XLSTM_ACCEL", "0")
     assert cli.main(["info"]) == 0
-    assert "compiled CPU loops: off (XLSTM_ACCEL=0)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"xlstm {xlstm.__version__}\n")
+    assert "compiled CPU loops: off (XLSTM_ACCEL=0)" in out
+
+
+def test_info_install_hint_is_a_working_command(capsys, monkeypatch):
+    monkeypatch.delenv("XLSTM_ACCEL", raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` fail
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    hint = re.search(r"compiled CPU loops: off \(numba is not installed: (.*)\)$", out, re.M)
+    assert hint is not None, out
+    # One shell word per argument: the requirement is quoted against the shell's `>`.
+    assert shlex.split(hint.group(1)) == ["python", "-m", "pip", "install", cli.CPU_EXTRA]
+
+
+def test_info_hint_matches_the_cpu_extra():
+    pyproject = ROOT / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("no pyproject.toml next to the tests")
+    extra = re.search(r'^cpu = \["([^"]+)"\]$', pyproject.read_text(encoding="utf-8"), re.M)
+    assert extra is not None and extra.group(1) == cli.CPU_EXTRA
+
+
+# --------------------------------------------------------------------- version and help
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"xlstm {xlstm.__version__}\n"
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["check"], ["info"], ["demo"], ["demo", "charlm"], ["demo", "adding"],
+], ids=lambda argv: " ".join(argv) or "top")
+def test_help_is_plain_text(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m xlstm")
+    assert not RST.search(out), RST.findall(out)
+    assert len(out.split("\n\n")[1].strip()) > 20  # a description, not only the options
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert "arguments are required: {check,info,demo}" in _usage_error(capsys, [])
+    assert "invalid choice: 'nosuch'" in _usage_error(capsys, ["nosuch"])
+    assert "invalid choice: 'nosuch'" in _usage_error(capsys, ["demo", "nosuch"])
+
+
+# ------------------------------------------------------------------ demo argument errors
+@pytest.mark.parametrize("args, where", [
+    (["adding", "--T", "-1"], "--T"),
+    (["adding", "--T", "1"], "--T"),
+    (["adding", "--steps", "0"], "--steps"),
+    (["charlm", "--steps", "0"], "--steps"),
+    (["charlm", "--steps", "1.5"], "--steps"),
+    (["charlm", "--hidden", "x"], "--hidden"),
+    (["charlm", "--seq-len", "0"], "--seq-len"),
+    (["charlm", "--batch", "-2"], "--batch"),
+    (["charlm", "--sample-every", "-1"], "--sample-every"),
+    (["charlm", "--temperature", "0"], "--temperature"),
+    (["adding", "--lr", "0"], "--lr"),
+    (["adding", "--lr", "nan"], "--lr"),
+    (["adding", "--clip", "-1"], "--clip"),
+    (["adding", "--target", "inf"], "--target"),
+    (["adding", "--eval-every", "0"], "--eval-every"),
+    (["adding", "--test-size", "0"], "--test-size"),
+    (["adding", "--seed", "-1"], "--seed"),
+    (["adding", "--backend", "nosuch"], "--backend"),
+    (["adding", "--dtype", "float16"], "--dtype"),
+    (["charlm", "--text", "missing.txt"], "--text"),
+    (["charlm", "--text", "."], "--text"),
+    (["adding", "--out", "no/such/folder/p.npz"], "--out"),
+    (["adding", "--out", "."], "--out"),
+    (["adding", "--out", ""], "--out"),
+    (["charlm", "--plot", "no/such/folder/loss.png"], "--plot"),
+])
+def test_demo_argument_errors(capsys, monkeypatch, tmp_path, args, where):
+    monkeypatch.chdir(tmp_path)
+    line = _usage_error(capsys, ["demo", *args])
+    assert line.startswith(f"python -m xlstm demo {args[0]}: error: argument {where}:")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_demo_out_inside_a_file_is_an_error(capsys, tmp_path):
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    line = _usage_error(capsys, ["demo", "adding", "--out", str(tmp_path / "file" / "p.npz")])
+    assert "does not exist" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="needs a user whom file permissions bind (not root)")
+def test_demo_out_in_a_read_only_folder_is_an_error(capsys, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        line = _usage_error(capsys, ["demo", "adding", "--out", str(folder / "p.npz")])
+    finally:
+        folder.chmod(0o700)
+    assert "cannot write in the folder" in line
+
+
+def test_demo_text_that_cannot_serve_is_an_error(capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abcabc", encoding="utf-8")
+    line = _usage_error(capsys, ["demo", "charlm", "--text", str(short), "--seq-len", "10"])
+    assert "argument --text: the text has 6 characters" in line
+    same = tmp_path / "same.txt"
+    same.write_text("a" * 500, encoding="utf-8")
+    line = _usage_error(capsys, ["demo", "charlm", "--text", str(same)])
+    assert "two distinct characters" in line
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\xfa" * 100)
+    assert "is not UTF-8 text" in _usage_error(capsys, ["demo", "charlm", "--text", str(binary)])
+
+
+def test_demo_backend_that_cannot_run_is_an_error(capsys, monkeypatch):
+    from xlstm import demos
+
+    def unavailable(name):
+        raise BackendUnavailable(f"{name} is switched off")
+
+    monkeypatch.setattr(demos, "load_backend", unavailable)
+    line = _usage_error(capsys, ["demo", "adding", "--backend", "torch"])
+    assert line.endswith("error: argument --backend: torch is switched off")
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "adding", "--T", "-1"],
+    ["demo", "charlm", "--text", "missing.txt"],
+    ["check", "--backends", "nosuch"],
+])
+def test_errors_from_the_real_command_line(tmp_path, argv):
+    """The same through ``python -m xlstm`` in a fresh process: exit 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(Path(xlstm.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "xlstm", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: ") and " error: " in lines[1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_version_from_the_real_command_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(xlstm.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "xlstm", "--version"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"xlstm {xlstm.__version__}\n"
+
+
+# ------------------------------------------------- the test suite's XLSTM_BACKENDS switch
+def _pytest(tmp_path, backends, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLSTM_BACKENDS"}
+    env["PYTHONPATH"] = str(Path(xlstm.__file__).resolve().parents[1])
+    if backends is not None:
+        env["XLSTM_BACKENDS"] = backends
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only",
+         "--rootdir", str(ROOT), str(ROOT / "tests" / "test_activations.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_named_backend_that_cannot_run_fails_the_run(tmp_path):
+    try:
+        load_backend("cupy")
+    except BackendUnavailable as exc:
+        reason = str(exc)
+    else:
+        pytest.skip("cupy runs here")
+    proc = _pytest(tmp_path, "numpy,cupy")
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
+    assert f"cannot run here: cupy: {reason}" in proc.stderr
+    proc = _pytest(tmp_path, "nosuch")
+    assert proc.returncode == 4 and "unknown names ['nosuch']" in proc.stderr
+
+
+def test_without_the_switch_the_header_names_every_backend(tmp_path, backends_run):
+    proc = _pytest(tmp_path, None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = [ln for ln in proc.stdout.splitlines() if ln.startswith("xlstm backends")]
+    assert len(header) == 1
+    assert header[0].startswith("xlstm backends (every one that loads here): ")
+    for name in cli.BACKENDS:
+        try:
+            load_backend(name)
+        except BackendUnavailable as exc:
+            assert f"{name} ({exc})" in header[0]  # named with its reason
+            assert f"[{name}-" not in proc.stdout and f"[{name}]" not in proc.stdout
+        else:
+            assert f"[{name}]" in proc.stdout or f"[{name}-" in proc.stdout
+    if os.environ.get("XLSTM_BACKENDS", "").strip() == "":
+        assert set(backends_run) == {n for n in cli.BACKENDS if f"[{n}" in proc.stdout}

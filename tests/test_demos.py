@@ -11,7 +11,6 @@ import pytest
 
 from xlstm import demos, init_params, load_params
 from xlstm.__main__ import main as cli_main
-from xlstm._compat import BackendUnavailable, load_backend
 
 TINY_CHARLM = ["--steps", "4", "--hidden", "8", "--seq-len", "12", "--batch", "4",
                "--sample-every", "2", "--sample-len", "15", "--no-progress"]
@@ -125,14 +124,9 @@ def test_adding_data_marks_one_position_per_half():
 
 
 @pytest.mark.parametrize("backend", ["strict-device1", "torch"])
-def test_demos_on_other_backends(backend, tmp_path):
-    chosen = os.environ.get("XLSTM_BACKENDS", "").strip()
-    if chosen and backend not in {n.strip() for n in chosen.split(",")}:
-        pytest.skip(f"{backend} is not in XLSTM_BACKENDS={chosen}")
-    try:
-        load_backend(backend)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+def test_demos_on_other_backends(backend, backends_run, tmp_path):
+    if backend not in backends_run:
+        pytest.skip(f"{backend} is not among this run's backends ({', '.join(backends_run)})")
     common = ["--backend", backend, "--dtype", "float64", "--quiet", "--no-plot"]
     res = demos.main(["adding", *TINY_ADDING, *common, "--out", str(tmp_path / "a.npz")])
     ref = demos.main(["adding", *TINY_ADDING, "--dtype", "float64", "--quiet", "--no-plot",
@@ -178,3 +172,25 @@ def test_no_plot_without_matplotlib(tmp_path, monkeypatch):
     res = demos.main(["adding", *TINY_ADDING, "--quiet", "--out", str(tmp_path / "p.npz")])
     assert res["plot_path"] is None
     assert (tmp_path / "p.npz").exists() and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["charlm", "adding"])
+def test_output_paths_are_checked_before_training(name, tmp_path, capsys):
+    """A folder that does not exist is a usage error before any work, not after training."""
+    for option, path in (("--out", tmp_path / "none" / "p.npz"),
+                         ("--plot", tmp_path / "none" / "loss.png")):
+        with pytest.raises(SystemExit) as info:
+            demos.main([name, "--steps", "1", option, str(path)])
+        assert info.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # no setup line: nothing was loaded or trained
+        assert f"error: argument {option}: the folder" in captured.err
+    assert not list(tmp_path.iterdir())
+
+
+def test_command_line_entry_points_check_their_arguments(capsys):
+    for entry in (demos.charlm_main, demos.adding_main):
+        with pytest.raises(SystemExit) as info:
+            entry(["--steps", "0"])
+        assert info.value.code == 2
+        assert "argument --steps: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """Command line: ``python -m xlstm {check,info,demo}``.
 
 ``check`` runs the seed notebook's four examples and a float64 gradient check on every backend
-that is importable here, prints a pass/fail table and exits non-zero on any failure.
+that is importable here, prints a pass/fail table and exits non-zero on any failure, or when
+no backend ran, or when a backend named with ``--backends`` cannot run here.
 ``info`` prints versions and devices.
 ``demo charlm`` and ``demo adding`` train the demos of :mod:`xlstm.demos`.
+Bad arguments are argparse errors: a usage line and one error line, exit status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,6 +23,14 @@ import xlstm
 
 from . import _engine, _seed
 from ._compat import BACKENDS, COMPAT_VERSION, BackendUnavailable, load_backend, to_host
+
+#: What the [cpu] extra adds: the compiled time loops on numpy.
+CPU_EXTRA = "numba>=0.61"
+#: The top-level ``--help`` text (plain: argparse prints it as it is).
+DESCRIPTION = (
+    "xlstm: the LSTM of the step-by-step notebook, written once for the Python array API. "
+    "Check it on every backend, print versions and devices, or train a demo."
+)
 
 SEED_TOL = 1e-7  # the notebook prints 8-12 significant digits
 GRAD_TOL = 1e-7  # central differences with h = 1e-6 in float64
@@ -128,9 +139,23 @@ def _check_backend(name, xp, device, numeric):
             f"{time.perf_counter() - t0:.2f} s"), not ok
 
 
+def _backend_names(text):
+    """``--backends``: comma-separated names from BACKENDS, at least one, each once."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one of {', '.join(BACKENDS)}")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}"
+        )
+    return names
+
+
 def cmd_check(args):
-    names = args.backends.split(",") if args.backends else BACKENDS
-    rows, failed = [], False
+    chosen = args.backends is not None
+    names = args.backends if chosen else BACKENDS
+    rows = []
     numeric = central_differences()
     for name in names:
         try:
@@ -138,25 +163,34 @@ def cmd_check(args):
         except BackendUnavailable as exc:
             rows.append((name, "-", "-", "-", "skip", str(exc)))
             continue
-        row, bad = _check_backend(name, xp, device, numeric)
-        rows.append(row)
-        failed |= bad
+        rows.append(_check_backend(name, xp, device, numeric)[0])
         if _engine.accelerated_loops(xp, xp.float64) is not None:  # the array path too
             os.environ["XLSTM_ACCEL"] = "0"
             try:
-                row, bad = _check_backend(f"{name} (XLSTM_ACCEL=0)", xp, device, numeric)
+                rows.append(_check_backend(f"{name} (XLSTM_ACCEL=0)", xp, device, numeric)[0])
             finally:
                 del os.environ["XLSTM_ACCEL"]
-            rows.append(row)
-            failed |= bad
     head = ("backend", "device", "seed max |err|", "gradcheck rel err", "result", "note")
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"\nseed examples must match to {SEED_TOL:g}; gradients to {GRAD_TOL:g} (relative)")
     ran = sum(r[4] != "skip" for r in rows)
-    print("FAILED" if failed else f"all {ran} checks passed (every available backend and path)")
-    return 1 if failed or ran == 0 else 0
+    n_failed = sum(r[4] == "FAIL" for r in rows)
+    missing = [r[0] for r in rows if r[4] == "skip"] if chosen else []
+    if ran == 0:
+        print(f"FAILED: no backend ran ({', '.join(r[0] for r in rows)} cannot run here)")
+        return 1
+    if n_failed:
+        print(f"FAILED: {n_failed} of {ran} checks failed")
+        return 1
+    if missing:
+        print(f"FAILED: {', '.join(missing)} (named with --backends) cannot run here; "
+              f"{ran} other {'check' if ran == 1 else 'checks'} passed")
+        return 1
+    print(f"all {ran} {'check' if ran == 1 else 'checks'} passed "
+          f"({'the chosen backends' if chosen else 'every available backend'} and paths)")
+    return 0
 
 
 def _cpu_loops_status():
@@ -166,7 +200,7 @@ def _cpu_loops_status():
     try:
         import numba
     except ImportError:
-        return "off (numba is not installed: pip install xlstm-array-api[cpu])"
+        return f"off (numba is not installed: python -m pip install '{CPU_EXTRA}')"
     return f"on (numba {numba.__version__})"
 
 
@@ -199,20 +233,39 @@ def cmd_demo(args):
     return 0 if result.get("solved", True) else 1
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m xlstm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="seed examples and a gradient check on every backend")
-    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)}")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m xlstm`` argument parser (plain-text help, no markup)."""
+    parser = argparse.ArgumentParser(prog="python -m xlstm", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,info,demo}")
+    p = sub.add_parser(
+        "check", help="seed examples and a gradient check on every backend",
+        description="Run the notebook's four examples and a float64 gradient check on every "
+                    "backend that can run here (or on those named with --backends), print a "
+                    "pass/fail table, and exit with status 1 on any failure, when no backend "
+                    "ran, or when a named backend cannot run here.")
+    p.add_argument("--backends", type=_backend_names, metavar="NAMES",
+                   help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("info", help="versions and devices")
+    p = sub.add_parser("info", help="versions and devices",
+                       description="Print the versions of xlstm, Python and the array "
+                                   "libraries, and the devices that each backend sees.")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="training demos (see: demo NAME --help)")
+    p = sub.add_parser("demo", help="training demos (see: demo NAME --help)",
+                       description="Train one of the demos; demo NAME --help lists its options.")
     p.add_argument("demo", choices=("charlm", "adding"),
                    help="charlm: character-level language model; adding: the adding problem")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
     p.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Argument errors raise ``SystemExit(2)`` after argparse prints the usage and the error.
+    """
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

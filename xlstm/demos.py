@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ._compat import BACKENDS, device_of, load_backend, namespace, to_host
+from ._compat import BACKENDS, BackendUnavailable, device_of, load_backend, namespace, to_host
 from .io import save_params
 from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .lstm import lstm_forward
@@ -61,6 +63,19 @@ def _check_counts(**counts):
     for name, (value, low) in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _held_out_size(n_chars, n_distinct, seq_len):
+    """Characters of the text held out for evaluation; ValueError if the text cannot serve."""
+    if n_distinct < 2:
+        raise ValueError("the text needs at least two distinct characters")
+    n_val = max(n_chars // 10, seq_len + 1)
+    if n_chars - n_val < seq_len + 1:
+        raise ValueError(
+            f"the text has {n_chars} characters; seq_len={seq_len} needs at least "
+            f"{2 * (seq_len + 1)} (a training part and a held-out part)"
+        )
+    return n_val
 
 
 def _streams(seed, n):
@@ -291,14 +306,7 @@ def charlm(
     raw = load_corpus(text)
     ids_host, vocab = _encode(raw)
     V, N = len(vocab), ids_host.shape[0]
-    if V < 2:
-        raise ValueError("the text needs at least two distinct characters")
-    n_val = max(N // 10, seq_len + 1)
-    if N - n_val < seq_len + 1:
-        raise ValueError(
-            f"the text has {N} characters; seq_len={seq_len} needs at least "
-            f"{2 * (seq_len + 1)} (a training part and a held-out part)"
-        )
+    n_val = _held_out_size(N, V, seq_len)
     train_ids, val_ids = ids_host[: N - n_val], ids_host[N - n_val :]
     if set(prime) - set(vocab):
         say(f"note: the prime {prime!r} has characters outside the vocabulary; using a newline")
@@ -571,14 +579,87 @@ def adding(
 
 
 # ------------------------------------------------------------------------ command line
+# Every bad value is an argparse error (usage, one error line, exit status 2) found before
+# any training: the type= functions check single values, _check_args what needs several.
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _output_file(text):
+    """A file path that can be written: its folder exists and is writable, it is no folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in the folder {folder!r}")
+    if os.path.exists(text) and not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot overwrite {text!r}")
+    return text
+
+
+def _input_file(text):
+    """A file that exists and can be read."""
+    if not os.path.isfile(text):
+        what = "is a folder" if os.path.isdir(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"the file {text!r} {what}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read the file {text!r}")
+    return text
+
+
+def _check_args(parser, args):
+    """The checks that need the environment or several arguments; parser.error on failure."""
+    try:
+        load_backend(args.backend)
+    except BackendUnavailable as exc:
+        parser.error(f"argument --backend: {exc}")
+    if getattr(args, "text", None) is not None:
+        try:
+            raw = load_corpus(args.text)
+        except UnicodeDecodeError as exc:
+            parser.error(f"argument --text: {args.text!r} is not UTF-8 text ({exc.reason})")
+        except OSError as exc:
+            parser.error(f"argument --text: cannot read {args.text!r}: {exc.strerror}")
+        try:
+            _held_out_size(len(raw), len(set(raw)), args.seq_len)
+        except ValueError as exc:
+            parser.error(f"argument --text: {exc}")
+    return args
+
+
 def _common(parser, *, out):
     parser.add_argument("--backend", default="numpy", choices=BACKENDS,
                         help="array backend (default numpy)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="default float32")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out", default=out, help=f"parameter file to write (default {out})")
-    parser.add_argument("--plot", default=None,
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="random seed, an integer >= 0 (default 0)")
+    parser.add_argument("--out", type=_output_file, default=out,
+                        help=f"parameter file to write (default {out})")
+    parser.add_argument("--plot", type=_output_file, default=None,
                         help="loss-curve PNG (default: next to --out, as <out>_loss.png)")
     parser.add_argument("--no-plot", dest="plot", action="store_false",
                         help="write no loss curve")
@@ -590,21 +671,28 @@ def _common(parser, *, out):
 
 def _charlm_parser(parser=None):
     p = parser or argparse.ArgumentParser(prog="python -m xlstm demo charlm")
-    p.description = "Character-level LSTM language model: train, sample, save."
-    p.add_argument("--text", default=None,
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("Character-level LSTM language model: train on a text, print samples "
+                     "as it learns, save the parameters and a loss curve.")
+    p.add_argument("--text", type=_input_file, default=None,
                    help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    p.add_argument("--seq-len", type=int, default=50,
+    p.add_argument("--steps", type=_int_at_least(1), default=2000,
+                   help="optimizer steps (default 2000)")
+    p.add_argument("--hidden", type=_int_at_least(1), default=128,
+                   help="hidden size (default 128)")
+    p.add_argument("--seq-len", type=_int_at_least(1), default=50,
                    help="training window length (default 50)")
-    p.add_argument("--batch", type=int, default=32, help="windows per minibatch (default 32)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
-    p.add_argument("--clip", type=float, default=5.0, help="global-norm clip (default 5)")
-    p.add_argument("--sample-every", type=int, default=500,
+    p.add_argument("--batch", type=_int_at_least(1), default=32,
+                   help="windows per minibatch (default 32)")
+    p.add_argument("--lr", type=_positive_float, default=5e-3,
+                   help="Adam learning rate (default 5e-3)")
+    p.add_argument("--clip", type=_positive_float, default=5.0,
+                   help="global-norm clip (default 5)")
+    p.add_argument("--sample-every", type=_int_at_least(0), default=500,
                    help="evaluate and print a sample every N steps (default 500, 0: never)")
-    p.add_argument("--sample-len", type=int, default=200,
+    p.add_argument("--sample-len", type=_int_at_least(0), default=200,
                    help="characters per sample (default 200)")
-    p.add_argument("--temperature", type=float, default=0.7,
+    p.add_argument("--temperature", type=_positive_float, default=0.7,
                    help="sampling temperature (default 0.7)")
     p.add_argument("--prime", default="The ", help="text that starts each sample")
     _common(p, out="charlm_params.npz")
@@ -613,45 +701,60 @@ def _charlm_parser(parser=None):
 
 def _adding_parser(parser=None):
     p = parser or argparse.ArgumentParser(prog="python -m xlstm demo adding")
-    p.description = "The adding problem (Hochreiter & Schmidhuber 1997, experiment 4)."
-    p.add_argument("--T", type=int, default=50, help="sequence length (default 50)")
-    p.add_argument("--steps", type=int, default=5000, help="most optimizer steps (default 5000)")
-    p.add_argument("--hidden", type=int, default=32, help="hidden size (default 32)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per minibatch (default 64)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    p.add_argument("--clip", type=float, default=1.0, help="global-norm clip (default 1)")
-    p.add_argument("--eval-every", type=int, default=100,
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("The adding problem (Hochreiter and Schmidhuber 1997, experiment 4): "
+                     "train until the test error is below --target, save the parameters.")
+    p.add_argument("--T", type=_int_at_least(2), default=50,
+                   help="sequence length, at least 2 (default 50)")
+    p.add_argument("--steps", type=_int_at_least(1), default=5000,
+                   help="most optimizer steps (default 5000)")
+    p.add_argument("--hidden", type=_int_at_least(1), default=32,
+                   help="hidden size (default 32)")
+    p.add_argument("--batch", type=_int_at_least(1), default=64,
+                   help="sequences per minibatch (default 64)")
+    p.add_argument("--lr", type=_positive_float, default=1e-2,
+                   help="Adam learning rate (default 1e-2)")
+    p.add_argument("--clip", type=_positive_float, default=1.0,
+                   help="global-norm clip (default 1)")
+    p.add_argument("--eval-every", type=_int_at_least(1), default=100,
                    help="score the test set every N steps (default 100)")
-    p.add_argument("--test-size", type=int, default=1000,
+    p.add_argument("--test-size", type=_int_at_least(1), default=1000,
                    help="test sequences (default 1000)")
-    p.add_argument("--target", type=float, default=0.01,
+    p.add_argument("--target", type=_positive_float, default=0.01,
                    help="stop once the test MSE is below this (default 0.01)")
     _common(p, out="adding_params.npz")
     return p
 
 
-def charlm_main(argv=None):
+def charlm_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`charlm`; returns its result dict."""
-    return charlm(**vars(_charlm_parser().parse_args(argv)))
+    parser = _charlm_parser()
+    return charlm(**vars(_check_args(parser, parser.parse_args(argv))))
 
 
-def adding_main(argv=None):
+def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`adding`; returns its result dict."""
-    return adding(**vars(_adding_parser().parse_args(argv)))
+    parser = _adding_parser()
+    return adding(**vars(_check_args(parser, parser.parse_args(argv))))
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``main(["charlm", ...])`` or ``main(["adding", ...])``: run a demo by name.
 
-    Returns the demo's result dict.
+    Returns the demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse
+    prints the usage and the error, before any training.
     """
     parser = argparse.ArgumentParser(prog="python -m xlstm demo",
                                      description="Training demos of xlstm.")
     sub = parser.add_subparsers(dest="demo", required=True)
-    _charlm_parser(sub.add_parser("charlm", help="character-level language model"))
-    _adding_parser(sub.add_parser("adding", help="the adding problem"))
-    args = vars(parser.parse_args(argv))
-    name = args.pop("demo")
+    parsers = {
+        "charlm": _charlm_parser(sub.add_parser("charlm", help="character-level language model")),
+        "adding": _adding_parser(sub.add_parser("adding", help="the adding problem")),
+    }
+    args = parser.parse_args(argv)
+    name = args.demo
+    args = vars(_check_args(parsers[name], args))
+    del args["demo"]
     return (charlm if name == "charlm" else adding)(**args)
 
 

@@ -1,0 +1,111 @@
+"""What the distributions carry.
+
+The wheel: the package with its typing marker and CUDA sources, the licence, SPDX metadata.
+The sdist: the same, plus every test module with ``conftest.py`` and ``helpers.py``, so that
+its tests run from the unpacked folder (``.ci/run`` does that). Both are built here with
+setuptools' own build hooks (no network) from a copy of the project; the tests skip where
+the installed setuptools is older than the floor in ``pyproject.toml`` or where they do not
+sit next to the project's sources.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import xlstm
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+COPY = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CONTRIBUTING.md", "xlstm",
+        "tests")
+
+
+def _floor():
+    """The setuptools version that ``[build-system] requires``, as a tuple of ints."""
+    found = re.search(r'"setuptools>=([0-9.]+)"', PYPROJECT.read_text(encoding="utf-8"))
+    assert found is not None, "pyproject.toml names no setuptools floor"
+    return tuple(int(p) for p in found.group(1).split("."))
+
+
+def _version(text):
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory):
+    """``(sdist_names, sdist_pkg_info, wheel_names, wheel_metadata)`` of fresh builds."""
+    if not (PYPROJECT.exists() and (ROOT / "xlstm" / "__init__.py").exists()):
+        pytest.skip("the tests do not sit next to the project's sources")
+    try:
+        have = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("setuptools is not installed")
+    if _version(have) < _floor():
+        pytest.skip(f"setuptools {have} is older than the floor {_floor()} of pyproject.toml")
+    src = tmp_path_factory.mktemp("src")
+    for name in COPY:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+        elif path.exists():
+            shutil.copy2(path, src / name)
+    out = tmp_path_factory.mktemp("dist")
+    for hook in ("build_sdist", "build_wheel"):  # one process each, as a frontend does
+        code = f"import sys; from setuptools import build_meta as b; b.{hook}(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (sdist,), (wheel,) = list(out.glob("*.tar.gz")), list(out.glob("*.whl"))
+    with tarfile.open(sdist) as tar:
+        top = f"xlstm_array_api-{xlstm.__version__}/"
+        names = {m.name[len(top):] for m in tar.getmembers() if m.name.startswith(top)}
+        pkg_info = tar.extractfile(top + "PKG-INFO").read().decode("utf-8")
+    with zipfile.ZipFile(wheel) as zf:
+        wheel_names = set(zf.namelist())
+        info = f"xlstm_array_api-{xlstm.__version__}.dist-info/"
+        metadata = zf.read(info + "METADATA").decode("utf-8")
+    return names, pkg_info, wheel_names, metadata
+
+
+def test_wheel_carries_the_package_the_licence_and_the_typing_marker(dist):
+    _, _, names, metadata = dist
+    info = f"xlstm_array_api-{xlstm.__version__}.dist-info/"
+    for name in ("xlstm/__init__.py", "xlstm/py.typed", "xlstm/_cuda/lstm_pointwise.cuh",
+                 "xlstm/_cuda/lstm_kernels.cu", info + "licenses/LICENSE"):
+        assert name in names, name
+    assert not any(n.startswith("tests/") for n in names)
+    assert re.search(r"^License-Expression: MIT$", metadata, re.M)
+    assert re.search(r"^License-File: LICENSE$", metadata, re.M)
+    assert re.search(r"^Classifier: Typing :: Typed$", metadata, re.M)
+    assert not re.search(r"^Classifier: License ::", metadata, re.M)  # SPDX says it
+    # CuPy's ctk extra: the CUDA headers that CuPy 14.1 on needs to compile a kernel.
+    for cuda in ("12", "13"):
+        assert re.search(rf'^Requires-Dist: cupy-cuda{cuda}x\[ctk\]>=\S+; extra == "cuda{cuda}"$',
+                         metadata, re.M), cuda
+
+
+def test_sdist_carries_the_licence_and_every_test(dist):
+    names, pkg_info, _, _ = dist
+    for name in ("LICENSE", "README.md", "pyproject.toml", "xlstm/py.typed",
+                 "xlstm/_cuda/lstm_pointwise.cuh", "tests/conftest.py", "tests/helpers.py"):
+        assert name in names, name
+    tests = {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
+    assert tests <= names, sorted(tests - names)
+    assert not any("__pycache__" in n for n in names)
+    assert re.search(r"^License-Expression: MIT$", pkg_info, re.M)
+
+
+def test_licence_is_mit():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the xlstm developers\n")
+    assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text
