@@ -8,7 +8,7 @@ from helpers import assert_close, to_numpy, to_xp
 from test_lstm import random_case
 
 import xlstm
-from xlstm import _engine
+from xlstm import _compat, _engine
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 6, 4096])
@@ -35,8 +35,13 @@ def test_chunked_engine_equals_per_step_path(xp, device, monkeypatch, chunk_rows
         assert_close(fused[k], to_numpy(plain[k]), xp=xp, device=device,
                      rtol=1e-11, atol=1e-13, err=k)
     inf = xlstm.lstm_forward(X, A0, P, c0=C0, return_caches=False)
+    # Bit for bit where the engine chooses the memory layout of its GEMM operands (numpy,
+    # CuPy). array-api-strict leaves layouts to its numpy, and numpy < 2.3 rounds a GEMM
+    # with a strided operand differently: there, within a few ulps.
+    exact = _compat.is_numpy(xp) or _compat.is_cupy(xp)
     for mine, ref in zip(inf[:3], (a, y, c)):
-        assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0, atol=0)
+        assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0 if exact else 1e-15,
+                     atol=0)
 
 
 def test_sigmoid_inside_the_engine_is_the_public_sigmoid():

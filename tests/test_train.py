@@ -10,12 +10,14 @@ import pytest
 from helpers import assert_array, to_numpy
 
 from xlstm import SGD, Adam, init_params, sequence_cross_entropy
+from xlstm._compat import default_namespace
 from xlstm.train import FitResult, StepInfo, fit
 
 N_X, N_A, M, T = 3, 6, 4, 5
+NP = default_namespace()  # numpy through array-api-compat: device= works on numpy 1.26 too
 
 
-def copy_task(rng, m=M, T_x=T, xp=np, device=None, dtype=None):
+def copy_task(rng, m=M, T_x=T, xp=NP, device=None, dtype=None):
     """One batch of 'label = current input symbol': one-hot ``x`` and integer labels."""
     ids = rng.integers(0, N_X, size=(m, T_x))
     x = np.eye(N_X)[ids].transpose(2, 0, 1)  # (n_x, m, T)
@@ -26,7 +28,7 @@ def copy_task(rng, m=M, T_x=T, xp=np, device=None, dtype=None):
     )
 
 
-def make_loss(xp=np, device=None, dtype=None, m=M):
+def make_loss(xp=NP, device=None, dtype=None, m=M):
     dtype = xp.float64 if dtype is None else dtype
     a0 = xp.zeros((N_A, m), dtype=dtype, device=device)
 

@@ -25,7 +25,7 @@ import importlib.util
 import os
 from collections import namedtuple
 
-from ._compat import device_of, is_cupy, is_numpy, is_writeable
+from ._compat import c_contiguous, device_of, is_cupy, is_numpy, is_writeable
 from .activations import _softmax
 from .params import PARAM_KEYS, fused_backward_weights, fused_forward_weights
 
@@ -203,7 +203,11 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         if keep:
             rows = X[t0 * m : t1 * m, :]
         else:
-            rows = xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
+            # C-ordered like X above, so that both paths' input GEMMs round alike (numpy
+            # < 2.3 takes another kernel for a strided operand)
+            rows = c_contiguous(
+                xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
+            )
         Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
         if loops is not None:
             sl = slice(t0, t1) if keep else slice(0, 1)
