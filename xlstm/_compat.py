@@ -51,7 +51,9 @@ def namespace(*, kinds=None, **arrays):
         If an argument is not an array, if the arrays come from different namespaces, or if
         a dtype is not real floating or differs between arguments.
     ValueError
-        If the arrays live on different devices.
+        If the arrays live on different devices. An array whose device is unknown (a JAX
+        tracer under ``jax.jit``, ``jax.grad`` or ``jax.vmap`` reports ``None``) is not
+        compared.
     """
     named = [(k, v) for k, v in arrays.items() if v is not None]
     if not named:
@@ -90,18 +92,25 @@ def namespace(*, kinds=None, **arrays):
                 f"dtype mismatch: {dtype_name} is {dtype} but {name} is {arr.dtype}; "
                 "cast all arrays to one floating dtype"
             )
-    dev = device_of(named[0][1])
-    for name, arr in named[1:]:
-        if device_of(arr) != dev:
+    # Only known devices are compared: a JAX tracer (inside jit, grad or vmap) has no
+    # concrete device and reports None, which matches any device.
+    dev_name, dev = None, None
+    for name, arr in named:
+        d = device_of(arr)
+        if d is None:
+            continue
+        if dev is None:
+            dev_name, dev = name, d
+        elif d != dev:
             raise ValueError(
-                f"device mismatch: {first_name} is on {dev} but {name} is on "
-                f"{device_of(arr)}; move all arrays to one device"
+                f"device mismatch: {dev_name} is on {dev} but {name} is on "
+                f"{d}; move all arrays to one device"
             )
     return xp
 
 
 def device_of(x):
-    """Return the device of array ``x``."""
+    """Return the device of array ``x``; ``None`` for a JAX tracer, which has none."""
     return _aac.device(x)
 
 
