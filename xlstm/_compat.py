@@ -119,6 +119,11 @@ def is_cupy(xp) -> bool:
     return _aac.is_cupy_namespace(xp)
 
 
+def is_jax(xp) -> bool:
+    """True when ``xp`` is JAX's namespace (imports nothing)."""
+    return _aac.is_jax_namespace(xp)
+
+
 def is_numpy(xp) -> bool:
     """True when ``xp`` is numpy's namespace."""
     return _aac.is_numpy_namespace(xp)
