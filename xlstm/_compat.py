@@ -124,6 +124,11 @@ def is_jax(xp) -> bool:
     return _aac.is_jax_namespace(xp)
 
 
+def is_torch(xp) -> bool:
+    """True when ``xp`` is torch's namespace (imports nothing)."""
+    return _aac.is_torch_namespace(xp)
+
+
 def is_numpy(xp) -> bool:
     """True when ``xp`` is numpy's namespace."""
     return _aac.is_numpy_namespace(xp)

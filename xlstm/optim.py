@@ -116,7 +116,7 @@ def _step_count(state):
             raise ValueError(f"state['step'] must be a non-negative int, got {t!r}")
         return t
     if hasattr(t, "__array_namespace__") and getattr(t, "ndim", None) == 0:
-        xp = namespace(kinds={"state['step']": ("integral",)}, **{"state['step']": t})
+        xp = namespace(kinds={"state['step']": ("integral", "bool")}, **{"state['step']": t})
         if xp.isdtype(t.dtype, "integral"):
             return t
     raise ValueError(
