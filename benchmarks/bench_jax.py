@@ -25,7 +25,9 @@ options). Prints two tables; writes JSON only with ``--json``.
    traces and compiles.
 
 Every measurement runs in a fresh process, so that no compiled program is reused from an
-earlier one.
+earlier one; the parent records its peak resident memory, and stops it (and says so in the
+table) past ``--timeout`` seconds or ``--max-rss-gb`` GiB: compiling the unrolled plain loop
+of forward+backward at ``T = 1000`` takes minutes and more than 14 GiB.
 """
 
 from __future__ import annotations
@@ -138,15 +140,46 @@ def worker_autodiff(job):
     return {"run_s": _median_time(step, job["repeat"])}
 
 
-def _spawn(job, accel="1"):
+def _rss_gb(pid):
+    """Resident memory of process ``pid`` in GiB (Linux), or 0.0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _spawn(job, accel="1", timeout=None, max_rss_gb=None):
+    """Run one measurement in a fresh process.
+
+    Returns its result, or ``{"stopped": why}`` when it ran past ``timeout`` seconds or its
+    resident memory passed ``max_rss_gb`` GiB (the plain loop's compile at large ``T``).
+    """
     env = dict(os.environ, XLSTM_ACCEL=accel)
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True, text=True, env=env, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    t0, peak, why = time.perf_counter(), 0.0, None
+    while proc.poll() is None:
+        time.sleep(0.2)
+        peak = max(peak, _rss_gb(proc.pid))
+        elapsed = time.perf_counter() - t0
+        if timeout is not None and elapsed > timeout:
+            why = f"over {timeout:g} s"
+        elif max_rss_gb is not None and peak > max_rss_gb:
+            why = f"over {max_rss_gb:g} GiB after {elapsed:.0f} s"
+        if why:
+            proc.kill()
+            proc.communicate()
+            return {"stopped": why}
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {job} failed:\n{err[-3000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_gb": peak}
 
 
 def _versions():
@@ -180,6 +213,12 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", default=list(AD_SIZES), metavar="N_X,N_A,M,T",
                     help="sizes of the autodiff table")
     ap.add_argument("--repeat", type=int, default=7, help="timed runs per measurement")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds after which a measurement is stopped and reported as such")
+    ap.add_argument("--max-rss-gb", type=float, default=6.0,
+                    help="GiB of resident memory at which a measurement is stopped and "
+                         "reported as such (the plain loop's compile at T=1000 needs more "
+                         "than 14)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch rows")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch.set_num_threads for the torch rows (default 1: tiny per-step "
@@ -204,13 +243,17 @@ def main(argv=None):
             for label, accel in (("plain loop", "0"), ("lax.scan", "1")):
                 job = {"kind": "compile", "what": what, "T": T, "n": args.n, "m": args.m,
                        "repeat": args.repeat}
-                r = {"what": what, "T": T, "path": label, **_spawn(job, accel)}
+                r = {"what": what, "T": T, "path": label,
+                     **_spawn(job, accel, args.timeout, args.max_rss_gb)}
                 report["compile"].append(r)
-                rows.append((what, T, label, f"{r['trace_s']:.2f}", f"{r['compile_s']:.2f}",
-                             f"{1e3 * r['run_s']:.2f}"))
+                if "stopped" in r:
+                    rows.append((what, T, label, "-", f"stopped: {r['stopped']}", "-", "-"))
+                else:
+                    rows.append((what, T, label, f"{r['trace_s']:.2f}", f"{r['compile_s']:.2f}",
+                                 f"{1e3 * r['run_s']:.2f}", f"{r['peak_rss_gb']:.2f}"))
                 print(*rows[-1], sep="  ", flush=True)
     print()
-    _table(("what", "T", "loop", "trace s", "compile s", "run ms"), rows)
+    _table(("what", "T", "loop", "trace s", "compile s", "run ms", "peak GiB"), rows)
 
     print("\n== forward+backward: the hand-written backward against autodiff, float64")
     rows = []
@@ -222,7 +265,13 @@ def main(argv=None):
         for framework, method in methods:
             job = {"kind": "autodiff", "framework": framework, "method": method,
                    "size": dims, "repeat": args.repeat, "torch_threads": args.torch_threads}
-            r = {"size": size, "framework": framework, "method": method, **_spawn(job)}
+            r = {"size": size, "framework": framework, "method": method,
+                 **_spawn(job, timeout=args.timeout, max_rss_gb=args.max_rss_gb)}
+            if "stopped" in r:
+                rows.append((size, framework, method, "-", f"stopped: {r['stopped']}"))
+                print(*rows[-1], sep="  ", flush=True)
+                report["autodiff"].append(r)
+                continue
             report["autodiff"].append(r)
             first = f"{r['first_call_s']:.2f}" if "first_call_s" in r else "-"
             rows.append((size, framework, method, first, f"{1e3 * r['run_s']:.2f}"))

@@ -120,7 +120,10 @@ def test_lstm_forward_jit_grad_vmap(J):
         close(J, got, want)
     # grad through the forward pass equals the hand-written backward pass
     g = xlstm.lstm_backward(_weights(J), caches)
-    loss = lambda p, x, a0, c0: J.xp.sum(xlstm.lstm_forward(x, a0, p, c0)[0] * _weights(J))  # noqa: E731
+
+    def loss(p, x, a0, c0):
+        return J.xp.sum(xlstm.lstm_forward(x, a0, p, c0)[0] * _weights(J))
+
     dp, dx, da0, dc0 = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(J.p, J.x, J.a0, J.c0)
     for k in ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo"):
         close(J, dp[k], g["d" + k], rtol=1e-10, err=k)
@@ -155,8 +158,10 @@ def test_cell_forward_and_backward_jit_grad_vmap(J):
     got = jax.jit(lambda p: xlstm.lstm_cell_forward(xt, J.a0, J.c0, p)[:3])(J.p)
     close_tree(J, got, (a_next, c_next, yt))
     g = xlstm.lstm_cell_backward(J.a0, J.c0, cache)  # da_next = a0, dc_next = c0
-    loss = lambda xt, p: xp.sum(xlstm.lstm_cell_forward(xt, J.a0, J.c0, p)[0] * J.a0)  # noqa: E731
-    # only the path through a_next: dc_next = 0 there
+
+    def loss(xt, p):  # only the path through a_next: dc_next = 0
+        return xp.sum(xlstm.lstm_cell_forward(xt, J.a0, J.c0, p)[0] * J.a0)
+
     g_a = xlstm.lstm_cell_backward(J.a0, xp.zeros_like(J.c0), cache)
     dxt, dp = jax.grad(loss, argnums=(0, 1))(xt, J.p)
     close(J, dxt, g_a["dxt"], rtol=1e-10)
@@ -450,3 +455,38 @@ def test_torch_function_gradcheck_and_first_order_only(torch):
     (g,) = torch.autograd.grad(f(x, a0, c0, p["Wf"], p["bc"]).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+def test_torch_without_gradients_is_the_inference_path(torch, monkeypatch):
+    rng = np.random.default_rng(12)
+    p = {k: torch.tensor(v) for k, v in xlstm.init_params(N_X, N_A, N_Y, seed=5).items()}
+    x, a0 = torch.tensor(rng.standard_normal((N_X, M, T))), torch.zeros(N_A, M,
+                                                                       dtype=torch.float64)
+    want = xlstm.lstm_forward(x, a0, p)[0]
+    calls = _count_backward(monkeypatch)
+    a = autodiff.lstm(x, a0, p)  # nothing requires grad: no graph
+    assert a.grad_fn is None
+    np.testing.assert_array_equal(a.numpy(), want.numpy())
+    x.requires_grad_(True)
+    with torch.no_grad():
+        assert autodiff.lstm(x, a0, p).grad_fn is None
+    assert autodiff.lstm(x, a0, p).grad_fn is not None
+    assert not calls
+
+
+def test_custom_vjp_second_order(J):
+    """Reverse over reverse: Hessian-vector products equal those of the plain forward."""
+    jax, xp = J.jax, J.xp
+    v = xp.ones_like(J.x)
+
+    def hvp(forward):
+        def f(x):
+            return xp.sum(xp.sin(forward(x)))
+
+        return jax.grad(lambda x: xp.sum(jax.grad(f)(x) * v))(J.x)
+
+    got = hvp(lambda x: autodiff.lstm(x, J.a0, J.p, J.c0))
+    want = hvp(lambda x: xlstm.lstm_forward(x, J.a0, J.p, J.c0)[0])
+    close(J, got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: autodiff.lstm(x, J.a0, J.p), (J.x,), (v,))

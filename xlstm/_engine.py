@@ -116,11 +116,14 @@ def scan(step, static, consts, carry, xs, *, reverse=False):
     its place on JAX; ``step`` must be a module-level function so that its compiled form
     can be reused.
     """
+    # Per-step tuples are built from lists: tuple() of a generator over-allocates and
+    # shrinks, and the shrunk tuples pile up in CPython's free lists, so the memory
+    # traced on the way would grow with the number of steps.
     xp = static[0]
     n = xs[0].shape[0]
     ys = []
     for t in range(n - 1, -1, -1) if reverse else range(n):
-        carry, y = step(static, consts, carry, tuple(v[t, ...] for v in xs))
+        carry, y = step(static, consts, carry, tuple([v[t, ...] for v in xs]))
         ys.append(y)
     if reverse:
         ys.reverse()
@@ -208,7 +211,7 @@ def _forward_step(static, consts, carry, inputs):
     (WaT,), (a, c), (gx,) = consts, carry, inputs
     s, cct, c, tc, a = step_forward(gx + a @ WaT, c, n_a, xp=xp)
     out = {"S": s, "CCT": cct, "C": c, "TC": tc, "A": a}
-    return (a, c), tuple(out[k] for k in names)
+    return (a, c), tuple([out[k] for k in names])
 
 
 def _backward_step(static, consts, carry, inputs):

@@ -66,26 +66,30 @@ def lstm(x: Any, a0: Any, params: Mapping[str, Any], c0: Optional[Any] = None) -
     Notes
     -----
     Gradients. The one output ``a`` carries gradients, with respect to ``x``, ``a0``,
-    ``c0`` (when given) and every entry of ``params``: the gate weights and biases get
-    the sums over steps of :func:`~xlstm.lstm.lstm_backward`, and ``Wy``, ``by``, which
-    the hidden states do not depend on, get zeros (as do other entries of ``params``,
-    which are not read). The predictions ``y`` and the cell
-    states ``c`` of :func:`~xlstm.lstm.lstm_forward` are not returned, because
-    ``lstm_backward`` takes no gradient for them; a loss on them needs
-    ``lstm_forward`` under plain autodiff. This function has first derivatives only: on
-    torch a second backward pass raises, and JAX refuses forward-mode
-    (``jax.jvp``, ``jax.jacfwd``) and higher-order derivatives of a ``custom_vjp``.
+    ``c0`` (when given) and the parameters: the gate weights and biases get the sums over
+    steps of :func:`~xlstm.lstm.lstm_backward`; ``Wy`` and ``by``, which the hidden states
+    do not depend on, get zeros; other entries of ``params`` are not read. The predictions
+    ``y`` and the cell states ``c`` of :func:`~xlstm.lstm.lstm_forward` are not returned,
+    because ``lstm_backward`` takes no gradient for them; a loss on them needs
+    ``lstm_forward`` under plain autodiff.
+
+    Higher derivatives. On torch the backward pass is not itself differentiable: a second
+    backward pass through it raises. On JAX, reverse mode of any order works (JAX
+    differentiates ``lstm_backward`` in turn, so ``jax.grad`` of a gradient gives
+    Hessian-vector products), but forward mode (``jax.jvp``, ``jax.jacfwd``) raises, as for
+    every ``custom_vjp``.
 
     The forward pass keeps the state that ``lstm_backward`` needs (see the memory notes of
-    :func:`~xlstm.lstm.lstm_forward`); ``jax.grad`` of the plain forward keeps about as
-    much.
+    :func:`~xlstm.lstm.lstm_forward`) only when a gradient is to be taken: under
+    ``jax.grad`` (and ``jax.vjp``), or on torch when grad mode is on and an input requires
+    gradients. Otherwise it is the inference path, ``return_caches=False``.
     """
     require_keys(params)
     xp = namespace(x=x, a0=a0, c0=c0, **param_arrays(params))
     p = {k: params[k] for k in PARAM_KEYS}  # other entries do not take part
     if is_jax(xp):
         return _jax_lstm()(x, a0, p, c0)
-    if is_torch(xp):
+    if is_torch(xp) and _torch_records(x, a0, c0, *p.values()):
         return _torch_function().apply(PARAM_KEYS, x, a0, c0, *p.values())
     return lstm_forward(x, a0, p, c0, return_caches=False)[0]
 
@@ -133,6 +137,13 @@ def _jax_lstm():
 
 
 # --------------------------------------------------------------------------------- torch
+def _torch_records(*tensors):
+    """Whether torch autograd would record a function of ``tensors`` now."""
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @functools.cache
 def _torch_function():
     """The ``torch.autograd.Function`` (built once, on first use)."""

@@ -307,8 +307,9 @@ class Adam:
         -------
         dict
             ``{"step": 0, "m": {key: zeros}, "v": {key: zeros}}``: the step count (a
-            Python int; a 0-d integer array once a compiled function returned it) and the first and second moment estimates, each with its
-            parameter's shape, dtype and device.
+            Python int; a 0-d integer array once a compiled function returned it) and the
+            first and second moment estimates, each with its parameter's shape, dtype and
+            device.
         """
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
