@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,29 @@ def test_works_where_no_cache_folder_is_writable():
         "assert (a == xlstm.lstm_forward(x, a0, p)[0]).all()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
+    """A numba built for another numpy refuses to import ("Numba needs NumPy 2.3 or
+    less"); the calls then run on the array path with the same results, and ``xlstm
+    info`` says why the loops are off."""
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('Numba needs NumPy 0.1 or less')\n")
+    code = (
+        "import os, sys, numpy as np, xlstm\n"
+        "from xlstm import _engine\n"
+        "assert _engine.accelerated_loops(xlstm._compat.default_namespace(), np.float64) is None\n"
+        "assert 'numba does not load: Numba needs NumPy 0.1' in _engine.cpu_loops_module()[1]\n"
+        "p = xlstm.init_params(2, 3, 2, seed=0)\n"
+        "x, a0 = np.ones((2, 4, 3)), np.zeros((3, 4))\n"
+        "a = xlstm.lstm_forward(x, a0, p)[0]\n"
+        "assert 'xlstm._cpu' not in sys.modules\n"
+        "os.environ['XLSTM_ACCEL'] = '0'\n"
+        "assert (a == xlstm.lstm_forward(x, a0, p)[0]).all()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    info = subprocess.run([sys.executable, "-m", "xlstm", "info"], env=env, text=True,
+                          capture_output=True, check=True).stdout
+    assert "compiled CPU loops: off (numba does not load" in info

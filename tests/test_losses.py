@@ -409,7 +409,6 @@ def test_negative_or_non_finite_mask_weights_are_value_errors(xp, device, bad):
                                c0=kw["c0"])
 
 
-@pytest.mark.xfail(strict=True, reason="closed-over arrays under jax.jit: device check")
 def test_bad_labels_or_weights_under_jit_give_nan():
     """Under jax.jit nothing can be raised: a bad label or weight makes the loss NaN, and
     good inputs give the eager result."""

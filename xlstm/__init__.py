@@ -4,6 +4,7 @@ The same call runs on numpy, CuPy, torch, JAX and array-api-strict arrays; resul
 inputs' namespace, dtype and device.
 """
 
+from . import autodiff
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
@@ -49,5 +50,7 @@ __all__ = [
     "load_params",
     "to_torch_lstm_weights",
     "from_torch_lstm_weights",
+    # autodiff through the hand-written backward pass
+    "autodiff",
     "__version__",
 ]

@@ -197,10 +197,11 @@ def _cpu_loops_status():
     """Whether numpy arrays take the compiled loops of ``xlstm._cpu``, and why not."""
     if os.environ.get("XLSTM_ACCEL", "1") == "0":
         return "off (XLSTM_ACCEL=0)"
-    try:
-        import numba
-    except ImportError:
-        return f"off (numba is not installed: python -m pip install '{CPU_EXTRA}')"
+    cpu, why = _engine.cpu_loops_module()
+    if cpu is None:
+        return f"off ({why}: python -m pip install '{CPU_EXTRA}')"
+    import numba
+
     return f"on (numba {numba.__version__})"
 
 

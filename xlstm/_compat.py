@@ -61,7 +61,9 @@ def namespace(*, kinds=None, optional=(), **arrays):
         If an argument is not an array, if the arrays come from different namespaces, or if
         a dtype is not real floating or differs between arguments.
     ValueError
-        If the arrays live on different devices.
+        If the arrays live on different devices. An array whose device is unknown (a JAX
+        tracer under ``jax.jit``, ``jax.grad`` or ``jax.vmap`` reports ``None``) is not
+        compared.
     """
     named = []
     for name, arr in arrays.items():
@@ -107,12 +109,19 @@ def namespace(*, kinds=None, optional=(), **arrays):
                 f"dtype mismatch: {dtype_name} is {dtype} but {name} is {arr.dtype}; "
                 "cast all arrays to one floating dtype"
             )
-    dev = device_of(named[0][1])
-    for name, arr in named[1:]:
-        if device_of(arr) != dev:
+    # Only known devices are compared: a JAX tracer (inside jit, grad or vmap) has no
+    # concrete device and reports None, which matches any device.
+    dev_name, dev = None, None
+    for name, arr in named:
+        d = device_of(arr)
+        if d is None:
+            continue
+        if dev is None:
+            dev_name, dev = name, d
+        elif d != dev:
             raise ValueError(
-                f"device mismatch: {first_name} is on {dev} but {name} is on "
-                f"{device_of(arr)}; move all arrays to one device"
+                f"device mismatch: {dev_name} is on {dev} but {name} is on "
+                f"{d}; move all arrays to one device"
             )
     return xp
 
@@ -237,13 +246,23 @@ def is_concrete(x) -> bool:
 
 
 def device_of(x):
-    """Return the device of array ``x``."""
+    """Return the device of array ``x``; ``None`` for a JAX tracer, which has none."""
     return _aac.device(x)
 
 
 def is_cupy(xp) -> bool:
     """True when ``xp`` is CuPy's namespace (imports nothing)."""
     return _aac.is_cupy_namespace(xp)
+
+
+def is_jax(xp) -> bool:
+    """True when ``xp`` is JAX's namespace (imports nothing)."""
+    return _aac.is_jax_namespace(xp)
+
+
+def is_torch(xp) -> bool:
+    """True when ``xp`` is torch's namespace (imports nothing)."""
+    return _aac.is_torch_namespace(xp)
 
 
 def is_numpy(xp) -> bool:
@@ -268,6 +287,17 @@ def c_contiguous(x):
 
         return cupy.ascontiguousarray(x)
     return x
+
+
+def copy(x):
+    """A new array equal to ``x`` that shares no memory with it (autograd kept on torch).
+
+    torch's ``asarray(copy=True)`` warns for tensors that require grad; ``clone`` is its
+    copy that stays on the autograd graph.
+    """
+    if _aac.is_torch_array(x):
+        return x.clone()
+    return _aac.array_namespace(x).asarray(x, copy=True)
 
 
 def is_writeable(x) -> bool:

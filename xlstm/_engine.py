@@ -15,7 +15,9 @@ The two ``step_*`` functions hold all pointwise math; the cell functions in
 accelerators run the same loops over preallocated stacks and evaluate the same expressions
 in compiled code (:func:`accelerated_loops`): on numpy the loops of :mod:`xlstm._cpu` (with
 numba installed; bit-identical results), on CuPy the fused kernels of :mod:`xlstm._cuda`.
-``XLSTM_ACCEL=0`` turns both off.
+On JAX the array path's per-step loops are written as :func:`scan`, which runs as
+``jax.lax.scan`` (:class:`ScanLoops`), so that ``jax.jit`` compiles one loop body instead
+of unrolling every step. ``XLSTM_ACCEL=0`` turns all of them off.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import importlib.util
 import os
 from collections import namedtuple
 
-from ._compat import c_contiguous, device_of, is_cupy, is_numpy, is_writeable
+from ._compat import c_contiguous, copy, device_of, is_cupy, is_jax, is_numpy, is_writeable
 from .activations import _softmax
 from .params import PARAM_KEYS, fused_backward_weights, fused_forward_weights
 
@@ -99,8 +101,78 @@ def step_backward(da, dc, K, Q, P, f, *, xp):
 
 
 @functools.cache
-def _have_numba():
-    return importlib.util.find_spec("numba") is not None
+def cpu_loops_module():
+    """``(module, reason)``: :mod:`xlstm._cpu` where numba loads, else ``None`` and why not.
+
+    A numba that is missing, or that was built for another numpy (it refuses to import),
+    leaves numpy on the array path, with the same results, rather than failing the call.
+    """
+    if importlib.util.find_spec("numba") is None:
+        return None, "numba is not installed"
+    try:
+        from . import _cpu
+    except ImportError as exc:  # for instance "Numba needs NumPy 2.3 or less"
+        return None, f"numba does not load: {exc}"
+    return _cpu, None
+
+
+def scan(step, static, consts, carry, xs, *, reverse=False):
+    """The plain time loop: ``step`` over the leading axis of every array in ``xs``.
+
+    ``step(static, consts, carry, x_t) -> (carry, y_t)``: ``static`` is a hashable tuple of
+    Python values (sizes, the namespace), ``consts`` a tuple of arrays read by every step,
+    ``carry``, ``x_t`` and ``y_t`` tuples of arrays; ``x_t`` holds the ``t``-th slice of
+    each array of ``xs``. Returns the last carry and the ``y_t`` stacked along a new leading
+    axis (``ys[t]`` comes from ``xs[t]``, also when ``reverse`` runs the steps from last
+    to first). The contract is that of ``jax.lax.scan``, which :class:`ScanLoops` puts in
+    its place on JAX; ``step`` must be a module-level function so that its compiled form
+    can be reused.
+    """
+    # Per-step tuples are built from lists: tuple() of a generator over-allocates and
+    # shrinks, and the shrunk tuples pile up in CPython's free lists, so the memory
+    # traced on the way would grow with the number of steps.
+    xp = static[0]
+    n = xs[0].shape[0]
+    ys = []
+    for t in range(n - 1, -1, -1) if reverse else range(n):
+        carry, y = step(static, consts, carry, tuple([v[t, ...] for v in xs]))
+        ys.append(y)
+    if reverse:
+        ys.reverse()
+    return carry, tuple(xp.stack(v) for v in zip(*ys))
+
+
+@functools.cache
+def _jax_scan(step, static, reverse):
+    """``jax.lax.scan`` of ``step``, compiled once per ``(step, static, reverse)`` and shape.
+
+    Wrapped in ``jax.jit`` so that calls outside a compiled function reuse the compiled
+    loop instead of tracing and compiling it anew on every call; inside ``jax.jit``,
+    ``jax.grad`` or ``jax.vmap`` it is traced into the caller's program.
+    """
+    import jax
+
+    def run(consts, carry, xs):
+        body = functools.partial(step, static, consts)
+        return jax.lax.scan(body, carry, xs, reverse=reverse)
+
+    return jax.jit(run)
+
+
+class ScanLoops:
+    """JAX's accelerated loop: :func:`scan` as ``jax.lax.scan``.
+
+    The array path's step functions run unchanged, as one compiled loop body, so that under
+    ``jax.jit`` the compile time no longer grows with the number of steps.
+    """
+
+    #: How reports and the benchmark name this accelerator.
+    label = "lax.scan"
+
+    @staticmethod
+    def scan(step, static, consts, carry, xs, *, reverse=False):
+        """:func:`scan` with the same arguments, run by ``jax.lax.scan``."""
+        return _jax_scan(step, static, reverse)(tuple(consts), tuple(carry), tuple(xs))
 
 
 def accelerated_loops(xp, dtype):
@@ -111,13 +183,19 @@ def accelerated_loops(xp, dtype):
     ``.cuh`` source that the tests also run on the CPU). Only for float32 and float64;
     ``XLSTM_ACCEL=0`` turns both off. Their ``forward`` and ``backward`` methods run the
     loops of :func:`forward` and :func:`backward` over preallocated stacks.
-    """
-    if os.environ.get("XLSTM_ACCEL", "1") == "0" or dtype not in (xp.float32, xp.float64):
-        return None
-    if is_numpy(xp) and _have_numba():
-        from . import _cpu
 
-        return _cpu.loops(dtype)
+    On JAX (any floating dtype), :class:`ScanLoops`: the array path itself, with
+    ``jax.lax.scan`` as its :func:`scan`. ``XLSTM_ACCEL=0`` gives the plain Python loop.
+    """
+    if os.environ.get("XLSTM_ACCEL", "1") == "0":
+        return None
+    if is_jax(xp):
+        return ScanLoops()
+    if dtype not in (xp.float32, xp.float64):
+        return None
+    if is_numpy(xp):
+        cpu, _ = cpu_loops_module()
+        return None if cpu is None else cpu.loops(dtype)
     if is_cupy(xp):
         from . import _cuda
 
@@ -125,7 +203,41 @@ def accelerated_loops(xp, dtype):
     return None
 
 
+def _dispatch(xp, dtype):
+    """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop."""
+    loops = accelerated_loops(xp, dtype)
+    if isinstance(loops, ScanLoops):
+        return None, loops.scan
+    return loops, scan
+
+
 # ------------------------------------------------------------------------------ sequences
+def _forward_step(static, consts, carry, inputs):
+    """One forward step of the array path, for :func:`scan` over the chunk's ``Gx``.
+
+    Returns the new ``(a, c)`` and the step's values named in ``static[2]`` (a subset of
+    ``S, CCT, C, TC, A``, in that order).
+    """
+    xp, n_a, names = static
+    (WaT,), (a, c), (gx,) = consts, carry, inputs
+    s, cct, c, tc, a = step_forward(gx + a @ WaT, c, n_a, xp=xp)
+    out = {"S": s, "CCT": cct, "C": c, "TC": tc, "A": a}
+    return (a, c), tuple([out[k] for k in names])
+
+
+def _backward_step(static, consts, carry, inputs):
+    """One backward step of the array path, for a reversed :func:`scan`.
+
+    Carries ``(da_rec, dc)``, the gradients reaching the step from the step after it,
+    and returns the step's pre-activation gradient ``dg``.
+    """
+    (xp,), (WaT,), (da_rec, dc) = static, consts, carry
+    da, K, Q, P, f = inputs
+    dg, dc = step_backward(da + da_rec, dc, K, Q, P, f, xp=xp)
+    da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dg))  # (19), recurrent part
+    return (da_rec, dc), (dg,)
+
+
 class _Collect:
     """Gathers blocks along a leading time axis into one array of ``length`` rows.
 
@@ -172,7 +284,7 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
     if keep:
         # What the backward pass reads is fixed now: a later write into the caller's
         # arrays, or a key rebound in their dict, cannot change the gradients.
-        params = {k: xp.asarray(params[k], copy=True) for k in PARAM_KEYS}
+        params = {k: copy(params[k]) for k in PARAM_KEYS}
     WaT, WxT, b = fused_forward_weights(params, n_a, xp=xp)
     WyT = xp.matrix_transpose(params["Wy"])
     by = xp.matrix_transpose(params["by"])
@@ -184,7 +296,7 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
-    loops = accelerated_loops(xp, dtype)
+    loops, run = _dispatch(xp, dtype)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
     collected = ("Y",) if loops is not None else (*names, "Y")
@@ -215,13 +327,8 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
             loops.forward(Gx, WaT, bufs["A"], bufs["C"], *scratch, t0)
             A_new = bufs["A"][t0 + 1 : t1 + 1, ...]
         else:
-            steps = {k: [] for k in names}
-            for t in range(t1 - t0):
-                s, cct, c, tc, a = step_forward(Gx[t, ...] + a @ WaT, c, n_a, xp=xp)
-                for k, v in zip(("S", "CCT", "C", "TC", "A"), (s, cct, c, tc, a)):
-                    if k in steps:
-                        steps[k].append(v)
-            blocks = {k: xp.stack(v) for k, v in steps.items()}
+            (a, c), ys = run(_forward_step, (xp, n_a, names), (WaT,), (a, c), (Gx,))
+            blocks = dict(zip(names, ys))
             for k, block in blocks.items():
                 outs[k].put(t0 + 1 if k in ("A", "C") else t0, block)
             A_new = blocks["A"]
@@ -251,22 +358,16 @@ def backward(da, state, *, xp):
     WaT, Wx = fused_backward_weights(state.params, n_a, xp=xp)
     S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
     da_t = xp.permute_dims(da, (2, 1, 0))
-    loops = accelerated_loops(xp, dtype)
+    loops, run = _dispatch(xp, dtype)
     if loops is not None:
         dG = xp.empty((T, m, 4 * n_a), dtype=dtype, device=dev)
         da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], WaT, dG)
     else:
         K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
         F = S[..., n_a : 2 * n_a]
-        da_rec = xp.zeros((m, n_a), dtype=dtype, device=dev)
-        dc = xp.zeros((m, n_a), dtype=dtype, device=dev)
-        dgs = []
-        for t in range(T - 1, -1, -1):
-            dg, dc = step_backward(da_t[t, ...] + da_rec, dc, K[t, ...], Q[t, ...],
-                                   P[t, ...], F[t, ...], xp=xp)
-            da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dg))  # (19), recurrent
-            dgs.append(dg)
-        dG = xp.stack(dgs[::-1])
+        zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
+        (da_rec, dc), (dG,) = run(_backward_step, (xp,), (WaT,), (zeros, zeros),
+                                  (da_t, K, Q, P, F), reverse=True)
     dG = xp.reshape(dG, (T * m, 4 * n_a))
     dGT = xp.matrix_transpose(dG)
     A_prev = xp.reshape(state.A[:T, ...], (T * m, n_a))

@@ -15,7 +15,7 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from . import _engine
-from ._compat import device_of, namespace, on_input_device
+from ._compat import copy, device_of, namespace, on_input_device
 from ._typing import Array, Grads, Params
 from .params import (
     check_params,
@@ -175,7 +175,6 @@ def lstm_cell_forward(
     A, C, Y, state = _engine.forward(x, a_prev, c_prev, params, n_a, xp=xp, keep=True)
     cache = _StepCaches(state, xp)[0]
     tr = xp.matrix_transpose
-    copy = _copy(xp)
     return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
 
 
@@ -242,12 +241,7 @@ def lstm_forward(
     y = xp.permute_dims(Y, seed)
     if not keep:
         return a, y, c, None
-    copy = _copy(xp)
     return copy(a), y, copy(c), LSTMCaches(_StepCaches(state, xp), x, state)
-
-
-def _copy(xp):
-    return lambda v: xp.asarray(v, copy=True)
 
 
 # ---------------------------------------------------------------------------- backward

@@ -15,6 +15,14 @@ Other entries of a gradient dict (``dx``, ``da0``, ``dc0``) are ignored by the o
 and passed through unchanged by the clipping functions. Nothing here mutates its inputs, so
 the same code runs on immutable JAX arrays, and nothing reads an array value back to the
 host, so a CuPy step never synchronises.
+
+The steps also run inside ``jax.jit`` with the state passed as an argument::
+
+    step = jax.jit(opt.step)
+    params, state = step(params, grads, state)
+
+``state["step"]`` is a Python int; a compiled function hands it back as a 0-d integer
+array, which :meth:`SGD.step` and :meth:`Adam.step` accept and keep as an array.
 """
 
 from __future__ import annotations
@@ -94,12 +102,26 @@ def _check_shapes(keys, params, others):
 
 
 def _step_count(state):
+    """``state['step']``: a non-negative Python int, or a 0-d integer array.
+
+    The array form is what ``jax.jit`` makes of the count when the state passes through a
+    compiled function; its value is not read (no host synchronisation), so it is not
+    checked for sign.
+    """
     if not isinstance(state, Mapping) or "step" not in state:
         raise TypeError("state must be the dict returned by init() or by the previous step()")
     t = state["step"]
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"state['step'] must be a non-negative int, got {t!r}")
-    return t
+    if isinstance(t, int) and not isinstance(t, bool):
+        if t < 0:
+            raise ValueError(f"state['step'] must be a non-negative int, got {t!r}")
+        return t
+    if hasattr(t, "__array_namespace__") and getattr(t, "ndim", None) == 0:
+        xp = namespace(kinds={"state['step']": ("integral", "bool")}, **{"state['step']": t})
+        if xp.isdtype(t.dtype, "integral"):
+            return t
+    raise ValueError(
+        f"state['step'] must be a non-negative int or a 0-d integer array, got {t!r}"
+    )
 
 
 def _zeros_like(xp, p):
@@ -186,7 +208,9 @@ class SGD:
             Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
             ignored.
         state : dict
-            The state from :meth:`init` or from the previous :meth:`step`.
+            The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
+            is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
+            the new count is then an array too).
 
         Returns
         -------
@@ -286,8 +310,9 @@ class Adam:
         -------
         dict
             ``{"step": 0, "m": {key: zeros}, "v": {key: zeros}}``: the step count (a
-            Python int) and the first and second moment estimates, each with its
-            parameter's shape, dtype and device.
+            Python int; a 0-d integer array once a compiled function returned it) and the
+            first and second moment estimates, each with its parameter's shape, dtype and
+            device.
         """
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
@@ -303,7 +328,9 @@ class Adam:
             Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
             ignored.
         state : dict
-            The state from :meth:`init` or from the previous :meth:`step`.
+            The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
+            is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
+            the new count is then an array too).
 
         Returns
         -------
@@ -337,8 +364,13 @@ class Adam:
         )
 
         b1, b2 = self.beta1, self.beta2
-        step_size = self.lr / (1.0 - b1**t)  # Python floats: no upcast, no device work
-        inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2**t)
+        if isinstance(t, int):
+            step_size = self.lr / (1.0 - b1**t)  # Python floats: no upcast, no device work
+            inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2**t)
+        else:  # a 0-d array count (under jax.jit): the same, as 0-d arrays of the params' dtype
+            tf = xp.astype(t, params[keys[0]].dtype)
+            step_size = self.lr / (1.0 - b1**tf)
+            inv_sqrt_bc2 = 1.0 / xp.sqrt(1.0 - b2**tf)
         new_params, new_m, new_v = {}, {}, {}
         for k in keys:
             g = grads["d" + k]
