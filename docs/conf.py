@@ -71,7 +71,7 @@ def _check_api_complete(app, env):
     from sphinx.util import logging
 
     logger = logging.getLogger("xlstm.docs")
-    documented = set(env.domaindata["py"]["objects"])
+    documented = set(env.domaindata["py"]["objects"]) | set(env.domaindata["py"]["modules"])
     for name in xlstm.__all__:
         if f"xlstm.{name}" not in documented:
             logger.warning("xlstm.%s is in xlstm.__all__ but not in the API reference", name)

@@ -48,7 +48,7 @@ def lstm(x: Any, a0: Any, params: Mapping[str, Any], c0: Optional[Any] = None) -
     a0 : array, shape (n_a, m)
         Initial hidden state.
     params : dict
-        The seed's parameters ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by`` (see
+        The notebook's parameters ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by`` (see
         :func:`xlstm.lstm.lstm_cell_forward`).
     c0 : array, shape (n_a, m), optional
         Initial cell state; default ``None`` means zeros.
