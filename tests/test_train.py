@@ -198,6 +198,17 @@ def test_argument_errors():
         fit(params, batches, loss_fn, opt, epochs=1.5)
 
 
+def test_numpy_scalars_as_counts_and_bounds():
+    """numpy integer and float scalars work wherever a Python int or float does."""
+    params, batches = host_setup(n_batches=3)
+    want = fit(params, batches, make_loss(), SGD(lr=0.1), epochs=2, steps=5, clip_norm=1.0,
+               progress=False)
+    got = fit(params, batches, make_loss(), SGD(lr=np.float64(0.1)), epochs=np.int64(2),
+              steps=np.int32(5), clip_norm=np.float64(1.0), clip_value=np.float32(1e3),
+              progress=False)
+    assert got.history == want.history and len(got.history) == 5
+
+
 # ------------------------------------------------------------------------ progress bar
 def test_no_bar_when_not_a_terminal(capsys):
     params, batches = host_setup(n_batches=3)

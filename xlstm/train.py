@@ -30,8 +30,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sized
+from numbers import Real
 from typing import Any, NamedTuple
 
+from ._checks import positive_int
 from .optim import clip_by_global_norm, clip_by_value
 from ._typing import Grads, Params
 
@@ -103,11 +105,16 @@ class FitResult(NamedTuple):
 
 # ----------------------------------------------------------------------------- helpers
 def _positive(name, value, kind):
+    """``value`` checked positive (``None`` passes): an int of any integer type for
+    ``kind=int``, else any finite real number, returned as a Python int or float."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    if not value > 0 or (kind is not int and not math.isfinite(value)):
+    if kind is int:
+        return positive_int(name, value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
     return value
 
@@ -249,8 +256,8 @@ def fit(
     """
     epochs = _positive("epochs", epochs, int)
     steps = _positive("steps", steps, int)
-    clip_norm = _positive("clip_norm", clip_norm, (int, float))
-    clip_value = _positive("clip_value", clip_value, (int, float))
+    clip_norm = _positive("clip_norm", clip_norm, float)
+    clip_value = _positive("clip_value", clip_value, float)
     if not 0.0 < smoothing <= 1.0:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
     if not callable(loss_fn):
