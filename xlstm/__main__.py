@@ -28,7 +28,8 @@ from ._compat import BACKENDS, COMPAT_VERSION, BackendUnavailable, load_backend,
 CPU_EXTRA = "numba>=0.61"
 #: The top-level ``--help`` text (plain: argparse prints it as it is).
 DESCRIPTION = (
-    "xlstm: the LSTM of the step-by-step notebook, written once for the Python array API. "
+    "xlstm: the LSTM of the notebook 'Building your LSTM RNN - Step by Step', written once "
+    "for the Python array API. "
     "Check it on every backend, print versions and devices, or train a demo."
 )
 
@@ -170,11 +171,11 @@ def cmd_check(args):
                 rows.append(_check_backend(f"{name} (XLSTM_ACCEL=0)", xp, device, numeric)[0])
             finally:
                 del os.environ["XLSTM_ACCEL"]
-    head = ("backend", "device", "seed max |err|", "gradcheck rel err", "result", "note")
+    head = ("backend", "device", "notebook max |err|", "gradcheck rel err", "result", "note")
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print(f"\nseed examples must match to {SEED_TOL:g}; gradients to {GRAD_TOL:g} (relative)")
+    print(f"\nthe notebook's examples must match to {SEED_TOL:g}; gradients to {GRAD_TOL:g} (relative)")
     ran = sum(r[4] != "skip" for r in rows)
     n_failed = sum(r[4] == "FAIL" for r in rows)
     missing = [r[0] for r in rows if r[4] == "skip"] if chosen else []
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,info,demo}")
     p = sub.add_parser(
-        "check", help="seed examples and a gradient check on every backend",
+        "check", help="the notebook's examples and a gradient check on every backend",
         description="Run the notebook's four examples and a float64 gradient check on every "
                     "backend that can run here (or on those named with --backends), print a "
                     "pass/fail table, and exit with status 1 on any failure, when no backend "
