@@ -282,11 +282,8 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
     if "xlstm" in only:
         res["xlstm"] = xl_result(f", {accel}" if accel else "")
     if "xlstm-plain" in only and accel:  # the same calls on the array path, for the gain
-        os.environ["XLSTM_ACCEL"] = "0"
-        try:
+        with xlstm.accelerators(False):
             res["xlstm-plain"] = xl_result(", array path")
-        finally:
-            del os.environ["XLSTM_ACCEL"]
 
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
     if seed_mod is not None and "seed" in only:

@@ -49,7 +49,7 @@ def test_check_passes_on_numpy_and_its_array_path(capsys, monkeypatch):
     assert "pass" in rows["numpy"] and "pass" in rows["strict"]
     ran = 2
     if importlib.util.find_spec("numba") is not None:  # the compiled loops are the default
-        assert "pass" in rows["numpy (XLSTM_ACCEL=0)"]
+        assert "pass" in rows["numpy (array path)"]
         ran = 3
     assert "FAIL" not in out
     assert out.splitlines()[-1] == f"all {ran} checks passed (the chosen backends and paths)"

@@ -96,3 +96,39 @@ def test_inference_memory_does_not_grow_with_T(monkeypatch, accel):
         extra[T] = peak - (a.nbytes + y.nbytes + c.nbytes)
     assert extra[64] > 0
     assert extra[512] < 1.25 * extra[64], extra  # 8x the steps, about the same extra memory
+
+
+def test_accelerators_switch_beats_the_environment(monkeypatch):
+    """``xlstm.accelerators(False)`` turns the loops off whatever XLSTM_ACCEL says, and
+    ``accelerators(True)`` on; blocks nest; results are the same either way; the switch
+    holds for its own thread only."""
+    import threading
+
+    NP = _compat.default_namespace()
+    monkeypatch.setenv("XLSTM_ACCEL", "1")
+    on = _engine.accelerated_loops(NP, NP.float64) is not None  # numba may be missing
+    with xlstm.accelerators(False):
+        assert _engine.accelerated_loops(NP, NP.float64) is None
+        with xlstm.accelerators(True):
+            assert (_engine.accelerated_loops(NP, NP.float64) is not None) == on
+        assert not _engine.accel_enabled()
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(_engine.accel_enabled()))
+        worker.start()
+        worker.join()
+        assert seen == [True]  # another thread follows the environment
+    assert _engine.accel_enabled()
+    monkeypatch.setenv("XLSTM_ACCEL", "0")
+    assert _engine.accelerated_loops(NP, NP.float64) is None
+    with xlstm.accelerators(True):
+        assert (_engine.accelerated_loops(NP, NP.float64) is not None) == on
+    rng = np.random.default_rng(20)
+    x, a0, c0, params = random_case(rng, n_x=3, n_a=4, n_y=2, m=3, T=5)
+    with xlstm.accelerators(True):
+        fast = xlstm.lstm_forward(x, a0, params, c0=c0)[0]
+    with xlstm.accelerators(False):
+        plain = xlstm.lstm_forward(x, a0, params, c0=c0)[0]
+    np.testing.assert_array_equal(fast, plain)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        with xlstm.accelerators("0"):
+            pass

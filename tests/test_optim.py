@@ -342,9 +342,10 @@ def test_clip_validation(fn):
 
 
 def _exact_norm(g0):
-    """The global norm of the parameter gradients, exactly (Python integers of scaled
-    values would do too; float64 of float64 scaled by the largest entry is exact enough)."""
-    leaves = [np.asarray(v, dtype=np.float64).ravel() for k, v in g0.items() if k[:2] in ("dW", "db")]
+    """The global norm of the parameter gradients, in float64 with the largest entry
+    factored out (no overflow or underflow for any float32 or float16 input)."""
+    leaves = [np.asarray(v, dtype=np.float64).ravel()
+              for k, v in g0.items() if k[:2] in ("dW", "db")]
     top = max(np.max(np.abs(v)) for v in leaves)
     return top * np.sqrt(sum(np.sum((v / top) ** 2) for v in leaves))
 

@@ -5,6 +5,7 @@ inputs' namespace, dtype and device.
 """
 
 from . import autodiff
+from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
@@ -43,6 +44,7 @@ __all__ = [
     "clip_by_value",
     "clip_by_global_norm",
     "fit",
+    "accelerators",
     "FitResult",
     "StepInfo",
     # persistence and interop

@@ -11,7 +11,6 @@ Bad arguments are argparse errors: a usage line and one error line, exit status 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -166,16 +165,14 @@ def cmd_check(args):
             continue
         rows.append(_check_backend(name, xp, device, numeric)[0])
         if _engine.accelerated_loops(xp, xp.float64) is not None:  # the array path too
-            os.environ["XLSTM_ACCEL"] = "0"
-            try:
-                rows.append(_check_backend(f"{name} (XLSTM_ACCEL=0)", xp, device, numeric)[0])
-            finally:
-                del os.environ["XLSTM_ACCEL"]
+            with _engine.accelerators(False):
+                rows.append(_check_backend(f"{name} (array path)", xp, device, numeric)[0])
     head = ("backend", "device", "notebook max |err|", "gradcheck rel err", "result", "note")
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print(f"\nthe notebook's examples must match to {SEED_TOL:g}; gradients to {GRAD_TOL:g} (relative)")
+    print(f"\nthe notebook's examples must match to {SEED_TOL:g}; "
+          f"gradients to {GRAD_TOL:g} (relative)")
     ran = sum(r[4] != "skip" for r in rows)
     n_failed = sum(r[4] == "FAIL" for r in rows)
     missing = [r[0] for r in rows if r[4] == "skip"] if chosen else []
@@ -196,7 +193,7 @@ def cmd_check(args):
 
 def _cpu_loops_status():
     """Whether numpy arrays take the compiled loops of ``xlstm._cpu``, and why not."""
-    if os.environ.get("XLSTM_ACCEL", "1") == "0":
+    if not _engine.accel_enabled():
         return "off (XLSTM_ACCEL=0)"
     cpu, why = _engine.cpu_loops_module()
     if cpu is None:

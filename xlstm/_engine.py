@@ -22,9 +22,12 @@ of unrolling every step. ``XLSTM_ACCEL=0`` turns all of them off.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from collections import namedtuple
 
 from ._compat import c_contiguous, copy, device_of, is_cupy, is_jax, is_numpy, is_writeable
@@ -175,19 +178,64 @@ class ScanLoops:
         return _jax_scan(step, static, reverse)(tuple(consts), tuple(carry), tuple(xs))
 
 
+#: The innermost :func:`accelerators` switch of this thread or task (None: no switch).
+_ACCEL_SWITCH: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "xlstm_accelerators", default=None
+)
+
+
+def accel_enabled() -> bool:
+    """Whether the accelerators may run now: the innermost :func:`accelerators` switch
+    where one is active, else the environment (``XLSTM_ACCEL=0`` turns them off; read at
+    every call). The one reader of ``XLSTM_ACCEL``."""
+    forced = _ACCEL_SWITCH.get()
+    if forced is not None:
+        return forced
+    return os.environ.get("XLSTM_ACCEL", "1") != "0"
+
+
+@contextlib.contextmanager
+def accelerators(enabled: bool) -> Iterator[None]:
+    """Turn the accelerated loops on or off inside a ``with`` block.
+
+    ``with xlstm.accelerators(False):`` runs every call in the block on the plain array
+    path, as ``XLSTM_ACCEL=0`` does, whatever the environment says; ``accelerators(True)``
+    allows them even where ``XLSTM_ACCEL=0`` is set. The accelerators are numba's compiled
+    loops on numpy, the fused CUDA kernels on CuPy and ``jax.lax.scan`` on JAX; results are
+    the same either way (bit for bit on numpy, to rounding elsewhere).
+
+    The switch is a context variable: it holds for the current thread (or asyncio task)
+    only, and blocks nest, the innermost winning. Under ``jax.jit`` it takes effect when the
+    function is traced.
+
+    Parameters
+    ----------
+    enabled : bool
+        True allows the accelerators, False turns them off.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    token = _ACCEL_SWITCH.set(enabled)
+    try:
+        yield
+    finally:
+        _ACCEL_SWITCH.reset(token)
+
+
 def accelerated_loops(xp, dtype):
     """The compiled time loops for namespace ``xp`` and ``dtype``, or ``None``.
 
     On numpy with numba installed, :mod:`xlstm._cpu` (bit-identical to the array path); on
     CuPy, the fused CUDA kernels of :mod:`xlstm._cuda` (the same arithmetic, from the
     ``.cuh`` source that the tests also run on the CPU). Only for float32 and float64;
-    ``XLSTM_ACCEL=0`` turns both off. Their ``forward`` and ``backward`` methods run the
-    loops of :func:`forward` and :func:`backward` over preallocated stacks.
+    ``XLSTM_ACCEL=0`` or :func:`accelerators` turns them off. Their ``forward`` and
+    ``backward`` methods run the loops of :func:`forward` and :func:`backward` over
+    preallocated stacks.
 
     On JAX (any floating dtype), :class:`ScanLoops`: the array path itself, with
     ``jax.lax.scan`` as its :func:`scan`. ``XLSTM_ACCEL=0`` gives the plain Python loop.
     """
-    if os.environ.get("XLSTM_ACCEL", "1") == "0":
+    if not accel_enabled():
         return None
     if is_jax(xp):
         return ScanLoops()
