@@ -30,8 +30,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from numbers import Real
+from typing import Any
 
 from ._compat import device_of, namespace, on_input_device
+from ._typing import Array, Grads, Params
 
 __all__ = ["SGD", "Adam", "clip_by_value", "clip_by_global_norm"]
 
@@ -164,7 +166,7 @@ class SGD:
         If a hyperparameter is out of range; the message names it.
     """
 
-    def __init__(self, lr, momentum=0.0, nesterov=False):
+    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False) -> None:
         self.lr = _real("lr", lr, low=0.0, low_open=True)
         self.momentum = _real("momentum", momentum, low=0.0, high=1.0)
         if not isinstance(nesterov, bool):
@@ -173,11 +175,11 @@ class SGD:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = nesterov
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r})"
 
     @on_input_device
-    def init(self, params):
+    def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
         Parameters
@@ -197,7 +199,9 @@ class SGD:
         return {"step": 0, **_init_buffers(params, ("velocity",))}
 
     @on_input_device
-    def step(self, params, grads, state):
+    def step(
+        self, params: Params, grads: Grads, state: Mapping[str, Any]
+    ) -> tuple[dict[str, Array], dict[str, Any]]:
         """Apply one update and return ``(new_params, new_state)``.
 
         Parameters
@@ -285,20 +289,22 @@ class Adam:
         If a hyperparameter is out of range; the message names it.
     """
 
-    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    def __init__(
+        self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+    ) -> None:
         self.lr = _real("lr", lr, low=0.0, low_open=True)
         self.beta1 = _real("beta1", beta1, low=0.0, high=1.0)
         self.beta2 = _real("beta2", beta2, low=0.0, high=1.0)
         self.eps = _real("eps", eps, low=0.0)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Adam(lr={self.lr!r}, beta1={self.beta1!r}, beta2={self.beta2!r}, "
             f"eps={self.eps!r})"
         )
 
     @on_input_device
-    def init(self, params):
+    def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
         Parameters
@@ -317,7 +323,9 @@ class Adam:
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
     @on_input_device
-    def step(self, params, grads, state):
+    def step(
+        self, params: Params, grads: Grads, state: Mapping[str, Any]
+    ) -> tuple[dict[str, Array], dict[str, Any]]:
         """Apply one update and return ``(new_params, new_state)``.
 
         Parameters
@@ -395,7 +403,7 @@ def _param_grad_keys(grads):
 
 
 @on_input_device
-def clip_by_value(grads, max_value):
+def clip_by_value(grads: Grads, max_value: float) -> Grads:
     """Clip every parameter gradient elementwise to ``[-max_value, max_value]``.
 
     This is the course's ``clip`` for exploding gradients in the character-level model.
@@ -435,7 +443,7 @@ def clip_by_value(grads, max_value):
 
 
 @on_input_device
-def clip_by_global_norm(grads, max_norm):
+def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
     """Scale all parameter gradients together so that their joint L2 norm is at most ``max_norm``.
 
     With ``norm`` the L2 norm of every ``dW*``, ``db*`` entry taken together, every
