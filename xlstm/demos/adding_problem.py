@@ -115,7 +115,7 @@ def adding(
     """
     say = printer(verbose)
     check_counts(T=(T, 2), steps=(steps, 1), hidden=(hidden, 1), batch=(batch, 1),
-                  eval_every=(eval_every, 1), test_size=(test_size, 1))
+                 eval_every=(eval_every, 1), test_size=(test_size, 1))
     xp, device, dt = setup(backend, dtype)
     init_rng, data_rng, test_rng = streams(seed, 3)
     params = init_params(2, hidden, 1, xp=xp, dtype=dt, device=device, seed=init_rng)
@@ -170,9 +170,10 @@ def adding(
     save_params(out, params)
     plot_path = curve_path(out, plot)
     if plot_path is not None:
-        plot_path = loss_curve(plot_path, history, evals, title=f"adding problem: T={T}, n_a={hidden}",
-                          ylabel="mean squared error", eval_label="test", baseline=baseline,
-                          logy=True)
+        plot_path = loss_curve(plot_path, history, evals,
+                               title=f"adding problem: T={T}, n_a={hidden}",
+                               ylabel="mean squared error", eval_label="test",
+                               baseline=baseline, logy=True)
     k = min(20, len(history))
     solved = final < target
     say(f"test MSE: {initial:.4f} -> {final:.4f} after {len(history)} steps "

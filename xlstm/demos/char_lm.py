@@ -209,7 +209,7 @@ def charlm(
     """
     say = printer(verbose)
     check_counts(steps=(steps, 1), hidden=(hidden, 1), seq_len=(seq_len, 1),
-                  batch=(batch, 1), sample_every=(sample_every, 0), sample_len=(sample_len, 0))
+                 batch=(batch, 1), sample_every=(sample_every, 0), sample_len=(sample_len, 0))
     xp, device, dt = setup(backend, dtype)
     raw = load_corpus(text)
     ids_host, vocab = _encode(raw)
@@ -286,9 +286,10 @@ def charlm(
     save_params(out, params)
     plot_path = curve_path(out, plot)
     if plot_path is not None:
-        plot_path = loss_curve(plot_path, history, evals, title=f"charlm: n_a={hidden}, vocab {V}",
-                          ylabel="cross-entropy (nats/char)", eval_label="held out",
-                          baseline=baseline)
+        plot_path = loss_curve(plot_path, history, evals,
+                               title=f"charlm: n_a={hidden}, vocab {V}",
+                               ylabel="cross-entropy (nats/char)", eval_label="held out",
+                               baseline=baseline)
     k = min(50, len(history))
     result = {
         "initial_loss": initial,
