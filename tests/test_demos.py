@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import xlstm
 from xlstm import demos, init_params, load_params
 from xlstm.__main__ import main as cli_main
 
@@ -194,3 +197,14 @@ def test_command_line_entry_points_check_their_arguments(capsys):
             entry(["--steps", "0"])
         assert info.value.code == 2
         assert "argument --steps: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demos_run_as_a_module(tmp_path):
+    """``python -m xlstm.demos NAME`` runs the demo, as ``python -m xlstm demo NAME`` does."""
+    env = {**os.environ, "PYTHONPATH": str(Path(xlstm.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "xlstm.demos", "adding", *TINY_ADDING, "--quiet",
+                           "--no-plot", "--out", "p.npz"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # --quiet
+    assert load_params(tmp_path / "p.npz")["Wf"].shape == (4, 6)

@@ -1,0 +1,119 @@
+"""The implementations being timed, at one size: xlstm (with and without its accelerator),
+the notebook's per-step code, torch.nn.LSTM and the workload's GEMMs alone; and the flops of
+the workload."""
+
+from __future__ import annotations
+
+from _lstm_seed import SeedLSTM
+
+N_Y = 10
+IMPLS = ("xlstm", "xlstm-plain", "seed", "torch", "gemm")
+
+
+def flop_counts(n_x, n_a, m, T):
+    gates, out = 2 * T * m * 4 * n_a * (n_a + n_x), 2 * T * m * N_Y * n_a
+    return {"fwd": gates + out, "fwd_bwd": 3 * gates + out,
+            "core_fwd": gates, "core_fwd_bwd": 3 * gates}  # fmt: skip
+
+
+def accelerator(be):
+    """The label of xlstm's accelerator on this backend and dtype, or None without one."""
+    from xlstm import _engine
+
+    return getattr(_engine.accelerated_loops(be.xp, be.dtype), "label", None)
+
+
+def bench_size(be, torch, size, rng, timed, only=IMPLS):
+    """Time the implementations in ``only`` at one size; returns ``{key: result dict}``."""
+    import numpy as np
+
+    import xlstm
+
+    n_x, n_a, m, T = size
+    x_h, a0_h, da_h = (0.1 * rng.standard_normal(s) for s in ((n_x, m, T), (n_a, m), (n_a, m, T)))
+    params = xlstm.init_params(n_x, n_a, N_Y, xp=be.xp, dtype=be.dtype, device=be.device, seed=0)
+    p_h = {k: be.to_host(v) for k, v in params.items()}
+    x, a0, da = be.asarray(x_h), be.asarray(a0_h), be.asarray(da_h)
+    a_ref = be.to_host(xlstm.lstm_forward(x, a0, params, return_caches=False)[0])
+    diff = lambda a: float(np.max(np.abs(be.to_host(a) - a_ref)))
+    res = {}
+
+    def xl_fwd_bwd():
+        return xlstm.lstm_backward(da, xlstm.lstm_forward(x, a0, params)[3])
+
+    def xl_result(label):
+        return {"label": f"xlstm ({be.name}{', GPU' if be.gpu else ''}{label})",
+                "fwd": timed(lambda: xlstm.lstm_forward(x, a0, params, return_caches=False)),
+                "fwd_bwd": timed(xl_fwd_bwd)}  # fmt: skip
+
+    accel = accelerator(be)
+    if "xlstm" in only:
+        res["xlstm"] = xl_result(f", {accel}" if accel else "")
+    if "xlstm-plain" in only and accel:  # the same calls on the array path, for the gain
+        with xlstm.accelerators(False):
+            res["xlstm-plain"] = xl_result(", array path")
+
+    seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
+    if seed_mod is not None and "seed" in only:
+        seed = SeedLSTM(p_h, seed_mod)
+        sx, sa0, sda = (seed_mod.asarray(v) for v in (x_h, a0_h, da_h))
+        res["seed"] = {"label": f"seed-style ({seed_mod.__name__}, float64, per step)",
+                       "fwd": timed(lambda: seed.forward(sx, sa0)),
+                       "fwd_bwd": timed(lambda: seed.backward(sda, seed.forward(sx, sa0)[3])),
+                       "check_max_abs_diff_a": diff(seed.forward(sx, sa0)[0])}  # fmt: skip
+
+    if "torch" in only and torch is not None and (not be.gpu or torch.cuda.is_available()):
+        res["torch"] = bench_torch(torch, be.gpu, be.dtype_name, p_h, x_h, a0_h, da_h, timed)
+        res["torch"]["check_max_abs_diff_a"] = diff(res["torch"].pop("a"))
+
+    if "gemm" not in only:
+        return res
+    r = lambda *shape: be.asarray(rng.standard_normal(shape))
+    X, WxT, A, WaT, AS, WyT = (r(T * m, n_x), r(n_x, 4 * n_a), r(m, n_a), r(n_a, 4 * n_a),
+                               r(T * m, n_a), r(n_a, N_Y))  # fmt: skip
+    dG1, Wa, dGT, H, dG, Wx = (r(m, 4 * n_a), r(4 * n_a, n_a), r(4 * n_a, T * m),
+                               r(T * m, n_a + n_x), r(T * m, 4 * n_a), r(4 * n_a, n_x))  # fmt: skip
+
+    def gemm_fwd():
+        return [X @ WxT, AS @ WyT] + [A @ WaT for _ in range(T)]
+
+    def gemm_fwd_bwd():
+        return gemm_fwd() + [dGT @ H, dG @ Wx] + [dG1 @ Wa for _ in range(T)]
+
+    res["gemm"] = {"label": f"GEMMs only ({be.name}, same shapes)",
+                   "fwd": timed(gemm_fwd), "fwd_bwd": timed(gemm_fwd_bwd)}  # fmt: skip
+    return res
+
+
+def bench_torch(torch, gpu, dtype, p, x_h, a0_h, da_h, timed):
+    """torch.nn.LSTM with the same parameters, inputs and upstream gradient."""
+    import numpy as np
+
+    n_x, n_a = x_h.shape[0], a0_h.shape[0]
+    dev, tdt = ("cuda" if gpu else "cpu"), getattr(torch, dtype)
+    tt = lambda arr: torch.tensor(arr, dtype=tdt, device=dev)
+    lstm = torch.nn.LSTM(n_x, n_a).to(device=dev, dtype=tdt)
+    W = np.concatenate([p["Wi"], p["Wf"], p["Wc"], p["Wo"]])  # torch's gate order: i, f, g, o
+    b = np.concatenate([p["bi"], p["bf"], p["bc"], p["bo"]])[:, 0]
+    with torch.no_grad():
+        lstm.weight_hh_l0.copy_(tt(W[:, :n_a]))
+        lstm.weight_ih_l0.copy_(tt(W[:, n_a:]))
+        lstm.bias_ih_l0.copy_(tt(b))
+        lstm.bias_hh_l0.zero_()
+    x = tt(x_h.transpose(2, 1, 0)).requires_grad_()
+    h0 = tt(a0_h.T[None]).requires_grad_()
+    c0 = torch.zeros_like(h0)
+    grad = tt(da_h.transpose(2, 1, 0))
+
+    def fwd():
+        with torch.inference_mode():
+            return lstm(x, (h0, c0))[0]
+
+    def fwd_bwd():
+        lstm.zero_grad(set_to_none=True)
+        x.grad = h0.grad = None
+        lstm(x, (h0, c0))[0].backward(grad)
+
+    where = "cuDNN" if gpu else f"CPU, {torch.get_num_threads()} threads"
+    return {"label": f"torch.nn.LSTM ({where}, LSTM core only)", "fwd": timed(fwd),
+            "fwd_bwd": timed(fwd_bwd), "a": fwd().permute(2, 1, 0)}  # fmt: skip

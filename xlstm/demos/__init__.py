@@ -1,0 +1,97 @@
+"""Two training demos: a character-level language model and the adding problem.
+
+Run them from the command line::
+
+    python -m xlstm demo charlm [--text FILE] [--steps N] [--backend torch] ...
+    python -m xlstm demo adding [--T 50] [--hidden 32] ...
+
+or from Python with :func:`charlm` and :func:`adding`, which take the same options as
+keyword arguments and return a dict of results (losses, wall time, paths written).
+
+* ``charlm`` learns to predict the next character of a text (by default the English
+  documentation strings of ``pydoc_data.topics``, which ship with CPython) with
+  :func:`xlstm.sequence_cross_entropy`, Adam and gradient clipping, and prints text it
+  samples one character at a time as it learns. The vocabulary is ``sorted(set(text))``,
+  so it can be rebuilt from the same text to use the saved parameters later.
+* ``adding`` is experiment 4 of Hochreiter and Schmidhuber (1997): read a sequence of
+  (value, marker) pairs and output the sum of the two marked values, with
+  :func:`xlstm.last_step_mse`. Always answering 1.0 scores a mean squared error of 1/6;
+  the problem counts as solved below 0.01.
+
+Everything random is drawn on the host from ``numpy.random.default_rng`` streams derived
+from ``seed`` and then moved to the chosen backend, so a run on the CPU is reproducible.
+
+One module per demo (``char_lm`` and ``adding_problem``), their command-line options
+(``_cli``), the loss curve (``_plot``) and what both runs do alike (``_run``); this module is
+the command line: it checks the arguments and runs the demo by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from .._compat import BackendUnavailable, load_backend
+from ._cli import adding_parser, charlm_parser
+from .adding_problem import adding, adding_data
+from .char_lm import charlm, held_out_size, load_corpus, sample
+
+__all__ = [
+    "charlm", "adding", "charlm_main", "adding_main", "main", "load_corpus", "sample",
+    "adding_data",
+]
+
+
+def _check_args(parser, args):
+    """The checks that need the environment or several arguments; parser.error on failure."""
+    try:
+        load_backend(args.backend)
+    except BackendUnavailable as exc:
+        parser.error(f"argument --backend: {exc}")
+    if getattr(args, "text", None) is not None:
+        try:
+            raw = load_corpus(args.text)
+        except UnicodeDecodeError as exc:
+            parser.error(f"argument --text: {args.text!r} is not UTF-8 text ({exc.reason})")
+        except OSError as exc:
+            parser.error(f"argument --text: cannot read {args.text!r}: {exc.strerror}")
+        try:
+            held_out_size(len(raw), len(set(raw)), args.seq_len)
+        except ValueError as exc:
+            parser.error(f"argument --text: {exc}")
+    return args
+
+
+def charlm_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line of :func:`charlm`; returns its result dict."""
+    parser = charlm_parser()
+    return charlm(**vars(_check_args(parser, parser.parse_args(argv))))
+
+
+def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line of :func:`adding`; returns its result dict."""
+    parser = adding_parser()
+    return adding(**vars(_check_args(parser, parser.parse_args(argv))))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``main(["charlm", ...])`` or ``main(["adding", ...])``: run a demo by name.
+
+    Returns the demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse
+    prints the usage and the error, before any training.
+    """
+    parser = argparse.ArgumentParser(prog="python -m xlstm demo",
+                                     description="Training demos of xlstm.")
+    sub = parser.add_subparsers(dest="demo", required=True)
+    parsers = {
+        "charlm": charlm_parser(sub.add_parser("charlm", help="character-level language model")),
+        "adding": adding_parser(sub.add_parser("adding", help="the adding problem")),
+    }
+    args = parser.parse_args(argv)
+    name = args.demo
+    args = vars(_check_args(parsers[name], args))
+    del args["demo"]
+    return (charlm if name == "charlm" else adding)(**args)
+
+

@@ -1,0 +1,146 @@
+"""The demos' command-line options: argparse types that check single values, and the parsers.
+
+Every bad value is an argparse error (usage, one error line, exit status 2) found before any
+training: the type= functions here check single values, ``xlstm.demos`` what needs several
+or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from .._compat import BACKENDS
+
+
+def int_at_least(low):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def output_file(text):
+    """A file path that can be written: its folder exists and is writable, it is no folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in the folder {folder!r}")
+    if os.path.exists(text) and not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot overwrite {text!r}")
+    return text
+
+
+def input_file(text):
+    """A file that exists and can be read."""
+    if not os.path.isfile(text):
+        what = "is a folder" if os.path.isdir(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"the file {text!r} {what}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read the file {text!r}")
+    return text
+
+
+def common_options(parser, *, out):
+    """The options that both demos take; ``out`` is the default parameter file."""
+    parser.add_argument("--backend", default="numpy", choices=BACKENDS,
+                        help="array backend (default numpy)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="default float32")
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
+                        help="random seed, an integer >= 0 (default 0)")
+    parser.add_argument("--out", type=output_file, default=out,
+                        help=f"parameter file to write (default {out})")
+    parser.add_argument("--plot", type=output_file, default=None,
+                        help="loss-curve PNG (default: next to --out, as <out>_loss.png)")
+    parser.add_argument("--no-plot", dest="plot", action="store_false",
+                        help="write no loss curve")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bar (default: one when on a terminal)")
+    parser.add_argument("--quiet", dest="verbose", action="store_false",
+                        help="print nothing")
+
+
+def charlm_parser(parser=None):
+    """The options of :func:`xlstm.demos.charlm`, added to ``parser`` or a new parser."""
+    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo charlm")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("Character-level LSTM language model: train on a text, print samples "
+                     "as it learns, save the parameters and a loss curve.")
+    p.add_argument("--text", type=input_file, default=None,
+                   help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
+    p.add_argument("--steps", type=int_at_least(1), default=2000,
+                   help="optimizer steps (default 2000)")
+    p.add_argument("--hidden", type=int_at_least(1), default=128,
+                   help="hidden size (default 128)")
+    p.add_argument("--seq-len", type=int_at_least(1), default=50,
+                   help="training window length (default 50)")
+    p.add_argument("--batch", type=int_at_least(1), default=32,
+                   help="windows per minibatch (default 32)")
+    p.add_argument("--lr", type=positive_float, default=5e-3,
+                   help="Adam learning rate (default 5e-3)")
+    p.add_argument("--clip", type=positive_float, default=5.0,
+                   help="global-norm clip (default 5)")
+    p.add_argument("--sample-every", type=int_at_least(0), default=500,
+                   help="evaluate and print a sample every N steps (default 500, 0: never)")
+    p.add_argument("--sample-len", type=int_at_least(0), default=200,
+                   help="characters per sample (default 200)")
+    p.add_argument("--temperature", type=positive_float, default=0.7,
+                   help="sampling temperature (default 0.7)")
+    p.add_argument("--prime", default="The ", help="text that starts each sample")
+    common_options(p, out="charlm_params.npz")
+    return p
+
+
+def adding_parser(parser=None):
+    """The options of :func:`xlstm.demos.adding`, added to ``parser`` or a new parser."""
+    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo adding")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("The adding problem (Hochreiter and Schmidhuber 1997, experiment 4): "
+                     "train until the test error is below --target, save the parameters.")
+    p.add_argument("--T", type=int_at_least(2), default=50,
+                   help="sequence length, at least 2 (default 50)")
+    p.add_argument("--steps", type=int_at_least(1), default=5000,
+                   help="most optimizer steps (default 5000)")
+    p.add_argument("--hidden", type=int_at_least(1), default=32,
+                   help="hidden size (default 32)")
+    p.add_argument("--batch", type=int_at_least(1), default=64,
+                   help="sequences per minibatch (default 64)")
+    p.add_argument("--lr", type=positive_float, default=1e-2,
+                   help="Adam learning rate (default 1e-2)")
+    p.add_argument("--clip", type=positive_float, default=1.0,
+                   help="global-norm clip (default 1)")
+    p.add_argument("--eval-every", type=int_at_least(1), default=100,
+                   help="score the test set every N steps (default 100)")
+    p.add_argument("--test-size", type=int_at_least(1), default=1000,
+                   help="test sequences (default 1000)")
+    p.add_argument("--target", type=positive_float, default=0.01,
+                   help="stop once the test MSE is below this (default 0.01)")
+    common_options(p, out="adding_params.npz")
+    return p
+

@@ -1,0 +1,48 @@
+"""The loss curve PNG that both demos write next to their parameters."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None, logy=False):
+    """Write a PNG of the per-step loss and the evaluation points; None without matplotlib."""
+    try:
+        # The object API: no pyplot, so no global backend to choose or to disturb.
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    steps = np.arange(1, len(history) + 1)
+    ax.plot(steps, history, lw=0.6, alpha=0.5, color="tab:blue", label="train (per step)")
+    if len(history) >= 20:
+        k = max(len(history) // 50, 5)
+        smooth = np.convolve(history, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, color="tab:blue", label=f"train ({k}-step mean)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:orange", ms=3, label=eval_label)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"baseline {baseline:.3g}")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return os.fspath(path)
+
+
+def curve_path(out, plot):
+    """Where the loss curve goes: ``plot`` if given, else next to ``out``; None: no plot."""
+    if plot is False:
+        return None
+    if plot not in (None, True):
+        return os.fspath(plot)
+    root, _ = os.path.splitext(os.fspath(out))
+    return root + "_loss.png"
