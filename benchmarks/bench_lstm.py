@@ -77,7 +77,9 @@ def parse_args(argv):
                          "median of the rounds (guards the ratios against drifting load)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
                     if hasattr(os, "sched_getaffinity") else os.cpu_count())  # fmt: skip
-    ap.add_argument("--out", default="benchmarks/results", help="folder for JSON, md, PNG")
+    ap.add_argument("--out", default="benchmarks/out",
+                    help="folder for JSON, md, PNG (default benchmarks/out, not tracked; "
+                         "--out benchmarks/results replaces the committed results)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, repeat 2: a smoke test")
     ap.add_argument("--in-process", action="store_true",
