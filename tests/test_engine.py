@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_close, to_xp
-from test_lstm import random_case
+from oracles import random_case
 
 import xlstm
 from xlstm import _compat, _engine

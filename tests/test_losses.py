@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
+from oracles import random_case
 
 from xlstm import lstm_forward
 from xlstm.losses import last_step_mse, last_step_predict, sequence_cross_entropy
@@ -28,12 +29,7 @@ PAD = -100  # label value at masked-out positions, out of range on purpose
 def _host(T_x=T, seed=0):
     """Host (numpy, float64) data: arrays, params, labels, masks and targets."""
     rng = np.random.default_rng(seed)
-    params = {}
-    for g in "fico":
-        params["W" + g] = rng.normal(0.0, 0.6, (N_A, N_A + N_X))
-        params["b" + g] = rng.normal(0.0, 0.3, (N_A, 1))
-    params["Wy"] = rng.normal(0.0, 0.8, (N_Y, N_A))
-    params["by"] = rng.normal(0.0, 0.3, (N_Y, 1))
+    case = random_case(rng, N_X, N_A, N_Y, M, T_x, scale=0.6, state_scale=0.5)
     mask = np.ones((M, T_x), dtype=bool)
     mask[0, -1] = False  # padding: the end of the first example
     if T_x > 1:
@@ -42,10 +38,7 @@ def _host(T_x=T, seed=0):
     labels[~mask] = PAD
     weights = np.where(mask, rng.choice([0.5, 1.0, 2.0], size=(M, T_x)), 0.0)
     return {
-        "x": rng.normal(0.0, 1.0, (N_X, M, T_x)),
-        "a0": rng.normal(0.0, 0.5, (N_A, M)),
-        "c0": rng.normal(0.0, 0.5, (N_A, M)),
-        "params": params,
+        **case._asdict(),
         "labels": labels,
         "masks": {"bool": mask, "weights": weights, None: None},
         "targets": rng.normal(0.0, 1.0, (N_Y, M)),

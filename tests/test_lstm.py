@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
+from oracles import random_case
 
 import xlstm
 from xlstm import _seed as sc
@@ -26,19 +27,6 @@ def seed_check(results, expected, xp, device):
         got = pick(results, key)
         assert_close(got, np.asarray(want), xp=xp, device=device, dtype=xp.float64,
                      rtol=0, atol=1e-7, err=key)
-
-
-def random_case(rng, n_x, n_a, n_y, m, T, scale=0.5):
-    params = {}
-    for g in "fico":
-        params["W" + g] = scale * rng.standard_normal((n_a, n_a + n_x))
-        params["b" + g] = scale * rng.standard_normal((n_a, 1))
-    params["Wy"] = scale * rng.standard_normal((n_y, n_a))
-    params["by"] = scale * rng.standard_normal((n_y, 1))
-    x = rng.standard_normal((n_x, m, T))
-    a0 = rng.standard_normal((n_a, m))
-    c0 = rng.standard_normal((n_a, m))
-    return x, a0, c0, params
 
 
 # ------------------------------------------------------------------- the seed's four examples
