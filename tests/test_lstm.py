@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
-from oracles import random_case
+from oracles import Case, central_differences, random_case, torch_lstm_forward
 
 import xlstm
 from xlstm import _seed as sc
@@ -131,9 +131,10 @@ def test_backward_equals_accumulated_cell_backward(xp, device, T_da):
 
 
 # -------------------------------------------------------------------------------- gradcheck
-def _objective(x, a0, c0, params, G):
+def _objective(case, G):
     """L = sum(G * a[..., :T_da]): its gradient in a is exactly G."""
-    a, _, _, _ = xlstm.lstm_forward(x, a0, params, c0=c0, return_caches=False)
+    a, _, _, _ = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0,
+                                    return_caches=False)
     return float(np.sum(G * a[:, :, : G.shape[2]]))
 
 
@@ -144,28 +145,20 @@ def _objective(x, a0, c0, params, G):
 def test_gradcheck_every_gradient(n_x, n_a, m, T, T_da):
     """Central differences in float64 for dx, da0, dc0 and every dW*, db*."""
     rng = np.random.default_rng(n_x * 100 + n_a * 10 + T)
-    x, a0, c0, params = random_case(rng, n_x, n_a, 2, m, T, scale=0.8)
+    case = random_case(rng, n_x, n_a, 2, m, T, scale=0.8)
     G = rng.standard_normal((n_a, m, T_da))
-    *_, caches = xlstm.lstm_forward(x, a0, params, c0=c0)
+    *_, caches = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0)
     g = xlstm.lstm_backward(G, caches)
-    inputs = {"dx": x, "da0": a0, "dc0": c0, **{"d" + k: params[k] for k in params}}
-    h = 1e-6
-    for key, arr in inputs.items():
-        if key in ("dWy", "dby"):
-            continue  # the prediction layer does not touch a
-        num = np.zeros_like(arr)
-        for idx in np.ndindex(arr.shape):
-            orig = arr[idx]
-            arr[idx] = orig + h
-            up = _objective(x, a0, c0, params, G)
-            arr[idx] = orig - h
-            down = _objective(x, a0, c0, params, G)
-            arr[idx] = orig
-            num[idx] = (up - down) / (2 * h)
-        err = np.max(np.abs(num - g[key])) / max(1.0, np.max(np.abs(num)))
-        assert err < 1e-8, f"{key}: relative error {err:.2e}"
-        if key == "dx" and T_da < T:
-            assert np.all(g["dx"][:, :, T_da:] == 0.0)
+    full = case.arrays()
+    # every input but the prediction layer, which does not touch a
+    inputs = {k: v for k, v in full.items() if k not in ("Wy", "by")}
+    numeric = central_differences(lambda d: _objective(Case.of({**full, **d}), G), inputs)
+    assert set(g) == {"d" + k for k in numeric}
+    for name, num in numeric.items():
+        err = np.max(np.abs(num - g["d" + name])) / max(1.0, np.max(np.abs(num)))
+        assert err < 1e-8, f"d{name}: relative error {err:.2e}"
+    if T_da < T:
+        assert np.all(g["dx"][:, :, T_da:] == 0.0)
 
 
 # ----------------------------------------------------------------------------- float32
@@ -190,31 +183,18 @@ def test_matches_torch_autograd():
     torch = pytest.importorskip("torch", reason="torch is not installed")
     rng = np.random.default_rng(6)
     n_x, n_a, n_y, m, T = 3, 5, 4, 2, 6
-    x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T)
+    case = random_case(rng, n_x, n_a, n_y, m, T)
     da = rng.standard_normal((n_a, m, T))
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    tx, ta0, tc0 = (torch.tensor(v, requires_grad=True) for v in (x, a0, c0))
-    a_t, c_t, outs = ta0, tc0, []
-    for t in range(T):  # the seed's equations, written independently with torch ops
-        z = torch.cat([a_t, tx[:, :, t]], dim=0)
-        f = torch.sigmoid(tp["Wf"] @ z + tp["bf"])
-        i = torch.sigmoid(tp["Wi"] @ z + tp["bi"])
-        cc = torch.tanh(tp["Wc"] @ z + tp["bc"])
-        o = torch.sigmoid(tp["Wo"] @ z + tp["bo"])
-        c_t = f * c_t + i * cc
-        a_t = o * torch.tanh(c_t)
-        y_t = torch.softmax(tp["Wy"] @ a_t + tp["by"], dim=0)
-        outs.append((a_t, c_t, y_t))
-    ta, tc, ty = (torch.stack(v, dim=-1) for v in zip(*outs))
-    (ta * torch.tensor(da)).sum().backward()
-    a, y, c, caches = xlstm.lstm_forward(x, a0, params, c0=c0)
+    ref = torch_lstm_forward(torch, case.arrays())
+    (ref.a * torch.tensor(da)).sum().backward()
+    a, y, c, caches = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0)
     g = xlstm.lstm_backward(da, caches)
-    for mine, theirs in ((a, ta), (y, ty), (c, tc)):
+    for mine, theirs in ((a, ref.a), (y, ref.y), (c, ref.c)):
         np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-12, atol=1e-14)
-    want = {"dx": tx.grad, "da0": ta0.grad, "dc0": tc0.grad}
-    want.update({"d" + k: v.grad for k, v in tp.items() if k not in ("Wy", "by")})
+    want = ref.grads()  # the prediction layer does not touch a: no dWy, dby
+    assert set(want) == set(g)
     for k, v in want.items():
-        np.testing.assert_allclose(g[k], v.numpy(), rtol=1e-11, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(g[k], v, rtol=1e-11, atol=1e-13, err_msg=k)
 
 
 # ------------------------------------------------------------------ inputs stay untouched
