@@ -9,7 +9,6 @@ import sys
 import array_api_compat
 import numpy as np
 import pytest
-
 from oracles import random_case
 
 import xlstm
