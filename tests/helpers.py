@@ -1,4 +1,8 @@
-"""Shared test helpers: moving data between numpy and a backend, and one strict assertion."""
+"""Shared test helpers: moving data between numpy and a backend, and one strict assertion.
+
+The oracles that tests compare against (random cases, central differences, torch autograd)
+are in :mod:`oracles`.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +32,33 @@ def dtype_name(dtype) -> str:
     return "float32" if "32" in str(dtype) else "float64"
 
 
-def assert_array(actual, *, xp, device, shape=None, dtype=None):
-    """Check namespace, dtype, shape and device, so a test that fell back to numpy fails."""
+def _check_dtype(dtype, check_dtype, expected=None, *, xp):
+    """The dtype that ``actual`` must have (None: not checked), as :func:`assert_close` says."""
+    if not check_dtype:
+        if dtype is not None:
+            raise TypeError("pass either dtype= or check_dtype=False, not both")
+        return None
+    if dtype is not None:
+        return dtype
+    if expected is not None and array_api_compat.is_array_api_obj(expected) and (
+        array_api_compat.array_namespace(expected) is xp
+    ):
+        return expected.dtype
+    raise TypeError(
+        "say which dtype the result must have: dtype=..., or an expected array of the "
+        f"namespace under test ({xp.__name__}); check_dtype=False (with the reason in a "
+        "comment) skips the check"
+    )
+
+
+def assert_array(actual, *, xp, device, shape=None, dtype=None, check_dtype=True):
+    """Check namespace, dtype, shape and device, so a test that fell back to numpy fails.
+
+    ``dtype`` is required unless ``check_dtype=False`` says that the dtype does not matter.
+    """
     got_xp = array_api_compat.array_namespace(actual)
     assert got_xp is xp, f"result lives in {got_xp.__name__}, expected {xp.__name__}"
+    dtype = _check_dtype(dtype, check_dtype, xp=xp)
     if dtype is not None:
         assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
     if shape is not None:
@@ -41,15 +68,22 @@ def assert_array(actual, *, xp, device, shape=None, dtype=None):
         assert got == device or str(got) == str(device), f"device {got}, expected {device}"
 
 
-def assert_close(actual, expected, *, xp, device, dtype=None, rtol=None, atol=None, err=""):
+def assert_close(actual, expected, *, xp, device, dtype=None, check_dtype=True, rtol=None,
+                 atol=None, err=""):
     """``assert_array`` then compare values with numpy's ``assert_allclose``.
 
-    Tolerances default to :data:`TOL` for the actual dtype.
+    The dtype is checked by default: ``actual`` must have ``dtype`` when it is given, else
+    the dtype of ``expected`` when that is an array of ``xp`` (a host numpy array, a Python
+    number or a list says nothing about the dtype the result must have: then ``dtype`` is
+    required). ``check_dtype=False`` turns the check off. Tolerances default to :data:`TOL`
+    for the actual dtype.
     """
+    dtype = _check_dtype(dtype, check_dtype, expected, xp=xp)
     expected = np.asarray(expected) if not hasattr(expected, "__array_namespace__") else (
         to_numpy(expected)
     )
-    assert_array(actual, xp=xp, device=device, shape=expected.shape, dtype=dtype)
+    assert_array(actual, xp=xp, device=device, shape=expected.shape, dtype=dtype,
+                 check_dtype=dtype is not None)
     r, a = TOL[dtype_name(actual.dtype)]
     np.testing.assert_allclose(
         to_numpy(actual), expected, rtol=r if rtol is None else rtol,

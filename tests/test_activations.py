@@ -36,7 +36,7 @@ def test_softmax_stable_and_normalised(xp, device, dtype_name):
     e = np.exp(v[:, 3] - v[:, 3].max())
     tol = 1e-15 if dtype_name == "float64" else 1e-7
     np.testing.assert_allclose(got[:, 3], e / e.sum(), rtol=0, atol=tol)
-    assert_close(xp.sum(out, axis=0), np.ones(4), xp=xp, device=device)
+    assert_close(xp.sum(out, axis=0), np.ones(4), xp=xp, device=device, dtype=dtype)
 
 
 def test_softmax_axis_and_errors():

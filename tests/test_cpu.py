@@ -9,6 +9,7 @@ import sys
 import array_api_compat
 import numpy as np
 import pytest
+from oracles import random_case
 
 import xlstm
 from xlstm import _engine
@@ -18,15 +19,6 @@ from xlstm import _cpu  # needs numba
 
 NP = array_api_compat.array_namespace(np.zeros(1))
 DTYPES = (np.float32, np.float64)
-
-
-def _case(rng, n_x, n_a, m, T, dtype, scale=1.0):
-    p = xlstm.init_params(n_x, n_a, 3, dtype=dtype, seed=int(rng.integers(1 << 30)))
-    p = {k: (v * scale).astype(dtype) for k, v in p.items()}
-    x = (rng.standard_normal((n_x, m, T)) * scale).astype(dtype)
-    a0 = rng.standard_normal((n_a, m)).astype(dtype)
-    c0 = rng.standard_normal((n_a, m)).astype(dtype)
-    return p, x, a0, c0
 
 
 def _run(monkeypatch, accel, x, a0, p, c0, da):
@@ -71,7 +63,7 @@ def test_sequence_calls_run_the_compiled_loops(monkeypatch):
             return _real(self, *args)
 
         monkeypatch.setattr(_cpu.Loops, name, spy)
-    p, x, a0, _ = _case(np.random.default_rng(0), 3, 4, 2, 5, np.float64)
+    x, a0, _, p = random_case(0, 3, 4, 3, 2, 5)
     _, _, _, caches = xlstm.lstm_forward(x, a0, p)
     xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
     assert calls == ["forward", "backward"]
@@ -91,7 +83,7 @@ def test_sequence_calls_run_the_compiled_loops(monkeypatch):
 def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_da, chunk_rows):
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
     rng = np.random.default_rng(T * 100 + n_a)
-    p, x, a0, c0 = _case(rng, n_x, n_a, m, T, dtype)
+    x, a0, c0, p = random_case(rng, n_x, n_a, 3, m, T, dtype=dtype)
     da = rng.standard_normal((n_a, m, T_da)).astype(dtype)
     _assert_identical(_run(monkeypatch, "1", x, a0, p, c0, da),
                       _run(monkeypatch, "0", x, a0, p, c0, da))
@@ -101,7 +93,7 @@ def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_d
 def test_saturated_gates_bit_identical(monkeypatch, dtype):
     """Pre-activations of +-1e4 (gates exactly 0 or 1) and a cell state that grows."""
     rng = np.random.default_rng(5)
-    p, x, a0, c0 = _case(rng, 4, 5, 3, 6, dtype, scale=1e3)
+    x, a0, c0, p = random_case(rng, 4, 5, 3, 3, 6, scale=1e3, x_scale=1e3, dtype=dtype)
     da = rng.standard_normal((5, 3, 6)).astype(dtype)
     got = _run(monkeypatch, "1", x, a0, p, c0, da)
     assert all(np.all(np.isfinite(v)) for v in got.values())
@@ -112,7 +104,7 @@ def test_saturated_gates_bit_identical(monkeypatch, dtype):
 def test_strided_inputs(monkeypatch, dtype):
     """Views with odd strides (reversed, every other step, Fortran order) read correctly."""
     rng = np.random.default_rng(6)
-    p, x, a0, c0 = _case(rng, 3, 4, 5, 12, dtype)
+    x, a0, c0, p = random_case(rng, 3, 4, 3, 5, 12, dtype=dtype)
     big_da = rng.standard_normal((4, 5, 12)).astype(dtype)
     views = {"x": x[:, ::-1, ::2], "a0": np.asfortranarray(a0), "c0": c0[:, ::-1],
              "da": big_da[:, ::-1, ::2]}
@@ -125,7 +117,7 @@ def test_strided_inputs(monkeypatch, dtype):
 
 def test_inputs_are_not_modified(monkeypatch):
     rng = np.random.default_rng(7)
-    p, x, a0, c0 = _case(rng, 3, 4, 2, 6, np.float32)
+    x, a0, c0, p = random_case(rng, 3, 4, 3, 2, 6, dtype=np.float32)
     da = rng.standard_normal((4, 2, 6)).astype(np.float32)
     before = {k: v.copy() for k, v in {**p, "x": x, "a0": a0, "c0": c0, "da": da}.items()}
     _run(monkeypatch, "1", x, a0, p, c0, da)

@@ -26,6 +26,7 @@ from pathlib import Path
 import array_api_compat
 import numpy as np
 import pytest
+from oracles import random_case
 
 import xlstm
 from xlstm import _cuda, _engine
@@ -231,10 +232,7 @@ def test_host_loops_drive_whole_sequences(host_lib, monkeypatch, dtype, chunk_ro
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
     n_x, n_a, n_y, m, T = 3, 5, 4, 6, 7
     rng = np.random.default_rng(3)
-    params = xlstm.init_params(n_x, n_a, n_y, dtype=np.dtype(dtype), seed=4)
-    x = rng.standard_normal((n_x, m, T)).astype(dtype)
-    a0 = rng.standard_normal((n_a, m)).astype(dtype)
-    c0 = rng.standard_normal((n_a, m)).astype(dtype)
+    x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T, dtype=dtype)
     da = rng.standard_normal((n_a, m, T - 2)).astype(dtype)
 
     def run():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_close, to_numpy, to_xp
-from test_lstm import random_case
+from helpers import assert_close, to_xp
+from oracles import random_case
 
 import xlstm
 from xlstm import _compat, _engine
@@ -26,13 +26,13 @@ def test_chunked_engine_equals_per_step_path(xp, device, monkeypatch, chunk_rows
         a_t, c_t, y_t, cache = xlstm.lstm_cell_forward(X[:, :, t], a_t, c_t, P)
         steps.append(cache)
         for mine, ref in ((a, a_t), (y, y_t), (c, c_t)):
-            assert_close(mine[:, :, t], to_numpy(ref), xp=xp, device=device,
+            assert_close(mine[:, :, t], ref, xp=xp, device=device,
                          rtol=1e-12, atol=1e-14)
     da = to_xp(rng.standard_normal((3, 3, T_da)), xp, device)
     fused = xlstm.lstm_backward(da, caches)
     plain = xlstm.lstm_backward(da, (steps, X))
     for k in fused:
-        assert_close(fused[k], to_numpy(plain[k]), xp=xp, device=device,
+        assert_close(fused[k], plain[k], xp=xp, device=device,
                      rtol=1e-11, atol=1e-13, err=k)
     inf = xlstm.lstm_forward(X, A0, P, c0=C0, return_caches=False)
     # Bit for bit where the engine chooses the memory layout of its GEMM operands (numpy,
@@ -40,8 +40,7 @@ def test_chunked_engine_equals_per_step_path(xp, device, monkeypatch, chunk_rows
     # with a strided operand differently: there, within a few ulps.
     exact = _compat.is_numpy(xp) or _compat.is_cupy(xp)
     for mine, ref in zip(inf[:3], (a, y, c)):
-        assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0 if exact else 1e-15,
-                     atol=0)
+        assert_close(mine, ref, xp=xp, device=device, rtol=0 if exact else 1e-15, atol=0)
 
 
 def test_sigmoid_inside_the_engine_is_the_public_sigmoid():

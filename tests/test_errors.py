@@ -7,23 +7,16 @@ import warnings
 import numpy as np
 import pytest
 from helpers import to_xp
+from oracles import random_case
 
 import xlstm
 
 N_X, N_A, N_Y, M, T = 3, 4, 2, 5, 6
 
 
-def good(rng=None):
-    rng = rng or np.random.default_rng(0)
-    params = {k: rng.standard_normal((N_A, N_A + N_X)) for k in ("Wf", "Wi", "Wc", "Wo")}
-    params.update({k: rng.standard_normal((N_A, 1)) for k in ("bf", "bi", "bc", "bo")})
-    params["Wy"], params["by"] = rng.standard_normal((N_Y, N_A)), rng.standard_normal((N_Y, 1))
-    return {
-        "x": rng.standard_normal((N_X, M, T)),
-        "a0": rng.standard_normal((N_A, M)),
-        "c0": rng.standard_normal((N_A, M)),
-        "params": params,
-    }
+def good():
+    """A valid case as a dict: ``x``, ``a0``, ``c0`` and ``params``."""
+    return random_case(0, N_X, N_A, N_Y, M, T, scale=1.0)._asdict()
 
 
 def forward(d):

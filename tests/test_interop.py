@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
+from oracles import random_case
 
 from xlstm.interop import from_torch_lstm_weights, to_torch_lstm_weights
 from xlstm.lstm import lstm_forward
-from xlstm.params import PARAM_KEYS, init_params
+from xlstm.params import PARAM_KEYS
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
@@ -16,22 +19,9 @@ N_X, N_A, N_Y, M, T = 3, 5, 4, 2, 6
 TORCH_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
-def host_params(seed=0):
-    """init_params with random biases too, so that every gate's bias is visible."""
-    p = init_params(N_X, N_A, N_Y, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for k in ("bf", "bi", "bc", "bo", "by"):
-        p[k] = rng.standard_normal(p[k].shape)
-    return p
-
-
-def host_inputs(seed=1):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((N_X, M, T)),
-        rng.standard_normal((N_A, M)),
-        rng.standard_normal((N_A, M)),
-    )
+#: ``case(seed)``: random inputs and parameters (random biases too, so that every gate's
+#: bias is visible).
+case = functools.partial(random_case, n_x=N_X, n_a=N_A, n_y=N_Y, m=M, T=T)
 
 
 def torch_lstm(seed=0, dtype=None, **kw):
@@ -61,8 +51,7 @@ def torch_states(lstm, x, a0, c0):
 
 # ----------------------------------------------------------------------------- to torch
 def test_to_torch_gives_torch_our_numbers():
-    p = host_params()
-    x, a0, c0 = host_inputs()
+    x, a0, c0, p = case(1)
     sd = to_torch_lstm_weights(p)
     assert set(sd) == set(TORCH_KEYS)
     assert tuple(sd["weight_ih_l0"].shape) == (4 * N_A, N_X)
@@ -79,7 +68,7 @@ def test_to_torch_gives_torch_our_numbers():
 
 
 def test_to_torch_gate_blocks():
-    p = host_params()
+    p = case(0).params
     sd = to_torch_lstm_weights(p)
     for j, g in enumerate("ifco"):  # torch's i, f, g, o
         rows = slice(j * N_A, (j + 1) * N_A)
@@ -89,7 +78,7 @@ def test_to_torch_gate_blocks():
 
 
 def test_to_torch_shares_no_memory():
-    p = host_params()
+    p = case(0).params
     snap = {k: v.copy() for k, v in p.items()}
     sd = to_torch_lstm_weights(p)
     for t in sd.values():
@@ -99,7 +88,7 @@ def test_to_torch_shares_no_memory():
 
 
 def test_to_torch_from_every_backend(xp, device):
-    host = host_params()
+    host = case(0).params
     want = to_torch_lstm_weights(host)
     for dtype_name in ("float64", "float32"):
         got = to_torch_lstm_weights(to_xp(host, xp, device, dtype=getattr(xp, dtype_name)))
@@ -111,7 +100,7 @@ def test_to_torch_from_every_backend(xp, device):
 
 
 def test_to_torch_needs_no_output_layer():
-    p = {k: v for k, v in host_params().items() if k not in ("Wy", "by")}
+    p = {k: v for k, v in case(0).params.items() if k not in ("Wy", "by")}
     assert set(to_torch_lstm_weights(p)) == set(TORCH_KEYS)
     with pytest.raises(KeyError, match="bo"):
         to_torch_lstm_weights({k: v for k, v in p.items() if k != "bo"})
@@ -121,7 +110,7 @@ def test_to_torch_needs_no_output_layer():
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_from_torch_gives_our_forward_torch_numbers(batch_first):
     lstm = torch_lstm(seed=3, batch_first=batch_first)
-    x, a0, c0 = host_inputs(2)
+    x, a0, c0, _ = case(2)
     if batch_first:  # same weights; torch_states feeds (T, m, n_x), so use a twin module
         twin = torch_lstm(seed=99)
         twin.load_state_dict(lstm.state_dict())
@@ -149,7 +138,7 @@ def test_from_torch_sums_the_two_biases():
 
 
 def test_round_trip_is_exact():
-    p = host_params()
+    p = case(0).params
     back = from_torch_lstm_weights(to_torch_lstm_weights(p), Wy=p["Wy"], by=p["by"])
     for k in PARAM_KEYS:
         np.testing.assert_array_equal(back[k], p[k])
@@ -158,7 +147,7 @@ def test_round_trip_is_exact():
 
 def test_output_layer_from_a_linear():
     lstm, linear = torch_lstm(seed=6), torch.nn.Linear(N_A, N_Y, dtype=torch.float64)
-    x, a0, c0 = host_inputs(3)
+    x, a0, c0, _ = case(3)
     p = from_torch_lstm_weights(lstm, Wy=linear.weight, by=linear.bias)
     a, y, _, _ = lstm_forward(x, a0, p, c0=c0, return_caches=False)
     with torch.no_grad():
@@ -210,7 +199,7 @@ def test_float32_module_keeps_float32():
 
 def test_lstm_without_bias():
     lstm = torch_lstm(seed=9, bias=False)
-    x, a0, c0 = host_inputs(4)
+    x, a0, c0, _ = case(4)
     a_t, c_t = torch_states(lstm, x, a0, c0)
     p = from_torch_lstm_weights(lstm, n_y=1)
     assert all(not np.any(p[b]) for b in ("bf", "bi", "bc", "bo"))

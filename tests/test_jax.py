@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from helpers import assert_close
+from oracles import random_case
 
 import xlstm
 from xlstm import _compat, _engine, autodiff
@@ -41,15 +42,9 @@ def J():
     import jax
 
     rng = np.random.default_rng(11)
-    host = {
-        "p": xlstm.init_params(N_X, N_A, N_Y, seed=3),
-        "x": rng.standard_normal((N_X, M, T)),
-        "a0": rng.standard_normal((N_A, M)),
-        "c0": rng.standard_normal((N_A, M)),
-        "da": rng.standard_normal((N_A, M, T)),
-        "targets": rng.standard_normal((N_Y, M)),
-    }
-    host["p"] = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in host["p"].items()}
+    x, a0, c0, params = random_case(rng, N_X, N_A, N_Y, M, T)
+    host = {"p": params, "x": x, "a0": a0, "c0": c0, "da": rng.standard_normal((N_A, M, T)),
+            "targets": rng.standard_normal((N_Y, M))}
     arr = {k: xp.asarray(v, device=device) for k, v in host.items() if k != "p"}
     p = {k: xp.asarray(v, device=device) for k, v in host["p"].items()}
     labels = xp.asarray(rng.integers(0, N_Y, (M, T)), device=device)
@@ -390,9 +385,7 @@ def test_custom_vjp_equals_jax_grad_of_forward(J, monkeypatch, with_c0):
 
 
 def test_autodiff_on_numpy_is_the_forward():
-    rng = np.random.default_rng(2)
-    p = xlstm.init_params(N_X, N_A, N_Y, seed=1)
-    x, a0 = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_A, M))
+    x, a0, _, p = random_case(2, N_X, N_A, N_Y, M, T)
     np.testing.assert_array_equal(autodiff.lstm(x, a0, p), xlstm.lstm_forward(x, a0, p)[0])
     with pytest.raises(KeyError, match="'Wo'"):
         autodiff.lstm(x, a0, {k: v for k, v in p.items() if k != "Wo"})
@@ -403,10 +396,8 @@ def test_autodiff_on_numpy_is_the_forward():
 @pytest.mark.parametrize("with_c0", [True, False], ids=["c0", "no-c0"])
 def test_torch_function_equals_autograd_of_forward(torch, monkeypatch, with_c0):
     rng = np.random.default_rng(4)
-    host = xlstm.init_params(N_X, N_A, N_Y, seed=8)
-    x, a0, c0, w = (rng.standard_normal(s) for s in ((N_X, M, T), (N_A, M), (N_A, M),
-                                                      (N_A, M, T)))
-    tw = torch.tensor(w)
+    x, a0, c0, host = random_case(rng, N_X, N_A, N_Y, M, T)
+    tw = torch.tensor(rng.standard_normal((N_A, M, T)))
 
     def leaves():
         p = {k: torch.tensor(v, requires_grad=True) for k, v in host.items()}
@@ -437,12 +428,9 @@ def test_torch_function_equals_autograd_of_forward(torch, monkeypatch, with_c0):
 
 
 def test_torch_function_gradcheck_and_first_order_only(torch):
-    rng = np.random.default_rng(9)
-    host = xlstm.init_params(2, 3, 2, seed=2)
-    p = {k: torch.tensor(v, requires_grad=k in ("Wf", "bc")) for k, v in host.items()}
-    x = torch.tensor(rng.standard_normal((2, 2, 3)), requires_grad=True)
-    a0 = torch.tensor(rng.standard_normal((3, 2)), requires_grad=True)
-    c0 = torch.tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    case = random_case(9, n_x=2, n_a=3, n_y=2, m=2, T=3)
+    p = {k: torch.tensor(v, requires_grad=k in ("Wf", "bc")) for k, v in case.params.items()}
+    x, a0, c0 = (torch.tensor(v, requires_grad=True) for v in case[:3])
 
     def f(x, a0, c0, Wf, bc):
         return autodiff.lstm(x, a0, {**p, "Wf": Wf, "bc": bc}, c0)
@@ -454,10 +442,9 @@ def test_torch_function_gradcheck_and_first_order_only(torch):
 
 
 def test_torch_without_gradients_is_the_inference_path(torch, monkeypatch):
-    rng = np.random.default_rng(12)
-    p = {k: torch.tensor(v) for k, v in xlstm.init_params(N_X, N_A, N_Y, seed=5).items()}
-    x, a0 = torch.tensor(rng.standard_normal((N_X, M, T))), torch.zeros(N_A, M,
-                                                                       dtype=torch.float64)
+    host, _, _, params = random_case(12, N_X, N_A, N_Y, M, T)
+    p = {k: torch.tensor(v) for k, v in params.items()}
+    x, a0 = torch.tensor(host), torch.zeros(N_A, M, dtype=torch.float64)
     want = xlstm.lstm_forward(x, a0, p)[0]
     calls = _count_backward(monkeypatch)
     a = autodiff.lstm(x, a0, p)  # nothing requires grad: no graph

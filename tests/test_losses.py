@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
+from oracles import central_differences, random_case, torch_lstm_forward
 
 from xlstm import lstm_forward
 from xlstm.losses import last_step_mse, last_step_predict, sequence_cross_entropy
@@ -28,12 +29,7 @@ PAD = -100  # label value at masked-out positions, out of range on purpose
 def _host(T_x=T, seed=0):
     """Host (numpy, float64) data: arrays, params, labels, masks and targets."""
     rng = np.random.default_rng(seed)
-    params = {}
-    for g in "fico":
-        params["W" + g] = rng.normal(0.0, 0.6, (N_A, N_A + N_X))
-        params["b" + g] = rng.normal(0.0, 0.3, (N_A, 1))
-    params["Wy"] = rng.normal(0.0, 0.8, (N_Y, N_A))
-    params["by"] = rng.normal(0.0, 0.3, (N_Y, 1))
+    case = random_case(rng, N_X, N_A, N_Y, M, T_x, scale=0.6, state_scale=0.5)
     mask = np.ones((M, T_x), dtype=bool)
     mask[0, -1] = False  # padding: the end of the first example
     if T_x > 1:
@@ -42,10 +38,7 @@ def _host(T_x=T, seed=0):
     labels[~mask] = PAD
     weights = np.where(mask, rng.choice([0.5, 1.0, 2.0], size=(M, T_x)), 0.0)
     return {
-        "x": rng.normal(0.0, 1.0, (N_X, M, T_x)),
-        "a0": rng.normal(0.0, 0.5, (N_A, M)),
-        "c0": rng.normal(0.0, 0.5, (N_A, M)),
-        "params": params,
+        **case._asdict(),
         "labels": labels,
         "masks": {"bool": mask, "weights": weights, None: None},
         "targets": rng.normal(0.0, 1.0, (N_Y, M)),
@@ -93,26 +86,14 @@ def _grad_name(name):
 
 
 # ---------------------------------------------------------------------------- gradcheck
-def _central_differences(loss_of, arrays, h=1e-6):
-    """d loss / d every entry of every array, by central differences."""
-    out = {}
-    for name, arr in arrays.items():
-        g = np.zeros_like(arr)
-        for idx in np.ndindex(arr.shape):
-            plus, minus = arr.copy(), arr.copy()
-            plus[idx] += h
-            minus[idx] -= h
-            g[idx] = (loss_of({**arrays, name: plus}) - loss_of({**arrays, name: minus})) / (2 * h)
-        out[_grad_name(name)] = g
-    return out
-
-
 def _gradcheck(loss_and_grads, h):
     arrays = _flat(h)
     loss, grads = loss_and_grads(arrays)
     assert set(grads) == set(ALL_GRADS)
-    numeric = _central_differences(lambda a: float(loss_and_grads(a)[0]), arrays)
-    for key, want in numeric.items():
+    numeric = central_differences(lambda a: float(loss_and_grads(a)[0]), arrays)
+    assert {_grad_name(k) for k in numeric} == set(ALL_GRADS)
+    for name, want in numeric.items():
+        key = _grad_name(name)
         np.testing.assert_allclose(grads[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
 
 
@@ -219,24 +200,12 @@ def test_int32_labels_and_default_c0(xp, device):
 # ----------------------------------------------------------------------- torch autograd
 def _torch_reference(torch, h, loss_kind, mask=None):
     """Loss and gradients of the seed's equations, written with plain torch ops."""
-    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in _flat(h).items()}
-    a, c = t["a0"], t["c0"]
-    hs = []
-    for k in range(t["x"].shape[2]):
-        z = torch.cat([a, t["x"][:, :, k]], dim=0)
-        f = torch.sigmoid(t["Wf"] @ z + t["bf"])
-        i = torch.sigmoid(t["Wi"] @ z + t["bi"])
-        cc = torch.tanh(t["Wc"] @ z + t["bc"])
-        o = torch.sigmoid(t["Wo"] @ z + t["bo"])
-        c = f * c + i * cc
-        a = o * torch.tanh(c)
-        hs.append(a)
+    ref = torch_lstm_forward(torch, _flat(h))
     F = torch.nn.functional
     if loss_kind == "mse":
-        loss = F.mse_loss(t["Wy"] @ hs[-1] + t["by"], torch.tensor(h["targets"]))
+        loss = F.mse_loss(ref.logits[:, :, -1], torch.tensor(h["targets"]))
     else:
-        logits = torch.stack([t["Wy"] @ a_t + t["by"] for a_t in hs], dim=-1)  # (n_y, m, T)
-        flat = logits.permute(1, 2, 0).reshape(-1, N_Y)
+        flat = ref.logits.permute(1, 2, 0).reshape(-1, N_Y)
         labels = torch.tensor(_labels(h, mask)).reshape(-1)
         if mask == "bool":  # padding through ignore_index, the usual torch idiom
             loss = F.cross_entropy(flat, labels, ignore_index=PAD)
@@ -246,7 +215,7 @@ def _torch_reference(torch, h, loss_kind, mask=None):
             nll = F.cross_entropy(flat, labels.clamp(min=0), reduction="none")
             loss = (nll * w).sum() / w.sum()
     loss.backward()
-    return loss.detach().numpy(), {_grad_name(k): v.grad.numpy() for k, v in t.items()}
+    return loss.detach().numpy(), ref.grads()
 
 
 @pytest.mark.parametrize("case", [("ce", "bool"), ("ce", "weights"), ("ce", None), ("mse", None)])
@@ -388,9 +357,9 @@ def test_any_integer_label_dtype_gives_the_true_loss(xp, device, int_dtype):
     want_loss, want = sequence_cross_entropy(
         *args, xp.asarray(labels, dtype=xp.int64, device=device))
     loss, grads = sequence_cross_entropy(*args, xp.asarray(labels, dtype=native, device=device))
-    assert_close(loss, to_numpy(want_loss), xp=xp, device=device, rtol=0, atol=0)
+    assert_close(loss, want_loss, xp=xp, device=device, rtol=0, atol=0)
     for k in ALL_GRADS:
-        assert_close(grads[k], to_numpy(want[k]), xp=xp, device=device, rtol=0, atol=0, err=k)
+        assert_close(grads[k], want[k], xp=xp, device=device, rtol=0, atol=0, err=k)
     if int_dtype == "uint8":  # the case that used to count a label twice
         logits = params["Wy"] @ to_numpy(lstm_forward(*args)[0]).reshape(N_A, -1) + params["by"]
         logp = logits - np.log(np.exp(logits - logits.max(0)).sum(0)) - logits.max(0)

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
+from oracles import Case, central_differences, random_case, torch_lstm_forward
 
 import xlstm
 from xlstm import _seed as sc
@@ -26,19 +27,6 @@ def seed_check(results, expected, xp, device):
         got = pick(results, key)
         assert_close(got, np.asarray(want), xp=xp, device=device, dtype=xp.float64,
                      rtol=0, atol=1e-7, err=key)
-
-
-def random_case(rng, n_x, n_a, n_y, m, T, scale=0.5):
-    params = {}
-    for g in "fico":
-        params["W" + g] = scale * rng.standard_normal((n_a, n_a + n_x))
-        params["b" + g] = scale * rng.standard_normal((n_a, 1))
-    params["Wy"] = scale * rng.standard_normal((n_y, n_a))
-    params["by"] = scale * rng.standard_normal((n_y, 1))
-    x = rng.standard_normal((n_x, m, T))
-    a0 = rng.standard_normal((n_a, m))
-    c0 = rng.standard_normal((n_a, m))
-    return x, a0, c0, params
 
 
 # ------------------------------------------------------------------- the seed's four examples
@@ -107,16 +95,16 @@ def test_forward_equals_cell_loop(xp, device, with_c0):
                                          c0=c_t if with_c0 else None)
     for t in range(x.shape[2]):
         a_t, c_t, y_t, cache = xlstm.lstm_cell_forward(X[:, :, t], a_t, c_t, P)
-        assert_close(a[:, :, t], to_numpy(a_t), xp=xp, device=device, rtol=1e-12, atol=1e-14)
-        assert_close(c[:, :, t], to_numpy(c_t), xp=xp, device=device, rtol=1e-12, atol=1e-14)
-        assert_close(y[:, :, t], to_numpy(y_t), xp=xp, device=device, rtol=1e-12, atol=1e-14)
+        assert_close(a[:, :, t], a_t, xp=xp, device=device, rtol=1e-12, atol=1e-14)
+        assert_close(c[:, :, t], c_t, xp=xp, device=device, rtol=1e-12, atol=1e-14)
+        assert_close(y[:, :, t], y_t, xp=xp, device=device, rtol=1e-12, atol=1e-14)
         for field, want in zip(xlstm.LSTMCache._fields[:9], cache[:9]):
-            assert_close(getattr(caches[0][t], field), to_numpy(want), xp=xp, device=device,
+            assert_close(getattr(caches[0][t], field), want, xp=xp, device=device,
                          rtol=1e-12, atol=1e-14, err=field)
         snap = caches[0][t].params
         assert snap is not P and snap.keys() == P.keys()
         for k in P:
-            assert_close(snap[k], to_numpy(P[k]), xp=xp, device=device, rtol=0, atol=0)
+            assert_close(snap[k], P[k], xp=xp, device=device, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("T_da", [6, 2])
@@ -138,13 +126,15 @@ def test_backward_equals_accumulated_cell_backward(xp, device, T_da):
         da_next, dc_next, dx[:, :, t] = gt["da_prev"], gt["dc_prev"], gt["dxt"]
         total = {k: total[k] + gt[k] for k in total}
     for k, want in {**total, "dx": dx, "da0": da_next, "dc0": dc_next}.items():
-        assert_close(g[k], want, xp=xp, device=device, rtol=1e-11, atol=1e-13, err=k)
+        assert_close(g[k], want, xp=xp, device=device, dtype=xp.float64, rtol=1e-11, atol=1e-13,
+                     err=k)
 
 
 # -------------------------------------------------------------------------------- gradcheck
-def _objective(x, a0, c0, params, G):
+def _objective(case, G):
     """L = sum(G * a[..., :T_da]): its gradient in a is exactly G."""
-    a, _, _, _ = xlstm.lstm_forward(x, a0, params, c0=c0, return_caches=False)
+    a, _, _, _ = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0,
+                                    return_caches=False)
     return float(np.sum(G * a[:, :, : G.shape[2]]))
 
 
@@ -155,28 +145,20 @@ def _objective(x, a0, c0, params, G):
 def test_gradcheck_every_gradient(n_x, n_a, m, T, T_da):
     """Central differences in float64 for dx, da0, dc0 and every dW*, db*."""
     rng = np.random.default_rng(n_x * 100 + n_a * 10 + T)
-    x, a0, c0, params = random_case(rng, n_x, n_a, 2, m, T, scale=0.8)
+    case = random_case(rng, n_x, n_a, 2, m, T, scale=0.8)
     G = rng.standard_normal((n_a, m, T_da))
-    *_, caches = xlstm.lstm_forward(x, a0, params, c0=c0)
+    *_, caches = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0)
     g = xlstm.lstm_backward(G, caches)
-    inputs = {"dx": x, "da0": a0, "dc0": c0, **{"d" + k: params[k] for k in params}}
-    h = 1e-6
-    for key, arr in inputs.items():
-        if key in ("dWy", "dby"):
-            continue  # the prediction layer does not touch a
-        num = np.zeros_like(arr)
-        for idx in np.ndindex(arr.shape):
-            orig = arr[idx]
-            arr[idx] = orig + h
-            up = _objective(x, a0, c0, params, G)
-            arr[idx] = orig - h
-            down = _objective(x, a0, c0, params, G)
-            arr[idx] = orig
-            num[idx] = (up - down) / (2 * h)
-        err = np.max(np.abs(num - g[key])) / max(1.0, np.max(np.abs(num)))
-        assert err < 1e-8, f"{key}: relative error {err:.2e}"
-        if key == "dx" and T_da < T:
-            assert np.all(g["dx"][:, :, T_da:] == 0.0)
+    full = case.arrays()
+    # every input but the prediction layer, which does not touch a
+    inputs = {k: v for k, v in full.items() if k not in ("Wy", "by")}
+    numeric = central_differences(lambda d: _objective(Case.of({**full, **d}), G), inputs)
+    assert set(g) == {"d" + k for k in numeric}
+    for name, num in numeric.items():
+        err = np.max(np.abs(num - g["d" + name])) / max(1.0, np.max(np.abs(num)))
+        assert err < 1e-8, f"d{name}: relative error {err:.2e}"
+    if T_da < T:
+        assert np.all(g["dx"][:, :, T_da:] == 0.0)
 
 
 # ----------------------------------------------------------------------------- float32
@@ -201,31 +183,18 @@ def test_matches_torch_autograd():
     torch = pytest.importorskip("torch", reason="torch is not installed")
     rng = np.random.default_rng(6)
     n_x, n_a, n_y, m, T = 3, 5, 4, 2, 6
-    x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T)
+    case = random_case(rng, n_x, n_a, n_y, m, T)
     da = rng.standard_normal((n_a, m, T))
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    tx, ta0, tc0 = (torch.tensor(v, requires_grad=True) for v in (x, a0, c0))
-    a_t, c_t, outs = ta0, tc0, []
-    for t in range(T):  # the seed's equations, written independently with torch ops
-        z = torch.cat([a_t, tx[:, :, t]], dim=0)
-        f = torch.sigmoid(tp["Wf"] @ z + tp["bf"])
-        i = torch.sigmoid(tp["Wi"] @ z + tp["bi"])
-        cc = torch.tanh(tp["Wc"] @ z + tp["bc"])
-        o = torch.sigmoid(tp["Wo"] @ z + tp["bo"])
-        c_t = f * c_t + i * cc
-        a_t = o * torch.tanh(c_t)
-        y_t = torch.softmax(tp["Wy"] @ a_t + tp["by"], dim=0)
-        outs.append((a_t, c_t, y_t))
-    ta, tc, ty = (torch.stack(v, dim=-1) for v in zip(*outs))
-    (ta * torch.tensor(da)).sum().backward()
-    a, y, c, caches = xlstm.lstm_forward(x, a0, params, c0=c0)
+    ref = torch_lstm_forward(torch, case.arrays())
+    (ref.a * torch.tensor(da)).sum().backward()
+    a, y, c, caches = xlstm.lstm_forward(case.x, case.a0, case.params, c0=case.c0)
     g = xlstm.lstm_backward(da, caches)
-    for mine, theirs in ((a, ta), (y, ty), (c, tc)):
+    for mine, theirs in ((a, ref.a), (y, ref.y), (c, ref.c)):
         np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-12, atol=1e-14)
-    want = {"dx": tx.grad, "da0": ta0.grad, "dc0": tc0.grad}
-    want.update({"d" + k: v.grad for k, v in tp.items() if k not in ("Wy", "by")})
+    want = ref.grads()  # the prediction layer does not touch a: no dWy, dby
+    assert set(want) == set(g)
     for k, v in want.items():
-        np.testing.assert_allclose(g[k], v.numpy(), rtol=1e-11, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(g[k], v, rtol=1e-11, atol=1e-13, err_msg=k)
 
 
 # ------------------------------------------------------------------ inputs stay untouched
@@ -298,7 +267,7 @@ def test_hand_built_seed_caches_use_the_per_step_path(xp, device):
     fused, per_step = xlstm.lstm_backward(da, caches), xlstm.lstm_backward(da, plain)
     assert list(fused) == list(per_step)
     for k in fused:
-        assert_close(per_step[k], to_numpy(fused[k]), xp=xp, device=device,
+        assert_close(per_step[k], fused[k], xp=xp, device=device,
                      rtol=1e-12, atol=1e-14, err=k)
 
 
@@ -310,7 +279,7 @@ def test_inference_path_equals_cached_path(xp, device):
     a2, y2, c2, none = xlstm.lstm_forward(*args, c0=to_xp(c0, xp, device), return_caches=False)
     assert none is None
     for mine, ref in ((a2, a), (y2, y), (c2, c)):
-        assert_close(mine, to_numpy(ref), xp=xp, device=device, rtol=0, atol=0)
+        assert_close(mine, ref, xp=xp, device=device, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
@@ -335,7 +304,7 @@ def test_caches_copy_deepcopy_and_pickle(xp, device, how):
     assert type(again) is xlstm.LSTMCaches and len(again) == 2 and len(again[0]) == 4
     want, got = xlstm.lstm_backward(da, caches), xlstm.lstm_backward(da, again)
     for k in want:
-        assert_close(got[k], to_numpy(want[k]), xp=xp, device=device, rtol=0, atol=0, err=k)
+        assert_close(got[k], want[k], xp=xp, device=device, rtol=0, atol=0, err=k)
     for field in ("a_next", "ft", "xt"):
-        assert_close(getattr(again[0][2], field), to_numpy(getattr(caches[0][2], field)),
+        assert_close(getattr(again[0][2], field), getattr(caches[0][2], field),
                      xp=xp, device=device, rtol=0, atol=0, err=field)

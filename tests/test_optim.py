@@ -81,9 +81,11 @@ def test_adam_one_step_by_hand(xp, device):
     assert state["step"] == 1 and isinstance(state["step"], int)
     for k in PARAM_KEYS:
         g = g0["d" + k]
-        assert_close(new[k], p0[k] - 0.01 * g / (np.abs(g) + 1e-8), xp=xp, device=device)
-        assert_close(state["m"][k], 0.1 * g, xp=xp, device=device)
-        assert_close(state["v"][k], 0.001 * g * g, xp=xp, device=device)
+        f64 = xp.float64
+        assert_close(new[k], p0[k] - 0.01 * g / (np.abs(g) + 1e-8), xp=xp, device=device,
+                     dtype=f64)
+        assert_close(state["m"][k], 0.1 * g, xp=xp, device=device, dtype=f64)
+        assert_close(state["v"][k], 0.001 * g * g, xp=xp, device=device, dtype=f64)
 
 
 # ------------------------------------------------------------------- several steps, all backends
@@ -277,7 +279,8 @@ def test_clip_by_value(xp, device):
     assert list(out) == list(grads)
     for k in grads:
         if k[:2] in ("dW", "db"):
-            assert_close(out[k], np.clip(g0[k], -2.5, 2.5), xp=xp, device=device, rtol=0, atol=0)
+            assert_close(out[k], np.clip(g0[k], -2.5, 2.5), xp=xp, device=device,
+                         dtype=xp.float64, rtol=0, atol=0)
         else:
             assert out[k] is grads[k]
     for k in grads:  # input untouched
@@ -303,7 +306,7 @@ def test_clip_by_global_norm_scales_to_max_norm(xp, device):
     scale = 5.0 / (norm0 + 1e-12)
     for k in grads:
         if k[:2] in ("dW", "db"):
-            assert_close(out[k], g0[k] * scale, xp=xp, device=device)
+            assert_close(out[k], g0[k] * scale, xp=xp, device=device, dtype=xp.float64)
         else:
             assert out[k] is grads[k]
     new_norm = np.sqrt(sum(np.sum(to_numpy(out["d" + k]) ** 2) for k in PARAM_KEYS))

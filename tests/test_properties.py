@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import random_case
 
 import xlstm
 
@@ -19,13 +20,10 @@ SETTINGS = settings(max_examples=30, deadline=None)
 
 
 def make(seed, n_x, n_a, n_y, m, T):
+    """The generator (to draw more from) and a random case: ``rng, x, a0, c0, params``."""
     rng = np.random.default_rng(seed)
-    p = {k: rng.uniform(-1, 1, (n_a, n_a + n_x)) for k in ("Wf", "Wi", "Wc", "Wo")}
-    p.update({k: rng.uniform(-1, 1, (n_a, 1)) for k in ("bf", "bi", "bc", "bo")})
-    p["Wy"], p["by"] = rng.uniform(-1, 1, (n_y, n_a)), rng.uniform(-1, 1, (n_y, 1))
-    x = rng.uniform(-2, 2, (n_x, m, T))
-    a0, c0 = rng.uniform(-1, 1, (n_a, m)), rng.uniform(-1, 1, (n_a, m))
-    return rng, x, a0, c0, p
+    return (rng, *random_case(rng, n_x, n_a, n_y, m, T, scale=0.6, x_scale=1.2,
+                              state_scale=0.6))
 
 
 @SETTINGS
