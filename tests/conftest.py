@@ -86,6 +86,20 @@ def backend(request):
 
 
 @pytest.fixture(scope="session")
+def backend_named():
+    """``load(name) -> (xp, device)`` for a test that needs one backend by name: it skips,
+    with the reason, when this run does not cover that backend."""
+
+    def load(name):
+        if name not in RUN:
+            pytest.skip(UNAVAILABLE.get(name)
+                        or f"{name} is not among this run's backends ({', '.join(RUN)})")
+        return load_backend(name)
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def backends_run():
     """The names of the backends that this run covers (see the module docstring)."""
     return RUN

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,25 +19,14 @@ from oracles import random_case
 
 import xlstm
 from xlstm import _compat, _engine, autodiff
-from xlstm._compat import BackendUnavailable, load_backend
 
 N_X, N_A, N_Y, M, T = 3, 4, 2, 2, 5
 
 
-def _chosen(name):
-    env = os.environ.get("XLSTM_BACKENDS", "").strip()
-    if env and name not in [n.strip() for n in env.split(",")]:
-        pytest.skip(f"{name} is not in XLSTM_BACKENDS={env}")
-
-
 @pytest.fixture(scope="module")
-def J():
+def J(backend_named):
     """JAX (64-bit) with its namespace and device, and one float64 LSTM case on it."""
-    _chosen("jax")
-    try:
-        xp, device = load_backend("jax")
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+    xp, device = backend_named("jax")
     import jax
 
     rng = np.random.default_rng(11)
@@ -52,12 +40,8 @@ def J():
 
 
 @pytest.fixture(scope="module")
-def torch():
-    _chosen("torch")
-    try:
-        load_backend("torch")
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+def torch(backend_named):
+    backend_named("torch")
     import torch
 
     return torch

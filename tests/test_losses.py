@@ -378,11 +378,12 @@ def test_negative_or_non_finite_mask_weights_are_value_errors(xp, device, bad):
                                c0=kw["c0"])
 
 
-def test_bad_labels_or_weights_under_jit_give_nan():
+def test_bad_labels_or_weights_under_jit_give_nan(backend_named):
     """Under jax.jit nothing can be raised: a bad label or weight makes the loss NaN, and
     good inputs give the eager result."""
-    jax = pytest.importorskip("jax")
-    jax.config.update("jax_enable_x64", True)
+    backend_named("jax")  # 64-bit mode on
+    import jax
+
     jnp = jax.numpy
     h = _host()
     x, a0 = jnp.asarray(h["x"]), jnp.asarray(h["a0"])
