@@ -91,12 +91,20 @@ def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_d
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_saturated_gates_bit_identical(monkeypatch, dtype):
-    """Pre-activations of +-1e4 (gates exactly 0 or 1) and a cell state that grows."""
+    """Pre-activations of order 1e6 (gates exactly 0 or 1) and a cell state that grows: the
+    first two units have f = i = 1 and cct = 1, so their c gains 1 at every step."""
     rng = np.random.default_rng(5)
     x, a0, c0, p = random_case(rng, 4, 5, 3, 3, 6, scale=1e3, x_scale=1e3, dtype=dtype)
+    for k in ("bf", "bi", "bc"):
+        p[k] = p[k].copy()
+        p[k][:2] = 1e9  # beyond what the large weighted inputs (~1e7) can pull back
     da = rng.standard_normal((5, 3, 6)).astype(dtype)
     got = _run(monkeypatch, "1", x, a0, p, c0, da)
     assert all(np.all(np.isfinite(v)) for v in got.values())
+    grown = c0[:2]
+    for t in range(6):  # c_t = 1 * c_{t-1} + 1 * 1, rounded in the dtype at every step
+        grown = grown + dtype(1)
+        np.testing.assert_array_equal(got["c"][:2, :, t], grown)
     _assert_identical(got, _run(monkeypatch, "0", x, a0, p, c0, da))
 
 
