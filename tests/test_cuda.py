@@ -30,6 +30,8 @@ from oracles import random_case
 
 import xlstm
 from xlstm import _cuda, _engine
+from xlstm.cells.base import NO_OUT, array_ops
+from xlstm.cells.lstm import LSTM_CELL
 
 PKG_DIR = Path(_cuda.__file__).resolve().parent
 NP = array_api_compat.array_namespace(np.empty(0))
@@ -139,6 +141,12 @@ def _gates(rng, m, n, dtype, scale=2.0):
     return (scale * rng.standard_normal((m, 4 * n))).astype(dtype)
 
 
+def _step_forward(g, c_prev):
+    """The array path's LSTM step on the whole pre-activation ``g``: ``(s, cct, c, tc, a)``."""
+    out = LSTM_CELL.step(array_ops(NP), g, np.zeros_like(g), (None, c_prev), NO_OUT)
+    return tuple(out[k] for k in ("S", "CCT", "C", "TC", "A"))
+
+
 def _stacked_state(rng, T, m, n, dtype, levels=None):
     """A forward pass of ``T`` steps through the array path, stacked as the engine keeps it."""
     draw = (lambda shape: rng.choice(levels, size=shape).astype(dtype)) if levels is not None \
@@ -146,7 +154,7 @@ def _stacked_state(rng, T, m, n, dtype, levels=None):
     c = draw((m, n))
     S, CCT, C, TC = [], [], [c], []
     for _ in range(T):
-        s, cct, c, tc, _a = _engine.step_forward(draw((m, 4 * n)), c, n, xp=NP)
+        s, cct, c, tc, _a = _step_forward(draw((m, 4 * n)), c)
         S.append(s), CCT.append(cct), C.append(c), TC.append(tc)
     return np.stack(S), np.stack(CCT), np.stack(C), np.stack(TC)
 
@@ -164,9 +172,9 @@ def test_host_forward_step_matches_array_path(host_lib, dtype, m, n):
     A[0], C[0] = rng.standard_normal((m, n)), rng.standard_normal((m, n))
     S, CCT, TC = np.empty((1, m, 3 * n), dtype), np.empty((1, m, n), dtype), np.empty((1, m, n), dtype)
     loops = host_loops(host_lib, dtype)
-    loops.forward(Gx, np.asfortranarray(WaT), A, C, S, CCT, TC, 0)
+    loops.lstm_forward(Gx, np.asfortranarray(WaT), A, C, S, CCT, TC, 0)
     assert loops.launch.calls == ["fwd"]
-    want = _engine.step_forward(Gx[0] + A[0] @ WaT, C[0], n, xp=NP)
+    want = _step_forward(Gx[0] + A[0] @ WaT, C[0])
     for name, got, ref in zip(("s", "cct", "c", "tc", "a"), (S[0], CCT[0], C[1], TC[0], A[1]), want):
         _close(got, ref, dtype, err=name)
 
@@ -188,14 +196,15 @@ def test_host_backward_is_bit_identical_to_array_path(host_lib, dtype, levels):
     da_t = np.transpose(da_seed, (2, 1, 0))  # passes it: a strided view
     dG = np.empty((T, m, 4 * n), dtype)
     loops = host_loops(host_lib, dtype)
-    da0, dc0 = loops.backward(da_t, S, CCT, TC, C[:T], WaT, dG)
+    da0, dc0 = loops.lstm_backward(da_t, S, CCT, TC, C[:T], WaT, dG)
     assert loops.launch.calls == ["bwd"] * T
 
-    K, Q, P = _engine.backward_coefficients(S, CCT, TC, C[:T], n, xp=NP)
-    F = S[..., n : 2 * n]
+    ops = array_ops(NP)
+    coeffs = LSTM_CELL.back_coeffs(ops, {"S": S, "CCT": CCT, "TC": TC}, {"C": C[:T]}, NO_OUT)
     da_rec, dc = np.zeros((m, n), dtype), np.zeros((m, n), dtype)
     for t in range(T - 1, -1, -1):
-        dg, dc = _engine.step_backward(da_t[t] + da_rec, dc, K[t], Q[t], P[t], F[t], xp=NP)
+        dg, _, _, (dc,) = LSTM_CELL.step_back(ops, da_t[t], da_rec, (dc,),
+                                              tuple(k[t] for k in coeffs), {"S": S[t]}, NO_OUT)
         np.testing.assert_array_equal(dG[t], dg, err_msg=f"dG[{t}]", strict=True)
         da_rec = dg @ WaT.T  # the product the loops make (cuBLAS on a GPU)
     np.testing.assert_array_equal(da0, da_rec, strict=True)
@@ -214,8 +223,8 @@ def test_host_extreme_inputs(host_lib, dtype):
     C = np.zeros((2, m, n), dtype)
     C[0] = rng.choice(np.array([-1e4, -30.0, 0.0, 30.0, 1e4]), size=(m, n))
     S, CCT, TC = np.empty((1, m, 3 * n), dtype), np.empty((1, m, n), dtype), np.empty((1, m, n), dtype)
-    host_loops(host_lib, dtype).forward(Gx, np.zeros((n, 4 * n), dtype), A, C, S, CCT, TC, 0)
-    want = _engine.step_forward(Gx[0], C[0], n, xp=NP)
+    host_loops(host_lib, dtype).lstm_forward(Gx, np.zeros((n, 4 * n), dtype), A, C, S, CCT, TC, 0)
+    want = _step_forward(Gx[0], C[0])
     for got, ref in zip((S[0], CCT[0], C[1], TC[0], A[1]), want):
         assert np.all(np.isfinite(got))
         _close(got, ref, dtype)
@@ -245,7 +254,7 @@ def test_host_loops_drive_whole_sequences(host_lib, monkeypatch, dtype, chunk_ro
     want = run()
     monkeypatch.delenv("XLSTM_ACCEL")
     loops = host_loops(host_lib, dtype)
-    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt: loops)
+    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt, cell=None: loops)
     got = run()
     assert loops.launch.calls.count("fwd") == 2 * T and loops.launch.calls.count("bwd") == T - 2
     assert got.keys() == want.keys()

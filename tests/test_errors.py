@@ -10,6 +10,7 @@ from helpers import to_xp
 from oracles import random_case
 
 import xlstm
+from xlstm.cells.lstm import LSTM_CELL
 
 N_X, N_A, N_Y, M, T = 3, 4, 2, 5, 6
 
@@ -176,7 +177,7 @@ def test_forged_caches_are_named():
         "params": (KeyError, "'Wo'", xlstm.LSTMCaches(
             caches[0], caches[1], state._replace(params=without(state.params, "Wo")))),
     }
-    assert isinstance(state, _engine.State)
+    assert isinstance(state, LSTM_CELL.State)
     for name, (exc, words, bad) in forged.items():
         with pytest.raises(exc, match=words):
             xlstm.lstm_backward(da, bad)

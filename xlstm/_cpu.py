@@ -1,26 +1,22 @@
-"""Compiled CPU kernels for the time loop on numpy (optional: ``pip install xlstm-array-api[cpu]``).
+"""Compiled CPU loops for every cell on numpy (optional: ``pip install xlstm-array-api[cpu]``).
 
-:func:`xlstm._engine.accelerated_loops` returns this module's :class:`Loops` when the arrays are
-numpy's, their dtype is float32 or float64, numba is installed and ``XLSTM_ACCEL`` is not
-``"0"``. Without numba nothing here is imported and the array path runs.
+:func:`xlstm._accel.accelerated_loops` returns this module's :class:`Loops` when the arrays
+are numpy's, their dtype is float32 or float64, numba is installed and the accelerators are
+on. Without numba nothing here is imported and the array path runs.
 
-What it changes. The array path makes ~12 array operations per forward step and ~10 per
-backward step, each with its own temporary, then stacks the steps; the backward
-coefficients of :func:`xlstm._engine.backward_coefficients` are another ~15 passes over the
-whole state. Here each step writes straight into preallocated stacks:
+What it changes. On the array path every operation of a step allocates its result, and the
+steps are stacked afterwards. Here the cell's own :meth:`~xlstm.cells.base.Cell.step` and
+:meth:`~xlstm.cells.base.Cell.step_back` run with :class:`BufferOps`: each operation writes
+into a preallocated buffer (a slot of the engine's stacks or a per-call scratch buffer),
+``tanh`` and the matrix products are numpy's own calls with ``out=``, and each point
+function runs as one compiled pass over the step's ``(m, n_a)`` grid (:func:`_map_kernel`).
+The backward coefficients are formed per step, on the fly, instead of for all steps at once.
 
-* forward step ``t``: ``G = A[t] @ WaT`` (BLAS, into a reused buffer), ``G += Gx[t]``,
-  ``tanh(G)`` in place, then one compiled pass for ``s``, ``cct`` and ``c``, then
-  ``TC[t] = tanh(C[t+1])`` and ``A[t+1] = o * TC[t]``: six calls, no allocation;
-* backward step ``t``: one compiled pass that forms the coefficients ``K``, ``Q``, ``P``
-  of the step on the fly and writes ``dG[t]`` and ``dc``, then ``da_rec^T = WaT @ dG[t]^T``.
-
-Same numbers. ``tanh`` and the matrix products are numpy's own calls, as on the array
-path; the compiled passes evaluate the same expressions as :func:`step_forward`,
-:func:`backward_coefficients` and :func:`step_backward`, in the same order and in the
-arrays' dtype (every constant is of that dtype; numba does not contract into fused
-multiply-adds unless told to). The tests check that both paths give bit-identical
-results.
+Same numbers. ``tanh`` and the products are the calls the array path makes; the point
+functions are the same Python functions, compiled, evaluated on the same values in the
+same order and in the arrays' dtype (their constants come in as arguments of that dtype;
+numba does not contract into fused multiply-adds unless told to). The tests check that both
+paths give bit-identical results for every cell.
 """
 
 from __future__ import annotations
@@ -30,103 +26,164 @@ import functools
 import numpy as np
 from numba import njit
 
-__all__ = ["Loops", "loops"]
+__all__ = ["BufferOps", "Loops", "loops"]
+
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
 
 
-def _compile(fn):
-    """``numba.njit`` with the machine code cached on disk where numba finds a writable
-    place for it (next to this file, or a user cache folder), in memory otherwise."""
-    options = {"nogil": True, "error_model": "numpy"}
-    try:
-        return njit(cache=True, **options)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(**options)(fn)
+@functools.cache
+def _point(fn):
+    """``fn`` compiled by numba (once per function; specialised per argument types)."""
+    return njit(**_OPTIONS)(fn)
 
 
-@_compile
-def _fwd(t_gates, c_prev, s, cct, c, half):
-    # t_gates: (m, 4n) = tanh of the pre-activations in gate order (o, f, i, c), the sigmoid
-    # rows pre-halved. Writes s (m, 3n), cct (m, n) and c (m, n). ``half`` is 0.5 in the
-    # arrays' dtype, so that float32 stays float32.
-    m, n = c.shape
-    for r in range(m):
-        for j in range(3 * n):
-            s[r, j] = half * t_gates[r, j] + half  # (1), (2), (5)
-        for j in range(n):
-            g = t_gates[r, 3 * n + j]  # (3)
-            cct[r, j] = g
-            c[r, j] = s[r, n + j] * c_prev[r, j] + s[r, 2 * n + j] * g  # (4)
+@functools.cache
+def _map_kernel(kinds, n_out):
+    """A compiled loop that applies a point function to every element of a 2-D grid.
+
+    ``kinds`` says for each argument whether it is a scalar (``"s"``, passed as it is) or an
+    array (``"a"``, read at ``[r, j]``); the ``n_out`` outputs are written at ``[r, j]``.
+    The loop takes the compiled point function as its first argument, so one loop serves
+    every cell's functions of the same signature.
+    """
+    args = [f"a{k}" for k in range(len(kinds))]
+    outs = [f"o{k}" for k in range(n_out)]
+    reads = ", ".join(a if kind == "s" else f"{a}[r, j]" for a, kind in zip(args, kinds))
+    if n_out == 1:
+        body = f"            o0[r, j] = fn({reads})"
+    else:
+        body = f"            v = fn({reads})\n" + "\n".join(
+            f"            {o}[r, j] = v[{k}]" for k, o in enumerate(outs)
+        )
+    src = (
+        f"def kernel(fn, {', '.join(args + outs)}):\n"
+        f"    m, n = o0.shape\n"
+        f"    for r in range(m):\n"
+        f"        for j in range(n):\n"
+        f"{body}\n"
+    )
+    scope = {}
+    exec(compile(src, f"<xlstm point loop {kinds} -> {n_out}>", "exec"), scope)  # noqa: S102
+    return njit(**_OPTIONS)(scope["kernel"])
 
 
-@_compile
-def _bwd(da, da_rec, dc, s, cct, tc, c_prev, dg, dc_prev, one):
-    # da + da_rec and dc reach this step's a and c; writes dg (m, 4n) and dc_prev (which may
-    # be dc itself). ``one`` is 1 in the arrays' dtype.
-    m, n = dc.shape
-    for r in range(m):
-        for j in range(n):
-            o = s[r, j]
-            f = s[r, n + j]
-            i = s[r, 2 * n + j]
-            tcj = tc[r, j]
-            g = cct[r, j]
-            d_a = da[r, j] + da_rec[r, j]
-            dct = dc[r, j] + d_a * (o * (one - tcj * tcj))  # K
-            dg[r, j] = d_a * (tcj * o * (one - o))  # (7): Q
-            dg[r, n + j] = dct * (c_prev[r, j] * f * (one - f))  # (10)
-            dg[r, 2 * n + j] = dct * (g * i * (one - i))  # (9)
-            dg[r, 3 * n + j] = dct * (i * (one - g * g))  # (8)
-            dc_prev[r, j] = dct * f  # (20)
+class BufferOps:
+    """The operations of a cell's step over preallocated buffers: each writes ``out``."""
+
+    #: Whether ``out`` buffers are written (here) or ignored (the array path).
+    buffered = True
+
+    def __init__(self, dtype):
+        self._ftype = np.dtype(dtype).type
+
+    def const(self, value: float):
+        """A constant for a point function, in the arrays' dtype."""
+        return self._ftype(value)
+
+    def tanh(self, x, out):
+        return np.tanh(x, out=out)
+
+    def add(self, x, y, out):
+        return np.add(x, y, out=out)
+
+    def mul(self, x, y, out):
+        return np.multiply(x, y, out=out)
+
+    def copy(self, x, out):
+        np.copyto(out, x)
+        return out
+
+    def concat(self, parts, out):
+        """``out`` itself: the parts were written into its column blocks."""
+        return out
+
+    def map(self, fn, *args, out):
+        """Run point function ``fn`` over the grid of ``out``, writing every output."""
+        outs = out if isinstance(out, tuple) else (out,)
+        kinds = tuple("a" if isinstance(a, np.ndarray) else "s" for a in args)
+        _map_kernel(kinds, len(outs))(_point(fn), *args, *outs)
+        return out
 
 
 class Loops:
-    """The forward and backward time loops for one float dtype, over numpy arrays."""
+    """The forward and backward time loops for one float dtype, over numpy arrays, for any
+    cell (the cell's own steps, run with :class:`BufferOps`)."""
 
     #: How reports and the benchmark name this accelerator.
     label = "compiled loops"
 
     def __init__(self, dtype):
-        ftype = np.dtype(dtype).type
-        self.half, self.one = ftype(0.5), ftype(1.0)
+        self.dtype = np.dtype(dtype)
+        self.ops = BufferOps(dtype)
 
-    def forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
-        """Run steps ``t0 .. t0 + len(Gx) - 1``, reading ``A[t], C[t]``, writing index ``t+1``.
+    def supports(self, cell) -> bool:
+        """Every cell: the loops run the cell's own step functions."""
+        return True
 
-        ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection (only read). ``S``,
-        ``CCT``, ``TC`` hold one slot per step of the chunk, or a single slot that is reused
-        (inference, nothing kept); ``A`` and ``C`` are indexed by absolute step.
+    def _scratch(self, cell, m, n_a):
+        return {k: np.empty((m, w * n_a), dtype=self.dtype) for k, w in cell.scratch.items()}
+
+    def forward(self, cell, Gx, WaT, ba, bufs, t0):
+        """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
+
+        ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term (only read). ``bufs`` holds the
+        state stacks, indexed by absolute step, and the saved stacks with one slot per step
+        of the chunk, or a single slot that is reused (inference, nothing kept).
         """
-        n_a = C.shape[-1]
-        G = np.empty(Gx.shape[1:], dtype=Gx.dtype)
-        for k in range(Gx.shape[0]):
-            t, j = t0 + k, (k if S.shape[0] > 1 else 0)
-            np.matmul(A[t], WaT, out=G)
-            np.add(Gx[k], G, out=G)
-            np.tanh(G, out=G)
-            _fwd(G, C[t], S[j], CCT[j], C[t + 1], self.half)
-            np.tanh(C[t + 1], out=TC[j])
-            np.multiply(S[j, :, :n_a], TC[j], out=A[t + 1])  # (6)
-
-    def backward(self, da_t, S, CCT, TC, C, WaT, dG):
-        """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
-
-        ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
-        ``(T, m, 4 n_a)`` pre-activation gradients.
-        """
-        T, m, _ = dG.shape
+        T_c, m, width = Gx.shape
         n_a = WaT.shape[0]
-        # One reordering copy: the kernel then reads each step's gradient contiguously
-        # (a time slice of the seed layout has one element per cache line).
+        first = cell.state_names[0]
+        saved = {k: bufs[k] for k in cell.saved}
+        slots = next(iter(saved.values())).shape[0] if saved else 0
+        out = self._scratch(cell, m, n_a)
+        ga = np.empty((m, width), dtype=self.dtype)
+        for k in range(T_c):
+            t, j = t0 + k, (k if slots > 1 else 0)
+            np.matmul(bufs[first][t], WaT, out=ga)  # the recurrent term
+            if ba is not None:
+                np.add(ga, ba, out=ga)
+            state = tuple([bufs[s][t] for s in cell.state_names])
+            for s in cell.state_names:
+                out[s] = bufs[s][t + 1]
+            for s, v in saved.items():
+                out[s] = v[j]
+            cell.step(self.ops, Gx[k], ga, state, out)
+
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
+        """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
+        the initial state.
+
+        ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides), ``carry`` the
+        gradients on the final state; ``dGx`` (and ``dGa``, which may be ``dGx`` itself)
+        receive the ``(T, m, k n_a)`` pre-activation gradients.
+        """
+        T, m, _ = dGx.shape
+        n_a = WaT.shape[0]
+        # One reordering copy: each step's gradient is then read contiguously (a time slice
+        # of the seed layout has one element per cache line).
         da_t = np.ascontiguousarray(da_t)
-        da_recT = np.zeros((n_a, m), dtype=dG.dtype)  # as the array path: WaT @ dg^T
-        dc = np.zeros((m, n_a), dtype=dG.dtype)
+        da_recT = np.array(carry[0].T, order="C")  # as the array path: WaT @ dg^T
+        da_rec = da_recT.T
+        drest = tuple(np.array(c, order="C") for c in carry[1:])
+        out = self._scratch(cell, m, n_a)
+        for s, d in zip(cell.state_names[1:], drest):
+            out["d" + s.lower()] = d  # updated in place, step by step
         for t in range(T - 1, -1, -1):
-            _bwd(da_t[t], da_recT.T, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc, self.one)
-            np.matmul(WaT, dG[t].T, out=da_recT)  # (19), recurrent part
-        return da_recT.T, dc
+            saved_t = {k: v[t] for k, v in saved.items()}
+            prev_t = {k: v[t] for k, v in prev.items()}
+            reads = {k: v for k, v in (*saved_t.items(), *prev_t.items()) if k in cell.back_reads}
+            out["dGx"], out["dGa"] = dGx[t], dGa[t]
+            coeffs = cell.back_coeffs(self.ops, saved_t, prev_t, out)
+            _, dga, direct, _ = cell.step_back(
+                self.ops, da_t[t], da_rec, drest, coeffs, reads, out
+            )
+            np.matmul(WaT, dga.T, out=da_recT)  # (19), recurrent part
+            if direct is not None:
+                np.add(direct, da_rec, out=da_rec)
+        return (da_rec, *drest)
 
 
 @functools.cache
 def loops(dtype):
-    """The :class:`Loops` for ``dtype`` (compiled on first use; see :func:`_compile`)."""
+    """The :class:`Loops` for ``dtype`` (its point loops compile on first use)."""
     return Loops(dtype)

@@ -1,122 +1,41 @@
-"""The fused sequence engine: the notebook's equations regrouped around big matrix products.
+"""The time loop, for every cell: chunked input GEMM, recurrent GEMM, the cell's step.
 
-Internal layout is time-major with the batch in rows: a step's gates are one ``(m, 4 n_a)``
-block in gate order (o, f, i, c) (see :mod:`xlstm.params`), hidden and cell states are
-``(m, n_a)``, and a sequence of them is ``(T, m, n_a)``.
+Internal layout is time-major with the batch in rows: a step's input is ``(m, n_x)``, a
+state ``(m, n_a)``, and a sequence of them ``(T, m, n_a)``. A cell (:mod:`xlstm.cells`)
+declares its states, its saved stacks and its fused weights, and supplies its step; this
+module knows no cell and no accelerator.
 
-Forward, per chunk of time steps: one GEMM for the input projections of all its steps; per
-step one recurrent GEMM plus :func:`step_forward`. Backward: the activation-derivative
-coefficients of all steps in a few vectorised operations, then per step
-:func:`step_backward` plus one GEMM ``dG @ Wa``; after the loop ``dW``, ``db`` and ``dx`` are
-single GEMMs and reductions over the stacked ``dG``.
+Forward, per chunk of time steps: one GEMM for the input terms of all its steps; per step
+one recurrent GEMM plus the cell's :meth:`~xlstm.cells.base.Cell.step`. Backward: the
+cell's coefficients for all steps at once, then per step its
+:meth:`~xlstm.cells.base.Cell.step_back` plus one GEMM with the recurrent weights; after
+the loop the weight gradients, the bias gradients and ``dx`` are single GEMMs and
+reductions over the stacked pre-activation gradients (the notebook's equations (11)-(18)
+and (21), for every cell).
 
-The two ``step_*`` functions hold all pointwise math; the cell functions in
-:mod:`xlstm.lstm` call the same ones, so there is one path for the arithmetic. Two optional
-accelerators run the same loops over preallocated stacks and evaluate the same expressions
-in compiled code (:func:`accelerated_loops`): on numpy the loops of :mod:`xlstm._cpu` (with
-numba installed; bit-identical results), on CuPy the fused kernels of :mod:`xlstm._cuda`.
-On JAX the array path's per-step loops are written as :func:`scan`, which runs as
-``jax.lax.scan`` (:class:`ScanLoops`), so that ``jax.jit`` compiles one loop body instead
-of unrolling every step. ``XLSTM_ACCEL=0`` turns all of them off.
+The array path runs the per-step functions through :func:`scan`. The accelerated loops
+(:func:`xlstm._accel.accelerated_loops`) run the same steps over preallocated stacks: on
+numpy the cell's own step with its point functions compiled by numba (bit-identical), on
+CuPy fused CUDA kernels, on JAX :func:`scan` as ``jax.lax.scan``. ``XLSTM_ACCEL=0`` or
+:func:`xlstm.accelerators` turns them off.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-import importlib.util
-import os
-from collections.abc import Iterator
-from collections import namedtuple
-
-from ._compat import c_contiguous, copy, device_of, is_cupy, is_jax, is_numpy, is_writeable
+from ._accel import (  # noqa: F401  (re-exported: the engine's view of the registry)
+    ScanLoops,
+    accel_enabled,
+    accelerated_loops,
+    accelerators,
+    cpu_loops_module,
+)
+from ._compat import c_contiguous, copy, device_of, is_writeable
 from .activations import _softmax
-from .params import PARAM_KEYS, fused_backward_weights, fused_forward_weights
+from .cells.base import NO_OUT, array_ops
 
 #: Rows (time steps x batch) per input-projection GEMM. Bounds the temporary ``Gx`` block
 #: so that memory beyond the outputs does not grow with ``T_x``.
 CHUNK_ROWS = 4096
-
-State = namedtuple("State", "A C S CCT TC X params n_a")
-State.__doc__ = """Stacked forward state kept for the backward pass.
-
-A, C : (T+1, m, n_a)  hidden and cell states, index 0 holds a0 / c0
-S    : (T, m, 3 n_a)  sigmoid gates (o, f, i)
-CCT  : (T, m, n_a)    candidate values
-TC   : (T, m, n_a)    tanh(c)
-X    : (T*m, n_x)     a time-major copy of the input
-params               a copy of the parameter dict, taken by the forward pass
-"""
-
-
-# --------------------------------------------------------------------------- pointwise math
-def step_forward(g, c_prev, n_a, *, xp):
-    """Pointwise part of one forward step, equations (1)-(6).
-
-    ``g`` is the ``(..., m, 4 n_a)`` pre-activation in gate order (o, f, i, c) with the
-    sigmoid gates already halved, so ``tanh(g)`` gives every gate with one call.
-    Returns ``(s, cct, c, tc, a)``: sigmoid gates (o, f, i), candidate, cell state,
-    ``tanh(c)`` and hidden state.
-    """
-    t = xp.tanh(g)
-    s = 0.5 * t[..., : 3 * n_a] + 0.5  # (1), (2), (5): sigmoid = 0.5 tanh(z/2) + 0.5
-    cct = t[..., 3 * n_a :]  # (3)
-    c = s[..., n_a : 2 * n_a] * c_prev + s[..., 2 * n_a :] * cct  # (4)
-    tc = xp.tanh(c)
-    a = s[..., :n_a] * tc  # (6)
-    return s, cct, c, tc, a
-
-
-def backward_coefficients(s, cct, tc, c_prev, n_a, *, xp):
-    """Per-step factors of equations (7)-(10) that depend only on the forward pass.
-
-    With ``da`` and ``dc`` the gradients arriving at a step, the step's pre-activation
-    gradient is ``[da * Q, (dc + da * K) * P]`` (see :func:`step_backward`), where
-
-    * ``K = o (1 - tanh^2 c)``: the path from ``a`` back into ``c`` (eq. 7-10),
-    * ``Q = tanh(c) o (1 - o)``: eq. (7) without ``da``,
-    * ``P = [c_prev f (1-f), cct i (1-i), i (1 - cct^2)]``: eqs. (10), (9), (8) without the
-      common factor, shaped ``(..., m, 3, n_a)``.
-
-    Works for one step or, vectorised, for a whole ``(T, m, ...)`` stack.
-    """
-    o = s[..., :n_a]
-    f = s[..., n_a : 2 * n_a]
-    i = s[..., 2 * n_a :]
-    K = o * (1.0 - tc * tc)
-    Q = tc * o * (1.0 - o)
-    P = xp.stack([c_prev * f * (1.0 - f), cct * i * (1.0 - i), i * (1.0 - cct * cct)], axis=-2)
-    return K, Q, P
-
-
-def step_backward(da, dc, K, Q, P, f, *, xp):
-    """Pointwise part of one backward step: equations (7)-(10) and (20).
-
-    ``da`` and ``dc`` are the total gradients reaching this step's ``a`` and ``c``.
-    Returns ``(dg, dc_prev)``: the ``(m, 4 n_a)`` pre-activation gradient in gate order
-    (o, f, i, c) and the gradient flowing into ``c_prev``.
-    """
-    dct = dc + da * K  # dL/dc_t, through c directly and through a = o tanh(c)
-    dsig = xp.reshape(dct[..., None, :] * P, (*dct.shape[:-1], 3 * dct.shape[-1]))
-    dg = xp.concat([da * Q, dsig], axis=-1)  # (7), (10), (9), (8)
-    return dg, dct * f  # (20)
-
-
-@functools.cache
-def cpu_loops_module():
-    """``(module, reason)``: :mod:`xlstm._cpu` where numba loads, else ``None`` and why not.
-
-    A numba that is missing, or that was built for another numpy (it refuses to import),
-    leaves numpy on the array path, with the same results, rather than failing the call.
-    """
-    if importlib.util.find_spec("numba") is None:
-        return None, "numba is not installed"
-    try:
-        from . import _cpu
-    except ImportError as exc:  # for instance "Numba needs NumPy 2.3 or less"
-        return None, f"numba does not load: {exc}"
-    return _cpu, None
 
 
 def scan(step, static, consts, carry, xs, *, reverse=False):
@@ -145,115 +64,9 @@ def scan(step, static, consts, carry, xs, *, reverse=False):
     return carry, tuple(xp.stack(v) for v in zip(*ys))
 
 
-@functools.cache
-def _jax_scan(step, static, reverse):
-    """``jax.lax.scan`` of ``step``, compiled once per ``(step, static, reverse)`` and shape.
-
-    Wrapped in ``jax.jit`` so that calls outside a compiled function reuse the compiled
-    loop instead of tracing and compiling it anew on every call; inside ``jax.jit``,
-    ``jax.grad`` or ``jax.vmap`` it is traced into the caller's program.
-    """
-    import jax
-
-    def run(consts, carry, xs):
-        body = functools.partial(step, static, consts)
-        return jax.lax.scan(body, carry, xs, reverse=reverse)
-
-    return jax.jit(run)
-
-
-class ScanLoops:
-    """JAX's accelerated loop: :func:`scan` as ``jax.lax.scan``.
-
-    The array path's step functions run unchanged, as one compiled loop body, so that under
-    ``jax.jit`` the compile time no longer grows with the number of steps.
-    """
-
-    #: How reports and the benchmark name this accelerator.
-    label = "lax.scan"
-
-    @staticmethod
-    def scan(step, static, consts, carry, xs, *, reverse=False):
-        """:func:`scan` with the same arguments, run by ``jax.lax.scan``."""
-        return _jax_scan(step, static, reverse)(tuple(consts), tuple(carry), tuple(xs))
-
-
-#: The innermost :func:`accelerators` switch of this thread or task (None: no switch).
-_ACCEL_SWITCH: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "xlstm_accelerators", default=None
-)
-
-
-def accel_enabled() -> bool:
-    """Whether the accelerators may run now: the innermost :func:`accelerators` switch
-    where one is active, else the environment (``XLSTM_ACCEL=0`` turns them off; read at
-    every call). The one reader of ``XLSTM_ACCEL``."""
-    forced = _ACCEL_SWITCH.get()
-    if forced is not None:
-        return forced
-    return os.environ.get("XLSTM_ACCEL", "1") != "0"
-
-
-@contextlib.contextmanager
-def accelerators(enabled: bool) -> Iterator[None]:
-    """Turn the accelerated loops on or off inside a ``with`` block.
-
-    ``with xlstm.accelerators(False):`` runs every call in the block on the plain array
-    path, as ``XLSTM_ACCEL=0`` does, whatever the environment says; ``accelerators(True)``
-    allows them even where ``XLSTM_ACCEL=0`` is set. The accelerators are numba's compiled
-    loops on numpy, the fused CUDA kernels on CuPy and ``jax.lax.scan`` on JAX; results are
-    the same either way (bit for bit on numpy, to rounding elsewhere).
-
-    The switch is a context variable: it holds for the current thread (or asyncio task)
-    only, and blocks nest, the innermost winning. Under ``jax.jit`` it takes effect when the
-    function is traced.
-
-    Parameters
-    ----------
-    enabled : bool
-        True allows the accelerators, False turns them off.
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    token = _ACCEL_SWITCH.set(enabled)
-    try:
-        yield
-    finally:
-        _ACCEL_SWITCH.reset(token)
-
-
-def accelerated_loops(xp, dtype):
-    """The compiled time loops for namespace ``xp`` and ``dtype``, or ``None``.
-
-    On numpy with numba installed, :mod:`xlstm._cpu` (bit-identical to the array path); on
-    CuPy, the fused CUDA kernels of :mod:`xlstm._cuda` (the same arithmetic, from the
-    ``.cuh`` source that the tests also run on the CPU). Only for float32 and float64;
-    ``XLSTM_ACCEL=0`` or :func:`accelerators` turns them off. Their ``forward`` and
-    ``backward`` methods run the loops of :func:`forward` and :func:`backward` over
-    preallocated stacks.
-
-    On JAX (any floating dtype), :class:`ScanLoops`: the array path itself, with
-    ``jax.lax.scan`` as its :func:`scan`. ``XLSTM_ACCEL=0`` gives the plain Python loop.
-    """
-    if not accel_enabled():
-        return None
-    if is_jax(xp):
-        return ScanLoops()
-    if dtype not in (xp.float32, xp.float64):
-        return None
-    if is_numpy(xp):
-        cpu, _ = cpu_loops_module()
-        return None if cpu is None else cpu.loops(dtype)
-    if is_cupy(xp):
-        from . import _cuda
-
-        return _cuda.loops(dtype)
-    return None
-
-
-def _dispatch(xp, dtype):
+def _dispatch(xp, dtype, cell):
     """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop."""
-    loops = accelerated_loops(xp, dtype)
+    loops = accelerated_loops(xp, dtype, cell)
     if isinstance(loops, ScanLoops):
         return None, loops.scan
     return loops, scan
@@ -263,27 +76,36 @@ def _dispatch(xp, dtype):
 def _forward_step(static, consts, carry, inputs):
     """One forward step of the array path, for :func:`scan` over the chunk's ``Gx``.
 
-    Returns the new ``(a, c)`` and the step's values named in ``static[2]`` (a subset of
-    ``S, CCT, C, TC, A``, in that order).
+    Returns the new state and the step's values named in ``static[2]``.
     """
-    xp, n_a, names = static
-    (WaT,), (a, c), (gx,) = consts, carry, inputs
-    s, cct, c, tc, a = step_forward(gx + a @ WaT, c, n_a, xp=xp)
-    out = {"S": s, "CCT": cct, "C": c, "TC": tc, "A": a}
-    return (a, c), tuple([out[k] for k in names])
+    xp, cell, names = static
+    (gx,) = inputs
+    ga = carry[0] @ consts[0]  # the recurrent term
+    if len(consts) > 1:
+        ga = ga + consts[1]
+    out = cell.step(array_ops(xp), gx, ga, carry, NO_OUT)
+    return tuple([out[k] for k in cell.state_names]), tuple([out[k] for k in names])
 
 
 def _backward_step(static, consts, carry, inputs):
     """One backward step of the array path, for a reversed :func:`scan`.
 
-    Carries ``(da_rec, dc)``, the gradients reaching the step from the step after it,
-    and returns the step's pre-activation gradient ``dg``.
+    Carries the gradients reaching the step's states from the step after it (the hidden
+    state's first) and returns the step's pre-activation gradients ``dgx`` (and ``dga``
+    where the cell keeps them apart).
     """
-    (xp,), (WaT,), (da_rec, dc) = static, consts, carry
-    da, K, Q, P, f = inputs
-    dg, dc = step_backward(da + da_rec, dc, K, Q, P, f, xp=xp)
-    da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dg))  # (19), recurrent part
-    return (da_rec, dc), (dg,)
+    xp, cell, n_coeffs = static
+    (WaT,) = consts
+    da_rec, *drest = carry
+    da, coeffs, reads = inputs[0], inputs[1 : 1 + n_coeffs], inputs[1 + n_coeffs :]
+    dgx, dga, direct, drest = cell.step_back(
+        array_ops(xp), da, da_rec, tuple(drest), coeffs, dict(zip(cell.back_reads, reads)),
+        NO_OUT,
+    )
+    da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dga))  # (19), recurrent part
+    if direct is not None:
+        da_rec = direct + da_rec
+    return (da_rec, *drest), ((dgx, dga) if cell.split else (dgx,))
 
 
 class _Collect:
@@ -320,44 +142,62 @@ class _Collect:
         return self.xp.concat([b for _, b in self.blocks], axis=0)
 
 
-def forward(x, a0, c0, params, n_a, *, xp, keep):
-    """Run the LSTM over ``x`` (seed layout ``(n_x, m, T)``).
+def forward(cell, x, state0, params, n_a, *, xp, keep, head=None):
+    """Run ``cell`` over ``x`` (seed layout ``(n_x, m, T)``).
 
-    Returns ``(A, C, Y, state)`` with ``A, C`` of shape ``(T+1, m, n_a)`` (index 0 holds the
-    initial state), ``Y`` of shape ``(T, m, n_y)`` and ``state`` a :class:`State` when
-    ``keep`` is true, else ``None``.
+    ``state0`` holds one ``(n_a, m)`` array or ``None`` (zeros) per state of the cell;
+    ``head``, if given, names the output layer's keys ``(W, b)`` in ``params``: the step's
+    prediction ``softmax(W a + b)``. Returns ``(stacks, Y, state)``: the state stacks by
+    name, ``(T+1, m, n_a)`` with the initial state at index 0; ``Y`` of shape ``(T, m,
+    n_y)`` (``None`` without a head); and the cell's ``State`` when ``keep`` is true, else
+    ``None``.
     """
     n_x, m, T = x.shape
     dtype, dev = x.dtype, device_of(x)
     if keep:
         # What the backward pass reads is fixed now: a later write into the caller's
         # arrays, or a key rebound in their dict, cannot change the gradients.
-        params = {k: copy(params[k]) for k in PARAM_KEYS}
-    WaT, WxT, b = fused_forward_weights(params, n_a, xp=xp)
-    WyT = xp.matrix_transpose(params["Wy"])
-    by = xp.matrix_transpose(params["by"])
-    n_y = WyT.shape[1]
-    a = xp.matrix_transpose(a0)
-    c = xp.zeros((m, n_a), dtype=dtype, device=dev) if c0 is None else xp.matrix_transpose(c0)
+        keys = (*cell.param_keys(params), *(head or ()))
+        params = {k: copy(params[k]) for k in keys}
+    WxT, bx, WaT, ba = cell.fuse_forward(params, n_a, xp=xp)
+    consts = (WaT,) if ba is None else (WaT, ba)
+    if head is not None:
+        WyT = xp.matrix_transpose(params[head[0]])
+        by = xp.matrix_transpose(params[head[1]])
+        n_y = WyT.shape[1]
+    zeros = None
+    state = []
+    for s in state0:
+        if s is None:
+            if zeros is None:
+                zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
+            state.append(zeros)
+        else:
+            state.append(xp.matrix_transpose(s))
+    state = tuple(state)
     if keep:
         # A time-major copy, so that a later write into the caller's x cannot change what
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
-    loops, run = _dispatch(xp, dtype)
+    loops, run = _dispatch(xp, dtype, cell)
     chunk = max(1, min(T, CHUNK_ROWS // m))
-    names = ("A", "C", "S", "CCT", "TC") if keep else ("A", "C")
+    names = (*cell.state_names, *cell.saved) if keep else cell.state_names
     collected = ("Y",) if loops is not None else (*names, "Y")
-    outs = {k: _Collect(xp, T + 1 if k in ("A", "C") else T, x) for k in collected}
+    if head is None:
+        collected = collected[:-1]
+    outs = {k: _Collect(xp, T + 1 if k in cell.state_names else T, x) for k in collected}
     if loops is not None:  # preallocated stacks, written in place step by step
-        slots = T if keep else 1  # inference reuses one slot of S, CCT, TC
-        shapes = {"A": (T + 1, m, n_a), "C": (T + 1, m, n_a), "S": (slots, m, 3 * n_a),
-                  "CCT": (slots, m, n_a), "TC": (slots, m, n_a)}  # fmt: skip
-        bufs = {k: xp.empty(v, dtype=dtype, device=dev) for k, v in shapes.items()}
-        bufs["A"][0, ...], bufs["C"][0, ...] = a, c
+        slots = T if keep else 1  # inference reuses one slot of the saved stacks
+        bufs = {k: xp.empty((T + 1, m, n_a), dtype=dtype, device=dev) for k in cell.state_names}
+        for k, w in cell.saved.items():
+            bufs[k] = xp.empty((slots, m, w * n_a), dtype=dtype, device=dev)
+        for k, s in zip(cell.state_names, state):
+            bufs[k][0, ...] = s
     else:
-        outs["A"].put(0, a[None, ...])
-        outs["C"].put(0, c[None, ...])
+        for k, s in zip(cell.state_names, state):
+            outs[k].put(0, s[None, ...])
+    first = cell.state_names[0]
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         if keep:
@@ -368,58 +208,73 @@ def forward(x, a0, c0, params, n_a, *, xp, keep):
             rows = c_contiguous(
                 xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
             )
-        Gx = xp.reshape(rows @ WxT + b, (t1 - t0, m, 4 * n_a))
+        Gx = xp.reshape(rows @ WxT + bx, (t1 - t0, m, WxT.shape[1]))
         if loops is not None:
             sl = slice(t0, t1) if keep else slice(0, 1)
-            scratch = (bufs[k][sl, ...] for k in ("S", "CCT", "TC"))
-            loops.forward(Gx, WaT, bufs["A"], bufs["C"], *scratch, t0)
-            A_new = bufs["A"][t0 + 1 : t1 + 1, ...]
+            chunk_bufs = {k: bufs[k] for k in cell.state_names}
+            chunk_bufs.update((k, bufs[k][sl, ...]) for k in cell.saved)
+            loops.forward(cell, Gx, WaT, ba, chunk_bufs, t0)
+            A_new = bufs[first][t0 + 1 : t1 + 1, ...]
         else:
-            (a, c), ys = run(_forward_step, (xp, n_a, names), (WaT,), (a, c), (Gx,))
+            state, ys = run(_forward_step, (xp, cell, names), consts, state, (Gx,))
             blocks = dict(zip(names, ys))
             for k, block in blocks.items():
-                outs[k].put(t0 + 1 if k in ("A", "C") else t0, block)
-            A_new = blocks["A"]
-        logits = xp.reshape(A_new, ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
-        y = _softmax(logits, -1, xp=xp)
-        outs["Y"].put(t0, xp.reshape(y, (t1 - t0, m, n_y)))
+                outs[k].put(t0 + 1 if k in cell.state_names else t0, block)
+            A_new = blocks[first]
+        if head is not None:
+            logits = xp.reshape(A_new, ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
+            y = _softmax(logits, -1, xp=xp)
+            outs["Y"].put(t0, xp.reshape(y, (t1 - t0, m, n_y)))
     res = {k: v.result() for k, v in outs.items()}
     if loops is not None:
         res.update(bufs)
-    state = None
+    stacks = {k: res[k] for k in cell.state_names}
+    kept = None
     if keep:
-        state = State(res["A"], res["C"], res["S"], res["CCT"], res["TC"], X, params, n_a)
-    return res["A"], res["C"], res["Y"], state
+        kept = cell.State(**{k: res[k] for k in names}, X=X, params=params, n_a=n_a)
+    return stacks, res.get("Y"), kept
 
 
-def backward(da, state, *, xp):
+def backward(cell, da, state, *, xp, dstate=None):
     """Backward pass over the first ``T_da = da.shape[-1]`` steps of a kept forward pass.
 
-    ``da`` is in seed layout ``(n_a, m, T_da)``. Returns ``(dX, da0, dc0, dW, db)`` with
-    ``dX`` time-major ``(T_da, m, n_x)``, ``da0, dc0`` of shape ``(m, n_a)``,
-    ``dW`` ``(4 n_a, n_a + n_x)`` and ``db`` ``(4 n_a, 1)``, in gate order (o, f, i, c).
+    ``da`` is in seed layout ``(n_a, m, T_da)``; ``dstate``, if given, holds the gradients
+    on the state after step ``T_da`` (``(m, n_a)`` each, time-major, ``None`` for zero).
+    Returns ``(dX, dstate0, grads)``: ``dX`` time-major ``(T_da, m, n_x)``, ``dstate0``
+    the gradients on the initial state (``(m, n_a)`` each) and ``grads`` the parameter
+    gradients in the cell's names (:meth:`~xlstm.cells.base.Cell.unfuse_grads`).
     """
     n_a = state.n_a
-    T = da.shape[-1]
-    m = da.shape[1]
+    T, m = da.shape[-1], da.shape[1]
     dtype, dev = da.dtype, device_of(da)
-    WaT, Wx = fused_backward_weights(state.params, n_a, xp=xp)
-    S, CCT, TC = state.S[:T, ...], state.CCT[:T, ...], state.TC[:T, ...]
+    WaT, Wx = cell.fuse_backward(state.params, n_a, xp=xp)
+    saved = {k: getattr(state, k)[:T, ...] for k in cell.saved}
+    prev = {k: getattr(state, k)[:T, ...] for k in cell.state_names}
     da_t = xp.permute_dims(da, (2, 1, 0))
-    loops, run = _dispatch(xp, dtype)
+    zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
+    given = (None,) * len(cell.state_names) if dstate is None else dstate
+    carry = tuple(zeros if g is None else g for g in given)
+    loops, run = _dispatch(xp, dtype, cell)
+    width = cell.n_gates * n_a
     if loops is not None:
-        dG = xp.empty((T, m, 4 * n_a), dtype=dtype, device=dev)
-        da_rec, dc = loops.backward(da_t, S, CCT, TC, state.C[:T, ...], WaT, dG)
+        dGx = xp.empty((T, m, width), dtype=dtype, device=dev)
+        dGa = xp.empty((T, m, width), dtype=dtype, device=dev) if cell.split else dGx
+        carry = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa)
     else:
-        K, Q, P = backward_coefficients(S, CCT, TC, state.C[:T, ...], n_a, xp=xp)
-        F = S[..., n_a : 2 * n_a]
-        zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
-        (da_rec, dc), (dG,) = run(_backward_step, (xp,), (WaT,), (zeros, zeros),
-                                  (da_t, K, Q, P, F), reverse=True)
-    dG = xp.reshape(dG, (T * m, 4 * n_a))
-    dGT = xp.matrix_transpose(dG)
-    A_prev = xp.reshape(state.A[:T, ...], (T * m, n_a))
-    dW = xp.concat([dGT @ A_prev, dGT @ state.X[: T * m, :]], axis=1)  # (11)-(14)
-    db = xp.sum(dGT, axis=1, keepdims=True)  # (15)-(18)
-    dX = xp.reshape(dG @ Wx, (T, m, Wx.shape[1]))  # (21)
-    return dX, da_rec, dc, dW, db
+        ops = array_ops(xp)
+        coeffs = cell.back_coeffs(ops, saved, prev, NO_OUT)  # all steps at once
+        reads = tuple({**saved, **prev}[k] for k in cell.back_reads)
+        carry, ys = run(_backward_step, (xp, cell, len(coeffs)), (WaT,), carry,
+                        (da_t, *coeffs, *reads), reverse=True)
+        dGx = ys[0]
+        dGa = ys[1] if cell.split else dGx
+    dGx = xp.reshape(dGx, (T * m, width))
+    dGxT = xp.matrix_transpose(dGx)
+    dGaT = xp.matrix_transpose(xp.reshape(dGa, (T * m, width))) if cell.split else dGxT
+    A_prev = xp.reshape(prev[cell.state_names[0]], (T * m, n_a))
+    dWa = dGaT @ A_prev  # (11)-(14), recurrent columns
+    dWx = dGxT @ state.X[: T * m, :]  # (11)-(14), input columns
+    dbx = xp.sum(dGxT, axis=1, keepdims=True)  # (15)-(18)
+    dba = xp.sum(dGaT, axis=1, keepdims=True) if cell.split else dbx
+    dX = xp.reshape(dGx @ Wx, (T, m, Wx.shape[1]))  # (21)
+    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp)

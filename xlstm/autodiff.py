@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Optional
 
-from . import _engine
+from .cells.lstm import LSTM_CELL
 from ._compat import device_of, is_jax, is_torch, namespace
 from .lstm import LSTMCaches, lstm_backward, lstm_forward
 from .params import PARAM_KEYS, param_arrays, require_keys
@@ -126,7 +126,7 @@ def _jax_lstm():
 
     def f_bwd(res, da):
         fields, x, params, c0 = res
-        state = _engine.State(**fields, n_a=fields["A"].shape[-1])
+        state = LSTM_CELL.State(**fields, n_a=fields["A"].shape[-1])
         grads = lstm_backward(da, _caches(x, state))
         xp = namespace(da=da)
         dc0 = None if c0 is None else grads["dc0"]

@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from . import _engine
 from ._compat import copy, device_of, namespace, on_input_device
 from ._typing import Array, Grads, Params
-from .params import (
-    check_params,
-    fused_backward_weights,
-    param_arrays,
-    require_keys,
-    split_gates,
-)
+from .cells.base import NO_OUT, array_ops
+from .cells.lstm import LSTM_CELL
+from .params import check_params, fused_backward_weights, param_arrays, require_keys
+
+#: The output layer's keys in the notebook's parameter dict.
+_HEAD = ("Wy", "by")
 
 __all__ = [
     "LSTMCache",
@@ -172,7 +171,10 @@ def lstm_cell_forward(
     _check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
     _check_shape("c_prev", c_prev, (n_a, m), "(n_a, m)")
     x = xp.reshape(xt, (n_x, m, 1))
-    A, C, Y, state = _engine.forward(x, a_prev, c_prev, params, n_a, xp=xp, keep=True)
+    stacks, Y, state = _engine.forward(
+        LSTM_CELL, x, (a_prev, c_prev), params, n_a, xp=xp, keep=True, head=_HEAD
+    )
+    A, C = stacks["A"], stacks["C"]
     cache = _StepCaches(state, xp)[0]
     tr = xp.matrix_transpose
     return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
@@ -234,7 +236,10 @@ def lstm_forward(
     if c0 is not None:
         _check_shape("c0", c0, (n_a, m), "(n_a, m)")
     keep = bool(return_caches)
-    A, C, Y, state = _engine.forward(x, a0, c0, params, n_a, xp=xp, keep=keep)
+    stacks, Y, state = _engine.forward(
+        LSTM_CELL, x, (a0, c0), params, n_a, xp=xp, keep=keep, head=_HEAD
+    )
+    A, C = stacks["A"], stacks["C"]
     seed = (2, 1, 0)  # (T, m, k) -> (k, m, T)
     a = xp.permute_dims(A[1:, ...], seed)
     c = xp.permute_dims(C[1:, ...], seed)
@@ -285,11 +290,13 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
     for name, arr in states.items():
         _check_shape(name, arr, (n_a, m), "(n_a, m)")
     tr = xp.matrix_transpose
-    s = xp.concat([tr(ot), tr(ft), tr(it)], axis=-1)
-    K, Q, P = _engine.backward_coefficients(
-        s, tr(cct), xp.tanh(tr(c_next)), tr(c_prev), n_a, xp=xp
+    ops = array_ops(xp)
+    saved = {"S": xp.concat([tr(ot), tr(ft), tr(it)], axis=-1), "CCT": tr(cct),
+             "TC": xp.tanh(tr(c_next))}  # fmt: skip
+    coeffs = LSTM_CELL.back_coeffs(ops, saved, {"C": tr(c_prev)}, NO_OUT)
+    dg, _, _, (dc_prev,) = LSTM_CELL.step_back(
+        ops, tr(da_next), 0.0, (tr(dc_next),), coeffs, saved, NO_OUT
     )
-    dg, dc_prev = _engine.step_backward(tr(da_next), tr(dc_next), K, Q, P, tr(ft), xp=xp)
     WaT, Wx = fused_backward_weights(params, n_a, xp=xp)
     dgT = tr(dg)
     dW = dgT @ xp.concat([tr(a_prev), tr(xt)], axis=-1)  # (11)-(14)
@@ -298,12 +305,8 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
         "dxt": tr(dg @ Wx),  # (21)
         "da_prev": WaT @ dgT,  # (19)
         "dc_prev": tr(dc_prev),  # (20)
-        **_seed_order(split_gates(dW, prefix="dW"), split_gates(db, prefix="db")),
+        **LSTM_CELL.unfuse_grads(dW[:, n_a:], dW[:, :n_a], db, db, xp=xp),
     }
-
-
-def _seed_order(dW, db):
-    return {k: v for g in "fico" for k, v in ((f"dW{g}", dW[f"dW{g}"]), (f"db{g}", db[f"db{g}"]))}
 
 
 @on_input_device
@@ -358,7 +361,7 @@ def _check_state(state):
     A forged or damaged ``caches.state`` (wrong type, arrays of other shapes, namespaces or
     dtypes) is a TypeError or ValueError here rather than a failure deep in the math.
     """
-    if not isinstance(state, _engine.State):
+    if not isinstance(state, LSTM_CELL.State):
         raise TypeError(
             "caches.state is not the forward state of lstm_forward; pass the caches that "
             f"lstm_forward returned (got a state of type {type(state).__name__})"
@@ -394,7 +397,7 @@ def _backward_fused(da, state, x):
     n_a, (T1, m, _) = state.n_a, state.A.shape
     T_x = T1 - 1
     _check_da(da, n_a, m, T_x)
-    dX, da0, dc0, dW, db = _engine.backward(da, state, xp=xp)
+    dX, (da0, dc0), grads = _engine.backward(LSTM_CELL, da, state, xp=xp)
     T_da, n_x = dX.shape[0], dX.shape[2]
     if T_da < T_x:  # later steps do not touch the loss
         zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
@@ -403,7 +406,7 @@ def _backward_fused(da, state, x):
     return {
         "dx": xp.permute_dims(dX, (2, 1, 0)),
         "da0": tr(da0),
-        **_seed_order(split_gates(dW, prefix="dW"), split_gates(db, prefix="db")),
+        **grads,
         "dc0": tr(dc0),
     }
 

@@ -143,7 +143,24 @@ class Loops:
     def _on_device(self, arr):
         return arr.device if self.mod is not _np else contextlib.nullcontext()
 
-    def forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
+    def supports(self, cell) -> bool:
+        """The cells with kernels here: the LSTM."""
+        return cell.name == "lstm"
+
+    def forward(self, cell, Gx, WaT, ba, bufs, t0):
+        """The engine's forward loop (see :meth:`xlstm._cpu.Loops.forward`), for the LSTM."""
+        if not self.supports(cell) or ba is not None:
+            raise NotImplementedError(f"no CUDA kernels for {cell!r}")
+        self.lstm_forward(Gx, WaT, bufs["A"], bufs["C"], bufs["S"], bufs["CCT"], bufs["TC"], t0)
+
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
+        """The engine's backward loop (see :meth:`xlstm._cpu.Loops.backward`), for the LSTM."""
+        if not self.supports(cell):
+            raise NotImplementedError(f"no CUDA kernels for {cell!r}")
+        return self.lstm_backward(da_t, saved["S"], saved["CCT"], saved["TC"], prev["C"], WaT,
+                                  dGx, *carry)
+
+    def lstm_forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading ``A[t], C[t]``, writing index ``t+1``.
 
         ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection. ``S``, ``CCT``, ``TC``
@@ -160,19 +177,21 @@ class Loops:
                 self.launch("fwd", self.name, m * n,
                             (m, n, Gx[k], G, C[t], S[j], CCT[j], C[t + 1], TC[j], A[t + 1]))
 
-    def backward(self, da_t, S, CCT, TC, C, WaT, dG):
+    def lstm_backward(self, da_t, S, CCT, TC, C, WaT, dG, da_rec=None, dc=None):
         """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
 
         ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
-        ``(T, m, 4 n_a)`` pre-activation gradients.
+        ``(T, m, 4 n_a)`` pre-activation gradients. ``da_rec`` and ``dc``, the gradients on
+        the final state, default to zero.
         """
         T, m, _ = dG.shape
         n = WaT.shape[0]
         Wa = WaT.T
         with self._on_device(dG):
             da_t = self.mod.ascontiguousarray(da_t)
-            da_rec = self.mod.zeros((m, n), dtype=dG.dtype)
-            dc = self.mod.zeros((m, n), dtype=dG.dtype)
+            zeros = (lambda: self.mod.zeros((m, n), dtype=dG.dtype))
+            da_rec = zeros() if da_rec is None else self.mod.array(da_rec, order="C")
+            dc = zeros() if dc is None else self.mod.array(dc, order="C")
             for t in range(T - 1, -1, -1):
                 self.launch("bwd", self.name, m * n,
                             (m, n, da_t[t], da_rec, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc))

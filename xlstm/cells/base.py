@@ -1,0 +1,196 @@
+"""The contract between the time loop (:mod:`xlstm._engine`) and a recurrent cell.
+
+The engine runs every cell the same way. Time-major, batch in rows: a step's input is a row
+block ``x_t (m, n_x)``, a state is ``(m, n_a)``, and for a chunk of steps
+
+* one GEMM gives the input term of all its steps, ``gx = x_t @ WxT + bx`` (``(m, k n_a)``
+  per step, ``k`` = :attr:`Cell.n_gates`);
+* per step, one GEMM gives the recurrent term ``ga = a_prev @ WaT (+ ba)`` from the first
+  state (the hidden state ``a``, which is also the output), and :meth:`Cell.step` does the
+  rest;
+* backward, per step, :meth:`Cell.step_back` gives the gradients of both terms, ``dgx`` and
+  ``dga``, and the engine adds ``dga @ Wa`` to the gradient reaching ``a_prev``; after the
+  loop ``dWx = dGx^T X``, ``dWa = dGa^T A_prev``, ``dbx``/``dba`` are sums: single GEMMs
+  and reductions, equations (11)-(18) and (21) of the LSTM notebook for every cell.
+
+A cell's pointwise math is written once, as *point functions*: plain Python arithmetic on
+their arguments (``+``, ``-``, ``*``), with every constant passed in as an argument, never a
+literal (so that a float32 step stays float32 everywhere). The same function runs on whole
+arrays on the array path and element by element, compiled, in the accelerated loops. A
+cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions and ``tanh``
+through an *ops* object: :class:`ArrayOps` on the array path (every call returns a new
+array), a buffered one in the accelerated loops (every call writes into ``out``). The
+transcendental functions are always the namespace's own, so both routes round alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import namedtuple
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT"]
+
+
+class _NoOut(Mapping):
+    """The ``out`` of the array path: every destination is ``None`` (allocate)."""
+
+    def __getitem__(self, key):
+        return None
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def __repr__(self):
+        return "NO_OUT"
+
+
+#: Passed as ``out`` on the array path: no destination buffers.
+NO_OUT = _NoOut()
+
+
+class ArrayOps:
+    """The array path's operations for a cell's step: each call returns a new array.
+
+    ``out`` is accepted and ignored, so that a cell's step reads the same on both routes.
+    """
+
+    #: Whether ``out`` buffers are written (the accelerated loops) or ignored (here).
+    buffered = False
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def const(self, value: float) -> float:
+        """A constant for a point function: a Python float, which keeps the arrays' dtype."""
+        return value
+
+    def tanh(self, x, out=None):
+        return self.xp.tanh(x)
+
+    def add(self, x, y, out=None):
+        return x + y
+
+    def mul(self, x, y, out=None):
+        return x * y
+
+    def copy(self, x, out=None):
+        """``x`` itself: the array path never writes into it afterwards."""
+        return x
+
+    def concat(self, parts, out=None):
+        """The parts side by side along the last axis (gate blocks into one array)."""
+        return self.xp.concat(list(parts), axis=-1)
+
+    def map(self, fn, *args, out=None):
+        """``fn(*args)`` on whole arrays: a point function applied elementwise."""
+        return fn(*args)
+
+
+@functools.cache
+def array_ops(xp) -> ArrayOps:
+    """The :class:`ArrayOps` of namespace ``xp`` (one per namespace)."""
+    return ArrayOps(xp)
+
+
+class Cell:
+    """A recurrent cell, as the engine runs it. Subclasses set the class attributes.
+
+    Attributes
+    ----------
+    name : str
+        Short name (``"lstm"``, ``"gru"``, ``"rnn_tanh"``...); accelerators register by it.
+    state_names : tuple of str
+        Names of the state stacks, ``(T+1, m, n_a)`` each, index 0 holding the initial
+        state. The first is the hidden state ``a``: the output of every step and the input
+        of the recurrent GEMM.
+    saved : dict of str to int
+        Stacks kept per step for the backward pass, ``(T, m, w n_a)``, name to width ``w``.
+    n_gates : int
+        Width of the input and recurrent terms in units of ``n_a``.
+    split : bool
+        Whether the recurrent term's gradient ``dga`` differs from the input term's
+        ``dgx`` (GRU: ``r * (W_hn a + b_hn)``); otherwise the engine keeps one stack.
+    back_reads : tuple of str
+        The saved and state stacks that :meth:`step_back` reads, by name.
+    scratch : dict of str to int
+        Per-step buffers the accelerated loops give ``step``, ``back_coeffs`` and
+        ``step_back`` as ``out``, name to width.
+    """
+
+    name: str = ""
+    state_names: tuple[str, ...] = ("A",)
+    saved: dict[str, int] = {}
+    n_gates: int = 1
+    split: bool = False
+    back_reads: tuple[str, ...] = ()
+    scratch: dict[str, int] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fields = (*cls.state_names, *cls.saved, "X", "params", "n_a")
+        state = namedtuple(f"{cls.__name__}State", fields)
+        state.__doc__ = (
+            f"Stacked forward state of the {cls.__name__}, kept for the backward pass: the "
+            f"state stacks {', '.join(cls.state_names)} ``(T+1, m, n_a)``, the saved stacks "
+            f"{', '.join(cls.saved) or '(none)'} ``(T, m, w n_a)``, ``X`` the time-major "
+            "``(T*m, n_x)`` input, ``params`` a copy of the parameters taken by the forward "
+            "pass and ``n_a`` the hidden size."
+        )
+        state.__module__ = cls.__module__  # pickle finds it as ``<cell class>.State``
+        state.__qualname__ = f"{cls.__qualname__}.State"
+        cls.State = state
+
+    def __repr__(self):
+        return f"<cell {self.name}>"
+
+    # ----------------------------------------------------------------- parameters
+    def param_keys(self, params: Mapping) -> tuple[str, ...]:
+        """The keys of ``params`` that the cell reads (what a forward pass snapshots)."""
+        raise NotImplementedError
+
+    def fuse_forward(self, params: Mapping, n_a: int, *, xp: Any):
+        """``(WxT, bx, WaT, ba)``: ``(n_x, k n_a)``, ``(1, k n_a)``, ``(n_a, k n_a)`` and
+        ``(1, k n_a)`` or ``None``, as the forward step reads them."""
+        raise NotImplementedError
+
+    def fuse_backward(self, params: Mapping, n_a: int, *, xp: Any):
+        """``(WaT, Wx)``: ``(n_a, k n_a)`` and ``(k n_a, n_x)``, the weights as the gradients
+        ``dga`` and ``dgx`` multiply them."""
+        raise NotImplementedError
+
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp: Any) -> dict:
+        """The gradients of the fused weights in the cell's own parameter names."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- one step
+    def step(self, ops, gx, ga, state: tuple, out: Mapping) -> dict:
+        """One forward step: from the two terms and the previous state, the new state and
+        the saved values, by name (:attr:`state_names` and :attr:`saved`)."""
+        raise NotImplementedError
+
+    def back_coeffs(self, ops, saved: Mapping, prev: Mapping, out: Mapping) -> tuple:
+        """Factors of the backward step that depend on the forward pass only.
+
+        ``saved`` and ``prev`` (the state before the step) may be one step's slices or,
+        on the array path, whole stacks: these are point functions, vectorised over time.
+        """
+        return ()
+
+    def step_back(self, ops, da, da_rec, drest: tuple, coeffs: tuple, reads: Mapping,
+                  out: Mapping) -> tuple:
+        """One backward step: ``(dgx, dga, da_direct, drest_prev)``.
+
+        ``da`` is the upstream gradient on the step's output and ``da_rec`` the gradient
+        reaching it from the next step; ``drest`` holds the gradients on the other states,
+        ``coeffs`` what :meth:`back_coeffs` gave for the step and ``reads`` the step's
+        slices of the stacks named in :attr:`back_reads`. ``da_direct`` is the gradient on
+        ``a_prev`` other than through ``ga`` (or ``None``), ``drest_prev`` the gradients on
+        the other previous states. In the accelerated loops, the gradients on the other
+        states are updated in place: ``out["d" + name.lower()]`` is ``drest``'s buffer.
+        """
+        raise NotImplementedError

@@ -1,0 +1,160 @@
+"""The LSTM cell of the step-by-step notebook, equations (1)-(21), for the engine.
+
+Gate layout: the input and recurrent terms are ``(m, 4 n_a)`` blocks in gate order
+:data:`GATES` = ``(o, f, i, c)``, the three sigmoid gates first. Their weight and bias rows
+are halved (exact in binary floating point), so that one ``tanh`` gives every gate:
+``sigmoid(z) = 0.5 tanh(z / 2) + 0.5``. Torch's row order is ``(i, f, g, o)``
+(:data:`TORCH_GATES`, ``g`` being the candidate ``c``).
+
+Parameters: the notebook's dict, ``W* (n_a, n_a + n_x)`` acting on ``[a_prev; x_t]`` and
+``b* (n_a, 1)`` for ``* = f, i, c, o``; the model classes add torch's second bias of each
+gate, ``bh* (n_a, 1)`` (zero unless it came from torch), which adds to ``b*``.
+
+State ``(a, c)``. Saved per step: ``S`` the sigmoid gates ``(o, f, i)``, ``CCT`` the
+candidate and ``TC = tanh(c)``.
+"""
+
+from __future__ import annotations
+
+from ..params import fused_backward_weights, fused_forward_weights, split_gates
+from .base import Cell
+
+__all__ = ["LSTMCell", "LSTM_CELL", "GATES", "TORCH_GATES"]
+
+#: Gate order of the fused blocks.
+GATES = ("o", "f", "i", "c")
+#: Torch's row order of the same gates (``g`` is the candidate ``c``).
+TORCH_GATES = ("i", "f", "c", "o")
+
+
+# ---------------------------------------------------------------- point functions
+def sigmoid_from_halved_tanh(half, t):
+    """(1), (2), (5): ``sigmoid(z) = 0.5 tanh(z / 2) + 0.5``, from ``t = tanh(z / 2)``."""
+    return half * t + half
+
+
+def cell_state(ft, it, cct, c_prev):
+    """(4): ``c_next = ft * c_prev + it * cct``."""
+    return ft * c_prev + it * cct
+
+
+def backward_coefficients(one, ot, ft, it, tc, cct, c_prev):
+    """The factors of (7)-(10) that depend on the forward pass only.
+
+    With ``da`` and ``dc`` the gradients reaching a step, its pre-activation gradients are
+    ``dot = da Q`` and ``(dft, dit, dcct) = (dc + da K) (Pf, Pi, Pc)``:
+
+    * ``K = ot (1 - tanh^2 c)``, the path from ``a`` back into ``c``;
+    * ``Q = tanh(c) ot (1 - ot)``, eq. (7) without ``da``;
+    * ``Pf, Pi, Pc``: eqs. (10), (9), (8) without the common factor.
+    """
+    K = ot * (one - tc * tc)
+    Q = tc * ot * (one - ot)
+    Pf = c_prev * ft * (one - ft)
+    Pi = cct * it * (one - it)
+    Pc = it * (one - cct * cct)
+    return K, Q, Pf, Pi, Pc
+
+
+def backward_step(da, da_rec, dc, K, Q, Pf, Pi, Pc, ft):
+    """(7)-(10), (20): the gate gradients ``dot, dft, dit, dcct`` and ``dc_prev``.
+
+    ``da + da_rec`` and ``dc`` are the total gradients reaching the step's ``a`` and ``c``.
+    """
+    d_a = da + da_rec
+    dct = dc + d_a * K  # dL/dc_t: through c directly and through a = o tanh(c)
+    dot = d_a * Q  # (7)
+    dft = dct * Pf  # (10)
+    dit = dct * Pi  # (9)
+    dcct = dct * Pc  # (8)
+    dc_prev = dct * ft  # (20)
+    return dot, dft, dit, dcct, dc_prev
+
+
+def _blocks(buf, n, k):
+    """``k`` column blocks of width ``n`` of ``buf``, or ``k`` Nones without a buffer."""
+    if buf is None:
+        return (None,) * k
+    return tuple(buf[:, j * n : (j + 1) * n] for j in range(k))
+
+
+class LSTMCell(Cell):
+    """The notebook's LSTM: state ``(a, c)``, gates ``(o, f, i, c)``."""
+
+    name = "lstm"
+    state_names = ("A", "C")
+    saved = {"S": 3, "CCT": 1, "TC": 1}
+    #: Per-step scratch of the accelerated loops, name to width.
+    scratch = {"G": 4, "K": 1, "Q": 1, "Pf": 1, "Pi": 1, "Pc": 1}
+    n_gates = 4
+    split = False
+    back_reads = ("S",)
+    gates = GATES
+    torch_gates = TORCH_GATES
+    weight_keys = tuple("W" + g for g in "fico")
+    bias_keys = tuple("b" + g for g in "fico")
+    #: Torch's second bias of each gate, in the model classes' parameters.
+    hidden_bias_keys = tuple("bh" + g for g in "fico")
+
+    # ----------------------------------------------------------------- parameters
+    def param_keys(self, params):
+        keys = tuple(k for g in "fico" for k in ("W" + g, "b" + g))
+        if self.hidden_bias_keys[0] in params:
+            keys += self.hidden_bias_keys
+        return keys
+
+    def fuse_forward(self, params, n_a, *, xp):
+        WaT, WxT, b = fused_forward_weights(params, n_a, xp=xp)
+        if self.hidden_bias_keys[0] in params:
+            bh = xp.concat([0.5 * params["bho"], 0.5 * params["bhf"], 0.5 * params["bhi"],
+                            params["bhc"]])
+            b = b + xp.reshape(bh, (1, 4 * n_a))
+        return WxT, b, WaT, None
+
+    def fuse_backward(self, params, n_a, *, xp):
+        return fused_backward_weights(params, n_a, xp=xp)
+
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp):
+        """``dW*`` (eqs. (11)-(14)) and ``db*`` (eqs. (15)-(18)), in the notebook's order."""
+        dW = split_gates(xp.concat([dWa, dWx], axis=1), prefix="dW")
+        db = split_gates(dbx, prefix="db")
+        return {k: v for g in "fico" for k, v in ((f"dW{g}", dW[f"dW{g}"]), (f"db{g}", db[f"db{g}"]))}
+
+    # ------------------------------------------------------------------- one step
+    def step(self, ops, gx, ga, state, out):
+        """Equations (1)-(6)."""
+        _, c_prev = state
+        n = c_prev.shape[-1]
+        t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
+        s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), t[..., : 3 * n], out=out["S"])
+        cct = ops.copy(t[..., 3 * n :], out=out["CCT"])  # (3)
+        c = ops.map(cell_state, s[..., n : 2 * n], s[..., 2 * n :], cct, c_prev, out=out["C"])
+        tc = ops.tanh(c, out=out["TC"])
+        a = ops.mul(s[..., :n], tc, out=out["A"])  # (6)
+        return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
+
+    def back_coeffs(self, ops, saved, prev, out):
+        S = saved["S"]
+        n = S.shape[-1] // 3
+        return ops.map(
+            backward_coefficients, ops.const(1.0), S[..., :n], S[..., n : 2 * n],
+            S[..., 2 * n :], saved["TC"], saved["CCT"], prev["C"],
+            out=(out["K"], out["Q"], out["Pf"], out["Pi"], out["Pc"]),
+        )  # fmt: skip
+
+    def step_back(self, ops, da, da_rec, drest, coeffs, reads, out):
+        """Equations (7)-(10) and (20); ``dgx`` and ``dga`` are the same ``dG``."""
+        (dc,) = drest
+        S = reads["S"]
+        n = S.shape[-1] // 3
+        dG = out["dGx"]
+        *gates, dc_prev = ops.map(
+            backward_step, da, da_rec, dc, *coeffs, S[..., n : 2 * n],
+            out=(*_blocks(dG, n, 4), out["dc"]),
+        )  # fmt: skip
+        dg = ops.concat(gates, out=dG)  # gate order (o, f, i, c)
+        return dg, dg, None, (dc_prev,)
+
+
+#: The one LSTM cell.
+LSTM_CELL = LSTMCell()
