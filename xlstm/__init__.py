@@ -9,6 +9,7 @@ from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
+from .models import LSTM, ModelCache
 from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .lstm import (
     LSTMCache,
@@ -34,6 +35,9 @@ __all__ = [
     "softmax",
     "LSTMCache",
     "LSTMCaches",
+    # model classes
+    "LSTM",
+    "ModelCache",
     # training
     "init_params",
     "sequence_cross_entropy",

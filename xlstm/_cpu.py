@@ -127,24 +127,25 @@ class Loops:
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
 
         ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term (only read). ``bufs`` holds the
-        state stacks, indexed by absolute step, and the saved stacks with one slot per step
+        state stacks, indexed by absolute step (modulo their length: a stack of two slots
+        alternates), and the saved stacks with one slot per step
         of the chunk, or a single slot that is reused (inference, nothing kept).
         """
         T_c, m, width = Gx.shape
         n_a = WaT.shape[0]
-        first = cell.state_names[0]
         saved = {k: bufs[k] for k in cell.saved}
         slots = next(iter(saved.values())).shape[0] if saved else 0
         out = self._scratch(cell, m, n_a)
         ga = np.empty((m, width), dtype=self.dtype)
         for k in range(T_c):
             t, j = t0 + k, (k if slots > 1 else 0)
-            np.matmul(bufs[first][t], WaT, out=ga)  # the recurrent term
+            # a state stack of two slots (not returned step by step) alternates
+            state = tuple([bufs[s][t % len(bufs[s])] for s in cell.state_names])
+            np.matmul(state[0], WaT, out=ga)  # the recurrent term
             if ba is not None:
                 np.add(ga, ba, out=ga)
-            state = tuple([bufs[s][t] for s in cell.state_names])
             for s in cell.state_names:
-                out[s] = bufs[s][t + 1]
+                out[s] = bufs[s][(t + 1) % len(bufs[s])]
             for s, v in saved.items():
                 out[s] = v[j]
             cell.step(self.ops, Gx[k], ga, state, out)

@@ -142,15 +142,17 @@ class _Collect:
         return self.xp.concat([b for _, b in self.blocks], axis=0)
 
 
-def forward(cell, x, state0, params, n_a, *, xp, keep, head=None):
+def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
     """Run ``cell`` over ``x`` (seed layout ``(n_x, m, T)``).
 
     ``state0`` holds one ``(n_a, m)`` array or ``None`` (zeros) per state of the cell;
     ``head``, if given, names the output layer's keys ``(W, b)`` in ``params``: the step's
-    prediction ``softmax(W a + b)``. Returns ``(stacks, Y, state)``: the state stacks by
-    name, ``(T+1, m, n_a)`` with the initial state at index 0; ``Y`` of shape ``(T, m,
-    n_y)`` (``None`` without a head); and the cell's ``State`` when ``keep`` is true, else
-    ``None``.
+    prediction ``softmax(W a + b)``. ``collect`` names the states whose every step is
+    returned (default all; the hidden state always). Returns ``(stacks, finals, Y,
+    state)``: the collected state stacks by name, ``(T+1, m, n_a)`` with the initial state
+    at index 0; the final states by name, ``(m, n_a)``; ``Y`` of shape ``(T, m, n_y)``
+    (``None`` without a head); and the cell's ``State`` when ``keep`` is true, else ``None``.
+    Without ``keep``, the memory beyond the collected stacks does not grow with ``T``.
     """
     n_x, m, T = x.shape
     dtype, dev = x.dtype, device_of(x)
@@ -182,22 +184,28 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None):
 
     loops, run = _dispatch(xp, dtype, cell)
     chunk = max(1, min(T, CHUNK_ROWS // m))
+    first = cell.state_names[0]
+    if keep or collect is None:
+        collect = cell.state_names
+    full = tuple(k for k in cell.state_names if k == first or k in collect)
     names = (*cell.state_names, *cell.saved) if keep else cell.state_names
-    collected = ("Y",) if loops is not None else (*names, "Y")
+    collected = ("Y",) if loops is not None else (*(k for k in names if k in full or k in cell.saved), "Y")
     if head is None:
         collected = collected[:-1]
     outs = {k: _Collect(xp, T + 1 if k in cell.state_names else T, x) for k in collected}
     if loops is not None:  # preallocated stacks, written in place step by step
         slots = T if keep else 1  # inference reuses one slot of the saved stacks
-        bufs = {k: xp.empty((T + 1, m, n_a), dtype=dtype, device=dev) for k in cell.state_names}
+        # a state that is not returned step by step alternates between two slots
+        bufs = {k: xp.empty((T + 1 if k in full else 2, m, n_a), dtype=dtype, device=dev)
+                for k in cell.state_names}
         for k, w in cell.saved.items():
             bufs[k] = xp.empty((slots, m, w * n_a), dtype=dtype, device=dev)
         for k, s in zip(cell.state_names, state):
             bufs[k][0, ...] = s
     else:
         for k, s in zip(cell.state_names, state):
-            outs[k].put(0, s[None, ...])
-    first = cell.state_names[0]
+            if k in full:
+                outs[k].put(0, s[None, ...])
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         if keep:
@@ -219,7 +227,8 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None):
             state, ys = run(_forward_step, (xp, cell, names), consts, state, (Gx,))
             blocks = dict(zip(names, ys))
             for k, block in blocks.items():
-                outs[k].put(t0 + 1 if k in cell.state_names else t0, block)
+                if k in outs:
+                    outs[k].put(t0 + 1 if k in cell.state_names else t0, block)
             A_new = blocks[first]
         if head is not None:
             logits = xp.reshape(A_new, ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
@@ -228,11 +237,14 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None):
     res = {k: v.result() for k, v in outs.items()}
     if loops is not None:
         res.update(bufs)
-    stacks = {k: res[k] for k in cell.state_names}
+        finals = {k: bufs[k][T % bufs[k].shape[0], ...] for k in cell.state_names}
+    else:
+        finals = dict(zip(cell.state_names, state))
+    stacks = {k: res[k] for k in full}
     kept = None
     if keep:
         kept = cell.State(**{k: res[k] for k in names}, X=X, params=params, n_a=n_a)
-    return stacks, res.get("Y"), kept
+    return stacks, finals, res.get("Y"), kept
 
 
 def backward(cell, da, state, *, xp, dstate=None):

@@ -171,7 +171,7 @@ def lstm_cell_forward(
     _check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
     _check_shape("c_prev", c_prev, (n_a, m), "(n_a, m)")
     x = xp.reshape(xt, (n_x, m, 1))
-    stacks, Y, state = _engine.forward(
+    stacks, _, Y, state = _engine.forward(
         LSTM_CELL, x, (a_prev, c_prev), params, n_a, xp=xp, keep=True, head=_HEAD
     )
     A, C = stacks["A"], stacks["C"]
@@ -236,7 +236,7 @@ def lstm_forward(
     if c0 is not None:
         _check_shape("c0", c0, (n_a, m), "(n_a, m)")
     keep = bool(return_caches)
-    stacks, Y, state = _engine.forward(
+    stacks, _, Y, state = _engine.forward(
         LSTM_CELL, x, (a0, c0), params, n_a, xp=xp, keep=keep, head=_HEAD
     )
     A, C = stacks["A"], stacks["C"]

@@ -129,6 +129,10 @@ class Cell:
     split: bool = False
     back_reads: tuple[str, ...] = ()
     scratch: dict[str, int] = {}
+    #: The gates in the order of the parameter dict's keys (``W<g>, b<g>`` each, then
+    #: ``bh<g>`` each), and in torch's row order.
+    dict_gates: tuple[str, ...] = ()
+    torch_gates: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -152,6 +156,43 @@ class Cell:
     def param_keys(self, params: Mapping) -> tuple[str, ...]:
         """The keys of ``params`` that the cell reads (what a forward pass snapshots)."""
         raise NotImplementedError
+
+    def param_shapes(self, n_x: int, n_a: int) -> dict[str, tuple[int, int]]:
+        """The parameter dict of one layer of a model class: key to shape, in order.
+
+        By default, per gate ``g`` of :attr:`dict_gates`: ``W<g> (n_a, n_a + n_x)`` acting on
+        ``[a_prev; x_t]``, ``b<g> (n_a, 1)``, then torch's second bias ``bh<g> (n_a, 1)``.
+        """
+        shapes = {}
+        for g in self.dict_gates:
+            shapes["W" + g] = (n_a, n_a + n_x)
+            shapes["b" + g] = (n_a, 1)
+        shapes.update(("bh" + g, (n_a, 1)) for g in self.dict_gates)
+        return shapes
+
+    def from_torch_arrays(self, w_ih, w_hh, b_ih, b_hh) -> dict:
+        """One layer's dict (host numpy arrays) from torch's ``weight_ih, weight_hh,
+        bias_ih, bias_hh`` of that layer and direction (host numpy arrays)."""
+        import numpy as np
+
+        n_a = w_hh.shape[1]
+        out = {}
+        for j, g in enumerate(self.torch_gates):
+            rows = slice(j * n_a, (j + 1) * n_a)
+            out["W" + g] = np.concatenate([w_hh[rows], w_ih[rows]], axis=1)
+            out["b" + g] = b_ih[rows].reshape(n_a, 1).copy()
+            out["bh" + g] = b_hh[rows].reshape(n_a, 1).copy()
+        return {k: out[k] for k in self.param_shapes(w_ih.shape[1], n_a)}
+
+    def to_torch_arrays(self, layer: Mapping) -> tuple:
+        """Inverse of :meth:`from_torch_arrays`: ``(w_ih, w_hh, b_ih, b_hh)``."""
+        import numpy as np
+
+        n_a = layer["W" + self.torch_gates[0]].shape[0]
+        W = np.concatenate([layer["W" + g] for g in self.torch_gates], axis=0)
+        b = np.concatenate([layer["b" + g] for g in self.torch_gates], axis=0).reshape(-1)
+        bh = np.concatenate([layer["bh" + g] for g in self.torch_gates], axis=0).reshape(-1)
+        return W[:, n_a:], W[:, :n_a], b, bh
 
     def fuse_forward(self, params: Mapping, n_a: int, *, xp: Any):
         """``(WxT, bx, WaT, ba)``: ``(n_x, k n_a)``, ``(1, k n_a)``, ``(n_a, k n_a)`` and

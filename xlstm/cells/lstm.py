@@ -90,6 +90,7 @@ class LSTMCell(Cell):
     split = False
     back_reads = ("S",)
     gates = GATES
+    dict_gates = ("f", "i", "c", "o")
     torch_gates = TORCH_GATES
     weight_keys = tuple("W" + g for g in "fico")
     bias_keys = tuple("b" + g for g in "fico")

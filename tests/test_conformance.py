@@ -1,0 +1,315 @@
+"""The conformance suite: every model class (one per cell) against the same checks.
+
+For each model in :data:`SPECS`, on every backend fixture, on the array path and the
+accelerated one, in float32 and float64 where it matters:
+
+* gradcheck: every gradient (``dx``, ``dstate0`` and every parameter, with a nonzero
+  gradient on the final state too) against float64 central differences;
+* the accelerated path equals the plain one (bit for bit on numpy);
+* equality with torch autograd through ``from_torch`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``);
+* no mutation of inputs or parameters, outputs independent of the cache, and inference
+  memory that does not grow with ``T``;
+* bad input raises errors that name the argument.
+
+A new cell passes by adding its model to :data:`SPECS`; nothing else here knows the cells.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from helpers import assert_close, to_numpy, to_xp
+from oracles import central_differences
+
+import xlstm
+from xlstm import _compat, _engine
+
+#: (model class name, constructor keywords): one entry per cell.
+SPECS = [
+    ("LSTM", ()),
+    ("GRU", ()),
+    ("RNN", (("nonlinearity", "tanh"),)),
+    ("RNN", (("nonlinearity", "relu"),)),
+]
+N_X, N_A, M, T = 3, 4, 2, 5
+
+
+def _spec_id(spec):
+    name, kw = spec[0], dict(spec[1])
+    return name + "".join(f"-{v}" for v in kw.values())
+
+
+def _specs():
+    for spec in SPECS:
+        present = hasattr(xlstm, spec[0])
+        yield pytest.param(spec, id=_spec_id(spec),
+                           marks=pytest.mark.skipif(not present, reason=f"no xlstm.{spec[0]}"))
+
+
+SPEC = pytest.mark.parametrize("spec", list(_specs()))
+PATH = pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
+
+
+def _model(spec, *, xp=np, dtype="float64", device=None, **extra):
+    name, kw = spec[0], dict(spec[1])
+    return getattr(xlstm, name)(N_X, N_A, xp=xp, dtype=dtype, device=device, seed=3,
+                                **kw, **extra)
+
+
+def _case(spec, seed=0):
+    """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
+    rng = np.random.default_rng(seed)
+    model = _model(spec)
+    n_s = len(model.cell.state_names)
+    return {
+        "x": rng.standard_normal((N_X, M, T)),
+        "state": tuple(0.5 * rng.standard_normal((1, N_A, M)) for _ in range(n_s)),
+        "dy": rng.standard_normal((N_A, M, T)),
+        "dstate": tuple(rng.standard_normal((1, N_A, M)) for _ in range(n_s)),
+        "params": [{k: np.array(v) for k, v in layer.items()} for layer in model.params],
+    }
+
+
+def _run(model, case, xp, device, dtype="float64"):
+    """forward then backward on ``xp``; everything back on the host."""
+    cast = functools.partial(to_xp, xp=xp, device=device, dtype=getattr(xp, dtype))
+    params = [{k: cast(v) for k, v in layer.items()} for layer in case["params"]]
+    state = tuple(cast(s) for s in case["state"])
+    y, final, cache = model.forward(cast(case["x"]), state, params=params)
+    dx, d0, grads = model.backward(cast(case["dy"]), cache, tuple(cast(d) for d in case["dstate"]))
+    return {"y": y, **{f"state{i}": s for i, s in enumerate(final)}, "dx": dx,
+            **{f"dstate0_{i}": d for i, d in enumerate(d0)},
+            **{f"d{k}": v for k, v in grads[0].items()}}
+
+
+@functools.cache
+def _numeric_grads(spec):
+    """Central differences of ``L = sum(y dy) + sum(state_T dstate)`` on numpy, float64."""
+    case = _case(spec)
+    model = _model(spec)
+    keys = list(case["params"][0])
+    n_s = len(case["state"])
+
+    def loss(arrs):
+        params = [{k: arrs[k] for k in keys}]
+        state = tuple(arrs[f"state{i}"] for i in range(n_s))
+        with xlstm.accelerators(False):
+            y, final, _ = model.forward(arrs["x"], state, params=params, return_cache=False)
+        return float(np.sum(y * case["dy"]) + sum(np.sum(f * d) for f, d in zip(final, case["dstate"])))
+
+    arrays = {"x": case["x"], **{f"state{i}": s for i, s in enumerate(case["state"])},
+              **case["params"][0]}
+    num = central_differences(loss, arrays)
+    return {"dx": num["x"], **{f"dstate0_{i}": num[f"state{i}"] for i in range(n_s)},
+            **{f"d{k}": num[k] for k in keys}}
+
+
+# ------------------------------------------------------------------------------- gradients
+@SPEC
+@PATH
+def test_gradcheck(spec, accel, xp, device):
+    """Every gradient against float64 central differences of the forward pass."""
+    model = _model(spec, xp=xp, device=device)
+    with xlstm.accelerators(accel):
+        got = _run(model, _case(spec), xp, device)
+    num = _numeric_grads(spec)
+    for k, want in num.items():
+        assert_close(got[k], want, xp=xp, device=device, dtype=xp.float64, rtol=1e-6,
+                     atol=1e-8, err=k)
+
+
+@SPEC
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_accelerated_path_equals_plain_path(spec, dtype, xp, device):
+    """Bit for bit on numpy (numba runs the same point functions); to rounding elsewhere."""
+    model = _model(spec, xp=xp, dtype=dtype, device=device)
+    case = _case(spec, seed=1)
+    with xlstm.accelerators(True):
+        fast = _run(model, case, xp, device, dtype)
+    with xlstm.accelerators(False):
+        plain = _run(model, case, xp, device, dtype)
+    exact = _compat.is_numpy(xp)
+    for k in plain:
+        assert_close(fast[k], plain[k], xp=xp, device=device, err=k,
+                     **({"rtol": 0, "atol": 0} if exact else {}))
+
+
+@SPEC
+def test_torch_autograd(spec, xp, device):
+    """Outputs, final state, dx, dstate0 and every parameter gradient equal torch's
+    autograd through ``from_torch`` (float64), with gradients on outputs and final state."""
+    torch = pytest.importorskip("torch")
+    name, kw = spec[0], dict(spec[1])
+    torch.manual_seed(0)
+    mod = getattr(torch.nn, name)(N_X, N_A, **kw).double()
+    model = getattr(xlstm, name).from_torch(mod, xp=xp, device=device)
+    case = _case(spec, seed=2)
+    case["params"] = [{k: to_numpy(v) for k, v in layer.items()} for layer in model.params]
+    got = _run(model, case, xp, device)
+
+    tt = functools.partial(torch.tensor, dtype=torch.float64)
+    x = tt(case["x"].transpose(2, 1, 0)).requires_grad_()
+    st = [tt(s.transpose(0, 2, 1)).requires_grad_() for s in case["state"]]
+    y, final = mod(x, tuple(st) if len(st) > 1 else st[0])
+    final = final if isinstance(final, tuple) else (final,)
+    loss = (y * tt(case["dy"].transpose(2, 1, 0))).sum()
+    for f, d in zip(final, case["dstate"]):
+        loss = loss + (f * tt(d.transpose(0, 2, 1))).sum()
+    loss.backward()
+
+    def host(t, perm):
+        return t.detach().numpy().transpose(perm)
+
+    want = {"y": host(y, (2, 1, 0)), "dx": host(x.grad, (2, 1, 0))}
+    for i, (f, s) in enumerate(zip(final, st)):
+        want[f"state{i}"] = host(f, (0, 2, 1))
+        want[f"dstate0_{i}"] = host(s.grad, (0, 2, 1))
+    for k in want:
+        assert_close(got[k], want[k], xp=xp, device=device, dtype=xp.float64, rtol=1e-10,
+                     atol=1e-12, err=k)
+    grads = {k[1:]: to_numpy(got[k]) for k in got if k[1:] in case["params"][0]}
+    mine = model.cell.to_torch_arrays(grads)
+    theirs = {n: p.grad.numpy() for n, p in mod.named_parameters()}
+    for key, arr in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), mine):
+        np.testing.assert_allclose(arr, theirs[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+@SPEC
+def test_torch_round_trip_and_torch_init(spec):
+    """``to_torch(from_torch(m))`` gives back every weight exactly; a fresh model loads
+    into torch and computes what it computes."""
+    torch = pytest.importorskip("torch")
+    name, kw = spec[0], dict(spec[1])
+    mod = getattr(torch.nn, name)(N_X, N_A, **kw).double()
+    back = getattr(xlstm, name).from_torch(mod).to_torch()
+    assert type(back) is type(mod)
+    for (k, a), (k2, b) in zip(mod.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    model = _model(spec)
+    x = np.random.default_rng(4).standard_normal((N_X, M, T))
+    y, _, _ = model.forward(x, return_cache=False)
+    ty, _ = model.to_torch()(torch.tensor(x.transpose(2, 1, 0)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(2, 1, 0), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------- references and memory
+@SPEC
+def test_no_mutation_and_outputs_independent_of_cache(spec, xp, device):
+    """Inputs and parameters are unchanged; writing into the outputs, the parameters or the
+    inputs after forward does not change what backward computes."""
+    model = _model(spec, xp=xp, device=device)
+    case = _case(spec, seed=5)
+    cast = functools.partial(to_xp, xp=xp, device=device)
+    x = cast(case["x"])
+    state = tuple(cast(s) for s in case["state"])
+    before = {"x": to_numpy(x), **{f"p{k}": to_numpy(v) for k, v in model.params[0].items()}}
+    y, final, cache = model.forward(x, state)
+    dy = cast(case["dy"])
+    ref = model.backward(dy, cache)
+    after = {"x": to_numpy(x), **{f"p{k}": to_numpy(v) for k, v in model.params[0].items()}}
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    if _compat.is_writeable(x):
+        for arr in (y, x, *final, *model.params[0].values()):
+            arr[...] = 7.0
+        again = model.backward(dy, cache)
+        for a, b in zip((ref[0], *ref[1], *ref[2][0].values()),
+                        (again[0], *again[1], *again[2][0].values())):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+@SPEC
+@PATH
+def test_inference_memory_does_not_grow_with_T(spec, accel, monkeypatch):
+    """``return_cache=False``: beyond the outputs, the memory is one block of steps."""
+    import tracemalloc
+
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
+    name, kw = spec[0], dict(spec[1])
+    model = getattr(xlstm, name)(8, 16, xp=np, dtype="float64", seed=0, **kw)
+    rng = np.random.default_rng(6)
+    extra = {}
+    with xlstm.accelerators(accel):
+        model.forward(rng.standard_normal((8, 4, 16)), return_cache=False)  # compile first
+        for steps in (64, 512):
+            x = rng.standard_normal((8, 4, steps))
+            tracemalloc.start()
+            y, final, cache = model.forward(x, return_cache=False)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert cache is None
+            extra[steps] = peak - y.nbytes - sum(f.nbytes for f in final)
+    assert extra[64] > 0
+    assert extra[512] < 1.25 * extra[64], extra
+
+
+# --------------------------------------------------------------------------- bad input
+@SPEC
+def test_bad_input_names_the_argument(spec):
+    model = _model(spec)
+    case = _case(spec)
+    x = case["x"]
+    y, final, cache = model.forward(x)
+    with pytest.raises(ValueError, match=r"x must have shape \(n_x, m, T\)"):
+        model.forward(x[:2])
+    with pytest.raises(ValueError, match=r"state .* must have shape"):
+        model.forward(x, tuple(s[:, :2] for s in final))
+    with pytest.raises(TypeError, match="state must be the tuple"):
+        model.forward(x, final + final)
+    with pytest.raises(ValueError, match="dy must have the shape of y"):
+        model.backward(y[:, :, :2], cache)
+    with pytest.raises(TypeError, match="cache must be the ModelCache"):
+        model.backward(y, (cache,))
+    other = getattr(xlstm, spec[0])(N_X, N_A + 1, seed=0, **dict(spec[1]))
+    with pytest.raises(ValueError, match="cache comes from another model"):
+        other.backward(np.zeros((N_A + 1, M, T)), cache)
+    with pytest.raises(TypeError, match="mixed array namespaces|must be an array"):
+        model.forward(x.tolist())
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        model.forward(x.astype(np.float32))
+    with pytest.raises(KeyError, match=r"params\[0\] is not a"):
+        model.forward(x, params=[{**model.params[0], "extra": x}])
+    bad = {k: v for k, v in model.params[0].items()}
+    key = next(iter(bad))
+    bad[key] = bad[key][:, :1]
+    with pytest.raises(ValueError, match=rf"params\[0\]\['{key}'\] must have shape"):
+        model.forward(x, params=[bad])
+    with pytest.raises(ValueError, match="params has 2 entries"):
+        model.forward(x, params=[model.params[0]] * 2)
+    for kwargs in ({"num_layers": 2}, {"bidirectional": True}, {"layout": "batch_first"}):
+        with pytest.raises(NotImplementedError):
+            _model(spec, **kwargs)
+    with pytest.raises(NotImplementedError):
+        model.forward(x, lengths=np.array([T, 1]))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        _model(spec, layout="time_first")
+    with pytest.raises(ValueError, match="dropout"):
+        _model(spec, dropout=1.5)
+    with pytest.raises(TypeError, match="n_a must be a positive int"):
+        getattr(xlstm, spec[0])(N_X, 2.0, **dict(spec[1]))
+
+
+def test_parameters_of_another_cell_are_refused():
+    present = [s for s in SPECS if hasattr(xlstm, s[0])]
+    for a in present:
+        for b in present:
+            if a[0] != b[0]:
+                with pytest.raises(KeyError, match=rf"is not a {a[0]} layer"):
+                    _model(a).forward(np.zeros((N_X, M, T)), params=_model(b).params)
+
+
+@SPEC
+def test_torch_modules_of_another_kind_are_refused(spec):
+    torch = pytest.importorskip("torch")
+    cls = getattr(xlstm, spec[0])
+    for other in ("LSTM", "GRU", "RNN"):
+        if other != spec[0]:
+            with pytest.raises(TypeError, match=f"module must be a torch.nn.{spec[0]}"):
+                cls.from_torch(getattr(torch.nn, other)(N_X, N_A))
+    if spec[0] == "LSTM":
+        with pytest.raises(ValueError, match="proj_size=2"):
+            cls.from_torch(torch.nn.LSTM(N_X, N_A, proj_size=2))
+    with pytest.raises(NotImplementedError):
+        cls.from_torch(getattr(torch.nn, spec[0])(N_X, N_A, num_layers=2))

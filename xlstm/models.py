@@ -1,0 +1,458 @@
+"""Model classes: ``LSTM``, ``GRU`` and ``RNN``, one cell each, on the one engine.
+
+A model holds its parameters as a list with one dict per (layer, direction), indexed
+``layer * D + direction`` like torch's ``h_n`` (``D`` is 2 when bidirectional), and runs
+them with the engine of :mod:`xlstm._engine`. ``forward`` returns the outputs, the final
+state and a cache; ``backward`` takes the gradient on the outputs (and optionally on the
+final state) and returns the gradients on the input, on the initial state and on every
+parameter, the last in exactly the structure of ``params``.
+
+Shapes, ``layout="notebook"``: ``x (n_x, m, T)``, ``y (D n_a, m, T)``, every state array
+``(num_layers D, n_a, m)``. The LSTM's state is ``(a, c)``, the GRU's and the RNN's
+``(a,)``.
+
+Stacked and bidirectional models, ``lengths``, dropout between layers and
+``layout="batch_first"`` belong to the sequence-models work and raise
+``NotImplementedError`` for now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _engine
+from ._checks import positive_int
+from ._compat import (
+    copy,
+    device_scope,
+    namespace,
+    namespace_of_module,
+    on_input_device,
+    resolve_dtype,
+    to_host,
+)
+from ._typing import Array
+from .cells.base import Cell
+from .cells.lstm import LSTM_CELL
+
+__all__ = ["LSTM", "ModelCache"]
+
+_LAYOUTS = ("notebook", "batch_first")
+_LATER = "is not implemented yet (it comes with stacked, bidirectional and variable-length models)"
+
+
+class ModelCache:
+    """What a model's ``forward`` keeps for its ``backward``: the engine's stacked state of
+    every (layer, direction), and the configuration that made it.
+
+    Treat it as opaque. It holds copies, so later writes into the inputs, the parameters or
+    the outputs do not change the gradients. It can be copied and pickled as far as the
+    arrays of its namespace can.
+    """
+
+    __slots__ = ("cell", "config", "m", "states")
+
+    def __init__(self, cell: Cell, config: tuple, m: int, states: tuple):
+        self.cell, self.config, self.m, self.states = cell, config, m, states
+
+    def __reduce__(self):
+        return (type(self), (self.cell, self.config, self.m, self.states))
+
+    def __repr__(self):
+        T = self.states[0].X.shape[0] // self.m
+        return f"ModelCache({self.config[0]}, m={self.m}, T={T})"
+
+
+class _Model:
+    """The machinery shared by every model class; subclasses name their cell."""
+
+    #: The cell of the model (the RNN picks one per nonlinearity).
+    cell: Cell
+    #: The torch module class of the same model, by name in ``torch.nn``.
+    torch_name: str
+
+    def __init__(
+        self, n_x: int, n_a: int, *, num_layers: int = 1, bidirectional: bool = False,
+        dropout: float = 0.0, layout: str = "notebook", xp: Any = None, dtype: Any = None,
+        device: Any = None, seed: int | np.random.Generator | None = 0,
+    ) -> None:
+        self.n_x = positive_int("n_x", n_x)
+        self.n_a = positive_int("n_a", n_a)
+        self.num_layers = positive_int("num_layers", num_layers)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+        self.bidirectional = bidirectional
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        if self.num_layers > 1:
+            raise NotImplementedError(f"num_layers={self.num_layers} {_LATER}")
+        if bidirectional:
+            raise NotImplementedError(f"bidirectional=True {_LATER}")
+        if layout != "notebook":
+            raise NotImplementedError(f"layout={layout!r} {_LATER}")
+        self.xp = namespace_of_module(xp)
+        self.dtype = resolve_dtype(self.xp, dtype, device=device)
+        self.device = device
+        self.params = self._init_params(np.random.default_rng(seed))
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def D(self) -> int:
+        """Directions: 2 when bidirectional, else 1."""
+        return 2 if self.bidirectional else 1
+
+    def _config(self):
+        return (type(self).__name__, self.cell.name, self.n_x, self.n_a, self.num_layers,
+                self.D)
+
+    def _init_params(self, rng):
+        """torch's initialisation: every weight and bias uniform in ``(-k, k)``,
+        ``k = 1 / sqrt(n_a)``, drawn on the host, so one seed gives the same numbers on
+        every backend."""
+        k = 1.0 / np.sqrt(self.n_a)
+        rows = self.cell.n_gates * self.n_a
+        layers = []
+        for _ in range(self.num_layers * self.D):
+            w_ih = rng.uniform(-k, k, size=(rows, self.n_x))
+            w_hh = rng.uniform(-k, k, size=(rows, self.n_a))
+            b_ih = rng.uniform(-k, k, size=rows)
+            b_hh = rng.uniform(-k, k, size=rows)
+            layers.append(self.cell.from_torch_arrays(w_ih, w_hh, b_ih, b_hh))
+        return self._to_xp(layers, self.xp, self.dtype, self.device)
+
+    @staticmethod
+    def _to_xp(layers, xp, dtype, device):
+        with device_scope(xp=xp, device=device):
+            return [{k: xp.asarray(v, dtype=dtype, device=device) for k, v in layer.items()}
+                    for layer in layers]
+
+    def _check_params(self, params, name="params"):
+        """Raise unless ``params`` has the model's structure and shapes; return its arrays
+        keyed for error messages."""
+        if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
+            raise TypeError(
+                f"{name} must be a list of {self.num_layers * self.D} dicts (one per layer "
+                f"and direction), got {type(params).__name__}"
+            )
+        if len(params) != self.num_layers * self.D:
+            raise ValueError(
+                f"{name} has {len(params)} entries; this model has num_layers * D = "
+                f"{self.num_layers * self.D}"
+            )
+        arrays = {}
+        for i, layer in enumerate(params):
+            n_in = self.n_x  # layers > 0 will read D n_a features
+            want = self.cell.param_shapes(n_in, self.n_a)
+            where = f"{name}[{i}]"
+            if not isinstance(layer, Mapping):
+                raise TypeError(f"{where} must be a dict of arrays, got {type(layer).__name__}")
+            missing = [k for k in want if k not in layer]
+            extra = [k for k in layer if k not in want]
+            if missing or extra:
+                raise KeyError(
+                    f"{where} is not a {type(self).__name__} layer ({self.cell.name} cell): "
+                    + (f"missing {missing}" if missing else "")
+                    + ("; " if missing and extra else "")
+                    + (f"unexpected {extra}" if extra else "")
+                    + f"; expected the keys {list(want)}"
+                )
+            for k, shape in want.items():
+                got = getattr(layer[k], "shape", None)
+                if got is None or tuple(got) != shape:
+                    raise ValueError(
+                        f"{where}[{k!r}] must have shape {shape} (n_x={n_in}, "
+                        f"n_a={self.n_a}), got {None if got is None else tuple(got)}"
+                    )
+                arrays[f"{where}[{k!r}]"] = layer[k]
+        return arrays
+
+    def _state_arrays(self, state, name):
+        """``state`` as a tuple of arrays (or None), checked for count and type."""
+        if state is None:
+            return None
+        n = len(self.cell.state_names)
+        if n == 1 and not isinstance(state, (tuple, list)):
+            state = (state,)
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            what = "(a, c)" if n == 2 else "(a,)"
+            raise TypeError(f"{name} must be the tuple {what} of {type(self).__name__}, got "
+                            f"{type(state).__name__}"
+                            + (f" of length {len(state)}" if isinstance(state, (tuple, list))
+                               else ""))
+        return tuple(state)
+
+    def _check_state_shapes(self, arrays, name, m):
+        want = (self.num_layers * self.D, self.n_a, m)
+        for k, s in zip(self.cell.state_names, arrays):
+            if s.ndim != 3 or tuple(s.shape) != want:
+                raise ValueError(
+                    f"{name} {k.lower()} must have shape (num_layers * D, n_a, m) = {want}, "
+                    f"got {tuple(s.shape)}"
+                )
+
+    # ------------------------------------------------------------------ running
+    @on_input_device
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: list | None = None, train: bool = False, seed: int | None = None,
+        return_cache: bool = True,
+    ) -> tuple[Array, tuple, ModelCache | None]:
+        """Run the model over a batch of sequences.
+
+        Parameters
+        ----------
+        x : array, shape (n_x, m, T)
+            Inputs, in the namespace, dtype and device of the parameters.
+        state : tuple of arrays, optional
+            The initial state, each ``(num_layers * D, n_a, m)``: ``(a, c)`` for the LSTM,
+            ``(a,)`` for the GRU and the RNN (a bare array is accepted too). Default zeros.
+        lengths : array of shape (m,), optional
+            Not implemented yet.
+        params : list of dicts, optional
+            Parameters to run with instead of :attr:`params` (same structure): the pure
+            form for optimizers and ``jax.jit``.
+        train : bool, optional
+            Training mode: dropout between layers (none with one layer).
+        seed : int, optional
+            Seed of the dropout masks.
+        return_cache : bool, optional
+            Default True. False keeps nothing for a backward pass (``cache`` is ``None``);
+            the extra memory then does not grow with ``T``.
+
+        Returns
+        -------
+        y : array, shape (D * n_a, m, T)
+            The hidden state of every step.
+        state : tuple of arrays
+            The final state, in the layout of the ``state`` argument.
+        cache : ModelCache or None
+            What :meth:`backward` needs.
+        """
+        if lengths is not None:
+            raise NotImplementedError(f"lengths {_LATER}")
+        if not isinstance(train, bool):
+            raise TypeError(f"train must be a bool, got {train!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        params = self.params if params is None else params
+        arrays = self._check_params(params)
+        state = self._state_arrays(state, "state")
+        named = {"x": x}
+        if state is not None:
+            named.update((f"state[{i}]", s) for i, s in enumerate(state))
+        xp = namespace(**named, **arrays)
+        if x.ndim != 3 or x.shape[0] != self.n_x or x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(
+                f"x must have shape (n_x, m, T) with n_x={self.n_x} and m, T >= 1, got "
+                f"{tuple(x.shape)}"
+            )
+        m = x.shape[1]
+        if state is not None:
+            self._check_state_shapes(state, "state", m)
+        keep = bool(return_cache)
+        cell = self.cell
+        state0 = (None,) * len(cell.state_names) if state is None else \
+            tuple(s[0, ...] for s in state)
+        stacks, finals, _, kept = _engine.forward(
+            cell, x, state0, params[0], self.n_a, xp=xp, keep=keep, collect=()
+        )
+        y = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
+        final = tuple(copy(xp.matrix_transpose(finals[k])[None, ...]) for k in cell.state_names)
+        if not keep:
+            return y, final, None
+        return copy(y), final, ModelCache(cell, self._config(), m, (kept,))
+
+    @on_input_device
+    def backward(
+        self, dy: Array, cache: ModelCache, dstate: Any = None
+    ) -> tuple[Array, tuple, list]:
+        """Backpropagation through time for a :meth:`forward` call.
+
+        Parameters
+        ----------
+        dy : array, shape (D * n_a, m, T)
+            Gradient of the loss with respect to ``y``.
+        cache : ModelCache
+            The cache that :meth:`forward` returned.
+        dstate : tuple of arrays, optional
+            Gradient with respect to the final state (same layout as the state), for
+            truncated backpropagation across chunks. Default zeros.
+
+        Returns
+        -------
+        dx : array, shape (n_x, m, T)
+            Gradient with respect to ``x``.
+        dstate0 : tuple of arrays
+            Gradient with respect to the initial state.
+        grads : list of dicts
+            Gradients of the parameters, in exactly the structure of :attr:`params`.
+        """
+        if not isinstance(cache, ModelCache):
+            raise TypeError(
+                f"cache must be the ModelCache of {type(self).__name__}.forward, got "
+                f"{type(cache).__name__}"
+            )
+        mine = self._config()
+        if cache.cell is not self.cell or cache.config != mine:
+            raise ValueError(
+                f"cache comes from another model ({cache.config[0]} with a {cache.cell.name} "
+                f"cell, n_x={cache.config[2]}, n_a={cache.config[3]}); this is a "
+                f"{mine[0]} with n_x={self.n_x}, n_a={self.n_a}"
+            )
+        (st,) = cache.states
+        dstate = self._state_arrays(dstate, "dstate")
+        named = {"dy": dy}
+        if dstate is not None:
+            named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate))
+        xp = namespace(**named, **{"cache": st.X})
+        m = cache.m
+        T = st.X.shape[0] // m
+        want = (self.D * self.n_a, m, T)
+        if dy.ndim != 3 or tuple(dy.shape) != want:
+            raise ValueError(f"dy must have the shape of y, (D * n_a, m, T) = {want}, got "
+                             f"{tuple(dy.shape)}")
+        if dstate is not None:
+            self._check_state_shapes(dstate, "dstate", m)
+            dstate = tuple(xp.matrix_transpose(d[0, ...]) for d in dstate)
+        dX, d0, g = _engine.backward(self.cell, dy, st, xp=xp, dstate=dstate)
+        dx = xp.permute_dims(dX, (2, 1, 0))
+        dstate0 = tuple(xp.matrix_transpose(d)[None, ...] for d in d0)
+        return dx, dstate0, [self._layer_grads(g, st.params)]
+
+    def _layer_grads(self, g, layer):
+        """The gradients keyed like ``layer``. A second bias that the cell adds to the
+        first (torch's ``bias_hh`` of every gate but the GRU's ``n``) has the first's
+        gradient, as a copy."""
+        out = {}
+        for k in self.cell.param_shapes(self.n_x, self.n_a):
+            if "d" + k in g:
+                out[k] = g["d" + k]
+            else:
+                out[k] = copy(g["db" + k[2:]])
+        return out
+
+    # ------------------------------------------------------------------ torch
+    @classmethod
+    def from_torch(cls, module: Any, *, xp: Any = None, dtype: Any = None,
+                   device: Any = None) -> _Model:
+        """A model with the weights of a ``torch.nn`` module of the same kind.
+
+        Parameters
+        ----------
+        module : torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN
+            The module of this class's kind, without projections (``proj_size=0``).
+            ``bias=False`` gives zero biases; ``batch_first`` does not matter (it changes
+            the input layout, not the weights).
+        xp, dtype, device : optional
+            Target namespace (default numpy), dtype (default the module's: float32 for
+            half precision) and device.
+
+        Returns
+        -------
+        model
+            The model, with parameters copied from the module.
+        """
+        import torch
+
+        kind = getattr(torch.nn, cls.torch_name)
+        if type(module) is not kind:
+            raise TypeError(f"module must be a torch.nn.{cls.torch_name}, got "
+                            f"{type(module).__module__}.{type(module).__name__}")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"module has proj_size={module.proj_size}: projected LSTMs "
+                             "have no equivalent here")
+        kwargs = cls._torch_kwargs(module)
+        sd = {k: v.detach() for k, v in module.state_dict().items()}
+        src = sd["weight_ih_l0"].dtype
+        if dtype is None:
+            dtype = "float64" if src == torch.float64 else "float32"
+        model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
+                    bidirectional=module.bidirectional, xp=xp, dtype=dtype, device=device,
+                    **kwargs)
+
+        def host(key, rows):
+            if key not in sd:  # bias=False
+                return np.zeros(rows)
+            t = sd[key]
+            if t.dtype not in (torch.float32, torch.float64):
+                t = t.to(torch.float32)
+            return to_host(t.cpu())
+
+        layers = []
+        for layer in range(model.num_layers):
+            for d in range(model.D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w_ih = host("weight_ih" + sfx, None)
+                w_hh = host("weight_hh" + sfx, None)
+                rows = w_hh.shape[0]
+                layers.append(model.cell.from_torch_arrays(
+                    w_ih, w_hh, host("bias_ih" + sfx, rows), host("bias_hh" + sfx, rows)))
+        model.params = cls._to_xp(layers, model.xp, model.dtype, device)
+        return model
+
+    @classmethod
+    def _torch_kwargs(cls, module):
+        return {}
+
+    def _torch_module_kwargs(self):
+        return {}
+
+    def to_torch(self) -> Any:
+        """The ``torch.nn`` module of the same kind with this model's weights (on the
+        CPU, float64 for float64 parameters, else float32)."""
+        import torch
+
+        host = [{k: to_host(v) for k, v in layer.items()} for layer in self.params]
+        double = host[0][next(iter(host[0]))].dtype == np.float64
+        mod = getattr(torch.nn, self.torch_name)(
+            self.n_x, self.n_a, num_layers=self.num_layers, bidirectional=self.bidirectional,
+            **self._torch_module_kwargs(),
+        )
+        mod = mod.to(torch.float64 if double else torch.float32)
+        sd = {}
+        for i, layer in enumerate(host):
+            sfx = f"_l{i // self.D}" + ("_reverse" if i % self.D else "")
+            for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                                self.cell.to_torch_arrays(layer)):
+                sd[key + sfx] = torch.from_numpy(np.array(arr, copy=True, order="C"))
+        mod.load_state_dict(sd)
+        return mod
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
+
+
+class LSTM(_Model):
+    """The notebook's LSTM as a model: state ``(a, c)``; each (layer, direction) holds the
+    notebook's dict ``Wf, bf, Wi, bi, Wc, bc, Wo, bo`` and torch's second biases
+    ``bhf, bhi, bhc, bho`` (added to ``bf, bi, bc, bo``).
+
+    Parameters
+    ----------
+    n_x, n_a : int
+        Input and hidden sizes.
+    num_layers : int, optional
+        Stacked layers (only 1 for now).
+    bidirectional : bool, optional
+        Not implemented yet.
+    dropout : float, optional
+        Dropout between layers, in ``[0, 1)`` (no effect with one layer).
+    layout : {"notebook", "batch_first"}, optional
+        Axis order of ``x`` and ``y`` (only ``"notebook"`` for now).
+    xp, dtype, device : optional
+        Namespace (default numpy), real floating dtype and device of the parameters.
+    seed : int, optional
+        Seed of the initial parameters (torch's scheme, drawn on the host).
+    """
+
+    cell = LSTM_CELL
+    torch_name = "LSTM"
