@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,6 @@ def build(cxx, directory, cell="lstm", *, asan=False, kernels=None):
     ``kernels`` replaces the generated kernel text (the tests break it on purpose). Raises
     ``RuntimeError`` with the compiler's messages if the build fails.
     """
-    import time
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tag = "asan" if asan else "plain"
@@ -111,11 +110,13 @@ def host_launch(lib, cell="lstm", *, block=_cuda.BLOCK, seed=1):
             return
         # One fresh buffer per argument; an argument that is allowed to be another one and
         # is, gets that one's buffer.
+        given = {a.name: arr for a, arr in zip(k.args, arrays)}
         own = {}
-        for a, arr in zip(k.args, arrays):
-            alias = a.alias and arrays[[b.name for b in k.args].index(a.alias)]
-            own[a.name] = own[a.alias] if alias is not None and alias is arr \
-                else np.array(arr, copy=True, order="C")
+        for a in k.args:
+            if a.alias is not None and given[a.alias] is given[a.name]:
+                own[a.name] = own[a.alias]
+            else:
+                own[a.name] = np.array(given[a.name], copy=True, order="C")
         bufs = [own[a.name] for a in k.args]
         grid = (total + block - 1) // block
         s = 0 if seed == 0 else seed + next(counter)

@@ -82,7 +82,8 @@ class Kernel:
 
 
 def _args(spec):
-    """``"gx:4 ga:4 > s:3 c:1 dc_prev:1=dc"``: read arguments, ``>``, written ones."""
+    """Arguments from ``"read ... > written ..."``, each ``name:width``; a written one may
+    end in ``=input``, the read argument it may be (``"dc:1 > dc_prev:1=dc"``)."""
     read, written = spec.split(">")
     out = []
     for word in read.split():
@@ -119,7 +120,7 @@ def _validate():
             raise ValueError(f"TABLE: {cell} {step} repeats an argument name")
         for a in k.args:
             if a.alias is not None and (a.alias not in names or a.alias == a.name
-                                        or TABLE[cell, step].args[names.index(a.alias)].out):
+                                        or k.args[names.index(a.alias)].out):
                 raise ValueError(f"TABLE: {cell} {step}: {a.name} may alias only an input")
 
 
