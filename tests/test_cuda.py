@@ -347,7 +347,7 @@ def test_asan_whole_sequences_run_clean(asan, tmp_path):
     lib, _ = cuda_emulator.build(cxx, tmp_path, asan=True)
     res = _run_under_asan(runtime, lib)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "AddressSanitizer" not in res.stderr
+    assert "ERROR: AddressSanitizer" not in res.stderr
     count = 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
     assert f"cuda_emulator: {count} sequences match the array path" in res.stdout
 
