@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compile the fused LSTM kernels (xlstm/_cuda) with nvcc, warnings as errors, and the
-# shared pointwise header with the host C++ compiler. Needs no GPU.
+# Compile the fused CUDA kernels (xlstm/_cuda) without a GPU, warnings as errors: the
+# sources generated from the kernel table (python xlstm/_cuda/kernels.py --write DIR, with the
+# python on PATH) with nvcc, and their host builds behind the grid emulator of the tests
+# (tests/cuda_host/grid_emulator.h) with the host C++ compiler.
 #
 #   bash .ci/compile_cuda.sh            # sm_90 (H100)
 #   CUDA_ARCH=sm_80 bash .ci/compile_cuda.sh
@@ -9,29 +11,29 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-src="$(cd "$here/../xlstm/_cuda" && pwd)"
+root="$(cd "$here/.." && pwd)"
 arch="${CUDA_ARCH:-sm_90}"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
+python="python"
+command -v "$python" >/dev/null 2>&1 || python="python3"
+"$python" "$root/xlstm/_cuda/kernels.py" --write "$tmp/gen" >"$tmp/files"
+mapfile -t files <"$tmp/files"
+echo "compile_cuda: generated ${files[*]##*/} from the kernel table"
+
 cxx=""
-for c in c++ g++ clang++; do
-    if command -v "$c" >/dev/null 2>&1; then cxx="$c"; break; fi
+for c in "${CXX:-}" c++ g++ clang++; do
+    if [[ -n "$c" ]] && command -v "$c" >/dev/null 2>&1; then cxx="$c"; break; fi
 done
 if [[ -n "$cxx" ]]; then
-    cat >"$tmp/host.cpp" <<'CPP'
-#include "lstm_pointwise.cuh"
-template <typename T> void use() {
-    T v[8] = {};
-    xlstm::lstm_fwd_elem<T>(0, 1, v, v, v, v, v, v, v, v);
-    xlstm::lstm_bwd_elem<T>(0, 1, v, v, v, v, v, v, v, v, v);
-}
-template void use<float>();
-template void use<double>();
-CPP
-    "$cxx" -std=c++17 -Wall -Wextra -Wpedantic -Werror -I"$src" -c -o "$tmp/host.o" "$tmp/host.cpp"
-    echo "compile_cuda: host build of lstm_pointwise.cuh OK ($cxx)"
+    for f in "${files[@]}"; do
+        [[ "$f" == *_host.cpp ]] || continue
+        "$cxx" -std=c++17 -ffp-contract=off -Wall -Wextra -Wpedantic -Werror \
+            -I"$root/tests/cuda_host" -c -o "$tmp/host.o" "$f"
+        echo "compile_cuda: host build of ${f##*/} OK ($cxx)"
+    done
 fi
 
 if ! command -v nvcc >/dev/null 2>&1; then
@@ -39,6 +41,9 @@ if ! command -v nvcc >/dev/null 2>&1; then
     exit 0
 fi
 
-nvcc -arch="$arch" --fmad=false -Werror all-warnings -Xcompiler -Wall,-Wextra \
-    -I"$src" -c -o "$tmp/lstm_kernels.o" "$src/lstm_kernels.cu"
-echo "compile_cuda: nvcc -arch=$arch compiled xlstm/_cuda/lstm_kernels.cu OK ($(nvcc --version | tail -n 1))"
+for f in "${files[@]}"; do
+    [[ "$f" == *.cu ]] || continue
+    nvcc -arch="$arch" --fmad=false -Werror all-warnings -Xcompiler -Wall,-Wextra \
+        -c -o "$tmp/kernels.o" "$f"
+    echo "compile_cuda: nvcc -arch=$arch compiled ${f##*/} OK ($(nvcc --version | tail -n 1))"
+done

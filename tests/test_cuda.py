@@ -1,12 +1,17 @@
 """The fused CUDA kernels of :mod:`xlstm._cuda`.
 
-* Host tests (everywhere a C++ compiler is): the kernels' arithmetic, ``lstm_pointwise.cuh``,
-  built into a small shared library whose functions take the kernels' exact arguments; the
-  module's own :class:`xlstm._cuda.Loops` drive it on numpy arrays (``mod=numpy`` and a host
-  ``launch``), step by step and for whole sequences, against the array path of
-  :mod:`xlstm._engine`.
-* Compile tests: ``lstm_kernels.cu`` with nvcc for sm_90, and the inlined source that CuPy
-  hands to NVRTC with NVRTC itself, where those are installed.
+* Table tests: the kernels are declared once (:mod:`xlstm._cuda.kernels`); the generated
+  source, the names, the header's element functions and the argument checks agree with it.
+* Host tests (everywhere a C++ compiler is): the generated kernel source, the very text that
+  NVRTC compiles, built for the host behind ``cuda_host/grid_emulator.h`` (every block and
+  thread of the grid as host loops, blocks in shuffled order, small blocks so that the last
+  one is partial). The module's own :class:`xlstm._cuda.Loops` drive it on numpy arrays
+  (``mod=numpy`` and a host ``launch``), step by step and for whole sequences, against the
+  array path of :mod:`xlstm._engine`. Under AddressSanitizer (in a subprocess that preloads
+  the ASan runtime) the same whole sequences run clean, and a broken bounds check is
+  reported as a heap-buffer-overflow.
+* Compile tests: the generated source with nvcc for sm_90, and with NVRTC as CuPy does,
+  where those are installed.
 * GPU tests (``-m gpu``, need CuPy and a CUDA device): the kernels against the CuPy array
   path, for whole sequences.
 """
@@ -18,116 +23,151 @@ import ctypes.util
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import array_api_compat
+import cuda_emulator
 import numpy as np
 import pytest
+from cuda_emulator import SEQ_TOL
 from oracles import random_case
 
 import xlstm
 from xlstm import _cuda, _engine
+from xlstm._cuda import kernels as table
 from xlstm.cells.base import NO_OUT, array_ops
 from xlstm.cells.lstm import LSTM_CELL
 
 PKG_DIR = Path(_cuda.__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parent
 NP = array_api_compat.array_namespace(np.empty(0))
 DTYPES = ("float32", "float64")
 #: (rtol, atol) between the fused forward kernel and the array path: the same operations in
 #: the same order, so only tanh's last bits may differ (backward steps are bit-identical).
 STEP_TOL = {"float32": (2e-6, 2e-6), "float64": (1e-14, 1e-15)}
-#: The same for whole sequences, where tanh's last bits travel through the recurrence.
-SEQ_TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}
+#: Threads per block in the emulated host tests: small, so that grids have several blocks
+#: and a partial last one.
+HOST_BLOCK = 16
+
+
+# ------------------------------------------------------------------------- the table
+def test_table_names_every_kernel_once():
+    """KERNEL_NAMES (what Loops launches) come from the table; every kernel of a cell is in
+    its source exactly once, behind the bounds check."""
+    assert set(table.cells()) == set(table.HEADERS) and "lstm" in table.cells()
+    assert _cuda.KERNEL_NAMES == {
+        ("fwd", "float32"): "xlstm_lstm_fwd_f32", ("fwd", "float64"): "xlstm_lstm_fwd_f64",
+        ("bwd", "float32"): "xlstm_lstm_bwd_f32", ("bwd", "float64"): "xlstm_lstm_bwd_f64",
+    }
+    for cell in table.cells():
+        src = table.source(cell)
+        rows = [k for (c, _), k in table.TABLE.items() if c == cell]
+        assert src.count(table.GUARD) == len(rows) * len(table.DTYPES)
+        for k in rows:
+            for d in table.DTYPES:
+                assert len(re.findall(rf'extern "C" __global__ void {k.name(d)}\(', src)) == 1
+    with pytest.raises(KeyError, match="no CUDA kernel for cell 'nocell'"):
+        table.kernel("nocell", "fwd")
+
+
+def _elem_params(cell, elem):
+    """The array parameters of ``elem`` in ``cell``'s header: [(name, written), ...]."""
+    header = (PKG_DIR / table.HEADERS[cell]).read_text(encoding="utf-8")
+    (params,) = re.findall(rf"\b{elem}\(([^)]*)\)\s*{{", header)
+    out = []
+    for p in params.split(",")[2:]:  # after (e, n)
+        *words, name = p.replace("*", " * ").split()
+        assert "*" in words, (elem, p)
+        out.append((name, "const" not in words))
+    return out
+
+
+@pytest.mark.parametrize("key", sorted(table.TABLE))
+def test_table_matches_the_element_functions(key):
+    """The table's arguments are the element function's, by name, order and constness, so
+    that a swapped pair of same-typed arguments cannot hide from the compiler."""
+    k = table.TABLE[key]
+    assert _elem_params(k.cell, k.elem) == [(a.name, a.out) for a in k.args]
+
+
+def test_generated_kernels_restrict_all_but_aliases():
+    src = table.source("lstm")
+    bwd = src[src.index("void xlstm_lstm_bwd_f64("):]
+    bwd = bwd[: bwd.index(")")]
+    assert "const double* dc," in bwd and "double* dc_prev" in bwd
+    assert bwd.count("__restrict__") == len(table.kernel("lstm", "bwd").args) - 2
+    assert "__restrict__" not in table.host_source("lstm", kernels="")
+
+
+def _args_for(k, m, n, dtype="float64"):
+    return [np.zeros((m, a.width * n), dtype) for a in k.args]
+
+
+def test_check_args_rejects_what_a_kernel_cannot_take():
+    k = table.kernel("lstm", "bwd")
+    m, n = 3, 2
+    arrays = _args_for(k, m, n)
+    table.check_args(k, "float64", m, n, arrays)
+    arrays[-1] = arrays[2]  # dc_prev is dc: allowed
+    table.check_args(k, "float64", m, n, arrays)
+    bad = {
+        "m and n must be Python ints": (np.int64(m), n, _args_for(k, m, n)),
+        "8 arrays for 9": (m, n, _args_for(k, m, n)[:-1]),
+        "dg has shape": (m, n, [*_args_for(k, m, n)[:-2], np.zeros((m, 3 * n)), np.zeros((m, n))]),
+        "s is float32": (m, n, [*_args_for(k, m, n)[:3], np.zeros((m, 3 * n), np.float32),
+                                *_args_for(k, m, n)[4:]]),
+        "da is not C-contiguous": (m, n, [np.zeros((n, m)).T, *_args_for(k, m, n)[1:]]),
+    }
+    for message, (mm, nn, arrs) in bad.items():
+        with pytest.raises(AssertionError, match=message):
+            table.check_args(k, "float64", mm, nn, arrs)
+    shared = _args_for(k, m, n)
+    shared[1] = shared[0]  # da_rec is da: not allowed
+    with pytest.raises(AssertionError, match="da_rec and da share memory"):
+        table.check_args(k, "float64", m, n, shared)
+    stack = np.zeros((2 * m + 1, n))
+    partial = _args_for(k, m, n)
+    partial[2], partial[-1] = stack[:m], stack[1 : m + 1]  # dc_prev overlaps dc, shifted
+    with pytest.raises(AssertionError, match="dc_prev and dc share memory"):
+        table.check_args(k, "float64", m, n, partial)
+
+
+def test_write_script(tmp_path):
+    """``python xlstm/_cuda/kernels.py --write DIR``, with nothing but Python (not even the
+    package on the path): the files that .ci/compile_cuda.sh compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-I", str(PKG_DIR / "kernels.py"), "--write", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    names = ("xlstm_lstm.cu", "xlstm_lstm_host.cpp")
+    assert res.stdout.split() == [str(tmp_path / name) for name in names]
+    assert (tmp_path / "xlstm_lstm.cu").read_text(encoding="utf-8") == _cuda.source()
+    host = (tmp_path / "xlstm_lstm_host.cpp").read_text(encoding="utf-8")
+    assert '#include "xlstm_lstm.cu"' in host and '#include "grid_emulator.h"' in host
 
 
 # ------------------------------------------------------------------------ host build
-SHIM = r"""
-#include "lstm_pointwise.cuh"
-
-using xlstm::index_t;
-
-#define FWD(NAME, T)                                                                      \
-    extern "C" void NAME(index_t m, index_t n, const T* gx, const T* ga, const T* c_prev,  \
-                         T* s, T* cct, T* c, T* tc, T* a) {                                \
-        for (index_t e = 0; e < m * n; ++e)                                                \
-            xlstm::lstm_fwd_elem<T>(e, n, gx, ga, c_prev, s, cct, c, tc, a);               \
-    }
-
-#define BWD(NAME, T)                                                                      \
-    extern "C" void NAME(index_t m, index_t n, const T* da, const T* da_rec, const T* dc,  \
-                         const T* s, const T* cct, const T* tc, const T* c_prev, T* dg,    \
-                         T* dc_prev) {                                                     \
-        for (index_t e = 0; e < m * n; ++e)                                                \
-            xlstm::lstm_bwd_elem<T>(e, n, da, da_rec, dc, s, cct, tc, c_prev, dg, dc_prev); \
-    }
-
-FWD(xlstm_lstm_fwd_f32, float)
-FWD(xlstm_lstm_fwd_f64, double)
-BWD(xlstm_lstm_bwd_f32, float)
-BWD(xlstm_lstm_bwd_f64, double)
-"""
-
-#: Kernel arguments after (m, n): how many are arrays, and the shape of each in (m, n) units
-#: of width (4 = gates, 3 = sigmoid gates, 1 = one per unit).
-ARG_WIDTHS = {"fwd": (4, 4, 1, 3, 1, 1, 1, 1), "bwd": (1, 1, 1, 3, 1, 1, 1, 4, 1)}
-
-
-def _host_compiler():
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+@pytest.fixture(scope="module")
+def cxx():
+    path = cuda_emulator.host_compiler()
+    if path is None:
+        pytest.skip("no host C++ compiler ($CXX, c++, g++ or clang++) on PATH")
+    return path
 
 
 @pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
-    """The header built for the host, with one function per kernel, same names and args."""
-    cxx = _host_compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
-    tmp = tmp_path_factory.mktemp("cuda_host")
-    src, lib = tmp / "shim.cpp", tmp / "libxlstm_shim.so"
-    src.write_text(SHIM, encoding="utf-8")
-    cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off",
-           "-Wall", "-Wextra", "-Werror", f"-I{PKG_DIR}", "-o", str(lib), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert res.returncode == 0, f"host build of the header failed:\n{res.stderr}"
+def host_lib(cxx, tmp_path_factory):
+    """The generated kernels built for the host behind the grid emulator (no sanitizer)."""
+    lib, _ = cuda_emulator.build(cxx, tmp_path_factory.mktemp("cuda_host"))
     return ctypes.CDLL(str(lib))
 
 
-def host_launch(lib):
-    """A ``launch`` for :class:`xlstm._cuda.Loops` that runs the host build.
-
-    It checks what the GPU could not: the argument count, that ``m`` and ``n`` are Python
-    ints (CuPy passes those as ``long long``), and that every array has the kernel's dtype,
-    the expected shape and a C-contiguous layout, which the kernels assume.
-    """
-    calls = []
-
-    def launch(step, name, total, args):
-        m, n, *arrays = args
-        assert type(m) is int and type(n) is int and total == m * n
-        widths = ARG_WIDTHS[step]
-        assert len(arrays) == len(widths), f"{step}: {len(arrays)} arrays"
-        for k, (arr, w) in enumerate(zip(arrays, widths)):
-            assert isinstance(arr, np.ndarray) and arr.dtype == np.dtype(name), (step, k)
-            assert arr.shape == (m, w * n) and arr.flags.c_contiguous, (step, k, arr.shape)
-        fn = getattr(lib, _cuda.KERNEL_NAMES[step, name])
-        fn.restype = None
-        fn(ctypes.c_longlong(m), ctypes.c_longlong(n),
-           *(ctypes.c_void_p(a.ctypes.data) for a in arrays))
-        calls.append(step)
-
-    launch.calls = calls
-    return launch
-
-
-def host_loops(lib, dtype):
-    return _cuda.Loops(dtype, mod=np, launch=host_launch(lib))
+def host_loops(lib, dtype, seed=1):
+    return cuda_emulator.host_loops(lib, dtype, block=HOST_BLOCK, seed=seed)
 
 
 def _close(actual, expected, dtype, err="", tol=STEP_TOL):
@@ -244,10 +284,16 @@ def test_host_loops_drive_whole_sequences(host_lib, monkeypatch, dtype, chunk_ro
     x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T, dtype=dtype)
     da = rng.standard_normal((n_a, m, T - 2)).astype(dtype)
 
+    model = xlstm.LSTM(n_x, n_a, dtype=dtype, seed=0)
+    state = (a0[None], c0[None])
+
     def run():
         a, y, c, caches = xlstm.lstm_forward(x, a0, params, c0)
         inf = xlstm.lstm_forward(x, a0, params, c0, return_caches=False)
+        # the model's inference keeps only the last two cell states (alternating slots)
+        y_m, (a_T, c_T), _ = model.forward(x, state, return_cache=False)
         return {"a": a, "y": y, "c": c, "a (inference)": inf[0], "y (inference)": inf[1],
+                "model y": y_m, "model a_T": a_T, "model c_T": c_T,
                 **xlstm.lstm_backward(da, caches)}
 
     monkeypatch.setenv("XLSTM_ACCEL", "0")
@@ -256,10 +302,91 @@ def test_host_loops_drive_whole_sequences(host_lib, monkeypatch, dtype, chunk_ro
     loops = host_loops(host_lib, dtype)
     monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt, cell=None: loops)
     got = run()
-    assert loops.launch.calls.count("fwd") == 2 * T and loops.launch.calls.count("bwd") == T - 2
+    assert loops.launch.calls.count("fwd") == 3 * T and loops.launch.calls.count("bwd") == T - 2
     assert got.keys() == want.keys()
     for k in want:
         _close(got[k], want[k], dtype, err=k, tol=SEQ_TOL)
+
+
+def test_host_sequences_in_every_block_order(host_lib):
+    """The whole-sequence cases of the ASan run below, in process: grids with a partial last
+    block, two block orders each, equal bit for bit to each other and to the array path
+    within SEQ_TOL."""
+    assert cuda_emulator.run_sequences(host_lib) == 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
+
+
+def test_host_launch_catches_a_kernel_that_writes_its_input(host_lib, monkeypatch):
+    """The host launch compares every read argument before and after the kernel: a table
+    that declares a written argument as read is caught."""
+    k = table.kernel("lstm", "fwd")
+    wrong = table.Kernel(k.cell, k.step, k.elem,
+                         (*k.args[:-1], table.Arg(k.args[-1].name, k.args[-1].width)))
+    monkeypatch.setitem(table.TABLE, ("lstm", "fwd"), wrong)
+    loops = host_loops(host_lib, "float64")
+    m, n = 3, 2
+    A, C = np.zeros((2, m, n)), np.zeros((2, m, n))
+    S, CCT, TC = np.empty((1, m, 3 * n)), np.empty((1, m, n)), np.empty((1, m, n))
+    with pytest.raises(AssertionError, match="the kernel wrote its input a"):
+        loops.lstm_forward(np.ones((1, m, 4 * n)), np.zeros((n, 4 * n)), A, C, S, CCT, TC, 0)
+
+
+# ------------------------------------------------------------- AddressSanitizer
+@pytest.fixture(scope="module")
+def asan(cxx):
+    """The compiler and its ASan runtime, to preload into a Python subprocess."""
+    runtime = cuda_emulator.asan_runtime(cxx)
+    if runtime is None:
+        pytest.skip(f"{cxx} has no shared AddressSanitizer runtime (libasan.so)")
+    return cxx, runtime
+
+
+def _run_under_asan(runtime, lib, *extra):
+    """Run cuda_emulator.py's whole sequences on ``lib`` in a Python that preloads ASan."""
+    root = Path(xlstm.__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "LD_PRELOAD": " ".join(filter(None, [runtime, os.environ.get("LD_PRELOAD")])),
+        "ASAN_OPTIONS": "detect_leaks=0",  # the interpreter's own allocations are "leaks"
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(TESTS_DIR),
+                                                    os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run([sys.executable, str(TESTS_DIR / "cuda_emulator.py"), str(lib), *extra],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_asan_whole_sequences_run_clean(asan, tmp_path):
+    """The generated kernels, compiled for the host with -fsanitize=address and driven
+    through lstm_forward / lstm_backward by xlstm._cuda.Loops: every case, both dtypes, two
+    block orders, no invalid access, the array path's results."""
+    cxx, runtime = asan
+    lib, _ = cuda_emulator.build(cxx, tmp_path, asan=True)
+    res = _run_under_asan(runtime, lib)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in res.stderr
+    count = 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
+    assert f"cuda_emulator: {count} sequences match the array path" in res.stdout
+
+
+BROKEN_GUARDS = {"intact": table.GUARD, "off by one": "if (e <= m * n)", "removed": "(void)m;"}
+
+
+@pytest.mark.parametrize("guard", list(BROKEN_GUARDS))
+def test_asan_catches_a_broken_bounds_check(asan, tmp_path, guard):
+    """The same source with its bounds check broken (one element too far, or none): ASan
+    reports a heap-buffer-overflow in the first launch and the run fails; intact, it passes."""
+    cxx, runtime = asan
+    src = _cuda.source()
+    assert src.count(table.GUARD) == len(_cuda.KERNEL_NAMES)
+    lib, _ = cuda_emulator.build(cxx, tmp_path, asan=True,
+                                 kernels=src.replace(table.GUARD, BROKEN_GUARDS[guard]))
+    res = _run_under_asan(runtime, lib, "quick")
+    if guard == "intact":
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert "sequences match the array path" in res.stdout
+    else:
+        assert res.returncode != 0
+        assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
+        assert re.search(r"in xlstm_lstm_(fwd|bwd)_f(32|64) ", res.stderr), res.stderr[-4000:]
 
 
 def test_empty_grid_launches_nothing():
@@ -271,11 +398,12 @@ def test_empty_grid_launches_nothing():
 def test_launch_grid_and_argument_types(monkeypatch):
     """What reaches cupy.RawKernel: enough blocks to cover the grid, sizes as int64."""
     seen = []
-    monkeypatch.setattr(_cuda, "_kernel", lambda step, name: lambda *a: seen.append((step, name, a)))
+    monkeypatch.setattr(_cuda, "_kernel",
+                        lambda cell, step, name: lambda *a: seen.append((cell, step, name, a)))
     arr = np.zeros(3, np.float32)
-    _cuda._launch("bwd", "float32", _cuda.BLOCK + 1, (2, 3, arr))
-    ((step, name, (grid, block, args)),) = seen
-    assert (step, name, grid, block) == ("bwd", "float32", (2,), (_cuda.BLOCK,))
+    _cuda.Loops("float32").launch("bwd", "float32", _cuda.BLOCK + 1, (2, 3, arr))
+    ((cell, step, name, (grid, block, args)),) = seen
+    assert (cell, step, name, grid, block) == ("lstm", "bwd", "float32", (2,), (_cuda.BLOCK,))
     assert [type(a) for a in args] == [np.int64, np.int64, np.ndarray] and args[2] is arr
 
 
@@ -287,7 +415,9 @@ def test_dispatch_without_cupy(monkeypatch):
 
 def test_source_inlines_the_header():
     src = _cuda.source()
+    assert src == _cuda.source("lstm") == table.source("lstm")
     assert '#include "' not in src
+    assert (PKG_DIR / table.HEADERS["lstm"]).read_text(encoding="utf-8").rstrip() in src
     assert "lstm_fwd_point" in src and "lstm_bwd_point" in src
     for name in _cuda.KERNEL_NAMES.values():
         assert name in src
@@ -310,11 +440,11 @@ def test_nvcc_compiles_kernels(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
-    inlined = tmp_path / "inlined.cu"
-    inlined.write_text(_cuda.source(), encoding="utf-8")
-    for src in (PKG_DIR / _cuda.KERNELS, inlined):
+    for cell in table.cells():
+        src = tmp_path / f"xlstm_{cell}.cu"
+        src.write_text(_cuda.source(cell), encoding="utf-8")
         cmd = [nvcc, "-arch=sm_90", "--fmad=false", "-Werror", "all-warnings",
-               f"-I{PKG_DIR}", "-c", "-o", str(tmp_path / "k.o"), str(src)]
+               "-c", "-o", str(tmp_path / "k.o"), str(src)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}{res.stderr}"
         assert (tmp_path / "k.o").stat().st_size > 0
@@ -347,14 +477,15 @@ def _find_nvrtc():
     return None
 
 
-def test_nvrtc_compiles_inlined_source():
+@pytest.mark.parametrize("cell", table.cells())
+def test_nvrtc_compiles_inlined_source(cell):
     """What CuPy does at run time: NVRTC (no system headers) on :func:`_cuda.source`."""
     nvrtc = _find_nvrtc()
     if nvrtc is None:
         pytest.skip("libnvrtc is not installed (system CUDA or the nvidia-cuda-nvrtc wheel)")
     prog = ctypes.c_void_p()
-    src = _cuda.source().encode()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"lstm_kernels.cu", 0,
+    src = _cuda.source(cell).encode()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, f"xlstm_{cell}.cu".encode(), 0,
                                     None, None) == 0
     try:
         # The loader's options plus those CuPy adds itself.
@@ -371,7 +502,8 @@ def test_nvrtc_compiles_inlined_source():
         ptx = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetPTX(prog, ptx)
         text = ptx.value.decode()
-        for name in _cuda.KERNEL_NAMES.values():
+        rows = [k for (c, _), k in table.TABLE.items() if c == cell]
+        for name in (k.name(d) for k in rows for d in table.DTYPES):
             assert f".entry {name}(" in text
         assert ".local" not in text  # nothing spilled to local memory
     finally:

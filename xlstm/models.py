@@ -55,7 +55,7 @@ class ModelCache:
 
     __slots__ = ("cell", "config", "m", "states")
 
-    def __init__(self, cell: Cell, config: tuple, m: int, states: tuple):
+    def __init__(self, cell: Cell, config: tuple, m: int, states: tuple) -> None:
         self.cell, self.config, self.m, self.states = cell, config, m, states
 
     def __reduce__(self):
@@ -217,7 +217,7 @@ class _Model:
         lengths : array of shape (m,), optional
             Not implemented yet.
         params : list of dicts, optional
-            Parameters to run with instead of :attr:`params` (same structure): the pure
+            Parameters to run with instead of ``model.params`` (same structure): the pure
             form for optimizers and ``jax.jit``.
         train : bool, optional
             Training mode: dropout between layers (none with one layer).
@@ -293,7 +293,7 @@ class _Model:
         dstate0 : tuple of arrays
             Gradient with respect to the initial state.
         grads : list of dicts
-            Gradients of the parameters, in exactly the structure of :attr:`params`.
+            Gradients of the parameters, in exactly the structure of ``model.params``.
         """
         if not isinstance(cache, ModelCache):
             raise TypeError(

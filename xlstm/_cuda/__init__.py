@@ -10,15 +10,20 @@ step is one kernel launch that forms the activation derivatives on the fly and w
 step, a stacking copy of every output, and in backward ``5 T m n_a`` numbers of
 precomputed coefficients; none of that remains.
 
-Source. The arithmetic is written once, in ``lstm_pointwise.cuh``, as templated host and
-device functions; ``lstm_kernels.cu`` wraps them in ``extern "C"`` kernels for float32 and
-float64, one thread per ``(row, unit)`` element of the ``(m, n_a)`` grid, in blocks of
-:data:`BLOCK` threads. The tests compile the same header with the host C++ compiler and
-drive this module's own :class:`Loops` with it on numpy arrays (``Loops(dtype, mod=numpy,
-launch=...)``), so the loops, the argument order and the math are all checked on machines
+Source. The arithmetic is written once per cell, in a header (``lstm_pointwise.cuh``), as
+templated host and device element functions. Each kernel is declared once, in the table of
+:mod:`xlstm._cuda.kernels` (cell, step, element function, arguments in order with their
+widths, which are written and which may alias an input); the ``extern "C"`` kernels for
+float32 and float64, one thread per ``(row, unit)`` element of the ``(m, n_a)`` grid in
+blocks of :data:`BLOCK` threads, are generated from it, and so are the tests' host build
+and argument checks and the files that CI compiles with nvcc. The tests compile the very
+text that NVRTC gets for the host, behind a small grid emulator (every block and thread as
+host loops, blocks in shuffled order), under AddressSanitizer, and drive this module's own
+:class:`Loops` with it on numpy arrays (``Loops(dtype, mod=numpy, launch=...)``), so the
+loops, the argument order, the bounds checks and the math are all checked on machines
 without a GPU.
 
-Compilation. :func:`source` inlines the header into the ``.cu`` text, and
+Compilation. :func:`source` is the generated text with the header inlined, and
 ``cupy.RawKernel`` compiles that with NVRTC on first use, once per device, caching the
 binary on disk (the cache key is the full text, so an edit of the header is never served
 stale). Contraction into fused multiply-adds is off (:data:`OPTIONS`), so every operation
@@ -51,9 +56,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 
 import numpy as _np
+
+from . import kernels as _table
 
 __all__ = ["BLOCK", "OPTIONS", "Loops", "loops", "source"]
 
@@ -65,72 +71,66 @@ BLOCK = 256
 #: for its own elementwise kernels too, so float32 subnormals flush alike on both paths).
 OPTIONS = ("--fmad=false",)
 
-HEADER = "lstm_pointwise.cuh"
-KERNELS = "lstm_kernels.cu"
-_DIR = Path(__file__).resolve().parent
-_INCLUDE = f'#include "{HEADER}"'
-
-#: Kernel names per (step, dtype name).
+#: The LSTM's kernel names per (step, dtype name), from the table.
 KERNEL_NAMES = {
-    ("fwd", "float32"): "xlstm_lstm_fwd_f32",
-    ("fwd", "float64"): "xlstm_lstm_fwd_f64",
-    ("bwd", "float32"): "xlstm_lstm_bwd_f32",
-    ("bwd", "float64"): "xlstm_lstm_bwd_f64",
+    (step, dtype): _table.kernel_name("lstm", step, dtype)
+    for (cell, step) in _table.TABLE if cell == "lstm" for dtype in _table.DTYPES
 }
 
-_source_text = None
-_kernels = {}  # (step, dtype name) -> cupy.RawKernel; each compiles once per device
+_kernels = {}  # (cell, step, dtype name) -> cupy.RawKernel; each compiles once per device
 
 
-def source() -> str:
-    """The kernels' CUDA source with the header inlined: what NVRTC compiles."""
-    global _source_text
-    if _source_text is None:
-        cu = (_DIR / KERNELS).read_text(encoding="utf-8")
-        if _INCLUDE not in cu:
-            raise RuntimeError(f"{KERNELS} does not include {HEADER}")
-        header = (_DIR / HEADER).read_text(encoding="utf-8")
-        _source_text = cu.replace(_INCLUDE, header, 1)
-    return _source_text
+@functools.cache
+def source(cell: str = "lstm") -> str:
+    """The CUDA source of ``cell``'s kernels with its header inlined: what NVRTC compiles.
+
+    Generated from the table of :mod:`xlstm._cuda.kernels`.
+    """
+    return _table.source(cell)
 
 
-def _kernel(step, dtype_name):
-    kern = _kernels.get((step, dtype_name))
+def _kernel(cell, step, dtype_name):
+    kern = _kernels.get((cell, step, dtype_name))
     if kern is None:
         import cupy
 
-        kern = cupy.RawKernel(source(), KERNEL_NAMES[step, dtype_name], options=OPTIONS)
-        _kernels[step, dtype_name] = kern
+        name = _table.kernel_name(cell, step, dtype_name)
+        kern = cupy.RawKernel(source(cell), name, options=OPTIONS)
+        _kernels[cell, step, dtype_name] = kern
     return kern
 
 
 _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "float64"}
 
 
-def _launch(step, name, total, args):
-    """Launch kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over ``total``
-    threads. The sizes (Python ints) go as numpy int64, the kernels' ``long long``
+def _launch(step, name, total, args, *, cell="lstm"):
+    """Launch ``cell``'s kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over
+    ``total`` threads. The sizes (Python ints) go as numpy int64, the kernels' ``long long``
     ``index_t``, whatever CuPy's default for a Python int."""
     if total > 0:
         blocks = (total + BLOCK - 1) // BLOCK
         args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
-        _kernel(step, name)((blocks,), (BLOCK,), args)
+        _kernel(cell, step, name)((blocks,), (BLOCK,), args)
 
 
 class Loops:
     """The forward and backward time loops for one float dtype, over CuPy arrays.
 
     ``mod`` and ``launch`` are for the tests: with ``mod=numpy`` and a ``launch`` that calls
-    a host build of the kernels, the same loops run on the CPU.
+    a host build of the kernels, the same loops run on the CPU. ``launch(step, dtype_name,
+    total, args)`` runs kernel ``(cell, step)`` of the table over ``total`` elements, with
+    ``args`` in the table's order: ``m``, ``n``, then the arrays.
     """
 
     #: How reports and the benchmark name this accelerator.
     label = "fused CUDA kernels"
+    #: The cell whose kernels (rows of :data:`xlstm._cuda.kernels.TABLE`) these loops launch.
+    cell = "lstm"
 
     def __init__(self, dtype, *, mod=None, launch=None):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
         self._mod = mod
-        self.launch = _launch if launch is None else launch
+        self.launch = functools.partial(_launch, cell=self.cell) if launch is None else launch
 
     @property
     def mod(self):
@@ -165,17 +165,20 @@ class Loops:
 
         ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection. ``S``, ``CCT``, ``TC``
         hold one slot per step of the chunk, or a single slot that is reused (inference);
-        ``A`` and ``C`` are indexed by absolute step. All are C-contiguous.
+        ``A`` and ``C`` are indexed by absolute step, modulo their length (a stack of two
+        slots alternates). All are C-contiguous.
         """
         T_c, m, _ = Gx.shape
         n = C.shape[-1]
+        nA, nC = A.shape[0], C.shape[0]
         with self._on_device(Gx):
             G = self.mod.empty(Gx.shape[1:], dtype=Gx.dtype)
             for k in range(T_c):
                 t, j = t0 + k, (k if S.shape[0] > 1 else 0)
-                self.mod.matmul(A[t], WaT, out=G)
+                self.mod.matmul(A[t % nA], WaT, out=G)
                 self.launch("fwd", self.name, m * n,
-                            (m, n, Gx[k], G, C[t], S[j], CCT[j], C[t + 1], TC[j], A[t + 1]))
+                            (m, n, Gx[k], G, C[t % nC], S[j], CCT[j], C[(t + 1) % nC], TC[j],
+                             A[(t + 1) % nA]))
 
     def lstm_backward(self, da_t, S, CCT, TC, C, WaT, dG, da_rec=None, dc=None):
         """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.

@@ -1,8 +1,11 @@
 // Pointwise LSTM arithmetic, written once for the CUDA kernels and for the host.
 //
-// The same functions are compiled three ways: by NVRTC (CuPy loads the kernels at run
-// time), by nvcc (the CI compile check) and by a plain host C++ compiler (the tests run
-// them on the CPU and compare with the array path of xlstm._engine).
+// The kernels that call lstm_fwd_elem and lstm_bwd_elem are generated from the table in
+// xlstm/_cuda/kernels.py, which lists their arguments in the order of these functions
+// (after e and n). The generated text, with this header inlined, is compiled three ways:
+// by NVRTC (CuPy loads the kernels at run time), by nvcc (the CI compile check) and by a
+// plain host C++ compiler behind a grid emulator (the tests run it on the CPU under
+// AddressSanitizer and compare with the array path of xlstm._engine).
 //
 // Layout (see xlstm/_engine.py): gate order (o, f, i, c); the pre-activation of a step is
 // an (m, 4 n) block whose sigmoid gates are already halved, so every gate is one tanh:

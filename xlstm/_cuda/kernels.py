@@ -1,0 +1,292 @@
+"""The table of the fused CUDA kernels, and everything generated from it.
+
+Each kernel is declared once, in :data:`TABLE`: its cell, its step (``"fwd"`` or ``"bwd"``),
+the element function of the cell's header that it calls, and its arguments in order. Every
+kernel takes the sizes ``m`` and ``n`` first, then arrays: one step's C-contiguous
+``(m, width * n)`` slices of the engine's stacks (width 4 for gates, 3 for sigmoid gates, 1
+for one number per unit), each one read (``const``) or written. A written argument may name
+the read argument that it is allowed to be (``dc_prev`` updated in place over ``dc``); both
+then lose ``__restrict__``.
+
+From the table come:
+
+* :func:`source`: the CUDA text that NVRTC compiles at run time (and nvcc in CI): the cell's
+  header inlined, then one ``extern "C" __global__`` wrapper per kernel and dtype, one
+  thread per element of the ``(m, n)`` grid;
+* :func:`host_source`: the tests' host build, the same text behind a grid emulator plus one
+  ``extern "C"`` launcher per kernel taking ``(grid, block, seed, args...)``;
+* :func:`check_args`: the checks of a launch's arguments (count, dtype, shape, layout,
+  overlap) that the tests make on every step;
+* :func:`write`: the files that ``.ci/compile_cuda.sh`` compiles; run this file as a
+  script, ``python xlstm/_cuda/kernels.py --write DIR``, which needs nothing but Python.
+
+Adding a cell's kernels means one header (``<cell>_pointwise.cuh`` with its element
+functions, named in :data:`HEADERS`) and its rows in :data:`TABLE`; nothing else here.
+
+This module is pure Python and imports nothing but the standard library (nor the rest of
+the package), so that it also runs as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DTYPES", "GUARD", "HEADERS", "TABLE", "Arg", "Kernel", "cells", "check_args",
+           "host_source", "kernel", "kernel_name", "source", "write"]
+
+_DIR = Path(__file__).resolve().parent
+
+#: The header of each cell, in this folder: its element functions, in namespace ``xlstm``.
+HEADERS = {"lstm": "lstm_pointwise.cuh"}
+
+#: dtype name -> (suffix of the kernel name, C type).
+DTYPES = {"float32": ("f32", "float"), "float64": ("f64", "double")}
+
+#: The bounds check of every kernel: threads past the last element of the grid do nothing.
+GUARD = "if (e < m * n)"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One array argument of a kernel: a ``(m, width * n)`` C-contiguous slice.
+
+    ``out`` marks an argument that the kernel writes; ``alias`` names the read argument that
+    a written one may be the very same array as (same start, same shape).
+    """
+
+    name: str
+    width: int
+    out: bool = False
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel: ``elem(e, n, *args)`` of the cell's header, for every element ``e``."""
+
+    cell: str
+    step: str
+    elem: str
+    args: tuple[Arg, ...]
+
+    def name(self, dtype_name: str) -> str:
+        """The ``extern "C"`` name of this kernel for ``dtype_name``."""
+        return f"xlstm_{self.cell}_{self.step}_{DTYPES[dtype_name][0]}"
+
+    def aliased(self) -> frozenset[str]:
+        """The arguments that may share memory (no ``__restrict__`` on them)."""
+        return frozenset(n for a in self.args if a.alias for n in (a.name, a.alias))
+
+
+def _args(spec):
+    """Arguments from ``"read ... > written ..."``, each ``name:width``; a written one may
+    end in ``=input``, the read argument it may be (``"dc:1 > dc_prev:1=dc"``)."""
+    read, written = spec.split(">")
+    out = []
+    for word in read.split():
+        name, width = word.split(":")
+        out.append(Arg(name, int(width)))
+    for word in written.split():
+        name, rest = word.split(":")
+        width, _, alias = rest.partition("=")
+        out.append(Arg(name, int(width), out=True, alias=alias or None))
+    return tuple(out)
+
+
+#: Every kernel, keyed by ``(cell, step)``. Argument order is the contract with the loops
+#: that launch them (``xlstm._cuda.Loops``): after ``m`` and ``n``, inputs first.
+TABLE = {
+    (k.cell, k.step): k
+    for k in (
+        # LSTM forward, equations (1)-(6): the pre-activation is gx + ga.
+        Kernel("lstm", "fwd", "lstm_fwd_elem",
+               _args("gx:4 ga:4 c_prev:1 > s:3 cct:1 c:1 tc:1 a:1")),
+        # LSTM backward, equations (7)-(10) and (20); dc_prev may be dc, updated in place.
+        Kernel("lstm", "bwd", "lstm_bwd_elem",
+               _args("da:1 da_rec:1 dc:1 s:3 cct:1 tc:1 c_prev:1 > dg:4 dc_prev:1=dc")),
+    )
+}
+
+
+def _validate():
+    for (cell, step), k in TABLE.items():
+        if cell not in HEADERS:
+            raise ValueError(f"TABLE: cell {cell!r} has no header in HEADERS")
+        names = [a.name for a in k.args]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TABLE: {cell} {step} repeats an argument name")
+        for a in k.args:
+            if a.alias is not None and (a.alias not in names or a.alias == a.name
+                                        or k.args[names.index(a.alias)].out):
+                raise ValueError(f"TABLE: {cell} {step}: {a.name} may alias only an input")
+
+
+_validate()
+
+
+def cells() -> tuple[str, ...]:
+    """The cells that have kernels, in table order."""
+    return tuple(dict.fromkeys(cell for cell, _ in TABLE))
+
+
+def kernel(cell: str, step: str) -> Kernel:
+    """The table's row for ``cell`` and ``step``."""
+    try:
+        return TABLE[cell, step]
+    except KeyError:
+        raise KeyError(f"no CUDA kernel for cell {cell!r}, step {step!r}") from None
+
+
+def kernel_name(cell: str, step: str, dtype_name: str) -> str:
+    """The ``extern "C"`` name of a kernel, e.g. ``xlstm_lstm_fwd_f32``."""
+    return kernel(cell, step).name(dtype_name)
+
+
+# ---------------------------------------------------------------------- generated C++
+def _params(k, ctype, restrict=True):
+    """The kernel's parameter list: sizes, then arrays (const, __restrict__ unless aliased)."""
+    aliased = k.aliased() if restrict else frozenset(a.name for a in k.args)
+    out = ["xlstm::index_t m", "xlstm::index_t n"]
+    for a in k.args:
+        const = "" if a.out else "const "
+        restrict = "" if a.name in aliased else " __restrict__"
+        out.append(f"{const}{ctype}*{restrict} {a.name}")
+    return out
+
+
+def _wrapper(k, dtype_name):
+    ctype = DTYPES[dtype_name][1]
+    params = ",\n    ".join(_params(k, ctype))
+    call = ", ".join(["e", "n", *(a.name for a in k.args)])
+    return (
+        f'extern "C" __global__ void {k.name(dtype_name)}(\n    {params}) {{\n'
+        "    const xlstm::index_t e = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x;\n"
+        f"    {GUARD} {{\n"
+        f"        xlstm::{k.elem}<{ctype}>({call});\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def _rows(cell):
+    rows = [k for (c, _), k in TABLE.items() if c == cell]
+    if not rows:
+        raise KeyError(f"no CUDA kernels for cell {cell!r}")
+    return rows
+
+
+def source(cell: str = "lstm") -> str:
+    """The CUDA source of ``cell``'s kernels, header inlined: what NVRTC compiles.
+
+    Self-contained (no ``#include`` of the project's files), so that it compiles the same
+    from a string at run time, with nvcc in CI and, behind the grid emulator, on the host.
+    """
+    rows = _rows(cell)
+    header = (_DIR / HEADERS[cell]).read_text(encoding="utf-8")
+    parts = [
+        f"// Generated by xlstm._cuda.kernels from its table and {HEADERS[cell]}: the fused\n"
+        f"// kernels of the {cell} cell. One thread per (row, unit) element of the (m, n) grid.\n",
+        f"// ---- {HEADERS[cell]}\n{header.rstrip()}\n",
+        "// ---- kernels\n",
+    ]
+    parts += [_wrapper(k, d) for k in rows for d in DTYPES]
+    return "\n".join(parts)
+
+
+def _launcher(k, dtype_name):
+    ctype = DTYPES[dtype_name][1]
+    params = ",\n    ".join(["unsigned grid", "unsigned block", "unsigned long long seed",
+                              *_params(k, ctype, restrict=False)])
+    call = ", ".join(["m", "n", *(a.name for a in k.args)])
+    name = k.name(dtype_name)
+    return (f'extern "C" void {name}_host(\n    {params}) {{\n'
+            f"    xlstm_emu::launch({name}, grid, block, seed, {call});\n}}\n")
+
+
+def host_source(cell: str = "lstm", *, kernels: str | None = None,
+                include: str | None = None) -> str:
+    """The tests' host build of ``cell``'s kernels: ``kernels`` (default: :func:`source`,
+    inlined) behind ``grid_emulator.h``, plus ``extern "C" void <kernel>_host(grid, block,
+    seed, m, n, arrays...)`` per kernel, which runs every (block, thread) of the grid.
+
+    ``include`` names a file to ``#include`` instead of inlining the kernel text (the text
+    written by :func:`write`), so that compiler messages point into it.
+    """
+    rows = _rows(cell)
+    body = f'#include "{include}"\n' if include else (source(cell) if kernels is None else kernels)
+    parts = [
+        f"// Generated by xlstm._cuda.kernels: host launchers of the {cell} kernels.\n"
+        '#include "grid_emulator.h"\n',
+        body,
+        "// ---- host launchers\n",
+    ]
+    parts += [_launcher(k, d) for k in rows for d in DTYPES]
+    return "\n".join(parts)
+
+
+def write(directory: str | Path) -> list[Path]:
+    """Write, per cell, ``xlstm_<cell>.cu`` (:func:`source`) and ``xlstm_<cell>_host.cpp``
+    (:func:`host_source`, including the first) into ``directory``; returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell in cells():
+        cu, cpp = directory / f"xlstm_{cell}.cu", directory / f"xlstm_{cell}_host.cpp"
+        cu.write_text(source(cell), encoding="utf-8")
+        cpp.write_text(host_source(cell, include=cu.name), encoding="utf-8")
+        paths += [cu, cpp]
+    return paths
+
+
+# ------------------------------------------------------------------ argument checks
+def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> None:
+    """Check one launch's arguments against row ``k``: ``m`` and ``n`` Python ints, one
+    array per argument, each of dtype ``dtype_name``, shape ``(m, width * n)`` and
+    C-contiguous, and no two sharing memory unless the table lets them (then exactly).
+
+    ``address(arr)`` gives an array's first byte (default: numpy's ``arr.ctypes.data``).
+    Raises ``AssertionError`` naming the kernel and the argument.
+    """
+    where = f"{k.cell} {k.step}"
+    _expect(type(m) is int and type(n) is int, f"{where}: m and n must be Python ints")
+    _expect(len(arrays) == len(k.args), f"{where}: {len(arrays)} arrays for {len(k.args)}")
+    if address is None:
+        def address(arr):
+            return arr.ctypes.data
+    spans = []
+    for a, arr in zip(k.args, arrays):
+        _expect(str(arr.dtype) == dtype_name, f"{where}: {a.name} is {arr.dtype}")
+        _expect(tuple(arr.shape) == (m, a.width * n), f"{where}: {a.name} has shape {arr.shape}")
+        _expect(arr.flags.c_contiguous, f"{where}: {a.name} is not C-contiguous")
+        start = address(arr)
+        spans.append((a, start, start + arr.size * arr.itemsize))
+    for i, (a, lo, hi) in enumerate(spans):
+        for b, lo2, hi2 in spans[:i]:
+            if lo < hi2 and lo2 < hi:  # they overlap: only an allowed alias, and exactly
+                allowed = a.alias == b.name or b.alias == a.name
+                _expect(allowed and (lo, hi) == (lo2, hi2),
+                        f"{where}: {a.name} and {b.name} share memory")
+
+
+def _expect(ok, message):
+    if not ok:
+        raise AssertionError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python kernels.py --write DIR``: :func:`write`, printing one path per line."""
+    parser = argparse.ArgumentParser(
+        prog="kernels.py", description="Write the CUDA sources generated from the kernel table.")
+    parser.add_argument("--write", metavar="DIR", required=True,
+                        help="folder to write xlstm_<cell>.cu and xlstm_<cell>_host.cpp into")
+    args = parser.parse_args(argv)
+    for path in write(args.write):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
