@@ -183,3 +183,43 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
     info = subprocess.run([sys.executable, "-m", "xlstm", "info"], env=env, text=True,
                           capture_output=True, check=True).stdout
     assert "compiled CPU loops: off (numba does not load" in info
+
+
+_CACHE_SCRIPT = """
+import numpy as np, xlstm
+from oracles import random_case
+x, a0, _, p = random_case(0, 3, 4, 3, 2, 5)
+_, _, _, caches = xlstm.lstm_forward(x, a0, p)
+fast = xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
+with xlstm.accelerators(False):
+    _, _, _, caches = xlstm.lstm_forward(x, a0, p)
+    plain = xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
+assert all(np.array_equal(fast[k], plain[k]) for k in plain)
+from xlstm import _cpu
+print(_cpu._map_kernel.cache_info().currsize)
+"""
+
+
+@pytest.mark.parametrize("where", ["folder", "unwritable"])
+def test_point_loops_are_cached_on_disk_or_compiled_in_memory(tmp_path, where):
+    """The generated point loops land in XLSTM_CACHE_DIR with numba's cache beside them;
+    where that cannot be written (here: the path is a file), they compile in memory and the
+    results are the same."""
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    if where == "unwritable":
+        cache.write_text("not a folder")
+    env = {**os.environ, "XLSTM_CACHE_DIR": str(cache), "XLSTM_ACCEL": "1"}
+    tests = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True,
+                         text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split()[-1]) >= 4  # four point functions of the LSTM, at least
+    if where == "folder":
+        modules = sorted(cache.glob("xlstm_point_loop_*.py"))
+        assert len(modules) >= 4
+        assert list((cache / "__pycache__").glob("xlstm_point_loop_*.nbi"))
+    else:
+        assert cache.read_text() == "not a folder"
