@@ -4,7 +4,9 @@
   notebook) on the host;
 * :func:`central_differences` differentiates any scalar function of named float64 arrays;
 * :func:`torch_lstm_forward` is the notebook's forward pass written independently with torch
-  operations, so that torch autograd gives every gradient.
+  operations, so that torch autograd gives every gradient;
+* :func:`random_gru_case` draws a GRU case (``x``, ``a0`` and the nine parameters of the GRU
+  cell) and :func:`numpy_gru_forward` runs torch's GRU equations step by step in numpy.
 """
 
 from __future__ import annotations
@@ -136,3 +138,72 @@ def torch_lstm_forward(torch, arrays: Mapping[str, np.ndarray]) -> TorchLSTM:
         outs.append((a, c, logits, torch.softmax(logits, dim=0)))
     a, c, logits, y = (torch.stack(v, dim=-1) for v in zip(*outs))
     return TorchLSTM(t, a, c, logits, y)
+
+
+# --------------------------------------------------------------------------------- GRU
+#: The GRU cell's parameters: ``W* (n_a, n_a + n_x)`` on ``[a_prev; x_t]``, the input biases
+#: ``b*`` and the recurrent biases ``bh*`` (torch's ``bias_ih`` and ``bias_hh``).
+GRU_PARAM_KEYS = ("Wr", "br", "Wz", "bz", "Wn", "bn", "bhr", "bhz", "bhn")
+
+
+class GRUCase(NamedTuple):
+    """A GRU case on the host: unpacks as ``x, a0, params``."""
+
+    x: np.ndarray
+    a0: np.ndarray
+    params: dict[str, np.ndarray]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``x``, ``a0`` and the parameters as one flat dict (the arrays themselves)."""
+        return {"x": self.x, "a0": self.a0, **self.params}
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> GRUCase:
+        """The inverse of :meth:`arrays`."""
+        return cls(arrays["x"], arrays["a0"], {k: arrays[k] for k in GRU_PARAM_KEYS})
+
+
+def random_gru_case(rng=0, n_x=3, n_a=4, m=2, T=3, *, scale=0.5, x_scale=1.0,
+                    state_scale=1.0, dtype=np.float64) -> GRUCase:
+    """A random GRU case of standard normal draws, scaled (as :func:`random_case`).
+
+    The draws come in a fixed order: ``Wr, br, Wz, bz, Wn, bn, bhr, bhz, bhn``, then ``x``
+    ``(n_x, m, T)`` and ``a0`` ``(n_a, m)``.
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    params = {}
+    for g in "rzn":
+        params["W" + g] = scale * rng.standard_normal((n_a, n_a + n_x))
+        params["b" + g] = scale * rng.standard_normal((n_a, 1))
+    for g in "rzn":
+        params["bh" + g] = scale * rng.standard_normal((n_a, 1))
+    x = x_scale * rng.standard_normal((n_x, m, T))
+    a0 = state_scale * rng.standard_normal((n_a, m))
+    dtype = np.dtype(dtype)
+    if dtype != np.float64:
+        x, a0 = x.astype(dtype), a0.astype(dtype)
+        params = {k: v.astype(dtype) for k, v in params.items()}
+    return GRUCase(x, a0, params)
+
+
+def numpy_gru_forward(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Torch's GRU equations, step by step in numpy: the hidden states ``(n_a, m, T)``.
+
+    ``arrays`` holds ``x``, ``a0`` and the parameters (:data:`GRU_PARAM_KEYS`).
+    """
+    p, a, x = arrays, arrays["a0"], arrays["x"]
+    n_a = a.shape[0]
+
+    def sigmoid(v):
+        return 1.0 / (1.0 + np.exp(-v))
+
+    outs = []
+    for t in range(x.shape[2]):
+        xt = x[:, :, t]
+        r = sigmoid(p["Wr"][:, n_a:] @ xt + p["br"] + p["Wr"][:, :n_a] @ a + p["bhr"])
+        z = sigmoid(p["Wz"][:, n_a:] @ xt + p["bz"] + p["Wz"][:, :n_a] @ a + p["bhz"])
+        n = np.tanh(p["Wn"][:, n_a:] @ xt + p["bn"] + r * (p["Wn"][:, :n_a] @ a + p["bhn"]))
+        a = (1.0 - z) * n + z * a
+        outs.append(a)
+    return np.stack(outs, axis=-1)

@@ -1,0 +1,185 @@
+"""The GRU cell with torch's ``nn.GRU`` semantics, for the engine.
+
+Equations, per step, with ``a`` the hidden state::
+
+    r  = sigmoid(W_ir x + b_ir + W_hr a_prev + b_hr)      (reset gate)
+    z  = sigmoid(W_iz x + b_iz + W_hz a_prev + b_hz)      (update gate)
+    hn = W_hn a_prev + b_hn                               (the candidate's recurrent term)
+    n  = tanh(W_in x + b_in + r * hn)                     (candidate)
+    a  = (1 - z) * n + z * a_prev
+
+Gate layout: the input and recurrent terms are ``(m, 3 n_a)`` blocks in gate order
+:data:`GATES` = ``(r, z, n)``, torch's order too (:data:`TORCH_GATES`). The rows of the two
+sigmoid gates are halved (exact in binary floating point), so that one ``tanh`` gives both:
+``sigmoid(v) = 0.5 tanh(v / 2) + 0.5``. The reset gate multiplies the candidate's
+recurrent term only, so the engine keeps the recurrent term ``ga = a_prev WaT + ba`` apart
+from the input term ``gx = x WxT + bx`` (:attr:`GRUCell.split`): ``bx`` holds the input
+biases ``b*`` and ``ba`` the recurrent ones ``bh*``.
+
+Parameters: ``W* (n_a, n_a + n_x)`` acting on ``[a_prev; x_t]`` (the first ``n_a`` columns
+are torch's ``weight_hh`` rows of the gate, the rest its ``weight_ih`` rows), ``b* (n_a, 1)``
+torch's ``bias_ih`` and ``bh* (n_a, 1)`` its ``bias_hh``, for ``* = r, z, n``.
+
+State ``(a,)``. Saved per step: ``S`` the sigmoid gates ``(r, z)``, ``N`` the candidate and
+``HN`` the candidate's recurrent term.
+
+Backward, with ``da`` the total gradient reaching a step's ``a`` (the pre-activation
+gradients are named after their gate, as the LSTM's ``dot``)::
+
+    dnt = da (1 - z) (1 - n^2)             (candidate)
+    dzt = da (a_prev - n) z (1 - z)        (update gate)
+    drt = dnt hn r (1 - r)                 (reset gate)
+    dhn = dnt r                            (the candidate's recurrent term)
+    da_prev = da z + [drt, dzt, dhn] Wa    (directly, and through the recurrent term)
+"""
+
+from __future__ import annotations
+
+from ..params import _stacked_transpose
+from .base import Cell
+
+__all__ = ["GRUCell", "GRU_CELL", "GATES", "TORCH_GATES"]
+
+#: Gate order of the fused blocks.
+GATES = ("r", "z", "n")
+#: Torch's row order of the same gates.
+TORCH_GATES = ("r", "z", "n")
+
+
+# ---------------------------------------------------------------- point functions
+def sigmoid_from_halved_tanh(half, t):
+    """``r`` and ``z``: ``sigmoid(v) = 0.5 tanh(v / 2) + 0.5``, from ``t = tanh(v / 2)``."""
+    return half * t + half
+
+
+def candidate_preactivation(gx_n, rt, hn):
+    """``n``'s argument: ``W_in x + b_in + r * hn``, with ``hn = W_hn a_prev + b_hn``."""
+    return gx_n + rt * hn
+
+
+def hidden_state(one, zt, nt, a_prev):
+    """``a = (1 - z) * n + z * a_prev``."""
+    return (one - zt) * nt + zt * a_prev
+
+
+def backward_coefficients(one, rt, zt, nt, hn, a_prev):
+    """The factors of the backward step that depend on the forward pass only.
+
+    With ``da`` the total gradient reaching a step's ``a``: ``dnt = da Pn``,
+    ``dzt = da Pz`` and ``drt = dnt Pr``, where
+
+    * ``Pn = (1 - z)(1 - n^2)``: through ``a = (1 - z) n + ...`` and ``n = tanh(.)``;
+    * ``Pz = (a_prev - n) z (1 - z)``: through ``a = n + z (a_prev - n)`` and the sigmoid;
+    * ``Pr = hn r (1 - r)``: through ``r * hn`` and the sigmoid.
+    """
+    Pn = (one - zt) * (one - nt * nt)
+    Pz = (a_prev - nt) * zt * (one - zt)
+    Pr = hn * rt * (one - rt)
+    return Pr, Pz, Pn
+
+
+def backward_step(da, da_rec, Pr, Pz, Pn, rt, zt):
+    """The gate gradients ``drt, dzt, dnt``, the recurrent ones and ``da_direct``.
+
+    ``da + da_rec`` is the total gradient reaching the step's ``a``. Returns the input
+    term's gradients ``(drt, dzt, dnt)``, the recurrent term's ``(drt, dzt, dhn)`` (the
+    sigmoid gates' are the same) and ``da_direct = da z``, the gradient on ``a_prev``
+    through ``z * a_prev``.
+    """
+    d_a = da + da_rec
+    dnt = d_a * Pn
+    dzt = d_a * Pz
+    drt = dnt * Pr
+    dhn = dnt * rt
+    da_direct = d_a * zt
+    return drt, dzt, dnt, drt, dzt, dhn, da_direct
+
+
+def _blocks(buf, n, k):
+    """``k`` column blocks of width ``n`` of ``buf``, or ``k`` Nones without a buffer."""
+    if buf is None:
+        return (None,) * k
+    return tuple(buf[:, j * n : (j + 1) * n] for j in range(k))
+
+
+class GRUCell(Cell):
+    """Torch's GRU: state ``(a,)``, gates ``(r, z, n)``, the reset gate on ``W_hn a + b_hn``."""
+
+    name = "gru"
+    state_names = ("A",)
+    saved = {"S": 2, "N": 1, "HN": 1}
+    #: Per-step scratch of the accelerated loops, name to width.
+    scratch = {"G": 2, "Pr": 1, "Pz": 1, "Pn": 1, "D": 1}
+    n_gates = 3
+    split = True
+    back_reads = ("S",)
+    gates = GATES
+    torch_gates = TORCH_GATES
+    weight_keys = tuple("W" + g for g in GATES)
+    bias_keys = tuple("b" + g for g in GATES)
+    #: Torch's ``bias_hh`` of each gate.
+    hidden_bias_keys = tuple("bh" + g for g in GATES)
+
+    # ----------------------------------------------------------------- parameters
+    def param_keys(self, params):
+        return (*(k for g in GATES for k in ("W" + g, "b" + g)), *self.hidden_bias_keys)
+
+    def fuse_forward(self, params, n_a, *, xp):
+        WT = _stacked_transpose([0.5 * params["Wr"], 0.5 * params["Wz"], params["Wn"]], xp=xp)
+        bx = xp.concat([0.5 * params["br"], 0.5 * params["bz"], params["bn"]])
+        ba = xp.concat([0.5 * params["bhr"], 0.5 * params["bhz"], params["bhn"]])
+        width = (1, 3 * n_a)
+        return WT[n_a:, :], xp.reshape(bx, width), WT[:n_a, :], xp.reshape(ba, width)
+
+    def fuse_backward(self, params, n_a, *, xp):
+        WT = _stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
+        return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
+
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp):
+        """``dW* = [dWa*, dWx*]`` (recurrent and input columns), ``db*`` and ``dbh*``."""
+        n = dbx.shape[0] // 3
+        dW = xp.concat([dWa, dWx], axis=1)
+        out = {}
+        for j, g in enumerate(GATES):
+            out["dW" + g] = dW[j * n : (j + 1) * n, :]
+            out["db" + g] = dbx[j * n : (j + 1) * n, :]
+        out.update((f"dbh{g}", dba[j * n : (j + 1) * n, :]) for j, g in enumerate(GATES))
+        return out
+
+    # ------------------------------------------------------------------- one step
+    def step(self, ops, gx, ga, state, out):
+        """``r, z`` (one ``tanh``), ``hn``, ``n`` and ``a``."""
+        (a_prev,) = state
+        n = a_prev.shape[-1]
+        t = ops.tanh(ops.add(gx[..., : 2 * n], ga[..., : 2 * n], out=out["G"]), out=out["G"])
+        s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), t, out=out["S"])
+        hn = ops.copy(ga[..., 2 * n :], out=out["HN"])
+        pre = ops.map(candidate_preactivation, gx[..., 2 * n :], s[..., :n], hn, out=out["N"])
+        nt = ops.tanh(pre, out=out["N"])
+        a = ops.map(hidden_state, ops.const(1.0), s[..., n:], nt, a_prev, out=out["A"])
+        return {"A": a, "S": s, "N": nt, "HN": hn}
+
+    def back_coeffs(self, ops, saved, prev, out):
+        S = saved["S"]
+        n = S.shape[-1] // 2
+        return ops.map(
+            backward_coefficients, ops.const(1.0), S[..., :n], S[..., n:], saved["N"],
+            saved["HN"], prev["A"], out=(out["Pr"], out["Pz"], out["Pn"]),
+        )  # fmt: skip
+
+    def step_back(self, ops, da, da_rec, drest, coeffs, reads, out):
+        """``dgx = (drt, dzt, dnt)``, ``dga = (drt, dzt, dhn)`` and ``da_direct = da z``."""
+        S = reads["S"]
+        n = S.shape[-1] // 2
+        dGx, dGa = out["dGx"], out["dGa"]
+        drt, dzt, dnt, drt_a, dzt_a, dhn, direct = ops.map(
+            backward_step, da, da_rec, *coeffs, S[..., :n], S[..., n:],
+            out=(*_blocks(dGx, n, 3), *_blocks(dGa, n, 3), out["D"]),
+        )  # fmt: skip
+        dgx = ops.concat((drt, dzt, dnt), out=dGx)  # gate order (r, z, n)
+        dga = ops.concat((drt_a, dzt_a, dhn), out=dGa)
+        return dgx, dga, direct, ()
+
+
+#: The one GRU cell.
+GRU_CELL = GRUCell()
