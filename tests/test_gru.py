@@ -30,7 +30,7 @@ def _run(xp, device, case, da, dstate=None, *, dtype=None):
     x, a0 = to_xp(case.x, xp, device, dtype), to_xp(case.a0, xp, device, dtype)
     params = to_xp(case.params, xp, device, dtype)
     n_a = case.a0.shape[0]
-    stacks, y, state = _engine.forward(GRU_CELL, x, (a0,), params, n_a, xp=xp, keep=True)
+    stacks, _, y, state = _engine.forward(GRU_CELL, x, (a0,), params, n_a, xp=xp, keep=True)
     assert y is None and stacks.keys() == {"A"}
     ds = None if dstate is None else (to_xp(dstate, xp, device, dtype),)
     dX, (da0,), grads = _engine.backward(GRU_CELL, to_xp(da, xp, device, dtype), state, xp=xp,
@@ -72,7 +72,7 @@ def test_forward_matches_the_equations(xp, device, zero_state):
     x, a0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
     P = to_xp(case.params, xp, device)
     state0 = (None,) if zero_state else (a0,)
-    stacks, _, state = _engine.forward(GRU_CELL, x, state0, P, 5, xp=xp, keep=True)
+    stacks, _, _, state = _engine.forward(GRU_CELL, x, state0, P, 5, xp=xp, keep=True)
     want = numpy_gru_forward(case.arrays())  # (n_a, m, T)
     A = stacks["A"]
     assert_array(A, xp=xp, device=device, shape=(7, 4, 5), dtype=xp.float64)
@@ -98,8 +98,8 @@ def test_inference_equals_the_kept_forward(xp, device):
     case = random_gru_case(2, n_x=4, n_a=3, m=2, T=9)
     x, a0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
     P = to_xp(case.params, xp, device)
-    kept, _, state = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=True)
-    inf, _, none = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=False)
+    kept, _, _, state = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=True)
+    inf, _, _, none = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=False)
     assert none is None and state is not None
     # bit for bit where the engine chooses the layout of its GEMM operands (as test_engine)
     exact = _compat.is_numpy(xp) or _compat.is_cupy(xp)
@@ -182,7 +182,7 @@ def test_the_forward_snapshots_the_parameters():
     da = rng.standard_normal((4, 2, 5))
     NP = _compat.default_namespace()
     params = {k: v.copy() for k, v in case.params.items()}
-    _, _, state = _engine.forward(GRU_CELL, case.x, (case.a0,), params, 4, xp=NP, keep=True)
+    _, _, _, state = _engine.forward(GRU_CELL, case.x, (case.a0,), params, 4, xp=NP, keep=True)
     assert state.params.keys() == set(GRU_PARAM_KEYS)
     for v in params.values():
         v[...] = 7.0
@@ -202,7 +202,7 @@ def _both_paths(monkeypatch, case, da, ds, dtype):
     for on in (True, False):
         with xlstm.accelerators(on):
             out = _run(NP, None, case, da, ds, dtype=NP.float32 if dtype == np.float32 else None)
-            inf, _, _ = _engine.forward(GRU_CELL, case.x.astype(dtype), (case.a0.astype(dtype),),
+            inf, _, _, _ = _engine.forward(GRU_CELL, case.x.astype(dtype), (case.a0.astype(dtype),),
                                         {k: v.astype(dtype) for k, v in case.params.items()},
                                         n_a, xp=NP, keep=False)
             out["inference A"] = inf["A"]

@@ -9,7 +9,7 @@ from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
-from .models import LSTM, ModelCache
+from .models import GRU, LSTM, ModelCache
 from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .lstm import (
     LSTMCache,
@@ -37,6 +37,7 @@ __all__ = [
     "LSTMCaches",
     # model classes
     "LSTM",
+    "GRU",
     "ModelCache",
     # training
     "init_params",

@@ -114,10 +114,14 @@ class BufferOps:
 
     def __init__(self, dtype):
         self._ftype = np.dtype(dtype).type
+        self._consts = {}
 
     def const(self, value: float):
-        """A constant for a point function, in the arrays' dtype."""
-        return self._ftype(value)
+        """A constant for a point function, in the arrays' dtype (made once)."""
+        c = self._consts.get(value)
+        if c is None:
+            c = self._consts[value] = self._ftype(value)
+        return c
 
     def tanh(self, x, out):
         return np.tanh(x, out=out)
@@ -139,7 +143,8 @@ class BufferOps:
     def map(self, fn, *args, out):
         """Run point function ``fn`` over the grid of ``out``, writing every output."""
         outs = out if isinstance(out, tuple) else (out,)
-        kinds = tuple("a" if isinstance(a, np.ndarray) else "s" for a in args)
+        # tuple() of a list, not of a generator: see xlstm._engine.scan on free lists
+        kinds = tuple(["a" if isinstance(a, np.ndarray) else "s" for a in args])
         _map_kernel(fn, kinds, len(outs))(*args, *outs)
         return out
 

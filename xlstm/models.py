@@ -36,9 +36,10 @@ from ._compat import (
 )
 from ._typing import Array
 from .cells.base import Cell
+from .cells.gru import GRU_CELL
 from .cells.lstm import LSTM_CELL
 
-__all__ = ["LSTM", "ModelCache"]
+__all__ = ["LSTM", "GRU", "ModelCache"]
 
 _LAYOUTS = ("notebook", "batch_first")
 _LATER = "is not implemented yet (it comes with stacked, bidirectional and variable-length models)"
@@ -456,3 +457,18 @@ class LSTM(_Model):
 
     cell = LSTM_CELL
     torch_name = "LSTM"
+
+
+
+
+
+class GRU(_Model):
+    """A GRU with torch's ``nn.GRU`` semantics, ``n = tanh(W_in x + b_in + r * (W_hn a +
+    b_hn))``: state ``(a,)``; each (layer, direction) holds ``Wr, br, Wz, bz, Wn, bn`` (``W*``
+    of shape ``(n_a, n_a + n_x)`` acting on ``[a_prev; x_t]``) and ``bhr, bhz, bhn``.
+
+    The parameters are those of :class:`LSTM`.
+    """
+
+    cell = GRU_CELL
+    torch_name = "GRU"

@@ -114,6 +114,7 @@ class GRUCell(Cell):
     split = True
     back_reads = ("S",)
     gates = GATES
+    dict_gates = GATES
     torch_gates = TORCH_GATES
     weight_keys = tuple("W" + g for g in GATES)
     bias_keys = tuple("b" + g for g in GATES)
