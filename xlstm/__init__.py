@@ -20,6 +20,14 @@ from .lstm import (
 )
 from .optim import SGD, Adam, clip_by_global_norm, clip_by_value
 from .params import init_params
+from .rnn import (
+    RNNCache,
+    RNNCaches,
+    rnn_backward,
+    rnn_cell_backward,
+    rnn_cell_forward,
+    rnn_forward,
+)
 from .train import FitResult, StepInfo, fit
 
 __version__ = "0.1.0"
@@ -34,6 +42,13 @@ __all__ = [
     "softmax",
     "LSTMCache",
     "LSTMCaches",
+    # the notebook's RNN
+    "rnn_cell_forward",
+    "rnn_forward",
+    "rnn_cell_backward",
+    "rnn_backward",
+    "RNNCache",
+    "RNNCaches",
     # training
     "init_params",
     "sequence_cross_entropy",

@@ -2,5 +2,6 @@
 
 from .base import Cell
 from .lstm import LSTM_CELL, LSTMCell
+from .rnn import RNN_RELU, RNN_TANH, RNNCell
 
-__all__ = ["Cell", "LSTMCell", "LSTM_CELL"]
+__all__ = ["Cell", "LSTMCell", "LSTM_CELL", "RNNCell", "RNN_TANH", "RNN_RELU"]

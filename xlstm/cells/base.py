@@ -17,10 +17,10 @@ A cell's pointwise math is written once, as *point functions*: plain Python arit
 their arguments (``+``, ``-``, ``*``), with every constant passed in as an argument, never a
 literal (so that a float32 step stays float32 everywhere). The same function runs on whole
 arrays on the array path and element by element, compiled, in the accelerated loops. A
-cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions and ``tanh``
-through an *ops* object: :class:`ArrayOps` on the array path (every call returns a new
-array), a buffered one in the accelerated loops (every call writes into ``out``). The
-transcendental functions are always the namespace's own, so both routes round alike.
+cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions, ``tanh``,
+``relu`` and ``sign`` through an *ops* object: :class:`ArrayOps` on the array path (every
+call returns a new array), a buffered one in the accelerated loops (every call writes into
+``out``). These functions are always the namespace's own, so both routes round alike.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ class ArrayOps:
 
     def tanh(self, x, out=None):
         return self.xp.tanh(x)
+
+    def relu(self, x, out=None):
+        """``max(x, 0)``, the namespace's ``maximum`` against zeros (NaN stays NaN)."""
+        return self.xp.maximum(x, self.xp.zeros_like(x))
+
+    def sign(self, x, out=None):
+        return self.xp.sign(x)
 
     def add(self, x, y, out=None):
         return x + y
