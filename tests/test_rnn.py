@@ -15,6 +15,7 @@ from xlstm.cells.rnn import RNN_RELU, RNN_TANH, RNNCell
 
 GRAD_KEYS = ("dWax", "dWaa", "dba")
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
+NO_NUMBA = "numba is not installed (pip install xlstm-array-api[cpu])"
 
 
 # ------------------------------------------------------------- a reference from the equations
@@ -275,7 +276,7 @@ def test_matches_torch_nn_rnn(cell, accel):
 
 
 # ------------------------------------------------- accelerated path == array path, bit for bit
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed (pip install xlstm-array-api[cpu])")
+@pytest.mark.skipif(not HAS_NUMBA, reason=NO_NUMBA)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bha", [False, True], ids=["ba", "ba+bha"])
 @pytest.mark.parametrize("cell", [RNN_TANH, RNN_RELU], ids=lambda c: c.name)
@@ -317,7 +318,7 @@ def test_accelerated_path_is_bit_identical(monkeypatch, cell, bha, dtype, m, T, 
         np.testing.assert_array_equal(runs[True][k], want, err_msg=k, strict=True)
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed (pip install xlstm-array-api[cpu])")
+@pytest.mark.skipif(not HAS_NUMBA, reason=NO_NUMBA)
 def test_public_api_is_bit_identical_on_both_paths():
     rng = np.random.default_rng(10)
     case = random_rnn_case(rng, 3, 4, 3, 2, 5)
@@ -444,8 +445,10 @@ def _with(p, key, value):
 
 
 FORWARD_CASES = {
-    "missing Wax": (KeyError, "parameters is missing 'Wax'", lambda d: {**d, "p": _with(d["p"], "Wax", None)}),
-    "missing by": (KeyError, "parameters is missing 'by'", lambda d: {**d, "p": _with(d["p"], "by", None)}),
+    "missing Wax": (KeyError, "parameters is missing 'Wax'",
+                    lambda d: {**d, "p": _with(d["p"], "Wax", None)}),
+    "missing by": (KeyError, "parameters is missing 'by'",
+                   lambda d: {**d, "p": _with(d["p"], "by", None)}),
     "Waa shape": (ValueError, "parameters['Waa'] has n_a=5",
                   lambda d: {**d, "p": _with(d["p"], "Waa", np.ones((N_A + 1, N_A)))}),
     "ba shape": (ValueError, "parameters['ba'] must be 2-D",
