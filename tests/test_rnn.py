@@ -240,6 +240,47 @@ def test_gradcheck_through_the_engine_with_bha(cell):
         assert err < 1e-8, f"d{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("cell", [RNN_TANH, RNN_RELU], ids=lambda c: c.name)
+def test_cells_through_the_engine_match_the_equations(xp, device, cell):
+    """Both activations, with ``bha`` and a gradient on the final state, on every backend."""
+    rng = np.random.default_rng(15)
+    case = random_rnn_case(rng, 3, 5, 2, 4, 6, scale=0.8, bha=True)
+    G, Gh = rng.standard_normal((5, 4, 6)), rng.standard_normal((5, 4))
+    p = case.params
+    act, deriv = {
+        "tanh": (np.tanh, lambda a: 1 - a**2),
+        "relu": (lambda z: np.maximum(z, 0), lambda a: (a > 0) * 1.0),
+    }[cell.nonlinearity]
+    a_ref = [case.a0]
+    for t in range(6):
+        z = p["Wax"] @ case.x[:, :, t] + p["Waa"] @ a_ref[-1] + p["ba"] + p["bha"]
+        a_ref.append(act(z))
+    want = {"dx": np.zeros(case.x.shape), "dWax": 0.0, "dWaa": 0.0, "dba": 0.0}
+    d_a = Gh
+    for t in reversed(range(6)):
+        dz = (G[:, :, t] + d_a) * deriv(a_ref[t + 1])
+        want["dx"][:, :, t] = p["Wax"].T @ dz
+        want["dWax"] = want["dWax"] + dz @ case.x[:, :, t].T
+        want["dWaa"] = want["dWaa"] + dz @ a_ref[t].T
+        want["dba"] = want["dba"] + dz.sum(axis=1, keepdims=True)
+        d_a = p["Waa"].T @ dz
+    want["da0"] = d_a
+    if cell is RNN_RELU:  # some units are cut, some pass
+        assert 0 < np.mean(np.stack(a_ref[1:]) == 0) < 1
+    X, A0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
+    P = to_xp(p, xp, device)
+    tr = xp.matrix_transpose
+    stacks, _, state = _engine.forward(cell, X, (A0,), P, 5, xp=xp, keep=True)
+    dX, (da0,), grads = _engine.backward(cell, to_xp(G, xp, device), state, xp=xp,
+                                         dstate=(to_xp(Gh.T, xp, device),))
+    a = xp.permute_dims(stacks["A"][1:, ...], (2, 1, 0))
+    assert_close(a, np.stack(a_ref[1:], axis=-1), xp=xp, device=device, dtype=xp.float64)
+    got = {"dx": xp.permute_dims(dX, (2, 1, 0)), "da0": tr(da0), **grads}
+    assert list(got) == ["dx", "da0", "dWax", "dWaa", "dba"]
+    for k, v in want.items():
+        assert_close(got[k], v, xp=xp, device=device, dtype=xp.float64, err=k)
+
+
 # -------------------------------------------------------------------- torch's nn.RNN
 @pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
 @pytest.mark.parametrize("cell", [RNN_TANH, RNN_RELU], ids=lambda c: c.name)
