@@ -1,7 +1,8 @@
 """The test suite's oracles, written once: random cases, central differences, torch autograd.
 
 * :func:`random_case` draws an LSTM case (``x``, ``a0``, ``c0`` and the ten parameters of the
-  notebook) on the host;
+  notebook) on the host, :func:`random_rnn_case` an RNN case (``x``, ``a0`` and the RNN
+  notebook's five parameters, optionally torch's second bias ``bha``);
 * :func:`central_differences` differentiates any scalar function of named float64 arrays;
 * :func:`torch_lstm_forward` is the notebook's forward pass written independently with torch
   operations, so that torch autograd gives every gradient;
@@ -71,6 +72,45 @@ def random_case(rng=0, n_x=3, n_a=4, n_y=2, m=2, T=3, *, scale=0.5, x_scale=1.0,
         x, a0, c0 = (v.astype(dtype) for v in (x, a0, c0))
         params = {k: v.astype(dtype) for k, v in params.items()}
     return Case(x, a0, c0, params)
+
+
+class RNNCase(NamedTuple):
+    """An RNN case on the host: unpacks as ``x, a0, params``."""
+
+    x: np.ndarray
+    a0: np.ndarray
+    params: dict[str, np.ndarray]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``x``, ``a0`` and the parameters as one flat dict (the arrays themselves)."""
+        return {"x": self.x, "a0": self.a0, **self.params}
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> RNNCase:
+        """The inverse of :meth:`arrays`."""
+        return cls(arrays["x"], arrays["a0"],
+                   {k: v for k, v in arrays.items() if k not in ("x", "a0")})
+
+
+def random_rnn_case(rng=0, n_x=3, n_a=4, n_y=2, m=2, T=3, *, scale=0.5, x_scale=1.0,
+                    state_scale=1.0, bha=False, dtype=np.float64) -> RNNCase:
+    """A random RNN case of standard normal draws, scaled (see :func:`random_case`).
+
+    The draws come in a fixed order: ``Wax, Waa, Wya, ba, by``, then ``x``, ``a0`` and, with
+    ``bha=True``, torch's second bias ``bha`` ``(n_a, 1)``.
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    shapes = {"Wax": (n_a, n_x), "Waa": (n_a, n_a), "Wya": (n_y, n_a), "ba": (n_a, 1),
+              "by": (n_y, 1)}
+    params = {k: scale * rng.standard_normal(shape) for k, shape in shapes.items()}
+    x = x_scale * rng.standard_normal((n_x, m, T))
+    a0 = state_scale * rng.standard_normal((n_a, m))
+    if bha:
+        params["bha"] = scale * rng.standard_normal((n_a, 1))
+    dtype = np.dtype(dtype)
+    return RNNCase(x.astype(dtype), a0.astype(dtype),
+                   {k: v.astype(dtype) for k, v in params.items()})
 
 
 def central_differences(

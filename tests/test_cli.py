@@ -63,6 +63,23 @@ def test_check_fails_when_a_tolerance_is_missed(capsys, monkeypatch):
     assert re.search(r"^FAILED: (\d) of \1 checks failed$", out, re.M)
 
 
+def test_check_covers_the_rnn_api(capsys, monkeypatch):
+    """A wrong RNN gradient fails the check in its own column."""
+    real = xlstm.rnn_backward
+
+    def off(da, caches):
+        return {k: 1.001 * v for k, v in real(da, caches).items()}
+
+    monkeypatch.setattr(xlstm, "rnn_backward", off)
+    assert cli.main(["check", "--backends", "strict"]) == 1
+    out = capsys.readouterr().out
+    head, _, row = out.splitlines()[:3]
+    cols = re.split(r"\s{2,}", row.strip())
+    assert "rnn gradcheck rel err" in head
+    assert cols[0] == "strict" and float(cols[4]) > cli.GRAD_TOL and "FAIL" in cols
+    assert float(cols[3]) < cli.GRAD_TOL  # the LSTM's column still passes
+
+
 def test_check_reports_an_error_as_a_failure(capsys, monkeypatch):
     def broken(xp, device):
         raise RuntimeError("broken backend")

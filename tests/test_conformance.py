@@ -221,6 +221,23 @@ def test_no_mutation_and_outputs_independent_of_cache(spec, xp, device):
 
 
 @SPEC
+def test_cache_survives_copy_and_pickle(spec):
+    """A cache copied or pickled still belongs to its model: the same gradients."""
+    import copy
+    import pickle
+
+    model = _model(spec)
+    case = _case(spec, seed=7)
+    _, _, cache = model.forward(case["x"], case["state"])
+    want = model.backward(case["dy"], cache)
+    for again in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        got = model.backward(case["dy"], again)
+        np.testing.assert_array_equal(got[0], want[0])
+        for k in want[2][0]:
+            np.testing.assert_array_equal(got[2][0][k], want[2][0][k], err_msg=k)
+
+
+@SPEC
 @PATH
 def test_inference_memory_does_not_grow_with_T(spec, accel, monkeypatch):
     """``return_cache=False``: beyond the outputs, the memory is one block of steps."""

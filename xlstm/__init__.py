@@ -9,7 +9,7 @@ from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
-from .models import GRU, LSTM, ModelCache
+from .models import GRU, LSTM, RNN, ModelCache
 from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .lstm import (
     LSTMCache,
@@ -21,6 +21,14 @@ from .lstm import (
 )
 from .optim import SGD, Adam, clip_by_global_norm, clip_by_value
 from .params import init_params
+from .rnn import (
+    RNNCache,
+    RNNCaches,
+    rnn_backward,
+    rnn_cell_backward,
+    rnn_cell_forward,
+    rnn_forward,
+)
 from .train import FitResult, StepInfo, fit
 
 __version__ = "0.1.0"
@@ -38,7 +46,15 @@ __all__ = [
     # model classes
     "LSTM",
     "GRU",
+    "RNN",
     "ModelCache",
+    # the notebook's RNN
+    "rnn_cell_forward",
+    "rnn_forward",
+    "rnn_cell_backward",
+    "rnn_backward",
+    "RNNCache",
+    "RNNCaches",
     # training
     "init_params",
     "sequence_cross_entropy",

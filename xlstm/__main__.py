@@ -1,8 +1,9 @@
 """Command line: ``python -m xlstm {check,info,demo}``.
 
-``check`` runs the seed notebook's four examples and a float64 gradient check on every backend
-that is importable here, prints a pass/fail table and exits non-zero on any failure, or when
-no backend ran, or when a backend named with ``--backends`` cannot run here.
+``check`` runs the seed notebook's four examples and float64 gradient checks of the LSTM and
+the RNN notebook APIs on every backend that is importable here, prints a pass/fail table and
+exits non-zero on any failure, or when no backend ran, or when a backend named with
+``--backends`` cannot run here.
 ``info`` prints versions and devices.
 ``demo charlm`` and ``demo adding`` train the demos of :mod:`xlstm.demos`.
 Bad arguments are argparse errors: a usage line and one error line, exit status 2.
@@ -99,44 +100,76 @@ def _run(xp, device, host, G=None):
     return {k: to_host(v) for k, v in xlstm.lstm_backward(_arrays(xp, device, G), caches).items()}
 
 
-def central_differences(h=1e-6):
+def _rnn_gradcheck_case(n_x=2, n_a=3, m=2, T=3, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"Wax": (n_a, n_x), "Waa": (n_a, n_a), "Wya": (2, n_a), "ba": (n_a, 1),
+              "by": (2, 1), "x": (n_x, m, T), "a0": (n_a, m)}
+    host = {k: 0.8 * rng.standard_normal(shape) for k, shape in shapes.items()}
+    return host, rng.standard_normal((n_a, m, T))
+
+
+def _run_rnn(xp, device, host, G=None):
+    d = _arrays(xp, device, host)
+    P = {k: d[k] for k in xlstm.rnn.PARAM_KEYS}
+    a, _, caches = xlstm.rnn_forward(d["x"], d["a0"], P, return_caches=G is not None)
+    if G is None:
+        return to_host(a)
+    return {k: to_host(v) for k, v in xlstm.rnn_backward(_arrays(xp, device, G), caches).items()}
+
+
+#: The gradient checks, by API: the case, the run (hidden states, or every gradient of
+#: ``sum(G * a)``) and the inputs that the central differences perturb.
+GRADCHECKS = {
+    "lstm": (_gradcheck_case, _run, ("x", "a0", "c0", *xlstm.params.PARAM_KEYS[:8])),
+    "rnn": (_rnn_gradcheck_case, _run_rnn, ("x", "a0", "Wax", "Waa", "ba")),
+}
+
+
+def central_differences(api="lstm", h=1e-6):
     """Central-difference gradients (numpy, float64) of ``L = sum(G * a)`` in every input.
 
-    ``G`` is a fixed random array, so the exact gradient in ``a`` is ``G``; every entry of
-    ``x``, ``a0``, ``c0`` and of the gate weights and biases is perturbed.
+    ``api`` names one of :data:`GRADCHECKS`. ``G`` is a fixed random array, so the exact
+    gradient in ``a`` is ``G``; every entry of the inputs, the initial state and the cell's
+    weights and biases is perturbed.
     """
-    host, G = _gradcheck_case()
+    case, run, names = GRADCHECKS[api]
+    host, G = case()
     num = {}
-    for name in ("x", "a0", "c0", *xlstm.params.PARAM_KEYS[:8]):
+    for name in names:
         num["d" + name] = np.zeros_like(host[name])
         for idx in np.ndindex(host[name].shape):
             up, down = ({**host, name: host[name].copy()} for _ in range(2))
             up[name][idx] += h
             down[name][idx] -= h
-            diff = np.sum((_run(None, None, up) - _run(None, None, down)) * G)
+            diff = np.sum((run(None, None, up) - run(None, None, down)) * G)
             num["d" + name][idx] = diff / (2 * h)
     return num
 
 
-def gradcheck(xp, device, numeric):
+def gradcheck(xp, device, numeric, api="lstm"):
     """Worst relative error of the backend's gradients against ``numeric`` differences."""
-    host, G = _gradcheck_case()
-    grads = _run(xp, device, host, G)
+    case, run, _ = GRADCHECKS[api]
+    host, G = case()
+    grads = run(xp, device, host, G)
     return max(float(np.max(np.abs(numeric[k] - grads[k]))) / max(1.0, float(np.max(np.abs(v))))
                for k, v in numeric.items())
 
 
 def _check_backend(name, xp, device, numeric):
-    """One row of the check table: seed examples and gradcheck on one backend."""
+    """One row of the check table: seed examples and the gradient checks on one backend.
+
+    ``numeric`` holds the central differences of every API of :data:`GRADCHECKS`.
+    """
     t0 = time.perf_counter()
     try:
         seed_err = seed_examples(xp, device)
-        grad_err = gradcheck(xp, device, numeric)
+        grad_errs = [gradcheck(xp, device, numeric[api], api) for api in GRADCHECKS]
     except Exception as exc:  # noqa: BLE001 - report every backend, then fail
-        return (name, str(device), "error", "error", "FAIL", repr(exc)), True
-    ok = seed_err < SEED_TOL and grad_err < GRAD_TOL
-    return (name, str(device), f"{seed_err:.1e}", f"{grad_err:.1e}", "pass" if ok else "FAIL",
-            f"{time.perf_counter() - t0:.2f} s"), not ok
+        return (name, str(device), "error", *("error" for _ in GRADCHECKS), "FAIL",
+                repr(exc)), True
+    ok = seed_err < SEED_TOL and all(e < GRAD_TOL for e in grad_errs)
+    return (name, str(device), f"{seed_err:.1e}", *(f"{e:.1e}" for e in grad_errs),
+            "pass" if ok else "FAIL", f"{time.perf_counter() - t0:.2f} s"), not ok
 
 
 def _backend_names(text):
@@ -156,26 +189,27 @@ def cmd_check(args):
     chosen = args.backends is not None
     names = args.backends if chosen else BACKENDS
     rows = []
-    numeric = central_differences()
+    numeric = {api: central_differences(api) for api in GRADCHECKS}
     for name in names:
         try:
             xp, device = load_backend(name)
         except BackendUnavailable as exc:
-            rows.append((name, "-", "-", "-", "skip", str(exc)))
+            rows.append((name, "-", "-", *("-" for _ in GRADCHECKS), "skip", str(exc)))
             continue
         rows.append(_check_backend(name, xp, device, numeric)[0])
         if _engine.accelerated_loops(xp, xp.float64) is not None:  # the array path too
             with _engine.accelerators(False):
                 rows.append(_check_backend(f"{name} (array path)", xp, device, numeric)[0])
-    head = ("backend", "device", "notebook max |err|", "gradcheck rel err", "result", "note")
+    head = ("backend", "device", "notebook max |err|",
+            *(f"{api} gradcheck rel err" for api in GRADCHECKS), "result", "note")
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     for r in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"\nthe notebook's examples must match to {SEED_TOL:g}; "
           f"gradients to {GRAD_TOL:g} (relative)")
-    ran = sum(r[4] != "skip" for r in rows)
-    n_failed = sum(r[4] == "FAIL" for r in rows)
-    missing = [r[0] for r in rows if r[4] == "skip"] if chosen else []
+    ran = sum(r[-2] != "skip" for r in rows)
+    n_failed = sum(r[-2] == "FAIL" for r in rows)
+    missing = [r[0] for r in rows if r[-2] == "skip"] if chosen else []
     if ran == 0:
         print(f"FAILED: no backend ran ({', '.join(r[0] for r in rows)} cannot run here)")
         return 1
@@ -238,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,info,demo}")
     p = sub.add_parser(
-        "check", help="the notebook's examples and a gradient check on every backend",
-        description="Run the notebook's four examples and a float64 gradient check on every "
-                    "backend that can run here (or on those named with --backends), print a "
-                    "pass/fail table, and exit with status 1 on any failure, when no backend "
-                    "ran, or when a named backend cannot run here.")
+        "check", help="the notebook's examples and gradient checks on every backend",
+        description="Run the notebook's four examples and float64 gradient checks of the LSTM "
+                    "and RNN APIs on every backend that can run here (or on those named with "
+                    "--backends), print a pass/fail table, and exit with status 1 on any "
+                    "failure, when no backend ran, or when a named backend cannot run here.")
     p.add_argument("--backends", type=_backend_names, metavar="NAMES",
                    help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.set_defaults(func=cmd_check)

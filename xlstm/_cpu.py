@@ -126,6 +126,13 @@ class BufferOps:
     def tanh(self, x, out):
         return np.tanh(x, out=out)
 
+    def relu(self, x, out):
+        """``max(x, 0)``: numpy's ``maximum``, as on the array path."""
+        return np.maximum(x, self._ftype(0), out=out)
+
+    def sign(self, x, out):
+        return np.sign(x, out=out)
+
     def add(self, x, y, out):
         return np.add(x, y, out=out)
 

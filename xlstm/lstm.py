@@ -15,6 +15,8 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from . import _engine
+from ._checks import check_da as _check_da
+from ._checks import check_shape as _check_shape
 from ._compat import copy, device_of, namespace, on_input_device
 from ._typing import Array, Grads, Params
 from .cells.base import NO_OUT, array_ops
@@ -106,26 +108,6 @@ def _resolve(params, need_output=True, kinds=None, **arrays):
     xp = namespace(kinds=kinds, optional=_OPTIONAL, **arrays,
                    **param_arrays(params, need_output=need_output))
     return xp, check_params(params, need_output=need_output)
-
-
-def _check_shape(name, arr, expected, what):
-    """Raise ValueError naming ``name`` unless ``arr.shape`` matches ``expected``.
-
-    ``expected`` holds ints or ``None`` (any size); ``what`` names each axis.
-    """
-    if arr.ndim != len(expected):
-        raise ValueError(
-            f"{name} must be {len(expected)}-D {what}, got shape {tuple(arr.shape)}"
-        )
-    labels = what.strip("()").split(", ")
-    for axis, (want, got, label) in enumerate(zip(expected, arr.shape, labels)):
-        if want is not None and got != want:
-            raise ValueError(
-                f"{name} has {label}={got} (axis {axis}) but {want} is expected from the "
-                f"other arguments; {name}.shape is {tuple(arr.shape)}, expected {what}"
-            )
-        if got < 1:
-            raise ValueError(f"{name} has {label}=0; every dimension must be at least 1")
 
 
 # ----------------------------------------------------------------------------- forward
@@ -344,15 +326,6 @@ def lstm_backward(da: Array, caches: tuple) -> Grads:
     if isinstance(caches, LSTMCaches):
         return _backward_fused(da, getattr(caches, "state", None), x)
     return _backward_per_step(da, steps, x)
-
-
-def _check_da(da, n_a, m, T_x):
-    _check_shape("da", da, (n_a, m, None), "(n_a, m, T_da)")
-    if da.shape[2] > T_x:
-        raise ValueError(
-            f"da covers T_da={da.shape[2]} steps but the forward pass ran T_x={T_x}; "
-            "need T_da <= T_x"
-        )
 
 
 def _check_state(state):

@@ -38,8 +38,9 @@ from ._typing import Array
 from .cells.base import Cell
 from .cells.gru import GRU_CELL
 from .cells.lstm import LSTM_CELL
+from .cells.rnn import RNN_RELU, RNN_TANH
 
-__all__ = ["LSTM", "GRU", "ModelCache"]
+__all__ = ["LSTM", "GRU", "RNN", "ModelCache"]
 
 _LAYOUTS = ("notebook", "batch_first")
 _LATER = "is not implemented yet (it comes with stacked, bidirectional and variable-length models)"
@@ -472,3 +473,28 @@ class GRU(_Model):
 
     cell = GRU_CELL
     torch_name = "GRU"
+
+
+class RNN(_Model):
+    """An Elman RNN with torch's ``nn.RNN`` semantics, ``a_t = act(Wax x_t + Waa a_{t-1} +
+    ba + bha)``: state ``(a,)``; each (layer, direction) holds ``Wax, Waa, ba, bha``.
+
+    ``nonlinearity`` is ``"tanh"`` (default) or ``"relu"``; the other parameters are those
+    of :class:`LSTM`.
+    """
+
+    torch_name = "RNN"
+
+    def __init__(self, n_x: int, n_a: int, *, nonlinearity: str = "tanh", **kwargs: Any) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self.cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
+        super().__init__(n_x, n_a, **kwargs)
+
+    @classmethod
+    def _torch_kwargs(cls, module):
+        return {"nonlinearity": module.nonlinearity}
+
+    def _torch_module_kwargs(self):
+        return {"nonlinearity": self.nonlinearity}

@@ -1,7 +1,12 @@
 """Recurrent cells for the engine: one module per cell, the contract in :mod:`.base`."""
 
-from .base import Cell
+from .base import Cell, cell_named
 from .gru import GRU_CELL, GRUCell
 from .lstm import LSTM_CELL, LSTMCell
+from .rnn import RNN_RELU, RNN_TANH, RNNCell
 
-__all__ = ["Cell", "LSTMCell", "LSTM_CELL", "GRUCell", "GRU_CELL"]
+#: Every cell, by name.
+CELLS = {c.name: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH, RNN_RELU)}
+
+__all__ = ["CELLS", "cell_named", "Cell", "LSTMCell", "LSTM_CELL", "GRUCell", "GRU_CELL", "RNNCell", "RNN_TANH",
+           "RNN_RELU"]

@@ -17,10 +17,10 @@ A cell's pointwise math is written once, as *point functions*: plain Python arit
 their arguments (``+``, ``-``, ``*``), with every constant passed in as an argument, never a
 literal (so that a float32 step stays float32 everywhere). The same function runs on whole
 arrays on the array path and element by element, compiled, in the accelerated loops. A
-cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions and ``tanh``
-through an *ops* object: :class:`ArrayOps` on the array path (every call returns a new
-array), a buffered one in the accelerated loops (every call writes into ``out``). The
-transcendental functions are always the namespace's own, so both routes round alike.
+cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions, ``tanh``,
+``relu`` and ``sign`` through an *ops* object: :class:`ArrayOps` on the array path (every
+call returns a new array), a buffered one in the accelerated loops (every call writes into
+``out``). These functions are always the namespace's own, so both routes round alike.
 """
 
 from __future__ import annotations
@@ -30,7 +30,17 @@ from collections import namedtuple
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT"]
+__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT", "cell_named"]
+
+
+def cell_named(name: str) -> Cell:
+    """The cell instance called ``name`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ...)."""
+    from . import CELLS
+
+    try:
+        return CELLS[name]
+    except KeyError:
+        raise ValueError(f"no cell is named {name!r}; the cells are {sorted(CELLS)}") from None
 
 
 class _NoOut(Mapping):
@@ -71,6 +81,13 @@ class ArrayOps:
 
     def tanh(self, x, out=None):
         return self.xp.tanh(x)
+
+    def relu(self, x, out=None):
+        """``max(x, 0)``, the namespace's ``maximum`` against zeros (NaN stays NaN)."""
+        return self.xp.maximum(x, self.xp.zeros_like(x))
+
+    def sign(self, x, out=None):
+        return self.xp.sign(x)
 
     def add(self, x, y, out=None):
         return x + y
@@ -151,6 +168,9 @@ class Cell:
 
     def __repr__(self):
         return f"<cell {self.name}>"
+
+    def __reduce__(self):  # one instance per cell, also after a pickle round trip
+        return (cell_named, (self.name,))
 
     # ----------------------------------------------------------------- parameters
     def param_keys(self, params: Mapping) -> tuple[str, ...]:

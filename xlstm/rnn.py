@@ -1,0 +1,386 @@
+"""The RNN API of the notebook "Building your Recurrent Neural Network - Step by Step": cell
+and sequence, forward and backward.
+
+Shapes follow the notebook (``n_x`` inputs, ``n_a`` hidden units, ``n_y`` classes, ``m``
+examples, ``T_x`` steps): a step's arrays are ``(features, m)``, a sequence's are
+``(features, m, T_x)``. One step is
+
+* ``a_next = tanh(Wax xt + Waa a_prev + ba)``,
+* ``yt_pred = softmax(Wya a_next + by)``;
+
+and its backward pass, with ``da_next`` the gradient on ``a_next``,
+
+* ``dtanh = (1 - a_next^2) * da_next``,
+* ``dxt = Wax^T dtanh``, ``dWax = dtanh xt^T``, ``da_prev = Waa^T dtanh``,
+  ``dWaa = dtanh a_prev^T``, ``dba = sum(dtanh, axis=1)``.
+
+Sequences run through the fused engine (:mod:`xlstm._engine`) with the cell
+:data:`xlstm.cells.rnn.RNN_TANH`; the cell functions use the same pointwise code, so the two
+agree to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Sequence
+
+from . import _engine
+from ._checks import check_da, check_shape, require_mapping_keys
+from ._compat import copy, device_of, namespace, on_input_device
+from ._typing import Array, Grads, Params
+from .cells.base import NO_OUT, array_ops
+from .cells.rnn import RNN_TANH
+
+__all__ = [
+    "RNNCache",
+    "RNNCaches",
+    "rnn_cell_forward",
+    "rnn_forward",
+    "rnn_cell_backward",
+    "rnn_backward",
+]
+
+#: The notebook's parameter keys: the cell's, then the output layer's.
+PARAM_KEYS = ("Wax", "Waa", "Wya", "ba", "by")
+#: The output layer's keys.
+_HEAD = ("Wya", "by")
+_CELL_KEYS = ("Wax", "Waa", "ba")
+
+RNNCache = namedtuple("RNNCache", ["a_next", "a_prev", "xt", "parameters"])
+RNNCache.__doc__ = """One step's cache, in the notebook's order: ``a_next`` and ``a_prev``
+``(n_a, m)``, ``xt`` ``(n_x, m)``; ``parameters`` is a copy of the parameter dict taken by
+the forward pass, so that changing the caller's parameters afterwards does not change the
+gradients."""
+
+
+class _StepCaches(Sequence):
+    """The per-step caches of a sequence, built on access as views into the stacked state."""
+
+    def __init__(self, state, xp=None):
+        self._state = state
+        self._xp = namespace(caches=state.A) if xp is None else xp
+
+    def __reduce__(self):  # the namespace (a module) is found again from the arrays
+        return (type(self), (self._state,))
+
+    def __len__(self):
+        return self._state.H.shape[0]
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[k] for k in range(*t.indices(len(self)))]
+        T = len(self)
+        if not -T <= t < T:
+            raise IndexError(f"step {t} is out of range for a sequence of {T} steps")
+        t %= T
+        st, tr = self._state, self._xp.matrix_transpose
+        m = st.A.shape[1]
+        return RNNCache(tr(st.A[t + 1, ...]), tr(st.A[t, ...]),
+                        tr(st.X[t * m : (t + 1) * m, :]), st.params)
+
+
+class RNNCaches(tuple):
+    """What :func:`rnn_forward` returns as ``caches``: the notebook's pair ``(caches, x)``.
+
+    ``caches[0]`` is the sequence of per-step :class:`RNNCache` tuples (views into the
+    stacked forward state, built on access) and ``caches[1]`` is ``x``. The stacked state
+    itself is :attr:`state`; :func:`rnn_backward` uses it directly.
+
+    It can be copied (``copy.copy``, ``copy.deepcopy``) and pickled, as far as the
+    arrays of its namespace can.
+    """
+
+    def __new__(cls, steps, x, state):
+        obj = super().__new__(cls, (steps, x))
+        obj.state = state
+        return obj
+
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its three parts
+        return (type(self), (self[0], self[1], self.state))
+
+
+# ----------------------------------------------------------------------------- validation
+def _resolve(parameters, need_output=True, **arrays):
+    """Check the keys, then namespace/dtype/device of everything, then the shapes.
+
+    Returns ``(xp, (n_a, n_x, n_y))``, ``n_y`` being ``None`` without the output layer.
+    """
+    keys = PARAM_KEYS if need_output else _CELL_KEYS
+    require_mapping_keys(parameters, keys, name="parameters")
+    xp = namespace(**arrays, **{f"parameters['{k}']": parameters[k] for k in keys})
+    Wax = parameters["Wax"]
+    check_shape("parameters['Wax']", Wax, (None, None), "(n_a, n_x)")
+    n_a, n_x = Wax.shape
+    check_shape("parameters['Waa']", parameters["Waa"], (n_a, n_a), "(n_a, n_a)")
+    check_shape("parameters['ba']", parameters["ba"], (n_a, 1), "(n_a, 1)")
+    n_y = None
+    if need_output:
+        check_shape("parameters['Wya']", parameters["Wya"], (None, n_a), "(n_y, n_a)")
+        n_y = parameters["Wya"].shape[0]
+        check_shape("parameters['by']", parameters["by"], (n_y, 1), "(n_y, 1)")
+    return xp, (n_a, n_x, n_y)
+
+
+# ----------------------------------------------------------------------------- forward
+@on_input_device
+def rnn_cell_forward(
+    xt: Array, a_prev: Array, parameters: Params
+) -> tuple[Array, Array, RNNCache]:
+    """One RNN step and its softmax prediction.
+
+    ``a_next = tanh(Wax xt + Waa a_prev + ba)`` and ``yt_pred = softmax(Wya a_next + by)``.
+
+    Parameters
+    ----------
+    xt : array, shape (n_x, m)
+        Input at step t.
+    a_prev : array, shape (n_a, m)
+        Hidden state at step t-1.
+    parameters : dict
+        ``Wax`` ``(n_a, n_x)``, ``Waa`` ``(n_a, n_a)``, ``Wya`` ``(n_y, n_a)``, ``ba``
+        ``(n_a, 1)`` and ``by`` ``(n_y, 1)``.
+
+    Returns
+    -------
+    a_next : array, shape (n_a, m)
+        The next hidden state.
+    yt_pred : array, shape (n_y, m)
+        ``softmax(Wya a_next + by)`` over axis 0.
+    cache : RNNCache
+        ``(a_next, a_prev, xt, parameters)`` for :func:`rnn_cell_backward`.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
+        disagrees; the message names the argument.
+    """
+    xp, (n_a, n_x, _) = _resolve(parameters, xt=xt, a_prev=a_prev)
+    check_shape("xt", xt, (n_x, None), "(n_x, m)")
+    m = xt.shape[1]
+    check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
+    x = xp.reshape(xt, (n_x, m, 1))
+    stacks, _, Y, state = _engine.forward(
+        RNN_TANH, x, (a_prev,), parameters, n_a, xp=xp, keep=True, head=_HEAD
+    )
+    tr = xp.matrix_transpose
+    return copy(tr(stacks["A"][1, ...])), tr(Y[0, ...]), _StepCaches(state, xp)[0]
+
+
+@on_input_device
+def rnn_forward(
+    x: Array, a0: Array, parameters: Params, *, return_caches: bool = True
+) -> tuple[Array, Array, RNNCaches | None]:
+    """Run the RNN over a whole sequence: :func:`rnn_cell_forward`'s step at every step.
+
+    Parameters
+    ----------
+    x : array, shape (n_x, m, T_x)
+        Inputs of every step.
+    a0 : array, shape (n_a, m)
+        Initial hidden state.
+    parameters : dict
+        The notebook's parameters, see :func:`rnn_cell_forward`.
+    return_caches : bool, optional
+        Default True. False runs the inference path: nothing is kept for a backward pass
+        and ``caches`` is ``None``.
+
+    Returns
+    -------
+    a : array, shape (n_a, m, T_x)
+        Hidden states, ``a[:, :, t] = tanh(Wax x[:, :, t] + Waa a[:, :, t-1] + ba)``.
+    y_pred : array, shape (n_y, m, T_x)
+        Softmax predictions, ``softmax(Wya a_t + by)`` over axis 0.
+    caches : RNNCaches or None
+        The notebook's pair ``(list of per-step caches, x)``: ``len(caches) == 2`` and
+        ``caches[1]`` is ``x``. The per-step caches are views into one stacked forward
+        state, which :func:`rnn_backward` uses directly.
+
+    Notes
+    -----
+    One GEMM computes the input terms of up to ``4096 // m`` steps at a time; each step
+    is then one GEMM with ``Waa`` and one ``tanh``; the predictions are one GEMM and one
+    softmax per block of steps. With caches the forward state costs ``(2 n_a + n_x) m``
+    numbers per step (``a`` twice and a copy of ``x_t``) on top of the outputs. The
+    returned ``a`` and ``y_pred`` are independent of ``caches``: writing into them never
+    changes what :func:`rnn_backward` computes.
+    """
+    xp, (n_a, n_x, _) = _resolve(parameters, x=x, a0=a0)
+    check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
+    check_shape("a0", a0, (n_a, x.shape[1]), "(n_a, m)")
+    keep = bool(return_caches)
+    stacks, _, Y, state = _engine.forward(
+        RNN_TANH, x, (a0,), parameters, n_a, xp=xp, keep=keep, head=_HEAD
+    )
+    seed = (2, 1, 0)  # (T, m, k) -> (k, m, T)
+    a = xp.permute_dims(stacks["A"][1:, ...], seed)
+    y = xp.permute_dims(Y, seed)
+    if not keep:
+        return a, y, None
+    return copy(a), y, RNNCaches(_StepCaches(state, xp), x, state)
+
+
+# ---------------------------------------------------------------------------- backward
+@on_input_device
+def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
+    """Backward pass of one RNN step.
+
+    With ``dtanh = (1 - a_next^2) * da_next``: ``dxt = Wax^T dtanh``, ``da_prev = Waa^T
+    dtanh``, ``dWax = dtanh xt^T``, ``dWaa = dtanh a_prev^T`` and ``dba`` the sum of
+    ``dtanh`` over the examples.
+
+    Parameters
+    ----------
+    da_next : array, shape (n_a, m)
+        Gradient of the loss with respect to this step's hidden state ``a_next`` (the
+        ``1 - a_next^2`` factor is applied here).
+    cache : tuple
+        The cache of :func:`rnn_cell_forward`, ``(a_next, a_prev, xt, parameters)``; a
+        hand-built tuple works too (``parameters`` needs ``Wax``, ``Waa`` and ``ba``).
+
+    Returns
+    -------
+    dict
+        ``dxt`` ``(n_x, m)``, ``da_prev`` ``(n_a, m)``, ``dWax`` ``(n_a, n_x)``, ``dWaa``
+        ``(n_a, n_a)`` and ``dba`` ``(n_a, 1)``.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        For a cache that is not the 4-tuple, a missing parameter, mixed namespaces, dtypes
+        or devices, or a shape that disagrees; the message names the argument.
+    """
+    if not isinstance(cache, tuple) or len(cache) != 4:
+        raise TypeError(
+            "cache must be the 4-tuple (a_next, a_prev, xt, parameters) returned by "
+            "rnn_cell_forward"
+        )
+    a_next, a_prev, xt, parameters = cache
+    named = dict(zip(RNNCache._fields[:3], cache[:3]))
+    xp, (n_a, n_x, _) = _resolve(
+        parameters, need_output=False, da_next=da_next,
+        **{f"cache.{k}": v for k, v in named.items()},
+    )  # fmt: skip
+    check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
+    m = xt.shape[1]
+    for name, arr in (("da_next", da_next), ("cache.a_next", a_next), ("cache.a_prev", a_prev)):
+        check_shape(name, arr, (n_a, m), "(n_a, m)")
+    tr = xp.matrix_transpose
+    ops = array_ops(xp)
+    coeffs = RNN_TANH.back_coeffs(ops, {"H": tr(a_next)}, {"A": tr(a_prev)}, NO_OUT)
+    dg, _, _, _ = RNN_TANH.step_back(ops, tr(da_next), 0.0, (), coeffs, {}, NO_OUT)
+    WaT, Wx = RNN_TANH.fuse_backward(parameters, n_a, xp=xp)
+    dgT = tr(dg)
+    grads = RNN_TANH.unfuse_grads(dgT @ tr(xt), dgT @ tr(a_prev),
+                                  xp.sum(dgT, axis=1, keepdims=True), None, xp=xp)
+    return {"dxt": tr(dg @ Wx), "da_prev": WaT @ dgT, **grads}
+
+
+@on_input_device
+def rnn_backward(da: Array, caches: tuple) -> Grads:
+    """Backward pass over a whole sequence (backpropagation through time).
+
+    At each step ``t``, from the last, :func:`rnn_cell_backward` runs with ``da[:, :, t]``
+    plus the ``da_prev`` of step ``t + 1``; the weight and bias gradients are summed.
+
+    Parameters
+    ----------
+    da : array, shape (n_a, m, T_da)
+        Gradient of the loss with respect to the hidden states ``a``. It may cover only the
+        first ``T_da <= T_x`` steps: the gradients of later inputs are then zero.
+    caches : tuple
+        The ``caches`` returned by :func:`rnn_forward`. A hand-built notebook-style pair
+        ``(list of per-step caches, x)`` also works, through the per-step path.
+
+    Returns
+    -------
+    dict
+        ``dx`` ``(n_x, m, T_x)``, ``da0`` ``(n_a, m)`` and ``dWax``, ``dWaa``, ``dba``
+        summed over steps.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For caches that :func:`rnn_forward` did not make (or that were changed since),
+        mixed namespaces, dtypes or devices, or a ``da`` whose shape disagrees.
+
+    Notes
+    -----
+    Per step: one pointwise pass and one GEMM with ``Waa``. After the loop: one GEMM each
+    for ``dWax``, ``dWaa`` and ``dx`` and one reduction for ``dba`` over the stacked
+    pre-activation gradients, ``n_a m`` numbers per step.
+    """
+    if not isinstance(caches, tuple) or len(caches) != 2:
+        raise TypeError("caches must be the pair (list of per-step caches, x) from rnn_forward")
+    steps, x = caches
+    if isinstance(caches, RNNCaches):
+        return _backward_fused(da, getattr(caches, "state", None))
+    return _backward_per_step(da, steps, x)
+
+
+def _check_state(state):
+    """The namespace of a forward state after checking it is one that rnn_forward made."""
+    if not isinstance(state, RNN_TANH.State):
+        raise TypeError(
+            "caches.state is not the forward state of rnn_forward; pass the caches that "
+            f"rnn_forward returned (got a state of type {type(state).__name__})"
+        )
+    n_a = state.n_a
+    if isinstance(n_a, bool) or not isinstance(n_a, int) or n_a < 1:
+        raise ValueError(f"caches.state.n_a must be a positive int, got {n_a!r}")
+    if not isinstance(state.params, dict):
+        raise TypeError("caches.state.params must be the parameter dict of the forward pass")
+    fields = {f"caches.state.{k}": getattr(state, k) for k in ("A", "H", "X")}
+    xp, (p_n_a, n_x, _) = _resolve(state.params, need_output=False, **fields)
+    if p_n_a != n_a:
+        raise ValueError(f"caches.state.params has n_a={p_n_a} but caches.state.n_a is {n_a}")
+    A = state.A
+    if A.ndim != 3 or A.shape[0] < 2:
+        raise ValueError(f"caches.state.A must be (T_x+1, m, n_a), got shape {tuple(A.shape)}")
+    T1, m = A.shape[0], A.shape[1]
+    expected = {"A": (T1, m, n_a), "H": (T1 - 1, m, n_a), "X": ((T1 - 1) * m, n_x)}
+    for k, shape in expected.items():
+        got = tuple(getattr(state, k).shape)
+        if got != shape:
+            raise ValueError(
+                f"caches.state.{k} has shape {got}, expected {shape}; the caches were not "
+                "made by rnn_forward, or were changed since"
+            )
+    return xp
+
+
+def _backward_fused(da, state):
+    _check_state(state)
+    xp = namespace(da=da, caches=state.A)
+    n_a, (T1, m, _) = state.n_a, state.A.shape
+    T_x = T1 - 1
+    check_da(da, n_a, m, T_x)
+    dX, (da0,), grads = _engine.backward(RNN_TANH, da, state, xp=xp)
+    T_da, n_x = dX.shape[0], dX.shape[2]
+    if T_da < T_x:  # later steps do not touch the loss
+        zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
+        dX = xp.concat([dX, zeros], axis=0)
+    return {"dx": xp.permute_dims(dX, (2, 1, 0)), "da0": xp.matrix_transpose(da0), **grads}
+
+
+def _backward_per_step(da, steps, x):
+    if len(steps) == 0:
+        raise ValueError("caches holds no steps")
+    first = steps[0]
+    if not isinstance(first, tuple) or len(first) != 4:
+        raise TypeError("caches[0] must be a list of 4-field per-step caches")
+    xp = namespace(da=da, **{"caches[1]": x, "caches[0][0].a_next": first[0]})
+    n_a, m = first[0].shape
+    T_x = len(steps)
+    check_da(da, n_a, m, T_x)
+    da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
+    total, dxs = None, []
+    for t in range(da.shape[2] - 1, -1, -1):
+        g = rnn_cell_backward(da[:, :, t] + da_prev, steps[t])
+        da_prev = g["da_prev"]
+        dxs.append(g["dxt"])
+        sums = {k: g[k] for k in ("dWax", "dWaa", "dba")}
+        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+    zero = xp.zeros_like(dxs[0])
+    dx = xp.stack(dxs[::-1] + [zero] * (T_x - len(dxs)), axis=-1)
+    return {"dx": dx, "da0": da_prev, **total}
