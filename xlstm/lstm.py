@@ -19,9 +19,8 @@ from ._checks import check_da as _check_da
 from ._checks import check_shape as _check_shape
 from ._compat import copy, device_of, namespace, on_input_device
 from ._typing import Array, Grads, Params
-from .cells.base import NO_OUT, array_ops
 from .cells.lstm import LSTM_CELL
-from .params import check_params, fused_backward_weights, param_arrays, require_keys
+from .params import check_params, param_arrays, require_keys
 
 #: The output layer's keys in the notebook's parameter dict.
 _HEAD = ("Wy", "by")
@@ -271,23 +270,22 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
     states.update((f"cache.{k}", v) for k, v in named.items() if k != "xt")
     for name, arr in states.items():
         _check_shape(name, arr, (n_a, m), "(n_a, m)")
+    # the engine's backward pass over a one-step state built from the cache, with dc_next
+    # as the gradient on the final cell state
     tr = xp.matrix_transpose
-    ops = array_ops(xp)
-    saved = {"S": xp.concat([tr(ot), tr(ft), tr(it)], axis=-1), "CCT": tr(cct),
-             "TC": xp.tanh(tr(c_next))}  # fmt: skip
-    coeffs = LSTM_CELL.back_coeffs(ops, saved, {"C": tr(c_prev)}, NO_OUT)
-    dg, _, _, (dc_prev,) = LSTM_CELL.step_back(
-        ops, tr(da_next), 0.0, (tr(dc_next),), coeffs, saved, NO_OUT
+    state = LSTM_CELL.State(
+        A=xp.stack([tr(a_prev), tr(a_next)]), C=xp.stack([tr(c_prev), tr(c_next)]),
+        S=xp.concat([tr(ot), tr(ft), tr(it)], axis=-1)[None, ...], CCT=tr(cct)[None, ...],
+        TC=xp.tanh(tr(c_next))[None, ...], X=tr(xt), params=params, n_a=n_a,
+    )  # fmt: skip
+    dX, (da_prev, dc_prev), grads = _engine.backward(
+        LSTM_CELL, xp.reshape(da_next, (n_a, m, 1)), state, xp=xp, dstate=(None, tr(dc_next))
     )
-    WaT, Wx = fused_backward_weights(params, n_a, xp=xp)
-    dgT = tr(dg)
-    dW = dgT @ xp.concat([tr(a_prev), tr(xt)], axis=-1)  # (11)-(14)
-    db = xp.sum(dgT, axis=1, keepdims=True)  # (15)-(18)
     return {
-        "dxt": tr(dg @ Wx),  # (21)
-        "da_prev": WaT @ dgT,  # (19)
+        "dxt": tr(dX[0, ...]),  # (21)
+        "da_prev": tr(da_prev),  # (19)
         "dc_prev": tr(dc_prev),  # (20)
-        **LSTM_CELL.unfuse_grads(dW[:, n_a:], dW[:, :n_a], db, db, xp=xp),
+        **grads,  # (11)-(18)
     }
 
 

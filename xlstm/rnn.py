@@ -28,7 +28,6 @@ from . import _engine
 from ._checks import check_da, check_shape, require_mapping_keys
 from ._compat import copy, device_of, namespace, on_input_device
 from ._typing import Array, Grads, Params
-from .cells.base import NO_OUT, array_ops
 from .cells.rnn import RNN_TANH
 
 __all__ = [
@@ -265,15 +264,13 @@ def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
     m = xt.shape[1]
     for name, arr in (("da_next", da_next), ("cache.a_next", a_next), ("cache.a_prev", a_prev)):
         check_shape(name, arr, (n_a, m), "(n_a, m)")
+    # the engine's backward pass over a one-step state built from the cache
     tr = xp.matrix_transpose
-    ops = array_ops(xp)
-    coeffs = RNN_TANH.back_coeffs(ops, {"H": tr(a_next)}, {"A": tr(a_prev)}, NO_OUT)
-    dg, _, _, _ = RNN_TANH.step_back(ops, tr(da_next), 0.0, (), coeffs, {}, NO_OUT)
-    WaT, Wx = RNN_TANH.fuse_backward(parameters, n_a, xp=xp)
-    dgT = tr(dg)
-    grads = RNN_TANH.unfuse_grads(dgT @ tr(xt), dgT @ tr(a_prev),
-                                  xp.sum(dgT, axis=1, keepdims=True), None, xp=xp)
-    return {"dxt": tr(dg @ Wx), "da_prev": WaT @ dgT, **grads}
+    state = RNN_TANH.State(A=xp.stack([tr(a_prev), tr(a_next)]), H=tr(a_next)[None, ...],
+                           X=tr(xt), params=parameters, n_a=n_a)
+    dX, (da_prev,), grads = _engine.backward(RNN_TANH, xp.reshape(da_next, (n_a, m, 1)), state,
+                                             xp=xp)
+    return {"dxt": tr(dX[0, ...]), "da_prev": tr(da_prev), **grads}
 
 
 @on_input_device
