@@ -22,11 +22,11 @@ agree to floating-point rounding.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Sequence
 
 from . import _engine
 from ._checks import check_da, check_shape, require_mapping_keys
 from ._compat import copy, device_of, namespace, on_input_device
+from ._notebook import SequenceCaches, StepCaches
 from ._typing import Array, Grads, Params
 from .cells.rnn import RNN_TANH
 
@@ -52,33 +52,17 @@ the forward pass, so that changing the caller's parameters afterwards does not c
 gradients."""
 
 
-class _StepCaches(Sequence):
+class _StepCaches(StepCaches):
     """The per-step caches of a sequence, built on access as views into the stacked state."""
 
-    def __init__(self, state, xp=None):
-        self._state = state
-        self._xp = namespace(caches=state.A) if xp is None else xp
-
-    def __reduce__(self):  # the namespace (a module) is found again from the arrays
-        return (type(self), (self._state,))
-
-    def __len__(self):
-        return self._state.H.shape[0]
-
-    def __getitem__(self, t):
-        if isinstance(t, slice):
-            return [self[k] for k in range(*t.indices(len(self)))]
-        T = len(self)
-        if not -T <= t < T:
-            raise IndexError(f"step {t} is out of range for a sequence of {T} steps")
-        t %= T
+    def step(self, t):
         st, tr = self._state, self._xp.matrix_transpose
         m = st.A.shape[1]
         return RNNCache(tr(st.A[t + 1, ...]), tr(st.A[t, ...]),
                         tr(st.X[t * m : (t + 1) * m, :]), st.params)
 
 
-class RNNCaches(tuple):
+class RNNCaches(SequenceCaches):
     """What :func:`rnn_forward` returns as ``caches``: the notebook's pair ``(caches, x)``.
 
     ``caches[0]`` is the sequence of per-step :class:`RNNCache` tuples (views into the
@@ -88,14 +72,6 @@ class RNNCaches(tuple):
     It can be copied (``copy.copy``, ``copy.deepcopy``) and pickled, as far as the
     arrays of its namespace can.
     """
-
-    def __new__(cls, steps, x, state):
-        obj = super().__new__(cls, (steps, x))
-        obj.state = state
-        return obj
-
-    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its three parts
-        return (type(self), (self[0], self[1], self.state))
 
 
 # ----------------------------------------------------------------------------- validation
