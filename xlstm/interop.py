@@ -34,12 +34,11 @@ from typing import Any
 from ._checks import positive_int
 from ._compat import device_scope, namespace, namespace_of_module, resolve_dtype, to_host
 from ._typing import Array, Params
+from .cells.lstm import LSTM_CELL
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]
 
-#: The notebook's gates in torch's row order (i, f, g, o).
-_TORCH_ORDER = ("i", "f", "c", "o")
 _KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
@@ -86,8 +85,8 @@ def to_torch_lstm_weights(params: Params, *, device: Any = None) -> dict[str, An
     n_a, _, _ = check_params(params, need_output=False)
     namespace(**param_arrays(params, need_output=False))
     host = {k: to_host(params[k]) for k in PARAM_KEYS[:8]}
-    W = np.concatenate([host["W" + g] for g in _TORCH_ORDER], axis=0)
-    b = np.concatenate([host["b" + g] for g in _TORCH_ORDER], axis=0).reshape(-1)
+    host.update((k, np.zeros((n_a, 1), dtype=host["bf"].dtype)) for k in LSTM_CELL.hidden_bias_keys)
+    w_ih, w_hh, b, b_hh = LSTM_CELL.to_torch_arrays(host)  # the cell's torch layout
     if device is None:
         first = params["Wf"]
         device = first.device if isinstance(first, torch.Tensor) else "cpu"
@@ -96,10 +95,10 @@ def to_torch_lstm_weights(params: Params, *, device: Any = None) -> dict[str, An
         return torch.from_numpy(np.array(a, copy=True, order="C")).to(device)
 
     return {
-        "weight_ih_l0": tensor(W[:, n_a:]),
-        "weight_hh_l0": tensor(W[:, :n_a]),
+        "weight_ih_l0": tensor(w_ih),
+        "weight_hh_l0": tensor(w_hh),
         "bias_ih_l0": tensor(b),
-        "bias_hh_l0": tensor(np.zeros_like(b)),
+        "bias_hh_l0": tensor(b_hh),
     }
 
 
@@ -280,10 +279,8 @@ def from_torch_lstm_weights(
             bias_y = bias_y.reshape(n_y, 1)
 
     host = {}
-    for j, g in enumerate(_TORCH_ORDER):
-        rows = slice(j * n_a, (j + 1) * n_a)
-        host["W" + g] = np.concatenate([w_hh[rows], w_ih[rows]], axis=1)
-        host["b" + g] = b[rows].reshape(n_a, 1)
+    # the cell's torch layout, with the summed bias as the input-side one
+    host = LSTM_CELL.from_torch_arrays(w_ih, w_hh, b, np.zeros_like(b))
     host["Wy"] = np.array(wy, copy=True)  # never alias the caller's (or a module's) memory
     host["by"] = np.array(bias_y, copy=True)
 
