@@ -8,6 +8,9 @@ from _lstm_seed import SeedLSTM
 
 N_Y = 10
 IMPLS = ("xlstm", "xlstm-plain", "seed", "torch", "gemm")
+#: Timed only with ``--baseline PATH``: xlstm imported from another source tree (say a
+#: worktree of an older revision), in its own process, for before/after ratios in one run.
+BASELINE = ("xlstm-baseline", "xlstm-baseline-plain")
 
 
 def flop_counts(n_x, n_a, m, T):
@@ -47,11 +50,12 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
                 "fwd_bwd": timed(xl_fwd_bwd)}  # fmt: skip
 
     accel = accelerator(be)
-    if "xlstm" in only:
-        res["xlstm"] = xl_result(f", {accel}" if accel else "")
-    if "xlstm-plain" in only and accel:  # the same calls on the array path, for the gain
-        with xlstm.accelerators(False):
-            res["xlstm-plain"] = xl_result(", array path")
+    for key, label in (("xlstm", ""), ("xlstm-baseline", ", baseline tree")):
+        if key in only:
+            res[key] = xl_result(f"{label}, {accel}" if accel else label)
+        if key + "-plain" in only and accel:  # the same calls on the array path, for the gain
+            with xlstm.accelerators(False):
+                res[key + "-plain"] = xl_result(f"{label}, array path")
 
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
     if seed_mod is not None and "seed" in only:

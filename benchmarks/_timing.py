@@ -61,6 +61,8 @@ def run_worker(script, args, worker, size, versions_seen):
            "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
     if args.quick:
         cmd.append("--quick")
+    if getattr(args, "baseline", None):
+        cmd += ["--baseline", str(args.baseline)]
     if size is not None:
         cmd += ["--sizes", ",".join(map(str, size))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -55,7 +55,7 @@ import os
 import sys
 from pathlib import Path
 
-from _lstm_impls import IMPLS, N_Y, bench_size, flop_counts
+from _lstm_impls import BASELINE, IMPLS, N_Y, bench_size, flop_counts
 from _machine import (Backend, cpu_name, environment, load_average, set_threads, thread_info,
                       versions)
 from _report import add_rates, markdown_table, write
@@ -86,7 +86,10 @@ def parse_args(argv):
                     help="time everything in this process (default: a fresh process per "
                          "implementation and size, so that idle BLAS/OpenMP threads of one "
                          "library cannot steal cores from another)")
-    ap.add_argument("--worker", choices=(*IMPLS, "ceiling"), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="also time xlstm imported from the source tree PATH (for example a "
+                         "git worktree of an older revision), side by side in the same run")
+    ap.add_argument("--worker", choices=(*IMPLS, *BASELINE, "ceiling"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
@@ -97,6 +100,11 @@ def parse_args(argv):
     if args.quick and not args.worker:  # a worker gets its size and counts passed explicitly
         args.repeat, args.warmup = 2, 1
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in QUICK_SIZES]
+    if args.baseline is not None:
+        if not (Path(args.baseline) / "xlstm" / "__init__.py").is_file():
+            ap.error(f"--baseline {args.baseline}: no xlstm package in that folder")
+        if args.in_process:
+            ap.error("--baseline needs a process per implementation; drop --in-process")
     if args.repeat < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
         ap.error("--repeat, --rounds and --threads must be at least 1, --warmup at least 0")
     return args
@@ -108,6 +116,8 @@ def main(argv=None):
     set_threads(args.threads)  # before the first numpy import, or the BLAS will not see them
     import numpy as np
 
+    if args.worker in BASELINE:  # this process times the other tree's xlstm
+        sys.path.insert(0, str(Path(args.baseline).resolve()))
     import xlstm  # noqa: F401  (imported for its version)
 
     torch = None
@@ -171,7 +181,7 @@ def main(argv=None):
         for _ in range(args.rounds):  # round-robin, so that drift in the machine's load
             if isolate:  # touches every implementation alike
                 res = {}
-                for impl in IMPLS:
+                for impl in IMPLS + (BASELINE if args.baseline else ()):
                     res.update(run(impl, size))
             else:
                 res = run(None, size)

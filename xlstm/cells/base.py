@@ -103,6 +103,14 @@ class ArrayOps:
         """The parts side by side along the last axis (gate blocks into one array)."""
         return self.xp.concat(list(parts), axis=-1)
 
+    def blocks(self, buf, k):
+        """The ``k`` column blocks of ``buf`` (``k`` Nones without a buffer): splatted into
+        :meth:`map`'s arguments or outputs, ``k`` of them."""
+        if buf is None:
+            return (None,) * k
+        n = buf.shape[-1] // k
+        return tuple([buf[..., q * n : (q + 1) * n] for q in range(k)])
+
     def map(self, fn, *args, out=None):
         """``fn(*args)`` on whole arrays: a point function applied elementwise."""
         return fn(*args)
@@ -135,8 +143,11 @@ class Cell:
     back_reads : tuple of str
         The saved and state stacks that :meth:`step_back` reads, by name.
     scratch : dict of str to int
-        Per-step buffers the accelerated loops give ``step``, ``back_coeffs`` and
-        ``step_back`` as ``out``, name to width.
+        Per-step buffers the accelerated loops give ``step`` and ``step_back`` as ``out``,
+        name to width.
+    coeffs : dict of str to int
+        The outputs of :meth:`back_coeffs`, name to width: the accelerated loops give it
+        buffers of these names for all steps at once.
     """
 
     name: str = ""
@@ -146,6 +157,7 @@ class Cell:
     split: bool = False
     back_reads: tuple[str, ...] = ()
     scratch: dict[str, int] = {}
+    coeffs: dict[str, int] = {}
     #: The gates in the order of the parameter dict's keys (``W<g>, b<g>`` each, then
     #: ``bh<g>`` each), and in torch's row order.
     dict_gates: tuple[str, ...] = ()

@@ -95,13 +95,6 @@ def backward_step(da, da_rec, Pr, Pz, Pn, rt, zt):
     return drt, dzt, dnt, drt, dzt, dhn, da_direct
 
 
-def _blocks(buf, n, k):
-    """``k`` column blocks of width ``n`` of ``buf``, or ``k`` Nones without a buffer."""
-    if buf is None:
-        return (None,) * k
-    return tuple(buf[:, j * n : (j + 1) * n] for j in range(k))
-
-
 class GRUCell(Cell):
     """Torch's GRU: state ``(a,)``, gates ``(r, z, n)``, the reset gate on ``W_hn a + b_hn``."""
 
@@ -109,7 +102,8 @@ class GRUCell(Cell):
     state_names = ("A",)
     saved = {"S": 2, "N": 1, "HN": 1}
     #: Per-step scratch of the accelerated loops, name to width.
-    scratch = {"G": 2, "Pr": 1, "Pz": 1, "Pn": 1, "D": 1}
+    scratch = {"G": 2, "D": 1}
+    coeffs = {"Pr": 1, "Pz": 1, "Pn": 1}
     n_gates = 3
     split = True
     back_reads = ("S",)
@@ -175,7 +169,7 @@ class GRUCell(Cell):
         dGx, dGa = out["dGx"], out["dGa"]
         drt, dzt, dnt, drt_a, dzt_a, dhn, direct = ops.map(
             backward_step, da, da_rec, *coeffs, S[..., :n], S[..., n:],
-            out=(*_blocks(dGx, n, 3), *_blocks(dGa, n, 3), out["D"]),
+            out=(*ops.blocks(dGx, 3), *ops.blocks(dGa, 3), out["D"]),
         )  # fmt: skip
         dgx = ops.concat((drt, dzt, dnt), out=dGx)  # gate order (r, z, n)
         dga = ops.concat((drt_a, dzt_a, dhn), out=dGa)

@@ -71,13 +71,6 @@ def backward_step(da, da_rec, dc, K, Q, Pf, Pi, Pc, ft):
     return dot, dft, dit, dcct, dc_prev
 
 
-def _blocks(buf, n, k):
-    """``k`` column blocks of width ``n`` of ``buf``, or ``k`` Nones without a buffer."""
-    if buf is None:
-        return (None,) * k
-    return tuple(buf[:, j * n : (j + 1) * n] for j in range(k))
-
-
 class LSTMCell(Cell):
     """The notebook's LSTM: state ``(a, c)``, gates ``(o, f, i, c)``."""
 
@@ -85,7 +78,8 @@ class LSTMCell(Cell):
     state_names = ("A", "C")
     saved = {"S": 3, "CCT": 1, "TC": 1}
     #: Per-step scratch of the accelerated loops, name to width.
-    scratch = {"G": 4, "K": 1, "Q": 1, "Pf": 1, "Pi": 1, "Pc": 1}
+    scratch = {"G": 4}
+    coeffs = {"K": 1, "Q": 1, "Pf": 1, "Pi": 1, "Pc": 1}
     n_gates = 4
     split = False
     back_reads = ("S",)
@@ -151,7 +145,7 @@ class LSTMCell(Cell):
         dG = out["dGx"]
         *gates, dc_prev = ops.map(
             backward_step, da, da_rec, dc, *coeffs, S[..., n : 2 * n],
-            out=(*_blocks(dG, n, 4), out["dc"]),
+            out=(*ops.blocks(dG, 4), out["dc"]),
         )  # fmt: skip
         dg = ops.concat(gates, out=dG)  # gate order (o, f, i, c)
         return dg, dg, None, (dc_prev,)

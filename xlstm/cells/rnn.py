@@ -49,7 +49,8 @@ class RNNCell(Cell):
     state_names = ("A",)
     saved = {"H": 1}
     #: Per-step scratch of the accelerated loops, name to width.
-    scratch = {"D": 1}
+    scratch = {}
+    coeffs = {"D": 1}
     n_gates = 1
     split = False
     back_reads = ()
