@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._compat import namespace
+from . import _engine
+from ._checks import check_da
+from ._compat import device_of, namespace
 
 
 class StepCaches(Sequence):
@@ -52,3 +54,64 @@ class SequenceCaches(tuple):
 
     def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its three parts
         return (type(self), (self[0], self[1], self.state))
+
+
+def check_state(state, cell, resolve, api):
+    """The namespace of a forward state after checking it is one that ``api`` made.
+
+    A forged or damaged ``caches.state`` (wrong type, arrays of other shapes, namespaces or
+    dtypes) is a TypeError or ValueError here rather than a failure deep in the math.
+    ``resolve(params, need_output=False, **arrays)`` is the API's own check of its
+    parameters, returning ``(xp, (n_a, n_x, n_y))``.
+    """
+    if not isinstance(state, cell.State):
+        raise TypeError(
+            f"caches.state is not the forward state of {api}; pass the caches that "
+            f"{api} returned (got a state of type {type(state).__name__})"
+        )
+    n_a = state.n_a
+    if isinstance(n_a, bool) or not isinstance(n_a, int) or n_a < 1:
+        raise ValueError(f"caches.state.n_a must be a positive int, got {n_a!r}")
+    if not isinstance(state.params, dict):
+        raise TypeError("caches.state.params must be the parameter dict of the forward pass")
+    names = (*cell.state_names, *cell.saved, "X")
+    fields = {f"caches.state.{k}": getattr(state, k) for k in names}
+    xp, (p_n_a, n_x, _) = resolve(state.params, need_output=False, **fields)
+    if p_n_a != n_a:
+        raise ValueError(f"caches.state.params has n_a={p_n_a} but caches.state.n_a is {n_a}")
+    A = state.A
+    if A.ndim != 3 or A.shape[0] < 2:
+        raise ValueError(f"caches.state.A must be (T_x+1, m, n_a), got shape {tuple(A.shape)}")
+    T1, m = A.shape[0], A.shape[1]
+    expected = {k: (T1, m, n_a) for k in cell.state_names}
+    expected.update((k, (T1 - 1, m, w * n_a)) for k, w in cell.saved.items())
+    expected["X"] = ((T1 - 1) * m, n_x)
+    for k, shape in expected.items():
+        got = tuple(getattr(state, k).shape)
+        if got != shape:
+            raise ValueError(
+                f"caches.state.{k} has shape {got}, expected {shape}; the caches were not "
+                f"made by {api}, or were changed since"
+            )
+    return xp
+
+
+def backward_fused(cell, da, state, resolve, api):
+    """The fused backward pass of a notebook API over a checked forward state.
+
+    Returns ``(dx, dstate0, grads)``: ``dx`` in the seed layout ``(n_x, m, T_x)`` (zero for
+    the steps after the ``T_da`` that ``da`` covers), the gradients on the initial states
+    ``(n_a, m)`` and the parameter gradients in the cell's names.
+    """
+    check_state(state, cell, resolve, api)
+    xp = namespace(da=da, caches=state.A)
+    n_a, (T1, m, _) = state.n_a, state.A.shape
+    T_x = T1 - 1
+    check_da(da, n_a, m, T_x)
+    dX, dstate0, grads = _engine.backward(cell, da, state, xp=xp)
+    T_da, n_x = dX.shape[0], dX.shape[2]
+    if T_da < T_x:  # later steps do not touch the loss
+        zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
+        dX = xp.concat([dX, zeros], axis=0)
+    tr = xp.matrix_transpose
+    return xp.permute_dims(dX, (2, 1, 0)), tuple(tr(d) for d in dstate0), grads

@@ -26,7 +26,7 @@ from collections import namedtuple
 from . import _engine
 from ._checks import check_da, check_shape, require_mapping_keys
 from ._compat import copy, device_of, namespace, on_input_device
-from ._notebook import SequenceCaches, StepCaches
+from ._notebook import SequenceCaches, StepCaches, backward_fused
 from ._typing import Array, Grads, Params
 from .cells.rnn import RNN_TANH
 
@@ -291,49 +291,9 @@ def rnn_backward(da: Array, caches: tuple) -> Grads:
     return _backward_per_step(da, steps, x)
 
 
-def _check_state(state):
-    """The namespace of a forward state after checking it is one that rnn_forward made."""
-    if not isinstance(state, RNN_TANH.State):
-        raise TypeError(
-            "caches.state is not the forward state of rnn_forward; pass the caches that "
-            f"rnn_forward returned (got a state of type {type(state).__name__})"
-        )
-    n_a = state.n_a
-    if isinstance(n_a, bool) or not isinstance(n_a, int) or n_a < 1:
-        raise ValueError(f"caches.state.n_a must be a positive int, got {n_a!r}")
-    if not isinstance(state.params, dict):
-        raise TypeError("caches.state.params must be the parameter dict of the forward pass")
-    fields = {f"caches.state.{k}": getattr(state, k) for k in ("A", "H", "X")}
-    xp, (p_n_a, n_x, _) = _resolve(state.params, need_output=False, **fields)
-    if p_n_a != n_a:
-        raise ValueError(f"caches.state.params has n_a={p_n_a} but caches.state.n_a is {n_a}")
-    A = state.A
-    if A.ndim != 3 or A.shape[0] < 2:
-        raise ValueError(f"caches.state.A must be (T_x+1, m, n_a), got shape {tuple(A.shape)}")
-    T1, m = A.shape[0], A.shape[1]
-    expected = {"A": (T1, m, n_a), "H": (T1 - 1, m, n_a), "X": ((T1 - 1) * m, n_x)}
-    for k, shape in expected.items():
-        got = tuple(getattr(state, k).shape)
-        if got != shape:
-            raise ValueError(
-                f"caches.state.{k} has shape {got}, expected {shape}; the caches were not "
-                "made by rnn_forward, or were changed since"
-            )
-    return xp
-
-
 def _backward_fused(da, state):
-    _check_state(state)
-    xp = namespace(da=da, caches=state.A)
-    n_a, (T1, m, _) = state.n_a, state.A.shape
-    T_x = T1 - 1
-    check_da(da, n_a, m, T_x)
-    dX, (da0,), grads = _engine.backward(RNN_TANH, da, state, xp=xp)
-    T_da, n_x = dX.shape[0], dX.shape[2]
-    if T_da < T_x:  # later steps do not touch the loss
-        zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
-        dX = xp.concat([dX, zeros], axis=0)
-    return {"dx": xp.permute_dims(dX, (2, 1, 0)), "da0": xp.matrix_transpose(da0), **grads}
+    dx, (da0,), grads = backward_fused(RNN_TANH, da, state, _resolve, "rnn_forward")
+    return {"dx": dx, "da0": da0, **grads}
 
 
 def _backward_per_step(da, steps, x):
