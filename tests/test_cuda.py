@@ -412,6 +412,22 @@ def test_loops_reject_a_table_source_they_do_not_have(host_libs, monkeypatch):
                                                  np.ones((1, 1)), None, bufs, 0)
 
 
+def test_loops_reject_a_recurrent_bias_the_kernel_does_not_take(host_libs):
+    """The GRU's kernel adds ba; the RNN's has none: a mismatch is an error, not a silent
+    drop (or a read of a missing bias)."""
+    m, n = 2, 3
+    gru = {"A": np.zeros((2, m, n)), "S": np.empty((1, m, 2 * n)), "N": np.empty((1, m, n)),
+           "HN": np.empty((1, m, n))}
+    rnn = {"A": np.zeros((2, m, n)), "H": np.empty((1, m, n))}
+    loops = host_loops(host_libs, "float64")
+    with pytest.raises(ValueError, match="gru fwd: the kernel's recurrent bias and ba"):
+        loops.forward(CELLS["gru"], np.ones((1, m, 3 * n)), np.ones((n, 3 * n)), None, gru, 0)
+    with pytest.raises(ValueError, match="rnn_tanh fwd: the kernel's recurrent bias and ba"):
+        loops.forward(CELLS["rnn_tanh"], np.ones((1, m, n)), np.ones((n, n)),
+                      np.ones((1, n)), rnn, 0)
+    assert loops.launch.calls == []
+
+
 # ------------------------------------------------------------- AddressSanitizer
 @pytest.fixture(scope="module")
 def asan(cxx):
@@ -523,14 +539,19 @@ def test_nvcc_compiles_kernels(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
-    for cell in table.cells():
+    jobs = []
+    for cell in table.cells():  # every cell's source, compiled in parallel
         src = tmp_path / f"xlstm_{cell}.cu"
         src.write_text(_cuda.source(cell), encoding="utf-8")
+        obj = tmp_path / f"xlstm_{cell}.o"
         cmd = [nvcc, "-arch=sm_90", "--fmad=false", "-Werror", "all-warnings",
-               "-c", "-o", str(tmp_path / "k.o"), str(src)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}{res.stderr}"
-        assert (tmp_path / "k.o").stat().st_size > 0
+               "-c", "-o", str(obj), str(src)]
+        jobs.append((cmd, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)))
+    for cmd, obj, proc in jobs:
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{out}"
+        assert obj.stat().st_size > 0
 
 
 def _find_nvrtc():

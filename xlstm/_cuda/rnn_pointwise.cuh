@@ -7,10 +7,12 @@
 // contraction off, backward results are bit-identical to the array path, forward ones
 // agree to the rounding of tanh (relu's forward is exact).
 //
-// relu and sign follow numpy's maximum(x, 0) and sign, which the array path and the
-// compiled CPU loops call: relu(-0) = +0, sign(+-0) = +0, and a NaN passes through both
-// unchanged (sign and payload). CuPy's own maximum and sign may treat -0 otherwise; a zero's
-// sign never changes a value here beyond the sign of a zero result.
+// relu and sign follow numpy's maximum(x, 0) and sign, which the array path on numpy and
+// the compiled CPU loops call: relu(-0) = +0, sign(+-0) = +0, and a NaN passes through both
+// unchanged (sign and payload). CuPy's array path differs only where a NaN already is:
+// its maximum returns the canonical NaN and its sign((in0 > 0) - (in0 < 0)) gives 0 for a
+// NaN, so where the forward pass made a NaN its step gradient is 0 there and NaN here (and
+// the sign of a zero relu(-0) is CUDA's max's to choose).
 
 #ifndef XLSTM_RNN_POINTWISE_CUH
 #define XLSTM_RNN_POINTWISE_CUH
