@@ -103,7 +103,7 @@ def test_generated_kernels_restrict_all_but_aliases():
 
 
 def _args_for(k, m, n, dtype="float64"):
-    return [np.zeros((m, a.width * n), dtype) for a in k.args]
+    return [np.zeros((1 if a.row else m, a.width * n), dtype) for a in k.args]
 
 
 def test_check_args_rejects_what_a_kernel_cannot_take():
@@ -128,6 +128,12 @@ def test_check_args_rejects_what_a_kernel_cannot_take():
     shared[1] = shared[0]  # da_rec is da: not allowed
     with pytest.raises(AssertionError, match="da_rec and da share memory"):
         table.check_args(k, "float64", m, n, shared)
+    gru = table.kernel("gru", "fwd")
+    table.check_args(gru, "float64", m, n, _args_for(gru, m, n))
+    rows = _args_for(gru, m, n)
+    rows[2] = np.zeros((m, 3 * n))  # ba is one row, read by every row
+    with pytest.raises(AssertionError, match=r"ba has shape \(3, 6\)"):
+        table.check_args(gru, "float64", m, n, rows)
     stack = np.zeros((2 * m + 1, n))
     partial = _args_for(k, m, n)
     partial[2], partial[-1] = stack[:m], stack[1 : m + 1]  # dc_prev overlaps dc, shifted
