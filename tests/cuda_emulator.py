@@ -1,20 +1,25 @@
 """Host builds of the CUDA kernels, for the tests: the real generated source behind
 ``cuda_host/grid_emulator.h``, launched from :class:`xlstm._cuda.Loops` on numpy arrays.
 
-* :func:`build` compiles :func:`xlstm._cuda.kernels.host_source` (optionally with
-  AddressSanitizer, optionally from a modified kernel text) into a shared library.
+* :func:`build` compiles :func:`xlstm._cuda.kernels.host_source` of one cell (optionally
+  with AddressSanitizer, optionally from a modified kernel text) into a shared library;
+  :func:`build_all` builds every cell's, in parallel.
 * :func:`host_launch` is a ``launch`` for ``Loops(dtype, mod=numpy, launch=...)``: it checks
   every argument against the kernel table, gives each array its own heap buffer (so that an
   access one element past any argument, not only past the end of a stack, leaves the
   allocation), runs the emulated grid with a chosen block size and shuffled block order,
   copies the written arguments back and checks that the read ones were not written.
-* Run as a script (``python cuda_emulator.py LIB``), it drives whole sequences through
-  ``xlstm.lstm_forward`` / ``xlstm.lstm_backward`` with the library's loops and compares them
-  with the array path; the ASan tests run it in a subprocess with the ASan runtime preloaded.
+* :func:`api_results` runs one cell's whole sequences through the public API (the model
+  class's ``forward`` with and without a cache and ``backward`` with a gradient on the final
+  state; for the LSTM and the tanh RNN also the notebook's ``*_forward`` / ``*_backward``).
+* Run as a script (``python cuda_emulator.py DIR``, with every cell's library in ``DIR``),
+  it drives those sequences with the libraries' loops and compares them with the array
+  path; the ASan tests run it in a subprocess with the ASan runtime preloaded.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import itertools
 import os
@@ -80,32 +85,44 @@ def build(cxx, directory, cell="lstm", *, asan=False, kernels=None):
     return lib, seconds
 
 
-def host_launch(lib, cell="lstm", *, block=_cuda.BLOCK, seed=1):
-    """A ``launch`` for :class:`xlstm._cuda.Loops` that runs ``lib``'s emulated grid.
+def build_all(cxx, directory, *, asan=False):
+    """:func:`build` for every cell of the table, compiled in parallel; returns ``(cell ->
+    library path, seconds)``."""
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        start = time.perf_counter()
+        jobs = {c: pool.submit(build, cxx, directory, c, asan=asan) for c in table.cells()}
+        libs = {c: job.result()[0] for c, job in jobs.items()}
+        return libs, time.perf_counter() - start
+
+
+def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
+    """A ``launch`` for :class:`xlstm._cuda.Loops` that runs the emulated grid of the
+    library of the launch's cell (``libs``: cell -> library or its path).
 
     Blocks of ``block`` threads; launch ``k`` shuffles its blocks and threads with seed
     ``seed + k`` (``seed=0``: every launch in natural order). ``launch.calls`` lists the
-    steps launched.
+    steps launched, ``launch.cells`` the cells.
     """
-    if isinstance(lib, (str, Path)):
-        lib = ctypes.CDLL(str(lib))
-    calls = []
+    libs = {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
+            for c, lib in libs.items()}
+    calls, cells = [], set()
     counter = itertools.count()
 
     def function(k, dtype_name):
-        fn = getattr(lib, k.name(dtype_name) + "_host")
+        fn = getattr(libs[k.cell], k.name(dtype_name) + "_host")
         fn.restype = None
         fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_longlong,
                        ctypes.c_longlong, *([ctypes.c_void_p] * len(k.args))]
         return fn
 
-    def launch(step, name, total, args):
+    def launch(cell, step, name, total, args):
         k = table.kernel(cell, step)
         m, n, *arrays = args
         table.check_args(k, name, m, n, arrays)
         if total != m * n:
             raise AssertionError(f"{cell} {step}: {total} threads for a ({m}, {n}) grid")
         calls.append(step)
+        cells.add(cell)
         if total == 0:
             return
         # One fresh buffer per argument; an argument that is allowed to be another one and
@@ -128,64 +145,132 @@ def host_launch(lib, cell="lstm", *, block=_cuda.BLOCK, seed=1):
             elif a.name not in written and buf.tobytes() != arr.tobytes():
                 raise AssertionError(f"{cell} {step}: the kernel wrote its input {a.name}")
 
-    launch.calls = calls
+    launch.calls, launch.cells = calls, cells
     return launch
 
 
-def host_loops(lib, dtype, **kwargs):
-    """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``lib``'s kernels."""
-    return _cuda.Loops(dtype, mod=np, launch=host_launch(lib, **kwargs))
+def host_loops(libs, dtype, **kwargs):
+    """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels."""
+    return _cuda.Loops(dtype, mod=np, launch=host_launch(libs, **kwargs))
 
 
 # ---------------------------------------------------------------- whole sequences
 #: (n_x, n_a, n_y, m, T, block, chunk_rows): every grid's last block is partial.
 SEQUENCE_CASES = (
     (3, 5, 4, 6, 7, 8, 4096),  # 30 elements in blocks of 8
-    (3, 5, 4, 6, 7, 8, 12),  # the same, the input projection in chunks
+    (3, 5, 4, 6, 7, 8, 12),  # the same, the input term in chunks
     (2, 40, 3, 7, 4, _cuda.BLOCK, 4096),  # 280 elements in blocks of 256
     (2, 3, 2, 1, 3, 32, 4096),  # 3 elements in one block of 32
 )
 
+#: The model class of each cell, with its keyword arguments.
+MODELS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
+          "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
 
-def run_sequences(lib, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUENCE_CASES):
-    """Forward (training and inference) and backward through the host build for every case,
-    dtype and seed, against the array path; returns the number of sequences checked.
+
+def scale_of(arr):
+    """``max(1, max |arr|)``: what SEQ_TOL's atol is relative to (a sum of terms of this
+    size cancels to a small number with their rounding errors)."""
+    return max(1.0, float(np.max(np.abs(arr)))) if arr.size else 1.0
+
+
+def launches(cell, T):
+    """``(forward, backward)`` launches of :func:`api_results` for ``cell`` over ``T`` steps."""
+    notebook = cell in ("lstm", "rnn_tanh")
+    return (4 if notebook else 2) * T, (2 * T - 1) if notebook else T
+
+
+def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=None):
+    """One cell's whole sequences through the public API, by name: the model class's
+    ``forward`` (with a cache and without) and ``backward`` (with a nonzero gradient on the
+    final state), and for the LSTM and the tanh RNN the notebook's functions (a gradient on
+    the first ``T - 1`` steps). Runs whatever loops the engine dispatches to.
+
+    The arrays are numpy's, or ``asarray`` of them and a model in namespace ``xp``.
+    """
+    import xlstm
+
+    rng = np.random.default_rng(seed)
+    conv = (lambda a: a) if asarray is None else asarray
+
+    def draw(*shape, scale=1.0):
+        return conv((scale * rng.standard_normal(shape)).astype(dtype))
+
+    name, kwargs = MODELS[cell]
+    model = getattr(xlstm, name)(n_x, n_a, xp=xp, dtype=dtype, seed=seed, **kwargs)
+    n_s = len(model.cell.state_names)
+    x = draw(n_x, m, T)
+    state = tuple(draw(1, n_a, m) for _ in range(n_s))
+    dy, dstate = draw(n_a, m, T), tuple(draw(1, n_a, m) for _ in range(n_s))
+    y, final, cache = model.forward(x, state)
+    y_inf, final_inf, _ = model.forward(x, state, return_cache=False)
+    dx, dstate0, (grads,) = model.backward(dy, cache, dstate)
+    out = {"y": y, "y (inference)": y_inf, "dx": dx}
+    for i in range(n_s):
+        out[f"state[{i}]"], out[f"state[{i}] (inference)"] = final[i], final_inf[i]
+        out[f"dstate0[{i}]"] = dstate0[i]
+    out.update((f"d{k}", v) for k, v in grads.items())
+    if cell == "lstm":
+        from oracles import random_case
+
+        x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T, dtype=dtype)
+        x, a0, c0 = conv(x), conv(a0), conv(c0)
+        params = {k: conv(v) for k, v in params.items()}
+        a, yp, c, caches = xlstm.lstm_forward(x, a0, params, c0)
+        inf = xlstm.lstm_forward(x, a0, params, c0, return_caches=False)
+        out.update({"a": a, "y_pred": yp, "c": c, "a (inference)": inf[0],
+                    "y_pred (inference)": inf[1]})
+        out.update(("notebook " + k, v) for k, v in
+                   xlstm.lstm_backward(draw(n_a, m, T - 1), caches).items())
+    elif cell == "rnn_tanh":
+        w = 1.0 / np.sqrt(n_a)  # not saturated: no cancellation of large terms in dx
+        params = {"Wax": draw(n_a, n_x, scale=w), "Waa": draw(n_a, n_a, scale=w),
+                  "Wya": draw(n_y, n_a, scale=w), "ba": draw(n_a, 1, scale=w),
+                  "by": draw(n_y, 1, scale=w)}
+        a0 = draw(n_a, m)
+        a, yp, caches = xlstm.rnn_forward(x, a0, params)
+        inf = xlstm.rnn_forward(x, a0, params, return_caches=False)
+        out.update({"a": a, "y_pred": yp, "a (inference)": inf[0], "y_pred (inference)": inf[1]})
+        out.update(("notebook " + k, v) for k, v in
+                   xlstm.rnn_backward(draw(n_a, m, T - 1), caches).items())
+    return out
+
+
+def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUENCE_CASES):
+    """:func:`api_results` through the host builds ``libs`` (cell -> library) for every
+    cell, case, dtype and seed, against the array path; returns the number of sequences
+    checked.
 
     The results of different seeds (block orders) must agree bit for bit.
     """
     import xlstm
-    from oracles import random_case
     from xlstm import _engine
 
     accelerated, chunk = _engine.accelerated_loops, _engine.CHUNK_ROWS
     count = 0
     try:
-        for (n_x, n_a, n_y, m, T, block, chunk_rows), dtype in itertools.product(cases, dtypes):
+        for cell, (n_x, n_a, n_y, m, T, block, chunk_rows), dtype in itertools.product(
+                libs, cases, dtypes):
             _engine.CHUNK_ROWS = chunk_rows
-            rng = np.random.default_rng(3)
-            x, a0, c0, params = random_case(rng, n_x, n_a, n_y, m, T, dtype=dtype)
-            da = rng.standard_normal((n_a, m, T - 1)).astype(dtype)
-
-            def run(loops):
-                _engine.accelerated_loops = lambda xp, dt, cell=None: loops
-                a, y, c, caches = xlstm.lstm_forward(x, a0, params, c0)
-                inf = xlstm.lstm_forward(x, a0, params, c0, return_caches=False)
-                return {"a": a, "y": y, "c": c, "a (inference)": inf[0],
-                        "y (inference)": inf[1], **xlstm.lstm_backward(da, caches)}
-
-            want = run(None)
+            _engine.accelerated_loops = accelerated
+            with xlstm.accelerators(False):
+                want = api_results(cell, dtype, n_x, n_a, n_y, m, T)
             first = None
             for seed in seeds:
-                loops = host_loops(lib, dtype, block=block, seed=seed)
-                got = run(loops)
+                loops = host_loops(libs, dtype, block=block, seed=seed)
+                _engine.accelerated_loops = lambda xp, dt, c=None, loops=loops: loops
+                got = api_results(cell, dtype, n_x, n_a, n_y, m, T)
                 calls = loops.launch.calls
-                case = f"{dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed}"
-                assert calls.count("fwd") == 2 * T and calls.count("bwd") == T - 1, case
+                case = f"{cell} {dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed}"
+                n_fwd, n_bwd = launches(cell, T)
+                assert loops.launch.cells == {cell}, case
+                assert calls.count("fwd") == n_fwd and calls.count("bwd") == n_bwd, case
                 assert got.keys() == want.keys(), case
                 rtol, atol = SEQ_TOL[dtype]
                 for key in want:
                     assert got[key].dtype == want[key].dtype, (case, key)
-                    np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol,
+                    np.testing.assert_allclose(got[key], want[key], rtol=rtol,
+                                               atol=atol * scale_of(want[key]),
                                                err_msg=f"{case}: {key}")
                     if first is not None:
                         np.testing.assert_array_equal(got[key], first[key], strict=True,
@@ -200,11 +285,15 @@ def run_sequences(lib, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUEN
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (1, 2):
-        print("usage: python cuda_emulator.py LIB [quick]", file=sys.stderr)
+        print("usage: python cuda_emulator.py DIR [quick]", file=sys.stderr)
         return 2
     cases = SEQUENCE_CASES[:1] if argv[1:] == ["quick"] else SEQUENCE_CASES
-    count = run_sequences(argv[0], cases=cases)
-    print(f"cuda_emulator: {count} sequences match the array path")
+    libs = {}
+    for path in sorted(Path(argv[0]).glob("libxlstm_*.so")):
+        cell = path.name[len("libxlstm_"):].rsplit("_", 1)[0]
+        libs[cell] = path
+    count = run_sequences(libs, cases=cases)
+    print(f"cuda_emulator: {count} sequences of {len(libs)} cells match the array path")
     return 0
 
 

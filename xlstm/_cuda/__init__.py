@@ -1,19 +1,24 @@
-"""Fused CUDA kernels for the time loops on CuPy.
+"""Fused CUDA kernels for the time loops on CuPy, for every cell.
 
 :func:`xlstm._engine.accelerated_loops` returns this module's :class:`Loops` when the arrays
 are CuPy's (float32 or float64) and ``XLSTM_ACCEL`` is not ``"0"``. They run the engine's
-time loops over its preallocated stacks: a forward step is one cuBLAS GEMM
-(``A[t] @ WaT``) and one kernel launch that adds the input projection, applies every gate's
-activation and writes ``s``, ``cct``, ``c``, ``tanh(c)`` and ``a`` in place; a backward
-step is one kernel launch that forms the activation derivatives on the fly and writes
-``dG[t]`` and ``dc``, then one GEMM ``dG[t] @ Wa``. The array path needs ~15 launches per
-step, a stacking copy of every output, and in backward ``5 T m n_a`` numbers of
-precomputed coefficients; none of that remains.
+time loops over its preallocated stacks, for any cell with kernels in the table: a forward
+step is one cuBLAS GEMM (``ga = a_prev @ WaT``) and one kernel launch that adds the input
+term (and the recurrent bias, for the GRU), applies every gate's activation and writes the
+new state and the saved values in place; a backward step is one kernel launch that forms
+the activation derivatives on the fly and writes the step's gradients of the input and
+recurrent terms (and updates the other states' gradients in place), then one GEMM
+``da_rec = dga @ Wa``. The GRU's direct gradient on ``a_prev`` (``da z``) is written by its
+kernel and added by the next step's kernel before anything else, as the engine adds it to
+``da_rec``; the last one once after the loop. The array path needs ~15 launches per step, a
+stacking copy of every output, and in backward precomputed coefficients for every step;
+none of that remains.
 
-Source. The arithmetic is written once per cell, in a header (``lstm_pointwise.cuh``), as
-templated host and device element functions. Each kernel is declared once, in the table of
-:mod:`xlstm._cuda.kernels` (cell, step, element function, arguments in order with their
-widths, which are written and which may alias an input); the ``extern "C"`` kernels for
+Source. The arithmetic is written once per cell, in a header (``lstm_pointwise.cuh``,
+``gru_pointwise.cuh``, ``rnn_pointwise.cuh``), as templated host and device element
+functions. Each kernel is declared once, in the table of :mod:`xlstm._cuda.kernels` (cell,
+step, element function, arguments in order with their widths, which are written, which may
+alias an input, and which of the engine's buffers each one is); the ``extern "C"`` kernels for
 float32 and float64, one thread per ``(row, unit)`` element of the ``(m, n_a)`` grid in
 blocks of :data:`BLOCK` threads, are generated from it, and so are the tests' host build
 and argument checks and the files that CI compiles with nvcc. The tests compile the very
@@ -31,9 +36,10 @@ rounds as in the array path: backward steps are bit-identical to it, forward ste
 to the rounding of ``tanh``. The kernels are memory bound, so this costs nothing
 measurable.
 
-Layout. Every array a kernel sees is one step's C-contiguous slice of the engine's stacks;
-the upstream gradient, which may have any strides, is made contiguous once per backward
-call. Nothing here synchronises the device; launches go to CuPy's current stream, under the
+Layout. Every array a kernel sees is one step's C-contiguous slice of the engine's stacks
+(or the recurrent bias row); the upstream gradient, which may have any strides, is made
+contiguous once per backward call. The loops know no cell: they pass each kernel argument
+the buffer its table row names (:func:`_plan`). Nothing here synchronises the device; launches go to CuPy's current stream, under the
 device of the arrays.
 
 Next step: a persistent kernel. The per-step cost is now one GEMM launch plus one
@@ -42,10 +48,11 @@ pointwise launch, and at small batch sizes both are latency bound. A persistent 
 each block keeps its slice of the recurrent weights ``Wa`` in registers (or shared
 memory) for all steps, computes its rows of ``a @ Wa^T`` and the pointwise update in
 place, and the grid synchronises once per step (``grid.sync()``) so that the next step
-sees the whole new ``a``. Its limits: ``Wa`` is ``4 n_a^2`` numbers, and it must fit in
-the register files of all co-resident blocks, about 33 MB on an H100 (132 SMs x 256 KB),
-less the working registers: roughly ``n_a <= 1400`` in float32 and ``n_a <= 1000`` in
-float64 (shared memory adds some room at the cost of bandwidth). A cooperative grid can
+sees the whole new ``a``. Its limits: ``Wa`` is ``k n_a^2`` numbers (``k`` = 4 gates for
+the LSTM, 3 for the GRU, 1 for the RNN), and it must fit in the register files of all
+co-resident blocks, about 33 MB on an H100 (132 SMs x 256 KB), less the working
+registers: for the LSTM roughly ``n_a <= 1400`` in float32 and ``n_a <= 1000`` in float64
+(shared memory adds some room at the cost of bandwidth). A cooperative grid can
 be no larger than what fits on the device at once, the per-step grid barrier costs a few
 microseconds, so the gain shrinks as ``m`` grows and GEMMs become efficient again; the
 backward pass needs its own kernel holding ``Wa`` for ``dG @ Wa``; and its reduction
@@ -71,10 +78,10 @@ BLOCK = 256
 #: for its own elementwise kernels too, so float32 subnormals flush alike on both paths).
 OPTIONS = ("--fmad=false",)
 
-#: The LSTM's kernel names per (step, dtype name), from the table.
+#: Every kernel's name per (cell, step, dtype name), from the table.
 KERNEL_NAMES = {
-    (step, dtype): _table.kernel_name("lstm", step, dtype)
-    for (cell, step) in _table.TABLE if cell == "lstm" for dtype in _table.DTYPES
+    (cell, step, dtype): _table.kernel_name(cell, step, dtype)
+    for (cell, step) in _table.TABLE for dtype in _table.DTYPES
 }
 
 _kernels = {}  # (cell, step, dtype name) -> cupy.RawKernel; each compiles once per device
@@ -103,7 +110,7 @@ def _kernel(cell, step, dtype_name):
 _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "float64"}
 
 
-def _launch(step, name, total, args, *, cell="lstm"):
+def _launch(cell, step, name, total, args):
     """Launch ``cell``'s kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over
     ``total`` threads. The sizes (Python ints) go as numpy int64, the kernels' ``long long``
     ``index_t``, whatever CuPy's default for a Python int."""
@@ -113,24 +120,41 @@ def _launch(step, name, total, args, *, cell="lstm"):
         _kernel(cell, step, name)((blocks,), (BLOCK,), args)
 
 
+def _plan(k, sources):
+    """Row ``k``'s arrays from the step's ``sources`` (source name -> ``(array, index)``,
+    see :mod:`xlstm._cuda.kernels`): ``(array, index)`` per argument, in order."""
+    try:
+        return [sources[a.src] for a in k.args]
+    except KeyError as exc:
+        raise ValueError(f"{k.cell} {k.step}: the loops have no buffer {exc.args[0]!r}") from None
+
+
+def _args(plan, idx):
+    """One launch's arrays: each planned array, indexed (modulo its length) where it is a
+    stack (``idx[index]``), as it is otherwise."""
+    return [arr if i is None else arr[idx[i] % arr.shape[0]] for arr, i in plan]
+
+
 class Loops:
-    """The forward and backward time loops for one float dtype, over CuPy arrays.
+    """The forward and backward time loops for one float dtype, over CuPy arrays, for every
+    cell with rows in :data:`xlstm._cuda.kernels.TABLE`.
+
+    The loops know no cell: per step they make the recurrent GEMM and launch the cell's
+    kernel with the engine's buffers that its row names (each argument's source).
 
     ``mod`` and ``launch`` are for the tests: with ``mod=numpy`` and a ``launch`` that calls
-    a host build of the kernels, the same loops run on the CPU. ``launch(step, dtype_name,
-    total, args)`` runs kernel ``(cell, step)`` of the table over ``total`` elements, with
-    ``args`` in the table's order: ``m``, ``n``, then the arrays.
+    a host build of the kernels, the same loops run on the CPU. ``launch(cell, step,
+    dtype_name, total, args)`` runs kernel ``(cell, step)`` of the table over ``total``
+    elements, with ``args`` in the table's order: ``m``, ``n``, then the arrays.
     """
 
     #: How reports and the benchmark name this accelerator.
     label = "fused CUDA kernels"
-    #: The cell whose kernels (rows of :data:`xlstm._cuda.kernels.TABLE`) these loops launch.
-    cell = "lstm"
 
     def __init__(self, dtype, *, mod=None, launch=None):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
         self._mod = mod
-        self.launch = functools.partial(_launch, cell=self.cell) if launch is None else launch
+        self.launch = _launch if launch is None else launch
 
     @property
     def mod(self):
@@ -144,62 +168,84 @@ class Loops:
         return arr.device if self.mod is not _np else contextlib.nullcontext()
 
     def supports(self, cell) -> bool:
-        """The cells with kernels here: the LSTM."""
-        return cell.name == "lstm"
+        """The cells with kernels in the table (every cell of the package)."""
+        return cell.name in _table.cells()
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0):
-        """The engine's forward loop (see :meth:`xlstm._cpu.Loops.forward`), for the LSTM."""
-        if not self.supports(cell) or ba is not None:
-            raise NotImplementedError(f"no CUDA kernels for {cell!r}")
-        self.lstm_forward(Gx, WaT, bufs["A"], bufs["C"], bufs["S"], bufs["CCT"], bufs["TC"], t0)
-
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
-        """The engine's backward loop (see :meth:`xlstm._cpu.Loops.backward`), for the LSTM."""
+    def _row(self, cell, step):
         if not self.supports(cell):
             raise NotImplementedError(f"no CUDA kernels for {cell!r}")
-        return self.lstm_backward(da_t, saved["S"], saved["CCT"], saved["TC"], prev["C"], WaT,
-                                  dGx, *carry)
+        return _table.kernel(cell.name, step)
 
-    def lstm_forward(self, Gx, WaT, A, C, S, CCT, TC, t0):
-        """Run steps ``t0 .. t0 + len(Gx) - 1``, reading ``A[t], C[t]``, writing index ``t+1``.
+    def forward(self, cell, Gx, WaT, ba, bufs, t0):
+        """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``
+        (see :meth:`xlstm._cpu.Loops.forward`): per step the GEMM ``ga = a_prev @ WaT``,
+        then one launch of the cell's forward kernel.
 
-        ``Gx`` is the chunk's ``(T_c, m, 4 n_a)`` input projection. ``S``, ``CCT``, ``TC``
-        hold one slot per step of the chunk, or a single slot that is reused (inference);
-        ``A`` and ``C`` are indexed by absolute step, modulo their length (a stack of two
-        slots alternates). All are C-contiguous.
+        ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term, ``ba`` the ``(1, k n_a)``
+        recurrent bias or ``None``. ``bufs`` holds the state stacks, indexed by absolute
+        step modulo their length (a stack of two slots alternates), and the saved stacks
+        with one slot per step of the chunk, or a single slot that is reused (inference).
+        All are C-contiguous.
         """
-        T_c, m, _ = Gx.shape
-        n = C.shape[-1]
-        nA, nC = A.shape[0], C.shape[0]
+        k = self._row(cell, "fwd")
+        T_c, m, width = Gx.shape
+        n = WaT.shape[0]
+        if (ba is None) == any(a.src == "ba" for a in k.args):
+            raise ValueError(f"{cell.name} fwd: the kernel's recurrent bias and ba disagree")
+        first = bufs[cell.state_names[0]]
         with self._on_device(Gx):
-            G = self.mod.empty(Gx.shape[1:], dtype=Gx.dtype)
-            for k in range(T_c):
-                t, j = t0 + k, (k if S.shape[0] > 1 else 0)
-                self.mod.matmul(A[t % nA], WaT, out=G)
-                self.launch("fwd", self.name, m * n,
-                            (m, n, Gx[k], G, C[t % nC], S[j], CCT[j], C[(t + 1) % nC], TC[j],
-                             A[(t + 1) % nA]))
+            ga = self.mod.empty((m, width), dtype=Gx.dtype)
+            sources = {"gx": (Gx, "k"), "ga": (ga, None)}
+            if ba is not None:
+                sources["ba"] = (self.mod.ascontiguousarray(ba), None)
+            for s in cell.state_names:
+                sources[s + "[t]"] = (bufs[s], "t")
+                sources[s + "[t+1]"] = (bufs[s], "t+1")
+            sources.update((s, (bufs[s], "k")) for s in cell.saved)  # one slot each, or one
+            plan = _plan(k, sources)
+            for i in range(T_c):
+                t = t0 + i
+                self.mod.matmul(first[t % first.shape[0]], WaT, out=ga)
+                self.launch(cell.name, "fwd", self.name, m * n,
+                            (m, n, *_args(plan, {"k": i, "t": t, "t+1": t + 1})))
 
-    def lstm_backward(self, da_t, S, CCT, TC, C, WaT, dG, da_rec=None, dc=None):
-        """Run the backward loop over all ``T = len(dG)`` steps; returns ``(da0, dc0)``.
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
+        """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
+        the initial state (see :meth:`xlstm._cpu.Loops.backward`): per step one launch of
+        the cell's backward kernel, then the GEMM ``da_rec = dga @ Wa``.
 
-        ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides); ``dG`` receives the
-        ``(T, m, 4 n_a)`` pre-activation gradients. ``da_rec`` and ``dc``, the gradients on
-        the final state, default to zero.
+        ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides), ``carry`` the
+        gradients on the final state (not written); ``dGx`` (and ``dGa``, which may be
+        ``dGx`` itself) receive the ``(T, m, k n_a)`` gradients of the two terms. A cell
+        with a direct term (the GRU's ``da z``) gets it from its kernel, which adds the one
+        of the step after it to ``da_rec`` first; the last one is added after the loop.
         """
-        T, m, _ = dG.shape
+        k = self._row(cell, "bwd")
+        T, m, _ = dGx.shape
         n = WaT.shape[0]
         Wa = WaT.T
-        with self._on_device(dG):
+        with self._on_device(dGx):
             da_t = self.mod.ascontiguousarray(da_t)
-            zeros = (lambda: self.mod.zeros((m, n), dtype=dG.dtype))
-            da_rec = zeros() if da_rec is None else self.mod.array(da_rec, order="C")
-            dc = zeros() if dc is None else self.mod.array(dc, order="C")
+            da_rec = self.mod.array(carry[0], order="C")
+            drest = [self.mod.array(c, order="C") for c in carry[1:]]
+            sources = {"da": (da_t, "t"), "da_rec": (da_rec, None), "dGx": (dGx, "t"),
+                       "dGa": (dGa, "t")}
+            direct = None
+            if any(a.src == "direct" for a in k.args):
+                # -0 adds nothing to any number, -0 included: the first step reads da_rec
+                direct = self.mod.full((m, n), -0.0, dtype=dGx.dtype)
+                sources["direct"] = (direct, None)
+            for s, d in zip(cell.state_names[1:], drest):
+                sources["d" + s] = (d, None)  # updated in place, step by step
+            sources.update((s + "[t]", (v, "t")) for s, v in prev.items())
+            sources.update((s, (v, "t")) for s, v in saved.items())
+            plan = _plan(k, sources)
             for t in range(T - 1, -1, -1):
-                self.launch("bwd", self.name, m * n,
-                            (m, n, da_t[t], da_rec, dc, S[t], CCT[t], TC[t], C[t], dG[t], dc))
-                self.mod.matmul(dG[t], Wa, out=da_rec)  # (19), recurrent part
-        return da_rec, dc
+                self.launch(cell.name, "bwd", self.name, m * n, (m, n, *_args(plan, {"t": t})))
+                self.mod.matmul(dGa[t], Wa, out=da_rec)  # (19), recurrent part
+            if direct is not None:
+                self.mod.add(da_rec, direct, out=da_rec)
+        return (da_rec, *drest)
 
 
 @functools.cache

@@ -3,10 +3,27 @@
 Each kernel is declared once, in :data:`TABLE`: its cell, its step (``"fwd"`` or ``"bwd"``),
 the element function of the cell's header that it calls, and its arguments in order. Every
 kernel takes the sizes ``m`` and ``n`` first, then arrays: one step's C-contiguous
-``(m, width * n)`` slices of the engine's stacks (width 4 for gates, 3 for sigmoid gates, 1
-for one number per unit), each one read (``const``) or written. A written argument may name
-the read argument that it is allowed to be (``dc_prev`` updated in place over ``dc``); both
-then lose ``__restrict__``.
+``(m, width * n)`` slices of the engine's stacks (width 4 for the LSTM's gates, 3 for its
+sigmoid gates, 1 for one number per unit), or a ``(1, width * n)`` row read by every row
+(a bias), each one read (``const``) or written. A written argument may name the read
+argument that it is allowed to be (``dc_prev`` updated in place over ``dc``); both then lose
+``__restrict__``.
+
+Each argument also names its *source*, the engine's buffer that the loops
+(:class:`xlstm._cuda.Loops`) pass for it; the loops know no cell, only these names:
+
+* forward step ``t`` (``k``-th of its chunk): ``gx`` the step's input term, ``ga`` the
+  recurrent product ``a_prev @ WaT`` (without bias), ``ba`` the recurrent bias row,
+  ``<State>[t]`` and ``<State>[t+1]`` a state before and after the step (``A[t]``,
+  ``C[t+1]``), ``<Saved>`` the step's slot of a saved stack (``S``);
+* backward step ``t``: ``da`` the upstream gradient on the step's output, ``da_rec`` the
+  product ``dga @ Wa`` of the step after it (at first the gradient on the final ``a``),
+  ``direct`` the gradient on ``a_prev`` other than through ``ga`` (the cell's
+  ``da_direct``; from the step after it when read, this step's when written: the loops add
+  the last one to the product after the loop), ``d<State>`` the gradient carried on
+  another state (``dC``, updated in place), ``<State>[t]`` the state before the step,
+  ``<Saved>`` the step's slices of the saved stacks, ``dGx`` and ``dGa`` the step's
+  gradients of the input and recurrent terms.
 
 From the table come:
 
@@ -21,7 +38,8 @@ From the table come:
   script, ``python xlstm/_cuda/kernels.py --write DIR``, which needs nothing but Python.
 
 Adding a cell's kernels means one header (``<cell>_pointwise.cuh`` with its element
-functions, named in :data:`HEADERS`) and its rows in :data:`TABLE`; nothing else here.
+functions, named in :data:`HEADERS`) and its rows in :data:`TABLE`; nothing else here, and
+nothing in the loops.
 
 This module is pure Python and imports nothing but the standard library (nor the rest of
 the package), so that it also runs as a script.
@@ -40,7 +58,8 @@ __all__ = ["DTYPES", "GUARD", "HEADERS", "TABLE", "Arg", "Kernel", "cells", "che
 _DIR = Path(__file__).resolve().parent
 
 #: The header of each cell, in this folder: its element functions, in namespace ``xlstm``.
-HEADERS = {"lstm": "lstm_pointwise.cuh"}
+HEADERS = {"lstm": "lstm_pointwise.cuh", "gru": "gru_pointwise.cuh",
+           "rnn_tanh": "rnn_pointwise.cuh", "rnn_relu": "rnn_pointwise.cuh"}
 
 #: dtype name -> (suffix of the kernel name, C type).
 DTYPES = {"float32": ("f32", "float"), "float64": ("f64", "double")}
@@ -51,16 +70,20 @@ GUARD = "if (e < m * n)"
 
 @dataclass(frozen=True)
 class Arg:
-    """One array argument of a kernel: a ``(m, width * n)`` C-contiguous slice.
+    """One array argument of a kernel: a ``(m, width * n)`` C-contiguous slice, or with
+    ``row`` a ``(1, width * n)`` one that every row reads.
 
     ``out`` marks an argument that the kernel writes; ``alias`` names the read argument that
-    a written one may be the very same array as (same start, same shape).
+    a written one may be the very same array as (same start, same shape); ``src`` names the
+    engine's buffer that the loops pass (see the module's docstring).
     """
 
     name: str
     width: int
     out: bool = False
     alias: str | None = None
+    src: str = ""
+    row: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,17 +105,19 @@ class Kernel:
 
 
 def _args(spec):
-    """Arguments from ``"read ... > written ..."``, each ``name:width``; a written one may
-    end in ``=input``, the read argument it may be (``"dc:1 > dc_prev:1=dc"``)."""
+    """Arguments from ``"read ... > written ..."``, each ``name:width@source``; a width
+    ending in ``r`` is a row (``ba:3r@ba``); a written one may add ``=input`` after the width,
+    the read argument it may be (``"dc:1@dC > dc_prev:1=dc@dC"``)."""
     read, written = spec.split(">")
     out = []
-    for word in read.split():
-        name, width = word.split(":")
-        out.append(Arg(name, int(width)))
-    for word in written.split():
-        name, rest = word.split(":")
-        width, _, alias = rest.partition("=")
-        out.append(Arg(name, int(width), out=True, alias=alias or None))
+    for words, is_out in ((read, False), (written, True)):
+        for word in words.split():
+            name, rest = word.split(":")
+            rest, _, src = rest.partition("@")
+            width, _, alias = rest.partition("=")
+            row = width.endswith("r")
+            out.append(Arg(name, int(width.rstrip("r")), out=is_out, alias=alias or None,
+                           src=src, row=row))
     return tuple(out)
 
 
@@ -103,10 +128,30 @@ TABLE = {
     for k in (
         # LSTM forward, equations (1)-(6): the pre-activation is gx + ga.
         Kernel("lstm", "fwd", "lstm_fwd_elem",
-               _args("gx:4 ga:4 c_prev:1 > s:3 cct:1 c:1 tc:1 a:1")),
+               _args("gx:4@gx ga:4@ga c_prev:1@C[t] > s:3@S cct:1@CCT c:1@C[t+1] tc:1@TC "
+                     "a:1@A[t+1]")),
         # LSTM backward, equations (7)-(10) and (20); dc_prev may be dc, updated in place.
         Kernel("lstm", "bwd", "lstm_bwd_elem",
-               _args("da:1 da_rec:1 dc:1 s:3 cct:1 tc:1 c_prev:1 > dg:4 dc_prev:1=dc")),
+               _args("da:1@da da_rec:1@da_rec dc:1@dC s:3@S cct:1@CCT tc:1@TC c_prev:1@C[t] "
+                     "> dg:4@dGx dc_prev:1=dc@dC")),
+        # GRU forward: the recurrent term is ga + ba (the reset gate scales its n block).
+        Kernel("gru", "fwd", "gru_fwd_elem",
+               _args("gx:3@gx ga:3@ga ba:3r@ba a_prev:1@A[t] > s:2@S nt:1@N hn:1@HN "
+                     "a:1@A[t+1]")),
+        # GRU backward: dgx and dga differ in the n block; the direct term da z is carried
+        # to the step before, updated in place.
+        Kernel("gru", "bwd", "gru_bwd_elem",
+               _args("da:1@da da_rec:1@da_rec da_direct:1@direct s:2@S nt:1@N hn:1@HN "
+                     "a_prev:1@A[t] > dgx:3@dGx dga:3@dGa da_direct_prev:1=da_direct@direct")),
+        # RNN, tanh and relu: a = act(gx + ga); dg = (da + da_rec) act'(a).
+        Kernel("rnn_tanh", "fwd", "rnn_tanh_fwd_elem",
+               _args("gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H")),
+        Kernel("rnn_tanh", "bwd", "rnn_tanh_bwd_elem",
+               _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
+        Kernel("rnn_relu", "fwd", "rnn_relu_fwd_elem",
+               _args("gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H")),
+        Kernel("rnn_relu", "bwd", "rnn_relu_bwd_elem",
+               _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
     )
 }
 
@@ -122,6 +167,9 @@ def _validate():
             if a.alias is not None and (a.alias not in names or a.alias == a.name
                                         or k.args[names.index(a.alias)].out):
                 raise ValueError(f"TABLE: {cell} {step}: {a.name} may alias only an input")
+            if not a.src or (a.row and a.out):
+                raise ValueError(f"TABLE: {cell} {step}: {a.name} needs a source and, as a "
+                                 "row, must be read only")
 
 
 _validate()
@@ -244,7 +292,8 @@ def write(directory: str | Path) -> list[Path]:
 # ------------------------------------------------------------------ argument checks
 def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> None:
     """Check one launch's arguments against row ``k``: ``m`` and ``n`` Python ints, one
-    array per argument, each of dtype ``dtype_name``, shape ``(m, width * n)`` and
+    array per argument, each of dtype ``dtype_name``, shape ``(m, width * n)`` (a row:
+    ``(1, width * n)``) and
     C-contiguous, and no two sharing memory unless the table lets them (then exactly).
 
     ``address(arr)`` gives an array's first byte (default: numpy's ``arr.ctypes.data``).
@@ -259,7 +308,8 @@ def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> Non
     spans = []
     for a, arr in zip(k.args, arrays):
         _expect(str(arr.dtype) == dtype_name, f"{where}: {a.name} is {arr.dtype}")
-        _expect(tuple(arr.shape) == (m, a.width * n), f"{where}: {a.name} has shape {arr.shape}")
+        rows = 1 if a.row else m
+        _expect(tuple(arr.shape) == (rows, a.width * n), f"{where}: {a.name} has shape {arr.shape}")
         _expect(arr.flags.c_contiguous, f"{where}: {a.name} is not C-contiguous")
         start = address(arr)
         spans.append((a, start, start + arr.size * arr.itemsize))

@@ -18,6 +18,9 @@
 #ifndef XLSTM_LSTM_POINTWISE_CUH
 #define XLSTM_LSTM_POINTWISE_CUH
 
+// The prelude that every cell's header repeats (under one guard, so that headers combine).
+#ifndef XLSTM_POINTWISE_PRELUDE
+#define XLSTM_POINTWISE_PRELUDE
 #if defined(__CUDACC__)
 #define XLSTM_HD __host__ __device__
 #else
@@ -29,11 +32,13 @@
 #endif
 
 namespace xlstm {
-
 typedef long long index_t;
-
 XLSTM_HD inline float act_tanh(float x) { return tanhf(x); }
 XLSTM_HD inline double act_tanh(double x) { return tanh(x); }
+}  // namespace xlstm
+#endif  // XLSTM_POINTWISE_PRELUDE
+
+namespace xlstm {
 
 // ------------------------------------------------------------------ one element
 // Forward, equations (1)-(6): gates from the halved pre-activations, then the cell.
