@@ -111,6 +111,10 @@ class ArrayOps:
         n = buf.shape[-1] // k
         return tuple([buf[..., q * n : (q + 1) * n] for q in range(k)])
 
+    def cols(self, buf, start, stop):
+        """Columns ``start:stop`` of ``buf`` (the last axis)."""
+        return buf[..., start:stop]
+
     def map(self, fn, *args, out=None):
         """``fn(*args)`` on whole arrays: a point function applied elementwise."""
         return fn(*args)

@@ -149,16 +149,16 @@ class GRUCell(Cell):
         t = ops.tanh(ops.add(gx[..., : 2 * n], ga[..., : 2 * n], out=out["G"]), out=out["G"])
         s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), t, out=out["S"])
         hn = ops.copy(ga[..., 2 * n :], out=out["HN"])
-        pre = ops.map(candidate_preactivation, gx[..., 2 * n :], s[..., :n], hn, out=out["N"])
+        pre = ops.map(candidate_preactivation, ops.cols(gx, 2 * n, 3 * n), ops.cols(s, 0, n), hn, out=out["N"])
         nt = ops.tanh(pre, out=out["N"])
-        a = ops.map(hidden_state, ops.const(1.0), s[..., n:], nt, a_prev, out=out["A"])
+        a = ops.map(hidden_state, ops.const(1.0), ops.cols(s, n, 2 * n), nt, a_prev, out=out["A"])
         return {"A": a, "S": s, "N": nt, "HN": hn}
 
     def back_coeffs(self, ops, saved, prev, out):
         S = saved["S"]
         n = S.shape[-1] // 2
         return ops.map(
-            backward_coefficients, ops.const(1.0), S[..., :n], S[..., n:], saved["N"],
+            backward_coefficients, ops.const(1.0), ops.cols(S, 0, n), ops.cols(S, n, 2 * n), saved["N"],
             saved["HN"], prev["A"], out=(out["Pr"], out["Pz"], out["Pn"]),
         )  # fmt: skip
 
@@ -168,7 +168,7 @@ class GRUCell(Cell):
         n = S.shape[-1] // 2
         dGx, dGa = out["dGx"], out["dGa"]
         drt, dzt, dnt, drt_a, dzt_a, dhn, direct = ops.map(
-            backward_step, da, da_rec, *coeffs, S[..., :n], S[..., n:],
+            backward_step, da, da_rec, *coeffs, ops.cols(S, 0, n), ops.cols(S, n, 2 * n),
             out=(*ops.blocks(dGx, 3), *ops.blocks(dGa, 3), out["D"]),
         )  # fmt: skip
         dgx = ops.concat((drt, dzt, dnt), out=dGx)  # gate order (r, z, n)

@@ -121,9 +121,10 @@ class LSTMCell(Cell):
         _, c_prev = state
         n = c_prev.shape[-1]
         t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
-        s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), t[..., : 3 * n], out=out["S"])
+        s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), ops.cols(t, 0, 3 * n), out=out["S"])
         cct = ops.copy(t[..., 3 * n :], out=out["CCT"])  # (3)
-        c = ops.map(cell_state, s[..., n : 2 * n], s[..., 2 * n :], cct, c_prev, out=out["C"])
+        c = ops.map(cell_state, ops.cols(s, n, 2 * n), ops.cols(s, 2 * n, 3 * n), cct, c_prev,
+                    out=out["C"])
         tc = ops.tanh(c, out=out["TC"])
         a = ops.mul(s[..., :n], tc, out=out["A"])  # (6)
         return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
@@ -132,8 +133,8 @@ class LSTMCell(Cell):
         S = saved["S"]
         n = S.shape[-1] // 3
         return ops.map(
-            backward_coefficients, ops.const(1.0), S[..., :n], S[..., n : 2 * n],
-            S[..., 2 * n :], saved["TC"], saved["CCT"], prev["C"],
+            backward_coefficients, ops.const(1.0), ops.cols(S, 0, n), ops.cols(S, n, 2 * n),
+            ops.cols(S, 2 * n, 3 * n), saved["TC"], saved["CCT"], prev["C"],
             out=(out["K"], out["Q"], out["Pf"], out["Pi"], out["Pc"]),
         )  # fmt: skip
 
@@ -144,7 +145,7 @@ class LSTMCell(Cell):
         n = S.shape[-1] // 3
         dG = out["dGx"]
         *gates, dc_prev = ops.map(
-            backward_step, da, da_rec, dc, *coeffs, S[..., n : 2 * n],
+            backward_step, da, da_rec, dc, *coeffs, ops.cols(S, n, 2 * n),
             out=(*ops.blocks(dG, 4), out["dc"]),
         )  # fmt: skip
         dg = ops.concat(gates, out=dG)  # gate order (o, f, i, c)
