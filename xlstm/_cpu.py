@@ -10,7 +10,8 @@ steps are stacked afterwards. Here the cell's own :meth:`~xlstm.cells.base.Cell.
 into a preallocated buffer (a slot of the engine's stacks or a per-call scratch buffer),
 ``tanh`` and the matrix products are numpy's own calls with ``out=``, and each point
 function runs as one compiled pass over the step's ``(m, n_a)`` grid (:func:`_map_kernel`).
-The backward coefficients are formed per step, on the fly, instead of for all steps at once.
+The backward coefficients of all steps are formed first, in one compiled pass, as on the
+array path.
 
 Same numbers. ``tanh`` and the products are the calls the array path makes; the point
 functions are the same Python functions, compiled, evaluated on the same values in the

@@ -291,8 +291,8 @@ def lstm_backward(da: Array, caches: tuple) -> Grads:
     Per step: the pointwise math of eqs. (7)-(10), (20) and one GEMM ``dG @ Wa``. After the
     loop: one GEMM each for ``dW`` and ``dx`` and one reduction for ``db`` over the stacked
     pre-activation gradients ``dG``. Extra memory: ``dG``, ``4 n_a m`` numbers per step,
-    plus on the array path the backward coefficients, another ``5 n_a m`` per step (the
-    compiled loops on numpy with numba, and the CUDA kernels on CuPy, form them on the fly).
+    plus the backward coefficients, another ``5 n_a m`` per step (the CUDA kernels on CuPy
+    form them on the fly).
     """
     if not isinstance(caches, tuple) or len(caches) != 2:
         raise TypeError("caches must be the pair (list of per-step caches, x) from lstm_forward")
