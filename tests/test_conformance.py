@@ -330,3 +330,30 @@ def test_torch_modules_of_another_kind_are_refused(spec):
             cls.from_torch(torch.nn.LSTM(N_X, N_A, proj_size=2))
     with pytest.raises(NotImplementedError):
         cls.from_torch(getattr(torch.nn, spec[0])(N_X, N_A, num_layers=2))
+
+
+@SPEC
+def test_jax_jit_of_the_pure_form(spec, backend_named):
+    """``forward(x, params=...)`` and ``backward`` under ``jax.jit`` give the eager results:
+    the pure form that optimizers and compiled training steps use."""
+    xp, device = backend_named("jax")
+    import jax
+
+    model = _model(spec, xp=xp, device=device)
+    case = _case(spec, seed=8)
+    x = to_xp(case["x"], xp, device)
+    state = tuple(to_xp(s, xp, device) for s in case["state"])
+    dy = to_xp(case["dy"], xp, device)
+
+    def run(params, x, state, dy):
+        y, final, cache = model.forward(x, state, params=params)
+        dx, d0, grads = model.backward(dy, cache)
+        return y, final, dx, d0, grads
+
+    eager = run(model.params, x, state, dy)
+    jitted = jax.jit(run)(model.params, x, state, dy)
+    e_leaves, e_def = jax.tree.flatten(eager)
+    j_leaves, j_def = jax.tree.flatten(jitted)
+    assert e_def == j_def
+    for a, b in zip(j_leaves, e_leaves):
+        assert_close(a, b, xp=xp, device=device, rtol=1e-12, atol=1e-13)
