@@ -13,6 +13,9 @@ import xlstm
 from xlstm import _compat, _engine
 from xlstm.cells.rnn import RNN_RELU, RNN_TANH, RNNCell
 
+#: numpy as the engine sees it (the array-API namespace of numpy arrays).
+NP = _compat.default_namespace()
+
 GRAD_KEYS = ("dWax", "dWaa", "dba")
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 NO_NUMBA = "numba is not installed (pip install xlstm-array-api[cpu])"
@@ -209,10 +212,10 @@ def _engine_run(cell, case, G, Gh=None):
     """Outputs, final state and every gradient of ``sum(G a) (+ sum(Gh a_T))`` through the
     engine, for ``cell`` and ``case`` (numpy arrays)."""
     n_a = case.a0.shape[0]
-    stacks, _, _, state = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=np,
+    stacks, _, _, state = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=NP,
                                        keep=True)
     dstate = None if Gh is None else (Gh.T,)
-    dX, (da0,), grads = _engine.backward(cell, G, state, xp=np, dstate=dstate)
+    dX, (da0,), grads = _engine.backward(cell, G, state, xp=NP, dstate=dstate)
     a = np.transpose(stacks["A"][1:], (2, 1, 0))
     return {"a": a, "dx": np.transpose(dX, (2, 1, 0)), "da0": da0.T, **grads}
 
@@ -227,7 +230,7 @@ def test_gradcheck_through_the_engine_with_bha(cell):
 
     def objective(d):
         c = RNNCase.of({**case.arrays(), **d})
-        stacks, _, _, _ = _engine.forward(cell, c.x, (c.a0,), c.params, 4, xp=np, keep=False)
+        stacks, _, _, _ = _engine.forward(cell, c.x, (c.a0,), c.params, 4, xp=NP, keep=False)
         a = np.transpose(stacks["A"][1:], (2, 1, 0))
         return float(np.sum(G * a) + np.sum(Gh * a[:, :, -1]))
 
@@ -346,10 +349,10 @@ def test_accelerated_path_is_bit_identical(monkeypatch, cell, bha, dtype, m, T, 
         with xlstm.accelerators(accel):
             n_a = 6
             stacks, _, _, state = _engine.forward(cell, case.x, (case.a0,), case.params, n_a,
-                                               xp=np, keep=True)
-            inf, _, _, _ = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=np,
+                                               xp=NP, keep=True)
+            inf, _, _, _ = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=NP,
                                         keep=False)
-            dX, (da0,), grads = _engine.backward(cell, G, state, xp=np, dstate=(Gh.T,))
+            dX, (da0,), grads = _engine.backward(cell, G, state, xp=NP, dstate=(Gh.T,))
             runs[accel] = {"A": stacks["A"], "H": state.H, "inference A": inf["A"],
                            "dX": dX, "da0": da0, **grads}
         if accel:
