@@ -26,6 +26,8 @@ from oracles import central_differences
 import xlstm
 from xlstm import _compat, _engine
 
+NP = _compat.default_namespace()
+
 #: (model class name, constructor keywords): one entry per cell.
 SPECS = [
     ("LSTM", ()),
@@ -357,3 +359,28 @@ def test_jax_jit_of_the_pure_form(spec, backend_named):
     assert e_def == j_def
     for a, b in zip(j_leaves, e_leaves):
         assert_close(a, b, xp=xp, device=device, rtol=1e-12, atol=1e-13)
+
+
+@SPEC
+def test_compiled_loops_replay_every_step_after_the_first(spec, monkeypatch):
+    """The compiled loops record a cell's first step and replay it on the next steps' arrays
+    (no Python of the cell per step); a cell that hands its ops an array of its own making
+    would silently lose that, so every cell must be replayable, forward and backward."""
+    if _engine.accelerated_loops(NP, NP.float64) is None:
+        pytest.skip("no compiled loops here (numba is not installed or does not load)")
+    from xlstm import _cpu
+
+    made = []
+    real = _cpu._Replay.of.__func__
+
+    def spy(cls, *args, **kwargs):
+        made.append(real(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_cpu._Replay, "of", classmethod(spy))
+    model = _model(spec)
+    case = _case(spec, seed=9)
+    with xlstm.accelerators(True):
+        y, _, cache = model.forward(case["x"], case["state"])
+        model.backward(case["dy"], cache, case["dstate"])
+    assert len(made) == 2 and all(r is not None for r in made), made

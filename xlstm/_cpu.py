@@ -137,6 +137,7 @@ class BufferOps:
         self._ftype = np.dtype(dtype).type
         self._consts = {}
         self._plans = {}
+        self._tape = None  # a list while a step is recorded (see Loops: replay)
 
     def const(self, value: float):
         """A constant for a point function, in the arrays' dtype (made once)."""
@@ -145,24 +146,30 @@ class BufferOps:
             c = self._consts[value] = self._ftype(value)
         return c
 
+    def _call(self, fn, *args):
+        """``fn(*args)``, windows as the views they stand for; recorded while taping."""
+        if self._tape is not None:
+            self._tape.append((fn, args))
+        return fn(*[_view(a) for a in args])
+
     def tanh(self, x, out):
-        return np.tanh(_view(x), out=_view(out))
+        return self._call(np.tanh, x, out)
 
     def relu(self, x, out):
         """``max(x, 0)``: numpy's ``maximum``, as on the array path."""
-        return np.maximum(_view(x), self._ftype(0), out=_view(out))
+        return self._call(_maximum, x, self._ftype(0), out)
 
     def sign(self, x, out):
-        return np.sign(_view(x), out=_view(out))
+        return self._call(np.sign, x, out)
 
     def add(self, x, y, out):
-        return np.add(_view(x), _view(y), out=_view(out))
+        return self._call(np.add, x, y, out)
 
     def mul(self, x, y, out):
-        return np.multiply(_view(x), _view(y), out=_view(out))
+        return self._call(np.multiply, x, y, out)
 
     def copy(self, x, out):
-        np.copyto(_view(out), _view(x))
+        self._call(np.copyto, out, x)
         return out
 
     def concat(self, parts, out):
@@ -213,12 +220,19 @@ class BufferOps:
                     call.append(v.buf)
                 else:
                     call.append(v)
-            kernel(*call)
         else:
-            kernel(m, n, *args, *outs)
+            call = [m, n, *args, *outs]
+        if self._tape is not None:
+            self._tape.append((kernel, tuple(call)))
+        kernel(*call)
         if spread is None:
             return out
         return tuple([outs[i] for i in spread])
+
+
+def _maximum(x, y, out):
+    """``numpy.maximum`` with its output given by position, as the other calls take it."""
+    return np.maximum(x, y, out=out)
 
 
 def _view(v):
@@ -274,6 +288,68 @@ def _plan(fn, args, outs):
     return _map_kernel(fn, kinds, out_kinds), special, spread
 
 
+def _step_spec(slot, same, a):
+    """``(slot, window)`` of a per-step array (window ``None``, or its columns), ``None`` for
+    an unchanging array or a scalar; ``LookupError`` for an array the loops did not give."""
+    if type(a) is Window:
+        got = _step_spec(slot, same, a.buf)
+        return None if got is None else (got[0], (a.start, a.stop))
+    if isinstance(a, np.ndarray):
+        if id(a) in slot:
+            return (slot[id(a)], None)
+        if id(a) not in same:
+            raise LookupError(a)
+    return None
+
+
+class _Replay:
+    """A recorded step, replayed with the next step's arrays: no Python of the cell runs.
+
+    A cell's step makes the same operations on every step, on the arrays the loops give it
+    (the step's slices of the stacks, which change, and buffers that do not), so the calls
+    that :class:`BufferOps` recorded for one step are the next step's calls with the
+    step's arrays swapped in. :meth:`of` returns ``None`` when a recorded call reads an
+    array that the loops did not give (a slice the cell made itself): such a step runs
+    as it is, every time.
+    """
+
+    __slots__ = ("calls", "results")
+
+    @classmethod
+    def of(cls, tape, step, fixed, results=()):
+        """The replay of ``tape``, recorded with the per-step arrays ``step`` (a list) and
+        the unchanging ``fixed`` arrays; ``results`` are arrays the step returned."""
+        slot = {id(a): k for k, a in enumerate(step)}
+        same = {id(a) for a in fixed}
+        spec = functools.partial(_step_spec, slot, same)
+
+        calls = []
+        try:
+            for fn, args in tape:
+                subs = []
+                for pos, a in enumerate(args):
+                    got = spec(a)
+                    if got is not None:
+                        subs.append((pos, *got))
+                calls.append((fn, [_view(a) for a in args], tuple(subs)))
+            out = tuple(None if r is None else spec(r) for r in results)
+        except LookupError:
+            return None
+        replay = cls()
+        replay.calls, replay.results = calls, tuple(
+            (r if o is None else None, o) for r, o in zip(results, out))
+        return replay
+
+    def __call__(self, step):
+        """Run the recorded calls on the per-step arrays ``step``; the step's results."""
+        for fn, call, subs in self.calls:  # each call's list is reused, its slots refilled
+            for pos, k, win in subs:
+                a = step[k]
+                call[pos] = a if win is None else a[:, win[0] : win[1]]
+            fn(*call)
+        return tuple(r if o is None else step[o[0]] for r, o in self.results)
+
+
 class Loops:
     """The forward and backward time loops for one float dtype, over numpy arrays, for any
     cell (the cell's own steps, run with :class:`BufferOps`)."""
@@ -306,18 +382,28 @@ class Loops:
         slots = next(iter(saved.values())).shape[0] if saved else 0
         out = self._scratch(cell, m, n_a)
         ga = np.empty((m, width), dtype=self.dtype)
+        fixed = [ga, *out.values()]
+        names = (*cell.state_names, *saved)
+        replay = None
         for k in range(T_c):
             t, j = t0 + k, (k if slots > 1 else 0)
             # a state stack of two slots (not returned step by step) alternates
-            state = tuple([bufs[s][t % len(bufs[s])] for s in cell.state_names])
+            state = [bufs[s][t % len(bufs[s])] for s in cell.state_names]
             np.matmul(state[0], WaT, out=ga)  # the recurrent term
             if ba is not None:
                 np.add(ga, ba, out=ga)
-            for s in cell.state_names:
-                out[s] = bufs[s][(t + 1) % len(bufs[s])]
-            for s, v in saved.items():
-                out[s] = v[j]
-            cell.step(self.ops, Gx[k], ga, state, out)
+            new = [bufs[s][(t + 1) % len(bufs[s])] for s in cell.state_names]
+            new += [v[j] for v in saved.values()]
+            step = [Gx[k], *state, *new]
+            if replay is not None:
+                replay(step)
+                continue
+            out.update(zip(names, new))
+            self.ops._tape = [] if k == 0 and T_c > 1 else None
+            cell.step(self.ops, step[0], ga, tuple(state), out)
+            if self.ops._tape is not None:
+                tape, self.ops._tape = self.ops._tape, None
+                replay = _Replay.of(tape, step, fixed)
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
@@ -350,19 +436,37 @@ class Loops:
                                   {k: rows[k] for k in prev}, bufs)
         unit = all(w == 1 for w in widths)
         reads = [(k, saved[k] if k in saved else prev[k]) for k in cell.back_reads]
+        fixed = [da_rec, *drest, *out.values(), *flat_cols(coeffs)]
+        replay = None
         for t in range(T - 1, -1, -1):
-            out["dGx"], out["dGa"] = dGx[t], dGa[t]
             if unit:
-                step_coeffs = self.ops.blocks(whole[t], len(widths))
+                per_coeff = [whole[t]]
             else:
-                step_coeffs = tuple([c[t * m : (t + 1) * m] for c in coeffs])
-            _, dga, direct, _ = cell.step_back(
-                self.ops, da_t[t], da_rec, drest, step_coeffs, {k: v[t] for k, v in reads}, out
-            )
+                per_coeff = [c[t * m : (t + 1) * m] for c in coeffs]
+            step = [da_t[t], dGx[t], dGa[t], *per_coeff, *[v[t] for _, v in reads]]
+            if replay is not None:
+                dga, direct = replay(step)
+            else:
+                step_coeffs = self.ops.blocks(per_coeff[0], len(widths)) if unit else \
+                    tuple(per_coeff)
+                out["dGx"], out["dGa"] = step[1], step[2]
+                self.ops._tape = [] if t == T - 1 and T > 1 else None
+                _, dga, direct, _ = cell.step_back(
+                    self.ops, step[0], da_rec, drest, step_coeffs,
+                    {k: v for (k, _), v in zip(reads, step[3 + len(per_coeff):])}, out,
+                )  # fmt: skip
+                if self.ops._tape is not None:
+                    tape, self.ops._tape = self.ops._tape, None
+                    replay = _Replay.of(tape, step, fixed, (dga, direct))
             np.matmul(WaT, dga.T, out=da_recT)  # (19), recurrent part
             if direct is not None:
                 np.add(direct, da_rec, out=da_rec)
         return (da_rec, *drest)
+
+
+def flat_cols(arrays):
+    """The arrays of ``arrays`` (windows as their parents), for :class:`_Replay`'s fixed set."""
+    return [a.buf if type(a) is Window else a for a in arrays]
 
 
 @functools.cache

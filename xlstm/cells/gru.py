@@ -146,9 +146,10 @@ class GRUCell(Cell):
         """``r, z`` (one ``tanh``), ``hn``, ``n`` and ``a``."""
         (a_prev,) = state
         n = a_prev.shape[-1]
-        t = ops.tanh(ops.add(gx[..., : 2 * n], ga[..., : 2 * n], out=out["G"]), out=out["G"])
+        t = ops.tanh(ops.add(ops.cols(gx, 0, 2 * n), ops.cols(ga, 0, 2 * n), out=out["G"]),
+                     out=out["G"])
         s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), t, out=out["S"])
-        hn = ops.copy(ga[..., 2 * n :], out=out["HN"])
+        hn = ops.copy(ops.cols(ga, 2 * n, 3 * n), out=out["HN"])
         pre = ops.map(candidate_preactivation, ops.cols(gx, 2 * n, 3 * n), ops.cols(s, 0, n), hn, out=out["N"])
         nt = ops.tanh(pre, out=out["N"])
         a = ops.map(hidden_state, ops.const(1.0), ops.cols(s, n, 2 * n), nt, a_prev, out=out["A"])

@@ -122,11 +122,11 @@ class LSTMCell(Cell):
         n = c_prev.shape[-1]
         t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
         s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), ops.cols(t, 0, 3 * n), out=out["S"])
-        cct = ops.copy(t[..., 3 * n :], out=out["CCT"])  # (3)
+        cct = ops.copy(ops.cols(t, 3 * n, 4 * n), out=out["CCT"])  # (3)
         c = ops.map(cell_state, ops.cols(s, n, 2 * n), ops.cols(s, 2 * n, 3 * n), cct, c_prev,
                     out=out["C"])
         tc = ops.tanh(c, out=out["TC"])
-        a = ops.mul(s[..., :n], tc, out=out["A"])  # (6)
+        a = ops.mul(ops.cols(s, 0, n), tc, out=out["A"])  # (6)
         return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
 
     def back_coeffs(self, ops, saved, prev, out):
