@@ -11,7 +11,8 @@ into a preallocated buffer (a slot of the engine's stacks or a per-call scratch 
 ``tanh`` and the matrix products are numpy's own calls with ``out=``, and each point
 function runs as one compiled pass over the step's ``(m, n_a)`` grid (:func:`_map_kernel`).
 The backward coefficients of all steps are formed first, in one compiled pass, as on the
-array path.
+array path. The first step of every loop is recorded (:class:`_Replay`) and the later steps
+replay its calls on their own arrays, so the cell's Python runs once per loop, not per step.
 
 Same numbers. ``tanh`` and the products are the calls the array path makes; the point
 functions are the same Python functions, compiled, evaluated on the same values in the

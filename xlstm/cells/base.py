@@ -21,6 +21,13 @@ cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions, `
 ``relu`` and ``sign`` through an *ops* object: :class:`ArrayOps` on the array path (every
 call returns a new array), a buffered one in the accelerated loops (every call writes into
 ``out``). These functions are always the namespace's own, so both routes round alike.
+
+Two rules make a step fast in the compiled loops, which record a cell's first step and
+replay its calls on every later step's arrays: the operations of a step must not depend on
+the values, and a step hands its ops only the arrays it was given (its arguments and its
+``out`` buffers), with gate columns taken through ``ops.cols`` and ``ops.blocks``, never a
+slice it makes itself. A step that breaks the second rule still gives the same numbers, but
+runs its Python on every step (the conformance suite checks that every cell replays).
 """
 
 from __future__ import annotations
