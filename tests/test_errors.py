@@ -156,8 +156,6 @@ def test_none_and_masked_arrays_are_named():
 
 
 def test_forged_caches_are_named():
-    from xlstm import _engine
-
     d = good()
     *_, caches = forward(d)
     da = np.ones((N_A, M, T))

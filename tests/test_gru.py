@@ -9,7 +9,6 @@ import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import (
     GRU_PARAM_KEYS,
-    GRUCase,
     central_differences,
     numpy_gru_forward,
     random_gru_case,

@@ -115,3 +115,35 @@ def backward_fused(cell, da, state, resolve, api):
         dX = xp.concat([dX, zeros], axis=0)
     tr = xp.matrix_transpose
     return xp.permute_dims(dX, (2, 1, 0)), tuple(tr(d) for d in dstate0), grads
+
+
+def backward_per_step(da, steps, x, step_backward, fields, carried=()):
+    """The backward pass of a hand-built notebook pair ``(list of per-step caches, x)``:
+    the API's cell backward step by step, from the last step ``da`` covers.
+
+    ``fields`` is the length of a per-step cache; ``carried`` names the states besides
+    ``a`` whose gradients pass from step to step (``("c",)`` for the LSTM: the cell backward
+    takes ``dc_next`` after ``da_next`` and returns ``dc_prev``, and the result has ``dc0``).
+    """
+    if len(steps) == 0:
+        raise ValueError("caches holds no steps")
+    first = steps[0]
+    if not isinstance(first, tuple) or len(first) != fields:
+        raise TypeError(f"caches[0] must be a list of {fields}-field per-step caches")
+    xp = namespace(da=da, **{"caches[1]": x, "caches[0][0].a_next": first[0]})
+    n_a, m = first[0].shape
+    T_x = len(steps)
+    check_da(da, n_a, m, T_x)
+    da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
+    extra = [da_prev for _ in carried]
+    total, dxs = None, []
+    for t in range(da.shape[2] - 1, -1, -1):
+        g = step_backward(da[:, :, t] + da_prev, *extra, steps[t])
+        da_prev = g["da_prev"]
+        extra = [g[f"d{k}_prev"] for k in carried]
+        dxs.append(g["dxt"])
+        sums = {k: v for k, v in g.items() if k[:2] in ("dW", "db")}
+        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+    zero = xp.zeros_like(dxs[0])
+    dx = xp.stack(dxs[::-1] + [zero] * (T_x - len(dxs)), axis=-1)
+    return {"dx": dx, "da0": da_prev, **total, **{f"d{k}0": e for k, e in zip(carried, extra)}}

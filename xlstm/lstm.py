@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections import namedtuple
 
 from . import _engine
-from ._checks import check_da as _check_da
 from ._checks import check_shape as _check_shape
-from ._compat import copy, device_of, namespace, on_input_device
-from ._notebook import SequenceCaches, StepCaches, backward_fused
+from ._compat import copy, namespace, on_input_device
+from ._notebook import SequenceCaches, StepCaches, backward_fused, backward_per_step
 from ._typing import Array, Grads, Params
 from .cells.lstm import LSTM_CELL
 from .params import check_params, param_arrays, require_keys
@@ -308,25 +307,4 @@ def _backward_fused(da, state, x):
 
 
 def _backward_per_step(da, steps, x):
-    if len(steps) == 0:
-        raise ValueError("caches holds no steps")
-    first = steps[0]
-    if not isinstance(first, tuple) or len(first) != 10:
-        raise TypeError("caches[0] must be a list of 10-field per-step caches")
-    xp = namespace(da=da, **{"caches[1]": x, "caches[0][0].a_next": first[0]})
-    n_a, m = first[0].shape
-    T_x = len(steps)
-    _check_da(da, n_a, m, T_x)
-    T_da = da.shape[2]
-    da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
-    dc_prev = da_prev
-    total, dxs = None, []
-    for t in range(T_da - 1, -1, -1):
-        g = lstm_cell_backward(da[:, :, t] + da_prev, dc_prev, steps[t])
-        da_prev, dc_prev = g["da_prev"], g["dc_prev"]
-        dxs.append(g["dxt"])
-        sums = {k: v for k, v in g.items() if k[:2] in ("dW", "db")}
-        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
-    zero = xp.zeros_like(dxs[0])
-    dx = xp.stack(dxs[::-1] + [zero] * (T_x - T_da), axis=-1)
-    return {"dx": dx, "da0": da_prev, **total, "dc0": dc_prev}
+    return backward_per_step(da, steps, x, lstm_cell_backward, 10, ("c",))

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections import namedtuple
 
 from . import _engine
-from ._checks import check_da, check_shape, require_mapping_keys
-from ._compat import copy, device_of, namespace, on_input_device
-from ._notebook import SequenceCaches, StepCaches, backward_fused
+from ._checks import check_shape, require_mapping_keys
+from ._compat import copy, namespace, on_input_device
+from ._notebook import SequenceCaches, StepCaches, backward_fused, backward_per_step
 from ._typing import Array, Grads, Params
 from .cells.rnn import RNN_TANH
 
@@ -297,23 +297,4 @@ def _backward_fused(da, state):
 
 
 def _backward_per_step(da, steps, x):
-    if len(steps) == 0:
-        raise ValueError("caches holds no steps")
-    first = steps[0]
-    if not isinstance(first, tuple) or len(first) != 4:
-        raise TypeError("caches[0] must be a list of 4-field per-step caches")
-    xp = namespace(da=da, **{"caches[1]": x, "caches[0][0].a_next": first[0]})
-    n_a, m = first[0].shape
-    T_x = len(steps)
-    check_da(da, n_a, m, T_x)
-    da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
-    total, dxs = None, []
-    for t in range(da.shape[2] - 1, -1, -1):
-        g = rnn_cell_backward(da[:, :, t] + da_prev, steps[t])
-        da_prev = g["da_prev"]
-        dxs.append(g["dxt"])
-        sums = {k: g[k] for k in ("dWax", "dWaa", "dba")}
-        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
-    zero = xp.zeros_like(dxs[0])
-    dx = xp.stack(dxs[::-1] + [zero] * (T_x - len(dxs)), axis=-1)
-    return {"dx": dx, "da0": da_prev, **total}
+    return backward_per_step(da, steps, x, rnn_cell_backward, 4)
