@@ -33,9 +33,12 @@ def sigmoid_from_halved_tanh(half, t):
     return half * t + half
 
 
-def cell_state(ft, it, cct, c_prev):
-    """(4): ``c_next = ft * c_prev + it * cct``."""
-    return ft * c_prev + it * cct
+def candidate_and_cell_state(ft, it, tc, c_prev):
+    """(3), (4): the candidate ``cct``, which is ``tc = tanh(z_c)`` itself, and ``c_next =
+    ft * c_prev + it * cct``. Returned together, so that the compiled loops write both in one
+    pass."""
+    cct = tc  # (3)
+    return cct, ft * c_prev + it * cct  # (4)
 
 
 def backward_coefficients(one, ot, ft, it, tc, cct, c_prev):
@@ -122,9 +125,10 @@ class LSTMCell(Cell):
         n = c_prev.shape[-1]
         t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
         s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), ops.cols(t, 0, 3 * n), out=out["S"])
-        cct = ops.copy(ops.cols(t, 3 * n, 4 * n), out=out["CCT"])  # (3)
-        c = ops.map(cell_state, ops.cols(s, n, 2 * n), ops.cols(s, 2 * n, 3 * n), cct, c_prev,
-                    out=out["C"])
+        cct, c = ops.map(
+            candidate_and_cell_state, ops.cols(s, n, 2 * n), ops.cols(s, 2 * n, 3 * n),
+            ops.cols(t, 3 * n, 4 * n), c_prev, out=(out["CCT"], out["C"]),
+        )  # fmt: skip
         tc = ops.tanh(c, out=out["TC"])
         a = ops.mul(ops.cols(s, 0, n), tc, out=out["A"])  # (6)
         return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
