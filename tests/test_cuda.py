@@ -523,7 +523,12 @@ def test_source_inlines_the_header(cell):
     src = _cuda.source(cell)
     assert src == table.source(cell) and _cuda.source() == table.source("lstm")
     assert '#include "' not in src
-    assert (PKG_DIR / table.HEADERS[cell]).read_text(encoding="utf-8").rstrip() in src
+    header = (PKG_DIR / table.HEADERS[cell]).read_text(encoding="utf-8")
+    include = f'#include "{table.PRELUDE}"'
+    assert header.count(include) == 1  # the shared prelude, included once, inlined first
+    prelude = (PKG_DIR / table.PRELUDE).read_text(encoding="utf-8").rstrip()
+    assert prelude in src and src.index(prelude) < src.index("namespace xlstm {\n\n")
+    assert header.replace(include, "", 1).rstrip() in src
     for (c, _, _), name in _cuda.KERNEL_NAMES.items():
         assert (name in src) == (c == cell)
 
