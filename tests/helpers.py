@@ -89,3 +89,18 @@ def assert_close(actual, expected, *, xp, device, dtype=None, check_dtype=True, 
         to_numpy(actual), expected, rtol=r if rtol is None else rtol,
         atol=a if atol is None else atol, err_msg=err,
     )
+
+
+def spy_on_loops(monkeypatch, loops_class):
+    """Record every call of ``loops_class.forward`` and ``.backward`` (by name, in order) in
+    the returned list, so that a test can assert the compiled loops really ran."""
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(loops_class, name)
+
+        def spy(self, *args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(loops_class, name, spy)
+    return calls

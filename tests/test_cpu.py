@@ -9,6 +9,7 @@ import sys
 import array_api_compat
 import numpy as np
 import pytest
+from helpers import spy_on_loops
 from oracles import random_case
 
 import xlstm
@@ -54,15 +55,7 @@ def test_dispatch(monkeypatch):
 def test_sequence_calls_run_the_compiled_loops(monkeypatch):
     """A spy on both loops: lstm_forward and lstm_backward on numpy really take them."""
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
-    calls = []
-    for name in ("forward", "backward"):
-        real = getattr(_cpu.Loops, name)
-
-        def spy(self, *args, _real=real, _name=name):
-            calls.append(_name)
-            return _real(self, *args)
-
-        monkeypatch.setattr(_cpu.Loops, name, spy)
+    calls = spy_on_loops(monkeypatch, _cpu.Loops)
     x, a0, _, p = random_case(0, 3, 4, 3, 2, 5)
     _, _, _, caches = xlstm.lstm_forward(x, a0, p)
     xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
@@ -187,6 +180,7 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
 
 _CACHE_SCRIPT = """
 import numpy as np, xlstm
+from helpers import spy_on_loops
 from oracles import random_case
 x, a0, _, p = random_case(0, 3, 4, 3, 2, 5)
 _, _, _, caches = xlstm.lstm_forward(x, a0, p)

@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 import pytest
-from helpers import assert_array, assert_close, to_numpy, to_xp
+from helpers import assert_array, assert_close, spy_on_loops, to_numpy, to_xp
 from oracles import (
     GRU_PARAM_KEYS,
     central_differences,
@@ -228,15 +228,7 @@ def test_compiled_loops_are_bit_identical(monkeypatch, dtype, n_x, n_a, m, T, T_
     pytest.importorskip("numba", reason="numba is not installed")
     from xlstm import _cpu
 
-    calls = []
-    for name in ("forward", "backward"):
-        real = getattr(_cpu.Loops, name)
-
-        def spy(self, *args, _real=real, _name=name):
-            calls.append(_name)
-            return _real(self, *args)
-
-        monkeypatch.setattr(_cpu.Loops, name, spy)
+    calls = spy_on_loops(monkeypatch, _cpu.Loops)
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
     rng = np.random.default_rng(T * 100 + n_a)
     case = random_gru_case(rng, n_x, n_a, m, T, scale=scale, x_scale=scale, dtype=dtype)

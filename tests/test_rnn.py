@@ -6,7 +6,7 @@ import importlib.util
 
 import numpy as np
 import pytest
-from helpers import assert_array, assert_close, to_numpy, to_xp
+from helpers import assert_array, assert_close, spy_on_loops, to_numpy, to_xp
 from oracles import RNNCase, central_differences, random_rnn_case
 
 import xlstm
@@ -335,15 +335,7 @@ def test_accelerated_path_is_bit_identical(monkeypatch, cell, bha, dtype, m, T, 
     case = random_rnn_case(rng, 4, 6, 2, m, T, bha=bha, dtype=dtype)
     G = rng.standard_normal((6, m, T_da)).astype(dtype)
     Gh = rng.standard_normal((6, m)).astype(dtype)
-    calls = []
-    for name in ("forward", "backward"):
-        real = getattr(_cpu.Loops, name)
-
-        def spy(self, *args, _real=real, _name=name):
-            calls.append(_name)
-            return _real(self, *args)
-
-        monkeypatch.setattr(_cpu.Loops, name, spy)
+    calls = spy_on_loops(monkeypatch, _cpu.Loops)
     runs = {}
     for accel in (True, False):
         with xlstm.accelerators(accel):
