@@ -210,10 +210,10 @@ def test_point_loops_are_cached_on_disk_or_compiled_in_memory(tmp_path, where):
     res = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True,
                          text=True, check=False)
     assert res.returncode == 0, res.stderr
-    assert int(res.stdout.split()[-1]) >= 4  # four point functions of the LSTM, at least
+    assert int(res.stdout.split()[-1]) >= 2  # the LSTM's forward and backward point loops
     if where == "folder":
         modules = sorted(cache.glob("xlstm_point_loop_*.py"))
-        assert len(modules) >= 4
+        assert len(modules) >= 2
         assert list((cache / "__pycache__").glob("xlstm_point_loop_*.nbi"))
     else:
         assert cache.read_text() == "not a folder"

@@ -29,9 +29,11 @@ import importlib.util
 import inspect
 import os
 import sys
+import types
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 __all__ = ["BufferOps", "Loops", "loops"]
 
@@ -55,23 +57,28 @@ def _kernel_source(fn, kinds, out_kinds):
     ``"a"`` an array read or written at ``[r, j]``, ``"w"`` a column window (the parent array
     and its first column, read or written at ``[r, start + j]``), ``"b<k>"`` an array of
     ``k`` column blocks, read or written at ``[r, q n + j]`` for ``q < k`` (``k`` arguments or
-    outputs of ``fn``). Windows and blocks keep the parent's C-contiguous layout, which
-    numba compiles into vector code where it could not for a strided view. The kernel
-    takes the grid ``(m, n)`` first.
+    outputs of ``fn``). Windows and blocks keep the parent's C-contiguous layout. The
+    kernel takes the grid ``(m, n)`` first; per row it takes each array's columns as a
+    contiguous 1-D view, which LLVM vectorises (its checks that the outputs do not overlap
+    the inputs are then simple enough to make; indexing the 2-D arrays inside the loop
+    made them too many, and the loop ran scalar at a third of the speed).
     """
-    params, cells = ["m", "n"], []
+    params, rows, cells = ["m", "n"], [], []
     for k, kind in enumerate([*kinds, *out_kinds]):
         name = f"v{k}"
         params.append(name)
         if kind == "s":
             cells.append([name])
-        elif kind == "a":
-            cells.append([f"{name}[r, j]"])
+            continue
+        if kind == "a":
+            spans = [(f"x{k}", f"{name}[r]")]
         elif kind == "w":
             params.append(name + "_start")
-            cells.append([f"{name}[r, {name}_start + j]"])
+            spans = [(f"x{k}", f"{name}[r, {name}_start : {name}_start + n]")]
         else:
-            cells.append([f"{name}[r, {q} * n + j]" for q in range(int(kind[1:]))])
+            spans = [(f"x{k}_{q}", f"{name}[r, {q} * n : {q + 1} * n]") for q in range(int(kind[1:]))]
+        rows += [f"        {row} = {view}" for row, view in spans]
+        cells.append([f"{row}[j]" for row, _ in spans])
     reads = ", ".join(c for cs in cells[: len(kinds)] for c in cs)
     targets = [c for cs in cells[len(kinds) :] for c in cs]
     if len(targets) == 1:
@@ -88,9 +95,30 @@ def _kernel_source(fn, kinds, out_kinds):
         f"fn = njit(**OPTIONS)(_point)\n\n\n"
         f"def kernel({', '.join(params)}):\n"
         f"    for r in range(m):\n"
+        + "\n".join(rows) + "\n"
         f"        for j in range(n):\n"
         f"{body}\n"
     )
+
+
+def _helpers(fn):
+    """The Python functions that point function ``fn`` calls by a global name, and those
+    that they call, in a fixed order."""
+    found, todo = {}, [fn]
+    while todo:
+        f = todo.pop()
+        for name in f.__code__.co_names:
+            g = f.__globals__.get(name)
+            if isinstance(g, types.FunctionType) and g is not fn and g not in found:
+                found[g] = None
+                todo.append(g)
+    return list(found)
+
+
+@functools.cache
+def _jitable(fn):
+    """Let compiled code call the plain Python function ``fn`` (once per function)."""
+    register_jitable(**_OPTIONS)(fn)
 
 
 @functools.cache
@@ -106,7 +134,12 @@ def _map_kernel(fn, kinds, out_kinds):
     the loop is compiled in memory, once per process.
     """
     src = _kernel_source(fn, kinds, out_kinds)
-    digest = hashlib.sha256((src + inspect.getsource(fn)).encode()).hexdigest()[:20]
+    # a point function may call others: numba compiles those where it calls them
+    helpers = _helpers(fn)
+    for h in helpers:
+        _jitable(h)
+    text = src + "".join(inspect.getsource(f) for f in (fn, *helpers))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     name = f"xlstm_point_loop_{digest}"
     try:
         folder = _cache_dir()
@@ -303,52 +336,83 @@ def _step_spec(slot, same, a):
     return None
 
 
+class _Steps:
+    """The per-step arrays of a time loop: slot ``q`` of step ``i`` is the Python expression
+    ``exprs[q]`` of ``i``, over the arrays and numbers named in ``scope`` (which must not
+    start with ``f``, ``c`` or ``s`` and a digit: :class:`_Replay` uses those)."""
+
+    __slots__ = ("exprs", "scope", "views")
+
+    def __init__(self, exprs, scope):
+        self.exprs, self.scope = tuple(exprs), scope
+        self.views = _function("def views(i):\n    return [" + ", ".join(exprs) + "]", scope)
+
+
 class _Replay:
-    """A recorded step, replayed with the next step's arrays: no Python of the cell runs.
+    """A recorded step, replayed on any later step: no Python of the cell runs.
 
     A cell's step makes the same operations on every step, on the arrays the loops give it
     (the step's slices of the stacks, which change, and buffers that do not), so the calls
-    that :class:`BufferOps` recorded for one step are the next step's calls with the
-    step's arrays swapped in. :meth:`of` returns ``None`` when a recorded call reads an
-    array that the loops did not give (a slice the cell made itself): such a step runs
-    as it is, every time.
+    that :class:`BufferOps` recorded for one step are any other step's calls with that
+    step's arrays swapped in. They are written out as one straight-line Python function of
+    the step number, which takes the step's arrays (:class:`_Steps`) and makes the calls;
+    a replayed step costs its calls and nothing else. :meth:`of` returns ``None`` when a
+    recorded call reads an array that the loops did not give (a slice the cell made
+    itself): such a step runs as it is, every time.
     """
 
-    __slots__ = ("calls", "results")
+    __slots__ = ("run", "source")
 
     @classmethod
-    def of(cls, tape, step, fixed, results=()):
-        """The replay of ``tape``, recorded with the per-step arrays ``step`` (a list) and
-        the unchanging ``fixed`` arrays; ``results`` are arrays the step returned."""
-        slot = {id(a): k for k, a in enumerate(step)}
+    def of(cls, tape, steps, step, fixed):
+        """The replay of ``tape``, recorded on the arrays ``step`` (``steps.views`` of the
+        recorded step) and the unchanging ``fixed`` arrays."""
+        slot = {id(a): q for q, a in enumerate(step)}
         same = {id(a) for a in fixed}
-        spec = functools.partial(_step_spec, slot, same)
+        scope = dict(steps.scope)
+        used = set()
 
-        calls = []
+        def expr(a, name):
+            got = _step_spec(slot, same, a)  # LookupError: an array the loops did not give
+            if got is None:  # unchanging: bound once, by name
+                scope[name] = _view(a)
+                return name
+            q, win = got
+            used.add(q)
+            return f"s{q}" if win is None else f"s{q}[:, {win[0]}:{win[1]}]"
+
         try:
-            for fn, args in tape:
-                subs = []
-                for pos, a in enumerate(args):
-                    got = spec(a)
-                    if got is not None:
-                        subs.append((pos, *got))
-                calls.append((fn, [_view(a) for a in args], tuple(subs)))
-            out = tuple(None if r is None else spec(r) for r in results)
+            calls = []
+            for k, (fn, args) in enumerate(tape):
+                scope[f"f{k}"] = fn
+                calls.append(f"    f{k}({', '.join(expr(a, f'c{k}_{p}') for p, a in enumerate(args))})")
         except LookupError:
             return None
+        lines = ["def replay(i):"]
+        lines += [f"    s{q} = {steps.exprs[q]}" for q in sorted(used)]
+        lines += calls
         replay = cls()
-        replay.calls, replay.results = calls, tuple(
-            (r if o is None else None, o) for r, o in zip(results, out))
+        replay.source = "\n".join(lines)
+        replay.run = _function(replay.source, scope)
         return replay
 
-    def __call__(self, step):
-        """Run the recorded calls on the per-step arrays ``step``; the step's results."""
-        for fn, call, subs in self.calls:  # each call's list is reused, its slots refilled
-            for pos, k, win in subs:
-                a = step[k]
-                call[pos] = a if win is None else a[:, win[0] : win[1]]
-            fn(*call)
-        return tuple(r if o is None else step[o[0]] for r, o in self.results)
+
+def _function(source, scope):
+    """The function that ``source`` defines, its free names bound from ``scope``."""
+    names = tuple(sorted(scope))
+    return _maker(source, names)(*[scope[k] for k in names])
+
+
+@functools.lru_cache(maxsize=256)
+def _maker(source, names):
+    """A factory for the function that ``source`` defines, compiled once per text: it takes
+    the values of the free ``names`` and returns the function bound to them."""
+    name = source[4 : source.index("(")]
+    body = "\n".join("    " + line for line in source.splitlines())
+    text = f"def make({', '.join(names)}):\n{body}\n    return {name}\n"
+    scope = {}
+    exec(compile(text, "<xlstm step>", "exec"), scope)  # noqa: S102
+    return scope["make"]
 
 
 class Loops:
@@ -369,6 +433,26 @@ class Loops:
     def _scratch(self, cell, m, n_a):
         return {k: np.empty((m, w * n_a), dtype=self.dtype) for k, w in cell.scratch.items()}
 
+    def _run(self, steps, order, first, fixed):
+        """Run ``first(step)`` (the step's calls, made through ``self.ops``) on the arrays
+        ``steps.views(i)`` of the first step ``i`` of ``order``, recorded; the recording is
+        replayed for the other steps (where it cannot be, ``first`` runs for every step)."""
+        replay = None
+        record = len(order) > 1
+        for i in order:
+            if replay is not None:
+                replay(i)
+                continue
+            step = steps.views(i)
+            self.ops._tape = [] if record else None
+            try:
+                first(step)
+            finally:
+                tape, self.ops._tape = self.ops._tape, None
+            if record:
+                made = _Replay.of(tape, steps, step, fixed)
+                replay = None if made is None else made.run
+
     def forward(self, cell, Gx, WaT, ba, bufs, t0):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
 
@@ -379,32 +463,31 @@ class Loops:
         """
         T_c, m, width = Gx.shape
         n_a = WaT.shape[0]
-        saved = {k: bufs[k] for k in cell.saved}
-        slots = next(iter(saved.values())).shape[0] if saved else 0
         out = self._scratch(cell, m, n_a)
         ga = np.empty((m, width), dtype=self.dtype)
-        fixed = [ga, *out.values()]
-        names = (*cell.state_names, *saved)
-        replay = None
-        for k in range(T_c):
-            t, j = t0 + k, (k if slots > 1 else 0)
-            # a state stack of two slots (not returned step by step) alternates
-            state = [bufs[s][t % len(bufs[s])] for s in cell.state_names]
-            np.matmul(state[0], WaT, out=ga)  # the recurrent term
+        scope = {"Gx": Gx, "t0": t0}
+        exprs = ["Gx[i]"]
+        names = (*cell.state_names, *cell.saved)
+        for q, name in enumerate(cell.state_names):
+            scope[f"S{q}"], scope[f"L{q}"] = bufs[name], len(bufs[name])
+            exprs.append(f"S{q}[(t0 + i) % L{q}]")  # a stack of two slots alternates
+        exprs += [f"S{q}[(t0 + i + 1) % L{q}]" for q in range(len(cell.state_names))]
+        for q, name in enumerate(cell.saved):
+            scope[f"V{q}"] = bufs[name]
+            exprs.append(f"V{q}[i]" if len(bufs[name]) > 1 else f"V{q}[0]")
+        steps = _Steps(exprs, scope)
+        n_s = len(cell.state_names)
+        ops = self.ops
+
+        def first(step):
+            state = tuple(step[1 : 1 + n_s])
+            ops._call(np.matmul, state[0], WaT, ga)  # the recurrent term
             if ba is not None:
-                np.add(ga, ba, out=ga)
-            new = [bufs[s][(t + 1) % len(bufs[s])] for s in cell.state_names]
-            new += [v[j] for v in saved.values()]
-            step = [Gx[k], *state, *new]
-            if replay is not None:
-                replay(step)
-                continue
-            out.update(zip(names, new))
-            self.ops._tape = [] if k == 0 and T_c > 1 else None
-            cell.step(self.ops, step[0], ga, tuple(state), out)
-            if self.ops._tape is not None:
-                tape, self.ops._tape = self.ops._tape, None
-                replay = _Replay.of(tape, step, fixed)
+                ops._call(np.add, ga, ba, ga)
+            out.update(zip(names, step[1 + n_s :]))
+            cell.step(ops, step[0], ga, state, out)
+
+        self._run(steps, range(T_c), first, [WaT, ba, ga, *out.values()])
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
@@ -425,44 +508,61 @@ class Loops:
         out = self._scratch(cell, m, n_a)
         for s, d in zip(cell.state_names[1:], drest):
             out["d" + s.lower()] = d  # updated in place, step by step
-        # the coefficients of all steps at once, as on the array path: one compiled pass
-        # over the stacks seen as (T m, w n_a)
-        rows = {k: np.reshape(v, (T * m, v.shape[-1])) for k, v in (*saved.items(), *prev.items())}
-        # side by side in one buffer, so that a step passes them as one block argument
-        widths = list(cell.coeffs.values())
-        whole = np.empty((T, m, sum(widths) * n_a), dtype=self.dtype)
-        flat, edges = np.reshape(whole, (T * m, -1)), np.cumsum([0, *widths]) * n_a
-        bufs = {k: self.ops.cols(flat, lo, hi) for k, lo, hi in zip(cell.coeffs, edges[:-1], edges[1:])}
-        coeffs = cell.back_coeffs(self.ops, {k: rows[k] for k in saved},
-                                  {k: rows[k] for k in prev}, bufs)
-        unit = all(w == 1 for w in widths)
-        reads = [(k, saved[k] if k in saved else prev[k]) for k in cell.back_reads]
-        fixed = [da_rec, *drest, *out.values(), *flat_cols(coeffs)]
-        replay = None
-        for t in range(T - 1, -1, -1):
-            if unit:
-                per_coeff = [whole[t]]
+        scope = {"da": da_t, "dGx": dGx, "dGa": dGa, "m": m}
+        exprs = ["da[i]", "dGx[i]", "dGa[i]"]
+        coeffs, unit, widths = (), False, list(cell.coeffs.values())
+        if not cell.inline_coeffs:
+            # the coefficients of all steps at once, as on the array path: one compiled
+            # pass over the stacks seen as (T m, w n_a), side by side in one buffer, so
+            # that a step passes them as one block argument
+            rows = {k: np.reshape(v, (T * m, v.shape[-1]))
+                    for k, v in (*saved.items(), *prev.items())}  # fmt: skip
+            whole = np.empty((T, m, sum(widths) * n_a), dtype=self.dtype)
+            flat, edges = np.reshape(whole, (T * m, -1)), np.cumsum([0, *widths]) * n_a
+            bufs = {k: self.ops.cols(flat, lo, hi)
+                    for k, lo, hi in zip(cell.coeffs, edges[:-1], edges[1:])}  # fmt: skip
+            coeffs = cell.back_coeffs(self.ops, {k: rows[k] for k in saved},
+                                      {k: rows[k] for k in prev}, bufs)
+            unit = all(w == 1 for w in widths)
+            if unit:  # one block argument
+                scope["W"] = whole
+                exprs.append("W[i]")
             else:
-                per_coeff = [c[t * m : (t + 1) * m] for c in coeffs]
-            step = [da_t[t], dGx[t], dGa[t], *per_coeff, *[v[t] for _, v in reads]]
-            if replay is not None:
-                dga, direct = replay(step)
+                for q, c in enumerate(coeffs):
+                    scope[f"C{q}"] = _view(c)
+                    exprs.append(f"C{q}[i * m : (i + 1) * m]")
+        n_c = len(exprs) - 3
+        for q, k in enumerate(cell.back_reads):
+            scope[f"R{q}"] = saved[k] if k in saved else prev[k]
+            exprs.append(f"R{q}[i]")
+        steps = _Steps(exprs, scope)
+        ops = self.ops
+
+        def first(step):
+            if cell.inline_coeffs:
+                step_coeffs = None
+            elif unit:
+                step_coeffs = ops.blocks(step[3], len(widths))
             else:
-                step_coeffs = self.ops.blocks(per_coeff[0], len(widths)) if unit else \
-                    tuple(per_coeff)
-                out["dGx"], out["dGa"] = step[1], step[2]
-                self.ops._tape = [] if t == T - 1 and T > 1 else None
-                _, dga, direct, _ = cell.step_back(
-                    self.ops, step[0], da_rec, drest, step_coeffs,
-                    {k: v for (k, _), v in zip(reads, step[3 + len(per_coeff):])}, out,
-                )  # fmt: skip
-                if self.ops._tape is not None:
-                    tape, self.ops._tape = self.ops._tape, None
-                    replay = _Replay.of(tape, step, fixed, (dga, direct))
-            np.matmul(WaT, dga.T, out=da_recT)  # (19), recurrent part
+                step_coeffs = tuple(step[3 : 3 + n_c])
+            out["dGx"], out["dGa"] = step[1], step[2]
+            _, dga, direct, _ = cell.step_back(
+                ops, step[0], da_rec, drest, step_coeffs,
+                dict(zip(cell.back_reads, step[3 + n_c :])), out,
+            )  # fmt: skip
+            ops._call(_matmul_t, WaT, dga, da_recT)  # (19), recurrent part
             if direct is not None:
-                np.add(direct, da_rec, out=da_rec)
+                ops._call(np.add, direct, da_rec, da_rec)
+
+        fixed = [WaT, da_rec, da_recT, *drest, *out.values(), *flat_cols(coeffs)]
+        self._run(steps, range(T - 1, -1, -1), first, fixed)
         return (da_rec, *drest)
+
+
+def _matmul_t(a, b, out):
+    """``a @ b.T`` into ``out``: numpy's ``matmul`` on the transposed view, as the array
+    path's ``WaT @ dga^T``."""
+    return np.matmul(a, b.T, out=out)
 
 
 def flat_cols(arrays):

@@ -159,6 +159,11 @@ class Cell:
     coeffs : dict of str to int
         The outputs of :meth:`back_coeffs`, name to width: the accelerated loops give it
         buffers of these names for all steps at once.
+    inline_coeffs : bool
+        Whether the compiled loops skip :meth:`back_coeffs` and call :meth:`step_back` with
+        ``coeffs=None``, the step then forming its coefficients itself, in the point
+        function it maps (which calls :meth:`back_coeffs`' point function), so that they
+        never pass through memory. The array path always forms them for all steps first.
     """
 
     name: str = ""
@@ -169,6 +174,7 @@ class Cell:
     back_reads: tuple[str, ...] = ()
     scratch: dict[str, int] = {}
     coeffs: dict[str, int] = {}
+    inline_coeffs: bool = False
     #: The gates in the order of the parameter dict's keys (``W<g>, b<g>`` each, then
     #: ``bh<g>`` each), and in torch's row order.
     dict_gates: tuple[str, ...] = ()
@@ -275,6 +281,7 @@ class Cell:
         slices of the stacks named in :attr:`back_reads`. ``da_direct`` is the gradient on
         ``a_prev`` other than through ``ga`` (or ``None``), ``drest_prev`` the gradients on
         the other previous states. In the accelerated loops, the gradients on the other
-        states are updated in place: ``out["d" + name.lower()]`` is ``drest``'s buffer.
+        states are updated in place: ``out["d" + name.lower()]`` is ``drest``'s buffer, and
+        ``coeffs`` is ``None`` for a cell with :attr:`inline_coeffs`.
         """
         raise NotImplementedError

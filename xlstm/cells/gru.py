@@ -95,6 +95,14 @@ def backward_step(da, da_rec, Pr, Pz, Pn, rt, zt):
     return drt, dzt, dnt, drt, dzt, dhn, da_direct
 
 
+def backward_step_from_saved(one, da, da_rec, rt, zt, nt, hn, a_prev):
+    """:func:`backward_step` with its coefficients formed on the fly
+    (:func:`backward_coefficients`): the compiled loops' step, which reads the saved
+    values once instead of a stack of coefficients."""
+    Pr, Pz, Pn = backward_coefficients(one, rt, zt, nt, hn, a_prev)
+    return backward_step(da, da_rec, Pr, Pz, Pn, rt, zt)
+
+
 class GRUCell(Cell):
     """Torch's GRU: state ``(a,)``, gates ``(r, z, n)``, the reset gate on ``W_hn a + b_hn``."""
 
@@ -106,7 +114,8 @@ class GRUCell(Cell):
     coeffs = {"Pr": 1, "Pz": 1, "Pn": 1}
     n_gates = 3
     split = True
-    back_reads = ("S",)
+    back_reads = ("S", "N", "HN", "A")
+    inline_coeffs = True
     gates = GATES
     dict_gates = GATES
     torch_gates = TORCH_GATES
@@ -168,10 +177,15 @@ class GRUCell(Cell):
         S = reads["S"]
         n = S.shape[-1] // 2
         dGx, dGa = out["dGx"], out["dGa"]
+        rt, zt = ops.cols(S, 0, n), ops.cols(S, n, 2 * n)
+        if coeffs is None:  # formed on the fly, from what the forward pass saved
+            fn = backward_step_from_saved
+            args = (ops.const(1.0), da, da_rec, rt, zt, reads["N"], reads["HN"], reads["A"])
+        else:
+            fn, args = backward_step, (da, da_rec, *coeffs, rt, zt)
         drt, dzt, dnt, drt_a, dzt_a, dhn, direct = ops.map(
-            backward_step, da, da_rec, *coeffs, ops.cols(S, 0, n), ops.cols(S, n, 2 * n),
-            out=(*ops.blocks(dGx, 3), *ops.blocks(dGa, 3), out["D"]),
-        )  # fmt: skip
+            fn, *args, out=(*ops.blocks(dGx, 3), *ops.blocks(dGa, 3), out["D"])
+        )
         dgx = ops.concat((drt, dzt, dnt), out=dGx)  # gate order (r, z, n)
         dga = ops.concat((drt_a, dzt_a, dhn), out=dGa)
         return dgx, dga, direct, ()

@@ -28,17 +28,19 @@ TORCH_GATES = ("i", "f", "c", "o")
 
 
 # ---------------------------------------------------------------- point functions
-def sigmoid_from_halved_tanh(half, t):
-    """(1), (2), (5): ``sigmoid(z) = 0.5 tanh(z / 2) + 0.5``, from ``t = tanh(z / 2)``."""
-    return half * t + half
+def gates_and_cell_state(half, to, tf, ti, tc, c_prev):
+    """(1)-(5) from the ``tanh`` of every gate's pre-activation (the sigmoid gates' halved).
 
-
-def candidate_and_cell_state(ft, it, tc, c_prev):
-    """(3), (4): the candidate ``cct``, which is ``tc = tanh(z_c)`` itself, and ``c_next =
-    ft * c_prev + it * cct``. Returned together, so that the compiled loops write both in one
-    pass."""
+    The sigmoid gates are ``sigmoid(z) = 0.5 tanh(z / 2) + 0.5`` (1), (2), (5); the
+    candidate ``cct`` is ``tc = tanh(z_c)`` itself (3); ``c_next = ft * c_prev + it * cct``
+    (4). Returns ``(ot, ft, it, cct, c_next)``, so that the compiled loops write all of them
+    in one pass.
+    """
+    ot = half * to + half  # (5)
+    ft = half * tf + half  # (1)
+    it = half * ti + half  # (2)
     cct = tc  # (3)
-    return cct, ft * c_prev + it * cct  # (4)
+    return ot, ft, it, cct, ft * c_prev + it * cct  # (4)
 
 
 def backward_coefficients(one, ot, ft, it, tc, cct, c_prev):
@@ -74,6 +76,14 @@ def backward_step(da, da_rec, dc, K, Q, Pf, Pi, Pc, ft):
     return dot, dft, dit, dcct, dc_prev
 
 
+def backward_step_from_saved(one, da, da_rec, dc, ot, ft, it, tc, cct, c_prev):
+    """:func:`backward_step` with its coefficients formed on the fly
+    (:func:`backward_coefficients`): the compiled loops' step, which reads the saved
+    values once instead of a stack of coefficients."""
+    K, Q, Pf, Pi, Pc = backward_coefficients(one, ot, ft, it, tc, cct, c_prev)
+    return backward_step(da, da_rec, dc, K, Q, Pf, Pi, Pc, ft)
+
+
 class LSTMCell(Cell):
     """The notebook's LSTM: state ``(a, c)``, gates ``(o, f, i, c)``."""
 
@@ -85,7 +95,8 @@ class LSTMCell(Cell):
     coeffs = {"K": 1, "Q": 1, "Pf": 1, "Pi": 1, "Pc": 1}
     n_gates = 4
     split = False
-    back_reads = ("S",)
+    back_reads = ("S", "TC", "CCT", "C")
+    inline_coeffs = True
     gates = GATES
     dict_gates = ("f", "i", "c", "o")
     torch_gates = TORCH_GATES
@@ -124,11 +135,11 @@ class LSTMCell(Cell):
         _, c_prev = state
         n = c_prev.shape[-1]
         t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
-        s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), ops.cols(t, 0, 3 * n), out=out["S"])
-        cct, c = ops.map(
-            candidate_and_cell_state, ops.cols(s, n, 2 * n), ops.cols(s, 2 * n, 3 * n),
-            ops.cols(t, 3 * n, 4 * n), c_prev, out=(out["CCT"], out["C"]),
+        *gates, cct, c = ops.map(
+            gates_and_cell_state, ops.const(0.5), *ops.blocks(t, 4), c_prev,
+            out=(*ops.blocks(out["S"], 3), out["CCT"], out["C"]),
         )  # fmt: skip
+        s = ops.concat(gates, out=out["S"])  # gate order (o, f, i)
         tc = ops.tanh(c, out=out["TC"])
         a = ops.mul(ops.cols(s, 0, n), tc, out=out["A"])  # (6)
         return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
@@ -147,12 +158,15 @@ class LSTMCell(Cell):
         (dc,) = drest
         S = reads["S"]
         n = S.shape[-1] // 3
-        dG = out["dGx"]
-        *gates, dc_prev = ops.map(
-            backward_step, da, da_rec, dc, *coeffs, ops.cols(S, n, 2 * n),
-            out=(*ops.blocks(dG, 4), out["dc"]),
-        )  # fmt: skip
-        dg = ops.concat(gates, out=dG)  # gate order (o, f, i, c)
+        ft = ops.cols(S, n, 2 * n)
+        if coeffs is None:  # formed on the fly, from what the forward pass saved
+            fn = backward_step_from_saved
+            args = (ops.const(1.0), da, da_rec, dc, ops.cols(S, 0, n), ft, ops.cols(S, 2 * n, 3 * n),
+                    reads["TC"], reads["CCT"], reads["C"])  # fmt: skip
+        else:
+            fn, args = backward_step, (da, da_rec, dc, *coeffs, ft)
+        *gates, dc_prev = ops.map(fn, *args, out=(*ops.blocks(out["dGx"], 4), out["dc"]))
+        dg = ops.concat(gates, out=out["dGx"])  # gate order (o, f, i, c)
         return dg, dg, None, (dc_prev,)
 
 
