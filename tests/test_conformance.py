@@ -16,6 +16,8 @@ A new cell passes by adding its model to :data:`SPECS`; nothing else here knows 
 
 from __future__ import annotations
 
+import re
+
 import functools
 
 import numpy as np
@@ -362,25 +364,21 @@ def test_jax_jit_of_the_pure_form(spec, backend_named):
 
 
 @SPEC
-def test_compiled_loops_replay_every_step_after_the_first(spec, monkeypatch):
+def test_compiled_loops_replay_every_step_after_the_first(spec):
     """The compiled loops record a cell's first step and replay it on the next steps' arrays
     (no Python of the cell per step); a cell that hands its ops an array of its own making
     would silently lose that, so every cell must be replayable, forward and backward."""
     if _engine.accelerated_loops(NP, NP.float64) is None:
         pytest.skip("no compiled loops here (numba is not installed or does not load)")
-    from xlstm import _cpu
-
-    made = []
-    real = _cpu._Replay.of.__func__
-
-    def spy(cls, *args, **kwargs):
-        made.append(real(cls, *args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(_cpu._Replay, "of", classmethod(spy))
     model = _model(spec)
     case = _case(spec, seed=9)
+    loops = _engine.accelerated_loops(NP, NP.float64, model.cell)
+    loops._replays.clear()
     with xlstm.accelerators(True):
         y, _, cache = model.forward(case["x"], case["state"])
         model.backward(case["dy"], cache, case["dstate"])
+    made = [r for (cell, *_), r in loops._replays.items() if cell is model.cell]
     assert len(made) == 2 and all(r is not None for r in made), made
+    for r in made:  # straight-line calls on the step's arrays, nothing else
+        body = r.source.split("def replay(i):\n")[1].splitlines()
+        assert all(re.fullmatch(r"    (s\d+ = .*|f\d+\(.*\))", line) for line in body), r.source

@@ -217,3 +217,15 @@ def test_point_loops_are_cached_on_disk_or_compiled_in_memory(tmp_path, where):
         assert list((cache / "__pycache__").glob("xlstm_point_loop_*.nbi"))
     else:
         assert cache.read_text() == "not a folder"
+
+
+def test_point_loops_compile_the_point_functions_they_call():
+    """A point function may call others of its module; the loop's cache name hashes their
+    sources too, so that editing a called function cannot meet a stale cache."""
+    pytest.importorskip("numba")
+    from xlstm import _cpu
+    from xlstm.cells import lstm
+
+    assert _cpu._helpers(lstm.backward_step_from_saved) == [
+        lstm.backward_coefficients, lstm.backward_step]
+    assert _cpu._helpers(lstm.backward_step) == []

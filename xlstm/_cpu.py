@@ -10,9 +10,11 @@ steps are stacked afterwards. Here the cell's own :meth:`~xlstm.cells.base.Cell.
 into a preallocated buffer (a slot of the engine's stacks or a per-call scratch buffer),
 ``tanh`` and the matrix products are numpy's own calls with ``out=``, and each point
 function runs as one compiled pass over the step's ``(m, n_a)`` grid (:func:`_map_kernel`).
-The backward coefficients of all steps are formed first, in one compiled pass, as on the
-array path. The first step of every loop is recorded (:class:`_Replay`) and the later steps
-replay its calls on their own arrays, so the cell's Python runs once per loop, not per step.
+The backward coefficients are formed inside the step's pass for a cell with
+``inline_coeffs`` (its point function calls the coefficients' one), else for all steps
+first, in one compiled pass, as on the array path. The first step of every loop is
+recorded and written out as a straight-line function of the step number
+(:class:`_Replay`), which the later steps run: the cell's Python runs once per loop.
 
 Same numbers. ``tanh`` and the products are the calls the array path makes; the point
 functions are the same Python functions, compiled, evaluated on the same values in the
@@ -167,10 +169,10 @@ class BufferOps:
     #: Whether ``out`` buffers are written (here) or ignored (the array path).
     buffered = True
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, plans=None):
         self._ftype = np.dtype(dtype).type
         self._consts = {}
-        self._plans = {}
+        self._plans = {} if plans is None else plans  # may be shared: only ever added to
         self._tape = None  # a list while a step is recorded (see Loops: replay)
 
     def const(self, value: float):
@@ -322,92 +324,99 @@ def _plan(fn, args, outs):
     return _map_kernel(fn, kinds, out_kinds), special, spread
 
 
-def _step_spec(slot, same, a):
-    """``(slot, window)`` of a per-step array (window ``None``, or its columns), ``None`` for
-    an unchanging array or a scalar; ``LookupError`` for an array the loops did not give."""
-    if type(a) is Window:
-        got = _step_spec(slot, same, a.buf)
-        return None if got is None else (got[0], (a.start, a.stop))
-    if isinstance(a, np.ndarray):
-        if id(a) in slot:
-            return (slot[id(a)], None)
-        if id(a) not in same:
-            raise LookupError(a)
-    return None
-
-
 class _Steps:
     """The per-step arrays of a time loop: slot ``q`` of step ``i`` is the Python expression
-    ``exprs[q]`` of ``i``, over the arrays and numbers named in ``scope`` (which must not
-    start with ``f``, ``c`` or ``s`` and a digit: :class:`_Replay` uses those)."""
+    ``exprs[q]`` of ``i``, over the arrays and numbers named in ``scope`` (not ``i`` nor a
+    name that :class:`_Replay` makes: ``F_`` and a role, ``s``, ``f`` or ``c`` and digits)."""
 
-    __slots__ = ("exprs", "scope", "views")
+    __slots__ = ("exprs", "scope")
 
     def __init__(self, exprs, scope):
         self.exprs, self.scope = tuple(exprs), scope
-        self.views = _function("def views(i):\n    return [" + ", ".join(exprs) + "]", scope)
+
+    def views(self, i):
+        """The arrays of step ``i``."""
+        return [eval(e, None, {**self.scope, "i": i}) for e in self.exprs]  # noqa: S307
+
 
 
 class _Replay:
-    """A recorded step, replayed on any later step: no Python of the cell runs.
+    """A recorded step, to be replayed on any step of any later call: no Python of the cell
+    runs again.
 
-    A cell's step makes the same operations on every step, on the arrays the loops give it
-    (the step's slices of the stacks, which change, and buffers that do not), so the calls
-    that :class:`BufferOps` recorded for one step are any other step's calls with that
-    step's arrays swapped in. They are written out as one straight-line Python function of
-    the step number, which takes the step's arrays (:class:`_Steps`) and makes the calls;
-    a replayed step costs its calls and nothing else. :meth:`of` returns ``None`` when a
-    recorded call reads an array that the loops did not give (a slice the cell made
-    itself): such a step runs as it is, every time.
+    A cell's step makes the same operations on every step, on the arrays the loops give it:
+    the step's slices of the stacks (:class:`_Steps`), which change from step to step, and
+    buffers that the loop fixes for all its steps (``fixed``, by role: the weights, the
+    scratch buffers). So the calls that :class:`BufferOps` recorded for one step are every
+    other step's calls with that step's arrays swapped in, and, with the fixed buffers
+    swapped in too, those of every later call of the same shapes. They are written out as
+    the source of one straight-line Python function of the step number (:attr:`source`,
+    with the views of the fixed buffers taken once per call, before it); its constants (the
+    compiled loops, the sizes, the dtype's constants) are kept in :attr:`consts`.
     """
 
-    __slots__ = ("run", "source")
+    __slots__ = ("source", "consts", "names", "make")
 
     @classmethod
     def of(cls, tape, steps, step, fixed):
         """The replay of ``tape``, recorded on the arrays ``step`` (``steps.views`` of the
-        recorded step) and the unchanging ``fixed`` arrays."""
+        recorded step) and the ``fixed`` buffers (role to array, or ``None``); ``None`` if a
+        recorded call reads an array that the loop did not give (a slice the cell made
+        itself): such a cell runs its Python on every step."""
         slot = {id(a): q for q, a in enumerate(step)}
-        same = {id(a) for a in fixed}
-        scope = dict(steps.scope)
-        used = set()
+        role = {id(a): k for k, a in fixed.items() if a is not None}
+        consts, prologue, used = {}, [], set()
+
+        def parent(a):
+            if id(a) in slot:
+                used.add(slot[id(a)])
+                return f"s{slot[id(a)]}"
+            if id(a) in role:
+                return f"F_{role[id(a)]}"
+            raise LookupError(a)
 
         def expr(a, name):
-            got = _step_spec(slot, same, a)  # LookupError: an array the loops did not give
-            if got is None:  # unchanging: bound once, by name
-                scope[name] = _view(a)
+            if type(a) is Window:
+                view = f"{parent(a.buf)}[:, {a.start}:{a.stop}]"
+                if view.startswith("s"):
+                    return view
+                prologue.append(f"{name} = {view}")  # a fixed buffer's columns: once
                 return name
-            q, win = got
-            used.add(q)
-            return f"s{q}" if win is None else f"s{q}[:, {win[0]}:{win[1]}]"
+            if isinstance(a, np.ndarray):
+                return parent(a)
+            consts[name] = a  # a number, a function, None
+            return name
 
         try:
             calls = []
             for k, (fn, args) in enumerate(tape):
-                scope[f"f{k}"] = fn
+                consts[f"f{k}"] = fn
                 calls.append(f"    f{k}({', '.join(expr(a, f'c{k}_{p}') for p, a in enumerate(args))})")
         except LookupError:
             return None
-        lines = ["def replay(i):"]
+        lines = [*prologue, "def replay(i):"]
         lines += [f"    s{q} = {steps.exprs[q]}" for q in sorted(used)]
         lines += calls
         replay = cls()
-        replay.source = "\n".join(lines)
-        replay.run = _function(replay.source, scope)
+        replay.source, replay.consts = "\n".join(lines), consts
+        # the free names of the source, in a fixed order, and where each one's value is
+        names = sorted({*consts, *steps.scope, *(f"F_{k}" for k in fixed)})
+        replay.names = tuple(
+            (0, n) if n in consts else (1, n) if n in steps.scope else (2, n[2:]) for n in names
+        )
+        replay.make = _maker(replay.source, "replay", tuple(names))
         return replay
 
-
-def _function(source, scope):
-    """The function that ``source`` defines, its free names bound from ``scope``."""
-    names = tuple(sorted(scope))
-    return _maker(source, names)(*[scope[k] for k in names])
+    def bind(self, steps, fixed):
+        """The replay function for the arrays of ``steps`` and the ``fixed`` buffers."""
+        where = (self.consts, steps.scope, fixed)
+        return self.make(*[where[k][n] for k, n in self.names])
 
 
 @functools.lru_cache(maxsize=256)
-def _maker(source, names):
-    """A factory for the function that ``source`` defines, compiled once per text: it takes
-    the values of the free ``names`` and returns the function bound to them."""
-    name = source[4 : source.index("(")]
+def _maker(source, name, names):
+    """A factory for the function ``name`` that ``source`` defines, compiled once per text:
+    it takes the values of the free ``names``, runs ``source`` and returns the function."""
     body = "\n".join("    " + line for line in source.splitlines())
     text = f"def make({', '.join(names)}):\n{body}\n    return {name}\n"
     scope = {}
@@ -424,7 +433,8 @@ class Loops:
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
-        self.ops = BufferOps(dtype)
+        self._plans = {}
+        self._replays = {}  # recorded steps by what they depend on (_Steps.key, the buffers)
 
     def supports(self, cell) -> bool:
         """Every cell: the loops run the cell's own step functions."""
@@ -433,25 +443,32 @@ class Loops:
     def _scratch(self, cell, m, n_a):
         return {k: np.empty((m, w * n_a), dtype=self.dtype) for k, w in cell.scratch.items()}
 
-    def _run(self, steps, order, first, fixed):
-        """Run ``first(step)`` (the step's calls, made through ``self.ops``) on the arrays
-        ``steps.views(i)`` of the first step ``i`` of ``order``, recorded; the recording is
-        replayed for the other steps (where it cannot be, ``first`` runs for every step)."""
-        replay = None
-        record = len(order) > 1
+    def _run(self, key, steps, order, first, fixed):
+        """Run the steps ``order`` of a loop: ``first(ops, arrays)`` makes a step's calls
+        through ``ops`` on the step's arrays (``steps.views(i)``).
+
+        The first loop of its kind records its first step and keeps it (:class:`_Replay`);
+        every other step, and every later loop of the kind, replays it. ``key`` names the
+        kind: everything the calls of a step depend on (the cell, the direction, the sizes,
+        the expressions of the step's arrays). A cell that cannot be replayed runs
+        ``first`` on every step.
+        """
+        replay = self._replays.get(key, _MISSING)
+        if replay is _MISSING:
+            ops = BufferOps(self.dtype, self._plans)  # a tape of its own (threads)
+            ops._tape = []
+            step = steps.views(order[0])
+            first(ops, step)
+            replay = self._replays[key] = _Replay.of(ops._tape, steps, step, fixed)
+            order = order[1:]
+        if replay is None:
+            ops = BufferOps(self.dtype, self._plans)
+            for i in order:
+                first(ops, steps.views(i))
+            return
+        run = replay.bind(steps, fixed)
         for i in order:
-            if replay is not None:
-                replay(i)
-                continue
-            step = steps.views(i)
-            self.ops._tape = [] if record else None
-            try:
-                first(step)
-            finally:
-                tape, self.ops._tape = self.ops._tape, None
-            if record:
-                made = _Replay.of(tape, steps, step, fixed)
-                replay = None if made is None else made.run
+            run(i)
 
     def forward(self, cell, Gx, WaT, ba, bufs, t0):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
@@ -475,11 +492,9 @@ class Loops:
         for q, name in enumerate(cell.saved):
             scope[f"V{q}"] = bufs[name]
             exprs.append(f"V{q}[i]" if len(bufs[name]) > 1 else f"V{q}[0]")
-        steps = _Steps(exprs, scope)
         n_s = len(cell.state_names)
-        ops = self.ops
 
-        def first(step):
+        def first(ops, step):
             state = tuple(step[1 : 1 + n_s])
             ops._call(np.matmul, state[0], WaT, ga)  # the recurrent term
             if ba is not None:
@@ -487,7 +502,9 @@ class Loops:
             out.update(zip(names, step[1 + n_s :]))
             cell.step(ops, step[0], ga, state, out)
 
-        self._run(steps, range(T_c), first, [WaT, ba, ga, *out.values()])
+        fixed = {"WaT": WaT, "ba": ba, "ga": ga, **{"out_" + k: v for k, v in out.items()}}
+        key = (cell, m, n_a, ba is None, *exprs)
+        self._run(key, _Steps(exprs, scope), range(T_c), first, fixed)
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
@@ -508,9 +525,11 @@ class Loops:
         out = self._scratch(cell, m, n_a)
         for s, d in zip(cell.state_names[1:], drest):
             out["d" + s.lower()] = d  # updated in place, step by step
-        scope = {"da": da_t, "dGx": dGx, "dGa": dGa, "m": m}
+        fixed = {"WaT": WaT, "da_rec": da_rec, "da_recT": da_recT,
+                 **{"out_" + k: v for k, v in out.items()}}  # fmt: skip
+        scope = {"da": da_t, "dGx": dGx, "dGa": dGa}
         exprs = ["da[i]", "dGx[i]", "dGa[i]"]
-        coeffs, unit, widths = (), False, list(cell.coeffs.values())
+        widths = list(cell.coeffs.values())
         if not cell.inline_coeffs:
             # the coefficients of all steps at once, as on the array path: one compiled
             # pass over the stacks seen as (T m, w n_a), side by side in one buffer, so
@@ -519,44 +538,40 @@ class Loops:
                     for k, v in (*saved.items(), *prev.items())}  # fmt: skip
             whole = np.empty((T, m, sum(widths) * n_a), dtype=self.dtype)
             flat, edges = np.reshape(whole, (T * m, -1)), np.cumsum([0, *widths]) * n_a
-            bufs = {k: self.ops.cols(flat, lo, hi)
-                    for k, lo, hi in zip(cell.coeffs, edges[:-1], edges[1:])}  # fmt: skip
-            coeffs = cell.back_coeffs(self.ops, {k: rows[k] for k in saved},
-                                      {k: rows[k] for k in prev}, bufs)
-            unit = all(w == 1 for w in widths)
-            if unit:  # one block argument
-                scope["W"] = whole
+            bufs = {k: Window(flat, lo, hi) for k, lo, hi in zip(cell.coeffs, edges[:-1], edges[1:])}
+            cell.back_coeffs(BufferOps(self.dtype, self._plans), {k: rows[k] for k in saved},
+                             {k: rows[k] for k in prev}, bufs)  # fmt: skip
+            scope["W"] = whole
+            if all(w == 1 for w in widths):  # one block argument
                 exprs.append("W[i]")
             else:
-                for q, c in enumerate(coeffs):
-                    scope[f"C{q}"] = _view(c)
-                    exprs.append(f"C{q}[i * m : (i + 1) * m]")
+                exprs += [f"W[i][:, {lo}:{hi}]" for lo, hi in zip(edges[:-1], edges[1:])]
         n_c = len(exprs) - 3
         for q, k in enumerate(cell.back_reads):
             scope[f"R{q}"] = saved[k] if k in saved else prev[k]
             exprs.append(f"R{q}[i]")
-        steps = _Steps(exprs, scope)
-        ops = self.ops
 
-        def first(step):
+        def first(ops, step):
             if cell.inline_coeffs:
-                step_coeffs = None
-            elif unit:
-                step_coeffs = ops.blocks(step[3], len(widths))
+                coeffs = None
+            elif n_c == 1 and len(widths) > 1:
+                coeffs = ops.blocks(step[3], len(widths))
             else:
-                step_coeffs = tuple(step[3 : 3 + n_c])
+                coeffs = tuple(step[3 : 3 + n_c])
             out["dGx"], out["dGa"] = step[1], step[2]
             _, dga, direct, _ = cell.step_back(
-                ops, step[0], da_rec, drest, step_coeffs,
-                dict(zip(cell.back_reads, step[3 + n_c :])), out,
-            )  # fmt: skip
+                ops, step[0], da_rec, drest, coeffs, dict(zip(cell.back_reads, step[3 + n_c :])), out
+            )
             ops._call(_matmul_t, WaT, dga, da_recT)  # (19), recurrent part
             if direct is not None:
                 ops._call(np.add, direct, da_rec, da_rec)
 
-        fixed = [WaT, da_rec, da_recT, *drest, *out.values(), *flat_cols(coeffs)]
-        self._run(steps, range(T - 1, -1, -1), first, fixed)
+        key = (cell, m, n_a, *exprs)
+        self._run(key, _Steps(exprs, scope), range(T - 1, -1, -1), first, fixed)
         return (da_rec, *drest)
+
+
+_MISSING = object()
 
 
 def _matmul_t(a, b, out):
@@ -565,12 +580,12 @@ def _matmul_t(a, b, out):
     return np.matmul(a, b.T, out=out)
 
 
-def flat_cols(arrays):
-    """The arrays of ``arrays`` (windows as their parents), for :class:`_Replay`'s fixed set."""
-    return [a.buf if type(a) is Window else a for a in arrays]
+def loops(dtype):
+    """The :class:`Loops` for ``dtype``, one per dtype however it is spelled (its point loops
+    compile on first use, its steps are recorded once per kind)."""
+    return _loops(np.dtype(dtype))
 
 
 @functools.cache
-def loops(dtype):
-    """The :class:`Loops` for ``dtype`` (its point loops compile on first use)."""
+def _loops(dtype):
     return Loops(dtype)

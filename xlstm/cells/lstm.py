@@ -28,19 +28,26 @@ TORCH_GATES = ("i", "f", "c", "o")
 
 
 # ---------------------------------------------------------------- point functions
-def gates_and_cell_state(half, to, tf, ti, tc, c_prev):
-    """(1)-(5) from the ``tanh`` of every gate's pre-activation (the sigmoid gates' halved).
+def sigmoid_from_halved_tanh(half, t):
+    """(1), (2), (5): ``sigmoid(z) = 0.5 tanh(z / 2) + 0.5``, from ``t = tanh(z / 2)``."""
+    return half * t + half
 
-    The sigmoid gates are ``sigmoid(z) = 0.5 tanh(z / 2) + 0.5`` (1), (2), (5); the
-    candidate ``cct`` is ``tc = tanh(z_c)`` itself (3); ``c_next = ft * c_prev + it * cct``
-    (4). Returns ``(ot, ft, it, cct, c_next)``, so that the compiled loops write all of them
-    in one pass.
-    """
-    ot = half * to + half  # (5)
-    ft = half * tf + half  # (1)
-    it = half * ti + half  # (2)
+
+def candidate_and_cell_state(ft, it, tc, c_prev):
+    """(3), (4): the candidate ``cct``, which is ``tc = tanh(z_c)`` itself, and ``c_next =
+    ft * c_prev + it * cct``."""
     cct = tc  # (3)
-    return ot, ft, it, cct, ft * c_prev + it * cct  # (4)
+    return cct, ft * c_prev + it * cct  # (4)
+
+
+def gates_and_cell_state(half, to, tf, ti, tc, c_prev):
+    """(1)-(5) in one pass, from the ``tanh`` of every gate's pre-activation: the compiled
+    loops' step. Returns ``(ot, ft, it, cct, c_next)``."""
+    ot = sigmoid_from_halved_tanh(half, to)
+    ft = sigmoid_from_halved_tanh(half, tf)
+    it = sigmoid_from_halved_tanh(half, ti)
+    cct, c_next = candidate_and_cell_state(ft, it, tc, c_prev)
+    return ot, ft, it, cct, c_next
 
 
 def backward_coefficients(one, ot, ft, it, tc, cct, c_prev):
@@ -135,11 +142,16 @@ class LSTMCell(Cell):
         _, c_prev = state
         n = c_prev.shape[-1]
         t = ops.tanh(ops.add(gx, ga, out=out["G"]), out=out["G"])  # every gate, one tanh
-        *gates, cct, c = ops.map(
-            gates_and_cell_state, ops.const(0.5), *ops.blocks(t, 4), c_prev,
-            out=(*ops.blocks(out["S"], 3), out["CCT"], out["C"]),
-        )  # fmt: skip
-        s = ops.concat(gates, out=out["S"])  # gate order (o, f, i)
+        if ops.buffered:  # the compiled loops: one pass over the step
+            *gates, cct, c = ops.map(
+                gates_and_cell_state, ops.const(0.5), *ops.blocks(t, 4), c_prev,
+                out=(*ops.blocks(out["S"], 3), out["CCT"], out["C"]),
+            )  # fmt: skip
+            s = ops.concat(gates, out=out["S"])  # gate order (o, f, i)
+        else:  # whole arrays: the three sigmoid gates as one block
+            s = ops.map(sigmoid_from_halved_tanh, ops.const(0.5), ops.cols(t, 0, 3 * n))
+            cct, c = ops.map(candidate_and_cell_state, ops.cols(s, n, 2 * n),
+                             ops.cols(s, 2 * n, 3 * n), ops.cols(t, 3 * n, 4 * n), c_prev)
         tc = ops.tanh(c, out=out["TC"])
         a = ops.mul(ops.cols(s, 0, n), tc, out=out["A"])  # (6)
         return {"A": a, "C": c, "S": s, "CCT": cct, "TC": tc}
