@@ -54,24 +54,27 @@ def _specs():
 
 SPEC = pytest.mark.parametrize("spec", list(_specs()))
 PATH = pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
+#: (num_layers, bidirectional) of the model: one layer, and two bidirectional ones.
+CONFIG = pytest.mark.parametrize("config", [(1, False), (2, True)], ids=["1", "2bi"])
 
 
-def _model(spec, *, xp=np, dtype="float64", device=None, **extra):
+def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False), **extra):
     name, kw = spec[0], dict(spec[1])
     return getattr(xlstm, name)(N_X, N_A, xp=xp, dtype=dtype, device=device, seed=3,
-                                **kw, **extra)
+                                num_layers=config[0], bidirectional=config[1], **kw, **extra)
 
 
-def _case(spec, seed=0):
+def _case(spec, seed=0, config=(1, False)):
     """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
     rng = np.random.default_rng(seed)
-    model = _model(spec)
+    model = _model(spec, config=config)
     n_s = len(model.cell.state_names)
+    n_ld = config[0] * (2 if config[1] else 1)
     return {
         "x": rng.standard_normal((N_X, M, T)),
-        "state": tuple(0.5 * rng.standard_normal((1, N_A, M)) for _ in range(n_s)),
-        "dy": rng.standard_normal((N_A, M, T)),
-        "dstate": tuple(rng.standard_normal((1, N_A, M)) for _ in range(n_s)),
+        "state": tuple(0.5 * rng.standard_normal((n_ld, N_A, M)) for _ in range(n_s)),
+        "dy": rng.standard_normal((model.D * N_A, M, T)),
+        "dstate": tuple(rng.standard_normal((n_ld, N_A, M)) for _ in range(n_s)),
         "params": [{k: np.array(v) for k, v in layer.items()} for layer in model.params],
     }
 
@@ -85,51 +88,53 @@ def _run(model, case, xp, device, dtype="float64"):
     dx, d0, grads = model.backward(cast(case["dy"]), cache, tuple(cast(d) for d in case["dstate"]))
     return {"y": y, **{f"state{i}": s for i, s in enumerate(final)}, "dx": dx,
             **{f"dstate0_{i}": d for i, d in enumerate(d0)},
-            **{f"d{k}": v for k, v in grads[0].items()}}
+            **{f"d{i}_{k}": v for i, layer in enumerate(grads) for k, v in layer.items()}}
 
 
 @functools.cache
-def _numeric_grads(spec):
+def _numeric_grads(spec, config=(1, False)):
     """Central differences of ``L = sum(y dy) + sum(state_T dstate)`` on numpy, float64."""
-    case = _case(spec)
-    model = _model(spec)
-    keys = list(case["params"][0])
+    case = _case(spec, config=config)
+    model = _model(spec, config=config)
+    keys = [list(layer) for layer in case["params"]]
     n_s = len(case["state"])
 
     def loss(arrs):
-        params = [{k: arrs[k] for k in keys}]
+        params = [{k: arrs[f"{i}_{k}"] for k in ks} for i, ks in enumerate(keys)]
         state = tuple(arrs[f"state{i}"] for i in range(n_s))
         with xlstm.accelerators(False):
             y, final, _ = model.forward(arrs["x"], state, params=params, return_cache=False)
         return float(np.sum(y * case["dy"]) + sum(np.sum(f * d) for f, d in zip(final, case["dstate"])))
 
     arrays = {"x": case["x"], **{f"state{i}": s for i, s in enumerate(case["state"])},
-              **case["params"][0]}
+              **{f"{i}_{k}": v for i, layer in enumerate(case["params"]) for k, v in layer.items()}}
     num = central_differences(loss, arrays)
     return {"dx": num["x"], **{f"dstate0_{i}": num[f"state{i}"] for i in range(n_s)},
-            **{f"d{k}": num[k] for k in keys}}
+            **{f"d{i}_{k}": num[f"{i}_{k}"] for i, ks in enumerate(keys) for k in ks}}
 
 
 # ------------------------------------------------------------------------------- gradients
 @SPEC
 @PATH
-def test_gradcheck(spec, accel, xp, device):
+@CONFIG
+def test_gradcheck(spec, accel, config, xp, device):
     """Every gradient against float64 central differences of the forward pass."""
-    model = _model(spec, xp=xp, device=device)
+    model = _model(spec, xp=xp, device=device, config=config)
     with xlstm.accelerators(accel):
-        got = _run(model, _case(spec), xp, device)
-    num = _numeric_grads(spec)
+        got = _run(model, _case(spec, config=config), xp, device)
+    num = _numeric_grads(spec, config)
     for k, want in num.items():
         assert_close(got[k], want, xp=xp, device=device, dtype=xp.float64, rtol=1e-6,
                      atol=1e-8, err=k)
 
 
 @SPEC
+@CONFIG
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_accelerated_path_equals_plain_path(spec, dtype, xp, device):
+def test_accelerated_path_equals_plain_path(spec, config, dtype, xp, device):
     """Bit for bit on numpy (numba runs the same point functions); to rounding elsewhere."""
-    model = _model(spec, xp=xp, dtype=dtype, device=device)
-    case = _case(spec, seed=1)
+    model = _model(spec, xp=xp, dtype=dtype, device=device, config=config)
+    case = _case(spec, seed=1, config=config)
     with xlstm.accelerators(True):
         fast = _run(model, case, xp, device, dtype)
     with xlstm.accelerators(False):
@@ -141,24 +146,35 @@ def test_accelerated_path_equals_plain_path(spec, dtype, xp, device):
 
 
 @SPEC
-def test_torch_autograd(spec, xp, device):
+@pytest.mark.parametrize("layout", ["notebook", "batch_first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_torch_autograd(spec, num_layers, bidirectional, layout, xp, device):
     """Outputs, final state, dx, dstate0 and every parameter gradient equal torch's
-    autograd through ``from_torch`` (float64), with gradients on outputs and final state."""
+    autograd through ``from_torch`` (float64), with gradients on outputs and final state,
+    for stacked and bidirectional models in both layouts."""
     torch = pytest.importorskip("torch")
     name, kw = spec[0], dict(spec[1])
     torch.manual_seed(0)
-    mod = getattr(torch.nn, name)(N_X, N_A, **kw).double()
-    model = getattr(xlstm, name).from_torch(mod, xp=xp, device=device)
-    case = _case(spec, seed=2)
+    mod = getattr(torch.nn, name)(N_X, N_A, num_layers=num_layers, bidirectional=bidirectional,
+                                  batch_first=layout == "batch_first", **kw).double()
+    model = _model(spec, xp=xp, device=device, config=(num_layers, bidirectional), layout=layout)
+    model.params = type(model).from_torch(mod, xp=xp, device=device).params
+    config = (num_layers, bidirectional)
+    case = _case(spec, seed=2, config=config)
     case["params"] = [{k: to_numpy(v) for k, v in layer.items()} for layer in model.params]
-    got = _run(model, case, xp, device)
+    # torch's layout: (T, m, n) or (m, T, n); ours: (n, m, T) or (m, T, n)
+    ours = (1, 2, 0) if layout == "batch_first" else (0, 1, 2)
+    theirs = (1, 2, 0) if layout == "batch_first" else (2, 1, 0)
+    got = _run(model, {**case, "x": case["x"].transpose(ours), "dy": case["dy"].transpose(ours)},
+               xp, device)
 
     tt = functools.partial(torch.tensor, dtype=torch.float64)
-    x = tt(case["x"].transpose(2, 1, 0)).requires_grad_()
+    x = tt(case["x"].transpose(theirs)).requires_grad_()
     st = [tt(s.transpose(0, 2, 1)).requires_grad_() for s in case["state"]]
     y, final = mod(x, tuple(st) if len(st) > 1 else st[0])
     final = final if isinstance(final, tuple) else (final,)
-    loss = (y * tt(case["dy"].transpose(2, 1, 0))).sum()
+    loss = (y * tt(case["dy"].transpose(theirs))).sum()
     for f, d in zip(final, case["dstate"]):
         loss = loss + (f * tt(d.transpose(0, 2, 1))).sum()
     loss.backward()
@@ -166,18 +182,22 @@ def test_torch_autograd(spec, xp, device):
     def host(t, perm):
         return t.detach().numpy().transpose(perm)
 
-    want = {"y": host(y, (2, 1, 0)), "dx": host(x.grad, (2, 1, 0))}
+    back = (2, 0, 1) if layout == "batch_first" else (2, 1, 0)  # torch's to ours
+    want = {"y": host(y, back), "dx": host(x.grad, back)}
+    want = {k: v.transpose(ours) for k, v in want.items()}
     for i, (f, s) in enumerate(zip(final, st)):
         want[f"state{i}"] = host(f, (0, 2, 1))
         want[f"dstate0_{i}"] = host(s.grad, (0, 2, 1))
     for k in want:
         assert_close(got[k], want[k], xp=xp, device=device, dtype=xp.float64, rtol=1e-10,
                      atol=1e-12, err=k)
-    grads = {k[1:]: to_numpy(got[k]) for k in got if k[1:] in case["params"][0]}
-    mine = model.cell.to_torch_arrays(grads)
-    theirs = {n: p.grad.numpy() for n, p in mod.named_parameters()}
-    for key, arr in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), mine):
-        np.testing.assert_allclose(arr, theirs[key], rtol=1e-10, atol=1e-12, err_msg=key)
+    grads = {n: p.grad.numpy() for n, p in mod.named_parameters()}
+    for i, layer in enumerate(case["params"]):
+        mine = model.cell.to_torch_arrays({k: to_numpy(got[f"d{i}_{k}"]) for k in layer})
+        sfx = f"_l{i // model.D}" + ("_reverse" if i % model.D else "")
+        for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), mine):
+            np.testing.assert_allclose(arr, grads[key + sfx], rtol=1e-10, atol=1e-12,
+                                       err_msg=key + sfx)
 
 
 @SPEC
@@ -299,9 +319,6 @@ def test_bad_input_names_the_argument(spec):
         model.forward(x, params=[bad])
     with pytest.raises(ValueError, match="params has 2 entries"):
         model.forward(x, params=[model.params[0]] * 2)
-    for kwargs in ({"num_layers": 2}, {"bidirectional": True}, {"layout": "batch_first"}):
-        with pytest.raises(NotImplementedError):
-            _model(spec, **kwargs)
     with pytest.raises(NotImplementedError):
         model.forward(x, lengths=np.array([T, 1]))
     with pytest.raises(ValueError, match="layout must be one of"):
@@ -332,8 +349,6 @@ def test_torch_modules_of_another_kind_are_refused(spec):
     if spec[0] == "LSTM":
         with pytest.raises(ValueError, match="proj_size=2"):
             cls.from_torch(torch.nn.LSTM(N_X, N_A, proj_size=2))
-    with pytest.raises(NotImplementedError):
-        cls.from_torch(getattr(torch.nn, spec[0])(N_X, N_A, num_layers=2))
 
 
 @SPEC

@@ -11,9 +11,14 @@ Shapes, ``layout="notebook"``: ``x (n_x, m, T)``, ``y (D n_a, m, T)``, every sta
 ``(num_layers D, n_a, m)``. The LSTM's state is ``(a, c)``, the GRU's and the RNN's
 ``(a,)``.
 
-Stacked and bidirectional models, ``lengths``, dropout between layers and
-``layout="batch_first"`` belong to the sequence-models work and raise
-``NotImplementedError`` for now.
+``layout="batch_first"``: ``x (m, T, n_x)`` and ``y (m, T, D n_a)``. Layer ``k > 0`` reads
+the full output of layer ``k - 1``, ``[forward; reverse]`` per step; the reverse direction
+runs the engine over the time-reversed input. Dropout between layers (``train=True``)
+multiplies each layer's output but the last by a mask drawn on the host from ``seed``
+(numpy's ``default_rng``) and moved to the arrays' namespace and device, so one seed gives
+the same masks on every backend.
+
+``lengths`` belongs to the variable-length work and raises ``NotImplementedError`` for now.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from . import _engine
 from ._checks import positive_int
 from ._compat import (
     copy,
+    device_of,
     device_scope,
     namespace,
     namespace_of_module,
@@ -55,13 +61,15 @@ class ModelCache:
     arrays of its namespace can.
     """
 
-    __slots__ = ("cell", "config", "m", "states")
+    __slots__ = ("cell", "config", "m", "states", "masks")
 
-    def __init__(self, cell: Cell, config: tuple, m: int, states: tuple) -> None:
+    def __init__(self, cell: Cell, config: tuple, m: int, states: tuple,
+                 masks: tuple = ()) -> None:
         self.cell, self.config, self.m, self.states = cell, config, m, states
+        self.masks = masks  # the dropout mask after each layer but the last, or None
 
     def __reduce__(self):
-        return (type(self), (self.cell, self.config, self.m, self.states))
+        return (type(self), (self.cell, self.config, self.m, self.states, self.masks))
 
     def __repr__(self):
         T = self.states[0].X.shape[0] // self.m
@@ -94,12 +102,6 @@ class _Model:
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         self.layout = layout
-        if self.num_layers > 1:
-            raise NotImplementedError(f"num_layers={self.num_layers} {_LATER}")
-        if bidirectional:
-            raise NotImplementedError(f"bidirectional=True {_LATER}")
-        if layout != "notebook":
-            raise NotImplementedError(f"layout={layout!r} {_LATER}")
         self.xp = namespace_of_module(xp)
         self.dtype = resolve_dtype(self.xp, dtype, device=device)
         self.device = device
@@ -113,7 +115,11 @@ class _Model:
 
     def _config(self):
         return (type(self).__name__, self.cell.name, self.n_x, self.n_a, self.num_layers,
-                self.D)
+                self.D, self.layout)
+
+    def _n_in(self, index):
+        """Input features of (layer, direction) ``index``: ``n_x``, then ``D n_a``."""
+        return self.n_x if index < self.D else self.D * self.n_a
 
     def _init_params(self, rng):
         """torch's initialisation: every weight and bias uniform in ``(-k, k)``,
@@ -122,8 +128,8 @@ class _Model:
         k = 1.0 / np.sqrt(self.n_a)
         rows = self.cell.n_gates * self.n_a
         layers = []
-        for _ in range(self.num_layers * self.D):
-            w_ih = rng.uniform(-k, k, size=(rows, self.n_x))
+        for i in range(self.num_layers * self.D):
+            w_ih = rng.uniform(-k, k, size=(rows, self._n_in(i)))
             w_hh = rng.uniform(-k, k, size=(rows, self.n_a))
             b_ih = rng.uniform(-k, k, size=rows)
             b_hh = rng.uniform(-k, k, size=rows)
@@ -151,7 +157,7 @@ class _Model:
             )
         arrays = {}
         for i, layer in enumerate(params):
-            n_in = self.n_x  # layers > 0 will read D n_a features
+            n_in = self._n_in(i)
             want = self.cell.param_shapes(n_in, self.n_a)
             where = f"{name}[{i}]"
             if not isinstance(layer, Mapping):
@@ -170,7 +176,7 @@ class _Model:
                 got = getattr(layer[k], "shape", None)
                 if got is None or tuple(got) != shape:
                     raise ValueError(
-                        f"{where}[{k!r}] must have shape {shape} (n_x={n_in}, "
+                        f"{where}[{k!r}] must have shape {shape} (n_in={n_in}, "
                         f"n_a={self.n_a}), got {None if got is None else tuple(got)}"
                     )
                 arrays[f"{where}[{k!r}]"] = layer[k]
@@ -211,7 +217,7 @@ class _Model:
 
         Parameters
         ----------
-        x : array, shape (n_x, m, T)
+        x : array, shape (n_x, m, T), or (m, T, n_x) with ``layout="batch_first"``
             Inputs, in the namespace, dtype and device of the parameters.
         state : tuple of arrays, optional
             The initial state, each ``(num_layers * D, n_a, m)``: ``(a, c)`` for the LSTM,
@@ -224,15 +230,16 @@ class _Model:
         train : bool, optional
             Training mode: dropout between layers (none with one layer).
         seed : int, optional
-            Seed of the dropout masks.
+            Seed of the dropout masks; required when they are drawn (``train=True``,
+            ``dropout > 0`` and more than one layer).
         return_cache : bool, optional
             Default True. False keeps nothing for a backward pass (``cache`` is ``None``);
             the extra memory then does not grow with ``T``.
 
         Returns
         -------
-        y : array, shape (D * n_a, m, T)
-            The hidden state of every step.
+        y : array, shape (D * n_a, m, T), or (m, T, D * n_a) with ``layout="batch_first"``
+            The last layer's hidden state of every step, ``[forward; reverse]``.
         state : tuple of arrays
             The final state, in the layout of the ``state`` argument.
         cache : ModelCache or None
@@ -244,6 +251,12 @@ class _Model:
             raise TypeError(f"train must be a bool, got {train!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        drop = train and self.dropout > 0.0 and self.num_layers > 1
+        if drop and seed is None:
+            raise ValueError(
+                f"seed is required with train=True and dropout={self.dropout}: the dropout "
+                "masks are drawn from it"
+            )
         params = self.params if params is None else params
         arrays = self._check_params(params)
         state = self._state_arrays(state, "state")
@@ -251,26 +264,63 @@ class _Model:
         if state is not None:
             named.update((f"state[{i}]", s) for i, s in enumerate(state))
         xp = namespace(**named, **arrays)
+        want = "(m, T, n_x)" if self.layout == "batch_first" else "(n_x, m, T)"
+        if x.ndim == 3 and self.layout == "batch_first":
+            x = xp.permute_dims(x, (2, 0, 1))
         if x.ndim != 3 or x.shape[0] != self.n_x or x.shape[1] < 1 or x.shape[2] < 1:
+            got = tuple(x.shape) if self.layout == "notebook" or x.ndim != 3 else \
+                (x.shape[1], x.shape[2], x.shape[0])
             raise ValueError(
-                f"x must have shape (n_x, m, T) with n_x={self.n_x} and m, T >= 1, got "
-                f"{tuple(x.shape)}"
+                f"x must have shape {want} with n_x={self.n_x} and m, T >= 1 "
+                f"(layout={self.layout!r}), got {got}"
             )
-        m = x.shape[1]
+        m, T = x.shape[1], x.shape[2]
         if state is not None:
             self._check_state_shapes(state, "state", m)
         keep = bool(return_cache)
-        cell = self.cell
-        state0 = (None,) * len(cell.state_names) if state is None else \
-            tuple(s[0, ...] for s in state)
-        stacks, finals, _, kept = _engine.forward(
-            cell, x, state0, params[0], self.n_a, xp=xp, keep=keep, collect=()
+        cell, D, n_a = self.cell, self.D, self.n_a
+        masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
+        kept, finals = [], []
+        inp = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                i = layer * D + d
+                state0 = (None,) * len(cell.state_names) if state is None else \
+                    tuple(s[i, ...] for s in state)
+                stacks, fin, _, st = _engine.forward(
+                    cell, _flip(inp, xp) if d else inp, state0, params[i], n_a, xp=xp,
+                    keep=keep, collect=(),
+                )
+                y_d = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
+                outs.append(_flip(y_d, xp) if d else y_d)
+                finals.append(fin)
+                kept.append(st)
+            inp = outs[0] if D == 1 else xp.concat(outs, axis=0)
+            if layer < self.num_layers - 1 and masks[layer] is not None:
+                inp = inp * masks[layer]
+        y = inp
+        final = tuple(
+            copy(xp.stack([xp.matrix_transpose(f[k]) for f in finals])) for k in cell.state_names
         )
-        y = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
-        final = tuple(copy(xp.matrix_transpose(finals[k])[None, ...]) for k in cell.state_names)
+        if self.layout == "batch_first":
+            y = xp.permute_dims(y, (1, 2, 0))
         if not keep:
             return y, final, None
-        return copy(y), final, ModelCache(cell, self._config(), m, (kept,))
+        return copy(y), final, ModelCache(cell, self._config(), m, tuple(kept), tuple(masks))
+
+    def _masks(self, seed, m, T, xp, like):
+        """The dropout masks after each layer but the last, ``(D n_a, m, T)`` each: kept
+        with probability ``1 - dropout`` and scaled by ``1 / (1 - dropout)`` (torch's
+        inverted dropout), drawn on the host from ``seed``."""
+        rng = np.random.default_rng(seed)
+        keep = 1.0 - self.dropout
+        masks = []
+        for _ in range(self.num_layers - 1):
+            host = (rng.random((self.D * self.n_a, m, T)) < keep) / keep
+            with device_scope(xp=xp, device=self.device):
+                masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
+        return tuple(masks)
 
     @on_input_device
     def backward(
@@ -280,7 +330,7 @@ class _Model:
 
         Parameters
         ----------
-        dy : array, shape (D * n_a, m, T)
+        dy : array, the shape of ``y``
             Gradient of the loss with respect to ``y``.
         cache : ModelCache
             The cache that :meth:`forward` returned.
@@ -290,7 +340,7 @@ class _Model:
 
         Returns
         -------
-        dx : array, shape (n_x, m, T)
+        dx : array, the shape of ``x``
             Gradient with respect to ``x``.
         dstate0 : tuple of arrays
             Gradient with respect to the initial state.
@@ -309,32 +359,57 @@ class _Model:
                 f"cell, n_x={cache.config[2]}, n_a={cache.config[3]}); this is a "
                 f"{mine[0]} with n_x={self.n_x}, n_a={self.n_a}"
             )
-        (st,) = cache.states
         dstate = self._state_arrays(dstate, "dstate")
         named = {"dy": dy}
         if dstate is not None:
             named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate))
-        xp = namespace(**named, **{"cache": st.X})
-        m = cache.m
-        T = st.X.shape[0] // m
-        want = (self.D * self.n_a, m, T)
-        if dy.ndim != 3 or tuple(dy.shape) != want:
-            raise ValueError(f"dy must have the shape of y, (D * n_a, m, T) = {want}, got "
+        xp = namespace(**named, **{"cache": cache.states[0].X})
+        m, D, n_a = cache.m, self.D, self.n_a
+        T = cache.states[0].X.shape[0] // m
+        first = self.layout == "batch_first"
+        want = (m, T, D * n_a) if first else (D * n_a, m, T)
+        if tuple(dy.shape) != want:
+            what = "(m, T, D * n_a)" if first else "(D * n_a, m, T)"
+            raise ValueError(f"dy must have the shape of y, {what} = {want}, got "
                              f"{tuple(dy.shape)}")
+        if first:
+            dy = xp.permute_dims(dy, (2, 0, 1))
         if dstate is not None:
             self._check_state_shapes(dstate, "dstate", m)
-            dstate = tuple(xp.matrix_transpose(d[0, ...]) for d in dstate)
-        dX, d0, g = _engine.backward(self.cell, dy, st, xp=xp, dstate=dstate)
-        dx = xp.permute_dims(dX, (2, 1, 0))
-        dstate0 = tuple(xp.matrix_transpose(d)[None, ...] for d in d0)
-        return dx, dstate0, [self._layer_grads(g, st.params)]
+        grads = [None] * (self.num_layers * D)
+        d0 = [None] * (self.num_layers * D)
+        d_out = dy
+        for layer in range(self.num_layers - 1, -1, -1):
+            if layer < self.num_layers - 1 and cache.masks[layer] is not None:
+                d_out = d_out * cache.masks[layer]  # through the dropout after this layer
+            d_in = None
+            for d in range(D):
+                i = layer * D + d
+                st = cache.states[i]
+                dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
+                given = None if dstate is None else \
+                    tuple(xp.matrix_transpose(s[i, ...]) for s in dstate)
+                dX, d0[i], g = _engine.backward(self.cell, _flip(dy_d, xp) if d else dy_d, st,
+                                                xp=xp, dstate=given)
+                dx_d = xp.permute_dims(dX, (2, 1, 0))
+                dx_d = _flip(dx_d, xp) if d else dx_d
+                d_in = dx_d if d_in is None else d_in + dx_d
+                grads[i] = self._layer_grads(g, st.params, i)
+            d_out = d_in
+        dx = d_out
+        if self.layout == "batch_first":
+            dx = xp.permute_dims(dx, (1, 2, 0))
+        dstate0 = tuple(
+            xp.stack([xp.matrix_transpose(d[k]) for d in d0]) for k in range(len(d0[0]))
+        )
+        return dx, dstate0, grads
 
-    def _layer_grads(self, g, layer):
-        """The gradients keyed like ``layer``. A second bias that the cell adds to the
-        first (torch's ``bias_hh`` of every gate but the GRU's ``n``) has the first's
-        gradient, as a copy."""
+    def _layer_grads(self, g, layer, index):
+        """The gradients keyed like ``layer`` (entry ``index`` of the parameters). A second
+        bias that the cell adds to the first (torch's ``bias_hh`` of every gate but the
+        GRU's ``n``) has the first's gradient, as a copy."""
         out = {}
-        for k in self.cell.param_shapes(self.n_x, self.n_a):
+        for k in self.cell.param_shapes(self._n_in(index), self.n_a):
             if "d" + k in g:
                 out[k] = g["d" + k]
             else:
@@ -433,6 +508,11 @@ class _Model:
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
 
 
+def _flip(a, xp):
+    """``a`` with its time axis (the last) reversed."""
+    return xp.flip(a, axis=-1)
+
+
 class LSTM(_Model):
     """The notebook's LSTM as a model: state ``(a, c)``; each (layer, direction) holds the
     notebook's dict ``Wf, bf, Wi, bi, Wc, bc, Wo, bo`` and torch's second biases
@@ -443,13 +523,15 @@ class LSTM(_Model):
     n_x, n_a : int
         Input and hidden sizes.
     num_layers : int, optional
-        Stacked layers (only 1 for now).
+        Stacked layers; layer ``k > 0`` reads the output of layer ``k - 1``.
     bidirectional : bool, optional
-        Not implemented yet.
+        A second direction per layer, over the reversed sequence; the output of a step is
+        ``[forward; reverse]``.
     dropout : float, optional
         Dropout between layers, in ``[0, 1)`` (no effect with one layer).
     layout : {"notebook", "batch_first"}, optional
-        Axis order of ``x`` and ``y`` (only ``"notebook"`` for now).
+        Axis order of ``x`` and ``y``: ``(n_x, m, T)`` and ``(D n_a, m, T)``, or
+        ``(m, T, n_x)`` and ``(m, T, D n_a)``.
     xp, dtype, device : optional
         Namespace (default numpy), real floating dtype and device of the parameters.
     seed : int, optional
