@@ -44,7 +44,7 @@ def test_dropout_is_reproducible_off_without_train_and_needs_a_seed(cls):
 def test_dropout_masks_keep_the_expected_fraction_scaled():
     model = xlstm.LSTM(N_X, N_A, num_layers=2, dropout=0.25, bidirectional=True)
     x = np.zeros((N_X, 50, 40))
-    masks = model._masks(3, 50, 40, np, x)
+    masks = model._masks(3, 50, 40, model.xp, x)
     (mask,) = masks
     assert mask.shape == (2 * N_A, 50, 40) and mask.dtype == x.dtype
     assert set(np.unique(mask)) == {0.0, 1 / 0.75}
