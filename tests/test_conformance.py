@@ -38,6 +38,7 @@ SPECS = [
     ("RNN", (("nonlinearity", "relu"),)),
 ]
 N_X, N_A, M, T = 3, 4, 2, 5
+LENGTHS = (1, T)
 
 
 def _spec_id(spec):
@@ -54,17 +55,19 @@ def _specs():
 
 SPEC = pytest.mark.parametrize("spec", list(_specs()))
 PATH = pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
-#: (num_layers, bidirectional) of the model: one layer, and two bidirectional ones.
-CONFIG = pytest.mark.parametrize("config", [(1, False), (2, True)], ids=["1", "2bi"])
+#: (num_layers, bidirectional, padded) of a case: one layer; two bidirectional ones; the
+#: same over a padded batch (lengths LENGTHS, unsorted, with 1 and T).
+CONFIG = pytest.mark.parametrize("config", [(1, False, False), (2, True, False), (2, True, True)],
+                                 ids=["1", "2bi", "2bi-lengths"])
 
 
-def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False), **extra):
+def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False, False), **extra):
     name, kw = spec[0], dict(spec[1])
     return getattr(xlstm, name)(N_X, N_A, xp=xp, dtype=dtype, device=device, seed=3,
                                 num_layers=config[0], bidirectional=config[1], **kw, **extra)
 
 
-def _case(spec, seed=0, config=(1, False)):
+def _case(spec, seed=0, config=(1, False, False)):
     """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
     rng = np.random.default_rng(seed)
     model = _model(spec, config=config)
@@ -76,6 +79,7 @@ def _case(spec, seed=0, config=(1, False)):
         "dy": rng.standard_normal((model.D * N_A, M, T)),
         "dstate": tuple(rng.standard_normal((n_ld, N_A, M)) for _ in range(n_s)),
         "params": [{k: np.array(v) for k, v in layer.items()} for layer in model.params],
+        "lengths": np.array(LENGTHS) if config[2] else None,
     }
 
 
@@ -84,7 +88,10 @@ def _run(model, case, xp, device, dtype="float64"):
     cast = functools.partial(to_xp, xp=xp, device=device, dtype=getattr(xp, dtype))
     params = [{k: cast(v) for k, v in layer.items()} for layer in case["params"]]
     state = tuple(cast(s) for s in case["state"])
-    y, final, cache = model.forward(cast(case["x"]), state, params=params)
+    lengths = case.get("lengths")
+    if lengths is not None:
+        lengths = to_xp(lengths, xp, device, xp.int64)
+    y, final, cache = model.forward(cast(case["x"]), state, params=params, lengths=lengths)
     dx, d0, grads = model.backward(cast(case["dy"]), cache, tuple(cast(d) for d in case["dstate"]))
     return {"y": y, **{f"state{i}": s for i, s in enumerate(final)}, "dx": dx,
             **{f"dstate0_{i}": d for i, d in enumerate(d0)},
@@ -92,7 +99,7 @@ def _run(model, case, xp, device, dtype="float64"):
 
 
 @functools.cache
-def _numeric_grads(spec, config=(1, False)):
+def _numeric_grads(spec, config=(1, False, False)):
     """Central differences of ``L = sum(y dy) + sum(state_T dstate)`` on numpy, float64."""
     case = _case(spec, config=config)
     model = _model(spec, config=config)
@@ -103,7 +110,8 @@ def _numeric_grads(spec, config=(1, False)):
         params = [{k: arrs[f"{i}_{k}"] for k in ks} for i, ks in enumerate(keys)]
         state = tuple(arrs[f"state{i}"] for i in range(n_s))
         with xlstm.accelerators(False):
-            y, final, _ = model.forward(arrs["x"], state, params=params, return_cache=False)
+            y, final, _ = model.forward(arrs["x"], state, params=params, return_cache=False,
+                                        lengths=case["lengths"])
         return float(np.sum(y * case["dy"]) + sum(np.sum(f * d) for f, d in zip(final, case["dstate"])))
 
     arrays = {"x": case["x"], **{f"state{i}": s for i, s in enumerate(case["state"])},
@@ -146,21 +154,24 @@ def test_accelerated_path_equals_plain_path(spec, config, dtype, xp, device):
 
 
 @SPEC
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("layout", ["notebook", "batch_first"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_torch_autograd(spec, num_layers, bidirectional, layout, xp, device):
+def test_torch_autograd(spec, num_layers, bidirectional, layout, padded, xp, device):
     """Outputs, final state, dx, dstate0 and every parameter gradient equal torch's
     autograd through ``from_torch`` (float64), with gradients on outputs and final state,
-    for stacked and bidirectional models in both layouts."""
+    for stacked and bidirectional models in both layouts, and over padded batches against
+    torch's PackedSequence."""
     torch = pytest.importorskip("torch")
     name, kw = spec[0], dict(spec[1])
     torch.manual_seed(0)
     mod = getattr(torch.nn, name)(N_X, N_A, num_layers=num_layers, bidirectional=bidirectional,
                                   batch_first=layout == "batch_first", **kw).double()
-    model = _model(spec, xp=xp, device=device, config=(num_layers, bidirectional), layout=layout)
+    model = _model(spec, xp=xp, device=device, config=(num_layers, bidirectional, padded),
+                   layout=layout)
     model.params = type(model).from_torch(mod, xp=xp, device=device).params
-    config = (num_layers, bidirectional)
+    config = (num_layers, bidirectional, padded)
     case = _case(spec, seed=2, config=config)
     case["params"] = [{k: to_numpy(v) for k, v in layer.items()} for layer in model.params]
     # torch's layout: (T, m, n) or (m, T, n); ours: (n, m, T) or (m, T, n)
@@ -172,7 +183,14 @@ def test_torch_autograd(spec, num_layers, bidirectional, layout, xp, device):
     tt = functools.partial(torch.tensor, dtype=torch.float64)
     x = tt(case["x"].transpose(theirs)).requires_grad_()
     st = [tt(s.transpose(0, 2, 1)).requires_grad_() for s in case["state"]]
-    y, final = mod(x, tuple(st) if len(st) > 1 else st[0])
+    run = x
+    if padded:
+        pack = torch.nn.utils.rnn
+        run = pack.pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False,
+                                        batch_first=layout == "batch_first")
+    y, final = mod(run, tuple(st) if len(st) > 1 else st[0])
+    if padded:
+        y, _ = pack.pad_packed_sequence(y, total_length=T, batch_first=layout == "batch_first")
     final = final if isinstance(final, tuple) else (final,)
     loss = (y * tt(case["dy"].transpose(theirs))).sum()
     for f, d in zip(final, case["dstate"]):
@@ -319,8 +337,18 @@ def test_bad_input_names_the_argument(spec):
         model.forward(x, params=[bad])
     with pytest.raises(ValueError, match="params has 2 entries"):
         model.forward(x, params=[model.params[0]] * 2)
-    with pytest.raises(NotImplementedError):
-        model.forward(x, lengths=np.array([T, 1]))
+    for lengths, err, match in [
+        (np.array([1.0, 2.0]), TypeError, "lengths must have an integer dtype"),
+        (np.array([True, True]), TypeError, "lengths must have a real floating or integral"),
+        (np.array([0, T]), ValueError, r"lengths must be in \[1, T\]"),
+        (np.array([1, T + 1]), ValueError, r"lengths must be in \[1, T\]"),
+        (np.array([1, 2, 3]), ValueError, r"lengths must have shape \(m,\)"),
+        ([1, 2], TypeError, "lengths must be an array"),
+    ]:
+        with pytest.raises(err, match=match):
+            model.forward(x, lengths=lengths)
+    with pytest.raises(ValueError, match="seed is required"):
+        _model(spec, config=(2, False, False), dropout=0.5).forward(x, train=True)
     with pytest.raises(ValueError, match="layout must be one of"):
         _model(spec, layout="time_first")
     with pytest.raises(ValueError, match="dropout"):
@@ -379,18 +407,19 @@ def test_jax_jit_of_the_pure_form(spec, backend_named):
 
 
 @SPEC
-def test_compiled_loops_replay_every_step_after_the_first(spec):
+@CONFIG
+def test_compiled_loops_replay_every_step_after_the_first(spec, config):
     """The compiled loops record a cell's first step and replay it on the next steps' arrays
     (no Python of the cell per step); a cell that hands its ops an array of its own making
     would silently lose that, so every cell must be replayable, forward and backward."""
     if _engine.accelerated_loops(NP, NP.float64) is None:
         pytest.skip("no compiled loops here (numba is not installed or does not load)")
-    model = _model(spec)
-    case = _case(spec, seed=9)
+    model = _model(spec, config=config)
+    case = _case(spec, seed=9, config=config)
     loops = _engine.accelerated_loops(NP, NP.float64, model.cell)
     loops._replays.clear()
-    with xlstm.accelerators(True):
-        y, _, cache = model.forward(case["x"], case["state"])
+    with xlstm.accelerators(True):  # padded batches run here too
+        y, _, cache = model.forward(case["x"], case["state"], lengths=case["lengths"])
         model.backward(case["dy"], cache, case["dstate"])
     made = [r for (cell, *_), r in loops._replays.items() if cell is model.cell]
     assert len(made) == 2 and all(r is not None for r in made), made

@@ -131,3 +131,14 @@ def test_accelerators_switch_beats_the_environment(monkeypatch):
     with pytest.raises(TypeError, match="enabled must be a bool"):
         with xlstm.accelerators("0"):
             pass
+
+
+def test_a_padded_batch_runs_on_the_array_path_where_loops_lack_masks(monkeypatch):
+    """Buffered loops that do not declare ``masks`` (CuPy's kernels, for now) are passed
+    over for a padded batch: the array path runs it instead."""
+    class NoMasks:
+        pass
+
+    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dtype, cell: NoMasks())
+    assert isinstance(_engine._dispatch(np, np.float64, None)[0], NoMasks)
+    assert _engine._dispatch(np, np.float64, None, masked=True) == (None, _engine.scan)

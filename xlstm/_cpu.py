@@ -430,6 +430,8 @@ class Loops:
 
     #: How reports and the benchmark name this accelerator.
     label = "compiled loops"
+    #: Padded batches (the engine's ``active``) run here too.
+    masks = True
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
@@ -470,13 +472,15 @@ class Loops:
         for i in order:
             run(i)
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0):
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
 
         ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term (only read). ``bufs`` holds the
         state stacks, indexed by absolute step (modulo their length: a stack of two slots
         alternates), and the saved stacks with one slot per step
         of the chunk, or a single slot that is reused (inference, nothing kept).
+        ``active`` (the chunk's ``(T_c, m, 1)`` booleans, or ``None``): a padded row keeps
+        its state.
         """
         T_c, m, width = Gx.shape
         n_a = WaT.shape[0]
@@ -493,26 +497,34 @@ class Loops:
             scope[f"V{q}"] = bufs[name]
             exprs.append(f"V{q}[i]" if len(bufs[name]) > 1 else f"V{q}[0]")
         n_s = len(cell.state_names)
+        if active is not None:
+            scope["Idle"] = np.logical_not(active)
+            exprs.append("Idle[i]")
 
         def first(ops, step):
             state = tuple(step[1 : 1 + n_s])
             ops._call(np.matmul, state[0], WaT, ga)  # the recurrent term
             if ba is not None:
                 ops._call(np.add, ga, ba, ga)
-            out.update(zip(names, step[1 + n_s :]))
+            new = step[1 + n_s : 1 + 2 * n_s]
+            out.update(zip(names, step[1 + n_s : 1 + n_s + len(names)]))
             cell.step(ops, step[0], ga, state, out)
+            if active is not None:  # a padded row keeps its state
+                for s_new, s_old in zip(new, state):
+                    ops._call(_where, s_new, s_old, step[-1])
 
         fixed = {"WaT": WaT, "ba": ba, "ga": ga, **{"out_" + k: v for k, v in out.items()}}
         key = (cell, m, n_a, ba is None, *exprs)
         self._run(key, _Steps(exprs, scope), range(T_c), first, fixed)
 
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
         the initial state.
 
         ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides), ``carry`` the
         gradients on the final state; ``dGx`` (and ``dGa``, which may be ``dGx`` itself)
-        receive the ``(T, m, k n_a)`` pre-activation gradients.
+        receive the ``(T, m, k n_a)`` pre-activation gradients. ``active`` is the forward
+        pass's: a padded row has no gate gradients and passes its state's gradients through.
         """
         T, m, _ = dGx.shape
         n_a = WaT.shape[0]
@@ -550,6 +562,12 @@ class Loops:
         for q, k in enumerate(cell.back_reads):
             scope[f"R{q}"] = saved[k] if k in saved else prev[k]
             exprs.append(f"R{q}[i]")
+        if active is not None:
+            scope["Idle"] = np.logical_not(active)
+            exprs.append("Idle[i]")
+            # the gradients reaching the step, for its padded rows to pass on
+            kept = [np.empty((m, n_a), dtype=self.dtype) for _ in range(1 + len(drest))]
+            fixed.update((f"kept{q}", v) for q, v in enumerate(kept))
 
         def first(ops, step):
             if cell.inline_coeffs:
@@ -559,12 +577,20 @@ class Loops:
             else:
                 coeffs = tuple(step[3 : 3 + n_c])
             out["dGx"], out["dGa"] = step[1], step[2]
-            _, dga, direct, _ = cell.step_back(
-                ops, step[0], da_rec, drest, coeffs, dict(zip(cell.back_reads, step[3 + n_c :])), out
-            )
+            reads = dict(zip(cell.back_reads, step[3 + n_c : 3 + n_c + len(cell.back_reads)]))
+            if active is not None:
+                for k, d in zip(kept, (da_rec, *drest)):
+                    ops._call(np.copyto, k, d)
+            _, dga, direct, _ = cell.step_back(ops, step[0], da_rec, drest, coeffs, reads, out)
+            if active is not None:  # a padded row: no gate gradients
+                for dg in (step[1], step[2]) if cell.split else (step[1],):
+                    ops._call(_where, dg, self.dtype.type(0), step[-1])
             ops._call(_matmul_t, WaT, dga, da_recT)  # (19), recurrent part
             if direct is not None:
                 ops._call(np.add, direct, da_rec, da_rec)
+            if active is not None:  # ... and its state's gradients pass through
+                for k, d in zip(kept, (da_rec, *drest)):
+                    ops._call(_where, d, k, step[-1])
 
         key = (cell, m, n_a, *exprs)
         self._run(key, _Steps(exprs, scope), range(T - 1, -1, -1), first, fixed)
@@ -572,6 +598,10 @@ class Loops:
 
 
 _MISSING = object()
+def _where(dst, src, idle):
+    """``src`` into the rows of ``dst`` where ``idle`` (``(m, 1)``) is true: the array
+    path's ``where(active, new, old)``."""
+    np.copyto(dst, src, where=idle)
 
 
 def _matmul_t(a, b, out):

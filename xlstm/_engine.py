@@ -64,11 +64,17 @@ def scan(step, static, consts, carry, xs, *, reverse=False):
     return carry, tuple(xp.stack(v) for v in zip(*ys))
 
 
-def _dispatch(xp, dtype, cell):
-    """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop."""
+def _dispatch(xp, dtype, cell, masked=False):
+    """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop.
+
+    ``masked``: the run has padded steps, which the buffered loops must support
+    (``loops.masks``); otherwise the array path runs.
+    """
     loops = accelerated_loops(xp, dtype, cell)
     if isinstance(loops, ScanLoops):
         return None, loops.scan
+    if masked and not getattr(loops, "masks", False):
+        return None, scan
     return loops, scan
 
 
@@ -79,11 +85,13 @@ def _forward_step(static, consts, carry, inputs):
     Returns the new state and the step's values named in ``static[2]``.
     """
     xp, cell, names = static
-    (gx,) = inputs
+    gx = inputs[0]
     ga = carry[0] @ consts[0]  # the recurrent term
     if len(consts) > 1:
         ga = ga + consts[1]
     out = cell.step(array_ops(xp), gx, ga, carry, NO_OUT)
+    if len(inputs) > 1:  # padded rows keep their state
+        out.update((k, xp.where(inputs[1], out[k], s)) for k, s in zip(cell.state_names, carry))
     return tuple([out[k] for k in cell.state_names]), tuple([out[k] for k in names])
 
 
@@ -94,18 +102,28 @@ def _backward_step(static, consts, carry, inputs):
     state's first) and returns the step's pre-activation gradients ``dgx`` (and ``dga``
     where the cell keeps them apart).
     """
-    xp, cell, n_coeffs = static
+    xp, cell, n_coeffs, masked = static
     (WaT,) = consts
     da_rec, *drest = carry
-    da, coeffs, reads = inputs[0], inputs[1 : 1 + n_coeffs], inputs[1 + n_coeffs :]
-    dgx, dga, direct, drest = cell.step_back(
+    n_reads = len(cell.back_reads)
+    da, coeffs = inputs[0], inputs[1 : 1 + n_coeffs]
+    reads = inputs[1 + n_coeffs : 1 + n_coeffs + n_reads]
+    dgx, dga, direct, drest_prev = cell.step_back(
         array_ops(xp), da, da_rec, tuple(drest), coeffs, dict(zip(cell.back_reads, reads)),
         NO_OUT,
     )
-    da_rec = xp.matrix_transpose(WaT @ xp.matrix_transpose(dga))  # (19), recurrent part
+    if masked:  # a padded row: no gate gradients; the state's gradients pass through
+        act = inputs[-1]
+        zero = xp.zeros_like(dgx)
+        dgx = xp.where(act, dgx, zero)
+        dga = xp.where(act, dga, zero) if cell.split else dgx
+    da_prev = xp.matrix_transpose(WaT @ xp.matrix_transpose(dga))  # (19), recurrent part
     if direct is not None:
-        da_rec = direct + da_rec
-    return (da_rec, *drest), ((dgx, dga) if cell.split else (dgx,))
+        da_prev = direct + da_prev
+    if masked:
+        da_prev = xp.where(act, da_prev, da_rec)
+        drest_prev = tuple(xp.where(act, p, d) for p, d in zip(drest_prev, drest))
+    return (da_prev, *drest_prev), ((dgx, dga) if cell.split else (dgx,))
 
 
 class _Collect:
@@ -142,7 +160,7 @@ class _Collect:
         return self.xp.concat([b for _, b in self.blocks], axis=0)
 
 
-def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
+def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, active=None):
     """Run ``cell`` over ``x`` (seed layout ``(n_x, m, T)``).
 
     ``state0`` holds one ``(n_a, m)`` array or ``None`` (zeros) per state of the cell;
@@ -153,6 +171,9 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
     at index 0; the final states by name, ``(m, n_a)``; ``Y`` of shape ``(T, m, n_y)``
     (``None`` without a head); and the cell's ``State`` when ``keep`` is true, else ``None``.
     Without ``keep``, the memory beyond the collected stacks does not grow with ``T``.
+
+    ``active``, if given, is a ``(T, m, 1)`` boolean array: where it is false the row is
+    padding and keeps its state (the cell's new values are discarded).
     """
     n_x, m, T = x.shape
     dtype, dev = x.dtype, device_of(x)
@@ -182,7 +203,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
-    loops, run = _dispatch(xp, dtype, cell)
+    loops, run = _dispatch(xp, dtype, cell, active is not None)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     first = cell.state_names[0]
     if keep or collect is None:
@@ -221,10 +242,12 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
             sl = slice(t0, t1) if keep else slice(0, 1)
             chunk_bufs = {k: bufs[k] for k in cell.state_names}
             chunk_bufs.update((k, bufs[k][sl, ...]) for k in cell.saved)
-            loops.forward(cell, Gx, WaT, ba, chunk_bufs, t0)
+            loops.forward(cell, Gx, WaT, ba, chunk_bufs, t0,
+                          None if active is None else active[t0:t1, ...])
             A_new = bufs[first][t0 + 1 : t1 + 1, ...]
         else:
-            state, ys = run(_forward_step, (xp, cell, names), consts, state, (Gx,))
+            xs = (Gx,) if active is None else (Gx, active[t0:t1, ...])
+            state, ys = run(_forward_step, (xp, cell, names), consts, state, xs)
             blocks = dict(zip(names, ys))
             for k, block in blocks.items():
                 if k in outs:
@@ -247,7 +270,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None):
     return stacks, finals, res.get("Y"), kept
 
 
-def backward(cell, da, state, *, xp, dstate=None):
+def backward(cell, da, state, *, xp, dstate=None, active=None):
     """Backward pass over the first ``T_da = da.shape[-1]`` steps of a kept forward pass.
 
     ``da`` is in seed layout ``(n_a, m, T_da)``; ``dstate``, if given, holds the gradients
@@ -255,6 +278,8 @@ def backward(cell, da, state, *, xp, dstate=None):
     Returns ``(dX, dstate0, grads)``: ``dX`` time-major ``(T_da, m, n_x)``, ``dstate0``
     the gradients on the initial state (``(m, n_a)`` each) and ``grads`` the parameter
     gradients in the cell's names (:meth:`~xlstm.cells.base.Cell.unfuse_grads`).
+    ``active`` is the forward pass's (:func:`forward`): a padded row's step has no gate
+    gradients and passes the gradients on its state through.
     """
     n_a = state.n_a
     T, m = da.shape[-1], da.shape[1]
@@ -266,18 +291,21 @@ def backward(cell, da, state, *, xp, dstate=None):
     zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
     given = (None,) * len(cell.state_names) if dstate is None else dstate
     carry = tuple(zeros if g is None else g for g in given)
-    loops, run = _dispatch(xp, dtype, cell)
+    if active is not None:
+        active = active[:T, ...]
+    loops, run = _dispatch(xp, dtype, cell, active is not None)
     width = cell.n_gates * n_a
     if loops is not None:
         dGx = xp.empty((T, m, width), dtype=dtype, device=dev)
         dGa = xp.empty((T, m, width), dtype=dtype, device=dev) if cell.split else dGx
-        carry = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa)
+        carry = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa, active)
     else:
         ops = array_ops(xp)
         coeffs = cell.back_coeffs(ops, saved, prev, NO_OUT)  # all steps at once
         reads = tuple({**saved, **prev}[k] for k in cell.back_reads)
-        carry, ys = run(_backward_step, (xp, cell, len(coeffs)), (WaT,), carry,
-                        (da_t, *coeffs, *reads), reverse=True)
+        masks = () if active is None else (active,)
+        carry, ys = run(_backward_step, (xp, cell, len(coeffs), active is not None), (WaT,),
+                        carry, (da_t, *coeffs, *reads, *masks), reverse=True)
         dGx = ys[0]
         dGa = ys[1] if cell.split else dGx
     dGx = xp.reshape(dGx, (T * m, width))

@@ -18,7 +18,10 @@ multiplies each layer's output but the last by a mask drawn on the host from ``s
 (numpy's ``default_rng``) and moved to the arrays' namespace and device, so one seed gives
 the same masks on every backend.
 
-``lengths`` belongs to the variable-length work and raises ``NotImplementedError`` for now.
+``lengths`` gives torch's PackedSequence semantics: past each sequence's length its state
+is frozen and its output is zero, its final state is the one at its own length, and its
+reverse direction starts at its own end (the time axis reversed within each length, by a
+gather).
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from .cells.rnn import RNN_RELU, RNN_TANH
 __all__ = ["LSTM", "GRU", "RNN", "ModelCache"]
 
 _LAYOUTS = ("notebook", "batch_first")
-_LATER = "is not implemented yet (it comes with stacked, bidirectional and variable-length models)"
 
 
 class ModelCache:
@@ -61,15 +63,17 @@ class ModelCache:
     arrays of its namespace can.
     """
 
-    __slots__ = ("cell", "config", "m", "states", "masks")
+    __slots__ = ("cell", "config", "m", "states", "masks", "pad")
 
     def __init__(self, cell: Cell, config: tuple, m: int, states: tuple,
-                 masks: tuple = ()) -> None:
+                 masks: tuple = (), pad: tuple | None = None) -> None:
         self.cell, self.config, self.m, self.states = cell, config, m, states
         self.masks = masks  # the dropout mask after each layer but the last, or None
+        self.pad = pad  # (active, order) of a padded batch (see _Model._padding), or None
 
     def __reduce__(self):
-        return (type(self), (self.cell, self.config, self.m, self.states, self.masks))
+        return (type(self), (self.cell, self.config, self.m, self.states, self.masks,
+                             self.pad))
 
     def __repr__(self):
         T = self.states[0].X.shape[0] // self.m
@@ -222,8 +226,11 @@ class _Model:
         state : tuple of arrays, optional
             The initial state, each ``(num_layers * D, n_a, m)``: ``(a, c)`` for the LSTM,
             ``(a,)`` for the GRU and the RNN (a bare array is accepted too). Default zeros.
-        lengths : array of shape (m,), optional
-            Not implemented yet.
+        lengths : integer array of shape (m,), optional
+            Each sequence's length, in ``[1, T]``, in the namespace and on the device of
+            ``x``; unsorted is fine. Torch's PackedSequence semantics: past its length a
+            sequence's state is frozen and its output is zero, its final state is the one
+            at its length, and its reverse direction starts at its own end.
         params : list of dicts, optional
             Parameters to run with instead of ``model.params`` (same structure): the pure
             form for optimizers and ``jax.jit``.
@@ -245,8 +252,6 @@ class _Model:
         cache : ModelCache or None
             What :meth:`backward` needs.
         """
-        if lengths is not None:
-            raise NotImplementedError(f"lengths {_LATER}")
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {train!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -263,7 +268,9 @@ class _Model:
         named = {"x": x}
         if state is not None:
             named.update((f"state[{i}]", s) for i, s in enumerate(state))
-        xp = namespace(**named, **arrays)
+        if lengths is not None:
+            named["lengths"] = lengths
+        xp = namespace(kinds={"lengths": ("integral",)}, **named, **arrays)
         want = "(m, T, n_x)" if self.layout == "batch_first" else "(n_x, m, T)"
         if x.ndim == 3 and self.layout == "batch_first":
             x = xp.permute_dims(x, (2, 0, 1))
@@ -277,6 +284,8 @@ class _Model:
         m, T = x.shape[1], x.shape[2]
         if state is not None:
             self._check_state_shapes(state, "state", m)
+        pad = None if lengths is None else self._padding(lengths, m, T, xp)
+        active, order = (None, None) if pad is None else pad
         keep = bool(return_cache)
         cell, D, n_a = self.cell, self.D, self.n_a
         masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
@@ -289,11 +298,13 @@ class _Model:
                 state0 = (None,) * len(cell.state_names) if state is None else \
                     tuple(s[i, ...] for s in state)
                 stacks, fin, _, st = _engine.forward(
-                    cell, _flip(inp, xp) if d else inp, state0, params[i], n_a, xp=xp,
-                    keep=keep, collect=(),
+                    cell, _reverse(inp, order, xp) if d else inp, state0, params[i], n_a,
+                    xp=xp, keep=keep, collect=(), active=active,
                 )
                 y_d = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
-                outs.append(_flip(y_d, xp) if d else y_d)
+                if active is not None:  # zero past each sequence's end
+                    y_d = xp.where(_time_last(active, xp), y_d, xp.zeros_like(y_d))
+                outs.append(_reverse(y_d, order, xp) if d else y_d)
                 finals.append(fin)
                 kept.append(st)
             inp = outs[0] if D == 1 else xp.concat(outs, axis=0)
@@ -307,7 +318,27 @@ class _Model:
             y = xp.permute_dims(y, (1, 2, 0))
         if not keep:
             return y, final, None
-        return copy(y), final, ModelCache(cell, self._config(), m, tuple(kept), tuple(masks))
+        return copy(y), final, ModelCache(cell, self._config(), m, tuple(kept), tuple(masks),
+                                          pad)
+
+    def _padding(self, lengths, m, T, xp):
+        """``(active, order)`` of a padded batch: ``active (T, m, 1)``, whether step ``t`` of
+        sequence ``b`` is within its length; ``order (m T,)``, the gather that reverses
+        each sequence within its length (an involution; padding stays in place)."""
+        if not xp.isdtype(lengths.dtype, "integral"):
+            raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+        if tuple(lengths.shape) != (m,):
+            raise ValueError(f"lengths must have shape (m,) = ({m},), got {tuple(lengths.shape)}")
+        lo, hi = int(xp.min(lengths)), int(xp.max(lengths))
+        if lo < 1 or hi > T:
+            raise ValueError(f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
+        dev = device_of(lengths)
+        t = xp.arange(T, dtype=lengths.dtype, device=dev)
+        active = xp.reshape(t[:, None] < lengths[None, :], (T, m, 1))
+        L, tt = lengths[:, None], t[None, :]
+        src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=lengths.dtype,
+                                                               device=dev)[:, None]
+        return active, xp.reshape(src, (m * T,))
 
     def _masks(self, seed, m, T, xp, like):
         """The dropout masks after each layer but the last, ``(D n_a, m, T)`` each: kept
@@ -378,6 +409,7 @@ class _Model:
             self._check_state_shapes(dstate, "dstate", m)
         grads = [None] * (self.num_layers * D)
         d0 = [None] * (self.num_layers * D)
+        active, order = (None, None) if cache.pad is None else cache.pad
         d_out = dy
         for layer in range(self.num_layers - 1, -1, -1):
             if layer < self.num_layers - 1 and cache.masks[layer] is not None:
@@ -389,10 +421,13 @@ class _Model:
                 dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
                 given = None if dstate is None else \
                     tuple(xp.matrix_transpose(s[i, ...]) for s in dstate)
-                dX, d0[i], g = _engine.backward(self.cell, _flip(dy_d, xp) if d else dy_d, st,
-                                                xp=xp, dstate=given)
+                dy_d = _reverse(dy_d, order, xp) if d else dy_d
+                if active is not None:  # the outputs past each sequence's end are zeros
+                    dy_d = xp.where(_time_last(active, xp), dy_d, xp.zeros_like(dy_d))
+                dX, d0[i], g = _engine.backward(self.cell, dy_d, st, xp=xp, dstate=given,
+                                                active=active)
                 dx_d = xp.permute_dims(dX, (2, 1, 0))
-                dx_d = _flip(dx_d, xp) if d else dx_d
+                dx_d = _reverse(dx_d, order, xp) if d else dx_d
                 d_in = dx_d if d_in is None else d_in + dx_d
                 grads[i] = self._layer_grads(g, st.params, i)
             d_out = d_in
@@ -508,9 +543,18 @@ class _Model:
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
 
 
-def _flip(a, xp):
-    """``a`` with its time axis (the last) reversed."""
-    return xp.flip(a, axis=-1)
+def _reverse(a, order, xp):
+    """``a (n, m, T)`` with its time axis reversed: whole (``order`` ``None``), or within
+    each sequence's length by the gather ``order`` (:meth:`_Model._padding`)."""
+    if order is None:
+        return xp.flip(a, axis=-1)
+    n, m, T = a.shape
+    return xp.reshape(xp.take(xp.reshape(a, (n, m * T)), order, axis=1), (n, m, T))
+
+
+def _time_last(active, xp):
+    """The ``(T, m, 1)`` mask as ``(1, m, T)``, to select in the ``(n, m, T)`` layout."""
+    return xp.permute_dims(active, (2, 1, 0))
 
 
 class LSTM(_Model):

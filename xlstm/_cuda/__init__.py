@@ -150,6 +150,9 @@ class Loops:
 
     #: How reports and the benchmark name this accelerator.
     label = "fused CUDA kernels"
+    #: Padded batches (the engine's ``active``) are not supported here yet: they run on
+    #: the array path, and ``active`` is always ``None``.
+    masks = False
 
     def __init__(self, dtype, *, mod=None, launch=None):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
@@ -176,7 +179,7 @@ class Loops:
             raise NotImplementedError(f"no CUDA kernels for {cell!r}")
         return _table.kernel(cell.name, step)
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0):
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``
         (see :meth:`xlstm._cpu.Loops.forward`): per step the GEMM ``ga = a_prev @ WaT``,
         then one launch of the cell's forward kernel.
@@ -209,7 +212,7 @@ class Loops:
                 self.launch(cell.name, "fwd", self.name, m * n,
                             (m, n, *_args(plan, {"k": i, "t": t, "t+1": t + 1})))
 
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa):
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
         the initial state (see :meth:`xlstm._cpu.Loops.backward`): per step one launch of
         the cell's backward kernel, then the GEMM ``da_rec = dga @ Wa``.
