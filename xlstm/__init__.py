@@ -10,7 +10,12 @@ from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
 from .models import GRU, LSTM, RNN, ModelCache
-from .losses import last_step_mse, last_step_predict, sequence_cross_entropy
+from .losses import (
+    last_step_mse,
+    last_step_predict,
+    sequence_cross_entropy,
+    softmax_cross_entropy,
+)
 from .lstm import (
     LSTMCache,
     LSTMCaches,
@@ -58,6 +63,7 @@ __all__ = [
     # training
     "init_params",
     "sequence_cross_entropy",
+    "softmax_cross_entropy",
     "last_step_mse",
     "last_step_predict",
     "SGD",

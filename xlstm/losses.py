@@ -13,11 +13,12 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
-from ._compat import device_of, is_concrete, on_input_device
+from ._compat import device_of, is_concrete, namespace, on_input_device
 from ._typing import Array, Grads, Params
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
-__all__ = ["sequence_cross_entropy", "last_step_mse", "last_step_predict"]
+__all__ = ["sequence_cross_entropy", "softmax_cross_entropy", "last_step_mse",
+           "last_step_predict"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -123,7 +124,66 @@ def sequence_cross_entropy(
         params, x, a0, c0, labels=labels, mask=mask,
         kinds={"labels": ("integral",), "mask": ("bool",)},
     )  # fmt: skip
-    dtype, dev = x.dtype, device_of(x)
+    targets = _targets(xp, labels, mask, n_y, m, T_x, x.dtype, device_of(x))
+    a, _, _, caches = lstm_forward(x, a0, params, c0)
+    Wy, by = params["Wy"], params["by"]
+    A = xp.reshape(a, (n_a, m * T_x))  # columns in (example, step) order
+    Z = Wy @ A + by  # (n_y, m T_x), every step in one GEMM
+    loss, dZ = _cross_entropy(xp, Z, targets)
+    dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
+    grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
+    grads["dWy"], grads["dby"] = dWy, dby
+    return loss, grads
+
+
+@on_input_device
+def softmax_cross_entropy(
+    logits: Array, labels: Array, *, mask: Array | None = None
+) -> tuple[Array, Array]:
+    r"""Softmax cross-entropy of logits at every step, and its gradient: the loss of
+    :func:`sequence_cross_entropy` for any model's outputs.
+
+    ``logits`` ``(n_y, m, T)`` are, for example, a linear head on a model's outputs, ``Wy
+    @ y + by``; the loss is the (weighted) mean of ``-log softmax(logits)[label]`` over the
+    counted positions and ``dlogits = w (p - e_label) / N``, as in
+    :func:`sequence_cross_entropy` (whose math this is).
+
+    Parameters
+    ----------
+    logits : array, shape (n_y, m, T)
+        Unnormalised log-probabilities of every class, example and step.
+    labels : array of integers, shape (m, T)
+        The class index in ``[0, n_y)`` of every counted position (any value elsewhere).
+    mask : array, shape (m, T), optional
+        Which positions count (boolean) or their weights (floating, finite, >= 0). With a
+        model's ``lengths``, ``arange(T) < lengths[:, None]`` counts each sequence's steps.
+
+    Returns
+    -------
+    loss : array, shape ()
+        A 0-d array of the logits' dtype, namespace and device.
+    dlogits : array, shape (n_y, m, T)
+        The gradient of ``loss`` with respect to ``logits``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`sequence_cross_entropy`, naming ``logits``, ``labels`` or ``mask``.
+    """
+    xp = namespace(logits=logits, labels=labels, mask=mask, optional=("mask",),
+                   kinds={"labels": ("integral",), "mask": ("bool",)})
+    _check_shape("logits", logits, (None, None, None), "(n_y, m, T)")
+    n_y, m, T = logits.shape
+    targets = _targets(xp, labels, mask, n_y, m, T, logits.dtype, device_of(logits))
+    loss, dZ = _cross_entropy(xp, xp.reshape(logits, (n_y, m * T)), targets)
+    return loss, xp.reshape(dZ, (n_y, m, T))
+
+
+def _targets(xp, labels, mask, n_y, m, T_x, dtype, dev):
+    """The checked labels and mask of a cross-entropy, for :func:`_cross_entropy`:
+    ``(labels, weights, count, bad, dtype, dev)``, the labels in the default integer dtype,
+    ``weights`` ``None`` (all count) or the mask as weights, ``count`` their sum and
+    ``bad`` a traced flag of a bad label or weight (or ``None``)."""
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     _check_shape("labels", labels, (m, T_x), "(m, T_x)")
@@ -148,17 +208,21 @@ def sequence_cross_entropy(
     if counted is not None:
         outside = outside & counted
     bad = _check_targets(labels, outside, counted, count, bad_mask, n_y, xp=xp)
+    return labels, weights, count, bad, dtype, dev
 
-    a, _, _, caches = lstm_forward(x, a0, params, c0)
-    Wy, by = params["Wy"], params["by"]
-    A = xp.reshape(a, (n_a, m * T_x))  # columns in (example, step) order
-    Z = Wy @ A + by  # (n_y, m T_x), every step in one GEMM
+
+def _cross_entropy(xp, Z, targets):
+    """Loss and ``dZ`` of the logits ``Z`` ``(n_y, m T)`` (columns in (example, step)
+    order) against the :func:`_targets`: the loss a 0-d array (numpy reductions give
+    scalars, hence the ``asarray``)."""
+    labels, weights, count, bad, dtype, dev = targets
+    n_y, cols = Z.shape
     shifted = Z - xp.max(Z, axis=0, keepdims=True)
     lse = xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
     logp = shifted - lse
-    classes = xp.arange(n_y, dtype=wide, device=dev)
-    onehot = xp.astype(xp.reshape(labels, (1, m * T_x)) == classes[:, None], dtype)
-    nll = -xp.sum(onehot * logp, axis=0, keepdims=True)  # (1, m T_x)
+    classes = xp.arange(n_y, dtype=labels.dtype, device=dev)
+    onehot = xp.astype(xp.reshape(labels, (1, cols)) == classes[:, None], dtype)
+    nll = -xp.sum(onehot * logp, axis=0, keepdims=True)  # (1, m T)
     if weights is None:
         scale = 1.0 / count
         # A 0-d array of the loss's dtype: a Python float times numpy 1.x's float32 scalar
@@ -166,15 +230,12 @@ def sequence_cross_entropy(
         loss = xp.sum(nll) * xp.asarray(scale, dtype=dtype, device=dev)
         dZ = (xp.exp(logp) - onehot) * scale
     else:
-        scale = xp.reshape(weights, (1, m * T_x)) / count  # 0 at masked positions
+        scale = xp.reshape(weights, (1, cols)) / count  # 0 at masked positions
         loss = xp.sum(nll * scale)  # nll is finite everywhere, so masked terms are 0
         dZ = (xp.exp(logp) - onehot) * scale
     if bad is not None:  # traced values (jax.jit): a bad label or weight makes the loss NaN
         loss = xp.where(bad, xp.asarray(float("nan"), dtype=dtype, device=dev), loss)
-    dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
-    grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
-    grads["dWy"], grads["dby"] = dWy, dby
-    return xp.asarray(loss), grads  # asarray: numpy reductions give scalars, not arrays
+    return xp.asarray(loss), dZ
 
 
 def _check_targets(labels, outside, counted, count, bad_mask, n_y, *, xp):

@@ -12,7 +12,13 @@ parameters' namespace, device and dtype, and every call returns new arrays::
 
 Gradients are keyed ``"d" + key`` for every parameter ``key`` (``dWf`` for ``Wf``, ...).
 Other entries of a gradient dict (``dx``, ``da0``, ``dc0``) are ignored by the optimizers
-and passed through unchanged by the clipping functions. Nothing here mutates its inputs, so
+and passed through unchanged by the clipping functions.
+
+A model's parameters are a tree (``model.params``, a list of dicts, or any nesting of
+lists and dicts such as ``{"rnn": model.params, "head": head}``) and its gradients have
+exactly the same structure, without the ``"d"`` prefix (``model.backward``'s ``grads``):
+the optimizers and the clipping functions take those too, and every leaf of a gradient
+tree counts as a parameter's. Nothing here mutates its inputs, so
 the same code runs on immutable JAX arrays, and nothing reads an array value back to the
 host, so a CuPy step never synchronises.
 
@@ -27,12 +33,14 @@ array, which :meth:`SGD.step` and :meth:`Adam.step` accept and keep as an array.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
 from ._compat import device_of, namespace, on_input_device
+from ._tree import flatten, is_tree, same_structure, unflatten
 from ._typing import Array, Grads, Params
 
 __all__ = ["SGD", "Adam", "clip_by_value", "clip_by_global_norm"]
@@ -126,6 +134,35 @@ def _step_count(state):
     )
 
 
+def _on_trees_init(init):
+    """Let ``init`` take a tree of parameters (a model's list of dicts): its buffers are
+    then keyed by each leaf's path (:mod:`xlstm._tree`)."""
+
+    @functools.wraps(init)
+    def wrapper(self, params):
+        return init(self, flatten(params) if is_tree(params) else params)
+
+    return wrapper
+
+
+def _on_trees_step(step):
+    """Let ``step`` take a tree of parameters with gradients of the same structure (what a
+    model's ``backward`` returns, unprefixed): it runs on the flattened tree and returns
+    the new parameters in the tree's structure."""
+
+    @functools.wraps(step)
+    def wrapper(self, params, grads, state):
+        if not is_tree(params):
+            return step(self, params, grads, state)
+        same_structure(params, grads, "params", "grads")
+        flat = flatten(params)
+        grads = {"d" + k: v for k, v in flatten(grads, "grads").items()}
+        new, state = step(self, flat, grads, state)
+        return unflatten(params, new), state
+
+    return wrapper
+
+
 def _zeros_like(xp, p):
     return xp.zeros(p.shape, dtype=p.dtype, device=device_of(p))
 
@@ -179,6 +216,7 @@ class SGD:
         return f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r})"
 
     @on_input_device
+    @_on_trees_init
     def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
@@ -198,6 +236,7 @@ class SGD:
             return {"step": 0, **_init_buffers(params, ()), "velocity": {}}
         return {"step": 0, **_init_buffers(params, ("velocity",))}
 
+    @_on_trees_step
     @on_input_device
     def step(
         self, params: Params, grads: Grads, state: Mapping[str, Any]
@@ -304,6 +343,7 @@ class Adam:
         )
 
     @on_input_device
+    @_on_trees_init
     def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
@@ -322,6 +362,7 @@ class Adam:
         """
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
+    @_on_trees_step
     @on_input_device
     def step(
         self, params: Params, grads: Grads, state: Mapping[str, Any]
@@ -428,7 +469,13 @@ def clip_by_value(grads: Grads, max_value: float) -> Grads:
         gradient.
     """
     bound = _real("max_value", max_value, low=0.0, low_open=True)
-    keys = _param_grad_keys(grads)
+    if is_tree(grads):  # a model's gradients: every leaf is a parameter's
+        flat = flatten(grads, "grads")
+        return unflatten(grads, _clip_value(flat, list(flat), bound))
+    return _clip_value(grads, _param_grad_keys(grads), bound)
+
+
+def _clip_value(grads, keys, bound):
     xp = namespace(**{f"grads[{k!r}]": grads[k] for k in keys})
     clip = getattr(xp, "clip", None)
     out = dict(grads)
@@ -489,7 +536,14 @@ def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
     checks it and raises ``FloatingPointError`` naming the step.
     """
     bound = _real("max_norm", max_norm, low=0.0, low_open=True)
-    keys = _param_grad_keys(grads)
+    if is_tree(grads):  # a model's gradients: every leaf is a parameter's
+        flat = flatten(grads, "grads")
+        out, norm = _clip_norm(flat, list(flat), bound)
+        return unflatten(grads, out), norm
+    return _clip_norm(grads, _param_grad_keys(grads), bound)
+
+
+def _clip_norm(grads, keys, bound):
     xp = namespace(**{f"grads[{k!r}]": grads[k] for k in keys})
     dtype = grads[keys[0]].dtype
     dev = device_of(grads[keys[0]])

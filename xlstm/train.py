@@ -190,8 +190,10 @@ def fit(
 
     Parameters
     ----------
-    params : dict of arrays
-        Initial parameters (for example from :func:`xlstm.init_params`); not modified.
+    params : dict of arrays, or a tree of them
+        Initial parameters (for example from :func:`xlstm.init_params`), or a model's
+        ``params`` (a list of dicts), possibly nested with others (``{"rnn":
+        model.params, "head": head}``); not modified.
     batches : iterable, or callable returning an iterable
         The minibatches of one epoch. A callable is called once per epoch with no
         arguments (a fresh shuffle per epoch, or an endless generator limited by
@@ -200,8 +202,10 @@ def fit(
     loss_fn : callable
         ``loss_fn(params, batch) -> (loss, grads)``: a 0-d loss array (or a Python float)
         and a gradient dict keyed ``"d" + key`` for every parameter, such as
-        :func:`xlstm.sequence_cross_entropy` or :func:`xlstm.last_step_mse` return.
-        Extra gradient entries (``dx``, ``da0``, ``dc0``) are ignored.
+        :func:`xlstm.sequence_cross_entropy` or :func:`xlstm.last_step_mse` return
+        (extra gradient entries, ``dx``, ``da0``, ``dc0``, are ignored); for a tree of
+        parameters, a tree of gradients of the same structure (a model's ``backward``
+        gives its part).
     optimizer : object
         Has ``init(params) -> state`` and ``step(params, grads, state) -> (params,
         state)``, as :class:`xlstm.SGD` and :class:`xlstm.Adam`.
