@@ -5,7 +5,8 @@ the RNN notebook APIs on every backend that is importable here, prints a pass/fa
 exits non-zero on any failure, or when no backend ran, or when a backend named with
 ``--backends`` cannot run here.
 ``info`` prints versions and devices.
-``demo charlm`` and ``demo adding`` train the demos of :mod:`xlstm.demos`.
+``demo charlm``, ``demo adding`` and ``demo bidirectional`` train the demos of
+:mod:`xlstm.demos`.
 Bad arguments are argparse errors: a usage line and one error line, exit status 2.
 """
 
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="training demos (see: demo NAME --help)",
                        description="Train one of the demos; demo NAME --help lists its options.")
-    p.add_argument("demo", choices=("charlm", "adding"),
+    p.add_argument("demo", choices=("charlm", "adding", "bidirectional"),
                    help="charlm: character-level language model; adding: the adding problem")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
     p.set_defaults(func=cmd_demo)

@@ -1,9 +1,11 @@
-"""Two training demos: a character-level language model and the adding problem.
+"""Three training demos: a character-level language model, the adding problem, and a
+bidirectional model on variable-length sequences.
 
 Run them from the command line::
 
     python -m xlstm demo charlm [--text FILE] [--steps N] [--backend torch] ...
     python -m xlstm demo adding [--T 50] [--hidden 32] ...
+    python -m xlstm demo bidirectional [--T 16] [--vocab 4] ...
 
 or from Python with :func:`charlm` and :func:`adding`, which take the same options as
 keyword arguments and return a dict of results (losses, wall time, paths written).
@@ -17,6 +19,9 @@ keyword arguments and return a dict of results (losses, wall time, paths written
   (value, marker) pairs and output the sum of the two marked values, with
   :func:`xlstm.last_step_mse`. Always answering 1.0 scores a mean squared error of 1/6;
   the problem counts as solved below 0.01.
+* ``bidirectional`` trains a bidirectional :class:`xlstm.LSTM` and a one-direction one on
+  padded variable-length sequences (``lengths``) to label every step with the next
+  symbol, which only the reverse direction can see, and compares their held-out accuracy.
 
 Everything random is drawn on the host from ``numpy.random.default_rng`` streams derived
 from ``seed`` and then moved to the chosen backend, so a run on the CPU is reproducible.
@@ -33,14 +38,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._compat import BackendUnavailable, load_backend
-from ._cli import adding_parser, charlm_parser
+from ._cli import adding_parser, bidirectional_parser, charlm_parser
 from .adding_problem import adding, adding_data
+from .bidirectional import bidirectional, next_symbol_data
 from .char_lm import charlm, held_out_size, load_corpus, sample
 
 __all__ = [
-    "charlm", "adding", "charlm_main", "adding_main", "main", "load_corpus", "sample",
-    "adding_data",
+    "charlm", "adding", "bidirectional", "charlm_main", "adding_main", "main", "load_corpus",
+    "sample", "adding_data", "next_symbol_data",
 ]
+
+#: The demos by command-line name.
+DEMOS = {"charlm": charlm, "adding": adding, "bidirectional": bidirectional}
 
 
 def _check_args(parser, args):
@@ -76,7 +85,8 @@ def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``main(["charlm", ...])`` or ``main(["adding", ...])``: run a demo by name.
+    """``main(["charlm", ...])``, ``main(["adding", ...])`` or ``main(["bidirectional",
+    ...])``: run a demo by name.
 
     Returns the demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse
     prints the usage and the error, before any training.
@@ -87,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parsers = {
         "charlm": charlm_parser(sub.add_parser("charlm", help="character-level language model")),
         "adding": adding_parser(sub.add_parser("adding", help="the adding problem")),
+        "bidirectional": bidirectional_parser(sub.add_parser(
+            "bidirectional", help="bidirectional against one-direction, variable lengths")),
     }
     args = parser.parse_args(argv)
     name = args.demo
     args = vars(_check_args(parsers[name], args))
     del args["demo"]
-    return (charlm if name == "charlm" else adding)(**args)
+    return DEMOS[name](**args)
 
 

@@ -66,18 +66,21 @@ def input_file(text):
     return text
 
 
-def common_options(parser, *, out):
-    """The options that both demos take; ``out`` is the default parameter file."""
+def common_options(parser, *, out=None, plot=None):
+    """The options that every demo takes: ``out`` is the default parameter file (None: the
+    demo writes none), ``plot`` the default loss-curve file of a demo without one."""
     parser.add_argument("--backend", default="numpy", choices=BACKENDS,
                         help="array backend (default numpy)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="default float32")
     parser.add_argument("--seed", type=int_at_least(0), default=0,
                         help="random seed, an integer >= 0 (default 0)")
-    parser.add_argument("--out", type=output_file, default=out,
-                        help=f"parameter file to write (default {out})")
-    parser.add_argument("--plot", type=output_file, default=None,
-                        help="loss-curve PNG (default: next to --out, as <out>_loss.png)")
+    if out is not None:
+        parser.add_argument("--out", type=output_file, default=out,
+                            help=f"parameter file to write (default {out})")
+    where = "next to --out, as <out>_loss.png" if out is not None else plot
+    parser.add_argument("--plot", type=output_file, default=plot,
+                        help=f"loss-curve PNG (default: {where})")
     parser.add_argument("--no-plot", dest="plot", action="store_false",
                         help="write no loss curve")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -144,3 +147,29 @@ def adding_parser(parser=None):
     common_options(p, out="adding_params.npz")
     return p
 
+
+
+def bidirectional_parser(parser=None):
+    """The options of :func:`xlstm.demos.bidirectional`, added to ``parser`` or a new one."""
+    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo bidirectional")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("Bidirectional against one-direction LSTM on variable-length "
+                     "sequences: label every step with the next symbol; compare held-out "
+                     "accuracy, write both loss curves.")
+    p.add_argument("--T", type=int_at_least(2), default=16,
+                   help="padded length; lengths are uniform in [T/2, T] (default 16)")
+    p.add_argument("--vocab", type=int_at_least(2), default=4, help="symbols (default 4)")
+    p.add_argument("--hidden", type=int_at_least(1), default=16,
+                   help="hidden size per direction (default 16)")
+    p.add_argument("--batch", type=int_at_least(1), default=32,
+                   help="sequences per minibatch (default 32)")
+    p.add_argument("--steps", type=int_at_least(1), default=300,
+                   help="optimizer steps per model (default 300)")
+    p.add_argument("--lr", type=positive_float, default=2e-2,
+                   help="Adam learning rate (default 2e-2)")
+    p.add_argument("--clip", type=positive_float, default=5.0,
+                   help="global-norm clip (default 5)")
+    p.add_argument("--test-size", type=int_at_least(1), default=512,
+                   help="held-out sequences (default 512)")
+    common_options(p, plot="bidirectional_loss.png")
+    return p

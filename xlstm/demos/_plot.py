@@ -7,8 +7,11 @@ import os
 import numpy as np
 
 
-def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None, logy=False):
-    """Write a PNG of the per-step loss and the evaluation points; None without matplotlib."""
+def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None, logy=False,
+               others=None, label="train"):
+    """Write a PNG of the per-step loss and the evaluation points; None without matplotlib.
+
+    ``others`` maps labels to more per-step loss histories, drawn smoothed alongside."""
     try:
         # The object API: no pyplot, so no global backend to choose or to disturb.
         from matplotlib.figure import Figure
@@ -17,11 +20,15 @@ def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
     steps = np.arange(1, len(history) + 1)
-    ax.plot(steps, history, lw=0.6, alpha=0.5, color="tab:blue", label="train (per step)")
+    ax.plot(steps, history, lw=0.6, alpha=0.5, color="tab:blue", label=f"{label} (per step)")
     if len(history) >= 20:
         k = max(len(history) // 50, 5)
         smooth = np.convolve(history, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, color="tab:blue", label=f"train ({k}-step mean)")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, color="tab:blue", label=f"{label} ({k}-step mean)")
+    for (label, other), color in zip((others or {}).items(), ("tab:green", "tab:red", "tab:purple")):
+        k = max(len(other) // 50, 5) if len(other) >= 20 else 1
+        smooth = np.convolve(other, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, len(other) + 1), smooth, lw=1.5, color=color, label=label)
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", ms=3, label=eval_label)
     if baseline is not None:
