@@ -125,3 +125,20 @@ def test_batch_first_is_the_notebook_layout_transposed(cls):
         bf.forward(x)
     with pytest.raises(ValueError, match=r"dy must have the shape of y, \(m, T, D \* n_a\)"):
         bf.backward(dy, cb)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_the_final_state_is_each_sequence_own_last_step(cls):
+    """With lengths, the last layer's forward final hidden state is its output at each
+    sequence's own last step (what last-step regression reads), the outputs past the end
+    are zero, and the reverse direction's output at step 0 is its final state."""
+    model = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=8)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((N_X, 4, T))
+    lengths = np.array([3, T, 1, 4])
+    y, state, _ = model.forward(x, lengths=lengths)
+    a = state[0]
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(a[2, :, b], y[:N_A, b, n - 1])  # layer 1, forward
+        np.testing.assert_array_equal(a[3, :, b], y[N_A:, b, 0])  # layer 1, reverse
+        assert np.all(y[:, b, n:] == 0.0)
