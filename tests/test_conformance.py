@@ -386,19 +386,21 @@ def test_jax_jit_of_the_pure_form(spec, backend_named):
     xp, device = backend_named("jax")
     import jax
 
-    model = _model(spec, xp=xp, device=device)
-    case = _case(spec, seed=8)
+    config = (2, True, True)  # stacked, bidirectional, padded: lengths traced too
+    model = _model(spec, xp=xp, device=device, config=config)
+    case = _case(spec, seed=8, config=config)
     x = to_xp(case["x"], xp, device)
     state = tuple(to_xp(s, xp, device) for s in case["state"])
     dy = to_xp(case["dy"], xp, device)
+    lengths = to_xp(case["lengths"], xp, device, xp.int32)
 
-    def run(params, x, state, dy):
-        y, final, cache = model.forward(x, state, params=params)
+    def run(params, x, state, dy, lengths):
+        y, final, cache = model.forward(x, state, params=params, lengths=lengths)
         dx, d0, grads = model.backward(dy, cache)
         return y, final, dx, d0, grads
 
-    eager = run(model.params, x, state, dy)
-    jitted = jax.jit(run)(model.params, x, state, dy)
+    eager = run(model.params, x, state, dy, lengths)
+    jitted = jax.jit(run)(model.params, x, state, dy, lengths)
     e_leaves, e_def = jax.tree.flatten(eager)
     j_leaves, j_def = jax.tree.flatten(jitted)
     assert e_def == j_def

@@ -37,6 +37,7 @@ from ._compat import (
     copy,
     device_of,
     device_scope,
+    is_concrete,
     namespace,
     namespace_of_module,
     on_input_device,
@@ -230,7 +231,8 @@ class _Model:
             Each sequence's length, in ``[1, T]``, in the namespace and on the device of
             ``x``; unsorted is fine. Torch's PackedSequence semantics: past its length a
             sequence's state is frozen and its output is zero, its final state is the one
-            at its length, and its reverse direction starts at its own end.
+            at its length, and its reverse direction starts at its own end. Their range
+            is checked where the values can be read (not under ``jax.jit``).
         params : list of dicts, optional
             Parameters to run with instead of ``model.params`` (same structure): the pure
             form for optimizers and ``jax.jit``.
@@ -329,9 +331,11 @@ class _Model:
             raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
         if tuple(lengths.shape) != (m,):
             raise ValueError(f"lengths must have shape (m,) = ({m},), got {tuple(lengths.shape)}")
-        lo, hi = int(xp.min(lengths)), int(xp.max(lengths))
-        if lo < 1 or hi > T:
-            raise ValueError(f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
+        if is_concrete(lengths):  # under jax.jit the values cannot be read, nor checked
+            lo, hi = int(xp.min(lengths)), int(xp.max(lengths))
+            if lo < 1 or hi > T:
+                raise ValueError(
+                    f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
         dev = device_of(lengths)
         t = xp.arange(T, dtype=lengths.dtype, device=dev)
         active = xp.reshape(t[:, None] < lengths[None, :], (T, m, 1))
