@@ -9,8 +9,10 @@ namespace, dtype and cell, and imports no accelerator itself. The accelerators a
 * on JAX, :class:`ScanLoops`: the array path itself, with ``jax.lax.scan`` as its loop.
 
 A loops object other than :class:`ScanLoops` has ``supports(cell)``, ``forward(cell, Gx, WaT,
-ba, bufs, t0)`` and ``backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa)``; see
-:func:`xlstm._engine.forward` and :func:`xlstm._engine.backward` for what they receive.
+ba, bufs, t0, active=None)``, ``backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa,
+active=None)`` and ``masks``, whether it runs padded batches (a non-``None`` ``active``;
+otherwise the engine runs them on the array path); see :func:`xlstm._engine.forward` and
+:func:`xlstm._engine.backward` for what they receive.
 
 ``XLSTM_ACCEL=0`` turns them all off; :func:`accelerators` does so (or the opposite) for a
 ``with`` block and beats the environment. :func:`accel_enabled` is the one reader of both.
