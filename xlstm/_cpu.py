@@ -511,7 +511,7 @@ class Loops:
             cell.step(ops, step[0], ga, state, out)
             if active is not None:  # a padded row keeps its state
                 for s_new, s_old in zip(new, state):
-                    ops._call(_where, s_new, s_old, step[-1])
+                    ops._call(_keep_rows, s_new, s_old, step[-1])
 
         fixed = {"WaT": WaT, "ba": ba, "ga": ga, **{"out_" + k: v for k, v in out.items()}}
         key = (cell, m, n_a, ba is None, *exprs)
@@ -584,13 +584,13 @@ class Loops:
             _, dga, direct, _ = cell.step_back(ops, step[0], da_rec, drest, coeffs, reads, out)
             if active is not None:  # a padded row: no gate gradients
                 for dg in (step[1], step[2]) if cell.split else (step[1],):
-                    ops._call(_where, dg, self.dtype.type(0), step[-1])
+                    ops._call(_zero_rows, dg, step[-1], self.dtype.type(0))
             ops._call(_matmul_t, WaT, dga, da_recT)  # (19), recurrent part
             if direct is not None:
                 ops._call(np.add, direct, da_rec, da_rec)
             if active is not None:  # ... and its state's gradients pass through
                 for k, d in zip(kept, (da_rec, *drest)):
-                    ops._call(_where, d, k, step[-1])
+                    ops._call(_keep_rows, d, k, step[-1])
 
         key = (cell, m, n_a, *exprs)
         self._run(key, _Steps(exprs, scope), range(T - 1, -1, -1), first, fixed)
@@ -598,10 +598,33 @@ class Loops:
 
 
 _MISSING = object()
-def _where(dst, src, idle):
-    """``src`` into the rows of ``dst`` where ``idle`` (``(m, 1)``) is true: the array
-    path's ``where(active, new, old)``."""
-    np.copyto(dst, src, where=idle)
+def _static(fn):
+    """``fn`` compiled by numba, its machine code cached on disk where numba finds a place
+    for it (in memory otherwise)."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(**_OPTIONS)(fn)
+
+
+@_static
+def _keep_rows(dst, src, idle):
+    """``src`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``: the array path's
+    ``where(active, new, old)`` for a padded row (one compiled call; numpy's masked
+    ``copyto`` costs several times as much at these sizes)."""
+    for r in range(dst.shape[0]):
+        if idle[r, 0]:
+            for j in range(dst.shape[1]):
+                dst[r, j] = src[r, j]
+
+
+@_static
+def _zero_rows(dst, idle, zero):
+    """``zero`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``."""
+    for r in range(dst.shape[0]):
+        if idle[r, 0]:
+            for j in range(dst.shape[1]):
+                dst[r, j] = zero
 
 
 def _matmul_t(a, b, out):
