@@ -142,3 +142,15 @@ def test_the_final_state_is_each_sequence_own_last_step(cls):
         np.testing.assert_array_equal(a[2, :, b], y[:N_A, b, n - 1])  # layer 1, forward
         np.testing.assert_array_equal(a[3, :, b], y[N_A:, b, 0])  # layer 1, reverse
         assert np.all(y[:, b, n:] == 0.0)
+
+
+def test_narrow_integer_lengths_work_past_their_range():
+    """uint8 lengths with T beyond 255 (and m T beyond it): the same as int64 lengths."""
+    model = xlstm.GRU(2, 3, bidirectional=True, seed=1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 300))
+    lengths = np.array([255, 7, 200])
+    y, s, _ = model.forward(x, lengths=lengths)
+    y8, s8, _ = model.forward(x, lengths=lengths.astype(np.uint8))
+    np.testing.assert_array_equal(y8, y)
+    np.testing.assert_array_equal(s8[0], s[0])

@@ -337,11 +337,14 @@ class _Model:
                 raise ValueError(
                     f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
         dev = device_of(lengths)
-        t = xp.arange(T, dtype=lengths.dtype, device=dev)
+        # in the default integer dtype: a narrow one (uint8, say) could not hold arange(T)
+        # or the gather's indices up to m T
+        wide = xp.__array_namespace_info__().default_dtypes(device=dev)["integral"]
+        lengths = xp.astype(lengths, wide, copy=False)
+        t = xp.arange(T, dtype=wide, device=dev)
         active = xp.reshape(t[:, None] < lengths[None, :], (T, m, 1))
         L, tt = lengths[:, None], t[None, :]
-        src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=lengths.dtype,
-                                                               device=dev)[:, None]
+        src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=wide, device=dev)[:, None]
         return active, xp.reshape(src, (m * T,))
 
     def _masks(self, seed, m, T, xp, like):
