@@ -436,7 +436,7 @@ class Loops:
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
         self._plans = {}
-        self._replays = {}  # recorded steps by what they depend on (_Steps.key, the buffers)
+        self._replays = {}  # recorded steps by kind (see _run)
 
     def supports(self, cell) -> bool:
         """Every cell: the loops run the cell's own step functions."""

@@ -279,7 +279,8 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
     the gradients on the initial state (``(m, n_a)`` each) and ``grads`` the parameter
     gradients in the cell's names (:meth:`~xlstm.cells.base.Cell.unfuse_grads`).
     ``active`` is the forward pass's (:func:`forward`): a padded row's step has no gate
-    gradients and passes the gradients on its state through.
+    gradients, ignores its ``da`` (the caller's output there is zero) and passes the
+    gradients on its state through.
     """
     n_a = state.n_a
     T, m = da.shape[-1], da.shape[1]

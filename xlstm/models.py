@@ -291,6 +291,7 @@ class _Model:
         keep = bool(return_cache)
         cell, D, n_a = self.cell, self.D, self.n_a
         masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
+        inside = None if active is None else xp.permute_dims(active, (2, 1, 0))  # (1, m, T)
         kept, finals = [], []
         inp = x
         for layer in range(self.num_layers):
@@ -304,8 +305,8 @@ class _Model:
                     xp=xp, keep=keep, collect=(), active=active,
                 )
                 y_d = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
-                if active is not None:  # zero past each sequence's end
-                    y_d = xp.where(_time_last(active, xp), y_d, xp.zeros_like(y_d))
+                if inside is not None:  # zero past each sequence's end
+                    y_d = xp.where(inside, y_d, xp.zeros_like(y_d))
                 outs.append(_reverse(y_d, order, xp) if d else y_d)
                 finals.append(fin)
                 kept.append(st)
@@ -428,9 +429,8 @@ class _Model:
                 dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
                 given = None if dstate is None else \
                     tuple(xp.matrix_transpose(s[i, ...]) for s in dstate)
+                # (past each sequence's end the output is zero: the engine ignores dy there)
                 dy_d = _reverse(dy_d, order, xp) if d else dy_d
-                if active is not None:  # the outputs past each sequence's end are zeros
-                    dy_d = xp.where(_time_last(active, xp), dy_d, xp.zeros_like(dy_d))
                 dX, d0[i], g = _engine.backward(self.cell, dy_d, st, xp=xp, dstate=given,
                                                 active=active)
                 dx_d = xp.permute_dims(dX, (2, 1, 0))
@@ -557,11 +557,6 @@ def _reverse(a, order, xp):
         return xp.flip(a, axis=-1)
     n, m, T = a.shape
     return xp.reshape(xp.take(xp.reshape(a, (n, m * T)), order, axis=1), (n, m, T))
-
-
-def _time_last(active, xp):
-    """The ``(T, m, 1)`` mask as ``(1, m, T)``, to select in the ``(n, m, T)`` layout."""
-    return xp.permute_dims(active, (2, 1, 0))
 
 
 class LSTM(_Model):
