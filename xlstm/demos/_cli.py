@@ -89,6 +89,21 @@ def common_options(parser, *, out=None, plot=None):
                         help="print nothing")
 
 
+def training_options(parser, *, steps, hidden, batch, lr, clip, steps_what="optimizer steps",
+                     hidden_what="hidden size", batch_of="sequences"):
+    """``--steps``, ``--hidden``, ``--batch``, ``--lr`` and ``--clip``, with a demo's defaults."""
+    parser.add_argument("--steps", type=int_at_least(1), default=steps,
+                        help=f"{steps_what} (default {steps})")
+    parser.add_argument("--hidden", type=int_at_least(1), default=hidden,
+                        help=f"{hidden_what} (default {hidden})")
+    parser.add_argument("--batch", type=int_at_least(1), default=batch,
+                        help=f"{batch_of} per minibatch (default {batch})")
+    parser.add_argument("--lr", type=positive_float, default=lr,
+                        help=f"Adam learning rate (default {lr:g})")
+    parser.add_argument("--clip", type=positive_float, default=clip,
+                        help=f"global-norm clip (default {clip:g})")
+
+
 def charlm_parser(parser=None):
     """The options of :func:`xlstm.demos.charlm`, added to ``parser`` or a new parser."""
     p = parser or argparse.ArgumentParser(prog="python -m xlstm demo charlm")
@@ -97,18 +112,9 @@ def charlm_parser(parser=None):
                      "as it learns, save the parameters and a loss curve.")
     p.add_argument("--text", type=input_file, default=None,
                    help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    p.add_argument("--steps", type=int_at_least(1), default=2000,
-                   help="optimizer steps (default 2000)")
-    p.add_argument("--hidden", type=int_at_least(1), default=128,
-                   help="hidden size (default 128)")
+    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0, batch_of="windows")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="training window length (default 50)")
-    p.add_argument("--batch", type=int_at_least(1), default=32,
-                   help="windows per minibatch (default 32)")
-    p.add_argument("--lr", type=positive_float, default=5e-3,
-                   help="Adam learning rate (default 5e-3)")
-    p.add_argument("--clip", type=positive_float, default=5.0,
-                   help="global-norm clip (default 5)")
     p.add_argument("--sample-every", type=int_at_least(0), default=500,
                    help="evaluate and print a sample every N steps (default 500, 0: never)")
     p.add_argument("--sample-len", type=int_at_least(0), default=200,
@@ -128,16 +134,8 @@ def adding_parser(parser=None):
                      "train until the test error is below --target, save the parameters.")
     p.add_argument("--T", type=int_at_least(2), default=50,
                    help="sequence length, at least 2 (default 50)")
-    p.add_argument("--steps", type=int_at_least(1), default=5000,
-                   help="most optimizer steps (default 5000)")
-    p.add_argument("--hidden", type=int_at_least(1), default=32,
-                   help="hidden size (default 32)")
-    p.add_argument("--batch", type=int_at_least(1), default=64,
-                   help="sequences per minibatch (default 64)")
-    p.add_argument("--lr", type=positive_float, default=1e-2,
-                   help="Adam learning rate (default 1e-2)")
-    p.add_argument("--clip", type=positive_float, default=1.0,
-                   help="global-norm clip (default 1)")
+    training_options(p, steps=5000, hidden=32, batch=64, lr=1e-2, clip=1.0,
+                     steps_what="most optimizer steps")
     p.add_argument("--eval-every", type=int_at_least(1), default=100,
                    help="score the test set every N steps (default 100)")
     p.add_argument("--test-size", type=int_at_least(1), default=1000,
@@ -159,16 +157,9 @@ def bidirectional_parser(parser=None):
     p.add_argument("--T", type=int_at_least(2), default=16,
                    help="padded length; lengths are uniform in [T/2, T] (default 16)")
     p.add_argument("--vocab", type=int_at_least(2), default=4, help="symbols (default 4)")
-    p.add_argument("--hidden", type=int_at_least(1), default=16,
-                   help="hidden size per direction (default 16)")
-    p.add_argument("--batch", type=int_at_least(1), default=32,
-                   help="sequences per minibatch (default 32)")
-    p.add_argument("--steps", type=int_at_least(1), default=300,
-                   help="optimizer steps per model (default 300)")
-    p.add_argument("--lr", type=positive_float, default=2e-2,
-                   help="Adam learning rate (default 2e-2)")
-    p.add_argument("--clip", type=positive_float, default=5.0,
-                   help="global-norm clip (default 5)")
+    training_options(p, steps=300, hidden=16, batch=32, lr=2e-2, clip=5.0,
+                     steps_what="optimizer steps per model",
+                     hidden_what="hidden size per direction")
     p.add_argument("--test-size", type=int_at_least(1), default=512,
                    help="held-out sequences (default 512)")
     common_options(p, plot="bidirectional_loss.png")
