@@ -175,16 +175,24 @@ def scale_of(arr):
 
 
 def launches(cell, T):
-    """``(forward, backward)`` launches of :func:`api_results` for ``cell`` over ``T`` steps."""
+    """The launches of :func:`api_results` for ``cell`` over ``T`` steps, by kernel step."""
     notebook = cell in ("lstm", "rnn_tanh")
-    return (4 if notebook else 2) * T, (2 * T - 1) if notebook else T
+    return {"fwd": (4 if notebook else 2) * T, "bwd": (2 * T - 1) if notebook else T,
+            "fwd_masked": 4 * T, "bwd_masked": 2 * T}  # padded: 2 directions
+
+
+def padded_lengths(m, T):
+    """Unsorted lengths of ``m`` sequences padded to ``T``: ``T``, 1, ``T // 2 + 1`` and
+    again (every one of them where ``m >= 3``)."""
+    return np.array([(T, 1, T // 2 + 1)[b % 3] for b in range(m)])
 
 
 def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=None):
     """One cell's whole sequences through the public API, by name: the model class's
     ``forward`` (with a cache and without) and ``backward`` (with a nonzero gradient on the
-    final state), and for the LSTM and the tanh RNN the notebook's functions (a gradient on
-    the first ``T - 1`` steps). Runs whatever loops the engine dispatches to.
+    final state), the same for a bidirectional model over a padded batch
+    (:func:`padded_lengths`), and for the LSTM and the tanh RNN the notebook's functions (a
+    gradient on the first ``T - 1`` steps). Runs whatever loops the engine dispatches to.
 
     The arrays are numpy's, or ``asarray`` of them and a model in namespace ``xp``.
     """
@@ -210,6 +218,21 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
         out[f"state[{i}]"], out[f"state[{i}] (inference)"] = final[i], final_inf[i]
         out[f"dstate0[{i}]"] = dstate0[i]
     out.update((f"d{k}", v) for k, v in grads.items())
+    # a padded batch, both directions: each row's reverse direction starts at its own end
+    model = getattr(xlstm, name)(n_x, n_a, bidirectional=True, xp=xp, dtype=dtype,
+                                 seed=seed + 1, **kwargs)
+    lengths = conv(padded_lengths(m, T))
+    state = tuple(draw(2, n_a, m) for _ in range(n_s))
+    dy, dstate = draw(2 * n_a, m, T), tuple(draw(2, n_a, m) for _ in range(n_s))
+    y, final, cache = model.forward(x, state, lengths=lengths)
+    y_inf, final_inf, _ = model.forward(x, state, lengths=lengths, return_cache=False)
+    dx, dstate0, grads = model.backward(dy, cache, dstate)
+    out.update({"padded y": y, "padded y (inference)": y_inf, "padded dx": dx})
+    for i in range(n_s):
+        out[f"padded state[{i}]"] = final[i]
+        out[f"padded state[{i}] (inference)"] = final_inf[i]
+        out[f"padded dstate0[{i}]"] = dstate0[i]
+    out.update((f"padded d{k}[{d}]", v) for d, g in enumerate(grads) for k, v in g.items())
     if cell == "lstm":
         from oracles import random_case
 
@@ -262,9 +285,8 @@ def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUE
                 got = api_results(cell, dtype, n_x, n_a, n_y, m, T)
                 calls = loops.launch.calls
                 case = f"{cell} {dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed}"
-                n_fwd, n_bwd = launches(cell, T)
                 assert loops.launch.cells == {cell}, case
-                assert calls.count("fwd") == n_fwd and calls.count("bwd") == n_bwd, case
+                assert {k: calls.count(k) for k in set(calls)} == launches(cell, T), case
                 assert got.keys() == want.keys(), case
                 rtol, atol = SEQ_TOL[dtype]
                 for key in want:

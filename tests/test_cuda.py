@@ -59,9 +59,11 @@ def test_table_names_every_kernel_once():
     """KERNEL_NAMES (what Loops launches) come from the table; every kernel of a cell is in
     its source exactly once, behind the bounds check."""
     assert set(table.cells()) == set(table.HEADERS) == set(CELLS)
-    assert len(_cuda.KERNEL_NAMES) == 2 * 2 * len(CELLS)
+    # fwd and bwd, each plain and masked (padded batches), each in two dtypes
+    assert len(_cuda.KERNEL_NAMES) == 2 * 2 * 2 * len(CELLS)
     assert _cuda.KERNEL_NAMES["lstm", "fwd", "float32"] == "xlstm_lstm_fwd_f32"
     assert _cuda.KERNEL_NAMES["rnn_relu", "bwd", "float64"] == "xlstm_rnn_relu_bwd_f64"
+    assert _cuda.KERNEL_NAMES["gru", "bwd_masked", "float32"] == "xlstm_gru_bwd_masked_f32"
     for cell in table.cells():
         src = table.source(cell)
         rows = [k for (c, _), k in table.TABLE.items() if c == cell]
@@ -90,7 +92,33 @@ def test_table_matches_the_element_functions(key):
     """The table's arguments are the element function's, by name, order and constness, so
     that a swapped pair of same-typed arguments cannot hide from the compiler."""
     k = table.TABLE[key]
-    assert _elem_params(k.cell, k.elem) == [(a.name, a.out) for a in k.args]
+    assert _elem_params(k.cell, k.elem) == [(a.name, a.out) for a in k.elem_args()]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_every_row_has_its_padded_batch_variant(cell):
+    """The masked rows are generated from the written ones: the same arguments in the same
+    order, then the mask, and what the masked body needs (forward: the state before the
+    step where the row has none; backward: hold, and da_rec and hold written in place)."""
+    for step in ("fwd", "bwd"):
+        k, v = table.TABLE[cell, step], table.TABLE[cell, step + "_masked"]
+        assert (v.masked, v.step, v.elem) == (True, step, k.elem) and not k.masked
+        assert v.args[: len(k.args)] == k.args and v.elem_args() == k.args
+        extra = v.args[len(k.args):]
+        assert extra[0] == table.Arg("active", 1, src="active", mask=True, elem=False)
+        if step == "bwd":
+            assert [(a.name, a.src, a.out, a.alias) for a in extra[1:]] == [
+                ("hold", "hold", False, None), ("da_rec_sum", "da_rec", True, "da_rec"),
+                ("hold_next", "hold", True, "hold")]
+        else:
+            reads = {a.src for a in v.args if not a.out}
+            assert {a.src[:-5] + "[t]" for a in k.args if a.src.endswith("[t+1]")} <= reads
+        with pytest.raises(ValueError, match="already the masked variant"):
+            table.masked(v)
+    wrong = table.Kernel(cell, "bwd", "x", (table.Arg("da_rec", 1, src="da_rec"),
+                                           table.Arg("y", 1, out=True, src="Y")))
+    with pytest.raises(ValueError, match="no padded-row value for output y"):
+        table.masked(wrong)
 
 
 def test_generated_kernels_restrict_all_but_aliases():
@@ -146,10 +174,10 @@ def test_table_sources_are_the_cells_buffers():
     width; each forward kernel writes every new state and every saved stack, each backward
     kernel every gradient the engine reads back (dGx, dGa where it is apart, the other
     states' carried gradients, the direct term where it reads one)."""
-    for (name, step), k in table.TABLE.items():
+    for (name, _), k in table.TABLE.items():
         cell = CELLS[name]
         first, *others = cell.state_names
-        if step == "fwd":
+        if k.step == "fwd":
             widths = {"gx": cell.n_gates, "ga": cell.n_gates, "ba": cell.n_gates,
                       **{f"{s}[t]": 1 for s in cell.state_names},
                       **{f"{s}[t+1]": 1 for s in cell.state_names}, **cell.saved}
@@ -161,6 +189,11 @@ def test_table_sources_are_the_cells_buffers():
             must_write = {"dGx", *("d" + s for s in others)} | ({"dGa"} if cell.split else set())
             if any(a.src == "direct" for a in k.args):
                 must_write.add("direct")
+        if k.masked:
+            widths.update(active=1, hold=1)
+            if k.step == "bwd":
+                must_write |= {"hold", "da_rec"}
+        assert all(a.mask == (a.src == "active") for a in k.args), (name, k.key)
         for a in k.args:
             assert widths.get(a.src) == a.width, (name, step, a)
             assert a.row == (a.src == "ba"), (name, step, a)
@@ -230,11 +263,13 @@ def _kept_forward(cell, rng, T, m, n_x, n_a, dtype, scale=1.0):
 
 # ------------------------------------------------------------------------ host tests
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("m,n", [(1, 1), (7, 5), (33, 40)])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_host_forward_step_matches_array_path(host_libs, name, dtype, m, n):
+def test_host_forward_step_matches_array_path(host_libs, name, dtype, m, n, padded):
     """One step of Loops.forward: the GEMM (plus ba), then the cell's kernel, against the
-    cell's step on the array path (bit for bit where it has no tanh: relu)."""
+    cell's step on the array path (bit for bit where it has no tanh: relu). ``padded``:
+    every third row is padding and keeps its states bit for bit (the masked kernel)."""
     cell = CELLS[name]
     rng = np.random.default_rng(0)
     width = cell.n_gates * n
@@ -245,14 +280,20 @@ def test_host_forward_step_matches_array_path(host_libs, name, dtype, m, n):
     for s in cell.state_names:
         bufs[s][0] = rng.standard_normal((m, n))
     bufs.update((s, np.empty((1, m, w * n), dtype)) for s, w in cell.saved.items())
+    active = (np.arange(m) % 3 != 1)[None, :, None] if padded else None
     loops = host_loops(host_libs, dtype)
-    loops.forward(cell, Gx, WaT, ba, bufs, 0)
-    assert loops.launch.calls == ["fwd"] and loops.launch.cells == {name}
+    loops.forward(cell, Gx, WaT, ba, bufs, 0, active)
+    assert loops.launch.calls == ["fwd_masked" if padded else "fwd"]
+    assert loops.launch.cells == {name}
     ga = bufs[cell.state_names[0]][0] @ WaT
     want = cell.step(array_ops(NP), Gx[0], ga if ba is None else ga + ba,
                      tuple(bufs[s][0] for s in cell.state_names), NO_OUT)
     for k, ref in want.items():
         got = bufs[k][1] if k in cell.state_names else bufs[k][0]
+        if padded and k in cell.state_names:
+            idle = ~active[0, :, 0]
+            _same_bits(got[idle], bufs[k][0][idle], err=k)  # kept, bit for bit
+            got, ref = got[~idle], ref[~idle]
         if name == "rnn_relu":
             _same_bits(got, ref, err=k)
         else:
@@ -260,19 +301,26 @@ def test_host_forward_step_matches_array_path(host_libs, name, dtype, m, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("scale", [1.0, 1e3], ids=["normal", "saturated"])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_host_backward_is_bit_identical_to_array_path(host_libs, name, dtype, scale):
+def test_host_backward_is_bit_identical_to_array_path(host_libs, name, dtype, scale, padded):
     """Loops.backward against the cell's back_coeffs + step_back on the array path, step by
     step, with the product the loops make (``dga @ Wa``, cuBLAS on a GPU) and the direct
     term added after it, as the engine does; nonzero gradients on the final state.
 
     No transcendental function in the backward kernels: every bit must agree, also for
-    saturated gates (exact 0 and 1) and huge states.
+    saturated gates (exact 0 and 1) and huge states. ``padded``: rows are padding at some
+    steps (the last, runs of two, the first), where the engine's backward step gives zero
+    gate gradients and passes the state's gradients through (the masked kernels).
     """
     cell = CELLS[name]
     rng = np.random.default_rng(1)
     T, m, n_x, n = 5, 6, 3, 4
+    active = None
+    if padded:  # row r is padding at steps t with pattern[r][t] == 0
+        pattern = ["11110", "11100", "10011", "11111", "01111", "10101"]
+        active = np.array([[[c == "1"] for c in row] for row in pattern]).transpose(1, 0, 2)
     st = _kept_forward(cell, rng, T, m, n_x, n, dtype, scale=scale)
     WaT, _ = cell.fuse_backward(st.params, n, xp=NP)
     saved = {k: getattr(st, k)[:T] for k in cell.saved}
@@ -285,8 +333,8 @@ def test_host_backward_is_bit_identical_to_array_path(host_libs, name, dtype, sc
     dGx = np.empty((T, m, width), dtype)
     dGa = np.empty((T, m, width), dtype) if cell.split else dGx
     loops = host_loops(host_libs, dtype)
-    got = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa)
-    assert loops.launch.calls == ["bwd"] * T
+    got = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa, active)
+    assert loops.launch.calls == ["bwd_masked" if padded else "bwd"] * T
     for c, b in zip(carry, before):
         np.testing.assert_array_equal(c, b)  # the carry is not written
 
@@ -295,14 +343,21 @@ def test_host_backward_is_bit_identical_to_array_path(host_libs, name, dtype, sc
     da_rec, *drest = carry
     for t in range(T - 1, -1, -1):
         reads = {k: v[t] for k, v in {**saved, **prev}.items() if k in cell.back_reads}
-        dgx, dga, direct, drest = cell.step_back(ops, da_t[t], da_rec, tuple(drest),
-                                                 tuple(c[t] for c in coeffs), reads, NO_OUT)
+        dgx, dga, direct, drest_prev = cell.step_back(
+            ops, da_t[t], da_rec, tuple(drest), tuple(c[t] for c in coeffs), reads, NO_OUT)
+        if padded:  # the engine's step: no gate gradients on a padded row
+            dgx = np.where(active[t], dgx, 0.0).astype(dtype)
+            dga = np.where(active[t], dga, 0.0).astype(dtype) if cell.split else dgx
         _same_bits(dGx[t], dgx, err=f"dGx[{t}]")
         _same_bits(dGa[t], dga, err=f"dGa[{t}]")
-        da_rec = np.empty((m, n), dtype)
-        np.matmul(dga, WaT.T, out=da_rec)  # the product the loops make
+        new = np.empty((m, n), dtype)
+        np.matmul(dga, WaT.T, out=new)  # the product the loops make
         if direct is not None:
-            da_rec = direct + da_rec
+            new = direct + new
+        if padded:  # ... and the state's gradients pass through
+            new = np.where(active[t], new, da_rec)
+            drest_prev = [np.where(active[t], d, k) for d, k in zip(drest_prev, drest)]
+        da_rec, drest = new, drest_prev
     for g, w in zip(got, (da_rec, *drest)):
         _same_bits(g, w)
     assert all(np.all(np.isfinite(v)) for v in (dGx, dGa, *got))
@@ -372,8 +427,8 @@ def test_host_loops_drive_whole_sequences(host_libs, monkeypatch, name, dtype, c
     loops = host_loops(host_libs, dtype)
     monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt, cell=None: loops)
     got = cuda_emulator.api_results(name, dtype, *sizes)
-    n_fwd, n_bwd = cuda_emulator.launches(name, sizes[-1])
-    assert loops.launch.calls.count("fwd") == n_fwd and loops.launch.calls.count("bwd") == n_bwd
+    calls = loops.launch.calls
+    assert {k: calls.count(k) for k in set(calls)} == cuda_emulator.launches(name, sizes[-1])
     assert loops.launch.cells == {name}
     assert got.keys() == want.keys()
     rtol, atol = SEQ_TOL[dtype]

@@ -10,7 +10,10 @@ the activation derivatives on the fly and writes the step's gradients of the inp
 recurrent terms (and updates the other states' gradients in place), then one GEMM
 ``da_rec = dga @ Wa``. The GRU's direct gradient on ``a_prev`` (``da z``) is written by its
 kernel and added by the next step's kernel before anything else, as the engine adds it to
-``da_rec``; the last one once after the loop. The array path needs ~15 launches per step, a
+``da_rec``; the last one once after the loop. A padded batch (``lengths``) runs the same
+way on each kernel's padded-batch variant, generated from the table
+(:func:`xlstm._cuda.kernels.masked`): a flag per row and step, with the array path's
+semantics where it is false. The array path needs ~15 launches per step, a
 stacking copy of every output, and in backward precomputed coefficients for every step;
 none of that remains.
 
@@ -150,9 +153,9 @@ class Loops:
 
     #: How reports and the benchmark name this accelerator.
     label = "fused CUDA kernels"
-    #: Padded batches (the engine's ``active``) are not supported here yet: they run on
-    #: the array path, and ``active`` is always ``None``.
-    masks = False
+    #: Padded batches (the engine's ``active``) run here too, on each row's padded-batch
+    #: variant (:func:`xlstm._cuda.kernels.masked`).
+    masks = True
 
     def __init__(self, dtype, *, mod=None, launch=None):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
@@ -188,9 +191,10 @@ class Loops:
         recurrent bias or ``None``. ``bufs`` holds the state stacks, indexed by absolute
         step modulo their length (a stack of two slots alternates), and the saved stacks
         with one slot per step of the chunk, or a single slot that is reused (inference).
-        All are C-contiguous.
+        All are C-contiguous. ``active`` (the chunk's ``(T_c, m, 1)`` booleans, or
+        ``None``): a padded row keeps its state (the kernel's padded-batch variant).
         """
-        k = self._row(cell, "fwd")
+        k = self._row(cell, "fwd" if active is None else "fwd_masked")
         T_c, m, width = Gx.shape
         n = WaT.shape[0]
         if (ba is None) == any(a.src == "ba" for a in k.args):
@@ -205,11 +209,13 @@ class Loops:
                 sources[s + "[t]"] = (bufs[s], "t")
                 sources[s + "[t+1]"] = (bufs[s], "t+1")
             sources.update((s, (bufs[s], "k")) for s in cell.saved)  # one slot each, or one
+            if active is not None:
+                sources["active"] = (self.mod.ascontiguousarray(active), "k")
             plan = _plan(k, sources)
             for i in range(T_c):
                 t = t0 + i
                 self.mod.matmul(first[t % first.shape[0]], WaT, out=ga)
-                self.launch(cell.name, "fwd", self.name, m * n,
+                self.launch(cell.name, k.key[1], self.name, m * n,
                             (m, n, *_args(plan, {"k": i, "t": t, "t+1": t + 1})))
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
@@ -222,8 +228,11 @@ class Loops:
         ``dGx`` itself) receive the ``(T, m, k n_a)`` gradients of the two terms. A cell
         with a direct term (the GRU's ``da z``) gets it from its kernel, which adds the one
         of the step after it to ``da_rec`` first; the last one is added after the loop.
+        ``active`` is the forward pass's: a padded row has no gate gradients and passes its
+        state's gradients through, the hidden state's in a buffer ``hold`` that the next
+        step adds to ``da_rec`` (:func:`xlstm._cuda.kernels.masked`).
         """
-        k = self._row(cell, "bwd")
+        k = self._row(cell, "bwd" if active is None else "bwd_masked")
         T, m, _ = dGx.shape
         n = WaT.shape[0]
         Wa = WaT.T
@@ -242,10 +251,18 @@ class Loops:
                 sources["d" + s] = (d, None)  # updated in place, step by step
             sources.update((s + "[t]", (v, "t")) for s, v in prev.items())
             sources.update((s, (v, "t")) for s, v in saved.items())
+            hold = None
+            if active is not None:
+                sources["active"] = (self.mod.ascontiguousarray(active), "t")
+                hold = self.mod.full((m, n), -0.0, dtype=dGx.dtype)  # -0: adds nothing
+                sources["hold"] = (hold, None)
             plan = _plan(k, sources)
             for t in range(T - 1, -1, -1):
-                self.launch(cell.name, "bwd", self.name, m * n, (m, n, *_args(plan, {"t": t})))
+                self.launch(cell.name, k.key[1], self.name, m * n,
+                            (m, n, *_args(plan, {"t": t})))
                 self.mod.matmul(dGa[t], Wa, out=da_rec)  # (19), recurrent part
+            if hold is not None:
+                self.mod.add(da_rec, hold, out=da_rec)
             if direct is not None:
                 self.mod.add(da_rec, direct, out=da_rec)
         return (da_rec, *drest)

@@ -23,7 +23,10 @@ Each argument also names its *source*, the engine's buffer that the loops
   the last one to the product after the loop), ``d<State>`` the gradient carried on
   another state (``dC``, updated in place), ``<State>[t]`` the state before the step,
   ``<Saved>`` the step's slices of the saved stacks, ``dGx`` and ``dGa`` the step's
-  gradients of the input and recurrent terms.
+  gradients of the input and recurrent terms;
+* in the padded-batch variants (:func:`masked`, one per row, generated): ``active`` the
+  step's ``(m, 1)`` flags of the engine's ``active``, and backward ``hold``, the gradient
+  on the hidden state held over padded steps (one ``(m, n)`` buffer, updated in place).
 
 From the table come:
 
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DTYPES", "GUARD", "HEADERS", "TABLE", "Arg", "Kernel", "cells", "check_args",
-           "host_source", "kernel", "kernel_name", "source", "write"]
+           "host_source", "kernel", "kernel_name", "masked", "source", "write"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -74,12 +77,15 @@ GUARD = "if (e < m * n)"
 
 @dataclass(frozen=True)
 class Arg:
-    """One array argument of a kernel: a ``(m, width * n)`` C-contiguous slice, or with
-    ``row`` a ``(1, width * n)`` one that every row reads.
+    """One array argument of a kernel: a ``(m, width * n)`` C-contiguous slice, with
+    ``row`` a ``(1, width * n)`` one that every row reads, or with ``mask`` an ``(m, 1)``
+    ``bool`` one, a flag per row (``active``).
 
     ``out`` marks an argument that the kernel writes; ``alias`` names the read argument that
     a written one may be the very same array as (same start, same shape); ``src`` names the
-    engine's buffer that the loops pass (see the module's docstring).
+    engine's buffer that the loops pass (see the module's docstring); ``elem`` is false for
+    the arguments that a padded-batch variant adds (:func:`masked`), which the element
+    function does not take.
     """
 
     name: str
@@ -88,6 +94,8 @@ class Arg:
     alias: str | None = None
     src: str = ""
     row: bool = False
+    mask: bool = False
+    elem: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,10 +106,21 @@ class Kernel:
     step: str
     elem: str
     args: tuple[Arg, ...]
+    masked: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(cell, step)`` in :data:`TABLE`: the step is ``"fwd"`` or ``"bwd"``, with
+        ``"_masked"`` appended for the padded-batch variant."""
+        return self.cell, self.step + ("_masked" if self.masked else "")
 
     def name(self, dtype_name: str) -> str:
         """The ``extern "C"`` name of this kernel for ``dtype_name``."""
-        return f"xlstm_{self.cell}_{self.step}_{DTYPES[dtype_name][0]}"
+        return f"xlstm_{self.cell}_{self.key[1]}_{DTYPES[dtype_name][0]}"
+
+    def elem_args(self) -> tuple[Arg, ...]:
+        """The arguments passed on to the element function, in order."""
+        return tuple(a for a in self.args if a.elem)
 
     def aliased(self) -> frozenset[str]:
         """The arguments that may share memory (no ``__restrict__`` on them)."""
@@ -125,10 +144,47 @@ def _args(spec):
     return tuple(out)
 
 
-#: Every kernel, keyed by ``(cell, step)``. Argument order is the contract with the loops
-#: that launch them (``xlstm._cuda.Loops``): after ``m`` and ``n``, inputs first.
+def masked(k: Kernel) -> Kernel:
+    """The padded-batch variant of row ``k``: the same element function, behind a flag per
+    row, ``active`` (the engine's ``active[t]``: whether the step is within the row's
+    sequence), with the array path's semantics for a row where it is false.
+
+    * Forward: every row runs the step, then a padded row's new states are its old ones.
+      Where the row reads no ``<State>[t]`` for a state it writes, ``<name>_prev`` is added.
+    * Backward: a padded row writes zero gate gradients (``dGx``, ``dGa``) and passes the
+      gradients reaching its state on unchanged. A state's carried gradient (``dC``, updated
+      in place) simply stays. The hidden state's, the sum of ``da_rec`` and the direct term,
+      cannot stay in ``da_rec``, which the next GEMM overwrites (with exactly zero in this
+      row, as its gate gradients are zero): it goes into ``hold`` instead, and every step
+      adds ``hold`` to ``da_rec`` first (writing the sum back, ``da_rec_sum``) and then sets
+      it to ``-0``, which adds nothing to any number (the loops add the last ``hold`` after
+      the loop, before the direct term). An active row after an active row therefore
+      computes exactly what the unmasked kernel does.
+    """
+    if k.masked:
+        raise ValueError(f"{k.cell} {k.step} is already the masked variant")
+    extra = [Arg("active", 1, src="active", mask=True, elem=False)]
+    reads = {a.src: a for a in k.args if not a.out}
+    if k.step == "fwd":
+        for a in k.args:
+            if a.out and a.src.endswith("[t+1]") and a.src[:-5] + "[t]" not in reads:
+                extra.append(Arg(a.name + "_prev", a.width, src=a.src[:-5] + "[t]", elem=False))
+    else:
+        for a in k.args:
+            if a.out and a.src not in ("dGx", "dGa", "direct") and not a.alias:
+                raise ValueError(f"{k.cell} bwd: no padded-row value for output {a.name}")
+        extra += [Arg("hold", 1, src="hold", elem=False),
+                  Arg("da_rec_sum", 1, out=True, alias=reads["da_rec"].name, src="da_rec",
+                      elem=False),
+                  Arg("hold_next", 1, out=True, alias="hold", src="hold", elem=False)]
+    return Kernel(k.cell, k.step, k.elem, (*k.args, *extra), masked=True)
+
+
+#: Every kernel, keyed by ``(cell, step)`` (:attr:`Kernel.key`): the rows written here and
+#: their padded-batch variants (:func:`masked`). Argument order is the contract with the
+#: loops that launch them (``xlstm._cuda.Loops``): after ``m`` and ``n``, inputs first.
 TABLE = {
-    (k.cell, k.step): k
+    v.key: v
     for k in (
         # LSTM forward, equations (1)-(6): the pre-activation is gx + ga.
         Kernel("lstm", "fwd", "lstm_fwd_elem",
@@ -157,11 +213,14 @@ TABLE = {
         Kernel("rnn_relu", "bwd", "rnn_relu_bwd_elem",
                _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
     )
+    for v in (k, masked(k))
 }
 
 
 def _validate():
     for (cell, step), k in TABLE.items():
+        if (cell, step) != k.key or cell != k.cell:
+            raise ValueError(f"TABLE: {cell} {step} is filed under another key")
         if cell not in HEADERS:
             raise ValueError(f"TABLE: cell {cell!r} has no header in HEADERS")
         names = [a.name for a in k.args]
@@ -171,9 +230,12 @@ def _validate():
             if a.alias is not None and (a.alias not in names or a.alias == a.name
                                         or k.args[names.index(a.alias)].out):
                 raise ValueError(f"TABLE: {cell} {step}: {a.name} may alias only an input")
-            if not a.src or (a.row and a.out):
+            if not a.src or ((a.row or a.mask) and a.out) or (a.mask and a.row):
                 raise ValueError(f"TABLE: {cell} {step}: {a.name} needs a source and, as a "
-                                 "row, must be read only")
+                                 "row or a mask, must be read only")
+            if not a.elem and not k.masked:
+                raise ValueError(f"TABLE: {cell} {step}: {a.name} must reach the element "
+                                 "function")
 
 
 _validate()
@@ -205,22 +267,57 @@ def _params(k, ctype, restrict=True):
     for a in k.args:
         const = "" if a.out else "const "
         restrict = "" if a.name in aliased else " __restrict__"
-        out.append(f"{const}{ctype}*{restrict} {a.name}")
+        out.append(f"{const}{'bool' if a.mask else ctype}*{restrict} {a.name}")
     return out
 
 
 def _wrapper(k, dtype_name):
     ctype = DTYPES[dtype_name][1]
     params = ",\n    ".join(_params(k, ctype))
-    call = ", ".join(["e", "n", *(a.name for a in k.args)])
+    call = f"xlstm::{k.elem}<{ctype}>({', '.join(['e', 'n', *(a.name for a in k.elem_args())])});"
+    body = _masked_body(k, ctype, call) if k.masked else [call]
     return (
         f'extern "C" __global__ void {k.name(dtype_name)}(\n    {params}) {{\n'
         "    const xlstm::index_t e = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x;\n"
         f"    {GUARD} {{\n"
-        f"        xlstm::{k.elem}<{ctype}>({call});\n"
-        "    }\n"
+        + "".join(f"        {line}\n" for line in body)
+        + "    }\n"
         "}\n"
     )
+
+
+def _masked_body(k, ctype, call):
+    """The lines of a padded-batch kernel (:func:`masked`) for one element ``e``."""
+    by_src = {a.src: a for a in k.args if not a.out}
+    if k.step == "fwd":
+        keep = [f"    {a.name}[e] = {by_src[a.src[:-5] + '[t]'].name}[e];"
+                for a in k.args if a.out and a.src.endswith("[t+1]")]
+        return [call, "if (!active[e / n]) {  // a padded row keeps its state", *keep, "}"]
+    zero = f"{ctype}(-0.0)"
+    carried = "g" if "direct" not in by_src else f"g + {by_src['direct'].name}[e]"
+    lines = [f"const {ctype} g = {by_src['da_rec'].name}[e] + hold[e];",
+             "if (active[e / n]) {",
+             "    da_rec_sum[e] = g;",
+             f"    hold_next[e] = {zero};",
+             f"    {call}",
+             "} else {  // a padded row: no gate gradients, its state's gradients pass on",
+             f"    hold_next[e] = {carried};"]
+    if any(a.out and a.elem and a.width > 1 for a in k.args):
+        lines.append("    const xlstm::index_t r = e / n;")
+    for a in k.args:
+        if not a.out or not a.elem:
+            continue
+        if a.src == "direct":  # passed on in hold_next
+            lines.append(f"    {a.name}[e] = {zero};")
+            continue
+        for q in range(a.width):
+            at = f"r * {a.width} * n + {q} * n + (e - r * n)" if a.width > 1 else "e"
+            if a.src in ("dGx", "dGa"):
+                lines.append(f"    {a.name}[{at}] = {ctype}(0);")
+            elif a.alias:
+                lines.append(f"    {a.name}[{at}] = {a.alias}[{at}];")
+    lines.append("}")
+    return lines
 
 
 def _rows(cell):
@@ -301,8 +398,7 @@ def write(directory: str | Path) -> list[Path]:
 def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> None:
     """Check one launch's arguments against row ``k``: ``m`` and ``n`` Python ints, one
     array per argument, each of dtype ``dtype_name``, shape ``(m, width * n)`` (a row:
-    ``(1, width * n)``) and
-    C-contiguous, and no two sharing memory unless the table lets them (then exactly).
+    ``(1, width * n)``; a mask: ``bool`` of shape ``(m, 1)``) and C-contiguous, and no two sharing memory unless the table lets them (then exactly).
 
     ``address(arr)`` gives an array's first byte (default: numpy's ``arr.ctypes.data``).
     Raises ``AssertionError`` naming the kernel and the argument.
@@ -315,9 +411,10 @@ def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> Non
             return arr.ctypes.data
     spans = []
     for a, arr in zip(k.args, arrays):
-        _expect(str(arr.dtype) == dtype_name, f"{where}: {a.name} is {arr.dtype}")
-        rows = 1 if a.row else m
-        _expect(tuple(arr.shape) == (rows, a.width * n), f"{where}: {a.name} has shape {arr.shape}")
+        want = "bool" if a.mask else dtype_name
+        _expect(str(arr.dtype) == want, f"{where}: {a.name} is {arr.dtype}")
+        shape = (m, 1) if a.mask else (1 if a.row else m, a.width * n)
+        _expect(tuple(arr.shape) == shape, f"{where}: {a.name} has shape {arr.shape}")
         _expect(arr.flags.c_contiguous, f"{where}: {a.name} is not C-contiguous")
         start = address(arr)
         spans.append((a, start, start + arr.size * arr.itemsize))
