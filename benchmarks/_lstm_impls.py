@@ -7,7 +7,10 @@ from __future__ import annotations
 from _lstm_seed import SeedLSTM
 
 N_Y = 10
-IMPLS = ("xlstm", "xlstm-plain", "seed", "torch", "gemm")
+IMPLS = ("xlstm", "xlstm-plain", "xlstm-model", "xlstm-lengths", "seed", "torch", "gemm")
+#: The implementations without the softmax prediction (the LSTM core only): their flops are
+#: the gate flops alone.
+CORE = ("xlstm-model", "xlstm-lengths", "torch")
 #: Timed only with ``--baseline PATH``: xlstm imported from another source tree (say a
 #: worktree of an older revision), in its own process, for before/after ratios in one run.
 BASELINE = ("xlstm-baseline", "xlstm-baseline-plain")
@@ -57,6 +60,9 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
             with xlstm.accelerators(False):
                 res[key + "-plain"] = xl_result(f"{label}, array path")
 
+    if "xlstm-model" in only or "xlstm-lengths" in only:
+        res.update(bench_model(be, params, x, a0, da, rng, timed, a_ref, accel, only))
+
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
     if seed_mod is not None and "seed" in only:
         seed = SeedLSTM(p_h, seed_mod)
@@ -86,6 +92,41 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
 
     res["gemm"] = {"label": f"GEMMs only ({be.name}, same shapes)",
                    "fwd": timed(gemm_fwd), "fwd_bwd": timed(gemm_fwd_bwd)}  # fmt: skip
+    return res
+
+
+def bench_model(be, params, x, a0, da, rng, timed, a_ref, accel, only):
+    """``xlstm.LSTM`` (one layer, the LSTM core: no prediction) with the notebook's
+    parameters and initial state, without and with ``lengths`` (a padded batch, lengths
+    uniform in ``[T // 2, T]``), on the same accelerator. The check compares the hidden
+    states with the notebook's on the rows of full length."""
+    import numpy as np
+
+    import xlstm
+
+    n_x, m, T = x.shape
+    model = xlstm.LSTM(n_x, a0.shape[0], xp=be.xp, dtype=be.dtype, device=be.device)
+    layer = model.params[0]
+    layer.update((k, params[k]) for k in ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo"))
+    layer.update((k, be.xp.zeros_like(layer[k])) for k in ("bhf", "bhi", "bhc", "bho"))
+    state = (a0[None, ...], be.xp.zeros_like(a0[None, ...]))
+    host = rng.integers(max(1, T // 2), T + 1, size=m)
+    host[0] = T  # at least one full row for the check
+    res = {}
+    for key, kw in (("xlstm-model", {}),
+                    ("xlstm-lengths", {"lengths": be.xp.asarray(host, device=be.device)})):
+        if key not in only:
+            continue
+        extra = f", lengths in [{int(host.min())}, {T}]" if kw else ""
+        res[key] = {
+            "label": f"xlstm.LSTM ({be.name}{', ' + accel if accel else ''}, LSTM core"
+                     f"{extra})",
+            "fwd": timed(lambda kw=kw: model.forward(x, state, **kw, return_cache=False)),
+            "fwd_bwd": timed(lambda kw=kw: model.backward(da, model.forward(x, state, **kw)[2])),
+        }
+        rows = np.flatnonzero(host == T) if kw else np.arange(m)
+        y = be.to_host(model.forward(x, state, **kw, return_cache=False)[0])
+        res[key]["check_max_abs_diff_a"] = float(np.max(np.abs(y[:, rows] - a_ref[:, rows])))
     return res
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _lstm_impls import N_Y
+from _lstm_impls import CORE, N_Y
 from _machine import slug, versions
 
 
 def add_rates(res, flops, ceiling):
     """GFLOP/s, fraction of the GEMM ceiling and speed ratios vs torch and vs the seed."""
     for key, r in res.items():
-        f = {ph: flops[("core_" if key == "torch" else "") + ph] for ph in ("fwd", "fwd_bwd")}
+        f = {ph: flops[("core_" if key in CORE else "") + ph] for ph in ("fwd", "fwd_bwd")}
         for ph in ("fwd", "fwd_bwd"):
             r[f"gflops_{ph}"] = f[ph] / (r[ph]["median_ms"] * 1e6)
             r[f"ceiling_fraction_{ph}"] = r[f"gflops_{ph}"] / ceiling

@@ -15,6 +15,9 @@ states are checked against xlstm's.
   concatenation, four gate GEMMs, a softmax and a cache tuple; backward four ``dW`` and eight
   ``da``/``dx`` GEMMs per step, accumulated step by step). Like the notebook it works in
   float64 whatever ``--dtype`` says. numpy, or CuPy with ``--backend cupy``.
+* xlstm.LSTM: the model class (one layer, the LSTM core without the prediction), with the
+  same parameters and ``a0``; ``xlstm-lengths`` the same over a padded batch (lengths uniform
+  in ``[T_x // 2, T_x]``, the first one ``T_x``), for the cost of ``lengths``.
 * torch.nn.LSTM: time-major input ``(T_x, m, n_x)``; input and ``h0`` require gradients, so
   ``out.backward(da)`` computes the same gradients. Forward alone runs under
   ``torch.inference_mode``. CPU on CPU backends, cuDNN on a GPU. LSTM core only: xlstm and
@@ -31,7 +34,7 @@ off): torch's OpenMP threads keep spinning after a call and would slow numpy's B
 ``--rounds N`` runs the whole round of implementations N times in turn and reports the median
 of the rounds, so that a change in the machine's load during the run biases no ratio.
 Flops: forward ``2 T m 4 n_a (n_a + n_x) + 2 T m n_y n_a``, backward twice the gate part
-(torch is credited with the gate flops only). The ceiling is the GFLOP/s of a square
+(torch and xlstm.LSTM are credited with the gate flops only). The ceiling is the GFLOP/s of a square
 ``2048^3`` GEMM (its fastest run) in ``--dtype`` on ``--backend``, measured in the same run.
 
 Threads: numpy's BLAS and torch use ``--threads`` (default: the cores this process may use);
@@ -89,6 +92,8 @@ def parse_args(argv):
     ap.add_argument("--baseline", metavar="PATH",
                     help="also time xlstm imported from the source tree PATH (for example a "
                          "git worktree of an older revision), side by side in the same run")
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), metavar="IMPL",
+                    help=f"the implementations to time (default all: {' '.join(IMPLS)})")
     ap.add_argument("--worker", choices=(*IMPLS, *BASELINE, "ceiling"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
@@ -157,7 +162,7 @@ def main(argv=None):
         if not isolate:
             if worker == "ceiling":
                 return gemm_ceiling(be, rng, 256 if args.quick else 2048, timed)
-            return bench_size(be, torch, size, rng, timed)
+            return bench_size(be, torch, size, rng, timed, only=tuple(args.impls))
         return run_worker(Path(__file__).resolve(), args, worker, size, report["versions"])
 
     report = {"versions": versions()}
@@ -181,7 +186,7 @@ def main(argv=None):
         for _ in range(args.rounds):  # round-robin, so that drift in the machine's load
             if isolate:  # touches every implementation alike
                 res = {}
-                for impl in IMPLS + (BASELINE if args.baseline else ()):
+                for impl in (*args.impls, *(BASELINE if args.baseline else ())):
                     res.update(run(impl, size))
             else:
                 res = run(None, size)

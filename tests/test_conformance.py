@@ -319,6 +319,10 @@ def test_bad_input_names_the_argument(spec):
         model.forward(x, final + final)
     with pytest.raises(ValueError, match="dy must have the shape of y"):
         model.backward(y[:, :, :2], cache)
+    with pytest.raises(ValueError, match=r"dstate .* must have shape \(num_layers \* D, n_a, m\)"):
+        model.backward(y, cache, tuple(s[:, :1] for s in final))
+    with pytest.raises(TypeError, match="dstate must be the tuple"):
+        model.backward(y, cache, final + final)
     with pytest.raises(TypeError, match="cache must be the ModelCache"):
         model.backward(y, (cache,))
     other = getattr(xlstm, spec[0])(N_X, N_A + 1, seed=0, **dict(spec[1]))
@@ -347,6 +351,13 @@ def test_bad_input_names_the_argument(spec):
     ]:
         with pytest.raises(err, match=match):
             model.forward(x, lengths=lengths)
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="x is numpy but lengths is array_api_strict"):
+        model.forward(x, lengths=strict.asarray([1, T]))
+    on_cpu = _model(spec, xp=strict)
+    with pytest.raises(ValueError, match="device mismatch: x is on .* but lengths is on"):
+        on_cpu.forward(strict.asarray(x), lengths=strict.asarray(
+            [1, T], device=strict.Device("device1")))
     with pytest.raises(ValueError, match="seed is required"):
         _model(spec, config=(2, False, False), dropout=0.5).forward(x, train=True)
     with pytest.raises(ValueError, match="layout must be one of"):
