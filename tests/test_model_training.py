@@ -157,3 +157,51 @@ def test_sequence_labelling_with_lengths_through_a_bidirectional_model():
     num = central_differences(lambda d: loss_of(d["x"])[0], {"x": x})["x"]
     np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-9)
     assert np.all(dx[:, ~mask] == 0.0)
+
+
+def test_regression_from_each_sequence_own_last_step():
+    """A regression head on the final hidden state of a padded batch (each sequence's own
+    last step): its gradient enters through ``dstate``; the parameter gradients equal
+    central differences, and ``fit`` drives the loss down."""
+    from oracles import central_differences
+
+    rng = np.random.default_rng(4)
+    model = xlstm.GRU(2, 5, num_layers=2, seed=6)
+    m, T = 6, 7
+    lengths = np.array([7, 3, 1, 5, 7, 2])
+    x = rng.standard_normal((2, m, T)) * (np.arange(T)[None, None, :] < lengths[None, :, None])
+    target = np.sum(x[0], axis=1)  # the sum of each sequence's first feature
+    head = {"w": 0.1 * rng.standard_normal((1, 5)), "b": np.zeros((1, 1))}
+
+    def loss_fn(params, batch):
+        xb, lb, tb = batch
+        y, state, cache = model.forward(xb, lengths=lb, params=params["rnn"])
+        last = state[0][-1]  # (n_a, m): the top layer at each sequence's own length
+        err = params["head"]["w"] @ last + params["head"]["b"] - tb[None, :]
+        loss = np.mean(err * err)
+        derr = 2 * err / err.size
+        dstate = (np.zeros_like(state[0]),)
+        dstate[0][-1] = params["head"]["w"].T @ derr
+        _, _, grads = model.backward(np.zeros_like(y), cache, dstate)
+        return loss, {"rnn": grads, "head": {"w": derr @ last.T, "b": np.sum(derr, axis=1,
+                                                                              keepdims=True)}}
+
+    params = {"rnn": model.params, "head": head}
+    _, grads = loss_fn(params, (x, lengths, target))
+    flat = {f"{i}_{k}": v for i, layer in enumerate(params["rnn"]) for k, v in layer.items()}
+    flat.update(("head_" + k, v) for k, v in head.items())
+
+    def loss_of(d):
+        rnn = [{k: d[f"{i}_{k}"] for k in layer} for i, layer in enumerate(params["rnn"])]
+        p = {"rnn": rnn, "head": {k: d["head_" + k] for k in head}}
+        return float(loss_fn(p, (x, lengths, target))[0])
+
+    num = central_differences(loss_of, flat)
+    for i, layer in enumerate(grads["rnn"]):
+        for k, v in layer.items():
+            np.testing.assert_allclose(v, num[f"{i}_{k}"], rtol=1e-6, atol=1e-9, err_msg=k)
+    for k, v in grads["head"].items():
+        np.testing.assert_allclose(v, num["head_" + k], rtol=1e-6, atol=1e-9, err_msg=k)
+    result = fit(params, [(x, lengths, target)], loss_fn, xlstm.Adam(lr=0.05), epochs=60,
+                 progress=False)
+    assert result.history[-1] < 0.1 * result.history[0], result.history[::10]
