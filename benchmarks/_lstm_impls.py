@@ -150,11 +150,13 @@ def bench_torch(torch, gpu, dtype, p, x_h, a0_h, da_h, timed):
     c0 = torch.zeros_like(h0)
     grad = tt(da_h.transpose(2, 1, 0))
 
-    def fwd():
-        with torch.inference_mode():
+    def fwd():  # what a user deploys: eval mode, no autograd
+        lstm.eval()
+        with torch.no_grad():
             return lstm(x, (h0, c0))[0]
 
     def fwd_bwd():
+        lstm.train()
         lstm.zero_grad(set_to_none=True)
         x.grad = h0.grad = None
         lstm(x, (h0, c0))[0].backward(grad)

@@ -14,7 +14,7 @@ import sys
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 ENV_VARS = (*THREAD_VARS, "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "XLSTM_ACCEL",
-            "CUDA_VISIBLE_DEVICES")  # fmt: skip
+            "CUDA_VISIBLE_DEVICES", "CUPY_TF32", "NVIDIA_TF32_OVERRIDE")  # fmt: skip
 
 
 class Backend:
@@ -102,6 +102,27 @@ def thread_info(requested, torch):
     except ImportError:
         pass
     return threads
+
+
+def tf32_state(torch):
+    """Whether TF32 may run: torch's cuDNN and matmul switches, and CuPy's (``CUPY_TF32``,
+    off unless set to 1), as found at the start of the run."""
+    out = {"CUPY_TF32": os.environ.get("CUPY_TF32", "0") == "1"}
+    if torch is not None:
+        out["torch.backends.cudnn.allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        out["torch.backends.cuda.matmul.allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return out
+
+
+def blas_kernel(threads):
+    """The BLAS libraries and the kernels they run, from threadpoolctl's view in
+    ``thread_info``: ``"openblas 0.3.31 SkylakeX, 2 threads"``, or why it is unknown."""
+    libs = [lib for lib in threads.get("threadpoolctl", []) if lib.get("user_api") == "blas"]
+    if "threadpoolctl" not in threads:
+        return "unknown (threadpoolctl is not installed)"
+    return "; ".join(f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}"
+                     f", {lib['num_threads']} threads".replace(" ,", ",") for lib in libs) \
+        or "none found"
 
 
 def load_average():

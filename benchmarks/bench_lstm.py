@@ -19,23 +19,27 @@ states are checked against xlstm's.
   same parameters and ``a0``; ``xlstm-lengths`` the same over a padded batch (lengths uniform
   in ``[T_x // 2, T_x]``, the first one ``T_x``), for the cost of ``lengths``.
 * torch.nn.LSTM: time-major input ``(T_x, m, n_x)``; input and ``h0`` require gradients, so
-  ``out.backward(da)`` computes the same gradients. Forward alone runs under
-  ``torch.inference_mode``. CPU on CPU backends, cuDNN on a GPU. LSTM core only: xlstm and
+  ``out.backward(da)`` computes the same gradients. Forward alone runs in eval mode under
+  ``torch.no_grad()``, as a model is deployed. CPU on CPU backends, cuDNN on a GPU. LSTM core only: xlstm and
   the seed also compute the softmax prediction.
 * GEMMs only: the workload's matrix products alone, at their real shapes, on ``--backend``:
   ``(T m, n_x) @ (n_x, 4 n_a)``, ``(T m, n_a) @ (n_a, n_y)`` and ``T`` times
   ``(m, n_a) @ (n_a, 4 n_a)`` forward; ``T`` times ``(m, 4 n_a) @ (4 n_a, n_a)``,
   ``(4 n_a, T m) @ (T m, n_a + n_x)`` and ``(T m, 4 n_a) @ (4 n_a, n_x)`` backward.
 
-Each time is the median of ``--repeat`` runs after ``--warmup`` untimed ones, with the garbage
-collector paused; on a GPU the device is synchronised before the clock starts and stops. Each
+Each time is the median of ``--repeat`` samples after ``--warmup`` untimed calls, with the
+garbage collector paused; a sample repeats a short call until it lasts 20 ms (the time per
+call is the sample's over the count), so that a single cold call cannot decide a median;
+on a GPU the device is synchronised before the clock starts and stops. Each
 implementation and size, and the ceiling, run in a fresh process (``--in-process`` turns this
 off): torch's OpenMP threads keep spinning after a call and would slow numpy's BLAS down.
 ``--rounds N`` runs the whole round of implementations N times in turn and reports the median
 of the rounds, so that a change in the machine's load during the run biases no ratio.
 Flops: forward ``2 T m 4 n_a (n_a + n_x) + 2 T m n_y n_a``, backward twice the gate part
-(torch and xlstm.LSTM are credited with the gate flops only). The ceiling is the GFLOP/s of a square
-``2048^3`` GEMM (its fastest run) in ``--dtype`` on ``--backend``, measured in the same run.
+(torch and xlstm.LSTM are credited with the gate flops only). The ceiling is the GFLOP/s of a
+square ``2048^3`` GEMM (its fastest sample) in ``--dtype`` on ``--backend``, measured in the same run,
+or the rate of a faster row where one is (the JSON's ``gemm_ceiling.source`` says which): no
+row is above 100% of it.
 
 Threads: numpy's BLAS and torch use ``--threads`` (default: the cores this process may use);
 ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` are set before numpy is
@@ -59,9 +63,9 @@ import sys
 from pathlib import Path
 
 from _lstm_impls import BASELINE, IMPLS, N_Y, bench_size, flop_counts
-from _machine import (Backend, cpu_name, environment, load_average, set_threads, thread_info,
-                      versions)
-from _report import add_rates, markdown_table, write
+from _machine import (Backend, blas_kernel, cpu_name, environment, load_average, set_threads,
+                      tf32_state, thread_info, versions)
+from _report import add_rates, markdown_table, set_fractions, write
 from _timing import combine_rounds, gemm_ceiling, measure, run_worker
 
 DEFAULT_SIZES = ("256,256,64,50", "512,512,64,25", "64,64,16,50")
@@ -92,6 +96,9 @@ def parse_args(argv):
     ap.add_argument("--baseline", metavar="PATH",
                     help="also time xlstm imported from the source tree PATH (for example a "
                          "git worktree of an older revision), side by side in the same run")
+    ap.add_argument("--tf32", choices=("off", "on"), default="off",
+                    help="TF32 on both sides (torch's cuDNN and matmul switches, CUPY_TF32), "
+                         "for like-for-like GPU rows; default off: plain FP32 everywhere")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), metavar="IMPL",
                     help=f"the implementations to time (default all: {' '.join(IMPLS)})")
     ap.add_argument("--worker", choices=(*IMPLS, *BASELINE, "ceiling"), help=argparse.SUPPRESS)
@@ -119,6 +126,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     env = environment()  # as found
     set_threads(args.threads)  # before the first numpy import, or the BLAS will not see them
+    os.environ["CUPY_TF32"] = "1" if args.tf32 == "on" else "0"  # before cupy is imported
     import numpy as np
 
     if args.worker in BASELINE:  # this process times the other tree's xlstm
@@ -131,6 +139,8 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(args.threads)
+            torch.backends.cudnn.allow_tf32 = args.tf32 == "on"  # torch's default is on
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
         except ImportError:
             torch = None
     try:
@@ -142,7 +152,8 @@ def main(argv=None):
     threads = thread_info(args.threads, torch)
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in env:
-            print(f"note: {var}={env[var]} is set in the environment (left as is)")
+            print(f"note: {var}={env[var]} is set in the environment (left as is): it forces "
+                  "an older OpenBLAS kernel; unset it in the command for figures")
     load = load_average()
     if load and load[0] >= 1:
         print(f"note: load average {load[0]:.2f} before the run: other work skews the timings")
@@ -168,11 +179,12 @@ def main(argv=None):
     report = {"versions": versions()}
     ceiling = run("ceiling")
     print(f"{be.device_name} | {args.backend} {args.dtype} | {args.threads} threads "
-          f"(torch {threads['torch']}) | GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s "
-          f"({ceiling['n']}^3)\n")  # fmt: skip
+          f"(torch {threads['torch']}) | BLAS {blas_kernel(threads)} | GEMM ceiling "
+          f"{ceiling['gflops']:.1f} GFLOP/s ({ceiling['n']}^3)\n")  # fmt: skip
     report = {
         "isolated": isolate, "backend": args.backend, "dtype": args.dtype, "device": be.device_name,
         "gpu": be.gpu, "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+        "blas": blas_kernel(threads), "tf32": tf32_state(torch),
         "n_y": N_Y, "repeat": args.repeat, "warmup": args.warmup, "rounds": args.rounds,
         "sizes": [list(s) for s in args.sizes], "versions": report["versions"], "env": env,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -193,11 +205,17 @@ def main(argv=None):
             rounds.append(res)
         res = combine_rounds(rounds)
         flops = flop_counts(*size)
-        add_rates(res, flops, ceiling["gflops"])
+        add_rates(res, flops, ceiling)
         report["results"].append({"size": list(size), "flops": flops, "results": res})
         tables.append(markdown_table(report["results"][-1]))
         print(tables[-1])
 
+    if ceiling["source"] != f"{ceiling['n']}^3 GEMM":  # raised by a faster row
+        print(f"note: the ceiling is {ceiling['gflops']:.1f} GFLOP/s, reached by "
+              f"{ceiling['source']}; the tables written use it")
+        for entry in report["results"]:
+            set_fractions(entry["results"], ceiling)
+        tables = [markdown_table(entry) for entry in report["results"]]
     report["loadavg_after"] = os.getloadavg() if load else None
     written = write(report, tables, args.out, chart=not args.no_plot)
     print("wrote " + ", ".join(written))
