@@ -237,7 +237,12 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
             rows = c_contiguous(
                 xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
             )
-        Gx = xp.reshape(rows @ WxT + bx, (t1 - t0, m, WxT.shape[1]))
+        Gx = rows @ WxT
+        if is_writeable(Gx):  # in place: another fresh block this size costs page faults
+            Gx += bx
+        else:
+            Gx = Gx + bx
+        Gx = xp.reshape(Gx, (t1 - t0, m, WxT.shape[1]))
         if loops is not None:
             sl = slice(t0, t1) if keep else slice(0, 1)
             chunk_bufs = {k: bufs[k] for k in cell.state_names}
