@@ -19,6 +19,7 @@ import pytest
 from crafted_npz import deflated_zeros, npy, npy_header, stored, write_zip
 from helpers import assert_array, assert_close, to_numpy, to_xp
 
+import xlstm
 from xlstm.io import FORMAT_VERSION, load_params, save_params
 from xlstm.params import PARAM_KEYS, init_params
 
@@ -124,9 +125,9 @@ def test_file_holds_only_plain_arrays_and_metadata(tmp_path):
     with np.load(path, allow_pickle=False) as z:
         assert sorted(z.files) == sorted([*PARAM_KEYS, "__meta__"])
         meta = json.loads(z["__meta__"].tobytes().decode())
-    assert meta == {
+    assert meta == {  # the notebook's dict keeps the layout of version 1
         "format": "xlstm-params",
-        "version": FORMAT_VERSION,
+        "version": 1,
         "n_x": N_X,
         "n_a": N_A,
         "n_y": N_Y,
@@ -295,8 +296,8 @@ def test_big_endian_file_loads_as_native(tmp_path):
         (meta_raw(b'{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}"), "nested 1001 levels deep"),
         (meta_raw(b'{"x": {"y": [[[0]]]}}'), "nested 5 levels deep"),
         (meta_raw(b'{"format": "xlstm-params", "format": "xlstm-params"}'), "duplicate fields"),
-        (meta_bytes(format="x" * 5000), "metadata over 4096 bytes"),
-        (np.zeros(1 << 20, dtype=np.uint8), "metadata over 4096 bytes"),
+        (meta_bytes(format="x" * 140000), "metadata over 131072 bytes"),
+        (np.zeros(1 << 20, dtype=np.uint8), "metadata over 131072 bytes"),
     ],
 )
 def test_bad_metadata_is_refused(tmp_path, meta, match):
@@ -428,12 +429,13 @@ def test_bad_npy_entries_are_refused(tmp_path, member, match):
         load_params(tmp_path / "bad.npz")
 
 
+@pytest.mark.parametrize("kind", ["notebook", "tree"])
 @pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
-def test_damaged_files_raise_only_clear_errors(tmp_path, compressed):
+def test_damaged_files_raise_only_clear_errors(tmp_path, compressed, kind):
     # random byte changes anywhere in a good file: it loads, or ValueError / KeyError
     save = np.savez_compressed if compressed else np.savez
     buf = io.BytesIO()
-    save(buf, **saved_entries(tmp_path))
+    save(buf, **(saved_entries(tmp_path) if kind == "notebook" else tree_entries(tmp_path)))
     good = buf.getvalue()
     rng = np.random.default_rng(8)
     for _ in range(400):
@@ -553,6 +555,264 @@ def test_crafted_huge_entry_is_refused_with_bounded_memory(tmp_path, variant):
     if got["rss"] is not None:
         assert got["rss"] < limit, f"load_params added {got['rss'] / 2**20:.0f} MiB of RSS"
     assert got["error"] is not None and re.search(match, got["error"]), got["error"]
+
+
+
+# ------------------------------------------------------------------------------------ trees
+def model_tree(xp=np, device=None, dtype=np.float64):
+    """A trained model's tree: a 2-layer LSTM's params and a linear head."""
+    model = xlstm.LSTM(N_X, N_A, num_layers=2, xp=xp, dtype=dtype, device=device, seed=3)
+    rng = np.random.default_rng(4)
+    head = {"Wy": rng.standard_normal((N_Y, N_A)), "by": rng.standard_normal((N_Y, 1))}
+    return {"rnn": model.params, "head": to_xp(head, xp, device, dtype=dtype)}
+
+
+def same_tree(got, want, check):
+    """``got`` has the structure of ``want`` (lists and dicts, keys in order), and
+    ``check(got_leaf, want_leaf)`` holds for every leaf."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want)
+        for k in want:
+            same_tree(got[k], want[k], check)
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            same_tree(g, w, check)
+    else:
+        check(got, want)
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+@pytest.mark.parametrize("what", ["model.params", "rnn-and-head"])
+def test_tree_round_trip_on_every_backend(xp, device, tmp_path, dtype_name, what):
+    dtype = getattr(xp, dtype_name)
+    tree = model_tree(xp, device, dtype)
+    tree = tree["rnn"] if what == "model.params" else tree
+    save_params(tmp_path / "t.npz", tree)
+    back = load_params(tmp_path / "t.npz", xp=xp, device=device)
+    same_tree(back, tree, lambda got, want: assert_close(
+        got, to_numpy(want), xp=xp, device=device, dtype=dtype, rtol=0, atol=0))
+
+    def on_numpy(got, want):  # numpy by default, the saved dtype kept
+        assert isinstance(got, np.ndarray) and got.dtype == np.dtype(dtype_name)
+        np.testing.assert_array_equal(got, to_numpy(want))
+
+    same_tree(load_params(tmp_path / "t.npz"), tree, on_numpy)
+    # a loaded tree runs the model it came from
+    model = xlstm.LSTM(N_X, N_A, num_layers=2, xp=xp, dtype=dtype, device=device)
+    rnn = back if what == "model.params" else back["rnn"]
+    x = to_xp(np.ones((N_X, 2, 3)), xp, device, dtype=dtype)
+    y_back, _, _ = model.forward(x, params=rnn, return_cache=False)
+    y_want, _, _ = model.forward(x, params=tree if what == "model.params" else tree["rnn"],
+                                 return_cache=False)
+    assert_close(y_back, to_numpy(y_want), xp=xp, device=device, dtype=dtype, rtol=0, atol=0)
+
+
+def test_tree_file_holds_plain_arrays_and_describes_every_leaf(tmp_path):
+    tree = model_tree()
+    save_params(tmp_path / "t.npz", tree)
+    with np.load(tmp_path / "t.npz", allow_pickle=False) as z:
+        meta = json.loads(z["__meta__"].tobytes().decode())
+        assert sorted(z.files) == sorted(["__meta__", *(str(i) for i in range(26))])
+        leaf = z["12"]
+    assert meta["format"] == "xlstm-params" and meta["version"] == 2 == FORMAT_VERSION
+    assert meta["dtype"] == "float64" and len(meta["leaves"]) == 26
+    assert meta["leaves"][0] == {"path": ["rnn", 0, "Wf"], "shape": [N_A, N_A + N_X]}
+    assert meta["leaves"][12] == {"path": ["rnn", 1, "Wf"], "shape": [N_A, 2 * N_A]}
+    assert meta["leaves"][-1] == {"path": ["head", "by"], "shape": [N_Y, 1]}
+    np.testing.assert_array_equal(leaf, tree["rnn"][1]["Wf"])
+
+
+def test_tree_tuples_come_back_as_lists_and_file_objects_work(tmp_path):
+    a, b = np.arange(3.0), np.ones((2, 2))
+    buf = io.BytesIO()
+    save_params(buf, {"pair": (a, b), "deep": [[{"x": a}]], "": [b]})
+    buf.seek(0)
+    back = load_params(buf)
+    assert list(back) == ["pair", "deep", ""] and isinstance(back["pair"], list)
+    np.testing.assert_array_equal(back["pair"][1], b)
+    np.testing.assert_array_equal(back["deep"][0][0]["x"], a)
+    save_params(tmp_path / "t.npz", [a])  # a bare list is a tree
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temporary left over
+    np.testing.assert_array_equal(load_params(tmp_path / "t.npz")[0], a)
+
+
+def test_version_1_file_written_by_earlier_versions_loads(tmp_path):
+    # exactly what save_params wrote before trees existed: ten entries and a flat metadata
+    host = host_params()
+    meta = {"format": "xlstm-params", "version": 1, "n_x": N_X, "n_a": N_A, "n_y": N_Y,
+            "dtype": "float64"}
+    text = json.dumps(meta, sort_keys=True).encode("utf-8")
+    write_npz(tmp_path / "v1.npz", {**host, "__meta__": np.frombuffer(text, dtype=np.uint8)})
+    back = load_params(tmp_path / "v1.npz")
+    assert isinstance(back, dict) and list(back) == list(PARAM_KEYS)
+    for k in PARAM_KEYS:
+        np.testing.assert_array_equal(back[k], host[k])
+
+
+def tree_entries(tmp_path):
+    """The entries of a good tree file (a model's params and a head), meta included."""
+    path = tmp_path / "good_tree.npz"
+    save_params(path, model_tree())
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def tree_meta(entries):
+    return json.loads(entries["__meta__"].tobytes().decode())
+
+
+def with_leaves(entries, leaves, **fields):
+    """``entries`` with the metadata's leaves (and other fields) replaced."""
+    meta = {**tree_meta(entries), "leaves": leaves, **fields}
+    return {**entries, "__meta__": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+
+
+def leaf(path, shape=(1,)):
+    return {"path": list(path), "shape": list(shape)}
+
+
+def small(paths):
+    """Entries of a tree file whose metadata lists ``paths``, each leaf a (1,) array."""
+    meta = {"format": "xlstm-params", "version": 2, "dtype": "float64",
+            "leaves": [leaf(p) for p in paths]}
+    entries = {str(i): np.zeros(1) for i in range(len(paths))}
+    entries["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return entries
+
+
+@pytest.mark.parametrize("paths, match", [
+    ([[0], [2]], r"params as a list with the indices \[0, 2\]; a list's indices are 0 to n - 1"),
+    ([[1], [0]], r"out of depth-first order: place 0 of the tree holds leaf 1"),
+    ([["a", 1], ["a", 0]], r"out of depth-first order: place 0 of the tree holds leaf 1"),
+    ([["a", 0], ["b"], ["a", 1]], r"out of depth-first order"),
+    ([[0], ["a"]], r"params both string keys and integer indices"),
+    ([["a"], ["a"]], r"leaf 1 repeats the path params\['a'\] of leaf 0"),
+    ([["a", "b"], ["a"]], r"leaf 1 is at params\['a'\], a branch of other leaves"),
+    ([["a"], ["a", "b"]], r"leaf 1 \(params\['a'\]\['b'\]\) goes through params\['a'\], which "
+                          r"is leaf 0"),
+    ([[]], r"leaf 0 has the path \[\]; a path is a list of 1 to 8"),
+    ([["a", 1.0]], r"leaf 0 has the path \['a', 1.0\]"),
+    ([["a", True]], r"leaf 0 has the path \['a', True\]"),
+    ([["a", -1]], r"leaf 0 has the path \['a', -1\]"),
+    ([["a", None]], r"leaf 0 has the path"),
+    ([[["a"]]], r"nested 5 levels deep"),
+    ([list("abcdefghi")], r"leaf 0 has the path .*a list of 1 to 8 dict keys"),  # too deep
+], ids=["gap", "reversed", "order", "interleaved", "mixed", "twice", "leaf-on-branch",
+        "branch-on-leaf", "empty-path", "float", "bool", "negative", "null", "nested-path",
+        "too-deep"])
+def test_tree_with_a_bad_structure_is_refused(tmp_path, paths, match):
+    write_npz(tmp_path / "tree.npz", small(paths))
+    with pytest.raises(ValueError, match=rf"tree\.npz.*{match}"):
+        load_params(tmp_path / "tree.npz")
+
+
+def test_deepest_and_widest_trees_load(tmp_path):
+    write_npz(tmp_path / "deep.npz", small([list("abcdefgh")]))
+    back = load_params(tmp_path / "deep.npz")
+    assert back["a"]["b"]["c"]["d"]["e"]["f"]["g"]["h"].shape == (1,)
+    write_npz(tmp_path / "wide.npz", small([[i] for i in range(1024)]))
+    assert len(load_params(tmp_path / "wide.npz")) == 1024
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"leaves": [leaf([i]) for i in range(1025)]}, r"'leaves' must be a list of 1 to 1024 "
+                                                     r"leaves, got a list of 1025"),
+    ({"leaves": []}, r"'leaves' must be a list of 1 to 1024 leaves, got a list of 0"),
+    ({"leaves": {"path": ["a"], "shape": [1]}}, r"'leaves' must be a list"),
+    ({"leaves": None}, r"'leaves' must be a list"),
+    ({"leaves": [["a"], [1]]}, r"leaf 0 must be an object with exactly the fields "
+                               r"\['path', 'shape'\]"),
+    ({"leaves": [{"path": ["a"], "shape": [1], "dtype": "float64"}]}, r"leaf 0 must be an "
+                                                                       r"object"),
+    ({"leaves": [{"path": ["a"]}]}, r"leaf 0 must be an object"),
+    ({"leaves": [leaf(["a"], [-1])]}, r"params\['a'\]\) has the shape \[-1\]"),
+    ({"leaves": [leaf(["a"], [1.0])]}, r"has the shape \[1.0\]"),
+    ({"leaves": [leaf(["a"], [1] * 9)]}, r"a shape is a list of at most 8 integers"),
+    ({"leaves": [{"path": ["a"], "shape": 1}]}, r"has the shape 1;"),
+    ({"n_x": 3}, r"unknown fields \['n_x'\]; version 2 has exactly"),
+], ids=["too-many", "none", "object", "null", "lists", "extra-field", "no-shape",
+        "negative-dim", "float-dim", "ndim", "scalar-shape", "v1-field"])
+def test_tree_with_bad_leaf_records_is_refused(tmp_path, change, match):
+    meta = {"format": "xlstm-params", "version": 2, "dtype": "float64",
+            "leaves": [leaf(["a"])], **change}
+    entries = {"0": np.zeros(1), "__meta__": np.frombuffer(json.dumps(meta).encode(),
+                                                           dtype=np.uint8)}
+    write_npz(tmp_path / "tree.npz", entries)
+    with pytest.raises(ValueError, match=rf"tree\.npz.*{match}"):
+        load_params(tmp_path / "tree.npz")
+
+
+def test_tree_leaf_missing_or_extra_is_refused(tmp_path):
+    entries = tree_entries(tmp_path)
+    write_npz(tmp_path / "missing.npz", {k: v for k, v in entries.items() if k != "13"})
+    with pytest.raises(KeyError, match=r"missing\.npz.*'13' \(params\['rnn'\]\[1\]\['bf'\]\) "
+                                       r"is missing"):
+        load_params(tmp_path / "missing.npz")
+    write_npz(tmp_path / "extra.npz", {**entries, "26": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"extra\.npz.*unexpected entries \['26'\].*26 leaves"):
+        load_params(tmp_path / "extra.npz")
+    # a leaf dropped from the metadata but left in the archive
+    meta = tree_meta(entries)
+    write_npz(tmp_path / "fewer.npz", with_leaves(entries, meta["leaves"][:-1]))
+    with pytest.raises(ValueError, match=r"fewer\.npz.*unexpected entries \['25'\]"):
+        load_params(tmp_path / "fewer.npz")
+
+
+def test_tree_leaf_shape_or_dtype_disagreeing_is_refused(tmp_path):
+    entries = tree_entries(tmp_path)
+    leaves = tree_meta(entries)["leaves"]
+    leaves[0] = {**leaves[0], "shape": [N_A, N_A + N_X + 1]}
+    write_npz(tmp_path / "shape.npz", with_leaves(entries, leaves))
+    with pytest.raises(ValueError, match=r"shape\.npz.*'0' \(params\['rnn'\]\[0\]\['Wf'\]\) "
+                                         r"has shape \(4, 7\), but the metadata records "
+                                         r"\(4, 8\)"):
+        load_params(tmp_path / "shape.npz")
+    write_npz(tmp_path / "entry.npz", {**entries, "25": np.zeros((N_Y + 1, 1))})
+    with pytest.raises(ValueError, match=r"entry\.npz.*params\['head'\]\['by'\]\) has shape"):
+        load_params(tmp_path / "entry.npz")
+    write_npz(tmp_path / "dtype.npz", {**entries, "3": entries["3"].astype(np.float32)})
+    with pytest.raises(ValueError, match=r"dtype\.npz.*dtypes \['float32', 'float64'\]"):
+        load_params(tmp_path / "dtype.npz")
+    write_npz(tmp_path / "obj.npz", {**entries, "3": np.array([None], dtype=object)})
+    with pytest.raises(ValueError, match=r"obj\.npz.*entry '3' \(params\['rnn'\]\[0\]\['bi'\]\) "
+                                         r"is an object array"):
+        load_params(tmp_path / "obj.npz")
+
+
+def test_tree_over_the_size_limit_is_refused_before_reading(tmp_path):
+    entries = tree_entries(tmp_path)
+    leaves = tree_meta(entries)["leaves"]
+    leaves[0] = {**leaves[0], "shape": [1 << 20, 1 << 20]}
+    write_npz(tmp_path / "big.npz", with_leaves(entries, leaves))
+    with pytest.raises(ValueError, match=r"big\.npz.*\d+ bytes of parameters \(26 arrays, "
+                                         r"float64\).*MAX_LOAD_BYTES"):
+        load_params(tmp_path / "big.npz")
+
+
+def test_save_refuses_trees_it_cannot_store(tmp_path):
+    a = np.ones(2)
+    deep = a
+    for _ in range(9):
+        deep = [deep]
+    cases = [
+        ({"rnn": [{"Wf": a}], "head": {1: a}}, TypeError,
+         r"params\['head'\] has the key 1 \(int\).*str keys"),
+        ({"rnn": [], "head": {"Wy": a}}, ValueError, r"params\['rnn'\] is empty"),
+        ({"a": {}}, ValueError, r"params\['a'\] is empty"),
+        ([], ValueError, r"params is empty"),
+        (deep, ValueError, r"params\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\]\[0\] nests deeper than "
+                           r"the 8 levels"),
+        ([a] * 1025, ValueError, r"more than the 1024 arrays"),
+        ({"a": [a, a.astype(np.float32)]}, TypeError, r"params\['a'\]\[1\]"),
+        ({"a": [a, "text"]}, TypeError, r"params\['a'\]\[1\] must be an array"),
+        ({"a": [a.astype(np.float16)]}, TypeError, r"float32 or float64"),
+        ({"k" * 200000: [a]}, ValueError, r"takes \d+ bytes, over the 131072"),
+    ]
+    for tree, error, match in cases:
+        with pytest.raises(error, match=match):
+            save_params(tmp_path / "x.npz", tree)
+    assert not any(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------ saving errors
