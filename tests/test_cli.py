@@ -187,6 +187,9 @@ def test_no_command_is_a_usage_error(capsys):
     (["charlm", "--hidden", "x"], "--hidden"),
     (["charlm", "--seq-len", "0"], "--seq-len"),
     (["charlm", "--batch", "-2"], "--batch"),
+    (["charlm", "--layers", "0"], "--layers"),
+    (["charlm", "--layers", "x"], "--layers"),
+    (["charlm", "--layers", "1.5"], "--layers"),
     (["charlm", "--sample-every", "-1"], "--sample-every"),
     (["charlm", "--temperature", "0"], "--temperature"),
     (["adding", "--lr", "0"], "--lr"),
@@ -240,6 +243,11 @@ def test_demo_text_that_cannot_serve_is_an_error(capsys, tmp_path):
     same.write_text("a" * 500, encoding="utf-8")
     line = _usage_error(capsys, ["demo", "charlm", "--text", str(same)])
     assert "two distinct characters" in line
+    fine = tmp_path / "fine.txt"
+    fine.write_text("abcdefghij" * 100, encoding="utf-8")
+    line = _usage_error(capsys, ["demo", "charlm", "--text", str(fine), "--batch", "100"])
+    assert "argument --text: the text has 1000 characters; after the 100 held out, 900" in line
+    assert "fewer than batch=100 streams of seq_len + 1 = 51 characters need (5100)" in line
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\xfa" * 100)
     assert "is not UTF-8 text" in _usage_error(capsys, ["demo", "charlm", "--text", str(binary)])

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import xlstm
-from xlstm import demos, init_params, load_params
+from xlstm import demos, load_params
 from xlstm.__main__ import main as cli_main
+from xlstm.demos import char_lm
 
 TINY_CHARLM = ["--steps", "4", "--hidden", "8", "--seq-len", "12", "--batch", "4",
                "--sample-every", "2", "--sample-len", "15", "--no-progress"]
@@ -38,9 +39,13 @@ def test_charlm_tiny_on_the_default_corpus(tmp_path, capsys):
     assert abs(res["initial_loss"] - res["baseline"]) < 0.5  # an untrained model is near uniform
     assert len(res["sample"]) == 15
     assert [s for s, _ in res["evals"]] == [0, 2, 4]
-    params = load_params(out)
-    assert params["Wf"].shape == (8, 8 + res["vocab_size"])
-    assert params["Wf"].dtype == np.float32
+    params = load_params(out)  # the tree {"rnn": <2-layer LSTM params>, "head": ...}
+    V = res["vocab_size"]
+    assert list(params) == ["rnn", "head"] and len(params["rnn"]) == 2  # two layers by default
+    assert params["rnn"][0]["Wf"].shape == (8, 8 + V)
+    assert params["rnn"][1]["Wf"].shape == (8, 8 + 8)
+    assert params["head"]["Wy"].shape == (V, 8) and params["head"]["by"].shape == (V, 1)
+    assert params["rnn"][0]["Wf"].dtype == np.float32
     if res["plot_path"] is not None:
         assert res["plot_path"] == str(tmp_path / "lm_loss.png")
         assert (tmp_path / "lm_loss.png").stat().st_size > 1000
@@ -52,10 +57,10 @@ def test_charlm_learns_a_small_text_and_is_reproducible(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
 
-    def run(name):
-        return demos.charlm(text=path, steps=60, hidden=16, seq_len=16, batch=8, lr=2e-2,
-                            sample_every=0, sample_len=20, out=tmp_path / name, plot=False,
-                            progress=False, verbose=False)
+    def run(name, **kw):
+        kw = {"steps": 60, "hidden": 16, "seq_len": 16, "batch": 8, "lr": 2e-2, **kw}
+        return demos.charlm(text=path, sample_every=0, sample_len=20, out=tmp_path / name,
+                            plot=False, progress=False, verbose=False, **kw)
 
     a, b = run("a.npz"), run("b.npz")
     assert a["vocab_size"] == len(set(TEXT))
@@ -64,13 +69,35 @@ def test_charlm_learns_a_small_text_and_is_reproducible(tmp_path):
     assert a["plot_path"] is None and not list(tmp_path.glob("*.png"))
     assert a["history"] == b["history"] and a["sample"] == b["sample"]
     pa, pb = load_params(tmp_path / "a.npz"), load_params(tmp_path / "b.npz")
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k])
+    flat_a, flat_b = xlstm._tree.flatten(pa), xlstm._tree.flatten(pb)
+    assert list(flat_a) == list(flat_b) and len(pa["rnn"]) == 2
+    for k in flat_a:
+        np.testing.assert_array_equal(flat_a[k], flat_b[k])
+    # the saved tree samples text of the vocabulary, the same for the same generator
+    vocab = sorted(set(TEXT))
+    one = demos.sample(pa, vocab, 40, prime="the ", rng=np.random.default_rng(3))
+    assert one == demos.sample(pb, vocab, 40, prime="the ", rng=np.random.default_rng(3))
+    assert len(one) == 40 and set(one) <= set(vocab)
+    # --layers: three stacked layers learn too, and the file says so
+    c = run("c.npz", layers=3, steps=120)
+    assert c["final_loss"] < 0.6 * c["initial_loss"]
+    pc = load_params(tmp_path / "c.npz")
+    assert len(pc["rnn"]) == 3 and pc["rnn"][2]["Wf"].shape == (16, 32)
+    assert len(demos.sample(pc, vocab, 5)) == 5
+
+
+def lm_tree(V, n_a, layers, dtype=np.float64, seed=0):
+    """A charlm tree: an LSTM's params and a linear head."""
+    rng = np.random.default_rng(seed)
+    model = xlstm.LSTM(V, n_a, num_layers=layers, dtype=dtype, seed=seed)
+    head = {"Wy": rng.standard_normal((V, n_a)).astype(dtype),
+            "by": rng.standard_normal((V, 1)).astype(dtype)}
+    return {"rnn": model.params, "head": head}
 
 
 def test_sample_is_seeded_and_checks_its_prime():
     vocab = list("abc")
-    params = init_params(3, 4, 3, seed=0)
+    params = lm_tree(3, 4, 2)
     one = demos.sample(params, vocab, 30, prime="ab", rng=np.random.default_rng(5))
     two = demos.sample(params, vocab, 30, prime="ab", rng=np.random.default_rng(5))
     assert one == two and len(one) == 30 and set(one) <= set(vocab)
@@ -81,6 +108,79 @@ def test_sample_is_seeded_and_checks_its_prime():
         demos.sample(params, vocab, 3, prime="abz")
     with pytest.raises(ValueError, match="temperature"):
         demos.sample(params, vocab, 3, temperature=0.0)
+
+
+def test_sample_runs_the_tree_one_character_per_call_with_the_state_carried():
+    """The layers and sizes come from the tree; each character is one forward call of one
+    step from the state the previous call ended in, so the draws follow the model run over
+    the whole text in one call."""
+    vocab = list("abcd")
+    for layers in (1, 3):
+        params = lm_tree(4, 5, layers, seed=layers)
+        text = demos.sample(params, vocab, 12, prime="ab", rng=np.random.default_rng(0))
+        model = xlstm.LSTM(4, 5, num_layers=layers)
+        ids = [vocab.index(ch) for ch in "ab" + text]
+        x = np.eye(4)[:, ids][:, None, :]
+        y, _, _ = model.forward(x, params=params["rnn"], return_cache=False)
+        logits = params["head"]["Wy"] @ y[:, 0, :] + params["head"]["by"]  # (V, T)
+        # replay the draws: the same generator, the probabilities of the one-call run
+        rng = np.random.default_rng(0)
+        for t in range(len(text)):
+            z = logits[:, t + 1]
+            p = np.exp(z - z.max())
+            assert vocab[int(rng.choice(4, p=p / p.sum()))] == text[t]
+
+
+def test_sample_refuses_params_that_are_not_its_tree():
+    vocab = list("abc")
+    with pytest.raises(TypeError, match=r"params must be the dict .*'rnn'"):
+        demos.sample(xlstm.init_params(3, 4, 3, seed=0), vocab, 3)
+    tree = lm_tree(3, 4, 2)
+    with pytest.raises(TypeError, match=r"params\['head'\]"):
+        demos.sample({"rnn": tree["rnn"], "head": {"Wy": tree["head"]["Wy"]}}, vocab, 3)
+    with pytest.raises(ValueError, match=r"params\['rnn'\]\[0\]\['Wf'\] must have shape "
+                                         r"\(n_a, n_a \+ 4\)"):
+        demos.sample(tree, vocab + ["d"], 3)
+    with pytest.raises(ValueError, match=r"params\['head'\]\['Wy'\] must have shape \(3, 4\)"):
+        demos.sample({**tree, "head": {**tree["head"], "Wy": np.zeros((3, 5))}}, vocab, 3)
+
+
+def test_charlm_reads_contiguous_streams_and_carries_the_state(tmp_path, monkeypatch):
+    """Truncated backpropagation through time: chunk k + 1 of every stream goes on where
+    chunk k ended, and starts from the final state of chunk k, except the first chunk of
+    every pass over the streams, which starts from zeros."""
+    n_chunks, chunk = char_lm._chunks(np.arange(103), 4, 5, 103, np.float64, xp=np, device="cpu")
+    assert n_chunks == (103 // 4 - 1) // 5 == 4  # streams of 25 characters: 4 chunks of 5 + 1
+    for k in range(n_chunks):
+        x, labels = chunk(k)
+        assert x.shape == (103, 4, 5) and labels.shape == (4, 5)
+        ids = np.argmax(x, axis=0)
+        want = np.arange(4)[:, None] * 25 + k * 5 + np.arange(5)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(labels, want + 1)
+
+    calls = []
+    real = char_lm.head_loss
+
+    def spy(model, params, x, labels, *, state=None, **kw):
+        loss, grads, final = real(model, params, x, labels, state=state, **kw)
+        calls.append((state, final))
+        return loss, grads, final
+
+    monkeypatch.setattr(char_lm, "head_loss", spy)
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    # 882 training characters in 8 streams of 110: 6 chunks of 16 per pass
+    demos.charlm(text=path, steps=14, hidden=4, seq_len=16, batch=8, sample_every=0,
+                 sample_len=0, out=tmp_path / "p.npz", plot=False, progress=False,
+                 verbose=False)
+    assert len(calls) == 14
+    for step, (state, _) in enumerate(calls):
+        if step % 6 == 0:
+            assert state is None
+        else:
+            assert state is calls[step - 1][1]
+            assert state[0].shape == state[1].shape == (2, 4, 8)  # (layers, n_a, streams)
 
 
 def test_adding_tiny(tmp_path, capsys):
@@ -140,7 +240,10 @@ def test_demos_on_other_backends(backend, backends_run, tmp_path):
     res = demos.main(["charlm", *TINY_CHARLM, *common, "--text", str(path),
                       "--out", str(tmp_path / "c.npz")])
     _finite(res, "initial_loss", "final_loss")
-    assert load_params(tmp_path / "c.npz")["Wf"].dtype == np.float64
+    ref = demos.main(["charlm", *TINY_CHARLM, "--dtype", "float64", "--quiet", "--no-plot",
+                      "--text", str(path), "--out", str(tmp_path / "c_ref.npz")])
+    np.testing.assert_allclose(res["history"], ref["history"], rtol=1e-9)
+    assert load_params(tmp_path / "c.npz")["rnn"][0]["Wf"].dtype == np.float64
     tiny = ["--T", "6", "--steps", "4", "--test-size", "8", "--no-progress"]
     res = demos.main(["bidirectional", *tiny, *common])
     ref = demos.main(["bidirectional", *tiny, "--dtype", "float64", "--quiet", "--no-plot"])
@@ -172,6 +275,14 @@ def test_bad_arguments(tmp_path):
     short.write_text("abcabc", encoding="utf-8")
     with pytest.raises(ValueError, match="characters"):
         demos.charlm(text=short, seq_len=10, out=tmp_path / "p.npz", verbose=False)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"fewer than batch=100 streams of seq_len \+ 1 = 11"):
+        demos.charlm(text=text, seq_len=10, batch=100, out=tmp_path / "p.npz", verbose=False)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="layers must be an int >= 1"):
+            demos.charlm(layers=bad, out=tmp_path / "p.npz", verbose=False)
+    assert not list(tmp_path.glob("*.npz"))
 
 
 def test_no_plot_without_matplotlib(tmp_path, monkeypatch):

@@ -11,10 +11,14 @@ or from Python with :func:`charlm` and :func:`adding`, which take the same optio
 keyword arguments and return a dict of results (losses, wall time, paths written).
 
 * ``charlm`` learns to predict the next character of a text (by default the English
-  documentation strings of ``pydoc_data.topics``, which ship with CPython) with
-  :func:`xlstm.sequence_cross_entropy`, Adam and gradient clipping, and prints text it
-  samples one character at a time as it learns. The vocabulary is ``sorted(set(text))``,
-  so it can be rebuilt from the same text to use the saved parameters later.
+  documentation strings of ``pydoc_data.topics``, which ship with CPython) with a 2-layer
+  :class:`xlstm.LSTM` and a linear head, trained by truncated backpropagation through time
+  (the text read as contiguous streams, each chunk starting from the state in which the
+  previous one ended) with :func:`xlstm.softmax_cross_entropy`, Adam and gradient clipping,
+  and prints text it samples one character at a time as it learns. It saves the tree
+  ``{"rnn": <the LSTM's params>, "head": {"Wy", "by"}}`` with :func:`xlstm.save_params`; the
+  vocabulary is ``sorted(set(text))``, so it can be rebuilt from the same text to sample
+  from the saved parameters later (:func:`sample`).
 * ``adding`` is experiment 4 of Hochreiter and Schmidhuber (1997): read a sequence of
   (value, marker) pairs and output the sum of the two marked values, with
   :func:`xlstm.last_step_mse`. Always answering 1.0 scores a mean squared error of 1/6;
@@ -26,8 +30,9 @@ keyword arguments and return a dict of results (losses, wall time, paths written
 Everything random is drawn on the host from ``numpy.random.default_rng`` streams derived
 from ``seed`` and then moved to the chosen backend, so a run on the CPU is reproducible.
 
-One module per demo (``char_lm`` and ``adding_problem``), their command-line options
-(``_cli``), the loss curve (``_plot``) and what both runs do alike (``_run``); this module is
+One module per demo (``char_lm``, ``adding_problem`` and ``bidirectional``), their
+command-line options (``_cli``), the loss curve (``_plot``) and what the demos do alike
+(``_run``: the backend, the checks, the linear head on a model's outputs); this module is
 the command line: it checks the arguments and runs the demo by name.
 """
 
@@ -66,7 +71,7 @@ def _check_args(parser, args):
         except OSError as exc:
             parser.error(f"argument --text: cannot read {args.text!r}: {exc.strerror}")
         try:
-            held_out_size(len(raw), len(set(raw)), args.seq_len)
+            held_out_size(len(raw), len(set(raw)), args.seq_len, args.batch)
         except ValueError as exc:
             parser.error(f"argument --text: {exc}")
     return args

@@ -108,13 +108,18 @@ def charlm_parser(parser=None):
     """The options of :func:`xlstm.demos.charlm`, added to ``parser`` or a new parser."""
     p = parser or argparse.ArgumentParser(prog="python -m xlstm demo charlm")
     p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("Character-level LSTM language model: train on a text, print samples "
-                     "as it learns, save the parameters and a loss curve.")
+    p.description = ("Character-level language model, a stacked LSTM trained by truncated "
+                     "backpropagation through time: train on a text, print samples as it "
+                     "learns, save the parameters and a loss curve.")
     p.add_argument("--text", type=input_file, default=None,
                    help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0, batch_of="windows")
+    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
+                     hidden_what="hidden size of every layer",
+                     batch_of="contiguous streams of the text")
+    p.add_argument("--layers", type=int_at_least(1), default=2,
+                   help="stacked LSTM layers (default 2)")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
-                   help="training window length (default 50)")
+                   help="characters per step, the span of backpropagation (default 50)")
     p.add_argument("--sample-every", type=int_at_least(0), default=500,
                    help="evaluate and print a sample every N steps (default 500, 0: never)")
     p.add_argument("--sample-len", type=int_at_least(0), default=200,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..losses import softmax_cross_entropy
 from ..models import LSTM
 from ..optim import Adam
 from ..train import fit
 from ._plot import loss_curve
-from ._run import check_counts, fmt_time, printer, setup, streams
+from ._run import (
+    check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
+)
 
 __all__ = ["bidirectional", "next_symbol_data"]
 
@@ -116,27 +117,17 @@ def bidirectional(
         name = "bidirectional" if bi else "one direction"
         model = LSTM(vocab, hidden, bidirectional=bi, xp=xp, dtype=dt, device=device,
                      seed=init_rng)
-        rows = model.D * hidden
-        k = 1.0 / np.sqrt(rows)
-        head = {"Wy": init_rng.uniform(-k, k, (vocab + 1, rows)), "by": np.zeros((vocab + 1, 1, 1))}
-        head = {key: xp.asarray(v, dtype=dt, device=device) for key, v in head.items()}
+        head = init_head(vocab + 1, model.D * hidden, init_rng, xp=xp, dtype=dt,
+                         device=device)
 
-        def head_loss(params, batch, model=model):
+        def mask_of(x, lengths):
+            return xp.arange(x.shape[2], device=device)[None, :] < lengths[:, None]
+
+        def loss_fn(params, batch, model=model):
             x, labels, lengths = batch
-            y, _, cache = model.forward(x, lengths=lengths, params=params["rnn"])
-            Wy = params["head"]["Wy"]
-            logits = xp.tensordot(Wy, y, axes=1) + params["head"]["by"]
-            mask = xp.arange(x.shape[2], device=device)[None, :] < lengths[:, None]
-            loss, dz = softmax_cross_entropy(logits, labels, mask=mask)
-            return loss, logits, mask, (dz, y, cache)
-
-        def loss_fn(params, batch, model=model, head_loss=head_loss):
-            loss, _, _, (dz, y, cache) = head_loss(params, batch)
-            dy = xp.tensordot(xp.matrix_transpose(params["head"]["Wy"]), dz, axes=1)
-            _, _, grads = model.backward(dy, cache)
-            dhead = {"Wy": xp.tensordot(dz, y, axes=([1, 2], [1, 2])),
-                     "by": xp.sum(dz, axis=(1, 2))[:, None, None]}
-            return loss, {"rnn": grads, "head": dhead}
+            loss, grads, _ = head_loss(model, params, x, labels, xp=xp, lengths=lengths,
+                                       mask=mask_of(x, lengths))
+            return loss, grads
 
         def batches():
             while True:
@@ -144,9 +135,12 @@ def bidirectional(
 
         res = fit({"rnn": model.params, "head": head}, batches, loss_fn, Adam(lr=lr),
                   steps=steps, clip_norm=clip, progress=progress, desc=name)
-        _, logits, mask, _ = head_loss(res.params, test)
-        hit = (xp.argmax(logits, axis=0) == xp.astype(test[1], xp.int64)) & mask
-        acc = float(xp.sum(xp.astype(hit, dt)) / xp.sum(xp.astype(mask, dt)))
+        x, labels, lengths = test
+        y, _, _ = model.forward(x, lengths=lengths, params=res.params["rnn"],
+                                return_cache=False)
+        logits = head_logits(res.params["head"], y, xp=xp)
+        hit = (xp.argmax(logits, axis=0) == xp.astype(labels, xp.int64)) & mask_of(x, lengths)
+        acc = float(xp.sum(xp.astype(hit, dt)) / xp.sum(xp.astype(mask_of(x, lengths), dt)))
         results["accuracy"][name] = acc
         results["history"][name] = res.history
         results["seconds"][name] = res.seconds

@@ -1,30 +1,39 @@
 """The character-level language model: the text, its encoding, sampling and training.
 
 ``charlm`` learns to predict the next character of a text (by default the English
-documentation strings of ``pydoc_data.topics``, which ship with CPython) with
-:func:`xlstm.sequence_cross_entropy`, Adam and gradient clipping, and prints text it
-samples one character at a time as it learns. The vocabulary is ``sorted(set(text))``,
-so it can be rebuilt from the same text to use the saved parameters later.
+documentation strings of ``pydoc_data.topics``, which ship with CPython) with a 2-layer
+:class:`xlstm.LSTM` and a linear head, :func:`xlstm.softmax_cross_entropy`, Adam and
+gradient clipping, by truncated backpropagation through time: the text is cut into
+``batch`` contiguous streams that are read ``seq_len`` characters at a time, each chunk
+starting from the state in which the previous one ended. It prints text it samples one
+character at a time as it learns. The vocabulary is ``sorted(set(text))``, so it can be
+rebuilt from the same text to use the saved parameters later.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .._compat import device_of, namespace, to_host
 from ..io import save_params
-from ..losses import sequence_cross_entropy
-from ..lstm import lstm_forward
+from ..losses import softmax_cross_entropy
+from ..models import LSTM
 from ..optim import Adam
-from ..params import init_params
 from ..train import fit
 from ._plot import curve_path, loss_curve
-from ._run import check_counts, fmt_time, printer, setup, streams, zeros
+from ._run import (
+    check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
+)
 
 __all__ = ["charlm", "load_corpus", "sample"]
+
+#: Most chunks of each held-out stream that are scored.
+EVAL_CHUNKS = 64
 
 
 def load_corpus(path=None):
@@ -42,16 +51,19 @@ def load_corpus(path=None):
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-
-def held_out_size(n_chars, n_distinct, seq_len):
-    """Characters of the text held out for evaluation; ValueError if the text cannot serve."""
+def held_out_size(n_chars, n_distinct, seq_len, batch=1):
+    """Characters of the text held out for evaluation (the last tenth, at least ``seq_len +
+    1``); ValueError if the text cannot serve: the rest must fill ``batch`` streams of at
+    least ``seq_len + 1`` characters."""
     if n_distinct < 2:
         raise ValueError("the text needs at least two distinct characters")
     n_val = max(n_chars // 10, seq_len + 1)
-    if n_chars - n_val < seq_len + 1:
+    need = batch * (seq_len + 1)
+    if n_chars - n_val < need:
         raise ValueError(
-            f"the text has {n_chars} characters; seq_len={seq_len} needs at least "
-            f"{2 * (seq_len + 1)} (a training part and a held-out part)"
+            f"the text has {n_chars} characters; after the {n_val} held out, "
+            f"{max(n_chars - n_val, 0)} are left to train on, fewer than batch={batch} "
+            f"streams of seq_len + 1 = {seq_len + 1} characters need ({need})"
         )
     return n_val
 
@@ -69,18 +81,74 @@ def _one_hot(ids, n, dtype, *, xp):
     return xp.astype(ids[None, ...] == xp.reshape(classes, (n, *(1,) * ids.ndim)), dtype)
 
 
-def sample(params, vocab, length, *, prime="\n", temperature=1.0, rng=None):
+def _chunks(ids, n_streams, seq_len, V, dtype, *, xp, device):
+    """The text ``ids`` (host) cut into ``n_streams`` contiguous streams, read in chunks.
+
+    Returns ``(n_chunks, chunk)``: ``chunk(k)`` holds characters ``k seq_len`` to ``(k + 1)
+    seq_len`` of every stream as one-hot inputs ``(V, n_streams, seq_len)`` and the
+    character after each as labels ``(n_streams, seq_len)``, on ``device``; chunk ``k + 1``
+    of a stream goes on where chunk ``k`` ended. Each chunk's one-hot inputs are built
+    when it is asked for.
+    """
+    length = ids.shape[0] // n_streams
+    rows = xp.asarray(ids[: n_streams * length].reshape(n_streams, length), device=device)
+
+    def chunk(k):
+        win = rows[:, k * seq_len : (k + 1) * seq_len + 1]
+        return _one_hot(win[:, :-1], V, dtype, xp=xp), win[:, 1:]
+
+    return (length - 1) // seq_len, chunk
+
+
+def _model_of(params, V):
+    """The :class:`xlstm.LSTM` that runs the ``params`` tree of :func:`charlm`, with its
+    sizes read from the tree; ValueError or TypeError naming what does not fit."""
+    if not isinstance(params, Mapping) or set(params) != {"rnn", "head"}:
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise TypeError(
+            f"params must be the dict {{'rnn': <LSTM params>, 'head': {{'Wy', 'by'}}}} that "
+            f"charlm trains, got {got}"
+        )
+    rnn, head = params["rnn"], params["head"]
+    if not isinstance(rnn, Sequence) or not rnn or not isinstance(rnn[0], Mapping) \
+            or "Wf" not in rnn[0]:
+        raise TypeError("params['rnn'] must be an LSTM's params: a list of one dict of "
+                        "arrays (Wf, bf, ...) per layer")
+    if not isinstance(head, Mapping) or set(head) != {"Wy", "by"}:
+        raise TypeError("params['head'] must be the dict {'Wy', 'by'} of the linear head")
+    Wf = rnn[0]["Wf"]
+    xp = namespace(**{"params['rnn'][0]['Wf']": Wf, "params['head']['Wy']": head["Wy"],
+                      "params['head']['by']": head["by"]})
+    n_a = Wf.shape[0]
+    if Wf.ndim != 2 or Wf.shape[1] != n_a + V:
+        raise ValueError(
+            f"params['rnn'][0]['Wf'] must have shape (n_a, n_a + {V}) for a vocabulary of "
+            f"{V} characters, got {tuple(Wf.shape)}"
+        )
+    for k, shape in (("Wy", (V, n_a)), ("by", (V, 1))):
+        if tuple(head[k].shape) != shape:
+            raise ValueError(f"params['head'][{k!r}] must have shape {shape} (vocabulary "
+                             f"{V}, n_a={n_a}), got {tuple(head[k].shape)}")
+    return LSTM(V, n_a, num_layers=len(rnn), xp=xp, dtype=Wf.dtype, device=device_of(Wf))
+
+
+def sample(
+    params: Mapping[str, Any], vocab: Sequence[str], length: int, *, prime: str = "\n",
+    temperature: float = 1.0, rng: np.random.Generator | None = None,
+) -> str:
     """Generate ``length`` characters, one at a time, from a trained character model.
 
-    The ``prime`` text is run through :func:`xlstm.lstm_forward` in one call; then each
-    new character is drawn from the softmax output raised to ``1 / temperature``, fed back
-    as a one-hot input of one step, with the hidden and cell states carried over
-    (``a0``/``c0``).
+    The ``prime`` text is run through the model in one call; then each new character is
+    drawn from the softmax of the head's logits divided by ``temperature``, and fed back as
+    a one-hot input of one step, with the model's state carried over from call to call.
 
     Parameters
     ----------
-    params : dict of arrays
-        Parameters with ``n_x = n_y = len(vocab)``, in any namespace.
+    params : dict
+        ``{"rnn": <an LSTM's params>, "head": {"Wy", "by"}}`` as :func:`charlm` trains
+        and saves them (:func:`xlstm.load_params` reads them back), in any namespace: the
+        LSTM's layers (one dict per layer), ``Wy (len(vocab), n_a)`` and ``by (len(vocab),
+        1)``. The number of layers and the sizes are read from it.
     vocab : sequence of str
         The characters, in the model's index order.
     length : int
@@ -97,6 +165,13 @@ def sample(params, vocab, length, *, prime="\n", temperature=1.0, rng=None):
     -------
     str
         The generated characters (without the prime).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a non-positive ``temperature``, a ``prime`` with characters outside ``vocab``,
+        or ``params`` that are not such a tree or do not fit ``vocab``; the message names
+        the argument.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
@@ -107,52 +182,60 @@ def sample(params, vocab, length, *, prime="\n", temperature=1.0, rng=None):
     if missing:
         raise ValueError(f"prime has characters outside the vocabulary: {missing!r}")
     rng = np.random.default_rng() if rng is None else rng
-    Wf = params["Wf"]
-    xp = namespace(**{"params['Wf']": Wf})
-    dtype, device = Wf.dtype, device_of(Wf)
-    V, n_a = len(vocab), Wf.shape[0]
+    V = len(vocab)
+    model = _model_of(params, V)
+    xp, dtype, device = model.xp, model.dtype, model.device
 
-    def step(ids_host, a, c):
+    def step(ids_host, state):
         ids = xp.asarray(np.asarray(ids_host, dtype=np.int64).reshape(1, -1), device=device)
-        a_seq, y, c_seq, _ = lstm_forward(
-            _one_hot(ids, V, dtype, xp=xp), a, params, c, return_caches=False
-        )
-        return a_seq[:, :, -1], c_seq[:, :, -1], y[:, 0, -1]
+        y, state, _ = model.forward(_one_hot(ids, V, dtype, xp=xp), state,
+                                    params=params["rnn"], return_cache=False)
+        return head_logits(params["head"], y[:, :, -1:], xp=xp)[:, 0, 0], state
 
-    a, c, y = step([index[ch] for ch in prime], zeros(xp, (n_a, 1), dtype, device), None)
+    logits, state = step([index[ch] for ch in prime], None)
     out = []
     for _ in range(length):
-        p = np.asarray(to_host(y), dtype=np.float64)
-        logits = np.log(np.maximum(p, 1e-300)) / temperature
-        p = np.exp(logits - logits.max())
+        z = np.asarray(to_host(logits), dtype=np.float64) / temperature
+        p = np.exp(z - z.max())
         k = int(rng.choice(V, p=p / p.sum()))
         out.append(vocab[k])
-        a, c, y = step([k], a, c)
+        logits, state = step([k], state)
     return "".join(out)
 
 
 def charlm(
     *,
-    text=None,
-    backend="numpy",
-    dtype="float32",
-    seed=0,
-    steps=2000,
-    hidden=128,
-    seq_len=50,
-    batch=32,
-    lr=5e-3,
-    clip=5.0,
-    sample_every=500,
-    sample_len=200,
-    temperature=0.7,
-    prime="The ",
-    out="charlm_params.npz",
-    plot=None,
-    progress=None,
-    verbose=True,
-):
-    """Train a character-level LSTM language model and sample from it.
+    text: str | os.PathLike | None = None,
+    backend: str = "numpy",
+    dtype: str = "float32",
+    seed: int = 0,
+    steps: int = 2000,
+    hidden: int = 128,
+    layers: int = 2,
+    seq_len: int = 50,
+    batch: int = 32,
+    lr: float = 5e-3,
+    clip: float = 5.0,
+    sample_every: int = 500,
+    sample_len: int = 200,
+    temperature: float = 0.7,
+    prime: str = "The ",
+    out: str | os.PathLike = "charlm_params.npz",
+    plot: str | os.PathLike | bool | None = None,
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train a character-level language model, a stacked LSTM with a linear head, by
+    truncated backpropagation through time, and sample from it.
+
+    The training text (all but its last tenth) is cut into ``batch`` contiguous streams of
+    equal length. Step ``k`` reads the next ``seq_len`` characters of every stream (the
+    labels are the characters after them), starting from the model's final state of step
+    ``k - 1``; that state's gradient is not carried back (truncated backpropagation). When
+    the streams run out, they start over from their beginnings with a zero state. The
+    held-out text (the last tenth) is scored the same way: cut into at most ``batch``
+    contiguous streams, read in chunks of ``seq_len`` with the state carried, the first
+    ``EVAL_CHUNKS`` (64) chunks of each stream.
 
     Parameters
     ----------
@@ -164,15 +247,17 @@ def charlm(
     dtype : {"float32", "float64"}, optional
         Default ``float32``.
     seed : int, optional
-        Seeds the parameters, the batches and the samples. Default 0.
+        Seeds the parameters and the samples. Default 0.
     steps : int, optional
-        Optimizer steps. Default 2000 (about two minutes on two CPU cores with numpy).
+        Optimizer steps. Default 2000.
     hidden : int, optional
-        Hidden size ``n_a``. Default 128.
+        Hidden size ``n_a`` of every layer. Default 128.
+    layers : int, optional
+        Stacked LSTM layers. Default 2.
     seq_len : int, optional
-        Length of the training windows (truncated backpropagation through time). Default 50.
+        Characters per chunk: the span of truncated backpropagation. Default 50.
     batch : int, optional
-        Windows per minibatch, drawn at random positions of the training text. Default 32.
+        Contiguous streams of the training text, read side by side. Default 32.
     lr : float, optional
         Adam learning rate. Default 5e-3.
     clip : float, optional
@@ -187,8 +272,10 @@ def charlm(
         Text that starts every sample. Default ``"The "`` (a newline if it is not in the
         vocabulary).
     out : str or os.PathLike, optional
-        Where to save the trained parameters (:func:`xlstm.save_params`). Default
-        ``charlm_params.npz`` in the current folder.
+        Where to save the trained parameters, the tree ``{"rnn": <the LSTM's params>,
+        "head": {"Wy", "by"}}`` (:func:`xlstm.save_params`; :func:`xlstm.load_params`
+        reads it back for :func:`sample`). Default ``charlm_params.npz`` in the current
+        folder.
     plot : str, bool or None, optional
         PNG of the loss curve: a path, ``None`` (default) for ``<out>_loss.png``, False
         for none. Needs matplotlib; skipped without it.
@@ -206,53 +293,68 @@ def charlm(
         50 training steps), ``history``, ``evals`` (``(step, held-out loss)`` pairs),
         ``vocab_size``, ``steps``, ``seconds`` (training wall time), ``sample`` (the final
         sample), ``params_path`` and ``plot_path`` (None when no plot was written).
+
+    Raises
+    ------
+    ValueError
+        For a count below its minimum, an unknown dtype, or a text too short for
+        ``seq_len`` and ``batch`` (or with fewer than two distinct characters).
     """
     say = printer(verbose)
-    check_counts(steps=(steps, 1), hidden=(hidden, 1), seq_len=(seq_len, 1),
-                 batch=(batch, 1), sample_every=(sample_every, 0), sample_len=(sample_len, 0))
+    check_counts(steps=(steps, 1), hidden=(hidden, 1), layers=(layers, 1),
+                 seq_len=(seq_len, 1), batch=(batch, 1), sample_every=(sample_every, 0),
+                 sample_len=(sample_len, 0))
     xp, device, dt = setup(backend, dtype)
     raw = load_corpus(text)
     ids_host, vocab = _encode(raw)
     V, N = len(vocab), ids_host.shape[0]
-    n_val = held_out_size(N, V, seq_len)
-    train_ids, val_ids = ids_host[: N - n_val], ids_host[N - n_val :]
+    n_val = held_out_size(N, V, seq_len, batch)
     if set(prime) - set(vocab):
         say(f"note: the prime {prime!r} has characters outside the vocabulary; using a newline")
         prime = "\n"
-    init_rng, batch_rng, sample_rng = streams(seed, 3)
-    params = init_params(V, hidden, V, xp=xp, dtype=dt, device=device, seed=init_rng)
-    a0 = zeros(xp, (hidden, batch), dt, device)
+    init_rng, sample_rng = streams(seed, 2)
+    model = LSTM(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device, seed=init_rng)
+    params = {"rnn": model.params,
+              "head": init_head(V, hidden, init_rng, xp=xp, dtype=dt, device=device)}
 
-    # Held-out windows: non-overlapping, at most 64 of them, fixed for the whole run.
-    starts = np.arange(0, val_ids.shape[0] - seq_len, seq_len)[:64]
-    val_win = xp.asarray(val_ids[starts[:, None] + np.arange(seq_len + 1)], device=device)
-    val_x, val_y = _one_hot(val_win[:, :-1], V, dt, xp=xp), val_win[:, 1:]
-    val_a0 = zeros(xp, (hidden, starts.shape[0]), dt, device)
+    n_train, train_chunk = _chunks(ids_host[: N - n_val], batch, seq_len, V, dt, xp=xp,
+                                   device=device)
+    val_streams = min(batch, n_val // (seq_len + 1))
+    n_val_chunks, val_chunk = _chunks(ids_host[N - n_val :], val_streams, seq_len, V, dt,
+                                      xp=xp, device=device)
+    n_val_chunks = min(n_val_chunks, EVAL_CHUNKS)
 
     def held_out(p):
-        return float(sequence_cross_entropy(val_x, val_a0, p, val_y)[0])
+        total, state = 0.0, None
+        for k in range(n_val_chunks):
+            x, labels = val_chunk(k)
+            y, state, _ = model.forward(x, state, params=p["rnn"], return_cache=False)
+            total = total + softmax_cross_entropy(head_logits(p["head"], y, xp=xp), labels)[0]
+        return float(total) / n_val_chunks
 
-    offsets = np.arange(seq_len + 1)
-    high = train_ids.shape[0] - seq_len  # starts in [0, high) leave room for the labels
+    def batches() -> Iterator[tuple[Any, Any, bool]]:
+        while True:  # every pass over the streams starts from a zero state
+            for k in range(n_train):
+                yield (*train_chunk(k), k == 0)
 
-    def batches():
-        while True:
-            win = train_ids[batch_rng.integers(0, high, size=batch)[:, None] + offsets]
-            w = xp.asarray(win, device=device)
-            yield _one_hot(w[:, :-1], V, dt, xp=xp), w[:, 1:]
+    carried = [None]  # the final state of the previous chunk
 
     def loss_fn(p, b):
-        return sequence_cross_entropy(b[0], a0, p, b[1])
+        x, labels, first = b
+        loss, grads, carried[0] = head_loss(model, p, x, labels, xp=xp,
+                                            state=None if first else carried[0])
+        return loss, grads
 
     baseline = math.log(V)
     initial = held_out(params)
     say(
         f"charlm: {N:,} characters ({'pydoc_data.topics' if text is None else text}), "
-        f"vocabulary {V}; LSTM n_a={hidden}, T={seq_len}, batch {batch}, Adam lr={lr:g}, "
+        f"vocabulary {V}; {layers}-layer LSTM n_a={hidden}, {batch} streams read "
+        f"{seq_len} characters per step ({n_train} steps per pass), Adam lr={lr:g}, "
         f"clip {clip:g}, {steps} steps on {backend} {dtype}"
     )
     say(f"held-out loss before training: {initial:.4f} nats/char (uniform guess log V = "
-        f"{baseline:.4f})")
+        f"{baseline:.4f}; {n_val_chunks * seq_len * val_streams:,} held-out characters scored)")
     evals = [(0, initial)]
 
     def show(p, step, log):
@@ -287,7 +389,7 @@ def charlm(
     plot_path = curve_path(out, plot)
     if plot_path is not None:
         plot_path = loss_curve(plot_path, history, evals,
-                               title=f"charlm: n_a={hidden}, vocab {V}",
+                               title=f"charlm: {layers}-layer LSTM, n_a={hidden}, vocab {V}",
                                ylabel="cross-entropy (nats/char)", eval_label="held out",
                                baseline=baseline)
     k = min(50, len(history))
