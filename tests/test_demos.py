@@ -149,7 +149,8 @@ def test_charlm_reads_contiguous_streams_and_carries_the_state(tmp_path, monkeyp
     """Truncated backpropagation through time: chunk k + 1 of every stream goes on where
     chunk k ended, and starts from the final state of chunk k, except the first chunk of
     every pass over the streams, which starts from zeros."""
-    n_chunks, chunk = char_lm._chunks(np.arange(103), 4, 5, 103, np.float64, xp=np, device="cpu")
+    xp = xlstm._compat.default_namespace()  # plain numpy 1.26 takes no device
+    n_chunks, chunk = char_lm._chunks(np.arange(103), 4, 5, 103, xp.float64, xp=xp, device="cpu")
     assert n_chunks == (103 // 4 - 1) // 5 == 4  # streams of 25 characters: 4 chunks of 5 + 1
     for k in range(n_chunks):
         x, labels = chunk(k)

@@ -559,8 +559,10 @@ def test_crafted_huge_entry_is_refused_with_bounded_memory(tmp_path, variant):
 
 
 # ------------------------------------------------------------------------------------ trees
-def model_tree(xp=np, device=None, dtype=np.float64):
-    """A trained model's tree: a 2-layer LSTM's params and a linear head."""
+def model_tree(xp=None, device=None, dtype=np.float64):
+    """A trained model's tree: a 2-layer LSTM's params and a linear head (numpy's array-API
+    namespace by default: plain numpy 1.26 takes no ``device``)."""
+    xp = xlstm._compat.default_namespace() if xp is None else xp
     model = xlstm.LSTM(N_X, N_A, num_layers=2, xp=xp, dtype=dtype, device=device, seed=3)
     rng = np.random.default_rng(4)
     head = {"Wy": rng.standard_normal((N_Y, N_A)), "by": rng.standard_normal((N_Y, 1))}
