@@ -35,6 +35,7 @@ import types
 
 import numpy as np
 from numba import njit
+from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import register_jitable
 
 __all__ = ["BufferOps", "Loops", "loops"]
@@ -350,19 +351,27 @@ class _Replay:
     scratch buffers). So the calls that :class:`BufferOps` recorded for one step are every
     other step's calls with that step's arrays swapped in, and, with the fixed buffers
     swapped in too, those of every later call of the same shapes. They are written out as
-    the source of one straight-line Python function of the step number (:attr:`source`,
-    with the views of the fixed buffers taken once per call, before it); its constants (the
-    compiled loops, the sizes, the dtype's constants) are kept in :attr:`consts`.
+    one straight-line body over the step number ``i`` (with the views of the fixed buffers
+    taken once per call, before it), its numbers (the sizes, the dtype's constants, the
+    columns of a window) as free names whose values are kept in :attr:`consts`, and made
+    into
+
+    * :attr:`make`: a Python function ``replay(i)`` that runs one step;
+    * :attr:`whole`: where every call has a compiled twin (:meth:`Loops._native`), one
+      numba function ``loop(lo, hi, stride, ...)`` that runs the steps
+      ``range(lo, hi, stride)`` with no Python between them (numpy's own BLAS and ufunc
+      loops, :mod:`xlstm._native`, so the numbers are the same), else ``None``.
     """
 
-    __slots__ = ("source", "consts", "names", "make")
+    __slots__ = ("source", "consts", "names", "make", "whole", "whole_names")
 
     @classmethod
-    def of(cls, tape, steps, step, fixed):
+    def of(cls, tape, steps, step, fixed, native=None):
         """The replay of ``tape``, recorded on the arrays ``step`` (``steps.views`` of the
         recorded step) and the ``fixed`` buffers (role to array, or ``None``); ``None`` if a
         recorded call reads an array that the loop did not give (a slice the cell made
-        itself): such a cell runs its Python on every step."""
+        itself): such a cell runs its Python on every step. ``native(fn, args)`` gives the
+        compiled twin of a recorded call, or ``None``."""
         slot = {id(a): q for q, a in enumerate(step)}
         role = {id(a): k for k, a in fixed.items() if a is not None}
         consts, prologue, used = {}, [], set()
@@ -377,7 +386,8 @@ class _Replay:
 
         def expr(a, name):
             if type(a) is Window:
-                view = f"{parent(a.buf)}[:, {a.start}:{a.stop}]"
+                consts[name + "a"], consts[name + "b"] = a.start, a.stop
+                view = f"{parent(a.buf)}[:, {name}a:{name}b]"
                 if view.startswith("s"):
                     return view
                 prologue.append(f"{name} = {view}")  # a fixed buffer's columns: once
@@ -391,26 +401,58 @@ class _Replay:
             calls = []
             for k, (fn, args) in enumerate(tape):
                 consts[f"f{k}"] = fn
-                calls.append(f"    f{k}({', '.join(expr(a, f'c{k}_{p}') for p, a in enumerate(args))})")
+                calls.append(f"f{k}({', '.join(expr(a, f'c{k}_{p}') for p, a in enumerate(args))})")
         except LookupError:
             return None
-        lines = [*prologue, "def replay(i):"]
-        lines += [f"    s{q} = {steps.exprs[q]}" for q in sorted(used)]
-        lines += calls
+        slots = [f"s{q} = {steps.exprs[q]}" for q in sorted(used)]
         replay = cls()
-        replay.source, replay.consts = "\n".join(lines), consts
+        replay.source = "\n".join(
+            [*prologue, "def replay(i):", *("    " + c for c in (*slots, *calls))])
+        replay.consts = consts
         # the free names of the source, in a fixed order, and where each one's value is
         names = sorted({*consts, *steps.scope, *(f"F_{k}" for k in fixed)})
-        replay.names = tuple(
-            (0, n) if n in consts else (1, n) if n in steps.scope else (2, n[2:]) for n in names
-        )
+        replay.names = _where(names, consts, steps.scope)
         replay.make = _maker(replay.source, "replay", tuple(names))
+        replay.whole, replay.whole_names = None, ()
+        twins = None if native is None else [native(fn, args) for fn, args in tape]
+        if twins is not None and all(t is not None for t in twins):
+            fns = {f"f{k}" for k in range(len(tape))}  # globals of the compiled loop
+            params = [n for n in names if n not in fns]
+            source = "\n".join([
+                f"def loop(lo, hi, stride, {', '.join(params)}):",
+                *("    " + line for line in prologue),
+                "    for i in range(lo, hi, stride):",
+                *("        " + c for c in (*slots, *calls)),
+            ])  # fmt: skip
+            replay.whole = _whole_loop(source, tuple(twins))
+            replay.whole_names = _where(params, consts, steps.scope)
         return replay
 
     def bind(self, steps, fixed):
         """The replay function for the arrays of ``steps`` and the ``fixed`` buffers."""
         where = (self.consts, steps.scope, fixed)
         return self.make(*[where[k][n] for k, n in self.names])
+
+    def run_whole(self, order, steps, fixed):
+        """Run the steps ``order`` (a ``range``) in the compiled :attr:`whole` loop."""
+        where = (self.consts, steps.scope, fixed)
+        self.whole(order.start, order.stop, order.step,
+                   *[where[k][n] for k, n in self.whole_names])
+
+
+def _where(names, consts, scope):
+    """Where each free name's value is: ``(0, name)`` a constant, ``(1, name)`` the steps'
+    scope, ``(2, role)`` a fixed buffer."""
+    return tuple((0, n) if n in consts else (1, n) if n in scope else (2, n[2:]) for n in names)
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_loop(source, twins):
+    """The compiled loop that ``source`` defines, its calls ``f<k>`` made by ``twins``
+    (compiled once per text and functions; numba compiles it once per argument types)."""
+    scope = {f"f{k}": fn for k, fn in enumerate(twins)}
+    exec(compile(source, "<xlstm whole loop>", "exec"), scope)  # noqa: S102
+    return njit(**_OPTIONS)(scope["loop"])
 
 
 @functools.lru_cache(maxsize=256)
@@ -432,6 +474,10 @@ class Loops:
     label = "compiled loops"
     #: Padded batches (the engine's ``active``) run here too.
     masks = True
+    #: Whether a loop whose calls all have compiled twins runs as one compiled function
+    #: (:attr:`_Replay.whole`); otherwise, and where some call has none, a recorded step is
+    #: replayed from Python, step by step. The same calls either way, so the same numbers.
+    whole = True
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
@@ -455,18 +501,25 @@ class Loops:
         the expressions of the step's arrays). A cell that cannot be replayed runs
         ``first`` on every step.
         """
+        # the strides of the arrays decide numpy's calls (and the compiled loop's types)
+        key = (*key, *[v.strides for v in (*steps.scope.values(), *fixed.values())
+                       if isinstance(v, np.ndarray)])
         replay = self._replays.get(key, _MISSING)
         if replay is _MISSING:
             ops = BufferOps(self.dtype, self._plans)  # a tape of its own (threads)
             ops._tape = []
             step = steps.views(order[0])
             first(ops, step)
-            replay = self._replays[key] = _Replay.of(ops._tape, steps, step, fixed)
+            replay = self._replays[key] = _Replay.of(
+                ops._tape, steps, step, fixed, functools.partial(_twin, self.dtype))
             order = order[1:]
         if replay is None:
             ops = BufferOps(self.dtype, self._plans)
             for i in order:
                 first(ops, steps.views(i))
+            return
+        if self.whole and replay.whole is not None and len(order):
+            replay.run_whole(order, steps, fixed)
             return
         run = replay.bind(steps, fixed)
         for i in order:
@@ -557,7 +610,9 @@ class Loops:
             if all(w == 1 for w in widths):  # one block argument
                 exprs.append("W[i]")
             else:
-                exprs += [f"W[i][:, {lo}:{hi}]" for lo, hi in zip(edges[:-1], edges[1:])]
+                for q, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+                    scope[f"E{q}"], scope[f"E{q}_"] = int(lo), int(hi)
+                    exprs.append(f"W[i][:, E{q}:E{q}_]")
         n_c = len(exprs) - 3
         for q, k in enumerate(cell.back_reads):
             scope[f"R{q}"] = saved[k] if k in saved else prev[k]
@@ -631,6 +686,51 @@ def _matmul_t(a, b, out):
     """``a @ b.T`` into ``out``: numpy's ``matmul`` on the transposed view, as the array
     path's ``WaT @ dga^T``."""
     return np.matmul(a, b.T, out=out)
+
+
+#: The numpy ufunc behind each recorded function that is one.
+_UFUNCS = {np.tanh: np.tanh, np.sign: np.sign, np.add: np.add, np.multiply: np.multiply,
+           _maximum: np.maximum}
+
+
+#: Those of them that round correctly: every loop of numpy's gives the same bits.
+_EXACT = (np.add, np.multiply)
+
+
+def _twin(dtype, fn, args):
+    """The compiled twin of the recorded call ``fn(*args)`` (a function of the same
+    arguments that makes the same numpy calls, :mod:`xlstm._native`), or ``None``."""
+    from . import _native
+
+    if isinstance(fn, Dispatcher):  # a point loop or a row helper: compiled already
+        return fn
+    views = [_view(a) for a in args]
+    if fn is np.matmul or fn is _matmul_t:
+        a, b, out = views
+        call = _native.blas(dtype)
+        if fn is _matmul_t:
+            b, call = b.T, call and _blas_t(call)
+        return call if call is not None and _native.matmul_supported(a, b, out) else None
+    if fn is np.copyto:
+        dst, src = views
+        ok = isinstance(src, np.ndarray) and src.shape == dst.shape and src.dtype == dst.dtype
+        return _native.copyto if ok else None
+    uf = _UFUNCS.get(fn)
+    if uf is None or not _native.ufunc_supported(dtype, *views, exact=uf in _EXACT):
+        return None
+    scalar = uf.nin == 2 and not isinstance(views[1], np.ndarray)
+    return _native.ufunc_loop(uf, dtype, scalar)
+
+
+@functools.cache
+def _blas_t(call):
+    """``call(a, b.T, out)`` as a compiled ``(a, b, out)``: the twin of :func:`_matmul_t`."""
+
+    @njit(**_OPTIONS)
+    def matmul_t(a, b, out):
+        call(a, b.T, out)
+
+    return matmul_t
 
 
 def loops(dtype):
