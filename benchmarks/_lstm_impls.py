@@ -7,7 +7,11 @@ from __future__ import annotations
 from _lstm_seed import SeedLSTM
 
 N_Y = 10
-IMPLS = ("xlstm", "xlstm-plain", "xlstm-model", "xlstm-lengths", "seed", "torch", "gemm")
+#: Models beyond the single LSTM layer, each timed as xlstm's class against the torch module
+#: of the same kind with the same weights (``model.to_torch()``): name -> (class, kwargs).
+MODELS = {"gru": ("GRU", {}), "bilstm2": ("LSTM", {"num_layers": 2, "bidirectional": True})}
+IMPLS = ("xlstm", "xlstm-plain", "xlstm-model", "xlstm-lengths", "seed", "torch", "gemm",
+         *(f"{side}-{name}" for name in MODELS for side in ("xlstm", "torch")))
 #: The implementations without the softmax prediction (the LSTM core only): their flops are
 #: the gate flops alone.
 CORE = ("xlstm-model", "xlstm-lengths", "torch")
@@ -20,6 +24,60 @@ def flop_counts(n_x, n_a, m, T):
     gates, out = 2 * T * m * 4 * n_a * (n_a + n_x), 2 * T * m * N_Y * n_a
     return {"fwd": gates + out, "fwd_bwd": 3 * gates + out,
             "core_fwd": gates, "core_fwd_bwd": 3 * gates}  # fmt: skip
+
+
+def model_flops(name, n_x, n_a, m, T):
+    """The gate flops of model ``name`` (:data:`MODELS`): every layer and direction's input
+    and recurrent products; backward three times forward."""
+    cls, kw = MODELS[name]
+    gates = {"LSTM": 4, "GRU": 3}[cls]
+    D, layers = 1 + kw.get("bidirectional", False), kw.get("num_layers", 1)
+    fwd = sum(D * 2 * T * m * gates * n_a * ((n_x if k == 0 else D * n_a) + n_a)
+              for k in range(layers))
+    return {"fwd": fwd, "fwd_bwd": 3 * fwd}
+
+
+def bench_models(be, torch, size, timed, only):
+    """The :data:`MODELS` rows present in ``only``: ``xlstm-<name>`` (xlstm's class on
+    ``be``) and ``torch-<name>`` (the torch module with its weights); each names the torch
+    row it is compared with and its own flops. The check is the largest difference of the
+    outputs from xlstm's array path (accelerators off) on the same weights and inputs."""
+    import numpy as np
+
+    import xlstm
+
+    n_x, n_a, m, T = size
+    res = {}
+    for name, (cls, kw) in MODELS.items():
+        keys = [k for k in (f"xlstm-{name}", f"torch-{name}") if k in only]
+        if not keys:
+            continue
+        model = getattr(xlstm, cls)(n_x, n_a, **kw, xp=be.xp, dtype=be.dtype, device=be.device)
+        rng = np.random.default_rng(size)  # the same inputs in every process
+        x_h = 0.1 * rng.standard_normal((n_x, m, T))
+        dy_h = 0.1 * rng.standard_normal((model.D * n_a, m, T))
+        x, dy = be.asarray(x_h), be.asarray(dy_h)
+        with xlstm.accelerators(False):
+            y_ref = be.to_host(model.forward(x, return_cache=False)[0])
+        desc = f"{cls}, {kw.get('num_layers', 1)} layer{'s' * (kw.get('num_layers', 1) > 1)}" + (
+            ", bidirectional" if kw.get("bidirectional") else "")
+        common = {"ref": f"torch-{name}", "flops": model_flops(name, *size)}
+        if f"xlstm-{name}" in keys:
+            accel = accelerator(be)
+            res[f"xlstm-{name}"] = {
+                **common, "label": f"xlstm.{cls} ({be.name}{', ' + accel if accel else ''}; {desc})",
+                "fwd": timed(lambda: model.forward(x, return_cache=False)),
+                "fwd_bwd": timed(lambda: model.backward(dy, model.forward(x)[2])),
+                "check_max_abs_diff_a": float(np.max(np.abs(
+                    be.to_host(model.forward(x, return_cache=False)[0]) - y_ref))),
+            }  # fmt: skip
+        if f"torch-{name}" in keys and torch is not None and (
+                not be.gpu or torch.cuda.is_available()):
+            res[f"torch-{name}"] = {**common, **bench_torch_model(
+                torch, be.gpu, be.dtype_name, model, x_h, dy_h, timed, desc)}
+            res[f"torch-{name}"]["check_max_abs_diff_a"] = float(
+                np.max(np.abs(res[f"torch-{name}"].pop("a") - y_ref)))
+    return res
 
 
 def accelerator(be):
@@ -62,6 +120,7 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
 
     if "xlstm-model" in only or "xlstm-lengths" in only:
         res.update(bench_model(be, params, x, a0, da, rng, timed, a_ref, accel, only))
+    res.update(bench_models(be, torch, size, timed, only))
 
     seed_mod = be.mod if be.name == "cupy" else None if be.gpu else np
     if seed_mod is not None and "seed" in only:
@@ -164,3 +223,27 @@ def bench_torch(torch, gpu, dtype, p, x_h, a0_h, da_h, timed):
     where = "cuDNN" if gpu else f"CPU, {torch.get_num_threads()} threads"
     return {"label": f"torch.nn.LSTM ({where}, LSTM core only)", "fwd": timed(fwd),
             "fwd_bwd": timed(fwd_bwd), "a": fwd().permute(2, 1, 0)}  # fmt: skip
+
+
+def bench_torch_model(torch, gpu, dtype, model, x_h, dy_h, timed, desc):
+    """``model.to_torch()`` timed like :func:`bench_torch`; ``"a"`` is its output in
+    xlstm's layout ``(D n_a, m, T)``, on the host."""
+    dev, tdt = ("cuda" if gpu else "cpu"), getattr(torch, dtype)
+    module = model.to_torch().to(device=dev, dtype=tdt)
+    x = torch.tensor(x_h.transpose(2, 1, 0), dtype=tdt, device=dev).requires_grad_()
+    grad = torch.tensor(dy_h.transpose(2, 1, 0), dtype=tdt, device=dev)
+
+    def fwd():
+        module.eval()
+        with torch.no_grad():
+            return module(x)[0]
+
+    def fwd_bwd():
+        module.train()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x)[0].backward(grad)
+
+    where = "cuDNN" if gpu else f"CPU, {torch.get_num_threads()} threads"
+    return {"label": f"torch.nn.{type(module).__name__} ({where}; {desc})", "fwd": timed(fwd),
+            "fwd_bwd": timed(fwd_bwd), "a": fwd().permute(2, 1, 0).cpu().double().numpy()}

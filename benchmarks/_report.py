@@ -17,14 +17,18 @@ def add_rates(res, flops, ceiling):
     that no fraction exceeds 1; its ``source`` then names that row.
     """
     for key, r in res.items():
-        f = {ph: flops[("core_" if key in CORE else "") + ph] for ph in ("fwd", "fwd_bwd")}
+        f = r.get("flops") or {ph: flops[("core_" if key in CORE else "") + ph]
+                               for ph in ("fwd", "fwd_bwd")}  # fmt: skip
         for ph in ("fwd", "fwd_bwd"):
             r[f"gflops_{ph}"] = f[ph] / (r[ph]["median_ms"] * 1e6)
             if r[f"gflops_{ph}"] > ceiling["gflops"]:
                 ceiling.update(gflops=r[f"gflops_{ph}"], source=f"{r['label']}, {ph}")
-            for ref in ("torch", "seed"):  # reference time / this time: > 1 is faster
-                if ref in res:
-                    ratio = res[ref][ph]["median_ms"] / r[ph]["median_ms"]
+            # reference time / this time: > 1 is faster. A model row (GRU, stacked
+            # bidirectional) is compared with its own torch module, and with no seed.
+            refs = {"torch": r["ref"], "seed": None} if "ref" in r else {"torch": "torch", "seed": "seed"}
+            for ref, key_ref in refs.items():
+                if key_ref in res:
+                    ratio = res[key_ref][ph]["median_ms"] / r[ph]["median_ms"]
                     r.setdefault(f"speedup_vs_{ref}", {})[ph] = ratio
     set_fractions(res, ceiling)
 

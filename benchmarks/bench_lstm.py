@@ -134,7 +134,7 @@ def main(argv=None):
     import xlstm  # noqa: F401  (imported for its version)
 
     torch = None
-    if args.worker in (None, "torch") or args.backend == "torch":
+    if args.worker is None or args.worker.startswith("torch") or args.backend == "torch":
         try:
             import torch
 
