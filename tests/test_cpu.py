@@ -62,6 +62,7 @@ def test_sequence_calls_run_the_compiled_loops(monkeypatch):
     assert calls == ["forward", "backward"]
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-loop", "python-replay"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("n_x", "n_a", "m", "T", "T_da", "chunk_rows"),
@@ -73,8 +74,12 @@ def test_sequence_calls_run_the_compiled_loops(monkeypatch):
         (6, 9, 2, 5, 5, 1),  # chunks of one step
     ],
 )
-def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_da, chunk_rows):
+def test_bit_identical_to_the_array_path(monkeypatch, dtype, n_x, n_a, m, T, T_da, chunk_rows,
+                                        whole):
+    """Both ways of running a recorded step: the compiled whole-time loop, and the Python
+    replay, which runs where some call of a step has no compiled twin."""
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(_cpu.Loops, "whole", whole)
     rng = np.random.default_rng(T * 100 + n_a)
     x, a0, c0, p = random_case(rng, n_x, n_a, 3, m, T, dtype=dtype)
     da = rng.standard_normal((n_a, m, T_da)).astype(dtype)
@@ -176,6 +181,102 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
     info = subprocess.run([sys.executable, "-m", "xlstm", "info"], env=env, text=True,
                           capture_output=True, check=True).stdout
     assert "compiled CPU loops: off (numba does not load" in info
+
+
+# -------------------------------------------------------------- the compiled whole loop
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_matmul_makes_numpys_calls(dtype):
+    """Every orientation numpy sends to BLAS as it is (gemm with either operand or the
+    output transposed, gemv for a single row or column) gives ``numpy.matmul``'s bits;
+    the cases it does not make (a dot, a copy first) are refused, not approximated."""
+    from xlstm import _native
+
+    lead = _native.blas(dtype)
+    if lead is None:
+        pytest.skip("numpy's BLAS is not reachable here (the loops stay in Python)")
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    cases = [(r(6, 40), r(40, 33)), (r(40, 6).T, r(40, 33)), (r(6, 40), r(33, 40).T),
+             (r(1, 40), r(40, 33)), (r(6, 40), r(40, 1)), (r(64, 64), r(64, 256)),
+             (r(6, 80)[:, ::2], r(40, 33))]  # the last: strided rows, numpy copies
+    ran = 0
+    for a, b in cases:
+        for out in (np.empty((a.shape[0], b.shape[1]), dtype),
+                    np.empty((b.shape[1], a.shape[0]), dtype).T):
+            if not _native.matmul_supported(a, b, out):
+                assert a.strides[1] != a.itemsize  # only the copying case is refused
+                continue
+            _native.matmul(*lead, a, b, out)
+            want = np.matmul(a, b, out=np.empty_like(out))  # the same layout
+            np.testing.assert_array_equal(_bits(out), _bits(want))
+            ran += 1
+    assert ran == 12
+    assert not _native.matmul_supported(r(6, 1), r(1, 5), np.empty((6, 5), dtype))  # a dot
+    shared = np.empty((8, 8), dtype)
+    assert not _native.matmul_supported(shared, shared, shared)  # numpy copies first
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_ufuncs_are_numpys_loops(dtype):
+    """tanh, sign, add, multiply and maximum by their numpy inner loops: on whole arrays,
+    column windows, one broadcast row and a number, bit for bit, non-finite values too;
+    add also on transposed operands (correctly rounded: every loop gives the same bits)."""
+    from xlstm import _native
+
+    rng = np.random.default_rng(1)
+    wide = (rng.standard_normal((7, 90)) * 30).astype(dtype)
+    wide[0, :4] = [np.inf, -np.inf, np.nan, -0.0]
+    x, win, row = wide[:, :45], wide[:, 17:62], wide[:1, 45:]
+    for uf in (np.tanh, np.sign):
+        call, lead = _native.ufunc_loop(uf, dtype)
+        for v in (x, win):
+            assert _native.ufunc_supported(np.dtype(dtype), v, np.empty_like(x))
+            out = np.empty(v.shape, dtype)
+            call(*lead, v, out)
+            np.testing.assert_array_equal(_bits(out), _bits(uf(v)))
+    for uf in (np.add, np.multiply, np.maximum):
+        for y in (win, row, dtype(0.5)):
+            scalar = not isinstance(y, np.ndarray)
+            call, lead = _native.ufunc_loop(uf, dtype, scalar)
+            out = np.empty(x.shape, dtype)
+            call(*lead, x, y, out)
+            np.testing.assert_array_equal(_bits(out), _bits(uf(x, y)))
+    call, lead = _native.ufunc_loop(np.add, dtype)
+    xt = np.asfortranarray(x)
+    assert not _native.ufunc_supported(np.dtype(dtype), xt, x, x.copy())
+    assert _native.ufunc_supported(np.dtype(dtype), xt, x, x.copy(), exact=True)
+    out = np.empty(x.shape, dtype)
+    call(*lead, xt, x, out)
+    np.testing.assert_array_equal(_bits(out), _bits(xt + x))
+
+
+def test_whole_loops_run_and_are_cached_on_disk(tmp_path):
+    """The recorded steps of every cell run as compiled whole loops, whose generated
+    modules land in XLSTM_CACHE_DIR; a second process loads them instead of compiling."""
+    from pathlib import Path
+
+    script = (
+        "import time, numpy as np, xlstm\n"
+        "from xlstm import _cpu\n"
+        "t = time.perf_counter()\n"
+        "for cls in (xlstm.LSTM, xlstm.GRU, xlstm.RNN):\n"
+        "    model = cls(3, 4, dtype='float32', seed=0)\n"
+        "    y, _, cache = model.forward(np.ones((3, 2, 5), np.float32))\n"
+        "    model.backward(np.ones_like(y), cache)\n"
+        "reps = list(_cpu.loops(np.float32)._replays.values())\n"
+        "assert len(reps) == 6 and all(r.whole is not None for r in reps), reps\n"
+        "print(time.perf_counter() - t)\n"
+    )
+    env = {**os.environ, "XLSTM_CACHE_DIR": str(tmp_path), "XLSTM_ACCEL": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, check=False) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert len(list(Path(tmp_path).glob("xlstm_whole_loop_*.py"))) == 6
+    assert list((Path(tmp_path) / "__pycache__").glob("xlstm_whole_loop_*.nbi"))
 
 
 _CACHE_SCRIPT = """

@@ -13,8 +13,13 @@ function runs as one compiled pass over the step's ``(m, n_a)`` grid (:func:`_ma
 The backward coefficients are formed inside the step's pass for a cell with
 ``inline_coeffs`` (its point function calls the coefficients' one), else for all steps
 first, in one compiled pass, as on the array path. The first step of every loop is
-recorded and written out as a straight-line function of the step number
-(:class:`_Replay`), which the later steps run: the cell's Python runs once per loop.
+recorded and written out as a straight-line body over the step number (:class:`_Replay`),
+which the later steps run: the cell's Python runs once per loop. That body is compiled,
+with the loop over the steps around it, into one numba function (the *whole loop*), which
+makes numpy's own BLAS and ufunc calls from inside (:mod:`xlstm._native`): no Python runs
+between steps. Where some call has no compiled twin, the body runs from Python, step by
+step. The generated modules and numba's machine code are cached on disk
+(:func:`_cache_dir`), so a new process loads them instead of compiling.
 
 Same numbers. ``tanh`` and the products are the calls the array path makes; the point
 functions are the same Python functions, compiled, evaluated on the same values in the
@@ -142,8 +147,23 @@ def _map_kernel(fn, kinds, out_kinds):
     for h in helpers:
         _jitable(h)
     text = src + "".join(inspect.getsource(f) for f in (fn, *helpers))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    name = f"xlstm_point_loop_{digest}"
+    return _compiled_module(f"xlstm_point_loop_{_digest(text)}", src, "kernel", {})
+
+
+def _digest(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _compiled_module(name, src, fn_name, scope):
+    """Function ``fn_name`` of the generated module source ``src``, compiled by numba.
+
+    The module is written to :func:`_cache_dir` as ``<name>.py`` (``name`` holds a hash of
+    everything its code depends on, so that a change never meets a stale cache) and
+    imported, so that numba caches its machine code on disk; the compiled function takes
+    the plain one's place in the module, as a decorated function would, for other generated
+    modules to import. Where nothing can be written there, or numba finds no place for its
+    cache, ``src`` runs in memory, with the globals ``scope``, and compiles once per process.
+    """
     try:
         folder = _cache_dir()
         os.makedirs(folder, exist_ok=True)
@@ -153,15 +173,22 @@ def _map_kernel(fn, kinds, out_kinds):
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(src)
             os.replace(tmp, path)  # atomic: a concurrent process sees all of it or nothing
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # numba's cache finds the module again by its name
-        spec.loader.exec_module(module)
-        return njit(cache=True, **_OPTIONS)(module.kernel)
-    except (OSError, RuntimeError):  # read-only home, or numba finds no cache locator
-        scope = {}
-        exec(compile(src, f"<xlstm point loop {name}>", "exec"), scope)  # noqa: S102
-        return njit(**_OPTIONS)(scope["kernel"])
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # numba's cache finds the module again by its name
+            spec.loader.exec_module(module)
+        compiled = getattr(module, fn_name)
+        if not isinstance(compiled, Dispatcher):
+            compiled = njit(cache=True, **_OPTIONS)(compiled)
+            setattr(module, fn_name, compiled)
+        return compiled
+    except (OSError, RuntimeError, ImportError):  # read-only home, no cache locator, or
+        # a generated module that imports one compiled in memory
+        scope = dict(scope)
+        exec(compile(src, f"<xlstm {name}>", "exec"), scope)  # noqa: S102
+        return njit(**_OPTIONS)(scope[fn_name])
 
 
 class BufferOps:
@@ -398,16 +425,15 @@ class _Replay:
             return name
 
         try:
-            calls = []
-            for k, (fn, args) in enumerate(tape):
-                consts[f"f{k}"] = fn
-                calls.append(f"f{k}({', '.join(expr(a, f'c{k}_{p}') for p, a in enumerate(args))})")
+            calls = [[expr(a, f"c{k}_{p}") for p, a in enumerate(args)]
+                     for k, (fn, args) in enumerate(tape)]
         except LookupError:
             return None
+        consts.update((f"f{k}", fn) for k, (fn, _) in enumerate(tape))
         slots = [f"s{q} = {steps.exprs[q]}" for q in sorted(used)]
+        body = [*slots, *(f"f{k}({', '.join(c)})" for k, c in enumerate(calls))]
         replay = cls()
-        replay.source = "\n".join(
-            [*prologue, "def replay(i):", *("    " + c for c in (*slots, *calls))])
+        replay.source = "\n".join([*prologue, "def replay(i):", *("    " + c for c in body)])
         replay.consts = consts
         # the free names of the source, in a fixed order, and where each one's value is
         names = sorted({*consts, *steps.scope, *(f"F_{k}" for k in fixed)})
@@ -415,17 +441,30 @@ class _Replay:
         replay.make = _maker(replay.source, "replay", tuple(names))
         replay.whole, replay.whole_names = None, ()
         twins = None if native is None else [native(fn, args) for fn, args in tape]
-        if twins is not None and all(t is not None for t in twins):
-            fns = {f"f{k}" for k in range(len(tape))}  # globals of the compiled loop
-            params = [n for n in names if n not in fns]
-            source = "\n".join([
-                f"def loop(lo, hi, stride, {', '.join(params)}):",
-                *("    " + line for line in prologue),
-                "    for i in range(lo, hi, stride):",
-                *("        " + c for c in (*slots, *calls)),
-            ])  # fmt: skip
-            replay.whole = _whole_loop(source, tuple(twins))
-            replay.whole_names = _where(params, consts, steps.scope)
+        if twins is None or any(t is None for t in twins):
+            return replay
+        # the compiled loop: each call by its twin, which takes leading arguments of its
+        # own (numpy's routines' addresses) before the recorded ones
+        for k, (_, lead) in enumerate(twins):
+            lead_names = [f"c{k}_L{j}" for j in range(len(lead))]
+            consts.update(zip(lead_names, lead))
+            calls[k] = [*lead_names, *calls[k]]
+        fns = {f"f{k}" for k in range(len(tape))}  # globals of the compiled loop
+        params = sorted({*consts, *steps.scope, *(f"F_{k}" for k in fixed)} - fns)
+        if len(params) + 3 == 20:
+            # numba 0.68 on CPython 3.11 leaves a 20-tuple in CPython's free list at every
+            # call of a function of exactly 20 arguments (up to 2000 of them, 400 kB): one
+            # spare argument more
+            consts["spare"] = 0
+            params.append("spare")
+        source = "\n".join([
+            f"def loop(lo, hi, stride, {', '.join(params)}):",
+            *("    " + line for line in prologue),
+            "    for i in range(lo, hi, stride):",
+            *("        " + c for c in (*slots, *(f"f{k}({', '.join(c)})" for k, c in enumerate(calls)))),
+        ])  # fmt: skip
+        replay.whole = _whole_loop(source, tuple(fn for fn, _ in twins))
+        replay.whole_names = _where(params, consts, steps.scope)
         return replay
 
     def bind(self, steps, fixed):
@@ -448,11 +487,34 @@ def _where(names, consts, scope):
 
 @functools.lru_cache(maxsize=256)
 def _whole_loop(source, twins):
-    """The compiled loop that ``source`` defines, its calls ``f<k>`` made by ``twins``
-    (compiled once per text and functions; numba compiles it once per argument types)."""
-    scope = {f"f{k}": fn for k, fn in enumerate(twins)}
-    exec(compile(source, "<xlstm whole loop>", "exec"), scope)  # noqa: S102
-    return njit(**_OPTIONS)(scope["loop"])
+    """The compiled loop that ``source`` defines, its calls ``f<k>`` made by the compiled
+    functions ``twins``: a generated module that imports them by name, cached on disk
+    (:func:`_compiled_module`; its name hashes the source, the imports and the code of the
+    modules that the twins come from), or compiled in memory where a twin has no name to be
+    imported by."""
+    imports, scope = [], {}
+    for k, fn in enumerate(twins):
+        scope[f"f{k}"] = fn
+        module, name = fn.py_func.__module__, fn.py_func.__name__
+        if getattr(sys.modules.get(module), name, None) is not fn:
+            module = None  # compiled in memory: cannot be imported
+        imports.append(f"from {module} import {name} as f{k}")
+    src = (f"# Generated by xlstm._cpu: one compiled time loop; safe to delete.\n"
+           + "\n".join(imports) + "\n\n\n" + source + "\n")
+    if any(line.startswith("from None ") for line in imports):
+        src = source  # runs in memory only, with the twins in its scope
+    return _compiled_module(f"xlstm_whole_loop_{_digest(src + _code_digest())}", src,
+                            "loop", scope)
+
+
+@functools.cache
+def _code_digest():
+    """A hash of the code that the compiled loops call (this module and
+    :mod:`xlstm._native`): numba does not notice when a function that a cached one calls
+    has changed, so the generated loops' names change with it instead."""
+    from . import _native
+
+    return _digest(inspect.getsource(sys.modules[__name__]) + inspect.getsource(_native))
 
 
 @functools.lru_cache(maxsize=256)
@@ -698,39 +760,27 @@ _EXACT = (np.add, np.multiply)
 
 
 def _twin(dtype, fn, args):
-    """The compiled twin of the recorded call ``fn(*args)`` (a function of the same
-    arguments that makes the same numpy calls, :mod:`xlstm._native`), or ``None``."""
+    """The compiled twin of the recorded call ``fn(*args)``: ``(twin, lead)``, a compiled
+    function that makes the same numpy calls (:mod:`xlstm._native`) when called as
+    ``twin(*lead, *args)``; ``None`` where there is none."""
     from . import _native
 
     if isinstance(fn, Dispatcher):  # a point loop or a row helper: compiled already
-        return fn
+        return fn, ()
     views = [_view(a) for a in args]
     if fn is np.matmul or fn is _matmul_t:
         a, b, out = views
-        call = _native.blas(dtype)
-        if fn is _matmul_t:
-            b, call = b.T, call and _blas_t(call)
-        return call if call is not None and _native.matmul_supported(a, b, out) else None
+        lead = _native.blas(dtype)
+        ok = lead is not None and _native.matmul_supported(a, b.T if fn is _matmul_t else b, out)
+        return ((_native.matmul if fn is np.matmul else _native.matmul_t), lead) if ok else None
     if fn is np.copyto:
         dst, src = views
         ok = isinstance(src, np.ndarray) and src.shape == dst.shape and src.dtype == dst.dtype
-        return _native.copyto if ok else None
+        return (_native.copyto, ()) if ok else None
     uf = _UFUNCS.get(fn)
     if uf is None or not _native.ufunc_supported(dtype, *views, exact=uf in _EXACT):
         return None
-    scalar = uf.nin == 2 and not isinstance(views[1], np.ndarray)
-    return _native.ufunc_loop(uf, dtype, scalar)
-
-
-@functools.cache
-def _blas_t(call):
-    """``call(a, b.T, out)`` as a compiled ``(a, b, out)``: the twin of :func:`_matmul_t`."""
-
-    @njit(**_OPTIONS)
-    def matmul_t(a, b, out):
-        call(a, b.T, out)
-
-    return matmul_t
+    return _native.ufunc_loop(uf, dtype, uf.nin == 2 and not isinstance(views[1], np.ndarray))
 
 
 def loops(dtype):

@@ -4,17 +4,20 @@ The compiled whole-time loops of :mod:`xlstm._cpu` run a cell's recorded step in
 numba function, so that no Python runs between steps. To give the array path's numbers bit
 for bit they must make numpy's own calls, not equivalents:
 
-* :func:`blas` makes the BLAS call that ``numpy.matmul`` makes for 2-D operands (its
+* :func:`matmul` makes the BLAS call that ``numpy.matmul`` makes for 2-D operands (its
   ``gemm``, or ``gemv`` where one side is a single row or column), through the ``cblas``
   symbols of the BLAS that numpy itself is linked against, with numpy's choice of order,
   transposition and leading dimensions;
-* :func:`ufunc_loop` runs a numpy ufunc's own inner loop (``tanh``, ``add``, ...), obtained
-  through numpy's ``_get_strided_loop``, over the rows of 2-D operands as numpy's iterator
-  would hand them over.
+* :func:`ufunc1` and :func:`ufunc2` run a numpy ufunc's own inner loop (``tanh``, ``add``,
+  ...), obtained through numpy's ``_get_strided_loop``, over the rows of 2-D operands as
+  numpy's iterator hands them over.
 
-Each is checked against numpy on first use (:func:`blas`, :func:`ufunc_loop`); where a
-symbol is missing, the numpy build differs, or a result is not bit-identical, they return
-``None`` and the loops stay in Python. Nothing here is imported unless numba is.
+The routines' addresses are found once per process (:func:`blas`, :func:`ufunc_loop`,
+each checked bit for bit against numpy on first use; ``None`` where a symbol is missing, the
+numpy build differs or a result differs, and the loops then stay in Python) and travel as
+plain integer arguments, called through :func:`ccall`: no compiled function holds a
+process's address, so numba can cache them all on disk. Nothing here is imported unless
+numba is.
 """
 
 from __future__ import annotations
@@ -24,27 +27,45 @@ import functools
 import importlib
 
 import numpy as np
-from numba import njit
-from numba.extending import register_jitable
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, register_jitable
 
-__all__ = ["blas", "copyto", "matmul_supported", "ufunc_loop", "ufunc_supported"]
+__all__ = ["blas", "ccall", "copyto", "matmul", "matmul_t", "matmul_supported", "ufunc1",
+           "ufunc2", "ufunc2_scalar", "ufunc_loop", "ufunc_supported"]
 
-_SIZE = ctypes.c_size_t  # pointers travel as integers (the same register on every ABI)
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
 _ROW_MAJOR, _COL_MAJOR, _NO_TRANS, _TRANS = 101, 102, 111, 112
-#: (prefix, suffix, integer type) of the cblas symbols numpy may be linked against:
+#: (prefix, suffix, 64-bit integers) of the cblas symbols numpy may be linked against:
 #: scipy-openblas (ILP64 or LP64), OpenBLAS built with a 64-bit suffix, plain cblas.
-_SYMBOLS = (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
-            ("scipy_", "", ctypes.c_int), ("", "", ctypes.c_int))
-_CTYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+_SYMBOLS = (("scipy_", "64_", True), ("", "64_", True), ("scipy_", "", False), ("", "", False))
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _umath():
-    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
+def _jit(fn):
+    """``fn`` compiled by numba, cached on disk where numba finds a place (else in memory)."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(**_OPTIONS)(fn)
+
+
+@intrinsic
+def ccall(typingctx, address, args):
+    """Call the C function at ``address`` (an integer) with the values of the tuple
+    ``args``, in their numba types (``int32``, ``int64``, ``float32``, ``float64``; pointers
+    as integers), and ignore what it returns."""
+    if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        values = cgutils.unpack_tuple(builder, llargs[1], len(args))
+        fnty = ir.FunctionType(ir.VoidType(), [v.type for v in values])
+        builder.call(builder.inttoptr(llargs[0], fnty.as_pointer()), values)
+        return context.get_dummy_value()
+
+    return types.void(address, args), codegen
 
 
 def _same_bits(a, b) -> bool:
@@ -64,7 +85,7 @@ def matmul_case(dm, dn, dp, is1_m, is1_n, is2_n, is2_p, os_m, os_p, size):
     """What ``numpy.matmul`` does with 2-D operands of these sizes and byte strides: 1 the
     matrix-matrix ``gemm`` with every operand as it is, 2 ``gemv`` of a row vector times a
     matrix, 3 ``gemv`` of a matrix times a column vector, 0 anything else (a dot, a loop
-    without BLAS, or a copy into a temporary first), which :func:`blas`'s call does not make."""
+    without BLAS, or a copy into a temporary first), which :func:`matmul` does not make."""
     if dm == 0 or dn == 0 or dp == 0:
         return 0
     i1 = is_blasable2d(is1_m, is1_n, dm, dn, size) or is_blasable2d(is1_n, is1_m, dn, dm, size)
@@ -82,10 +103,10 @@ def matmul_case(dm, dn, dp, is1_m, is1_n, is2_n, is2_p, os_m, os_p, size):
 
 
 def matmul_supported(a, b, out) -> bool:
-    """Whether :func:`blas`'s call makes numpy's call for ``numpy.matmul(a, b, out=out)``."""
+    """Whether :func:`matmul` makes numpy's call for ``numpy.matmul(a, b, out=out)``."""
     if not all(isinstance(v, np.ndarray) and v.ndim == 2 for v in (a, b, out)):
         return False
-    if not a.dtype == b.dtype == out.dtype or a.dtype not in _CTYPES:
+    if not a.dtype == b.dtype == out.dtype or a.dtype not in _FLOATS:
         return False
     if np.shares_memory(out, a) or np.shares_memory(out, b):  # numpy would copy first
         return False
@@ -93,115 +114,135 @@ def matmul_supported(a, b, out) -> bool:
     return matmul_case(dm, dn, dp, *a.strides, *b.strides, *out.strides, a.itemsize) > 0
 
 
-def _blas_functions(dtype):
-    """The ctypes ``(gemm, gemv)`` of numpy's BLAS for ``dtype``, or ``None``."""
+@register_jitable
+def _gemm(wide, address, order, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c, ldc):
+    if wide:
+        ccall(address, (np.int32(order), np.int32(ta), np.int32(tb), np.int64(m), np.int64(n),
+                        np.int64(k), one, a, np.int64(lda), b, np.int64(ldb), zero, c,
+                        np.int64(ldc)))
+    else:
+        ccall(address, (np.int32(order), np.int32(ta), np.int32(tb), np.int32(m), np.int32(n),
+                        np.int32(k), one, a, np.int32(lda), b, np.int32(ldb), zero, c,
+                        np.int32(ldc)))
+
+
+@register_jitable
+def _gemv(wide, address, order, trans, m, n, one, a, lda, x, incx, zero, y, incy):
+    if wide:
+        ccall(address, (np.int32(order), np.int32(trans), np.int64(m), np.int64(n), one, a,
+                        np.int64(lda), x, np.int64(incx), zero, y, np.int64(incy)))
+    else:
+        ccall(address, (np.int32(order), np.int32(trans), np.int32(m), np.int32(n), one, a,
+                        np.int32(lda), x, np.int32(incx), zero, y, np.int32(incy)))
+
+
+@_jit
+def matmul(gemm, gemv, wide, a, b, out):
+    """``numpy.matmul(a, b, out=out)`` for 2-D operands (:func:`matmul_supported`), by the
+    BLAS functions at ``gemm`` and ``gemv`` (``wide``: 64-bit integers), as numpy makes it."""
+    one, zero = out.dtype.type(1), out.dtype.type(0)
+    dm, dn = a.shape
+    dp = b.shape[1]
+    size = a.itemsize
+    is1_m, is1_n = a.strides
+    is2_n, is2_p = b.strides
+    os_m, os_p = out.strides
+    case = matmul_case(dm, dn, dp, is1_m, is1_n, is2_n, is2_p, os_m, os_p, size)
+    pa, pb, po = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    if case == 2 or case == 3:
+        if case == 2:  # row @ matrix: numpy swaps the operands
+            pm, pv, s_m, s_n, s_v, s_o, rows = pb, pa, is2_p, is2_n, is1_n, os_p, dp
+        else:
+            pm, pv, s_m, s_n, s_v, s_o, rows = pa, pb, is1_m, is1_n, is2_n, os_m, dm
+        if is_blasable2d(s_m, s_n, rows, dn, size):
+            order, lda = _COL_MAJOR, s_m // size
+        else:
+            order, lda = _ROW_MAJOR, s_n // size
+        _gemv(wide, gemv, order, _TRANS, dn, rows, one, pm, lda, pv, s_v // size, zero, po,
+              s_o // size)
+        return
+    if case != 1:
+        raise ValueError("matmul: not a case that numpy sends to BLAS as it is")
+    if abs(os_m) < abs(os_p):  # matmul(a, b, o) == matmul(b.T, a.T, o.T)
+        pa, pb = pb, pa
+        dm, dp = dp, dm
+        is1_m, is1_n, is2_n, is2_p = is2_p, is2_n, is1_n, is1_m
+        os_m, os_p = os_p, os_m
+    if is_blasable2d(is1_m, is1_n, dm, dn, size):
+        ta, lda = _NO_TRANS, is1_m // size
+    else:
+        ta, lda = _TRANS, is1_n // size
+    if is_blasable2d(is2_n, is2_p, dn, dp, size):
+        tb, ldb = _NO_TRANS, is2_n // size
+    else:
+        tb, ldb = _TRANS, is2_p // size
+    _gemm(wide, gemm, _ROW_MAJOR, ta, tb, dm, dp, dn, one, pa, lda, pb, ldb, zero, po,
+          os_m // size)
+
+
+@_jit
+def matmul_t(gemm, gemv, wide, a, b, out):
+    """:func:`matmul` of ``a`` and ``b.T``: ``numpy.matmul(a, b.T, out=out)``."""
+    matmul(gemm, gemv, wide, a, b.T, out)
+
+
+def _umath():
+    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _blas_addresses(dtype):
+    """``(gemm, gemv, wide)``: the addresses of numpy's BLAS routines for ``dtype`` and
+    whether they take 64-bit integers; ``None`` where they cannot be found."""
     umath = _umath()
-    if umath is None or dtype not in _CTYPES:
+    if umath is None:
         return None
     try:
         lib = ctypes.CDLL(umath.__file__)  # its symbols and those of the libraries it needs
     except OSError:
         return None
     letter = "s" if dtype == np.float32 else "d"
-    real = _CTYPES[dtype]
-    for prefix, suffix, integer in _SYMBOLS:
+    for prefix, suffix, wide in _SYMBOLS:
         try:
             gemm = getattr(lib, f"{prefix}cblas_{letter}gemm{suffix}")
             gemv = getattr(lib, f"{prefix}cblas_{letter}gemv{suffix}")
         except AttributeError:
             continue
-        enum = ctypes.c_int
-        gemm_t = ctypes.CFUNCTYPE(None, enum, enum, enum, integer, integer, integer, real,
-                                  _SIZE, integer, _SIZE, integer, real, _SIZE, integer)
-        gemv_t = ctypes.CFUNCTYPE(None, enum, enum, integer, integer, real, _SIZE, integer,
-                                  _SIZE, integer, real, _SIZE, integer)
-        address = ctypes.cast(gemm, ctypes.c_void_p).value
-        address_v = ctypes.cast(gemv, ctypes.c_void_p).value
-        return gemm_t(address), gemv_t(address_v)
+        address = lambda f: ctypes.cast(f, ctypes.c_void_p).value
+        return address(gemm), address(gemv), wide
     return None
-
-
-def _make_matmul(gemm, gemv, dtype):
-    one, zero = dtype.type(1), dtype.type(0)
-
-    @njit(nogil=True)
-    def call(a, b, out):
-        dm, dn = a.shape
-        dp = b.shape[1]
-        size = a.itemsize
-        is1_m, is1_n = a.strides
-        is2_n, is2_p = b.strides
-        os_m, os_p = out.strides
-        case = matmul_case(dm, dn, dp, is1_m, is1_n, is2_n, is2_p, os_m, os_p, size)
-        pa, pb, po = a.ctypes.data, b.ctypes.data, out.ctypes.data
-        if case == 2 or case == 3:
-            if case == 2:  # row @ matrix: numpy swaps the operands
-                pm, pv, s_m, s_n, s_v, s_o, rows = pb, pa, is2_p, is2_n, is1_n, os_p, dp
-            else:
-                pm, pv, s_m, s_n, s_v, s_o, rows = pa, pb, is1_m, is1_n, is2_n, os_m, dm
-            if is_blasable2d(s_m, s_n, rows, dn, size):
-                order, lda = _COL_MAJOR, s_m // size
-            else:
-                order, lda = _ROW_MAJOR, s_n // size
-            gemv(order, _TRANS, dn, rows, one, pm, lda, pv, s_v // size, zero, po,
-                 s_o // size)
-            return
-        if case != 1:
-            raise ValueError("matmul: not a case that numpy sends to gemm as it is")
-        if abs(os_m) < abs(os_p):  # matmul(a, b, o) == matmul(b.T, a.T, o.T)
-            pa, pb = pb, pa
-            dm, dp = dp, dm
-            is1_m, is1_n, is2_n, is2_p = is2_p, is2_n, is1_n, is1_m
-            os_m, os_p = os_p, os_m
-        if is_blasable2d(is1_m, is1_n, dm, dn, size):
-            ta, lda = _NO_TRANS, is1_m // size
-        else:
-            ta, lda = _TRANS, is1_n // size
-        if is_blasable2d(is2_n, is2_p, dn, dp, size):
-            tb, ldb = _NO_TRANS, is2_n // size
-        else:
-            tb, ldb = _TRANS, is2_p // size
-        gemm(_ROW_MAJOR, ta, tb, dm, dp, dn, one, pa, lda, pb, ldb, zero, po, os_m // size)
-
-    return call
-
-
-def _probe_matmul(call, dtype) -> bool:
-    """Whether ``call`` gives ``numpy.matmul``'s bits, in every case and orientation."""
-    rng = np.random.default_rng(0)
-
-    def r(*shape):
-        return rng.standard_normal(shape).astype(dtype)
-
-    a, b, v = r(7, 9), r(9, 11), r(1, 9)
-    cases = [(a, b), (r(9, 7).T, b), (a, r(11, 9).T), (v, b), (v, r(11, 9).T), (a, r(9, 1)),
-             (r(9, 7).T, r(1, 9).T)]
-    for x, y in cases:
-        for out in (np.empty((x.shape[0], y.shape[1]), dtype),
-                    np.empty((y.shape[1], x.shape[0]), dtype).T):
-            if not matmul_supported(x, y, out):
-                return False
-            call(x, y, out)
-            if not _same_bits(out, np.matmul(x, y)):
-                return False
-    return True
 
 
 @functools.cache
 def blas(dtype):
-    """``matmul(a, b, out)``, compiled, making numpy's BLAS call for ``dtype`` (float32 or
-    float64) where :func:`matmul_supported`; ``None`` where numpy's BLAS cannot be reached
-    or does not give numpy's results."""
+    """The leading arguments ``(gemm, gemv, wide)`` of :func:`matmul` for ``dtype``
+    (float32 or float64), or ``None`` where numpy's BLAS cannot be reached or :func:`matmul`
+    does not give ``numpy.matmul``'s bits in every case and orientation."""
     dtype = np.dtype(dtype)
-    fns = _blas_functions(dtype)
-    if fns is None:
+    found = None if dtype not in _FLOATS else _blas_addresses(dtype)
+    if found is None:
         return None
-    call = _make_matmul(*fns, dtype)
+    rng = np.random.default_rng(0)
+    r = lambda *shape: rng.standard_normal(shape).astype(dtype)
+    a, b, v = r(7, 9), r(9, 11), r(1, 9)
+    cases = [(a, b), (r(9, 7).T, b), (a, r(11, 9).T), (v, b), (v, r(11, 9).T), (a, r(9, 1)),
+             (r(9, 7).T, r(1, 9).T)]
     try:
-        ok = _probe_matmul(call, dtype)
+        for x, y in cases:
+            for out in (np.empty((x.shape[0], y.shape[1]), dtype),
+                        np.empty((y.shape[1], x.shape[0]), dtype).T):
+                if not matmul_supported(x, y, out):
+                    return None
+                matmul(*found, x, y, out)
+                if not _same_bits(out, np.matmul(x, y, out=np.empty_like(out))):
+                    return None
     except Exception:  # noqa: BLE001 - any failure leaves the Python loops in charge
         return None
-    return call if ok else None
+    return found
 
 
 # ------------------------------------------------------------------------------ ufuncs
@@ -210,14 +251,13 @@ class _CallInfo(ctypes.Structure):
                 ("auxdata", ctypes.c_void_p), ("requires_pyapi", ctypes.c_bool)]
 
 
-_LOOP_T = ctypes.CFUNCTYPE(ctypes.c_int, _SIZE, _SIZE, _SIZE, _SIZE, _SIZE)
 _CAPSULE = b"numpy_1.24_ufunc_call_info"
 #: The call-info capsules, kept alive for as long as their loops may run.
 _KEEP = []
 
 
 def _strided_loop(uf, dtype):
-    """``(loop, context, auxdata)`` of ufunc ``uf`` on ``dtype`` operands, or ``None``."""
+    """``(loop, context, auxdata)`` addresses of ufunc ``uf`` on ``dtype`` operands."""
     try:
         dtypes = (dtype,) * (uf.nin + uf.nout)
         _, info = uf._resolve_dtypes_and_context(dtypes)
@@ -230,7 +270,7 @@ def _strided_loop(uf, dtype):
     if not c.loop or c.requires_pyapi:
         return None
     _KEEP.append(info)
-    return _LOOP_T(c.loop), c.context or 0, c.auxdata or 0
+    return c.loop, c.context or 0, c.auxdata or 0
 
 
 @register_jitable
@@ -239,56 +279,67 @@ def _row_step(v, m):
     return 0 if v.shape[0] == 1 and m > 1 else v.strides[0]
 
 
-def _make_ufunc(loop, context, auxdata, nin, scalar):
-    """The compiled call of a ufunc loop: ``call(x, out)`` or ``call(x, y, out)``; with
-    ``scalar`` the last input is a number (stride 0), as numpy passes a Python scalar."""
+@register_jitable
+def _run_loop(loop, context, auxdata, m, n, ptrs, rows, steps, held):
+    """Call the strided loop on ``m`` rows of ``n`` elements: operand ``q`` of row ``r`` at
+    ``ptrs[q] + r rows[q]``, its elements ``steps[q]`` bytes apart. Rows that follow each
+    other in every operand go as one call, as numpy's iterator joins them.
 
-    @njit(nogil=True)
-    def call1(x, out):
-        m, n = out.shape
-        data = np.empty(2, np.intp)
-        dims = np.empty(1, np.intp)
-        steps = np.empty(2, np.intp)
-        steps[0], steps[1] = x.strides[1], out.strides[1]
-        rx, ro = _row_step(x, m), _row_step(out, m)
-        if rx == n * x.strides[1] and ro == n * out.strides[1]:
-            m, n = 1, m * n  # numpy's iterator joins adjacent rows into one call
-        dims[0] = n
-        for r in range(m):
-            data[0], data[1] = x.ctypes.data + r * rx, out.ctypes.data + r * ro
-            loop(context, data.ctypes.data, dims.ctypes.data, steps.ctypes.data, auxdata)
+    The arrays whose addresses the loop reads (``held``, the scratch arrays) are read again
+    after the calls: numba frees an array after its last use, and a use of its address
+    alone does not count."""
+    k = len(ptrs)
+    base = np.empty(k, np.intp)
+    row = np.empty(k, np.intp)
+    strides = np.empty(k, np.intp)
+    joined = m > 1
+    for q in range(k):
+        base[q], row[q], strides[q] = ptrs[q], rows[q], steps[q]
+        joined = joined and row[q] == n * strides[q]
+    if joined:
+        m, n = 1, m * n
+    data = np.empty(k, np.intp)
+    dims = np.full(1, n, np.intp)
+    for r in range(m):
+        for q in range(k):
+            data[q] = base[q] + r * row[q]
+        ccall(loop, (context, data.ctypes.data, dims.ctypes.data, strides.ctypes.data, auxdata))
+    return data[0] + dims[0] + strides[0] + held[0]
 
-    @njit(nogil=True)
-    def call2(x, y, out):
-        m, n = out.shape
-        data = np.empty(3, np.intp)
-        dims = np.empty(1, np.intp)
-        steps = np.empty(3, np.intp)
-        rx, ro = _row_step(x, m), _row_step(out, m)
-        if scalar:
-            held = np.empty(1, out.dtype)
-            held[0] = y
-            py, ry, sy = held.ctypes.data, 0, 0
-            joined = True
-        else:
-            py, ry, sy = y.ctypes.data, _row_step(y, m), y.strides[1]
-            joined = ry == n * sy
-        steps[0], steps[1], steps[2] = x.strides[1], sy, out.strides[1]
-        if joined and rx == n * x.strides[1] and ro == n * out.strides[1]:
-            m, n = 1, m * n
-        dims[0] = n
-        for r in range(m):
-            data[0], data[1], data[2] = x.ctypes.data + r * rx, py + r * ry, out.ctypes.data + r * ro
-            loop(context, data.ctypes.data, dims.ctypes.data, steps.ctypes.data, auxdata)
 
-    return call1 if nin == 1 else call2
+@_jit
+def ufunc1(loop, context, auxdata, x, out):
+    """``ufunc(x, out=out)`` by its strided loop (:func:`ufunc_loop`), 2-D operands."""
+    m, n = out.shape
+    _run_loop(loop, context, auxdata, m, n, (x.ctypes.data, out.ctypes.data),
+              (_row_step(x, m), out.strides[0]), (x.strides[1], out.strides[1]), out[0])
+
+
+@_jit
+def ufunc2(loop, context, auxdata, x, y, out):
+    """``ufunc(x, y, out=out)`` by its strided loop, 2-D operands (``y`` may be one row)."""
+    m, n = out.shape
+    _run_loop(loop, context, auxdata, m, n, (x.ctypes.data, y.ctypes.data, out.ctypes.data),
+              (_row_step(x, m), _row_step(y, m), out.strides[0]),
+              (x.strides[1], y.strides[1], out.strides[1]), out[0])
+
+
+@_jit
+def ufunc2_scalar(loop, context, auxdata, x, y, out):
+    """``ufunc(x, y, out=out)`` with a number ``y``, which numpy passes with stride 0."""
+    m, n = out.shape
+    held = np.empty(1, out.dtype)
+    held[0] = y
+    _run_loop(loop, context, auxdata, m, n, (x.ctypes.data, held.ctypes.data, out.ctypes.data),
+              (_row_step(x, m), 0, out.strides[0]), (x.strides[1], 0, out.strides[1]), held)
 
 
 def ufunc_supported(dtype, *operands, exact=False) -> bool:
-    """Whether :func:`ufunc_loop`'s call runs numpy's loop on these operands as numpy would: 2-D
-    arrays of ``dtype`` with contiguous rows, of the output's shape or one broadcast row,
-    and numbers (the last input only). With ``exact`` (a correctly rounded operation, such
-    as ``add``, whose every path gives the same bits) rows may have any strides."""
+    """Whether :func:`ufunc1`/:func:`ufunc2` run numpy's loop on these operands as numpy
+    would: 2-D arrays of ``dtype`` with contiguous rows, of the output's shape or one
+    broadcast row, and a number as the last input. With ``exact`` (a correctly rounded
+    operation, such as ``add``, whose every loop gives the same bits) rows may have any
+    strides."""
     out = operands[-1]
     if not (isinstance(out, np.ndarray) and out.ndim == 2 and out.dtype == dtype):
         return False
@@ -307,14 +358,15 @@ def ufunc_supported(dtype, *operands, exact=False) -> bool:
 
 @functools.cache
 def ufunc_loop(uf, dtype, scalar=False):
-    """numpy ufunc ``uf``'s own inner loop for ``dtype``, compiled into a call
-    ``(x, out)`` or ``(x, y, out)`` over 2-D operands (:func:`ufunc_supported`); ``None``
-    where numpy does not give it out, or it does not reproduce ``uf``'s bits."""
+    """``(call, (loop, context, auxdata))``: the compiled call of numpy ufunc ``uf`` on
+    ``dtype`` (:func:`ufunc1`, :func:`ufunc2` or, with ``scalar``, :func:`ufunc2_scalar`)
+    and the leading arguments it takes; ``None`` where numpy does not give the loop out,
+    or the call does not reproduce ``uf``'s bits."""
     dtype = np.dtype(dtype)
     found = _strided_loop(uf, dtype)
     if found is None:
         return None
-    call = _make_ufunc(*found, uf.nin, scalar)
+    call = ufunc1 if uf.nin == 1 else ufunc2_scalar if scalar else ufunc2
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, 37)) * 4).astype(dtype)
     y = dtype.type(0.25) if scalar else (rng.standard_normal((1, 37)) * 4).astype(dtype)
@@ -322,15 +374,15 @@ def ufunc_loop(uf, dtype, scalar=False):
         for view in (x, np.concatenate([x, x], axis=1)[:, 3:40]):
             out = np.empty(view.shape, dtype)
             args = (view,) if uf.nin == 1 else (view, y)
-            call(*args, out)
+            call(*found, *args, out)
             if not _same_bits(out, uf(*args)):
                 return None
     except Exception:  # noqa: BLE001
         return None
-    return call
+    return call, found
 
 
-@njit(nogil=True)
+@_jit
 def copyto(dst, src):
     """``numpy.copyto(dst, src)`` for 2-D arrays of one shape."""
     for r in range(dst.shape[0]):
