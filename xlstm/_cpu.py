@@ -43,10 +43,11 @@ from numba import njit
 from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import register_jitable
 
+from . import _native
+from ._native import OPTIONS as _OPTIONS
+from ._native import cached_jit
+
 __all__ = ["BufferOps", "Loops", "loops"]
-
-_OPTIONS = {"nogil": True, "error_model": "numpy"}
-
 
 def _cache_dir():
     """Where the generated loop modules live (numba caches their machine code next to
@@ -512,8 +513,6 @@ def _code_digest():
     """A hash of the code that the compiled loops call (this module and
     :mod:`xlstm._native`): numba does not notice when a function that a cached one calls
     has changed, so the generated loops' names change with it instead."""
-    from . import _native
-
     return _digest(inspect.getsource(sys.modules[__name__]) + inspect.getsource(_native))
 
 
@@ -715,16 +714,9 @@ class Loops:
 
 
 _MISSING = object()
-def _static(fn):
-    """``fn`` compiled by numba, its machine code cached on disk where numba finds a place
-    for it (in memory otherwise)."""
-    try:
-        return njit(cache=True, **_OPTIONS)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(**_OPTIONS)(fn)
 
 
-@_static
+@cached_jit
 def _keep_rows(dst, src, idle):
     """``src`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``: the array path's
     ``where(active, new, old)`` for a padded row (one compiled call; numpy's masked
@@ -735,7 +727,7 @@ def _keep_rows(dst, src, idle):
                 dst[r, j] = src[r, j]
 
 
-@_static
+@cached_jit
 def _zero_rows(dst, idle, zero):
     """``zero`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``."""
     for r in range(dst.shape[0]):
@@ -763,8 +755,6 @@ def _twin(dtype, fn, args):
     """The compiled twin of the recorded call ``fn(*args)``: ``(twin, lead)``, a compiled
     function that makes the same numpy calls (:mod:`xlstm._native`) when called as
     ``twin(*lead, *args)``; ``None`` where there is none."""
-    from . import _native
-
     if isinstance(fn, Dispatcher):  # a point loop or a row helper: compiled already
         return fn, ()
     views = [_view(a) for a in args]

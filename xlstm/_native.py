@@ -32,10 +32,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["blas", "ccall", "copyto", "matmul", "matmul_t", "matmul_supported", "ufunc1",
+__all__ = ["OPTIONS", "blas", "cached_jit", "ccall", "copyto", "matmul", "matmul_t", "matmul_supported", "ufunc1",
            "ufunc2", "ufunc2_scalar", "ufunc_loop", "ufunc_supported"]
 
-_OPTIONS = {"nogil": True, "error_model": "numpy"}
+#: numba's options for every compiled loop of the package.
+OPTIONS = {"nogil": True, "error_model": "numpy"}
 _ROW_MAJOR, _COL_MAJOR, _NO_TRANS, _TRANS = 101, 102, 111, 112
 #: (prefix, suffix, 64-bit integers) of the cblas symbols numpy may be linked against:
 #: scipy-openblas (ILP64 or LP64), OpenBLAS built with a 64-bit suffix, plain cblas.
@@ -43,12 +44,13 @@ _SYMBOLS = (("scipy_", "64_", True), ("", "64_", True), ("scipy_", "", False), (
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _jit(fn):
-    """``fn`` compiled by numba, cached on disk where numba finds a place (else in memory)."""
+def cached_jit(fn):
+    """``fn`` compiled by numba, its machine code cached on disk where numba finds a place
+    for it (in memory otherwise)."""
     try:
-        return njit(cache=True, **_OPTIONS)(fn)
+        return njit(cache=True, **OPTIONS)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(**_OPTIONS)(fn)
+        return njit(**OPTIONS)(fn)
 
 
 @intrinsic
@@ -136,7 +138,7 @@ def _gemv(wide, address, order, trans, m, n, one, a, lda, x, incx, zero, y, incy
                         np.int32(lda), x, np.int32(incx), zero, y, np.int32(incy)))
 
 
-@_jit
+@cached_jit
 def matmul(gemm, gemv, wide, a, b, out):
     """``numpy.matmul(a, b, out=out)`` for 2-D operands (:func:`matmul_supported`), by the
     BLAS functions at ``gemm`` and ``gemv`` (``wide``: 64-bit integers), as numpy makes it."""
@@ -180,7 +182,7 @@ def matmul(gemm, gemv, wide, a, b, out):
           os_m // size)
 
 
-@_jit
+@cached_jit
 def matmul_t(gemm, gemv, wide, a, b, out):
     """:func:`matmul` of ``a`` and ``b.T``: ``numpy.matmul(a, b.T, out=out)``."""
     matmul(gemm, gemv, wide, a, b.T, out)
@@ -307,7 +309,7 @@ def _run_loop(loop, context, auxdata, m, n, ptrs, rows, steps, held):
     return data[0] + dims[0] + strides[0] + held[0]
 
 
-@_jit
+@cached_jit
 def ufunc1(loop, context, auxdata, x, out):
     """``ufunc(x, out=out)`` by its strided loop (:func:`ufunc_loop`), 2-D operands."""
     m, n = out.shape
@@ -315,7 +317,7 @@ def ufunc1(loop, context, auxdata, x, out):
               (_row_step(x, m), out.strides[0]), (x.strides[1], out.strides[1]), out[0])
 
 
-@_jit
+@cached_jit
 def ufunc2(loop, context, auxdata, x, y, out):
     """``ufunc(x, y, out=out)`` by its strided loop, 2-D operands (``y`` may be one row)."""
     m, n = out.shape
@@ -324,7 +326,7 @@ def ufunc2(loop, context, auxdata, x, y, out):
               (x.strides[1], y.strides[1], out.strides[1]), out[0])
 
 
-@_jit
+@cached_jit
 def ufunc2_scalar(loop, context, auxdata, x, y, out):
     """``ufunc(x, y, out=out)`` with a number ``y``, which numpy passes with stride 0."""
     m, n = out.shape
@@ -382,7 +384,7 @@ def ufunc_loop(uf, dtype, scalar=False):
     return call, found
 
 
-@_jit
+@cached_jit
 def copyto(dst, src):
     """``numpy.copyto(dst, src)`` for 2-D arrays of one shape."""
     for r in range(dst.shape[0]):
