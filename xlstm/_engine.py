@@ -183,6 +183,10 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
         keys = (*cell.param_keys(params), *(head or ()))
         params = {k: copy(params[k]) for k in keys}
     WxT, bx, WaT, ba = cell.fuse_forward(params, n_a, xp=xp)
+    # The recurrent weights C-ordered (one small copy per call): OpenBLAS's per-step product
+    # with a transposed view took 17.1 us against 5.7 us at (m, n_a) = (16, 64) in float32,
+    # and no longer at (64, 256), with the same results.
+    WaT = c_contiguous(WaT)
     consts = (WaT,) if ba is None else (WaT, ba)
     if head is not None:
         WyT = xp.matrix_transpose(params[head[0]])
