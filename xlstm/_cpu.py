@@ -645,13 +645,17 @@ class Loops:
         # One reordering copy: each step's gradient is then read contiguously (a time slice
         # of the seed layout has one element per cache line).
         da_t = np.ascontiguousarray(da_t)
-        da_recT = np.array(carry[0].T, order="C")  # as the array path: WaT @ dg^T
-        da_rec = da_recT.T
+        # The recurrent product is made as on the array path, WaT @ dg^T into (n_a, m), and
+        # copied into a C-ordered (m, n_a) buffer that the point pass reads row by row: at
+        # (m, n_a) = (64, 256) its pass took 128 us reading the transposed view, 96 us
+        # reading C order, and the copy about 10 us.
+        da_recT = np.empty((WaT.shape[0], m), dtype=self.dtype)
+        da_rec = np.array(carry[0], order="C")
         drest = tuple(np.array(c, order="C") for c in carry[1:])
         out = self._scratch(cell, m, n_a)
         for s, d in zip(cell.state_names[1:], drest):
             out["d" + s.lower()] = d  # updated in place, step by step
-        fixed = {"WaT": WaT, "da_rec": da_rec, "da_recT": da_recT,
+        fixed = {"WaT": WaT, "da_rec": da_rec, "da_recT": da_recT, "da_recT_T": da_recT.T,
                  **{"out_" + k: v for k, v in out.items()}}  # fmt: skip
         scope = {"da": da_t, "dGx": dGx, "dGa": dGa}
         exprs = ["da[i]", "dGx[i]", "dGa[i]"]
@@ -702,6 +706,7 @@ class Loops:
                 for dg in (step[1], step[2]) if cell.split else (step[1],):
                     ops._call(_zero_rows, dg, step[-1], self.dtype.type(0))
             ops._call(_matmul_t, WaT, dga, da_recT)  # (19), recurrent part
+            ops._call(np.copyto, da_rec, fixed["da_recT_T"])
             if direct is not None:
                 ops._call(np.add, direct, da_rec, da_rec)
             if active is not None:  # ... and its state's gradients pass through
