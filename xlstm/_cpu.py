@@ -385,7 +385,7 @@ class _Replay:
     into
 
     * :attr:`make`: a Python function ``replay(i)`` that runs one step;
-    * :attr:`whole`: where every call has a compiled twin (:meth:`Loops._native`), one
+    * :attr:`whole`: where every call has a compiled twin (:func:`_twin`), one
       numba function ``loop(lo, hi, stride, ...)`` that runs the steps
       ``range(lo, hi, stride)`` with no Python between them (numpy's own BLAS and ufunc
       loops, :mod:`xlstm._native`, so the numbers are the same), else ``None``.
