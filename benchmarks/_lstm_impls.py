@@ -10,7 +10,8 @@ N_Y = 10
 #: Models beyond the single LSTM layer, each timed as xlstm's class against the torch module
 #: of the same kind with the same weights (``model.to_torch()``): name -> (class, kwargs).
 MODELS = {"gru": ("GRU", {}), "bilstm2": ("LSTM", {"num_layers": 2, "bidirectional": True})}
-IMPLS = ("xlstm", "xlstm-plain", "xlstm-model", "xlstm-lengths", "seed", "torch", "gemm",
+IMPLS = ("xlstm", "xlstm-plain", "xlstm-per-step", "xlstm-model", "xlstm-lengths", "seed",
+         "torch", "gemm",
          *(f"{side}-{name}" for name in MODELS for side in ("xlstm", "torch")))
 #: The implementations without the softmax prediction (the LSTM core only): their flops are
 #: the gate flops alone.
@@ -92,6 +93,7 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
     import numpy as np
 
     import xlstm
+    from xlstm import _engine
 
     n_x, n_a, m, T = size
     x_h, a0_h, da_h = (0.1 * rng.standard_normal(s) for s in ((n_x, m, T), (n_a, m), (n_a, m, T)))
@@ -117,6 +119,14 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
         if key + "-plain" in only and accel:  # the same calls on the array path, for the gain
             with xlstm.accelerators(False):
                 res[key + "-plain"] = xl_result(f"{label}, array path")
+    loops = type(_engine.accelerated_loops(be.xp, be.dtype))
+    if "xlstm-per-step" in only and getattr(loops, "persistent", False):
+        # CuPy: the per-step kernels and cuBLAS where the persistent kernels would run
+        loops.persistent = False
+        try:
+            res["xlstm-per-step"] = xl_result(f", {accel}, per-step kernels only")
+        finally:
+            loops.persistent = True
 
     if "xlstm-model" in only or "xlstm-lengths" in only:
         res.update(bench_model(be, params, x, a0, da, rng, timed, a_ref, accel, only))

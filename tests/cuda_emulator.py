@@ -12,9 +12,12 @@
 * :func:`api_results` runs one cell's whole sequences through the public API (the model
   class's ``forward`` with and without a cache and ``backward`` with a gradient on the final
   state; for the LSTM and the tanh RNN also the notebook's ``*_forward`` / ``*_backward``).
+* :func:`host_persistent_launch` is a ``persistent_launch`` for the same loops: the
+  persistent kernels, every block and thread of the grid on its own host thread.
 * Run as a script (``python cuda_emulator.py DIR``, with every cell's library in ``DIR``),
-  it drives those sequences with the libraries' loops and compares them with the array
-  path; the ASan tests run it in a subprocess with the ASan runtime preloaded.
+  it drives those sequences with the libraries' loops, per-step and persistent, and
+  compares them with the array path; the ASan tests run it in a subprocess with the ASan
+  runtime preloaded.
 """
 
 from __future__ import annotations
@@ -149,19 +152,117 @@ def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
     return launch
 
 
-def host_loops(libs, dtype, **kwargs):
-    """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels."""
-    return _cuda.Loops(dtype, mod=np, launch=host_launch(libs, **kwargs))
+def host_persistent_launch(libs, *, seed=1):
+    """A ``persistent_launch`` for :class:`xlstm._cuda.Loops` that runs the persistent
+    kernel of the library of the launch's cell with every block and thread of the grid on
+    its own host thread (``launch_concurrent`` of the grid emulator).
+
+    The arguments are checked (:func:`xlstm._cuda.kernels.check_persistent_args`); each
+    distinct array gets its own heap buffer (an array passed twice, one buffer), so that an
+    access past any stack leaves its allocation; the written ones are copied back and the
+    others checked unchanged. Launch ``k`` starts its threads in an order shuffled with
+    seed ``seed + k``. ``launch.calls`` lists ``(step, steps)`` per launch, ``launch.cells``
+    the cells.
+    """
+    libs = {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
+            for c, lib in libs.items()}
+    calls, cells = [], set()
+    counter = itertools.count()
+
+    def function(k, dtype_name):
+        fn = getattr(libs[k.cell], k.persistent_name(dtype_name) + "_host")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_ulonglong,
+                       *(ctypes.c_void_p if "*" in p else ctypes.c_longlong
+                         for p in table.persistent_params(k))]
+        return fn
+
+    def launch(cell, step, name, grid, block, shared, args):
+        k = table.kernel(cell, step)
+        table.check_persistent_args(k, name, args)
+        calls.append((step, args[2]))
+        cells.add(cell)
+        def span(arr):  # the checks let two arrays share memory only all of it
+            return arr.ctypes.data, arr.nbytes
+
+        written = {span(args[10]), span(args[5])}  # out, the barrier's counter
+        written |= {span(arr) for a, arr in zip(k.args, args[11::3]) if a.out}
+        own = {}
+        for arr in args:
+            if isinstance(arr, np.ndarray) and span(arr) not in own:
+                own[span(arr)] = (arr, np.array(arr, copy=True, order="C"))
+        flat = [own[span(v)][1].ctypes.data if isinstance(v, np.ndarray) else v for v in args]
+        s = 0 if seed == 0 else seed + next(counter)
+        function(k, name)(grid, block, shared, s, *flat)
+        for key, (arr, buf) in own.items():
+            if key in written:
+                arr[...] = buf
+            elif buf.tobytes() != arr.tobytes():
+                raise AssertionError(f"{cell} {step} persistent: the kernel wrote an input")
+        barrier = int(args[5][0])
+        steps = args[2]
+        if barrier != grid * steps:
+            raise AssertionError(f"{cell} {step} persistent: {barrier} arrivals at the grid "
+                                 f"barrier, not {grid} blocks x {steps} steps")
+
+    launch.calls, launch.cells = calls, cells
+    return launch
+
+
+#: The emulated device of the persistent kernels: multiprocessors (at most one block each).
+EMULATED_SMS = 3
+#: Threads per block of the persistent kernels in the emulator (every one a host thread).
+PERSISTENT_BLOCK = 16
+
+
+def host_loops(libs, dtype, *, block=_cuda.BLOCK, seed=1, persistent=False, shared=None):
+    """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels: the
+    per-step ones with :func:`host_launch`, and with ``persistent`` the persistent ones with
+    :func:`host_persistent_launch` on a device of :data:`EMULATED_SMS` multiprocessors and
+    ``shared`` elements of ``dtype`` of shared memory per block."""
+    itemsize = np.dtype(dtype).itemsize
+    loops = _cuda.Loops(dtype, mod=np, launch=host_launch(libs, block=block, seed=seed),
+                        persistent_launch=host_persistent_launch(libs, seed=seed),
+                        device=(EMULATED_SMS, (shared or 0) * itemsize),
+                        block=PERSISTENT_BLOCK)
+    loops.persistent = persistent
+    return loops
 
 
 # ---------------------------------------------------------------- whole sequences
-#: (n_x, n_a, n_y, m, T, block, chunk_rows): every grid's last block is partial.
+#: (n_x, n_a, n_y, m, T, block, chunk_rows, shared): every grid's last block is partial.
+#: ``shared`` is the persistent kernels' shared memory per block, in elements: on
+#: :data:`EMULATED_SMS` multiprocessors it makes the last block own fewer units than the
+#: others and (except where noted) the product's input come in several tiles of rows.
 SEQUENCE_CASES = (
-    (3, 5, 4, 6, 7, 8, 4096),  # 30 elements in blocks of 8
-    (3, 5, 4, 6, 7, 8, 12),  # the same, the input term in chunks
-    (2, 40, 3, 7, 4, _cuda.BLOCK, 4096),  # 280 elements in blocks of 256
-    (2, 3, 2, 1, 3, 32, 4096),  # 3 elements in one block of 32
+    (3, 5, 4, 6, 7, 8, 4096, 80),  # 30 elements in blocks of 8; units 2, 2, 1
+    (3, 5, 4, 6, 7, 8, 12, 80),  # the same, the input term in chunks
+    (2, 40, 3, 7, 4, _cuda.BLOCK, 4096, 2700),  # 280 elements in blocks of 256; 14, 14, 12
+    (2, 3, 2, 1, 3, 32, 4096, 80),  # 3 elements in one block of 32; one row, one tile
 )
+
+
+def seq_tol(dtype, n_a, gates, T, *, reordered=False):
+    """``(rtol, atol)`` between whole sequences of ``T`` steps on two paths (atol relative to
+    :func:`scale_of`).
+
+    :data:`SEQ_TOL` covers the rounding of ``tanh``. With ``reordered``, the two paths
+    also sum the recurrent products in different orders (the persistent kernels against
+    the array path's BLAS, or cuBLAS in two orientations): two orders of a dot product of
+    ``K`` terms differ by at most ``2 gamma_K sum |x_k w_k|``, ``gamma_K = K u / (1 - K u)``
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), with ``K = gates * n_a``
+    the longer of the two products (backward's). Each step adds one such difference, at
+    first order, so the bound grows with ``T``; the terms' sum is taken as the scale of the
+    results, which holds for the tests' weights of size ``1 / sqrt(n_a)`` and states of
+    size 1.
+    """
+    rtol, atol = SEQ_TOL[dtype]
+    if reordered:
+        K, u = gates * n_a, float(np.finfo(dtype).eps) / 2
+        gap = T * 2 * K * u / (1 - K * u)
+        rtol, atol = rtol + gap, atol + gap
+    return rtol, atol
+
 
 #: The model class of each cell, with its keyword arguments.
 MODELS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
@@ -259,12 +360,14 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
     return out
 
 
-def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUENCE_CASES):
+def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUENCE_CASES, *,
+                  persistent=False):
     """:func:`api_results` through the host builds ``libs`` (cell -> library) for every
     cell, case, dtype and seed, against the array path; returns the number of sequences
-    checked.
+    checked. With ``persistent``, every loop runs as one persistent launch (and the
+    tolerance has the reordered products, :func:`seq_tol`); otherwise step by step.
 
-    The results of different seeds (block orders) must agree bit for bit.
+    The results of different seeds (block and thread orders) must agree bit for bit.
     """
     import xlstm
     from xlstm import _engine
@@ -272,23 +375,31 @@ def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUE
     accelerated, chunk = _engine.accelerated_loops, _engine.CHUNK_ROWS
     count = 0
     try:
-        for cell, (n_x, n_a, n_y, m, T, block, chunk_rows), dtype in itertools.product(
+        for cell, (n_x, n_a, n_y, m, T, block, chunk_rows, shared), dtype in itertools.product(
                 libs, cases, dtypes):
             _engine.CHUNK_ROWS = chunk_rows
             _engine.accelerated_loops = accelerated
             with xlstm.accelerators(False):
                 want = api_results(cell, dtype, n_x, n_a, n_y, m, T)
             first = None
+            gates = table.gates(table.kernel(cell, "fwd"))
+            rtol, atol = seq_tol(dtype, n_a, gates, T, reordered=persistent)
             for seed in seeds:
-                loops = host_loops(libs, dtype, block=block, seed=seed)
+                loops = host_loops(libs, dtype, block=block, seed=seed, persistent=persistent,
+                                   shared=shared)
                 _engine.accelerated_loops = lambda xp, dt, c=None, loops=loops: loops
                 got = api_results(cell, dtype, n_x, n_a, n_y, m, T)
-                calls = loops.launch.calls
-                case = f"{cell} {dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed}"
-                assert loops.launch.cells == {cell}, case
-                assert {k: calls.count(k) for k in set(calls)} == launches(cell, T), case
+                calls, whole = loops.launch.calls, loops.persistent_launch.calls
+                case = (f"{cell} {dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed} "
+                        f"persistent={persistent}")
+                if persistent:  # every loop in one launch, every step in one of them
+                    assert not calls and loops.persistent_launch.cells == {cell}, case
+                    steps = {k: sum(n for s, n in whole if s == k) for k, _ in whole}
+                    assert steps == launches(cell, T), case
+                else:
+                    assert not whole and loops.launch.cells == {cell}, case
+                    assert {k: calls.count(k) for k in set(calls)} == launches(cell, T), case
                 assert got.keys() == want.keys(), case
-                rtol, atol = SEQ_TOL[dtype]
                 for key in want:
                     assert got[key].dtype == want[key].dtype, (case, key)
                     np.testing.assert_allclose(got[key], want[key], rtol=rtol,
@@ -314,8 +425,10 @@ def main(argv=None):
     for path in sorted(Path(argv[0]).glob("libxlstm_*.so")):
         cell = path.name[len("libxlstm_"):].rsplit("_", 1)[0]
         libs[cell] = path
-    count = run_sequences(libs, cases=cases)
-    print(f"cuda_emulator: {count} sequences of {len(libs)} cells match the array path")
+    step = run_sequences(libs, cases=cases)
+    whole = run_sequences(libs, cases=cases, persistent=True)
+    print(f"cuda_emulator: {step} sequences of {len(libs)} cells on per-step kernels and "
+          f"{whole} on persistent kernels match the array path")
     return 0
 
 

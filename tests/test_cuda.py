@@ -446,6 +446,91 @@ def test_host_sequences_in_every_block_order(host_libs):
     assert count == len(CELLS) * 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
 
 
+@pytest.mark.parametrize("name", list(CELLS))
+def test_host_persistent_sequences(host_libs, name):
+    """Every cell's persistent kernels, every block and thread on its own host thread (grid
+    barrier and __syncthreads real), driven by Loops through the public API: every loop in
+    one launch, the last block owning fewer units, the product's input in several tiles,
+    two thread orders equal bit for bit, the array path within :func:`seq_tol`."""
+    count = cuda_emulator.run_sequences({name: host_libs[name]}, persistent=True)
+    assert count == 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
+
+
+def test_persistent_plan():
+    """Blocks, units per block, rows per tile and shared memory of the persistent kernels."""
+    plan = _cuda.persistent_plan
+    # LSTM forward, n = 256 on 132 multiprocessors: 2 units a block, their 8 columns of WaT
+    assert plan(256, 4, 64, 4, 132, 232448, backward=False) == (128, 2, 64, 72 * 257 * 4)
+    # backward: 2 rows of WaT (4 n each) and a tile of dGa rows (4 n each)
+    assert plan(256, 4, 64, 4, 132, 232448, backward=True) == (128, 2, 54, 56 * 1025 * 4)
+    # units that do not divide n: the last block owns fewer
+    assert plan(5, 4, 6, 8, 3, 10**6, backward=False) == (3, 2, 6, (8 + 6) * 6 * 8)
+    assert plan(5, 1, 6, 8, 3, 6 * 8 * 3, backward=False).tile == 1  # two rows of weights
+    assert plan(5, 1, 6, 8, 3, 6 * 8 * 3 - 1, backward=False) is None  # no row of input
+    assert plan(2048, 4, 64, 4, 132, 232448, backward=False) is None  # weights do not fit
+    assert plan(8, 4, 0, 4, 132, 232448, backward=False) is None
+    assert plan(0, 4, 8, 4, 132, 232448, backward=False) is None
+    assert plan(3, 4, 8, 4, 132, 232448, backward=True).grid == 3  # no block without units
+
+
+def test_loops_choose_persistent_where_it_fits(host_libs, monkeypatch):
+    """One persistent launch per loop where the plan fits; step by step where the weights
+    do not fit, the batch is larger than PERSISTENT_MAX_ROWS, a stack is not C-contiguous or
+    persistent kernels are switched off."""
+    cell, T, dtype = CELLS["lstm"], 3, "float64"
+
+    def run(m, n, shared, persistent=True, every=1):
+        rng = np.random.default_rng(1)
+        loops = cuda_emulator.host_loops(host_libs, dtype, block=HOST_BLOCK,
+                                         persistent=persistent, shared=shared)
+        A = np.zeros((every * (T + 1), m, n))[::every]  # every slice C-contiguous
+        bufs = {"A": A, "C": np.zeros((T + 1, m, n)), "S": np.empty((T, m, 3 * n)),
+                "CCT": np.empty((T, m, n)), "TC": np.empty((T, m, n))}
+        loops.forward(cell, rng.standard_normal((T, m, 4 * n)), np.zeros((n, 4 * n)), None,
+                      bufs, 0)
+        return loops.launch.calls, loops.persistent_launch.calls
+
+    assert run(2, 3, 100) == ([], [("fwd", T)])
+    assert run(2, 3, 100, persistent=False) == (["fwd"] * T, [])
+    # 3 blocks of one unit: 4 rows of 3 + 1 weights and one row of 3 + 1 input at least
+    assert run(2, 3, 4 * 4 + 4) == ([], [("fwd", T)])
+    assert run(2, 3, 4 * 4 + 3) == (["fwd"] * T, [])
+    assert run(2, 3, 100, every=2) == (["fwd"] * T, [])
+    monkeypatch.setattr(_cuda, "PERSISTENT_MAX_ROWS", 1)
+    assert run(2, 3, 100) == (["fwd"] * T, [])
+
+
+def test_check_persistent_args_rejects_what_a_kernel_cannot_take():
+    k = table.kernel("rnn_tanh", "fwd")
+    m, n, T = 2, 3, 4
+    A, H, gx = np.zeros((T + 1, m, n)), np.zeros((T, m, n)), np.zeros((T, m, n))
+    ga = np.zeros((m, n))
+    w, barrier = np.zeros((n, n)), np.zeros(1, np.uint64)
+
+    def args(**change):
+        got = dict(sizes=[m, n, T, 1, 1], barrier=barrier, w=w, gin=[A, T + 1, 0], ga=ga,
+                   stacks=[gx, T, 0, ga, 1, 0, A, T + 1, 1, H, T, 0])
+        got.update(change)
+        return (*got["sizes"], got["barrier"], got["w"], *got["gin"], got["ga"], *got["stacks"])
+
+    table.check_persistent_args(k, "float64", args())
+    rest = [T, 0, ga, 1, 0, A, T + 1, 1, H, T, 0]
+    bad = {
+        "must be Python ints": dict(sizes=[m, n, np.int64(T), 1, 1]),
+        "one zero uint64": dict(barrier=np.ones(1, np.uint64)),
+        "w has shape": dict(w=np.zeros((n, 2 * n))),
+        "in has shape": dict(gin=[A, T, 0]),
+        "gx is float32": dict(stacks=[gx.astype(np.float32), *rest]),
+        "not C-contiguous": dict(stacks=[np.asfortranarray(gx), *rest]),
+        "is one slice, not a stack": dict(stacks=[gx, T, 0, ga, 2, 0, A, T + 1, 1, H, T, 0]),
+        "3 stacks for 4": dict(stacks=[gx, T, 0, ga, 1, 0, A, T + 1, 1]),
+        "share part of their memory": dict(stacks=[gx, T, 0, ga, 1, 0, A, T + 1, 1, A[1:], T, 0]),
+    }
+    for message, change in bad.items():
+        with pytest.raises(AssertionError, match=message):
+            table.check_persistent_args(k, "float64", args(**change))
+
+
 def test_host_launch_catches_a_kernel_that_writes_its_input(host_libs, monkeypatch):
     """The host launch compares every read argument before and after the kernel: a table
     that declares a written argument as read is caught."""
@@ -524,7 +609,8 @@ def test_asan_whole_sequences_run_clean(asan, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     assert "ERROR: AddressSanitizer" not in res.stderr
     count = len(CELLS) * 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
-    assert f"cuda_emulator: {count} sequences of {len(CELLS)} cells match" in res.stdout
+    assert (f"cuda_emulator: {count} sequences of {len(CELLS)} cells on per-step kernels and "
+            f"{count} on persistent kernels match the array path") in res.stdout
 
 
 BROKEN_GUARDS = {"intact": table.GUARD, "off by one": "if (e <= m * n)", "removed": "(void)m;"}
@@ -542,11 +628,60 @@ def test_asan_catches_a_broken_bounds_check(asan, tmp_path, guard):
     res = _run_under_asan(runtime, tmp_path, "quick")
     if guard == "intact":
         assert res.returncode == 0, res.stderr[-4000:]
-        assert "sequences of 1 cells match the array path" in res.stdout
+        assert "on persistent kernels match the array path" in res.stdout
     else:
         assert res.returncode != 0
         assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
         assert re.search(r"in xlstm_lstm_(fwd|bwd)_f(32|64) ", res.stderr), res.stderr[-4000:]
+
+
+#: The persistent kernels' bound on a block's units, broken: the last block runs past n.
+OWN_UNITS = "const xlstm::index_t own = j0 < n ? (n - j0 < units ? n - j0 : units) : 0;"
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["intact", "past the last unit"])
+def test_asan_catches_a_persistent_kernel_past_its_units(asan, tmp_path, broken):
+    """The LSTM's persistent kernels with the last block's units unbounded (it owns as many
+    as the others, past the last unit where they do not divide n): ASan reports a
+    heap-buffer-overflow from a thread of the concurrent grid; intact, the run passes."""
+    cxx, runtime = asan
+    src = _cuda.source("lstm")
+    assert src.count(OWN_UNITS) == 2 * 2 * len(table.DTYPES)
+    own = "const xlstm::index_t own = j0 < n ? units : 0;"
+    cuda_emulator.build(cxx, tmp_path, "lstm", asan=True,
+                        kernels=src.replace(OWN_UNITS, own) if broken else src)
+    res = _run_under_asan(runtime, tmp_path, "quick")
+    if not broken:
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert "on persistent kernels match the array path" in res.stdout
+    else:
+        assert res.returncode != 0
+        assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
+        assert re.search(r"in xlstm_lstm_\w+_persistent_f(32|64)", res.stderr), res.stderr[-4000:]
+
+
+#: A grid barrier that counts the arrivals and waits for nobody.
+NO_WAIT = ("const unsigned long long target = (arrived / blocks + 1ull) * blocks;",
+           "const unsigned long long target = arrived + 0ull * blocks;")
+
+
+def test_persistent_kernels_need_their_grid_barrier(cxx, tmp_path):
+    """With a grid barrier that does not wait, a block runs ahead into a step whose state
+    other blocks have not written yet: the emulator's concurrent grid shows it as results
+    far from the array path (in at least one of three thread orders)."""
+    src = _cuda.source("lstm")
+    assert src.count(NO_WAIT[0]) == 1
+    lib, _ = cuda_emulator.build(cxx, tmp_path, "lstm", kernels=src.replace(*NO_WAIT))
+    failures = []
+    for seed in (1, 2, 3):
+        try:
+            cuda_emulator.run_sequences({"lstm": lib}, dtypes=("float64",), seeds=(seed,),
+                                        cases=cuda_emulator.SEQUENCE_CASES[2:3],
+                                        persistent=True)
+        except AssertionError as exc:
+            assert "Not equal to tolerance" in str(exc)
+            failures.append(seed)
+    assert failures
 
 
 def test_empty_grid_launches_nothing():
@@ -565,6 +700,29 @@ def test_launch_grid_and_argument_types(monkeypatch):
     ((cell, step, name, (grid, block, args)),) = seen
     assert (cell, step, name, grid, block) == ("gru", "bwd", "float32", (2,), (_cuda.BLOCK,))
     assert [type(a) for a in args] == [np.int64, np.int64, np.ndarray] and args[2] is arr
+
+
+def test_persistent_launch_arguments_and_shared_memory(monkeypatch):
+    """What reaches the persistent cupy.RawKernel: the plan's grid and block, sizes as
+    int64, and the shared memory, raising the kernel's limit (48 KiB unless opted in) only
+    where the launch needs more."""
+    seen = []
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 48 * 1024
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            seen.append((grid, block, args, shared_mem, self.max_dynamic_shared_size_bytes))
+
+    kern = Kernel()
+    monkeypatch.setattr(_cuda, "_persistent_kernel", lambda cell, step, name: kern)
+    arr = np.zeros(3, np.float32)
+    _cuda._launch_persistent("lstm", "fwd", "float32", 7, 64, 1024, (2, arr, 3))
+    _cuda._launch_persistent("lstm", "fwd", "float32", 7, 64, 100_000, (2, arr, 3))
+    (g, b, args, shared, limit), (*_, shared2, limit2) = seen
+    assert (g, b, shared, limit) == ((7,), (64,), 1024, 48 * 1024)
+    assert (shared2, limit2) == (100_000, 100_000)
+    assert [type(a) for a in args] == [np.int64, np.ndarray, np.int64] and args[1] is arr
 
 
 def test_dispatch_without_cupy(monkeypatch):
@@ -709,10 +867,12 @@ def test_gpu_dispatch(cp, cpx, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n_a", [(7, 5), (33, 40), (64, 300)])  # one block; several
 @pytest.mark.parametrize("scale", [1.0, 1e3], ids=["normal", "saturated"])
-def test_gpu_sequences_with_and_without_kernels(cp, cpx, monkeypatch, dtype, m, n_a, scale):
+def test_gpu_sequences_with_and_without_kernels(cp, cpx, monkeypatch, dtype, m, n_a, scale,
+                                                persistent):
     n_x, n_y, T = 5, 6, 9
     rng = np.random.default_rng(8)
     params = xlstm.init_params(n_x, n_a, n_y, xp=cpx, dtype=getattr(cpx, dtype), seed=9)
@@ -729,23 +889,34 @@ def test_gpu_sequences_with_and_without_kernels(cp, cpx, monkeypatch, dtype, m, 
         return {"a": a, "y": y, "c": c, "a (inference)": inf[0], **grads}
 
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
+    monkeypatch.setattr(_cuda.Loops, "persistent", persistent)
     fused = run()
+    assert any(key[3:] == ("persistent",) for key in _cuda._kernels) or not persistent
     monkeypatch.setenv("XLSTM_ACCEL", "0")
     plain = run()
     assert fused.keys() == plain.keys()
+    # the two paths' products sum in different orders (cuBLAS in two orientations, or the
+    # persistent kernels' own order)
+    rtol, atol = cuda_emulator.seq_tol(dtype, n_a, 4, T, reordered=True)
     for k in plain:
         assert isinstance(fused[k], cp.ndarray) and fused[k].dtype == plain[k].dtype
         assert bool(cp.all(cp.isfinite(fused[k]))), k
-        _close(fused[k].get(), plain[k].get(), dtype, err=k, tol=SEQ_TOL)
+        want = plain[k].get()
+        np.testing.assert_allclose(fused[k].get(), want, rtol=rtol,
+                                   atol=atol * cuda_emulator.scale_of(want), err_msg=k)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-step"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n_a", [(7, 5), (64, 300)])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_gpu_every_cell_with_and_without_kernels(cp, cpx, monkeypatch, name, dtype, m, n_a):
-    """The public API of every cell on CuPy, fused kernels against the array path."""
+def test_gpu_every_cell_with_and_without_kernels(cp, cpx, monkeypatch, name, dtype, m, n_a,
+                                                 persistent):
+    """The public API of every cell on CuPy, fused kernels (persistent or per step) against
+    the array path."""
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
+    monkeypatch.setattr(_cuda.Loops, "persistent", persistent)
     assert _engine.accelerated_loops(cpx, getattr(cpx, dtype), CELLS[name]) is not None
 
     def run():
@@ -756,7 +927,8 @@ def test_gpu_every_cell_with_and_without_kernels(cp, cpx, monkeypatch, name, dty
     with xlstm.accelerators(False):
         plain = run()
     assert fused.keys() == plain.keys()
-    rtol, atol = SEQ_TOL[dtype]
+    gates = table.gates(table.kernel(name, "fwd"))
+    rtol, atol = cuda_emulator.seq_tol(dtype, n_a, gates, 9, reordered=True)
     for k in plain:
         assert isinstance(fused[k], cp.ndarray) and fused[k].dtype == plain[k].dtype
         want = plain[k].get()

@@ -82,7 +82,7 @@ def test_wheel_carries_the_package_the_licence_and_the_typing_marker(dist):
     info = f"xlstm_array_api-{xlstm.__version__}.dist-info/"
     for name in ("xlstm/__init__.py", "xlstm/py.typed", "xlstm/_cuda/lstm_pointwise.cuh",
                  "xlstm/_cuda/gru_pointwise.cuh", "xlstm/_cuda/rnn_pointwise.cuh",
-                 "xlstm/_cuda/prelude.cuh",
+                 "xlstm/_cuda/prelude.cuh", "xlstm/_cuda/persistent.cuh",
                  "xlstm/_cuda/kernels.py", "xlstm/cells/gru.py", info + "licenses/LICENSE"):
         assert name in names, name
     assert not any(n.startswith("tests/") for n in names)

@@ -45,33 +45,32 @@ contiguous once per backward call. The loops know no cell: they pass each kernel
 the buffer its table row names (:func:`_plan`). Nothing here synchronises the device; launches go to CuPy's current stream, under the
 device of the arrays.
 
-Next step: a persistent kernel. The per-step cost is now one GEMM launch plus one
-pointwise launch, and at small batch sizes both are latency bound. A persistent kernel
-(as in "persistent RNN" work) would run the whole time loop in one cooperative launch:
-each block keeps its slice of the recurrent weights ``Wa`` in registers (or shared
-memory) for all steps, computes its rows of ``a @ Wa^T`` and the pointwise update in
-place, and the grid synchronises once per step (``grid.sync()``) so that the next step
-sees the whole new ``a``. Its limits: ``Wa`` is ``k n_a^2`` numbers (``k`` = 4 gates for
-the LSTM, 3 for the GRU, 1 for the RNN), and it must fit in the register files of all
-co-resident blocks, about 33 MB on an H100 (132 SMs x 256 KB), less the working
-registers: for the LSTM roughly ``n_a <= 1400`` in float32 and ``n_a <= 1000`` in float64
-(shared memory adds some room at the cost of bandwidth). A cooperative grid can
-be no larger than what fits on the device at once, the per-step grid barrier costs a few
-microseconds, so the gain shrinks as ``m`` grows and GEMMs become efficient again; the
-backward pass needs its own kernel holding ``Wa`` for ``dG @ Wa``; and its reduction
-order differs from cuBLAS, so results match the array path to rounding, not bit for bit.
+Persistent kernels. Where the recurrent weights fit in shared memory
+(:func:`persistent_plan`) and the batch is small (``m <= PERSISTENT_MAX_ROWS``), a whole
+time loop is one cooperative launch instead of two launches per step: each block keeps the
+weights of its units in shared memory for all steps, makes its columns of the recurrent
+product (``a @ WaT`` forward, ``dGa @ Wa`` backward) from the whole state of the step and
+runs the cell's element function on its own elements, and the grid synchronises once per
+step (``persistent.cuh``). The kernels are generated from the same table, so every cell and
+its padded-batch variant have one. Their product sums in a fixed order of their own, so
+they agree with the array path (and with cuBLAS) to the rounding of a dot product of
+length ``n`` (forward) or ``k n`` (backward), not bit for bit. The tests run them in the
+grid emulator with every block and thread on its own host thread, grid barrier included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+from typing import NamedTuple
 
 import numpy as _np
 
 from . import kernels as _table
 
-__all__ = ["BLOCK", "OPTIONS", "Loops", "loops", "source"]
+__all__ = ["BLOCK", "OPTIONS", "PERSISTENT_MAX_ROWS", "Loops", "PersistentPlan", "loops",
+           "persistent_plan", "source"]
 
 #: Threads per block.
 BLOCK = 256
@@ -87,7 +86,13 @@ KERNEL_NAMES = {
     for (cell, step) in _table.TABLE for dtype in _table.DTYPES
 }
 
-_kernels = {}  # (cell, step, dtype name) -> cupy.RawKernel; each compiles once per device
+#: The largest batch (rows ``m``) that the persistent kernels run; above it each step's
+#: product goes to cuBLAS, whose kernels use the GPU better at large ``m``. A guess that a GPU
+#: run should settle: the persistent kernels' product is one thread per output.
+PERSISTENT_MAX_ROWS = 256
+
+_kernels = {}  # (cell, step, dtype name[, "persistent"]) -> cupy.RawKernel, compiled once
+_devices = {}  # device id -> (multiprocessors, shared memory per block, opt-in)
 
 
 @functools.cache
@@ -123,6 +128,77 @@ def _launch(cell, step, name, total, args):
         _kernel(cell, step, name)((blocks,), (BLOCK,), args)
 
 
+def _persistent_kernel(cell, step, dtype_name):
+    key = (cell, step, dtype_name, "persistent")
+    kern = _kernels.get(key)
+    if kern is None:
+        import cupy
+
+        name = _table.kernel(cell, step).persistent_name(dtype_name)
+        # a cooperative launch: every block resident at once, which the grid barrier needs
+        kern = cupy.RawKernel(source(cell), name, options=OPTIONS,
+                              enable_cooperative_groups=True)
+        _kernels[key] = kern
+    return kern
+
+
+def _launch_persistent(cell, step, name, grid, block, shared, args):
+    """Launch ``cell``'s persistent kernel ``step`` for ``name``'s dtype: ``grid`` blocks of
+    ``block`` threads with ``shared`` bytes of dynamic shared memory, ``args`` in the order of
+    :func:`xlstm._cuda.kernels.persistent_params` (sizes as numpy int64)."""
+    kern = _persistent_kernel(cell, step, name)
+    if shared > kern.max_dynamic_shared_size_bytes:
+        kern.max_dynamic_shared_size_bytes = shared
+    args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
+    kern((grid,), (block,), args, shared_mem=shared)
+
+
+def _device_limits():
+    """``(multiprocessors, shared memory per block with opt-in)`` of CuPy's current device."""
+    import cupy
+
+    dev = cupy.cuda.Device()
+    if dev.id not in _devices:
+        attrs = dev.attributes
+        _devices[dev.id] = (attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"])
+    return _devices[dev.id]
+
+
+class PersistentPlan(NamedTuple):
+    """The launch of a persistent kernel: ``grid`` blocks of ``units`` units each (the last
+    one may have fewer), ``tile`` rows of the product's input staged at a time, and
+    ``shared`` bytes of dynamic shared memory per block."""
+
+    grid: int
+    units: int
+    tile: int
+    shared: int
+
+
+def persistent_plan(n: int, gates: int, m: int, itemsize: int, multiprocessors: int,
+                    shared_max: int, *, backward: bool) -> PersistentPlan | None:
+    """How a persistent kernel covers ``n`` units with ``gates`` gates over a batch of ``m``
+    rows, or ``None`` where the weights do not fit.
+
+    At most one block per multiprocessor (so that the grid is resident whatever the
+    kernel's registers), each owning ``units`` consecutive units. Its shared memory holds
+    the weights of its columns, ``gates * units`` rows of ``n`` forward (the columns of
+    ``WaT`` for its units' gates) or ``units`` rows of ``gates * n`` backward (the rows of
+    ``WaT`` for its units), and a tile of rows of the product's input (``n`` forward,
+    ``gates * n`` backward); every row padded by one element against bank conflicts.
+    """
+    if min(n, m, multiprocessors) < 1:
+        return None
+    inner, groups = (gates * n, 1) if backward else (n, gates)
+    units = -(-n // min(multiprocessors, n))
+    row = (inner + 1) * itemsize
+    weights = groups * units * row
+    tile = min(m, (shared_max - weights) // row)
+    if tile < 1:
+        return None
+    return PersistentPlan(-(-n // units), units, tile, weights + tile * row)
+
+
 def _plan(k, sources):
     """Row ``k``'s arrays from the step's ``sources`` (source name -> ``(array, index)``,
     see :mod:`xlstm._cuda.kernels`): ``(array, index)`` per argument, in order."""
@@ -145,10 +221,18 @@ class Loops:
     The loops know no cell: per step they make the recurrent GEMM and launch the cell's
     kernel with the engine's buffers that its row names (each argument's source).
 
-    ``mod`` and ``launch`` are for the tests: with ``mod=numpy`` and a ``launch`` that calls
-    a host build of the kernels, the same loops run on the CPU. ``launch(cell, step,
-    dtype_name, total, args)`` runs kernel ``(cell, step)`` of the table over ``total``
-    elements, with ``args`` in the table's order: ``m``, ``n``, then the arrays.
+    Where :meth:`persistent_plan` has a plan, a whole loop is one launch of the row's
+    persistent kernel instead (:attr:`persistent` switches that off).
+
+    ``mod``, ``launch``, ``persistent_launch``, ``device`` and ``block`` are for the tests:
+    with ``mod=numpy`` and launches that call a host build of the kernels, the same loops run
+    on the CPU. ``launch(cell, step, dtype_name, total, args)`` runs kernel ``(cell, step)``
+    of the table over ``total`` elements, with ``args`` in the table's order: ``m``, ``n``,
+    then the arrays. ``persistent_launch(cell, step, dtype_name, grid, block, shared, args)``
+    runs its persistent kernel with the arguments of
+    :func:`xlstm._cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors, shared
+    memory per block)`` (default: the current CuPy device's), ``block`` the threads per block
+    of the persistent kernels.
     """
 
     #: How reports and the benchmark name this accelerator.
@@ -156,11 +240,19 @@ class Loops:
     #: Padded batches (the engine's ``active``) run here too, on each row's padded-batch
     #: variant (:func:`xlstm._cuda.kernels.masked`).
     masks = True
+    #: Whether whole loops run as one persistent launch where they fit.
+    persistent = True
 
-    def __init__(self, dtype, *, mod=None, launch=None):
+    def __init__(self, dtype, *, mod=None, launch=None, persistent_launch=None, device=None,
+                 block=BLOCK):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
+        self.itemsize = _np.dtype(dtype).itemsize
         self._mod = mod
         self.launch = _launch if launch is None else launch
+        self.persistent_launch = (_launch_persistent if persistent_launch is None
+                                  else persistent_launch)
+        self._device = device
+        self.block = block
 
     @property
     def mod(self):
@@ -173,6 +265,31 @@ class Loops:
     def _on_device(self, arr):
         return arr.device if self.mod is not _np else contextlib.nullcontext()
 
+    def persistent_plan(self, cell, m, n, *, backward, arrays=()):
+        """The :class:`PersistentPlan` of ``cell``'s loop over ``m`` rows and ``n`` units
+        on this device, or ``None``: persistent kernels switched off, more than
+        :data:`PERSISTENT_MAX_ROWS` rows, a stack in ``arrays`` that is not C-contiguous,
+        or weights that do not fit (:func:`persistent_plan`)."""
+        if not self.persistent or m > PERSISTENT_MAX_ROWS:
+            return None
+        if not all(a.flags.c_contiguous for a in arrays):
+            return None
+        sms, shared_max = _device_limits() if self._device is None else self._device
+        gates = _table.gates(self._row(cell, "bwd" if backward else "fwd"))
+        return persistent_plan(n, gates, m, self.itemsize, sms, shared_max, backward=backward)
+
+    def _persistent(self, cell, step, plan, sizes, w, gemm_in, gemm_out, stacks):
+        """Launch the persistent kernel of ``(cell, step)``: ``stacks`` holds ``(array,
+        base)`` per argument of the row (``base`` ``None`` for an array that is no stack)."""
+        flat = []
+        for arr, base in stacks:
+            flat += [arr, 1, 0] if base is None else [arr, arr.shape[0], base]
+        barrier = self.mod.zeros(1, dtype=_np.uint64)
+        self.persistent_launch(
+            cell.name, step, self.name, plan.grid, self.block, plan.shared,
+            (*sizes, plan.units, plan.tile, barrier, self.mod.ascontiguousarray(w), *gemm_in,
+             gemm_out, *flat))
+
     def supports(self, cell) -> bool:
         """The cells with kernels in the table (every cell of the package)."""
         return cell.name in _table.cells()
@@ -184,8 +301,9 @@ class Loops:
 
     def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``
-        (see :meth:`xlstm._cpu.Loops.forward`): per step the GEMM ``ga = a_prev @ WaT``,
-        then one launch of the cell's forward kernel.
+        (see :meth:`xlstm._cpu.Loops.forward`): one launch of the row's persistent kernel
+        where :meth:`persistent_plan` has a plan, otherwise per step the GEMM
+        ``ga = a_prev @ WaT``, then one launch of the cell's forward kernel.
 
         ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term, ``ba`` the ``(1, k n_a)``
         recurrent bias or ``None``. ``bufs`` holds the state stacks, indexed by absolute
@@ -212,6 +330,14 @@ class Loops:
             if active is not None:
                 sources["active"] = (self.mod.ascontiguousarray(active), "k")
             plan = _plan(k, sources)
+            persistent = self.persistent_plan(cell, m, n, backward=False,
+                                              arrays=[first, *(arr for arr, _ in plan)])
+            if persistent is not None and T_c > 0:
+                bases = {"k": 0, "t": t0, "t+1": t0 + 1, None: None}
+                self._persistent(cell, k.key[1], persistent, (m, n, T_c), WaT,
+                                 (first, first.shape[0], t0), ga,
+                                 [(arr, bases[i]) for arr, i in plan])
+                return
             for i in range(T_c):
                 t = t0 + i
                 self.mod.matmul(first[t % first.shape[0]], WaT, out=ga)
@@ -220,8 +346,9 @@ class Loops:
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
-        the initial state (see :meth:`xlstm._cpu.Loops.backward`): per step one launch of
-        the cell's backward kernel, then the GEMM ``da_rec = dga @ Wa``.
+        the initial state (see :meth:`xlstm._cpu.Loops.backward`): one launch of the row's
+        persistent kernel where :meth:`persistent_plan` has a plan, otherwise per step one
+        launch of the cell's backward kernel, then the GEMM ``da_rec = dga @ Wa``.
 
         ``da_t`` is the ``(T, m, n_a)`` upstream gradient (any strides), ``carry`` the
         gradients on the final state (not written); ``dGx`` (and ``dGa``, which may be
@@ -257,10 +384,16 @@ class Loops:
                 hold = self.mod.full((m, n), -0.0, dtype=dGx.dtype)  # -0: adds nothing
                 sources["hold"] = (hold, None)
             plan = _plan(k, sources)
-            for t in range(T - 1, -1, -1):
-                self.launch(cell.name, k.key[1], self.name, m * n,
-                            (m, n, *_args(plan, {"t": t})))
-                self.mod.matmul(dGa[t], Wa, out=da_rec)  # (19), recurrent part
+            persistent = self.persistent_plan(cell, m, n, backward=True,
+                                              arrays=[dGa, *(arr for arr, _ in plan)])
+            if persistent is not None and T > 0:
+                self._persistent(cell, k.key[1], persistent, (m, n, T), WaT, (dGa, T, 0),
+                                 da_rec, [(arr, None if i is None else 0) for arr, i in plan])
+            else:
+                for t in range(T - 1, -1, -1):
+                    self.launch(cell.name, k.key[1], self.name, m * n,
+                                (m, n, *_args(plan, {"t": t})))
+                    self.mod.matmul(dGa[t], Wa, out=da_rec)  # (19), recurrent part
             if hold is not None:
                 self.mod.add(da_rec, hold, out=da_rec)
             if direct is not None:

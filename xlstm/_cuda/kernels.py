@@ -55,14 +55,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DTYPES", "GUARD", "HEADERS", "TABLE", "Arg", "Kernel", "cells", "check_args",
-           "host_source", "kernel", "kernel_name", "masked", "source", "write"]
+__all__ = ["DTYPES", "GUARD", "HEADERS", "PERSISTENT", "TABLE", "Arg", "Kernel", "cells",
+           "check_args", "check_persistent_args", "gates", "host_source", "kernel",
+           "kernel_name", "masked", "persistent_params", "source", "write"]
 
 _DIR = Path(__file__).resolve().parent
 
 #: The header of each cell, in this folder: its element functions, in namespace ``xlstm``.
 #: The header every cell header includes first (inlined into the generated source).
 PRELUDE = "prelude.cuh"
+#: The cell-independent half of the persistent kernels (grid barrier, block GEMM).
+PERSISTENT = "persistent.cuh"
 _INCLUDE_PRELUDE = f'#include "{PRELUDE}"'
 
 HEADERS = {"lstm": "lstm_pointwise.cuh", "gru": "gru_pointwise.cuh",
@@ -117,6 +120,15 @@ class Kernel:
     def name(self, dtype_name: str) -> str:
         """The ``extern "C"`` name of this kernel for ``dtype_name``."""
         return f"xlstm_{self.cell}_{self.key[1]}_{DTYPES[dtype_name][0]}"
+
+    def point_name(self, dtype_name: str) -> str:
+        """The name of the ``__device__`` function that does this kernel's work on one
+        element, for ``dtype_name``."""
+        return f"xlstm_{self.cell}_{self.key[1]}_point_{DTYPES[dtype_name][0]}"
+
+    def persistent_name(self, dtype_name: str) -> str:
+        """The ``extern "C"`` name of this row's persistent kernel for ``dtype_name``."""
+        return f"xlstm_{self.cell}_{self.key[1]}_persistent_{DTYPES[dtype_name][0]}"
 
     def elem_args(self) -> tuple[Arg, ...]:
         """The arguments passed on to the element function, in order."""
@@ -271,19 +283,108 @@ def _params(k, ctype, restrict=True):
     return out
 
 
-def _wrapper(k, dtype_name):
+def _point(k, dtype_name):
+    """The kernel's work on one element ``e``: a ``__device__`` function that both of its
+    drivers call, the per-step kernel and the persistent one."""
     ctype = DTYPES[dtype_name][1]
-    params = ",\n    ".join(_params(k, ctype))
+    params = ",\n    ".join(["xlstm::index_t e", *_params(k, ctype)[1:]])
     call = f"xlstm::{k.elem}<{ctype}>({', '.join(['e', 'n', *(a.name for a in k.elem_args())])});"
     body = _masked_body(k, ctype, call) if k.masked else [call]
+    return (f"__device__ inline void {k.point_name(dtype_name)}(\n    {params}) {{\n"
+            + "".join(f"    {line}\n" for line in body) + "}\n")
+
+
+def _wrapper(k, dtype_name):
+    """The per-step kernel: one thread per element of the ``(m, n)`` grid."""
+    ctype = DTYPES[dtype_name][1]
+    params = ",\n    ".join(_params(k, ctype))
+    call = f"{k.point_name(dtype_name)}({', '.join(['e', 'n', *(a.name for a in k.args)])});"
     return (
         f'extern "C" __global__ void {k.name(dtype_name)}(\n    {params}) {{\n'
         "    const xlstm::index_t e = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x;\n"
         f"    {GUARD} {{\n"
-        + "".join(f"        {line}\n" for line in body)
-        + "    }\n"
+        f"        {call}\n"
+        "    }\n"
         "}\n"
     )
+
+
+def _slice_size(a):
+    """The elements of one step's slice of argument ``a``, in terms of ``m`` and ``n``."""
+    return "m" if a.mask else f"{a.width} * n" if a.row else f"m * {a.width} * n"
+
+
+def gates(k: Kernel) -> int:
+    """The width of the recurrent term of row ``k`` (the number of gates, ``k n`` columns)."""
+    return next(a.width for a in k.args if a.src in ("gx", "dGx"))
+
+
+#: The names that a persistent kernel uses itself, besides its parameters.
+_PERSISTENT_LOCALS = frozenset(
+    ["T", "w_sh", "K", "ld_out", "ldw", "j0", "own", "cols", "tile_sh", "i", "step", "q", "e",
+     "m", "n", "steps", "units", "tile", "barrier", "w", "in", "in_len", "in_base", "out"])
+
+
+def persistent_params(k: Kernel, ctype: str = "float") -> list[str]:
+    """The parameters of row ``k``'s persistent kernel, in order: the sizes ``m``, ``n``,
+    ``steps``, ``units`` (per block) and ``tile`` (rows per staged tile), the grid barrier's
+    counter, the recurrent weights ``w`` (``WaT``, ``(n, k n)``), the product's input stack
+    ``in`` (the state ``A`` forward, ``dGa`` backward) and its output ``out`` (``ga``
+    forward, ``da_rec`` backward), then each argument of the row as a whole stack with its
+    length and base: step ``s`` reads slice ``(base + s) % len``."""
+    out = [f"xlstm::index_t {v}" for v in ("m", "n", "steps", "units", "tile")]
+    out += ["unsigned long long* barrier", f"const {ctype}* __restrict__ w",
+            f"const {ctype}* in", "xlstm::index_t in_len", "xlstm::index_t in_base",
+            f"{ctype}* out"]
+    for a in k.args:
+        const = "" if a.out else "const "
+        out += [f"{const}{'bool' if a.mask else ctype}* {a.name}",
+                f"xlstm::index_t {a.name}_len", f"xlstm::index_t {a.name}_base"]
+    return out
+
+
+def _persistent(k, dtype_name):
+    """Row ``k``'s persistent kernel: the whole loop of ``steps`` steps in one cooperative
+    launch (``persistent.cuh``); forward ascending, backward descending."""
+    ctype = DTYPES[dtype_name][1]
+    params = ",\n    ".join(persistent_params(k, ctype))
+    g = gates(k)
+    fwd = k.step == "fwd"
+    # forward: ga = A @ WaT, K = n, the block's k gate columns of each unit; backward:
+    # da_rec = dGa @ Wa, K = k n, its unit columns; Wa[q, j] = WaT[j, q]
+    K, groups, w_strides, ld_out = (("n", g, f"{g} * n, 1", f"{g} * n") if fwd
+                                    else (f"{g} * n", 1, f"1, {g} * n", "n"))
+    clash = _PERSISTENT_LOCALS.intersection(a.name for a in k.args)
+    if clash:
+        raise ValueError(f"{k.cell} {k.step}: argument names {sorted(clash)} are taken")
+    slices = ",\n                ".join(
+        ["e, n", *(f"xlstm::step_slice({a.name}, {a.name}_len, {a.name}_base, step, "
+                     f"{_slice_size(a)})" for a in k.args)])
+    gemm = ("        xlstm::block_gemm<T>(xlstm::step_slice(in, in_len, in_base, step, m * K), m, "
+            "K, out,\n                             ld_out, cols, w_sh, tile_sh, tile, ldw);\n")
+    lines = [
+        f'extern "C" __global__ void {k.persistent_name(dtype_name)}(\n    {params}) {{\n',
+        f"    typedef {ctype} T;\n",
+        "    XLSTM_DYNAMIC_SHARED(T, w_sh);\n",
+        f"    const xlstm::index_t K = {K}, ld_out = {ld_out}, ldw = K + 1;\n",
+        "    const xlstm::index_t j0 = (xlstm::index_t)blockIdx.x * units;\n",
+        "    const xlstm::index_t own = j0 < n ? (n - j0 < units ? n - j0 : units) : 0;\n",
+        f"    const xlstm::Columns cols = {{{groups}, own, n, j0}};\n",
+        f"    T* tile_sh = w_sh + {groups} * units * ldw;\n",
+        f"    xlstm::load_weights<T>(w, {w_strides}, K, cols, w_sh, ldw);\n",
+        "    for (xlstm::index_t i = 0; i < steps; ++i) {\n",
+        f"        const xlstm::index_t step = {'i' if fwd else 'steps - 1 - i'};\n",
+        gemm if fwd else "",
+        "        for (xlstm::index_t q = threadIdx.x; q < m * own; q += blockDim.x) {\n",
+        "            const xlstm::index_t e = (q / own) * n + j0 + q % own;\n",
+        f"            {k.point_name(dtype_name)}({slices});\n",
+        "        }\n",
+        "        xlstm::grid_barrier(barrier);\n",
+        "" if fwd else gemm,
+        "    }\n",
+        "}\n",
+    ]
+    return "".join(lines)
 
 
 def _masked_body(k, ctype, call):
@@ -334,19 +435,31 @@ def source(cell: str = "lstm") -> str:
     from a string at run time, with nvcc in CI and, behind the grid emulator, on the host.
     """
     rows = _rows(cell)
-    header = (_DIR / HEADERS[cell]).read_text(encoding="utf-8")
-    if _INCLUDE_PRELUDE not in header:
-        raise RuntimeError(f"{HEADERS[cell]} does not include {PRELUDE}")
-    prelude = (_DIR / PRELUDE).read_text(encoding="utf-8")
     parts = [
         f"// Generated by xlstm._cuda.kernels from its table and {HEADERS[cell]}: the fused\n"
-        f"// kernels of the {cell} cell. One thread per (row, unit) element of the (m, n) grid.\n",
-        f"// ---- {PRELUDE}\n{prelude.rstrip()}\n",
-        f"// ---- {HEADERS[cell]}\n{header.replace(_INCLUDE_PRELUDE, '', 1).rstrip()}\n",
-        "// ---- kernels\n",
+        f"// kernels of the {cell} cell. Per-step kernels: one thread per (row, unit) element\n"
+        "// of the (m, n) grid. Persistent kernels: the whole loop in one launch.\n",
+        f"// ---- {PRELUDE}\n{_header(PRELUDE, prelude=False)}\n",
+        f"// ---- {HEADERS[cell]}\n{_header(HEADERS[cell])}\n",
+        f"// ---- {PERSISTENT}\n{_header(PERSISTENT)}\n",
+        "// ---- one element\n",
     ]
+    parts += [_point(k, d) for k in rows for d in DTYPES]
+    parts.append("// ---- per-step kernels\n")
     parts += [_wrapper(k, d) for k in rows for d in DTYPES]
+    parts.append("// ---- persistent kernels\n")
+    parts += [_persistent(k, d) for k in rows for d in DTYPES]
     return "\n".join(parts)
+
+
+def _header(name, prelude=True):
+    """The text of header ``name`` of this folder, its ``#include`` of the prelude removed."""
+    text = (_DIR / name).read_text(encoding="utf-8")
+    if prelude:
+        if _INCLUDE_PRELUDE not in text:
+            raise RuntimeError(f"{name} does not include {PRELUDE}")
+        text = text.replace(_INCLUDE_PRELUDE, "", 1)
+    return text.rstrip()
 
 
 def _launcher(k, dtype_name):
@@ -359,11 +472,24 @@ def _launcher(k, dtype_name):
             f"    xlstm_emu::launch({name}, grid, block, seed, {call});\n}}\n")
 
 
+def _persistent_launcher(k, dtype_name):
+    params = [p.replace(" __restrict__", "") for p in persistent_params(k, DTYPES[dtype_name][1])]
+    names = ", ".join(p.split()[-1].lstrip("*") for p in params)
+    params = ",\n    ".join(["unsigned grid", "unsigned block", "unsigned long long shared_bytes",
+                              "unsigned long long seed", *params])
+    name = k.persistent_name(dtype_name)
+    return (f'extern "C" void {name}_host(\n    {params}) {{\n'
+            f"    xlstm_emu::launch_concurrent({name}, grid, block, shared_bytes, seed, "
+            f"{names});\n}}\n")
+
+
 def host_source(cell: str = "lstm", *, kernels: str | None = None,
                 include: str | None = None) -> str:
     """The tests' host build of ``cell``'s kernels: ``kernels`` (default: :func:`source`,
     inlined) behind ``grid_emulator.h``, plus ``extern "C" void <kernel>_host(grid, block,
-    seed, m, n, arrays...)`` per kernel, which runs every (block, thread) of the grid.
+    seed, m, n, arrays...)`` per kernel, which runs every (block, thread) of the grid, and
+    ``<persistent kernel>_host(grid, block, shared_bytes, seed, ...)`` (the parameters of
+    :func:`persistent_params`), which runs them all at once, each on its own host thread.
 
     ``include`` names a file to ``#include`` instead of inlining the kernel text (the text
     written by :func:`write`), so that compiler messages point into it.
@@ -377,6 +503,7 @@ def host_source(cell: str = "lstm", *, kernels: str | None = None,
         "// ---- host launchers\n",
     ]
     parts += [_launcher(k, d) for k in rows for d in DTYPES]
+    parts += [_persistent_launcher(k, d) for k in rows for d in DTYPES]
     return "\n".join(parts)
 
 
@@ -424,6 +551,60 @@ def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> Non
                 allowed = a.alias == b.name or b.alias == a.name
                 _expect(allowed and (lo, hi) == (lo2, hi2),
                         f"{where}: {a.name} and {b.name} share memory")
+
+
+def check_persistent_args(k: Kernel, dtype_name: str, args, *, address=None) -> None:
+    """Check one launch of row ``k``'s persistent kernel: ``args`` in the order of
+    :func:`persistent_params`, the sizes Python ints, the barrier's counter one zero
+    ``uint64``, ``w`` the ``(n, k n)`` weights, ``in`` a stack of the product's input
+    (``(len, m, n)`` forward, ``(len, m, k n)`` backward) and ``out`` its ``(m, k n)`` or
+    ``(m, n)`` output; each argument of the row a stack of ``len`` slices of
+    :func:`check_args`'s shape (or, with ``len`` 1 and base 0, one such slice), base and
+    length in range. All of dtype ``dtype_name`` (masks ``bool``), C-contiguous, and two
+    arrays share memory only where they are the very same array (a stack read at one step
+    and written at the next). Raises ``AssertionError`` naming the kernel and argument.
+    """
+    where = f"{k.cell} {k.step} persistent"
+    if address is None:
+        def address(arr):
+            return arr.ctypes.data
+    m, n, steps, units, tile, barrier, w, gin, gin_len, gin_base, gout, *rest = args
+    sizes = (m, n, steps, units, tile, gin_len, gin_base, *rest[1::3], *rest[2::3])
+    _expect(all(type(v) is int and v >= 0 for v in sizes),
+            f"{where}: sizes, lengths and bases must be Python ints >= 0")
+    _expect(len(rest) == 3 * len(k.args), f"{where}: {len(rest) // 3} stacks for {len(k.args)}")
+    _expect(min(steps, units, tile) >= 1, f"{where}: steps, units and tile must be >= 1")
+    _expect(str(barrier.dtype) == "uint64" and barrier.shape == (1,) and int(barrier[0]) == 0,
+            f"{where}: the barrier's counter must be one zero uint64")
+    g = gates(k)
+    inner = n if k.step == "fwd" else g * n
+    arrays = [("barrier", barrier, None),
+              ("w", w, (n, g * n)),
+              ("in", gin, (gin_len, m, inner)),
+              ("out", gout, (m, g * n) if k.step == "fwd" else (m, n))]
+    for a, (arr, length, base) in zip(k.args, zip(rest[::3], rest[1::3], rest[2::3])):
+        shape = (m, 1) if a.mask else (1 if a.row else m, a.width * n)
+        if arr.ndim == 2:
+            _expect(length == 1 and base == 0, f"{where}: {a.name} is one slice, not a stack")
+        else:
+            shape = (length, *shape)
+        _expect(base + steps <= 2**62, f"{where}: {a.name}'s base is out of range")
+        arrays.append((a.name, arr, shape))
+    _expect(gin_base + steps <= 2**62, f"{where}: in's base is out of range")
+    spans = []
+    for name, arr, shape in arrays:
+        want = "bool" if name in {a.name for a in k.args if a.mask} else dtype_name
+        if name != "barrier":
+            _expect(str(arr.dtype) == want, f"{where}: {name} is {arr.dtype}")
+            _expect(tuple(arr.shape) == shape, f"{where}: {name} has shape {arr.shape}, "
+                                               f"not {shape}")
+        _expect(arr.flags.c_contiguous, f"{where}: {name} is not C-contiguous")
+        start = address(arr)
+        spans.append((name, start, start + arr.size * arr.itemsize))
+    for i, (name, lo, hi) in enumerate(spans):
+        for other, lo2, hi2 in spans[:i]:
+            _expect(not (lo < hi2 and lo2 < hi) or (lo, hi) == (lo2, hi2),
+                    f"{where}: {name} and {other} share part of their memory")
 
 
 def _expect(ok, message):
