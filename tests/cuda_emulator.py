@@ -266,7 +266,8 @@ def seq_tol(dtype, n_a, gates, T, *, reordered=False):
 
 #: The model class of each cell, with its keyword arguments.
 MODELS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
-          "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+          "rnn_relu": ("RNN", {"nonlinearity": "relu"}), "slstm": ("SLSTM", {}),
+          "slstm_exp": ("SLSTM", {"forget_gate": "exp"})}
 
 
 def scale_of(arr):
@@ -309,7 +310,13 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
     model = getattr(xlstm, name)(n_x, n_a, xp=xp, dtype=dtype, seed=seed, **kwargs)
     n_s = len(model.cell.state_names)
     x = draw(n_x, m, T)
-    state = tuple(draw(1, n_a, m) for _ in range(n_s))
+
+    def states(k):  # a normaliser positive, as in a valid state
+        host = [rng.standard_normal((k, n_a, m)) for _ in range(n_s)]
+        return tuple(conv((0.5 + np.abs(h) if s in model.cell.positive else h).astype(dtype))
+                     for s, h in zip(model.cell.state_names, host))
+
+    state = states(1)
     dy, dstate = draw(n_a, m, T), tuple(draw(1, n_a, m) for _ in range(n_s))
     y, final, cache = model.forward(x, state)
     y_inf, final_inf, _ = model.forward(x, state, return_cache=False)
@@ -323,7 +330,7 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
     model = getattr(xlstm, name)(n_x, n_a, bidirectional=True, xp=xp, dtype=dtype,
                                  seed=seed + 1, **kwargs)
     lengths = conv(padded_lengths(m, T))
-    state = tuple(draw(2, n_a, m) for _ in range(n_s))
+    state = states(2)
     dy, dstate = draw(2 * n_a, m, T), tuple(draw(2, n_a, m) for _ in range(n_s))
     y, final, cache = model.forward(x, state, lengths=lengths)
     y_inf, final_inf, _ = model.forward(x, state, lengths=lengths, return_cache=False)

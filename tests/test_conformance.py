@@ -36,6 +36,8 @@ SPECS = [
     ("GRU", ()),
     ("RNN", (("nonlinearity", "tanh"),)),
     ("RNN", (("nonlinearity", "relu"),)),
+    ("SLSTM", ()),
+    ("SLSTM", (("num_heads", 2), ("forget_gate", "exp"))),
 ]
 N_X, N_A, M, T = 3, 4, 2, 5
 LENGTHS = (1, T)
@@ -54,6 +56,9 @@ def _specs():
 
 
 SPEC = pytest.mark.parametrize("spec", list(_specs()))
+#: The specs whose model has a torch.nn counterpart.
+TORCH_SPEC = pytest.mark.parametrize(
+    "spec", [s for s in _specs() if getattr(xlstm, s.values[0][0]).torch_name is not None])
 PATH = pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
 #: (num_layers, bidirectional, padded) of a case: one layer; two bidirectional ones; the
 #: same over a padded batch (lengths LENGTHS, unsorted, with 1 and T).
@@ -71,13 +76,21 @@ def _case(spec, seed=0, config=(1, False, False)):
     """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
     rng = np.random.default_rng(seed)
     model = _model(spec, config=config)
-    n_s = len(model.cell.state_names)
+    cell = model.cell
     n_ld = config[0] * (2 if config[1] else 1)
+    state = [0.5 * rng.standard_normal((n_ld, N_A, M)) for _ in cell.state_names]
+    for i, k in enumerate(cell.state_names):
+        if k in cell.positive:  # a normaliser: a valid state has it positive
+            state[i] = 0.5 + np.abs(state[i])
+    # With a stabiliser (a frozen state), the state is defined up to a common scale of its
+    # other parts: only the hidden state's value, and a loss on it, is scale-free.
+    dstate = [rng.standard_normal((n_ld, N_A, M)) if i == 0 or not cell.frozen
+              else np.zeros((n_ld, N_A, M)) for i in range(len(cell.state_names))]
     return {
         "x": rng.standard_normal((N_X, M, T)),
-        "state": tuple(0.5 * rng.standard_normal((n_ld, N_A, M)) for _ in range(n_s)),
+        "state": tuple(state),
         "dy": rng.standard_normal((model.D * N_A, M, T)),
-        "dstate": tuple(rng.standard_normal((n_ld, N_A, M)) for _ in range(n_s)),
+        "dstate": tuple(dstate),
         "params": [{k: np.array(v) for k, v in layer.items()} for layer in model.params],
         "lengths": np.array(LENGTHS) if config[2] else None,
     }
@@ -131,7 +144,13 @@ def test_gradcheck(spec, accel, config, xp, device):
     with xlstm.accelerators(accel):
         got = _run(model, _case(spec, config=config), xp, device)
     num = _numeric_grads(spec, config)
+    frozen = {f"dstate0_{i}" for i, k in enumerate(model.cell.state_names)
+              if k in model.cell.frozen}
     for k, want in num.items():
+        if k in frozen:  # no gradient, by definition (the output does not depend on it)
+            assert_close(got[k], np.zeros_like(want), xp=xp, device=device,
+                         dtype=xp.float64, rtol=0, atol=0, err=k)
+            continue
         assert_close(got[k], want, xp=xp, device=device, dtype=xp.float64, rtol=1e-6,
                      atol=1e-8, err=k)
 
@@ -153,7 +172,7 @@ def test_accelerated_path_equals_plain_path(spec, config, dtype, xp, device):
                      **({"rtol": 0, "atol": 0} if exact else {}))
 
 
-@SPEC
+@TORCH_SPEC
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("layout", ["notebook", "batch_first"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -218,7 +237,7 @@ def test_torch_autograd(spec, num_layers, bidirectional, layout, padded, xp, dev
                                        err_msg=key + sfx)
 
 
-@SPEC
+@TORCH_SPEC
 def test_torch_round_trip_and_torch_init(spec):
     """``to_torch(from_torch(m))`` gives back every weight exactly; a fresh model loads
     into torch and computes what it computes."""
@@ -325,9 +344,9 @@ def test_bad_input_names_the_argument(spec):
         model.backward(y, cache, final + final)
     with pytest.raises(TypeError, match="cache must be the ModelCache"):
         model.backward(y, (cache,))
-    other = getattr(xlstm, spec[0])(N_X, N_A + 1, seed=0, **dict(spec[1]))
+    other = getattr(xlstm, spec[0])(N_X, N_A + 2, seed=0, **dict(spec[1]))
     with pytest.raises(ValueError, match="cache comes from another model"):
-        other.backward(np.zeros((N_A + 1, M, T)), cache)
+        other.backward(np.zeros((N_A + 2, M, T)), cache)
     with pytest.raises(TypeError, match="mixed array namespaces|must be an array"):
         model.forward(x.tolist())
     with pytest.raises(TypeError, match="dtype mismatch"):
@@ -364,7 +383,7 @@ def test_bad_input_names_the_argument(spec):
         _model(spec, layout="time_first")
     with pytest.raises(ValueError, match="dropout"):
         _model(spec, dropout=1.5)
-    with pytest.raises(TypeError, match="n_a must be a positive int"):
+    with pytest.raises(TypeError, match="n_[ah] must be a positive int"):
         getattr(xlstm, spec[0])(N_X, 2.0, **dict(spec[1]))
 
 
@@ -381,6 +400,12 @@ def test_parameters_of_another_cell_are_refused():
 def test_torch_modules_of_another_kind_are_refused(spec):
     torch = pytest.importorskip("torch")
     cls = getattr(xlstm, spec[0])
+    if cls.torch_name is None:
+        with pytest.raises(TypeError, match=f"{spec[0]} has no torch.nn module"):
+            cls.from_torch(torch.nn.LSTM(N_X, N_A))
+        with pytest.raises(TypeError, match=f"{spec[0]} has no torch.nn module"):
+            _model(spec).to_torch()
+        return
     for other in ("LSTM", "GRU", "RNN"):
         if other != spec[0]:
             with pytest.raises(TypeError, match=f"module must be a torch.nn.{spec[0]}"):

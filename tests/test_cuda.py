@@ -279,6 +279,8 @@ def test_host_forward_step_matches_array_path(host_libs, name, dtype, m, n, padd
     bufs = {s: np.zeros((2, m, n), dtype) for s in cell.state_names}
     for s in cell.state_names:
         bufs[s][0] = rng.standard_normal((m, n))
+        if s in cell.positive:  # a normaliser: positive in a valid state
+            bufs[s][0] = 0.5 + np.abs(bufs[s][0])
     bufs.update((s, np.empty((1, m, w * n), dtype)) for s, w in cell.saved.items())
     active = (np.arange(m) % 3 != 1)[None, :, None] if padded else None
     loops = host_loops(host_libs, dtype)

@@ -9,7 +9,7 @@ from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
-from .models import GRU, LSTM, RNN, ModelCache
+from .models import GRU, LSTM, RNN, SLSTM, ModelCache
 from .losses import (
     last_step_mse,
     last_step_predict,
@@ -52,6 +52,7 @@ __all__ = [
     "LSTM",
     "GRU",
     "RNN",
+    "SLSTM",
     "ModelCache",
     # the notebook's RNN
     "rnn_cell_forward",

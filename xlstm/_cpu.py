@@ -215,7 +215,9 @@ class BufferOps:
         """``fn(*args)``, windows as the views they stand for; recorded while taping."""
         if self._tape is not None:
             self._tape.append((fn, args))
-        return fn(*[_view(a) for a in args])
+        res = fn(*[_view(a) for a in args])
+        # an output window stands for itself (a later call reads it as the same columns)
+        return args[-1] if type(args[-1]) is Window else res
 
     def tanh(self, x, out):
         return self._call(np.tanh, x, out)
@@ -226,6 +228,16 @@ class BufferOps:
 
     def sign(self, x, out):
         return self._call(np.sign, x, out)
+
+    def exp(self, x, out):
+        return self._call(np.exp, x, out)
+
+    def log1p(self, x, out):
+        return self._call(np.log1p, x, out)
+
+    def maximum(self, x, y, out):
+        """numpy's ``maximum``, as on the array path (NaN where either is NaN)."""
+        return self._call(_maximum, x, y, out)
 
     def add(self, x, y, out):
         return self._call(np.add, x, y, out)
@@ -749,7 +761,7 @@ def _matmul_t(a, b, out):
 
 #: The numpy ufunc behind each recorded function that is one.
 _UFUNCS = {np.tanh: np.tanh, np.sign: np.sign, np.add: np.add, np.multiply: np.multiply,
-           _maximum: np.maximum}
+           _maximum: np.maximum, np.exp: np.exp, np.log1p: np.log1p}
 
 
 #: Those of them that round correctly: every loop of numpy's gives the same bits.

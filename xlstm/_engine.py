@@ -201,7 +201,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
             state.append(zeros)
         else:
             state.append(xp.matrix_transpose(s))
-    state = tuple(state)
+    state = cell.start(tuple(state), xp=xp)
     if keep:
         # A time-major copy, so that a later write into the caller's x cannot change what
         # the backward pass computes.
@@ -300,7 +300,9 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
     da_t = xp.permute_dims(da, (2, 1, 0))
     zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
     given = (None,) * len(cell.state_names) if dstate is None else dstate
-    carry = tuple(zeros if g is None else g for g in given)
+    # a state that carries no gradient (the sLSTM's stabilizer) starts from zeros too
+    carry = tuple(zeros if g is None or k in cell.frozen else g
+                  for k, g in zip(cell.state_names, given))
     if active is not None:
         active = active[:T, ...]
     loops, run = _dispatch(xp, dtype, cell, active is not None)
@@ -327,4 +329,4 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
     dbx = xp.sum(dGxT, axis=1, keepdims=True)  # (15)-(18)
     dba = xp.sum(dGaT, axis=1, keepdims=True) if cell.split else dbx
     dX = xp.reshape(dGx @ Wx, (T, m, Wx.shape[1]))  # (21)
-    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp)
+    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp, params=state.params)

@@ -49,8 +49,9 @@ from .cells.base import Cell
 from .cells.gru import GRU_CELL
 from .cells.lstm import LSTM_CELL
 from .cells.rnn import RNN_RELU, RNN_TANH
+from .cells.slstm import FORGET_GATES, SLSTM_CELL, SLSTM_EXP_CELL
 
-__all__ = ["LSTM", "GRU", "RNN", "ModelCache"]
+__all__ = ["LSTM", "GRU", "RNN", "SLSTM", "ModelCache"]
 
 _LAYOUTS = ("notebook", "batch_first")
 
@@ -86,8 +87,8 @@ class _Model:
 
     #: The cell of the model (the RNN picks one per nonlinearity).
     cell: Cell
-    #: The torch module class of the same model, by name in ``torch.nn``.
-    torch_name: str
+    #: The torch module class of the same model, by name in ``torch.nn`` (None: none).
+    torch_name: str | None
 
     def __init__(
         self, n_x: int, n_a: int, *, num_layers: int = 1, bidirectional: bool = False,
@@ -126,6 +127,10 @@ class _Model:
         """Input features of (layer, direction) ``index``: ``n_x``, then ``D n_a``."""
         return self.n_x if index < self.D else self.D * self.n_a
 
+    def _shapes(self, index):
+        """The parameter shapes of (layer, direction) ``index``, by key."""
+        return self.cell.param_shapes(self._n_in(index), self.n_a)
+
     def _init_params(self, rng):
         """torch's initialisation: every weight and bias uniform in ``(-k, k)``,
         ``k = 1 / sqrt(n_a)``, drawn on the host, so one seed gives the same numbers on
@@ -163,7 +168,7 @@ class _Model:
         arrays = {}
         for i, layer in enumerate(params):
             n_in = self._n_in(i)
-            want = self.cell.param_shapes(n_in, self.n_a)
+            want = self._shapes(i)
             where = f"{name}[{i}]"
             if not isinstance(layer, Mapping):
                 raise TypeError(f"{where} must be a dict of arrays, got {type(layer).__name__}")
@@ -195,7 +200,8 @@ class _Model:
         if n == 1 and not isinstance(state, (tuple, list)):
             state = (state,)
         if not isinstance(state, (tuple, list)) or len(state) != n:
-            what = "(a, c)" if n == 2 else "(a,)"
+            names = [k.lower() for k in self.cell.state_names]
+            what = f"({', '.join(names)}{',' if n == 1 else ''})"
             raise TypeError(f"{name} must be the tuple {what} of {type(self).__name__}, got "
                             f"{type(state).__name__}"
                             + (f" of length {len(state)}" if isinstance(state, (tuple, list))
@@ -451,7 +457,7 @@ class _Model:
         bias that the cell adds to the first (torch's ``bias_hh`` of every gate but the
         GRU's ``n``) has the first's gradient, as a copy."""
         out = {}
-        for k in self.cell.param_shapes(self._n_in(index), self.n_a):
+        for k in self._shapes(index):
             if "d" + k in g:
                 out[k] = g["d" + k]
             else:
@@ -479,6 +485,7 @@ class _Model:
         model
             The model, with parameters copied from the module.
         """
+        cls._need_torch_module()
         import torch
 
         kind = getattr(torch.nn, cls.torch_name)
@@ -518,6 +525,11 @@ class _Model:
         return model
 
     @classmethod
+    def _need_torch_module(cls):
+        if cls.torch_name is None:
+            raise TypeError(f"{cls.__name__} has no torch.nn module to convert from or to")
+
+    @classmethod
     def _torch_kwargs(cls, module):
         return {}
 
@@ -527,6 +539,7 @@ class _Model:
     def to_torch(self) -> Any:
         """The ``torch.nn`` module of the same kind with this model's weights (on the
         CPU, float64 for float64 parameters, else float32)."""
+        self._need_torch_module()
         import torch
 
         host = [{k: to_host(v) for k, v in layer.items()} for layer in self.params]
@@ -626,3 +639,74 @@ class RNN(_Model):
 
     def _torch_module_kwargs(self):
         return {"nonlinearity": self.nonlinearity}
+
+
+class SLSTM(_Model):
+    """The sLSTM of xLSTM (Beck et al. 2024): exponential input gate, a normaliser and a
+    stabiliser, and a block-diagonal recurrence with ``num_heads`` heads
+    (:mod:`xlstm.cells.slstm` has the equations). State ``(h, c, n, m)``; ``m`` is the
+    stabiliser, which the output does not depend on: its gradient is zero. Where ``n`` of
+    the initial state is zero (a zero state), that unit's memory is empty and the first
+    step starts it afresh.
+
+    Each (layer, direction) holds ``W (4, n_h, n_in)``, ``R (4, num_heads, d, d)`` with
+    ``d = n_h / num_heads`` and ``b (4, n_h, 1)``, gate order ``(i, f, z, o)``; the
+    recurrent term of gate ``g`` for head ``k`` is ``R[g, k] @ h_prev[k d:(k + 1) d]``.
+
+    Parameters
+    ----------
+    n_x, n_h : int
+        Input and hidden sizes.
+    num_heads : int, optional
+        Heads of the recurrence; ``n_h`` must be a multiple of it.
+    forget_gate : {"sigmoid", "exp"}, optional
+        ``logsigmoid(f~)`` (default) or ``f~`` itself as the forget gate's exponent.
+    **kwargs
+        ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
+        ``device`` and ``seed``, as for :class:`LSTM`.
+    """
+
+    torch_name = None
+
+    def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, forget_gate: str = "sigmoid",
+                 **kwargs: Any) -> None:
+        self.num_heads = positive_int("num_heads", num_heads)
+        n_h = positive_int("n_h", n_h)
+        if n_h % self.num_heads:
+            raise ValueError(f"n_h={n_h} is not divisible by num_heads={self.num_heads}")
+        if forget_gate not in FORGET_GATES:
+            raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}")
+        self.forget_gate = forget_gate
+        self.cell = SLSTM_CELL if forget_gate == "sigmoid" else SLSTM_EXP_CELL
+        super().__init__(n_x, n_h, **kwargs)
+
+    @property
+    def n_h(self) -> int:
+        """The hidden size (``n_a`` of the other models)."""
+        return self.n_a
+
+    def _shapes(self, index):
+        return self.cell.param_shapes(self._n_in(index), self.n_a, self.num_heads)
+
+    def _init_params(self, rng):
+        """Uniform in ``(-k, k)``: ``k = 1 / sqrt(n_h)`` for ``W`` and ``b``, ``1 / sqrt(d)``
+        for the heads' ``R``; drawn on the host, so one seed gives the same numbers on every
+        backend."""
+        layers = []
+        for i in range(self.num_layers * self.D):
+            shapes = self._shapes(i)
+            d = shapes["R"][-1]
+            layer = {}
+            for key, shape in shapes.items():
+                k = 1.0 / np.sqrt(d if key == "R" else self.n_a)
+                layer[key] = rng.uniform(-k, k, size=shape)
+            layers.append(layer)
+        return self._to_xp(layers, self.xp, self.dtype, self.device)
+
+    def _config(self):
+        return (*super()._config(), self.num_heads)
+
+    def __repr__(self):
+        return (f"SLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
+                f"forget_gate={self.forget_gate!r}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional})")

@@ -96,6 +96,15 @@ class ArrayOps:
     def sign(self, x, out=None):
         return self.xp.sign(x)
 
+    def exp(self, x, out=None):
+        return self.xp.exp(x)
+
+    def log1p(self, x, out=None):
+        return self.xp.log1p(x)
+
+    def maximum(self, x, y, out=None):
+        return self.xp.maximum(x, y)
+
     def add(self, x, y, out=None):
         return x + y
 
@@ -119,8 +128,8 @@ class ArrayOps:
         return tuple([buf[..., q * n : (q + 1) * n] for q in range(k)])
 
     def cols(self, buf, start, stop):
-        """Columns ``start:stop`` of ``buf`` (the last axis)."""
-        return buf[..., start:stop]
+        """Columns ``start:stop`` of ``buf`` (the last axis); ``None`` without a buffer."""
+        return None if buf is None else buf[..., start:stop]
 
     def map(self, fn, *args, out=None):
         """``fn(*args)`` on whole arrays: a point function applied elementwise."""
@@ -175,6 +184,11 @@ class Cell:
     scratch: dict[str, int] = {}
     coeffs: dict[str, int] = {}
     inline_coeffs: bool = False
+    #: States that carry no gradient (their output does not depend on them): their
+    #: gradient is zero, whatever the gradient given on the final state.
+    frozen: tuple[str, ...] = ()
+    #: States that a valid state has positive (a normaliser).
+    positive: tuple[str, ...] = ()
     #: The gates in the order of the parameter dict's keys (``W<g>, b<g>`` each, then
     #: ``bh<g>`` each), and in torch's row order.
     dict_gates: tuple[str, ...] = ()
@@ -253,9 +267,15 @@ class Cell:
         ``dga`` and ``dgx`` multiply them."""
         raise NotImplementedError
 
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp: Any) -> dict:
-        """The gradients of the fused weights in the cell's own parameter names."""
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp: Any, params: Mapping | None = None) -> dict:
+        """The gradients of the fused weights in the cell's own parameter names (``params``:
+        the parameters of the forward pass, for a cell whose layout depends on them)."""
         raise NotImplementedError
+
+    def start(self, state: tuple, *, xp: Any) -> tuple:
+        """The initial state as the steps read it, from the ``(m, n_a)`` arrays given (by
+        default unchanged)."""
+        return state
 
     # ------------------------------------------------------------------- one step
     def step(self, ops, gx, ga, state: tuple, out: Mapping) -> dict:

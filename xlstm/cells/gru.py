@@ -139,7 +139,7 @@ class GRUCell(Cell):
         WT = _stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
         return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
 
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp):
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
         """``dW* = [dWa*, dWx*]`` (recurrent and input columns), ``db*`` and ``dbh*``."""
         n = dbx.shape[0] // 3
         dW = xp.concat([dWa, dWx], axis=1)

@@ -130,7 +130,7 @@ class LSTMCell(Cell):
     def fuse_backward(self, params, n_a, *, xp):
         return fused_backward_weights(params, n_a, xp=xp)
 
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp):
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
         """``dW*`` (eqs. (11)-(14)) and ``db*`` (eqs. (15)-(18)), in the notebook's order."""
         dW = split_gates(xp.concat([dWa, dWx], axis=1), prefix="dW")
         db = split_gates(dbx, prefix="db")

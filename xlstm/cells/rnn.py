@@ -101,7 +101,7 @@ class RNNCell(Cell):
     def fuse_backward(self, params, n_a, *, xp):
         return xp.matrix_transpose(c_contiguous(params["Waa"])), params["Wax"]
 
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp):
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
         """``dWax`` ``(n_a, n_x)``, ``dWaa`` ``(n_a, n_a)`` and ``dba`` ``(n_a, 1)``."""
         return {"dWax": dWx, "dWaa": dWa, "dba": dbx}
 
