@@ -356,3 +356,66 @@ def test_next_symbol_data_labels_the_next_symbol_within_each_length():
         sym = np.argmax(x[:, b, :n], axis=0)
         np.testing.assert_array_equal(labels[b, : n - 1], sym[1:])
         assert labels[b, n - 1] == 4 and np.all(x[:, b, n:] == 0) and np.all(labels[b, n:] == 0)
+
+
+def test_recall_data_pairs_every_query_with_its_value():
+    rng = np.random.default_rng(0)
+    pairs, queries, keys, values = 3, 5, 4, 6
+    x, labels, mask = demos.recall_data(7, pairs, queries, keys, values, rng)
+    n_sym, T = keys + values, 2 * pairs + queries
+    assert x.shape == (2 * n_sym, 7, T) and labels.shape == mask.shape == (7, T)
+    sym = np.argmax(x[:n_sym], axis=0)  # every step holds one symbol ...
+    assert np.all(x[:n_sym].sum(axis=0) == 1)
+    np.testing.assert_array_equal(x[n_sym:, :, 1:], x[:n_sym, :, :-1])  # ... and the one before
+    assert not x[n_sym:, :, 0].any()
+    for r in range(7):
+        k, v = sym[r, 0 : 2 * pairs : 2], sym[r, 1 : 2 * pairs : 2] - keys
+        assert len(set(k)) == pairs and np.all(k < keys) and np.all((v >= 0) & (v < values))
+        table = dict(zip(k, v))
+        for t in range(2 * pairs, T):
+            assert mask[r, t] and labels[r, t] == table[sym[r, t]]
+        assert not mask[r, : 2 * pairs].any()
+
+
+def test_recall_demo_runs_every_xlstm_cell_at_equal_size(tmp_path, capsys):
+    """The three models, each with the largest hidden size whose parameters do not exceed
+    the LSTM's, trained and scored; seeded, so a second run repeats the first."""
+    args = ["recall", "--pairs", "2", "--queries", "2", "--keys", "3", "--values", "3",
+            "--hidden", "8", "--steps", "5", "--test-size", "16", "--no-progress"]
+    res = demos.main([*args, "--plot", str(tmp_path / "r.png")])
+    assert set(res["accuracy"]) == {"LSTM", "sLSTM", "mLSTM"}
+    budget = res["parameters"]["LSTM"]
+    for name, count in res["parameters"].items():
+        assert 0.75 * budget <= count <= budget, (name, count)  # steps of 2 units: coarse
+        assert 0.0 <= res["accuracy"][name] <= 1.0
+        assert len(res["history"][name]) == 5 and np.all(np.isfinite(res["history"][name]))
+    assert "held-out accuracy" in capsys.readouterr().out
+    again = demos.main([*args, "--quiet", "--no-plot"])
+    assert again["history"] == res["history"]
+
+
+def test_cells_demo_compares_the_three_cells_and_samples_from_each(tmp_path, capsys):
+    """The character model with each cell, one layer, the sLSTM and the mLSTM no larger than
+    the LSTM; each run's saved parameters sample text again (the model is rebuilt from
+    them); the plot holds the three held-out curves."""
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    res = demos.main(["cells", "--text", str(path), "--hidden", "8", "--steps", "4",
+                      "--sample-every", "2", "--seq-len", "8", "--batch", "2", "--no-progress",
+                      "--out-dir", str(tmp_path), "--plot", str(tmp_path / "cells.png")])
+    assert set(res["runs"]) == {"lstm", "slstm", "mlstm"}
+    budget = res["parameters"]["lstm"]
+    vocab = sorted(set(TEXT))
+    for cell, run in res["runs"].items():
+        assert 0.7 * budget <= res["parameters"][cell] <= budget, cell
+        assert [s for s, _ in run["evals"]] == [0, 2, 4] and np.isfinite(run["final_loss"])
+        params = load_params(tmp_path / f"charlm_{cell}.npz")
+        text = demos.sample(params, vocab, 5, prime=vocab[0], rng=np.random.default_rng(0))
+        assert len(text) == 5 and set(text) <= set(vocab)
+    if res["plot_path"] is not None:
+        assert (tmp_path / "cells.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="cell 'mlstm' runs one layer"):
+        demos.charlm(cell="mlstm", layers=2, text=str(path), steps=1, seq_len=8, batch=2,
+                     verbose=False)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        demos.charlm(cell="gru", text=str(path), steps=1, seq_len=8, batch=2, verbose=False)

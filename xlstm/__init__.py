@@ -9,6 +9,7 @@ from ._engine import accelerators
 from .activations import sigmoid, softmax
 from .interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .io import load_params, save_params
+from .mlstm import MLSTM
 from .models import GRU, LSTM, RNN, SLSTM, ModelCache
 from .losses import (
     last_step_mse,
@@ -53,6 +54,7 @@ __all__ = [
     "GRU",
     "RNN",
     "SLSTM",
+    "MLSTM",
     "ModelCache",
     # the notebook's RNN
     "rnn_cell_forward",

@@ -644,7 +644,7 @@ class RNN(_Model):
 class SLSTM(_Model):
     """The sLSTM of xLSTM (Beck et al. 2024): exponential input gate, a normaliser and a
     stabiliser, and a block-diagonal recurrence with ``num_heads`` heads
-    (:mod:`xlstm.cells.slstm` has the equations). State ``(h, c, n, m)``; ``m`` is the
+    (the module ``xlstm.cells.slstm`` has the equations). State ``(h, c, n, m)``; ``m`` is the
     stabiliser, which the output does not depend on: its gradient is zero. Where ``n`` of
     the initial state is zero (a zero state), that unit's memory is empty and the first
     step starts it afresh.

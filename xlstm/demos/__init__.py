@@ -1,11 +1,14 @@
-"""Three training demos: a character-level language model, the adding problem, and a
-bidirectional model on variable-length sequences.
+"""Four training demos: a character-level language model, the adding problem, a
+bidirectional model on variable-length sequences, and associative recall with the xLSTM
+cells.
 
 Run them from the command line::
 
     python -m xlstm demo charlm [--text FILE] [--steps N] [--backend torch] ...
     python -m xlstm demo adding [--T 50] [--hidden 32] ...
     python -m xlstm demo bidirectional [--T 16] [--vocab 4] ...
+    python -m xlstm demo recall [--pairs 4] [--steps 4000] ...
+    python -m xlstm demo cells [--hidden 128] [--steps 2000] ...
 
 or from Python with :func:`charlm` and :func:`adding`, which take the same options as
 keyword arguments and return a dict of results (losses, wall time, paths written).
@@ -26,11 +29,16 @@ keyword arguments and return a dict of results (losses, wall time, paths written
 * ``bidirectional`` trains a bidirectional :class:`xlstm.LSTM` and a one-direction one on
   padded variable-length sequences (``lengths``) to label every step with the next
   symbol, which only the reverse direction can see, and compares their held-out accuracy.
+* ``recall`` is multi-query associative recall (the xLSTM paper's memory task): an
+  :class:`xlstm.LSTM`, an :class:`xlstm.SLSTM` and an :class:`xlstm.MLSTM` of about equal
+  size read key-value pairs, then answer queries; it compares their held-out accuracy.
+* ``cells`` (:func:`charlm_cells`) runs ``charlm`` with each of the three cells, one
+  layer, about equal parameter counts, and draws their held-out losses in one plot.
 
 Everything random is drawn on the host from ``numpy.random.default_rng`` streams derived
 from ``seed`` and then moved to the chosen backend, so a run on the CPU is reproducible.
 
-One module per demo (``char_lm``, ``adding_problem`` and ``bidirectional``), their
+One module per demo (``char_lm``, ``adding_problem``, ``bidirectional`` and ``recall``), their
 command-line options (``_cli``), the loss curve (``_plot``) and what the demos do alike
 (``_run``: the backend, the checks, the linear head on a model's outputs); this module is
 the command line: it checks the arguments and runs the demo by name.
@@ -43,18 +51,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._compat import BackendUnavailable, load_backend
-from ._cli import adding_parser, bidirectional_parser, charlm_parser
+from ._cli import adding_parser, bidirectional_parser, cells_parser, charlm_parser, recall_parser
 from .adding_problem import adding, adding_data
 from .bidirectional import bidirectional, next_symbol_data
-from .char_lm import charlm, held_out_size, load_corpus, sample
+from .char_lm import charlm, charlm_cells, held_out_size, load_corpus, sample
+from .recall import recall, recall_data
 
 __all__ = [
     "charlm", "adding", "bidirectional", "charlm_main", "adding_main", "main", "load_corpus",
-    "sample", "adding_data", "next_symbol_data",
+    "sample", "adding_data", "next_symbol_data", "recall", "recall_data",
+    "charlm_cells",
 ]
 
 #: The demos by command-line name.
-DEMOS = {"charlm": charlm, "adding": adding, "bidirectional": bidirectional}
+DEMOS = {"charlm": charlm, "adding": adding, "bidirectional": bidirectional, "recall": recall,
+         "cells": charlm_cells}
 
 
 def _check_args(parser, args):
@@ -104,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "adding": adding_parser(sub.add_parser("adding", help="the adding problem")),
         "bidirectional": bidirectional_parser(sub.add_parser(
             "bidirectional", help="bidirectional against one-direction, variable lengths")),
+        "recall": recall_parser(sub.add_parser(
+            "recall", help="associative recall: LSTM, sLSTM and mLSTM")),
+        "cells": cells_parser(sub.add_parser(
+            "cells", help="the character model with LSTM, sLSTM and mLSTM")),
     }
     args = parser.parse_args(argv)
     name = args.demo

@@ -117,7 +117,9 @@ def charlm_parser(parser=None):
                      hidden_what="hidden size of every layer",
                      batch_of="contiguous streams of the text")
     p.add_argument("--layers", type=int_at_least(1), default=2,
-                   help="stacked LSTM layers (default 2)")
+                   help="stacked layers (default 2; the mLSTM runs one)")
+    p.add_argument("--cell", default="lstm", choices=("lstm", "slstm", "mlstm"),
+                   help="the model: LSTM (default), sLSTM or mLSTM")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="characters per step, the span of backpropagation (default 50)")
     p.add_argument("--sample-every", type=int_at_least(0), default=500,
@@ -169,3 +171,49 @@ def bidirectional_parser(parser=None):
                    help="held-out sequences (default 512)")
     common_options(p, plot="bidirectional_loss.png")
     return p
+
+
+def recall_parser(parser=None):
+    """The options of :func:`xlstm.demos.recall`, added to ``parser`` or a new one."""
+    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo recall")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("Multi-query associative recall: LSTM, sLSTM and mLSTM of about equal "
+                     "size read key-value pairs and answer queries; compare held-out "
+                     "accuracy, write the loss curves.")
+    p.add_argument("--pairs", type=int_at_least(1), default=4,
+                   help="key-value pairs per sequence (default 4)")
+    p.add_argument("--queries", type=int_at_least(1), default=4,
+                   help="queries after the pairs (default 4)")
+    p.add_argument("--keys", type=int_at_least(1), default=8, help="key symbols (default 8)")
+    p.add_argument("--values", type=int_at_least(2), default=8,
+                   help="value symbols (default 8)")
+    training_options(p, steps=4000, hidden=32, batch=32, lr=5e-3, clip=5.0,
+                     steps_what="optimizer steps per model",
+                     hidden_what="the LSTM's hidden size; the others match its parameters")
+    p.add_argument("--test-size", type=int_at_least(1), default=512,
+                   help="held-out sequences (default 512)")
+    common_options(p, plot="recall_loss.png")
+    return p
+
+
+def cells_parser(parser=None):
+    """The options of :func:`xlstm.demos.charlm_cells`, added to ``parser`` or a new one."""
+    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo cells")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = ("The character-level language model with an LSTM, an sLSTM and an "
+                     "mLSTM of one layer and about equal size: the held-out losses of the "
+                     "three in one plot.")
+    p.add_argument("--text", type=input_file, default=None,
+                   help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
+    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
+                     steps_what="optimizer steps per model",
+                     hidden_what="the LSTM's hidden size; the others match its parameters",
+                     batch_of="contiguous streams of the text")
+    p.add_argument("--seq-len", type=int_at_least(1), default=50,
+                   help="characters per step, the span of backpropagation (default 50)")
+    p.add_argument("--sample-every", type=int_at_least(1), default=250,
+                   help="measure the held-out loss every N steps (default 250)")
+    p.add_argument("--out-dir", default=".", help="folder of the parameter files (default .)")
+    common_options(p, plot="charlm_cells.png")
+    return p
+

@@ -45,6 +45,29 @@ def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None
     return os.fspath(path)
 
 
+def eval_curves(path, curves, *, title, ylabel, baseline=None):
+    """Write a PNG of several held-out loss curves (label -> ``[(step, loss), ...]``);
+    None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ax.plot(*zip(*points), "o-", ms=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"baseline {baseline:.3g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return os.fspath(path)
+
+
 def curve_path(out, plot):
     """Where the loss curve goes: ``plot`` if given, else next to ``out``; None: no plot."""
     if plot is False:

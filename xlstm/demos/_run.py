@@ -71,3 +71,20 @@ def head_loss(model, params, x, labels, *, xp, state=None, lengths=None, mask=No
     dhead = {"Wy": xp.tensordot(dz, y, axes=([1, 2], [1, 2])),
              "by": xp.sum(dz, axis=(1, 2))[:, None]}
     return loss, {"rnn": grads, "head": dhead}, final
+
+
+def parameter_count(model):
+    """The number of parameters of ``model``."""
+    return int(sum(int(np.prod(v.shape)) for layer in model.params for v in layer.values()))
+
+
+def hidden_for(make, budget, step=2, most=1024):
+    """The largest hidden size, a multiple of ``step``, whose model ``make(n)`` has at most
+    ``budget`` parameters (at least ``step``)."""
+    best = step
+    for n in range(step, most + 1, step):
+        if parameter_count(make(n)) > budget:
+            break
+        best = n
+    return best
+

@@ -22,11 +22,14 @@ import numpy as np
 from .._compat import device_of, namespace, to_host
 from ..io import save_params
 from ..losses import softmax_cross_entropy
-from ..models import LSTM
+from ..mlstm import MLSTM
+from ..models import LSTM, SLSTM
 from ..optim import Adam
 from ..train import fit
-from ._plot import curve_path, loss_curve
+from ._plot import curve_path, eval_curves, loss_curve
 from ._run import (
+    hidden_for,
+    parameter_count,
     check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
 )
 
@@ -110,13 +113,24 @@ def _model_of(params, V):
             f"charlm trains, got {got}"
         )
     rnn, head = params["rnn"], params["head"]
-    if not isinstance(rnn, Sequence) or not rnn or not isinstance(rnn[0], Mapping) \
-            or "Wf" not in rnn[0]:
-        raise TypeError("params['rnn'] must be an LSTM's params: a list of one dict of "
-                        "arrays (Wf, bf, ...) per layer")
+    first = rnn[0] if isinstance(rnn, Sequence) and rnn and isinstance(rnn[0], Mapping) else {}
+    if not ({"Wf", "W", "Wq"} & set(first)):
+        raise TypeError("params['rnn'] must be an LSTM's, an SLSTM's or an MLSTM's params: a "
+                        "list of one dict of arrays (Wf, bf, ... / W, R, b / Wq, ...) per layer")
     if not isinstance(head, Mapping) or set(head) != {"Wy", "by"}:
         raise TypeError("params['head'] must be the dict {'Wy', 'by'} of the linear head")
-    Wf = rnn[0]["Wf"]
+    if "Wf" not in first:  # an sLSTM (sigmoid forget gate) or an mLSTM, sizes from the arrays
+        W = first["W" if "W" in first else "Wq"]
+        xp = namespace(**{"params['rnn'][0]": W, "params['head']['Wy']": head["Wy"]})
+        kw = {"xp": xp, "dtype": W.dtype, "device": device_of(W)}
+        if "W" in first:
+            model = SLSTM(V, W.shape[1], num_heads=first["R"].shape[1], num_layers=len(rnn),
+                          **kw)
+        else:
+            model = MLSTM(V, first["Wo"].shape[0], num_heads=W.shape[0], d_qk=W.shape[1], **kw)
+        model._check_params(rnn)
+        return model
+    Wf = first["Wf"]
     xp = namespace(**{"params['rnn'][0]['Wf']": Wf, "params['head']['Wy']": head["Wy"],
                       "params['head']['by']": head["by"]})
     n_a = Wf.shape[0]
@@ -130,6 +144,11 @@ def _model_of(params, V):
             raise ValueError(f"params['head'][{k!r}] must have shape {shape} (vocabulary "
                              f"{V}, n_a={n_a}), got {tuple(head[k].shape)}")
     return LSTM(V, n_a, num_layers=len(rnn), xp=xp, dtype=Wf.dtype, device=device_of(Wf))
+
+
+#: The models that :func:`charlm` trains, by ``cell``: class and keyword arguments.
+CELL_MODELS = {"lstm": (LSTM, {}), "slstm": (SLSTM, {"num_heads": 2}),
+               "mlstm": (MLSTM, {"num_heads": 2})}
 
 
 def sample(
@@ -212,6 +231,7 @@ def charlm(
     steps: int = 2000,
     hidden: int = 128,
     layers: int = 2,
+    cell: str = "lstm",
     seq_len: int = 50,
     batch: int = 32,
     lr: float = 5e-3,
@@ -253,7 +273,10 @@ def charlm(
     hidden : int, optional
         Hidden size ``n_a`` of every layer. Default 128.
     layers : int, optional
-        Stacked LSTM layers. Default 2.
+        Stacked layers. Default 2 (the mLSTM runs one).
+    cell : {"lstm", "slstm", "mlstm"}, optional
+        The model: :class:`xlstm.LSTM` (default), :class:`xlstm.SLSTM` or
+        :class:`xlstm.MLSTM`, the last two with 2 heads.
     seq_len : int, optional
         Characters per chunk: the span of truncated backpropagation. Default 50.
     batch : int, optional
@@ -313,7 +336,17 @@ def charlm(
         say(f"note: the prime {prime!r} has characters outside the vocabulary; using a newline")
         prime = "\n"
     init_rng, sample_rng = streams(seed, 2)
-    model = LSTM(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device, seed=init_rng)
+    if cell not in CELL_MODELS:
+        raise ValueError(f"cell must be one of {sorted(CELL_MODELS)}, got {cell!r}")
+    cls, kwargs = CELL_MODELS[cell]
+    if cls is MLSTM and layers != 1:
+        raise ValueError(f"cell 'mlstm' runs one layer for now, got layers={layers}")
+    if cls is MLSTM:
+        model = MLSTM(V, hidden, xp=xp, dtype=dt, device=device,
+                      seed=int(init_rng.integers(2**31)), **kwargs)
+    else:
+        model = cls(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device,
+                    seed=init_rng, **kwargs)
     params = {"rnn": model.params,
               "head": init_head(V, hidden, init_rng, xp=xp, dtype=dt, device=device)}
 
@@ -349,7 +382,8 @@ def charlm(
     initial = held_out(params)
     say(
         f"charlm: {N:,} characters ({'pydoc_data.topics' if text is None else text}), "
-        f"vocabulary {V}; {layers}-layer LSTM n_a={hidden}, {batch} streams read "
+        f"vocabulary {V}; {layers}-layer {cls.__name__} n_h={hidden} "
+        f"({parameter_count(model):,} parameters), {batch} streams read "
         f"{seq_len} characters per step ({n_train} steps per pass), Adam lr={lr:g}, "
         f"clip {clip:g}, {steps} steps on {backend} {dtype}"
     )
@@ -389,7 +423,8 @@ def charlm(
     plot_path = curve_path(out, plot)
     if plot_path is not None:
         plot_path = loss_curve(plot_path, history, evals,
-                               title=f"charlm: {layers}-layer LSTM, n_a={hidden}, vocab {V}",
+                               title=f"charlm: {layers}-layer {cls.__name__}, n_h={hidden}, "
+                                     f"vocab {V}",
                                ylabel="cross-entropy (nats/char)", eval_label="held out",
                                baseline=baseline)
     k = min(50, len(history))
@@ -406,6 +441,7 @@ def charlm(
         "seconds": res.seconds,
         "sample": final_sample,
         "params_path": os.fspath(out),
+        "parameters": parameter_count(model),
         "plot_path": plot_path,
     }
     say(f"--- final sample (T={temperature:g}) ---\n{prime}{final_sample}\n---")
@@ -413,3 +449,71 @@ def charlm(
         f"(log V = {baseline:.4f}); training took {fmt_time(res.seconds)}")
     say(f"saved parameters to {out}" + (f", loss curve to {plot_path}" if plot_path else ""))
     return result
+
+
+def charlm_cells(
+    *,
+    cells: Sequence[str] = ("lstm", "slstm", "mlstm"),
+    text: str | None = None,
+    hidden: int = 128,
+    steps: int = 2000,
+    sample_every: int = 250,
+    out_dir: str = ".",
+    plot: str | bool | None = "charlm_cells.png",
+    verbose: bool = True,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`charlm` once per cell, one layer each, at about the same number of parameters:
+    the LSTM's with ``hidden`` units, the others the largest hidden size that has no more.
+    The held-out losses of the three runs are drawn in one plot.
+
+    Parameters
+    ----------
+    cells : sequence of str, optional
+        The cells to compare (keys of :data:`CELL_MODELS`). Default all three.
+    text, steps, sample_every : optional
+        As for :func:`charlm` (``sample_every`` also sets how often the held-out loss is
+        measured).
+    hidden : int, optional
+        The LSTM's hidden size, which sets the parameter budget. Default 128.
+    out_dir : str, optional
+        Folder for each run's parameters, ``charlm_<cell>.npz``. Default the current one.
+    plot : str or False, optional
+        PNG of the held-out curves (needs matplotlib). Default ``charlm_cells.png``.
+    verbose : bool, optional
+        Print the runs' progress.
+    **kwargs
+        Any other option of :func:`charlm` (``backend``, ``dtype``, ``seed``, ...).
+
+    Returns
+    -------
+    dict
+        ``runs`` (each cell's :func:`charlm` result), ``hidden`` and ``parameters`` by
+        cell, and ``plot_path``.
+    """
+    say = printer(verbose)
+    _, vocab = _encode(load_corpus(text))
+    V = len(vocab)
+    budget = parameter_count(LSTM(V, hidden))
+    runs, sizes, counts = {}, {}, {}
+    for cell in cells:
+        cls, kw = CELL_MODELS[cell]
+        n = hidden if cls is LSTM else hidden_for(lambda n, cls=cls, kw=kw: cls(V, n, **kw),
+                                                  budget)
+        say(f"=== {cell}: n_h={n}")
+        runs[cell] = charlm(cell=cell, text=text, hidden=n, layers=1, steps=steps,
+                            sample_every=sample_every, plot=False, verbose=verbose,
+                            out=os.path.join(out_dir, f"charlm_{cell}.npz"), **kwargs)
+        sizes[cell], counts[cell] = n, runs[cell]["parameters"]
+    plot_path = None
+    if plot:
+        first = runs[cells[0]]
+        plot_path = eval_curves(plot, {f"{c} ({counts[c]:,} parameters)": runs[c]["evals"]
+                                       for c in cells},
+                                title=f"charlm, held-out loss, vocabulary {V}",
+                                ylabel="cross-entropy (nats/char)", baseline=first["baseline"])
+    for cell in cells:
+        say(f"{cell}: n_h={sizes[cell]}, {counts[cell]:,} parameters, held-out loss "
+            f"{runs[cell]['initial_loss']:.4f} -> {runs[cell]['final_loss']:.4f} "
+            f"({fmt_time(runs[cell]['seconds'])})")
+    return {"runs": runs, "hidden": sizes, "parameters": counts, "plot_path": plot_path}

@@ -1,0 +1,260 @@
+"""The mLSTM (``xlstm.MLSTM`` and the forms of :mod:`xlstm.mlstm`):
+
+* the three forms against each other, forward and backward, to 1e-10 in float64;
+* every gradient of every form against central differences (float64);
+* a plain, unstabilised reference written here from the equations;
+* chunked runs (state carried) against whole sequences; padded batches; the zero state;
+* pre-activations of +-1e4 in float32; every backend against numpy; bad arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import to_numpy, to_xp
+from oracles import central_differences
+
+import xlstm
+from xlstm import mlstm
+
+N_X, N_H, H, M, T = 3, 4, 2, 2, 7
+FORMS = pytest.mark.parametrize("form", mlstm.FORMS)
+
+
+def _model(**kw):
+    kw = {"num_heads": H, "chunk": 3, "seed": 1, **kw}
+    return xlstm.MLSTM(N_X, N_H, **kw)
+
+
+def _state(model, rng, m=M):
+    C, n, mm = (rng.standard_normal(s) for s in model._state_shapes(m))
+    return C, n, mm
+
+
+def _run(model, x, state, dy, dstate, form, **kw):
+    y, final, cache = model.forward(x, state, form=form, **kw)
+    dx, d0, (g,) = model.backward(dy, cache, dstate)
+    return y, final, dx, d0, g
+
+
+def _unstabilised(final):
+    """``(C e^m, n e^m)``: the state without its stabiliser, the same for every form."""
+    C, n, m = final
+    return C * np.exp(m)[:, :, None, None, :], n * np.exp(m)[:, :, None, :]
+
+
+def test_forms_agree_forward_and_backward():
+    """Recurrent, parallel and chunkwise (chunks of 3 over 7 steps): outputs, the final
+    state without its stabiliser, and every gradient agree to 1e-10 (float64), from a
+    given state with a gradient on the final one."""
+    rng = np.random.default_rng(0)
+    model = _model()
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    state = _state(model, rng)
+    dC, dn, _ = _state(model, rng)
+    runs = {}
+    for form in mlstm.FORMS:
+        y, final, cache = model.forward(x, state, form=form)
+        # the same loss for every form: the final state's gradient is on C e^(m - m_rec)
+        runs[form] = (y, final, cache)
+    m_rec = runs["recurrent"][1][2]
+    out = {}
+    for form, (y, final, cache) in runs.items():
+        scale = np.exp(final[2] - m_rec)
+        dstate = (dC * scale[:, :, None, None, :], dn * scale[:, :, None, :], None)
+        dx, d0, (g,) = model.backward(dy, cache, dstate)
+        out[form] = {"y": y, "C": _unstabilised(final)[0], "n": _unstabilised(final)[1],
+                     "dx": dx, "dC0": d0[0], "dn0": d0[1], **g}
+        assert np.array_equal(d0[2], np.zeros_like(d0[2]))  # the stabiliser: no gradient
+    for form in ("parallel", "chunkwise"):
+        for key, want in out["recurrent"].items():
+            np.testing.assert_allclose(out[form][key], want, rtol=1e-10, atol=1e-10,
+                                       err_msg=f"{form} {key}")
+
+
+@FORMS
+def test_gradients_equal_central_differences(form):
+    """Every gradient (x, the initial C and n, every parameter) of every form against
+    float64 central differences of ``sum(y dy) + sum(C_T e^(m_T - m*) dC) + sum(n_T ...)``
+    (``m*`` the unperturbed final stabiliser: the final state's gradient is the one on the
+    stabilised state with the stabiliser held)."""
+    rng = np.random.default_rng(1)
+    model = _model()
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    C0, n0, m0 = _state(model, rng)
+    dC, dn, _ = _state(model, rng)
+    y, final, dx, d0, g = _run(model, x, (C0, n0, m0), dy, (dC, dn, None), form)
+    m_ref = final[2]
+
+    def loss(arrs):
+        params = [{k: arrs[k] for k in model.params[0]}]
+        y, (C, n, m), _ = model.forward(arrs["x"], (arrs["C0"], arrs["n0"], m0), params=params,
+                                        form=form, return_cache=False)
+        s = np.exp(m - m_ref)
+        return float(np.sum(y * dy) + np.sum(C * s[:, :, None, None, :] * dC)
+                     + np.sum(n * s[:, :, None, :] * dn))
+
+    num = central_differences(loss, {"x": x, "C0": C0, "n0": n0, **model.params[0]})
+    got = {"x": dx, "C0": d0[0], "n0": d0[1], **g}
+    for key, want in num.items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=1e-8, err_msg=key)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def reference(params, x, d_qk):
+    """The unstabilised mLSTM from the equations, float64, from the zero state."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    Hh, dv = p["Wv"].shape[:2]
+    C = np.zeros((x.shape[1], Hh, dv, d_qk))
+    n = np.zeros((x.shape[1], Hh, d_qk))
+    ys = []
+    for t in range(x.shape[2]):
+        xt = x[:, :, t]  # (n_x, m)
+        q = np.einsum("hdx,xm->mhd", p["Wq"], xt) + p["bq"][..., 0]
+        k = (np.einsum("hdx,xm->mhd", p["Wk"], xt) + p["bk"][..., 0]) / np.sqrt(d_qk)
+        v = np.einsum("hdx,xm->mhd", p["Wv"], xt) + p["bv"][..., 0]
+        i = np.exp(np.einsum("hx,xm->mh", p["wi"], xt) + p["bi"][:, 0])
+        f = _sigmoid(np.einsum("hx,xm->mh", p["wf"], xt) + p["bf"][:, 0])
+        o = _sigmoid(p["Wo"] @ xt + p["bo"])  # (n_h, m)
+        C = f[..., None, None] * C + i[..., None, None] * v[..., :, None] * k[..., None, :]
+        n = f[..., None] * n + i[..., None] * k
+        num = np.einsum("mhvk,mhk->mhv", C, q)
+        den = np.maximum(np.abs(np.einsum("mhk,mhk->mh", n, q)), 1.0)
+        ht = (num / den[..., None]).reshape(x.shape[1], -1).T  # (n_h, m)
+        ys.append(o * ht)
+    return np.stack(ys, axis=-1)
+
+
+@FORMS
+@pytest.mark.parametrize("d_qk", [None, 3])
+def test_equals_the_plain_equations(form, d_qk):
+    """From the zero state, at small inputs, every form equals the unstabilised equations
+    to rounding (with ``d_qk`` equal to ``d_v`` and not)."""
+    rng = np.random.default_rng(2)
+    model = _model(d_qk=d_qk)
+    x = rng.standard_normal((N_X, M, T))
+    y, _, _ = model.forward(x, form=form, return_cache=False)
+    np.testing.assert_allclose(y, reference(model.params[0], x, model.d_qk), rtol=1e-12,
+                               atol=1e-13)
+
+
+@FORMS
+def test_chunked_runs_equal_the_whole_sequence(form):
+    """Two calls, the state carried, equal one call: outputs, final state and, through
+    ``dstate``, every gradient."""
+    rng = np.random.default_rng(3)
+    model = _model()
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    y, final, dx, d0, g = _run(model, x, None, dy, None, form)
+    y1, mid, c1 = model.forward(x[:, :, :3], form=form)
+    y2, final2, c2 = model.forward(x[:, :, 3:], mid, form=form)
+    dx2, dmid, (g2,) = model.backward(dy[:, :, 3:], c2)
+    dx1, d01, (g1,) = model.backward(dy[:, :, :3], c1, dmid)
+    np.testing.assert_allclose(np.concatenate([y1, y2], axis=-1), y, rtol=1e-12, atol=1e-13)
+    for a, b in zip(_unstabilised(final2), _unstabilised(final)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.concatenate([dx1, dx2], axis=-1), dx, rtol=1e-10, atol=1e-11)
+    for k in g:
+        np.testing.assert_allclose(g1[k] + g2[k], g[k], rtol=1e-10, atol=1e-11, err_msg=k)
+
+
+@FORMS
+def test_padded_batch_equals_each_sequence_alone(form):
+    """With ``lengths``, each row equals its own sequence run alone: outputs (zero past
+    the length), final state and gradients."""
+    rng = np.random.default_rng(4)
+    model = _model()
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    lengths = np.array([T, 3])
+    y, final, dx, d0, g = _run(model, x, None, dy, None, form, lengths=lengths)
+    assert np.array_equal(y[:, 1, 3:], np.zeros_like(y[:, 1, 3:]))
+    assert np.array_equal(dx[:, 1, 3:], np.zeros_like(dx[:, 1, 3:]))
+    total = {k: np.zeros_like(v) for k, v in g.items()}
+    for r, L in enumerate(lengths):
+        yr, fr, dxr, _, gr = _run(model, x[:, r : r + 1, :L], None, dy[:, r : r + 1, :L], None,
+                                  form)
+        np.testing.assert_allclose(y[:, r : r + 1, :L], yr, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(dx[:, r : r + 1, :L], dxr, rtol=1e-10, atol=1e-12)
+        for a, b in zip(_unstabilised(final), _unstabilised(fr)):
+            np.testing.assert_allclose(a[..., r : r + 1], b, rtol=1e-12, atol=1e-13)
+        for k in g:
+            total[k] += gr[k]
+    for k in g:
+        np.testing.assert_allclose(g[k], total[k], rtol=1e-10, atol=1e-11, err_msg=k)
+
+
+@FORMS
+def test_zero_state_per_head(form):
+    """A head whose given ``n`` is zero starts afresh, whatever its ``m``; the others carry
+    on from the given state."""
+    rng = np.random.default_rng(5)
+    model = _model()
+    x = rng.standard_normal((N_X, M, T))
+    C, n, m = _state(model, rng)
+    C[:, 0], n[:, 0] = 0.0, 0.0  # head 0 empty in every row
+    y, _, _ = model.forward(x, (C, n, m), form=form, return_cache=False)
+    y0, _, _ = model.forward(x, form=form, return_cache=False)  # every head empty
+    d = N_H // H
+    np.testing.assert_allclose(y[:d], y0[:d], rtol=1e-12, atol=1e-13)
+    assert not np.allclose(y[d:], y0[d:])
+    assert np.all(np.isfinite(y))
+
+
+@FORMS
+def test_extreme_pre_activations_in_float32(form):
+    """Gate pre-activations of +-1e4 in float32: nothing overflows, forward or backward."""
+    rng = np.random.default_rng(6)
+    model = _model(dtype="float32")
+    p = model.params[0]
+    for key in ("wi", "wf"):
+        p[key] = (1e4 * np.sign(rng.standard_normal(p[key].shape))).astype(np.float32)
+    x = np.sign(rng.standard_normal((N_X, M, T))).astype(np.float32)
+    y, final, dx, d0, g = _run(model, x, None, np.ones((N_H, M, T), np.float32), None, form)
+    for v in (y, *final[:2], dx, *d0, *g.values()):
+        assert v.dtype == np.float32 and np.all(np.isfinite(v))
+
+
+@FORMS
+def test_every_backend_equals_numpy(form, xp, device):
+    """The same call on the backend under test: its namespace and device kept, numpy's
+    numbers to rounding."""
+    rng = np.random.default_rng(7)
+    model = _model(xp=xp, device=device, dtype=xp.float64)
+    host = _model()
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    want = _run(host, x, None, dy, None, form)
+    got = _run(model, to_xp(x, xp, device), None, to_xp(dy, xp, device), None, form)
+    for a, b in zip((got[0], got[2], *got[4].values()), (want[0], want[2], *want[4].values())):
+        np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-13)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="n_h=5 is not divisible by num_heads=2"):
+        xlstm.MLSTM(N_X, 5, num_heads=2)
+    with pytest.raises(ValueError, match="d_qk must be"):
+        xlstm.MLSTM(N_X, N_H, d_qk=0)
+    with pytest.raises(TypeError, match="d_qk must be a positive int"):
+        xlstm.MLSTM(N_X, N_H, d_qk=2.5)
+    with pytest.raises(ValueError, match="form must be one of"):
+        xlstm.MLSTM(N_X, N_H, form="fast")
+    model = _model()
+    x = np.zeros((N_X, M, T))
+    with pytest.raises(TypeError, match=r"state must be the tuple \(C, n, m\)"):
+        model.forward(x, (np.zeros((1, H, 2, 2, M)),) * 2)
+    with pytest.raises(ValueError, match=r"state n must have shape \(1, 2, 2, 2\)"):
+        C, n, m = _state(model, np.random.default_rng(0))
+        model.forward(x, (C, n[..., :1, :], m))
+    with pytest.raises(ValueError, match=r"x must have shape \(n_x, m, T\)"):
+        model.forward(x[:2])
+    with pytest.raises(KeyError, match="params\\[0\\] is not an MLSTM layer"):
+        model.forward(x, params=[{"W": x}])
+    with pytest.raises(NotImplementedError, match="one layer in one direction"):
+        xlstm.MLSTM(N_X, N_H, num_layers=2)
+    y, _, cache = model.forward(x)
+    with pytest.raises(ValueError, match="dy must have the shape of y"):
+        model.backward(y[:, :, :2], cache)
+    with pytest.raises(TypeError, match="cache must be the MLSTMCache"):
+        _model().backward(y, cache)
