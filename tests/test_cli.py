@@ -160,6 +160,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("argv", [
     [], ["check"], ["info"], ["demo"], ["demo", "charlm"], ["demo", "adding"],
+    ["demo", "bidirectional"], ["demo", "recall"], ["demo", "cells"],
 ], ids=lambda argv: " ".join(argv) or "top")
 def test_help_is_plain_text(capsys, argv):
     with pytest.raises(SystemExit) as info:

@@ -5,8 +5,8 @@ the RNN notebook APIs on every backend that is importable here, prints a pass/fa
 exits non-zero on any failure, or when no backend ran, or when a backend named with
 ``--backends`` cannot run here.
 ``info`` prints versions and devices.
-``demo charlm``, ``demo adding`` and ``demo bidirectional`` train the demos of
-:mod:`xlstm.demos`.
+``demo charlm``, ``demo adding``, ``demo bidirectional``, ``demo recall`` and ``demo
+cells`` train the demos of :mod:`xlstm.demos`.
 Bad arguments are argparse errors: a usage line and one error line, exit status 2.
 """
 
@@ -287,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="training demos (see: demo NAME --help)",
                        description="Train one of the demos; demo NAME --help lists its options.")
-    p.add_argument("demo", choices=("charlm", "adding", "bidirectional"),
-                   help="charlm: character-level language model; adding: the adding problem")
+    p.add_argument("demo", choices=("charlm", "adding", "bidirectional", "recall", "cells"),
+                   metavar="NAME",
+                   help="charlm, adding, bidirectional, recall or cells; charlm: character-level language model; adding: the adding problem; "
+                        "bidirectional: both directions on variable lengths; recall: "
+                        "associative recall with LSTM, sLSTM and mLSTM; cells: charlm with "
+                        "the three")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
     p.set_defaults(func=cmd_demo)
     return parser
