@@ -37,7 +37,8 @@ import numpy as np
 
 from ._typing import Array
 
-__all__ = ["FORMS", "MLSTM", "MLSTMCache", "recurrent_forward", "recurrent_backward", "parallel_forward",
+__all__ = ["FORMS", "MLSTM", "MLSTMCache", "recurrent_forward", "recurrent_backward",
+           "parallel_forward",
            "parallel_backward", "chunkwise_forward", "chunkwise_backward", "empty_as_minus_inf",
            "logsigmoid"]
 
@@ -451,7 +452,8 @@ class MLSTM:
         Xf = xp.reshape(X, (m * T, self.n_x))
 
         def proj(W, b, d):
-            P = Xf @ xp.matrix_transpose(xp.reshape(W, (H * d, self.n_x))) + xp.reshape(b, (1, H * d))
+            P = Xf @ xp.matrix_transpose(xp.reshape(W, (H * d, self.n_x)))
+            P = P + xp.reshape(b, (1, H * d))
             return xp.permute_dims(xp.reshape(P, (m, T, H, d)), (0, 2, 1, 3))
 
         def gate(w, b):
@@ -485,14 +487,16 @@ class MLSTM:
             run = recurrent_forward if form == "recurrent" else parallel_forward
             ht, (C, n, mm), inner = run(xp, q, k, v, ig, fg, (C0, n0, m0))
         ht = xp.reshape(xp.permute_dims(ht, (0, 2, 1, 3)), (m, T, self.n_h))
-        o = 0.5 * xp.tanh(0.5 * (Xf @ xp.matrix_transpose(p["Wo"]) + xp.reshape(p["bo"], (1, self.n_h)))) + 0.5
+        zo = Xf @ xp.matrix_transpose(p["Wo"]) + xp.reshape(p["bo"], (1, self.n_h))
+        o = 0.5 * xp.tanh(0.5 * zo) + 0.5  # sigmoid
         o = xp.reshape(o, (m, T, self.n_h))
         y = o * ht
         if active is not None:
             y = xp.where(xp.permute_dims(active, (0, 2, 1)), y, xp.zeros_like(y))
         if self.layout == "notebook":
             y = xp.permute_dims(y, (2, 0, 1))
-        final = (xp.permute_dims(C, (1, 2, 3, 0))[None, ...], xp.permute_dims(n, (1, 2, 0))[None, ...],
+        final = (xp.permute_dims(C, (1, 2, 3, 0))[None, ...],
+                 xp.permute_dims(n, (1, 2, 0))[None, ...],
                  xp.permute_dims(mm, (1, 0))[None, ...])
         cache = None
         if return_cache:
