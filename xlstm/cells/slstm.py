@@ -109,7 +109,7 @@ class SLSTMCell(Cell):
     saved = {"X2": 2, "ZO": 2, "CN": 2, "D": 1}
     frozen = ("M",)
     positive = ("N",)
-    scratch = {"G": 4, "E": 4}
+    scratch = {"G": 4, "E0": 1, "E1": 1, "E2": 1, "E3": 1}
     n_gates = 4
     split = False
     back_reads = ("X2", "ZO", "CN", "D", "C", "N")
@@ -181,15 +181,16 @@ class SLSTMCell(Cell):
         return h, c, n, xp.where(n == 0, -inf, m)
 
     # ------------------------------------------------------------------- one step
-    def _forget(self, ops, f, n, out):
-        """``(lf, slope)`` of the forget gate's pre-activation ``f`` (columns of ``G``)."""
-        E = out["E"]
+    def _forget(self, ops, f, out):
+        """``(lf, slope)`` of the forget gate's pre-activation ``f`` (columns of ``G``).
+
+        ``exp`` and ``log1p`` run on whole ``(m, n)`` buffers, as on the array path: some
+        numpy versions round a strided window's rows differently (SIMD or not)."""
         half, one = ops.const(0.5), ops.const(1.0)
-        e = ops.exp(ops.map(neg_abs, f, out=ops.cols(E, 0, n)), out=ops.cols(E, 0, n))
-        l1p = ops.log1p(e, out=ops.cols(E, n, 2 * n))
-        s = ops.sign(f, out=ops.cols(E, 2 * n, 3 * n))
-        return ops.map(logsigmoid_and_slope, half, one, f, s, e, l1p,
-                       out=(ops.cols(E, 3 * n, 4 * n), out["D"]))
+        e = ops.exp(ops.map(neg_abs, f, out=out["E0"]), out=out["E0"])
+        l1p = ops.log1p(e, out=out["E1"])
+        s = ops.sign(f, out=out["E2"])
+        return ops.map(logsigmoid_and_slope, half, one, f, s, e, l1p, out=(out["E3"], out["D"]))
 
     def step(self, ops, gx, ga, state, out):
         """One step of the module's equations."""
@@ -198,7 +199,7 @@ class SLSTMCell(Cell):
         g = ops.add(gx, ga, out=out["G"])
         i, f = ops.cols(g, 0, n), ops.cols(g, n, 2 * n)
         if self.forget_gate == "sigmoid":
-            lf, slope = self._forget(ops, f, n, out)
+            lf, slope = self._forget(ops, f, out)
         else:
             lf, slope = f, None
         m = ops.maximum(ops.add(lf, m_prev, out=out["M"]), i, out=out["M"])
