@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import blas_kernel, cpu_name, load_average, slug, thread_info, versions  # noqa: E402
+from _machine import (  # noqa: E402
+    blas_kernel, cpu_name, environment, load_average, slug, thread_info, versions,
+)
 
 import xlstm  # noqa: E402
 from xlstm.mlstm import FORMS  # noqa: E402
@@ -75,7 +77,8 @@ def main(argv=None):
     report = {
         "what": "xlstm.MLSTM forward + backward per form",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpu": cpu_name(), "blas": blas_kernel(thread_info(None, None)),
+        "machine": {"device": f"CPU: {cpu_name()}", "blas": blas_kernel(thread_info(None, None)),
+                    "threads": thread_info(None, None), "environment": environment(),
                     "load_average": load_average()},
         "versions": versions(),
         "rows": rows,
@@ -86,7 +89,9 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     lines = [f"# mLSTM forms, forward + backward ({args.dtype}, batch {args.batch}, "
              f"{args.heads} heads, n_h {args.n_h}, n_x {args.n_x}, chunk {args.chunk})", "",
-             f"{report['machine']['cpu']} | BLAS {report['machine']['blas']}", "",
+             f"{report['machine']['device']} | BLAS {report['machine']['blas']} | "
+             f"environment {report['machine']['environment'] or 'no thread or BLAS variables set'}",
+             "",
              "| T | form | fwd+bwd ms | peak MiB |", "|---:|---|---:|---:|"]
     lines += [f"| {r['T']} | {r['form']} | {r['fwd_bwd_ms']:.1f} | {r['peak_mib']:.1f} |"
               for r in rows]

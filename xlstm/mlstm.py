@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._compat import device_of as _device
 from ._typing import Array
 
 __all__ = ["FORMS", "MLSTM", "MLSTMCache", "recurrent_forward", "recurrent_backward",
@@ -261,11 +262,6 @@ def chunkwise_backward(xp, dh, caches, dC=None, dn=None):
     dig, dfg = (xp.concat([p[j] for p in parts], axis=-1) for j in (3, 4))
     return dq, dk, dv, dig, dfg, dC, dn
 
-
-def _device(x):
-    from ._compat import device_of
-
-    return device_of(x)
 
 
 # ------------------------------------------------------------------------ the model

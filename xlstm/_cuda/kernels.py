@@ -226,20 +226,15 @@ TABLE = {
         Kernel("rnn_relu", "bwd", "rnn_relu_bwd_elem",
                _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
         # sLSTM: the stabiliser m, the stabilised gates, c, n and h; m gets no gradient.
-        Kernel("slstm", "fwd", "slstm_fwd_elem",
-               _args("gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2 "
-                     "zo:2@ZO cn:2@CN d:1@D c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]")),
-        Kernel("slstm", "bwd", "slstm_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO "
-                     "cn:2@CN d:1@D c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC "
-                     "dn_prev:1=dn@dN dm_prev:1=dm@dM")),
-        Kernel("slstm_exp", "fwd", "slstm_exp_fwd_elem",
-               _args("gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2 "
-                     "zo:2@ZO cn:2@CN c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]")),
-        Kernel("slstm_exp", "bwd", "slstm_exp_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO "
-                     "cn:2@CN c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC "
-                     "dn_prev:1=dn@dN dm_prev:1=dm@dM")),
+        # With the exponential forget gate, the same rows without its slope d.
+        *(Kernel(cell, step, f"{cell}_{step}_elem",
+                 tuple(a for a in _args(spec) if cell == "slstm" or a.name != "d"))
+          for cell in ("slstm", "slstm_exp") for step, spec in (
+              ("fwd", "gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2 "
+                      "zo:2@ZO cn:2@CN d:1@D c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]"),
+              ("bwd", "da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO "
+                      "cn:2@CN d:1@D c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC "
+                      "dn_prev:1=dn@dN dm_prev:1=dm@dM"))),
     )
     for v in (k, masked(k))
 }

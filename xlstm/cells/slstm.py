@@ -32,6 +32,7 @@ that ``sigmoid(o~) = 0.5 tanh(o~ / 2) + 0.5`` comes from the same ``tanh`` call 
 
 from __future__ import annotations
 
+from .._compat import device_of as _device
 from .base import Cell
 
 __all__ = ["SLSTMCell", "SLSTMExpCell", "SLSTM_CELL", "SLSTM_EXP_CELL", "GATES", "FORGET_GATES"]
@@ -248,11 +249,6 @@ class SLSTMExpCell(SLSTMCell):
     scratch = {"G": 4}
     back_reads = ("X2", "ZO", "CN", "C", "N")
 
-
-def _device(x):
-    from .._compat import device_of
-
-    return device_of(x)
 
 
 #: The sLSTM cell with the sigmoid forget gate.

@@ -31,18 +31,7 @@ def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None
         ax.plot(np.arange(k, len(other) + 1), smooth, lw=1.5, color=color, label=label)
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", ms=3, label=eval_label)
-    if baseline is not None:
-        ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"baseline {baseline:.3g}")
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return os.fspath(path)
+    return _finish(fig, ax, path, title=title, ylabel=ylabel, baseline=baseline, logy=logy)
 
 
 def eval_curves(path, curves, *, title, ylabel, baseline=None):
@@ -56,8 +45,15 @@ def eval_curves(path, curves, *, title, ylabel, baseline=None):
     ax = fig.add_subplot()
     for label, points in curves.items():
         ax.plot(*zip(*points), "o-", ms=3, label=label)
+    return _finish(fig, ax, path, title=title, ylabel=ylabel, baseline=baseline)
+
+
+def _finish(fig, ax, path, *, title, ylabel, baseline=None, logy=False):
+    """The frame of every curve plot (baseline, axes, legend), written to ``path``."""
     if baseline is not None:
         ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"baseline {baseline:.3g}")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -88,3 +88,13 @@ def hidden_for(make, budget, step=2, most=1024):
         best = n
     return best
 
+
+def cell_models():
+    """The models that the demos compare, by cell name: ``(label, class, keyword
+    arguments)``; the sLSTM and the mLSTM with 2 heads."""
+    from ..mlstm import MLSTM
+    from ..models import LSTM, SLSTM
+
+    return {"lstm": ("LSTM", LSTM, {}), "slstm": ("sLSTM", SLSTM, {"num_heads": 2}),
+            "mlstm": ("mLSTM", MLSTM, {"num_heads": 2})}
+

@@ -28,6 +28,7 @@ from ..optim import Adam
 from ..train import fit
 from ._plot import curve_path, eval_curves, loss_curve
 from ._run import (
+    cell_models,
     hidden_for,
     parameter_count,
     check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
@@ -144,11 +145,6 @@ def _model_of(params, V):
             raise ValueError(f"params['head'][{k!r}] must have shape {shape} (vocabulary "
                              f"{V}, n_a={n_a}), got {tuple(head[k].shape)}")
     return LSTM(V, n_a, num_layers=len(rnn), xp=xp, dtype=Wf.dtype, device=device_of(Wf))
-
-
-#: The models that :func:`charlm` trains, by ``cell``: class and keyword arguments.
-CELL_MODELS = {"lstm": (LSTM, {}), "slstm": (SLSTM, {"num_heads": 2}),
-               "mlstm": (MLSTM, {"num_heads": 2})}
 
 
 def sample(
@@ -336,17 +332,14 @@ def charlm(
         say(f"note: the prime {prime!r} has characters outside the vocabulary; using a newline")
         prime = "\n"
     init_rng, sample_rng = streams(seed, 2)
-    if cell not in CELL_MODELS:
-        raise ValueError(f"cell must be one of {sorted(CELL_MODELS)}, got {cell!r}")
-    cls, kwargs = CELL_MODELS[cell]
+    models = cell_models()
+    if cell not in models:
+        raise ValueError(f"cell must be one of {sorted(models)}, got {cell!r}")
+    _, cls, kwargs = models[cell]
     if cls is MLSTM and layers != 1:
         raise ValueError(f"cell 'mlstm' runs one layer for now, got layers={layers}")
-    if cls is MLSTM:
-        model = MLSTM(V, hidden, xp=xp, dtype=dt, device=device,
-                      seed=int(init_rng.integers(2**31)), **kwargs)
-    else:
-        model = cls(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device,
-                    seed=init_rng, **kwargs)
+    model = cls(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device, seed=init_rng,
+                **kwargs)
     params = {"rnn": model.params,
               "head": init_head(V, hidden, init_rng, xp=xp, dtype=dt, device=device)}
 
@@ -470,7 +463,7 @@ def charlm_cells(
     Parameters
     ----------
     cells : sequence of str, optional
-        The cells to compare (keys of :data:`CELL_MODELS`). Default all three.
+        The cells to compare: ``"lstm"``, ``"slstm"``, ``"mlstm"``. Default all three.
     text, steps, sample_every : optional
         As for :func:`charlm` (``sample_every`` also sets how often the held-out loss is
         measured).
@@ -497,7 +490,7 @@ def charlm_cells(
     budget = parameter_count(LSTM(V, hidden))
     runs, sizes, counts = {}, {}, {}
     for cell in cells:
-        cls, kw = CELL_MODELS[cell]
+        _, cls, kw = cell_models()[cell]
         n = hidden if cls is LSTM else hidden_for(lambda n, cls=cls, kw=kw: cls(V, n, **kw),
                                                   budget)
         say(f"=== {cell}: n_h={n}")

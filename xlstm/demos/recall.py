@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mlstm import MLSTM
-from ..models import LSTM, SLSTM
+from ..models import LSTM
 from ..optim import Adam
 from ..train import fit
 from ._plot import loss_curve
 from ._run import (
-    check_counts, fmt_time, head_logits, head_loss, hidden_for, init_head, parameter_count,
+    cell_models, check_counts, fmt_time, head_logits, head_loss, hidden_for, init_head, parameter_count,
     printer, setup, streams,
 )
 
-__all__ = ["recall", "recall_data", "MODELS"]
+__all__ = ["recall", "recall_data"]
 
 
 def recall_data(m, pairs, queries, keys, values, rng):
@@ -51,11 +50,6 @@ def recall_data(m, pairs, queries, keys, values, rng):
     before = np.zeros_like(now)
     before[:, :, 1:] = now[:, :, :-1]
     return np.concatenate([now, before]).astype(np.float64), labels, mask
-
-
-#: name -> (model class, keyword arguments beyond n_x, n_h)
-MODELS = {"LSTM": (LSTM, {}), "sLSTM": (SLSTM, {"num_heads": 2}),
-          "mLSTM": (MLSTM, {"num_heads": 2})}
 
 
 def recall(
@@ -120,12 +114,11 @@ def recall(
         f"(T={2 * pairs + queries}); about {budget} parameters per model, {steps} Adam steps "
         f"each, on {backend} {dtype}; blind guessing scores {1 / values:.2f}")
     results = {k: {} for k in ("accuracy", "parameters", "hidden", "history", "seconds")}
-    for name, (cls, kwargs) in MODELS.items():
+    for name, cls, kwargs in cell_models().values():
         n_h = hidden if cls is LSTM else hidden_for(
             lambda n, cls=cls, kwargs=kwargs: cls(n_x, n, xp=xp, dtype=dt, device=device,
                                                   **kwargs), budget)
-        model = cls(n_x, n_h, xp=xp, dtype=dt, device=device,
-                    seed=int(init_rng.integers(2**31)), **kwargs)
+        model = cls(n_x, n_h, xp=xp, dtype=dt, device=device, seed=init_rng, **kwargs)
         head = init_head(values, n_h, init_rng, xp=xp, dtype=dt, device=device)
 
         def loss_fn(params, batch, model=model):
@@ -154,7 +147,7 @@ def recall(
             f"({fmt_time(res.seconds)})")
     plot_path = None
     if plot:
-        first, *rest = MODELS
+        first, *rest = results["history"]
         plot_path = loss_curve(plot, results["history"][first], [],
                                title=f"associative recall, {pairs} pairs, {queries} queries",
                                ylabel="cross-entropy", eval_label="",
