@@ -279,6 +279,29 @@ def test_whole_loops_run_and_are_cached_on_disk(tmp_path):
     assert list((Path(tmp_path) / "__pycache__").glob("xlstm_whole_loop_*.nbi"))
 
 
+def test_threads_compile_the_loops_one_at_a_time(tmp_path):
+    """Four threads of a fresh process run a model at once (as Dask's threaded scheduler
+    does), each compiling the same generated modules: every result equals the same model
+    run alone. Before the modules were compiled under a lock, threads met a module half
+    written or half imported (numba: "name 'f0' is not defined", or no attribute
+    'kernel') in 4 of 6 fresh processes."""
+    script = (
+        "import numpy as np, xlstm\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "model = xlstm.LSTM(3, 5, num_layers=2, bidirectional=True, seed=1)\n"
+        "x = np.random.default_rng(0).standard_normal((3, 12, 7))\n"
+        "def run(i):\n"
+        "    return model.forward(x[:, i:i + 3], return_cache=False)[0]\n"
+        "with ThreadPoolExecutor(4) as ex:\n"
+        "    got = list(ex.map(run, range(0, 12, 3)))\n"
+        "assert all(np.array_equal(g, run(i)) for g, i in zip(got, range(0, 12, 3)))\n"
+    )
+    env = {**os.environ, "XLSTM_CACHE_DIR": str(tmp_path), "XLSTM_ACCEL": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 _CACHE_SCRIPT = """
 import numpy as np, xlstm
 from helpers import spy_on_loops

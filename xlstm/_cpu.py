@@ -36,6 +36,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import threading
 import types
 
 import numpy as np
@@ -155,6 +156,10 @@ def _digest(text):
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+#: Held while a generated module is written, imported and compiled (see _compiled_module).
+_COMPILE_LOCK = threading.RLock()
+
+
 def _compiled_module(name, src, fn_name, scope):
     """Function ``fn_name`` of the generated module source ``src``, compiled by numba.
 
@@ -164,7 +169,14 @@ def _compiled_module(name, src, fn_name, scope):
     the plain one's place in the module, as a decorated function would, for other generated
     modules to import. Where nothing can be written there, or numba finds no place for its
     cache, ``src`` runs in memory, with the globals ``scope``, and compiles once per process.
+    One thread at a time: threads of one process share the temporary file's name and
+    ``sys.modules``, where another thread would find a module still being written or run.
     """
+    with _COMPILE_LOCK:
+        return _compiled_module_locked(name, src, fn_name, scope)
+
+
+def _compiled_module_locked(name, src, fn_name, scope):
     try:
         folder = _cache_dir()
         os.makedirs(folder, exist_ok=True)
