@@ -27,6 +27,7 @@ from oracles import central_differences
 
 import xlstm
 from xlstm import _compat, _engine
+from xlstm.cells.base import Cell
 
 NP = _compat.default_namespace()
 
@@ -38,6 +39,8 @@ SPECS = [
     ("RNN", (("nonlinearity", "relu"),)),
     ("SLSTM", ()),
     ("SLSTM", (("num_heads", 2), ("forget_gate", "exp"))),
+    ("MLSTM", ()),
+    ("MLSTM", (("num_heads", 2), ("d_qk", 3), ("form", "recurrent"))),
 ]
 N_X, N_A, M, T = 3, 4, 2, 5
 LENGTHS = (1, T)
@@ -72,20 +75,28 @@ def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False, False
                                 num_layers=config[0], bidirectional=config[1], **kw, **extra)
 
 
+def _need_accelerated_path(spec):
+    """Skip unless the model runs on the engine, whose loops have an accelerated path (the
+    mLSTM has its own forms: one path)."""
+    if not isinstance(_model(spec).cell, Cell):
+        pytest.skip(f"{spec[0]} has one path (it does not run on the engine's loops)")
+
+
 def _case(spec, seed=0, config=(1, False, False)):
     """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
     rng = np.random.default_rng(seed)
     model = _model(spec, config=config)
     cell = model.cell
-    n_ld = config[0] * (2 if config[1] else 1)
-    state = [0.5 * rng.standard_normal((n_ld, N_A, M)) for _ in cell.state_names]
+    shapes = model._state_shapes(M)
+    state = [0.5 * rng.standard_normal(shape) for shape in shapes]
     for i, k in enumerate(cell.state_names):
         if k in cell.positive:  # a normaliser: a valid state has it positive
             state[i] = 0.5 + np.abs(state[i])
-    # With a stabiliser (a frozen state), the state is defined up to a common scale of its
-    # other parts: only the hidden state's value, and a loss on it, is scale-free.
-    dstate = [rng.standard_normal((n_ld, N_A, M)) if i == 0 or not cell.frozen
-              else np.zeros((n_ld, N_A, M)) for i in range(len(cell.state_names))]
+    # With a stabiliser (a frozen state), the parts in its scale are defined up to a common
+    # factor: only a loss on the other parts (the sLSTM's h; none of the mLSTM's) is a
+    # function of the inputs alone.
+    dstate = [np.zeros(shape) if k in cell.frozen or k in getattr(cell, "scaled", ())
+              else rng.standard_normal(shape) for k, shape in zip(cell.state_names, shapes)]
     return {
         "x": rng.standard_normal((N_X, M, T)),
         "state": tuple(state),
@@ -140,6 +151,8 @@ def _numeric_grads(spec, config=(1, False, False)):
 @CONFIG
 def test_gradcheck(spec, accel, config, xp, device):
     """Every gradient against float64 central differences of the forward pass."""
+    if accel:
+        _need_accelerated_path(spec)
     model = _model(spec, xp=xp, device=device, config=config)
     with xlstm.accelerators(accel):
         got = _run(model, _case(spec, config=config), xp, device)
@@ -160,6 +173,7 @@ def test_gradcheck(spec, accel, config, xp, device):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_accelerated_path_equals_plain_path(spec, config, dtype, xp, device):
     """Bit for bit on numpy (numba runs the same point functions); to rounding elsewhere."""
+    _need_accelerated_path(spec)
     model = _model(spec, xp=xp, dtype=dtype, device=device, config=config)
     case = _case(spec, seed=1, config=config)
     with xlstm.accelerators(True):
@@ -304,6 +318,9 @@ def test_inference_memory_does_not_grow_with_T(spec, accel, monkeypatch):
     """``return_cache=False``: beyond the outputs, the memory is one block of steps."""
     import tracemalloc
 
+    if accel:
+        _need_accelerated_path(spec)
+
     monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
     name, kw = spec[0], dict(spec[1])
     model = getattr(xlstm, name)(8, 16, xp=np, dtype="float64", seed=0, **kw)
@@ -333,13 +350,13 @@ def test_bad_input_names_the_argument(spec):
     with pytest.raises(ValueError, match=r"x must have shape \(n_x, m, T\)"):
         model.forward(x[:2])
     with pytest.raises(ValueError, match=r"state .* must have shape"):
-        model.forward(x, tuple(s[:, :2] for s in final))
+        model.forward(x, tuple(s[..., :1] for s in final))
     with pytest.raises(TypeError, match="state must be the tuple"):
         model.forward(x, final + final)
     with pytest.raises(ValueError, match="dy must have the shape of y"):
         model.backward(y[:, :, :2], cache)
-    with pytest.raises(ValueError, match=r"dstate .* must have shape \(num_layers \* D, n_a, m\)"):
-        model.backward(y, cache, tuple(s[:, :1] for s in final))
+    with pytest.raises(ValueError, match=r"dstate .* must have shape \(num_layers \* D, "):
+        model.backward(y, cache, tuple(s[..., :1] for s in final))
     with pytest.raises(TypeError, match="dstate must be the tuple"):
         model.backward(y, cache, final + final)
     with pytest.raises(TypeError, match="cache must be the ModelCache"):
@@ -455,6 +472,7 @@ def test_compiled_loops_replay_every_step_after_the_first(spec, config):
     input widths differ)."""
     if _engine.accelerated_loops(NP, NP.float64) is None:
         pytest.skip("no compiled loops here (numba is not installed or does not load)")
+    _need_accelerated_path(spec)
     model = _model(spec, config=config)
     case = _case(spec, seed=9, config=config)
     loops = _engine.accelerated_loops(NP, NP.float64, model.cell)

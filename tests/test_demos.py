@@ -414,8 +414,12 @@ def test_cells_demo_compares_the_three_cells_and_samples_from_each(tmp_path, cap
         assert len(text) == 5 and set(text) <= set(vocab)
     if res["plot_path"] is not None:
         assert (tmp_path / "cells.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="cell 'mlstm' runs one layer"):
-        demos.charlm(cell="mlstm", layers=2, text=str(path), steps=1, seq_len=8, batch=2,
-                     verbose=False)
+    deep = demos.charlm(cell="mlstm", layers=2, hidden=8, text=str(path), steps=2, seq_len=8,
+                        batch=2, verbose=False, progress=False, plot=False,
+                        out=str(tmp_path / "deep.npz"))
+    params = load_params(deep["params_path"])
+    assert len(params["rnn"]) == 2 and params["rnn"][1]["Wq"].shape[-1] == 8  # reads layer 0
+    text = demos.sample(params, vocab, 5, prime=vocab[0], rng=np.random.default_rng(0))
+    assert len(text) == 5 and set(text) <= set(vocab)
     with pytest.raises(ValueError, match="cell must be one of"):
         demos.charlm(cell="gru", text=str(path), steps=1, seq_len=8, batch=2, verbose=False)

@@ -3,7 +3,8 @@
 * the three forms against each other, forward and backward, to 1e-10 in float64;
 * every gradient of every form against central differences (float64);
 * a plain, unstabilised reference written here from the equations;
-* chunked runs (state carried) against whole sequences; padded batches; the zero state;
+* chunked runs (state carried) against whole sequences; padded batches; stacked and
+  bidirectional models against one-layer runs composed by hand; the zero state;
 * pre-activations of +-1e4 in float32; every backend against numpy; bad arguments.
 """
 
@@ -187,6 +188,36 @@ def test_padded_batch_equals_each_sequence_alone(form):
 
 
 @FORMS
+def test_layers_and_directions_compose_one_layer_runs(form):
+    """Two bidirectional layers over a padded batch equal one-layer models composed by hand
+    on each sequence alone: layer 2 reads ``[forward; reverse]`` of layer 1, the reverse
+    direction runs the sequence backwards from its own end; outputs and final states (the
+    latter without the stabiliser's scale)."""
+    rng = np.random.default_rng(11)
+    model = _model(num_layers=2, bidirectional=True)
+    x = rng.standard_normal((N_X, M, T))
+    lengths = np.array([4, T])
+    y, final, _ = model.forward(x, lengths=lengths, form=form)
+    assert y.shape == (2 * N_H, M, T) and final[0].shape == (4, H, N_H // H, N_H // H, M)
+    assert np.array_equal(y[:, 0, 4:], np.zeros_like(y[:, 0, 4:]))
+    for r, L in enumerate(lengths):
+        inp = x[:, r : r + 1, :L]
+        for layer in range(2):
+            outs = []
+            for d in range(2):
+                i = 2 * layer + d
+                one = xlstm.MLSTM(inp.shape[0], N_H, num_heads=H, chunk=3)
+                one.params = [model.params[i]]
+                yd, fd, _ = one.forward(inp[..., ::-1] if d else inp, form=form)
+                outs.append(yd[..., ::-1] if d else yd)
+                for a, b in zip(_unstabilised(final), _unstabilised(fd)):
+                    np.testing.assert_allclose(a[i : i + 1, ..., r : r + 1], b, rtol=1e-12,
+                                               atol=1e-13)
+            inp = np.concatenate(outs, axis=0)
+        np.testing.assert_allclose(y[:, r : r + 1, :L], inp, rtol=1e-12, atol=1e-13)
+
+
+@FORMS
 def test_zero_state_per_head(form):
     """A head whose given ``n`` is zero starts afresh, whatever its ``m``; the others carry
     on from the given state."""
@@ -242,19 +273,18 @@ def test_bad_arguments_are_named():
         xlstm.MLSTM(N_X, N_H, form="fast")
     model = _model()
     x = np.zeros((N_X, M, T))
-    with pytest.raises(TypeError, match=r"state must be the tuple \(C, n, m\)"):
+    with pytest.raises(TypeError, match=r"state must be the tuple \(c, n, m\) of MLSTM"):
         model.forward(x, (np.zeros((1, H, 2, 2, M)),) * 2)
-    with pytest.raises(ValueError, match=r"state n must have shape \(1, 2, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"state n must have shape \(num_layers \* D, H, d_qk, "
+                                         r"m\) = \(1, 2, 2, 2\)"):
         C, n, m = _state(model, np.random.default_rng(0))
         model.forward(x, (C, n[..., :1, :], m))
     with pytest.raises(ValueError, match=r"x must have shape \(n_x, m, T\)"):
         model.forward(x[:2])
-    with pytest.raises(KeyError, match="params\\[0\\] is not an MLSTM layer"):
+    with pytest.raises(KeyError, match="params\\[0\\] is not a MLSTM layer"):
         model.forward(x, params=[{"W": x}])
-    with pytest.raises(NotImplementedError, match="one layer in one direction"):
-        xlstm.MLSTM(N_X, N_H, num_layers=2)
     y, _, cache = model.forward(x)
     with pytest.raises(ValueError, match="dy must have the shape of y"):
         model.backward(y[:, :, :2], cache)
-    with pytest.raises(TypeError, match="cache must be the MLSTMCache"):
-        _model().backward(y, cache)
+    with pytest.raises(ValueError, match="cache comes from another model"):
+        _model(d_qk=3).backward(y, cache)

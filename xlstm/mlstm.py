@@ -37,11 +37,11 @@ import numpy as np
 
 from ._compat import device_of as _device
 from ._typing import Array
+from .models import ModelCache, _Model
 
-__all__ = ["FORMS", "MLSTM", "MLSTMCache", "recurrent_forward", "recurrent_backward",
-           "parallel_forward",
-           "parallel_backward", "chunkwise_forward", "chunkwise_backward", "empty_as_minus_inf",
-           "logsigmoid"]
+__all__ = ["FORMS", "MLSTM", "recurrent_forward", "recurrent_backward", "parallel_forward",
+           "parallel_backward", "chunkwise_forward", "chunkwise_backward", "layer_forward",
+           "layer_backward", "empty_as_minus_inf", "logsigmoid"]
 
 #: The forms, by name.
 FORMS = ("recurrent", "parallel", "chunkwise")
@@ -265,30 +265,134 @@ def chunkwise_backward(xp, dh, caches, dC=None, dn=None):
 
 
 # ------------------------------------------------------------------------ the model
-class MLSTMCache:
-    """What :meth:`MLSTM.forward` keeps for :meth:`MLSTM.backward`: treat it as opaque."""
+class _Layer:
+    """What the model machinery knows of the mLSTM in place of an engine cell: the name and
+    the states (``m``, the stabiliser, carries no gradient; ``C`` and ``n`` are defined up
+    to its scale)."""
 
-    __slots__ = ("model", "form", "xs", "o", "ht", "inner", "active", "params")
+    name = "mlstm"
+    state_names = ("C", "N", "M")
+    frozen = ("M",)
+    positive = ()
+    scaled = ("C", "N")
 
-    def __init__(self, model: MLSTM, form: str, xs: tuple, o: Array, ht: Array, inner: Any,
-                 active: Array | None, params: list) -> None:
-        self.model, self.form, self.xs, self.o, self.ht = model, form, xs, o, ht
-        self.inner, self.active, self.params = inner, active, params
+    def __repr__(self):
+        return "<mLSTM layer>"
+
+    def __reduce__(self):  # one instance, also after a pickle round trip
+        return "MLSTM_LAYER"
 
 
-class MLSTM:
+MLSTM_LAYER = _Layer()
+
+
+class _Kept:
+    """What one mLSTM layer's forward pass keeps for its backward pass: copies of its input
+    ``X (m T, n_in)`` and parameters, and its intermediates."""
+
+    __slots__ = ("X", "params", "form", "o", "ht", "inner", "active")
+
+    def __init__(self, X, params, form, o, ht, inner, active):
+        self.X, self.params, self.form, self.o, self.ht = X, params, form, o, ht
+        self.inner, self.active = inner, active
+
+    def __reduce__(self):
+        return (type(self), (self.X, self.params, self.form, self.o, self.ht, self.inner,
+                             self.active))
+
+
+def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
+    """One mLSTM layer over ``X (m, T, n_in)`` from ``state`` ``(C, n, m)`` (the forms'
+    layout), in ``form`` (not ``"auto"``). ``active (m, 1, T)`` marks the steps within
+    each sequence's length, or is ``None``. Returns ``y (m, T, n_h)``, the final state and
+    what :func:`layer_backward` needs (``None`` unless ``keep``)."""
+    from ._compat import copy
+
+    m, T, n_in = X.shape
+    n_h = H * d_v
+    Xf = xp.reshape(X, (m * T, n_in))
+
+    def proj(W, b, d):
+        P = Xf @ xp.matrix_transpose(xp.reshape(W, (H * d, n_in))) + xp.reshape(b, (1, H * d))
+        return xp.permute_dims(xp.reshape(P, (m, T, H, d)), (0, 2, 1, 3))
+
+    def gate(w, b):
+        G = Xf @ xp.matrix_transpose(w) + xp.reshape(b, (1, H))
+        return xp.permute_dims(xp.reshape(G, (m, T, H)), (0, 2, 1))
+
+    q, v = proj(p["Wq"], p["bq"], d_qk), proj(p["Wv"], p["bv"], d_v)
+    k = proj(p["Wk"], p["bk"], d_qk) / (d_qk ** 0.5)
+    ig, fg = gate(p["wi"], p["bi"]), gate(p["wf"], p["bf"])
+    if active is not None:
+        inf = xp.full_like(ig, float("inf"))
+        ig = xp.where(active, ig, -inf)  # a padded step writes nothing ...
+        fg = xp.where(active, fg, inf)  # ... and forgets nothing
+    if form == "chunkwise":
+        ht, final, inner = chunkwise_forward(xp, q, k, v, ig, fg, state, chunk)
+    else:
+        run = recurrent_forward if form == "recurrent" else parallel_forward
+        ht, final, inner = run(xp, q, k, v, ig, fg, state)
+    ht = xp.reshape(xp.permute_dims(ht, (0, 2, 1, 3)), (m, T, n_h))
+    zo = Xf @ xp.matrix_transpose(p["Wo"]) + xp.reshape(p["bo"], (1, n_h))
+    o = xp.reshape(0.5 * xp.tanh(0.5 * zo) + 0.5, (m, T, n_h))  # sigmoid
+    y = o * ht
+    if not keep:
+        return y, final, None
+    kept = _Kept(copy(Xf), {key: copy(a) for key, a in p.items()}, form, o, ht,
+                 (inner, q, k, v), active)
+    return y, final, kept
+
+
+def layer_backward(xp, dY, kept, dC, dn, *, H, d_qk, d_v):
+    """The backward pass of :func:`layer_forward`: ``dY (m, T, n_h)`` and the gradients on
+    the final ``C`` and ``n`` (or ``None``) to ``dX (m, T, n_in)``, the gradients on the
+    initial ``C`` and ``n``, and the parameters' (keyed like them)."""
+    Xf, p = kept.X, kept.params
+    m, T, n_h = dY.shape
+    n_in = Xf.shape[1]
+    if kept.active is not None:  # past each sequence's end the output is zero
+        dY = xp.where(xp.permute_dims(kept.active, (0, 2, 1)), dY, xp.zeros_like(dY))
+    o, ht = kept.o, kept.ht
+    dzo = xp.reshape(dY * ht * o * (1.0 - o), (m * T, n_h))
+    grads = {"Wo": xp.matrix_transpose(dzo) @ Xf, "bo": xp.reshape(xp.sum(dzo, axis=0), (n_h, 1))}
+    dX = dzo @ p["Wo"]
+    dht = xp.permute_dims(xp.reshape(dY * o, (m, T, H, d_v)), (0, 2, 1, 3))
+    inner, q, k, v = kept.inner
+    back = {"recurrent": recurrent_backward, "parallel": parallel_backward,
+            "chunkwise": chunkwise_backward}[kept.form]
+    dq, dk, dv, dig, dfg, dC0, dn0 = back(xp, dht, inner, dC, dn)
+    if kept.active is not None:  # the padded steps' gates were constants
+        dig = xp.where(kept.active, dig, xp.zeros_like(dig))
+        dfg = xp.where(kept.active, dfg, xp.zeros_like(dfg))
+    dk = dk / (d_qk ** 0.5)
+    for key, d, n_d in (("q", dq, d_qk), ("k", dk, d_qk), ("v", dv, d_v)):
+        df = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (m * T, H * n_d))
+        grads["W" + key] = xp.reshape(xp.matrix_transpose(df) @ Xf, (H, n_d, n_in))
+        grads["b" + key] = xp.reshape(xp.sum(df, axis=0), (H, n_d, 1))
+        dX = dX + df @ xp.reshape(p["W" + key], (H * n_d, n_in))
+    for key, d in (("i", dig), ("f", dfg)):
+        df = xp.reshape(xp.permute_dims(d, (0, 2, 1)), (m * T, H))
+        grads["w" + key] = xp.matrix_transpose(df) @ Xf
+        grads["b" + key] = xp.reshape(xp.sum(df, axis=0), (H, 1))
+        dX = dX + df @ p["w" + key]
+    return xp.reshape(dX, (m, T, n_in)), dC0, dn0, {key: grads[key] for key in p}
+
+
+class MLSTM(_Model):
     """The mLSTM of xLSTM (Beck et al. 2024): per head a matrix memory ``C (d_v, d_qk)``
     written with exponential input gates and read with a query (the module's equations);
     no hidden-to-hidden recurrence, so besides the recurrent form it runs in a parallel and
     a chunkwise form, which agree with it to rounding.
 
-    Parameters (one layer, ``params[0]``): ``Wq, Wk (H, d_qk, n_x)``, ``bq, bk (H, d_qk,
-    1)``, ``Wv (H, d_v, n_x)``, ``bv (H, d_v, 1)`` with ``d_v = n_h / H``, ``wi, wf (H,
-    n_x)``, ``bi, bf (H, 1)``, ``Wo (n_h, n_x)``, ``bo (n_h, 1)``; head ``k``'s output is
-    rows ``k d_v:(k + 1) d_v`` of ``h = sigmoid(Wo x + bo) * h~``. State ``(C, n, m)`` of
-    shapes ``(1, H, d_v, d_qk, m)``, ``(1, H, d_qk, m)``, ``(1, H, m)`` (batch last, as the
-    other models' states); ``m`` is the stabiliser, which gets no gradient. Where ``n`` is
-    zero (a zero state) a head's memory is empty and its first step starts it afresh.
+    Each (layer, direction) holds ``Wq, Wk (H, d_qk, n_in)``, ``bq, bk (H, d_qk, 1)``,
+    ``Wv (H, d_v, n_in)``, ``bv (H, d_v, 1)`` with ``d_v = n_h / H``, ``wi, wf (H, n_in)``,
+    ``bi, bf (H, 1)``, ``Wo (n_h, n_in)``, ``bo (n_h, 1)`` (``n_in`` is ``n_x`` for the first
+    layer, ``D n_h`` after); head ``k``'s output is rows ``k d_v:(k + 1) d_v`` of ``h =
+    sigmoid(Wo x + bo) * h~``. State ``(C, n, m)`` of shapes ``(num_layers D, H, d_v, d_qk,
+    m)``, ``(num_layers D, H, d_qk, m)`` and ``(num_layers D, H, m)``, batch last and
+    indexed ``layer D + direction`` as the other models' states; ``m`` is the stabiliser,
+    which gets no gradient. Where ``n`` is zero (a zero state) a head's memory is empty and
+    its first step starts it afresh.
 
     Parameters
     ----------
@@ -303,52 +407,32 @@ class MLSTM:
         chunkwise beyond.
     chunk : int, optional
         Steps per chunk of the chunkwise form.
-    layout, xp, dtype, device, seed : optional
-        As for :class:`xlstm.LSTM`. ``num_layers`` and ``bidirectional`` other than one
-        layer in one direction raise ``NotImplementedError`` for now.
+    **kwargs
+        ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
+        ``device`` and ``seed``, as for :class:`xlstm.LSTM`.
     """
 
+    cell = MLSTM_LAYER
     torch_name = None
 
     def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, d_qk: int | None = None,
-                 form: str = "auto", chunk: int = 64, num_layers: int = 1,
-                 bidirectional: bool = False, layout: str = "notebook", xp: Any = None,
-                 dtype: Any = None, device: Any = None,
-                 seed: int | np.random.Generator | None = 0) -> None:
+                 form: str = "auto", chunk: int = 64, **kwargs: Any) -> None:
         from ._checks import positive_int
-        from ._compat import namespace_of_module, resolve_dtype
 
-        self.n_x = positive_int("n_x", n_x)
-        self.n_h = positive_int("n_h", n_h)
+        n_h = positive_int("n_h", n_h)
         self.num_heads = positive_int("num_heads", num_heads)
-        if self.n_h % self.num_heads:
+        if n_h % self.num_heads:
             raise ValueError(f"n_h={n_h} is not divisible by num_heads={num_heads}")
-        self.d_v = self.n_h // self.num_heads
+        self.d_v = n_h // self.num_heads
         self.d_qk = self.d_v if d_qk is None else positive_int("d_qk", d_qk)
         self.form = self._form(form)
         self.chunk = positive_int("chunk", chunk)
-        if positive_int("num_layers", num_layers) != 1 or bidirectional is not False:
-            raise NotImplementedError("MLSTM runs one layer in one direction for now")
-        self.num_layers, self.bidirectional = 1, False
-        if layout not in ("notebook", "batch_first"):
-            raise ValueError(f"layout must be one of ('notebook', 'batch_first'), got {layout!r}")
-        self.layout = layout
-        self.xp = namespace_of_module(xp)
-        self.dtype = resolve_dtype(self.xp, dtype, device=device)
-        self.device = device
-        rng = np.random.default_rng(seed)
-        layer = {}
-        for key, shape in self.param_shapes().items():
-            fan = self.n_x
-            layer[key] = rng.uniform(-1 / np.sqrt(fan), 1 / np.sqrt(fan), size=shape)
-        with_xp = self.xp
-        self.params = [{k: with_xp.asarray(v, dtype=self.dtype, device=device)
-                        for k, v in layer.items()}]
+        super().__init__(n_x, n_h, **kwargs)
 
     @property
-    def n_a(self) -> int:
-        """The hidden size (``n_h``), under the other models' name."""
-        return self.n_h
+    def n_h(self) -> int:
+        """The hidden size (``n_a`` of the other models)."""
+        return self.n_a
 
     @staticmethod
     def _form(form):
@@ -356,49 +440,41 @@ class MLSTM:
             raise ValueError(f"form must be one of {('auto', *FORMS)}, got {form!r}")
         return form
 
-    def param_shapes(self) -> dict:
-        """The parameter dict of the layer: key to shape, in order."""
-        H, dqk, dv, nx, nh = self.num_heads, self.d_qk, self.d_v, self.n_x, self.n_h
-        return {"Wq": (H, dqk, nx), "bq": (H, dqk, 1), "Wk": (H, dqk, nx), "bk": (H, dqk, 1),
-                "Wv": (H, dv, nx), "bv": (H, dv, 1), "wi": (H, nx), "bi": (H, 1),
-                "wf": (H, nx), "bf": (H, 1), "Wo": (nh, nx), "bo": (nh, 1)}
+    def param_shapes(self, index: int = 0) -> dict:
+        """The parameter dict of (layer, direction) ``index``: key to shape, in order."""
+        H, dqk, dv, nh, n_in = self.num_heads, self.d_qk, self.d_v, self.n_a, self._n_in(index)
+        return {"Wq": (H, dqk, n_in), "bq": (H, dqk, 1), "Wk": (H, dqk, n_in),
+                "bk": (H, dqk, 1), "Wv": (H, dv, n_in), "bv": (H, dv, 1), "wi": (H, n_in),
+                "bi": (H, 1), "wf": (H, n_in), "bf": (H, 1), "Wo": (nh, n_in), "bo": (nh, 1)}
 
-    def _check_params(self, params):
-        if not isinstance(params, (list, tuple)) or len(params) != 1:
-            raise ValueError("params must be a list of one dict (one layer, one direction)")
-        layer = params[0]
-        want = self.param_shapes()
-        if not isinstance(layer, dict) or set(layer) != set(want):
-            got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
-            raise KeyError(f"params[0] is not an MLSTM layer: expected the keys {list(want)}, "
-                           f"got {got}")
-        for k, shape in want.items():
-            if tuple(getattr(layer[k], "shape", ())) != shape:
-                raise ValueError(f"params[0][{k!r}] must have shape {shape}, got "
-                                 f"{tuple(getattr(layer[k], 'shape', ()))}")
-        return {f"params[0][{k!r}]": v for k, v in layer.items()}
+    _shapes = param_shapes
+
+    def _init_params(self, rng):
+        """Uniform in ``(-k, k)``, ``k = 1 / sqrt(n_in)``, drawn on the host, so one seed
+        gives the same numbers on every backend."""
+        layers = []
+        for i in range(self.num_layers * self.D):
+            k = 1.0 / np.sqrt(self._n_in(i))
+            layers.append({key: rng.uniform(-k, k, size=shape)
+                           for key, shape in self._shapes(i).items()})
+        return self._to_xp(layers, self.xp, self.dtype, self.device)
+
+    def _config(self):
+        return (*super()._config(), self.num_heads, self.d_qk)
 
     def _state_shapes(self, m):
-        H, dqk, dv = self.num_heads, self.d_qk, self.d_v
-        return ((1, H, dv, dqk, m), (1, H, dqk, m), (1, H, m))
+        L, H, dqk, dv = self.num_layers * self.D, self.num_heads, self.d_qk, self.d_v
+        return ((L, H, dv, dqk, m), (L, H, dqk, m), (L, H, m))
 
-    def _check_state(self, state, name, m):
-        if not isinstance(state, (tuple, list)) or len(state) != 3:
-            raise TypeError(f"{name} must be the tuple (C, n, m) of MLSTM, got "
-                            f"{type(state).__name__}")
-        for key, s, shape in zip("Cnm", state, self._state_shapes(m)):
-            if s is None and name == "dstate":  # no gradient on that part
-                continue
-            if tuple(getattr(s, "shape", ())) != shape:
-                raise ValueError(f"{name} {key} must have shape {shape}, got {tuple(s.shape)}")
-        return tuple(state)
+    def _state_axes(self):
+        return ("H, d_v, d_qk, m", "H, d_qk, m", "H, m")
 
     # ------------------------------------------------------------------ running
     def forward(self, x: Array, state: tuple | None = None, *, lengths: Array | None = None,
                 params: list | None = None, train: bool = False, seed: int | None = None,
                 return_cache: bool = True, form: str | None = None,
-                ) -> tuple[Array, tuple, MLSTMCache | None]:
-        """Run the layer over a batch of sequences.
+                ) -> tuple[Array, tuple, ModelCache | None]:
+        """Run the model over a batch of sequences.
 
         Parameters
         ----------
@@ -408,182 +484,75 @@ class MLSTM:
             The initial state (the class's shapes); default zeros (empty memories).
         lengths : integer array of shape (m,), optional
             Each sequence's length in ``[1, T]``: past it the state is frozen and the
-            output is zero.
-        params : list of one dict, optional
+            output is zero; the reverse direction starts at each sequence's own end.
+        params : list of dicts, optional
             Parameters to use instead of ``self.params``.
-        train, seed : optional
-            Accepted for the other models' signature (no dropout with one layer).
+        train : bool, optional
+            Training mode: dropout between layers (none with one layer).
+        seed : int, optional
+            Seed of the dropout masks; required when they are drawn.
         return_cache : bool, optional
-            False keeps nothing for a backward pass.
+            False keeps nothing for a backward pass, and runs the sequence in blocks of
+            steps, so that the memory beyond the outputs does not grow with ``T``.
         form : {"auto", "recurrent", "parallel", "chunkwise"}, optional
             The form for this call (default ``self.form``).
 
         Returns
         -------
-        y : array, shape (n_h, m, T), or (m, T, n_h)
-            The outputs.
+        y : array, shape (D * n_h, m, T), or (m, T, D * n_h)
+            The last layer's outputs, ``[forward; reverse]``.
         state : tuple (C, n, m)
             The final state.
-        cache : MLSTMCache or None
+        cache : ModelCache or None
             What :meth:`backward` needs.
         """
-        from ._compat import namespace
-
-        params = self.params if params is None else params
-        arrays = self._check_params(params)
-        named = {"x": x, **arrays}
-        if state is not None:
-            named.update((f"state[{i}]", s) for i, s in enumerate(state))
-        if lengths is not None:
-            named["lengths"] = lengths
-        xp = namespace(kinds={"lengths": ("integral",)}, **named)
         form = self._form(self.form if form is None else form)
-        want = "(m, T, n_x)" if self.layout == "batch_first" else "(n_x, m, T)"
-        if x.ndim != 3 or x.shape[2 if self.layout == "batch_first" else 0] != self.n_x:
-            raise ValueError(f"x must have shape {want} with n_x={self.n_x}, got {tuple(x.shape)}")
-        X = x if self.layout == "batch_first" else xp.permute_dims(x, (1, 2, 0))  # (m, T, n_x)
+        return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
+                             return_cache=return_cache, opts={"form": form})
+
+    def _layer_forward(self, index, inp, state0, layer, *, xp, keep, active, opts):
+        from . import _engine
+
+        X = xp.permute_dims(inp, (1, 2, 0))  # (m, T, n_in)
         m, T, _ = X.shape
-        p = params[0]
-        H, dqk, dv = self.num_heads, self.d_qk, self.d_v
-        Xf = xp.reshape(X, (m * T, self.n_x))
-
-        def proj(W, b, d):
-            P = Xf @ xp.matrix_transpose(xp.reshape(W, (H * d, self.n_x)))
-            P = P + xp.reshape(b, (1, H * d))
-            return xp.permute_dims(xp.reshape(P, (m, T, H, d)), (0, 2, 1, 3))
-
-        def gate(w, b):
-            G = Xf @ xp.matrix_transpose(w) + xp.reshape(b, (1, H))
-            return xp.permute_dims(xp.reshape(G, (m, T, H)), (0, 2, 1))
-
-        q, v = proj(p["Wq"], p["bq"], dqk), proj(p["Wv"], p["bv"], dv)
-        k = proj(p["Wk"], p["bk"], dqk) / (dqk ** 0.5)
-        ig, fg = gate(p["wi"], p["bi"]), gate(p["wf"], p["bf"])
-        active = None
-        if lengths is not None:
-            active = self._active(xp, lengths, m, T)  # (m, 1, T)
-            inf = xp.full_like(ig, float("inf"))
-            ig = xp.where(active, ig, -inf)  # a padded step writes nothing ...
-            fg = xp.where(active, fg, inf)  # ... and forgets nothing
-        if state is None:
-            C0 = xp.zeros((m, H, dv, dqk), dtype=X.dtype, device=_device(X))
-            n0 = xp.zeros((m, H, dqk), dtype=X.dtype, device=_device(X))
-            m0 = xp.zeros((m, H), dtype=X.dtype, device=_device(X))
+        dims = {"H": self.num_heads, "d_qk": self.d_qk, "d_v": self.d_v, "chunk": self.chunk}
+        if state0[0] is None:
+            H, dqk, dv = self.num_heads, self.d_qk, self.d_v
+            zeros = {"dtype": X.dtype, "device": _device(X)}
+            state = (xp.zeros((m, H, dv, dqk), **zeros), xp.zeros((m, H, dqk), **zeros),
+                     xp.zeros((m, H), **zeros))
         else:
-            C0, n0, m0 = self._check_state(state, "state", m)
-            C0 = xp.permute_dims(C0[0, ...], (3, 0, 1, 2))
-            n0 = xp.permute_dims(n0[0, ...], (2, 0, 1))
-            m0 = xp.permute_dims(m0[0, ...], (1, 0))
+            state = tuple(xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1))) for s in state0)
+        act = None if active is None else xp.permute_dims(active, (1, 2, 0))  # (m, 1, T)
+        form = opts["form"]
         if form == "auto":
             form = "parallel" if T <= self.chunk else "chunkwise"
-        if form == "chunkwise":
-            ht, (C, n, mm), inner = chunkwise_forward(xp, q, k, v, ig, fg, (C0, n0, m0),
-                                                      self.chunk)
-        else:
-            run = recurrent_forward if form == "recurrent" else parallel_forward
-            ht, (C, n, mm), inner = run(xp, q, k, v, ig, fg, (C0, n0, m0))
-        ht = xp.reshape(xp.permute_dims(ht, (0, 2, 1, 3)), (m, T, self.n_h))
-        zo = Xf @ xp.matrix_transpose(p["Wo"]) + xp.reshape(p["bo"], (1, self.n_h))
-        o = 0.5 * xp.tanh(0.5 * zo) + 0.5  # sigmoid
-        o = xp.reshape(o, (m, T, self.n_h))
-        y = o * ht
-        if active is not None:
-            y = xp.where(xp.permute_dims(active, (0, 2, 1)), y, xp.zeros_like(y))
-        if self.layout == "notebook":
-            y = xp.permute_dims(y, (2, 0, 1))
-        final = (xp.permute_dims(C, (1, 2, 3, 0))[None, ...],
-                 xp.permute_dims(n, (1, 2, 0))[None, ...],
-                 xp.permute_dims(mm, (1, 0))[None, ...])
-        cache = None
-        if return_cache:
-            cache = MLSTMCache(self, form, (X, Xf), o, ht, (inner, fg, q, k, v), active,
-                               [dict(p)])
-        return y, final, cache
+        # without a cache, blocks of whole chunks: the memory does not grow with T
+        block = T if keep else max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
+        ys, kept = [], None
+        for t0 in range(0, T, block):
+            part = None if act is None else act[..., t0:t0 + block]
+            y, state, kept = layer_forward(xp, layer, X[:, t0:t0 + block, :], state, part, form,
+                                           keep=keep, **dims)
+            ys.append(y)
+        y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=1)
+        final = tuple(xp.permute_dims(s, (*range(1, s.ndim), 0)) for s in state)
+        return xp.permute_dims(y, (2, 0, 1)), final, kept
 
-    def _active(self, xp, lengths, m, T):
-        from ._compat import device_of
-
-        if tuple(lengths.shape) != (m,):
-            raise ValueError(f"lengths must have shape (m,) = ({m},), got {tuple(lengths.shape)}")
-        t = xp.arange(T, device=device_of(lengths))
-        return (t[None, :] < lengths[:, None])[:, None, :]
-
-    def backward(self, dy: Array, cache: MLSTMCache, dstate: tuple | None = None,
-                 ) -> tuple[Array, tuple, list]:
-        """Backpropagation through time for a :meth:`forward` call, in its form.
-
-        Parameters
-        ----------
-        dy : array, the shape of ``y``
-            Gradient on the outputs.
-        cache : MLSTMCache
-            What :meth:`forward` returned.
-        dstate : tuple (dC, dn, dm), optional
-            Gradient on the final state, any part ``None`` for zero (``dm`` is ignored:
-            the stabiliser has none).
-
-        Returns
-        -------
-        dx : array, the shape of ``x``
-        dstate0 : tuple (dC0, dn0, dm0)
-            Gradient on the initial state; ``dm0`` is zero.
-        grads : list of one dict
-            Gradients of the parameters, in the structure of ``params``.
-        """
-        from ._compat import namespace
-
-        if not isinstance(cache, MLSTMCache) or cache.model is not self:
-            raise TypeError("cache must be the MLSTMCache of this model's forward")
-        xp = namespace(dy=dy, cache=cache.o)
-        X, Xf = cache.xs
-        m, T, _ = X.shape
-        H, dqk, dv, nh = self.num_heads, self.d_qk, self.d_v, self.n_h
-        want = (m, T, nh) if self.layout == "batch_first" else (nh, m, T)
-        if tuple(dy.shape) != want:
-            raise ValueError(f"dy must have the shape of y, {want}, got {tuple(dy.shape)}")
-        dY = dy if self.layout == "batch_first" else xp.permute_dims(dy, (1, 2, 0))
-        if cache.active is not None:
-            dY = xp.where(xp.permute_dims(cache.active, (0, 2, 1)), dY, xp.zeros_like(dY))
-        p = cache.params[0]
-        o, ht = cache.o, cache.ht
-        dht = dY * o
-        dzo = xp.reshape(dY * ht * o * (1.0 - o), (m * T, nh))
-        grads = {"dWo": xp.matrix_transpose(dzo) @ Xf,
-                 "dbo": xp.reshape(xp.sum(dzo, axis=0), (nh, 1))}
-        dX = dzo @ p["Wo"]
-        dht = xp.permute_dims(xp.reshape(dht, (m, T, H, dv)), (0, 2, 1, 3))
-        inner, fg, q, k, v = cache.inner
+    def _layer_backward(self, index, dy, kept, dstate, *, xp, active):
         dC = dn = None
         if dstate is not None:
-            if not isinstance(dstate, (tuple, list)) or len(dstate) != 3:
-                raise TypeError("dstate must be the tuple (dC, dn, dm) of MLSTM")
-            dC, dn, _ = self._check_state(dstate, "dstate", m)
-            dC = None if dC is None else xp.permute_dims(dC[0, ...], (3, 0, 1, 2))
-            dn = None if dn is None else xp.permute_dims(dn[0, ...], (2, 0, 1))
-        back = {"recurrent": recurrent_backward, "parallel": parallel_backward,
-                "chunkwise": chunkwise_backward}[cache.form]
-        dq, dk, dvv, dig, dfg, dC0, dn0 = back(xp, dht, inner, dC, dn)
-        if cache.active is not None:  # the padded steps' gates were constants
-            dig = xp.where(cache.active, dig, xp.zeros_like(dig))
-            dfg = xp.where(cache.active, dfg, xp.zeros_like(dfg))
-        dk = dk / (dqk ** 0.5)
-        for key, d, n_d in (("q", dq, dqk), ("k", dk, dqk), ("v", dvv, dv)):
-            df = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (m * T, H * n_d))
-            grads["dW" + key] = xp.reshape(xp.matrix_transpose(df) @ Xf, (H, n_d, self.n_x))
-            grads["db" + key] = xp.reshape(xp.sum(df, axis=0), (H, n_d, 1))
-            dX = dX + df @ xp.reshape(p["W" + key], (H * n_d, self.n_x))
-        for key, d in (("i", dig), ("f", dfg)):
-            df = xp.reshape(xp.permute_dims(d, (0, 2, 1)), (m * T, H))
-            grads["dw" + key] = xp.matrix_transpose(df) @ Xf
-            grads["db" + key] = xp.reshape(xp.sum(df, axis=0), (H, 1))
-            dX = dX + df @ p["w" + key]
-        dX = xp.reshape(dX, (m, T, self.n_x))
-        dx = dX if self.layout == "batch_first" else xp.permute_dims(dX, (2, 0, 1))
-        mm = xp.zeros((1, H, m), dtype=dX.dtype, device=_device(dX))
-        dstate0 = (xp.permute_dims(dC0, (1, 2, 3, 0))[None, ...],
-                   xp.permute_dims(dn0, (1, 2, 0))[None, ...], mm)
-        return dx, dstate0, [{k: grads["d" + k] for k in self.param_shapes()}]
+            dC, dn = (None if s is None else xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1)))
+                      for s in dstate[:2])
+        dX, dC0, dn0, grads = layer_backward(
+            xp, xp.permute_dims(dy, (1, 2, 0)), kept, dC, dn, H=self.num_heads, d_qk=self.d_qk,
+            d_v=self.d_v)
+        m = dX.shape[0]
+        dm0 = xp.zeros((self.num_heads, m), dtype=dX.dtype, device=_device(dX))
+        return (xp.permute_dims(dX, (2, 0, 1)), (xp.permute_dims(dC0, (1, 2, 3, 0)),
+                                                 xp.permute_dims(dn0, (1, 2, 0)), dm0), grads)
 
     def __repr__(self):
-        return (f"MLSTM(n_x={self.n_x}, n_h={self.n_h}, num_heads={self.num_heads}, "
-                f"d_qk={self.d_qk}, form={self.form!r})")
+        return (f"MLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
+                f"d_qk={self.d_qk}, form={self.form!r}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional})")

@@ -208,17 +208,29 @@ class _Model:
                                else ""))
         return tuple(state)
 
+    def _state_shapes(self, m):
+        """The shape of each state array for a batch of ``m``."""
+        return ((self.num_layers * self.D, self.n_a, m),) * len(self.cell.state_names)
+
+    def _state_axes(self):
+        """The axes after ``num_layers * D`` of each state array, for error messages."""
+        return ("n_a, m",) * len(self.cell.state_names)
+
     def _check_state_shapes(self, arrays, name, m):
-        want = (self.num_layers * self.D, self.n_a, m)
-        for k, s in zip(self.cell.state_names, arrays):
-            if s.ndim != 3 or tuple(s.shape) != want:
+        """Raise unless every array has its state shape (``dstate`` may hold ``None``:
+        no gradient on that part)."""
+        for k, s, want, axes in zip(self.cell.state_names, arrays, self._state_shapes(m),
+                                    self._state_axes()):
+            if s is None and name == "dstate":
+                continue
+            if s is None or s.ndim != len(want) or tuple(s.shape) != want:
+                got = None if s is None else tuple(s.shape)
                 raise ValueError(
-                    f"{name} {k.lower()} must have shape (num_layers * D, n_a, m) = {want}, "
-                    f"got {tuple(s.shape)}"
+                    f"{name} {k.lower()} must have shape (num_layers * D, {axes}) = {want}, "
+                    f"got {got}"
                 )
 
     # ------------------------------------------------------------------ running
-    @on_input_device
     def forward(
         self, x: Array, state: Any = None, *, lengths: Array | None = None,
         params: list | None = None, train: bool = False, seed: int | None = None,
@@ -260,6 +272,12 @@ class _Model:
         cache : ModelCache or None
             What :meth:`backward` needs.
         """
+        return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
+                             return_cache=return_cache, opts={})
+
+    @on_input_device
+    def _forward(self, x, state, *, lengths, params, train, seed, return_cache, opts):
+        """The layer loop of :meth:`forward`; ``opts`` goes to every :meth:`_layer_forward`."""
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {train!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -295,7 +313,7 @@ class _Model:
         pad = None if lengths is None else self._padding(lengths, m, T, xp)
         active, order = (None, None) if pad is None else pad
         keep = bool(return_cache)
-        cell, D, n_a = self.cell, self.D, self.n_a
+        cell, D = self.cell, self.D
         masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
         inside = None if active is None else xp.permute_dims(active, (2, 1, 0))  # (1, m, T)
         kept, finals = [], []
@@ -306,11 +324,9 @@ class _Model:
                 i = layer * D + d
                 state0 = (None,) * len(cell.state_names) if state is None else \
                     tuple(s[i, ...] for s in state)
-                stacks, fin, _, st = _engine.forward(
-                    cell, _reverse(inp, order, xp) if d else inp, state0, params[i], n_a,
-                    xp=xp, keep=keep, collect=(), active=active,
-                )
-                y_d = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
+                y_d, fin, st = self._layer_forward(
+                    i, _reverse(inp, order, xp) if d else inp, state0, params[i], xp=xp,
+                    keep=keep, active=active, opts=opts)
                 if inside is not None:  # zero past each sequence's end
                     y_d = xp.where(inside, y_d, xp.zeros_like(y_d))
                 outs.append(_reverse(y_d, order, xp) if d else y_d)
@@ -320,9 +336,8 @@ class _Model:
             if layer < self.num_layers - 1 and masks[layer] is not None:
                 inp = inp * masks[layer]
         y = inp
-        final = tuple(
-            copy(xp.stack([xp.matrix_transpose(f[k]) for f in finals])) for k in cell.state_names
-        )
+        final = tuple(copy(xp.stack([f[k] for f in finals]))
+                      for k in range(len(cell.state_names)))
         if self.layout == "batch_first":
             y = xp.permute_dims(y, (1, 2, 0))
         if not keep:
@@ -367,6 +382,29 @@ class _Model:
                 masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
         return tuple(masks)
 
+    def _layer_forward(self, index, inp, state0, layer, *, xp, keep, active, opts):
+        """Run (layer, direction) ``index`` with parameters ``layer`` over ``inp (n_in, m,
+        T)`` from ``state0`` (one array per state, its shape without the leading axis, or
+        ``None`` each for zeros). Returns its output ``(n_a, m, T)``, its final state (as
+        ``state0``) and what :meth:`_layer_backward` needs (``None`` unless ``keep``). The
+        engine runs the model's cell; a model without one overrides this."""
+        cell = self.cell
+        stacks, fin, _, st = _engine.forward(cell, inp, state0, layer, self.n_a, xp=xp,
+                                             keep=keep, collect=(), active=active)
+        y = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
+        return y, tuple(xp.matrix_transpose(fin[k]) for k in cell.state_names), st
+
+    def _layer_backward(self, index, dy, kept, dstate, *, xp, active):
+        """The backward pass of :meth:`_layer_forward`: ``dy (n_a, m, T)`` and the gradient
+        on the final state (as its ``state0``; ``None`` for zero, whole or per part) to
+        ``(dx (n_in, m, T), dstate0, grads)``, ``grads`` keyed like the layer's
+        parameters. Past each sequence's end ``dy`` is ignored (the output is zero)."""
+        given = None if dstate is None else \
+            tuple(None if s is None else xp.matrix_transpose(s) for s in dstate)
+        dX, d0, g = _engine.backward(self.cell, dy, kept, xp=xp, dstate=given, active=active)
+        return (xp.permute_dims(dX, (2, 1, 0)), tuple(xp.matrix_transpose(d) for d in d0),
+                self._layer_grads(g, kept.params, index))
+
     @on_input_device
     def backward(
         self, dy: Array, cache: ModelCache, dstate: Any = None
@@ -381,7 +419,8 @@ class _Model:
             The cache that :meth:`forward` returned.
         dstate : tuple of arrays, optional
             Gradient with respect to the final state (same layout as the state), for
-            truncated backpropagation across chunks. Default zeros.
+            truncated backpropagation across chunks; default zeros, and a part given as
+            ``None`` is zero.
 
         Returns
         -------
@@ -407,7 +446,7 @@ class _Model:
         dstate = self._state_arrays(dstate, "dstate")
         named = {"dy": dy}
         if dstate is not None:
-            named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate))
+            named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate) if s is not None)
         xp = namespace(**named, **{"cache": cache.states[0].X})
         m, D, n_a = cache.m, self.D, self.n_a
         T = cache.states[0].X.shape[0] // m
@@ -431,25 +470,19 @@ class _Model:
             d_in = None
             for d in range(D):
                 i = layer * D + d
-                st = cache.states[i]
                 dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
                 given = None if dstate is None else \
-                    tuple(xp.matrix_transpose(s[i, ...]) for s in dstate)
-                # (past each sequence's end the output is zero: the engine ignores dy there)
+                    tuple(None if s is None else s[i, ...] for s in dstate)
                 dy_d = _reverse(dy_d, order, xp) if d else dy_d
-                dX, d0[i], g = _engine.backward(self.cell, dy_d, st, xp=xp, dstate=given,
-                                                active=active)
-                dx_d = xp.permute_dims(dX, (2, 1, 0))
+                dx_d, d0[i], grads[i] = self._layer_backward(i, dy_d, cache.states[i], given,
+                                                             xp=xp, active=active)
                 dx_d = _reverse(dx_d, order, xp) if d else dx_d
                 d_in = dx_d if d_in is None else d_in + dx_d
-                grads[i] = self._layer_grads(g, st.params, i)
             d_out = d_in
         dx = d_out
         if self.layout == "batch_first":
             dx = xp.permute_dims(dx, (1, 2, 0))
-        dstate0 = tuple(
-            xp.stack([xp.matrix_transpose(d[k]) for d in d0]) for k in range(len(d0[0]))
-        )
+        dstate0 = tuple(xp.stack([d[k] for d in d0]) for k in range(len(d0[0])))
         return dx, dstate0, grads
 
     def _layer_grads(self, g, layer, index):

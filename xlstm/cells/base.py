@@ -189,6 +189,9 @@ class Cell:
     frozen: tuple[str, ...] = ()
     #: States that a valid state has positive (a normaliser).
     positive: tuple[str, ...] = ()
+    #: States kept in the scale of a frozen stabiliser: defined up to that scale, so that
+    #: only a loss on the other states is a function of the inputs alone.
+    scaled: tuple[str, ...] = ()
     #: The gates in the order of the parameter dict's keys (``W<g>, b<g>`` each, then
     #: ``bh<g>`` each), and in torch's row order.
     dict_gates: tuple[str, ...] = ()

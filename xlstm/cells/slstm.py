@@ -110,6 +110,7 @@ class SLSTMCell(Cell):
     saved = {"X2": 2, "ZO": 2, "CN": 2, "D": 1}
     frozen = ("M",)
     positive = ("N",)
+    scaled = ("C", "N")
     scratch = {"G": 4, "E0": 1, "E1": 1, "E2": 1, "E3": 1}
     n_gates = 4
     split = False

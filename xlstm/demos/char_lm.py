@@ -128,7 +128,8 @@ def _model_of(params, V):
             model = SLSTM(V, W.shape[1], num_heads=first["R"].shape[1], num_layers=len(rnn),
                           **kw)
         else:
-            model = MLSTM(V, first["Wo"].shape[0], num_heads=W.shape[0], d_qk=W.shape[1], **kw)
+            model = MLSTM(V, first["Wo"].shape[0], num_heads=W.shape[0], d_qk=W.shape[1],
+                          num_layers=len(rnn), **kw)
         model._check_params(rnn)
         return model
     Wf = first["Wf"]
@@ -336,8 +337,6 @@ def charlm(
     if cell not in models:
         raise ValueError(f"cell must be one of {sorted(models)}, got {cell!r}")
     _, cls, kwargs = models[cell]
-    if cls is MLSTM and layers != 1:
-        raise ValueError(f"cell 'mlstm' runs one layer for now, got layers={layers}")
     model = cls(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device, seed=init_rng,
                 **kwargs)
     params = {"rnn": model.params,
