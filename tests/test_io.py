@@ -617,7 +617,7 @@ def test_tree_file_holds_plain_arrays_and_describes_every_leaf(tmp_path):
         meta = json.loads(z["__meta__"].tobytes().decode())
         assert sorted(z.files) == sorted(["__meta__", *(str(i) for i in range(26))])
         leaf = z["12"]
-    assert meta["format"] == "xlstm-params" and meta["version"] == 2 == FORMAT_VERSION
+    assert meta["format"] == "xlstm-params" and meta["version"] == 2 == FORMAT_VERSION - 1
     assert meta["dtype"] == "float64" and len(meta["leaves"]) == 26
     assert meta["leaves"][0] == {"path": ["rnn", 0, "Wf"], "shape": [N_A, N_A + N_X]}
     assert meta["leaves"][12] == {"path": ["rnn", 1, "Wf"], "shape": [N_A, 2 * N_A]}
@@ -912,3 +912,66 @@ def test_save_replaces_through_a_new_file(tmp_path):
         np.testing.assert_array_equal(load_params(old)["Wf"], host_params()["Wf"])
     np.testing.assert_array_equal(load_params(path)["Wf"], host_params()["Wf"] + 1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_its_counters(tmp_path):
+    """save_checkpoint writes version 3, the tree and the counters; load_checkpoint gives
+    both back, load_params the tree; a 0-d integer array is a counter too."""
+    from xlstm.io import load_checkpoint, save_checkpoint
+
+    tree = {"params": model_tree(), "opt_state": {"m": [np.ones((2, 2))]}}
+    save_checkpoint(tmp_path / "c.npz", tree, {"step": 7, "epoch": np.int64(1)})
+    back, counters = load_checkpoint(tmp_path / "c.npz")
+    assert counters == {"step": 7, "epoch": 1}
+    assert isinstance(counters["epoch"], int)
+    np.testing.assert_array_equal(back["params"]["rnn"][1]["Wf"], tree["params"]["rnn"][1]["Wf"])
+    assert list(load_params(tmp_path / "c.npz")) == ["params", "opt_state"]
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        meta = json.loads(z["__meta__"].tobytes().decode())
+    assert meta["version"] == 3 == FORMAT_VERSION
+    save_params(tmp_path / "p.npz", tree)
+    with pytest.raises(ValueError, match=r"p\.npz': not a checkpoint \(format version 2"):
+        load_checkpoint(tmp_path / "p.npz")
+
+
+@pytest.mark.parametrize("counters, match", [
+    ({"step": -1}, r"counters\['step'\] must be an integer in \[0, 2\*\*53\)"),
+    ({"step": 1.0}, r"counters\['step'\] must be an integer"),
+    ({"step": True}, r"counters\['step'\] must be an integer"),
+    ({"step": 2 ** 53}, r"counters\['step'\] must be an integer"),
+    ({"": 1}, r"a counter's name must be a str of 1 to 64 characters"),
+    ({f"c{i}": i for i in range(33)}, r"counters must be a dict of at most 32"),
+    ([1], r"counters must be a dict"),
+])
+def test_bad_counters_are_refused_on_saving(tmp_path, counters, match):
+    from xlstm.io import save_checkpoint
+
+    with pytest.raises(ValueError, match=match):
+        save_checkpoint(tmp_path / "c.npz", {"p": [np.ones(2)]}, counters)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("counters, match", [
+    (None, r"counters must be a dict"),
+    ({"step": -1}, r"counters\['step'\] must be an integer"),
+    ({"step": "7"}, r"counters\['step'\] must be an integer"),
+])
+def test_bad_counters_are_refused_on_loading(tmp_path, counters, match):
+    from xlstm.io import load_checkpoint
+
+    meta = {"format": "xlstm-params", "version": 3, "dtype": "float64",
+            "leaves": [leaf(["a"])], "counters": counters}
+    entries = {"0": np.zeros(1), "__meta__": np.frombuffer(json.dumps(meta).encode(),
+                                                           dtype=np.uint8)}
+    write_npz(tmp_path / "c.npz", entries)
+    for read in (load_params, load_checkpoint):
+        with pytest.raises(ValueError, match=rf"c\.npz.*{match}"):
+            read(tmp_path / "c.npz")
+
+
+def test_a_checkpoint_needs_a_nested_tree(tmp_path):
+    from xlstm.io import save_checkpoint
+
+    with pytest.raises(TypeError, match="tree must be nested"):
+        save_checkpoint(tmp_path / "c.npz", {"W": np.ones(2)}, {"step": 1})

@@ -48,13 +48,15 @@ from ._tree import flatten, is_tree, unflatten
 from ._typing import Array, Params
 from .params import PARAM_KEYS, check_params, param_arrays
 
-__all__ = ["save_params", "load_params", "FORMAT_NAME", "FORMAT_VERSION", "MAX_LOAD_BYTES"]
+__all__ = ["save_params", "load_params", "save_checkpoint", "load_checkpoint", "FORMAT_NAME",
+           "FORMAT_VERSION", "MAX_LOAD_BYTES"]
 
 #: Value of the ``format`` field of the metadata.
 FORMAT_NAME = "xlstm-params"
 #: Newest version of the layout; :func:`load_params` reads versions 1 to this one.
-#: :func:`save_params` writes version 1 for the notebook's dict and version 2 for a tree.
-FORMAT_VERSION = 2
+#: :func:`save_params` writes version 1 for the notebook's dict and version 2 for a tree;
+#: :func:`save_checkpoint` writes version 3, a tree with named integer counters.
+FORMAT_VERSION = 3
 #: Largest total size in bytes of the parameters that :func:`load_params` accepts to read
 #: (4 GiB); a file whose metadata declares more is refused before any array is read. Raise
 #: it (``xlstm.io.MAX_LOAD_BYTES = ...``) to load a larger model from a trusted file.
@@ -64,7 +66,10 @@ _META = "__meta__"
 _META_FIELDS = {
     1: ("format", "version", "n_x", "n_a", "n_y", "dtype"),
     2: ("format", "version", "dtype", "leaves"),
+    3: ("format", "version", "dtype", "leaves", "counters"),
 }
+_MAX_COUNTERS = 32  # the named integers of a checkpoint (version 3)
+_MAX_COUNTER = 1 << 53  # below this a counter is exact in every JSON reader
 _LEAF_FIELDS = ("path", "shape")
 _MAX_LEAVES = 1024  # arrays of a tree: a 40-layer bidirectional LSTM has 960
 _MAX_TREE_DEPTH = 8  # keys from a tree's root to a leaf: ["rnn", 0, "Wf"] has 3
@@ -132,6 +137,55 @@ def save_params(path: str | os.PathLike | BinaryIO, params: Params | list | tupl
     --------
     load_params
     """
+    _save(path, params, None)
+
+
+def save_checkpoint(path: str | os.PathLike | BinaryIO, tree: Params | list | tuple,
+                    counters: Mapping[str, int]) -> None:
+    """Save a tree of arrays with named integer counters (a training run's step and
+    position, say), in version 3 of the layout: :func:`~xlstm.save_params`' tree and rules, and
+    the counters in the metadata.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        Where to write, atomically for a path (see :func:`~xlstm.save_params`).
+    tree : tree of arrays
+        Nested dicts, lists and tuples of arrays of one floating dtype, as for
+        :func:`~xlstm.save_params`.
+    counters : dict of str to int
+        At most 32 names of at most 64 characters, each an integer in ``[0, 2**53)``.
+
+    See Also
+    --------
+    load_checkpoint
+    """
+    if not is_tree(tree):
+        raise TypeError("tree must be nested (a dict or list holding dicts or lists of "
+                        f"arrays, such as {{'params': params}}), got {type(tree).__name__}")
+    _save(path, tree, counters)
+
+
+def _check_counters(counters, where):
+    """``counters`` checked: a dict of at most 32 short names to exact integers >= 0."""
+    if not isinstance(counters, Mapping) or len(counters) > _MAX_COUNTERS:
+        raise ValueError(f"{where} must be a dict of at most {_MAX_COUNTERS} named integers, "
+                         f"got {_short(counters)}")
+    out = {}
+    for k, v in counters.items():
+        if not isinstance(k, str) or not 1 <= len(k) <= 64:
+            raise ValueError(f"{where}: a counter's name must be a str of 1 to 64 characters, "
+                             f"got {_short(k)}")
+        if not isinstance(v, bool) and hasattr(v, "__index__"):
+            v = v.__index__()  # a 0-d integer array (a compiled step's count) too
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _MAX_COUNTER:
+            raise ValueError(f"{where}[{k!r}] must be an integer in [0, 2**53), got {_short(v)}")
+        out[k] = v
+    return out
+
+
+def _save(path, params, counters):
+    """:func:`save_params`, with the counters of :func:`save_checkpoint` (or ``None``)."""
     import numpy as np
 
     tree = is_tree(params)
@@ -154,6 +208,8 @@ def save_params(path: str | os.PathLike | BinaryIO, params: Params | list | tupl
             "leaves": [{"path": list(p), "shape": list(a.shape)} for (p, _), a in
                        zip(leaves, host)],
         }
+        if counters is not None:
+            meta.update(version=3, counters=_check_counters(counters, "counters"))
         entries = {str(i): a for i, a in enumerate(host)}
     else:
         meta = {"format": FORMAT_NAME, "version": 1, "n_x": n_x, "n_a": n_a, "n_y": n_y,
@@ -309,6 +365,46 @@ def load_params(
     --------
     save_params
     """
+    return _load(path, xp, device)[0]
+
+
+def load_checkpoint(path: str | os.PathLike | BinaryIO, *, xp: Any = None, device: Any = None,
+                    ) -> tuple[dict | list, dict[str, int]]:
+    """Load what :func:`save_checkpoint` wrote: the tree and its counters.
+
+    The archive is read and checked as by :func:`~xlstm.load_params` (which also reads it, and
+    returns the tree alone); the counters must be a JSON object of at most 32 names to
+    integers in ``[0, 2**53)``.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        The checkpoint to read.
+    xp, device : optional
+        Target namespace and device, as for :func:`~xlstm.load_params`.
+
+    Returns
+    -------
+    tree : dict or list
+        The saved tree (a saved tuple comes back as a list).
+    counters : dict of str to int
+        The saved counters.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a checkpoint (a parameter file of version 1 or 2), or for
+        any reason :func:`~xlstm.load_params` gives.
+    """
+    tree, meta = _load(path, xp, device)
+    if meta["version"] != 3:
+        raise ValueError(f"{_name(path)}: not a checkpoint (format version {meta['version']} "
+                         "holds parameters without counters; save_checkpoint writes 3)")
+    return tree, meta["counters"]
+
+
+def _load(path, xp, device):
+    """The tree (or the notebook's dict) and the metadata of the archive at ``path``."""
     where = _name(path)
     target = namespace_of_module(xp)
     if isinstance(path, (str, bytes, os.PathLike)):
@@ -328,8 +424,9 @@ def load_params(
                 )
             out[key] = arr
     if layout.tree is None:
-        return out
-    return unflatten(layout.tree, {p: out[key] for p, key in flatten(layout.tree).items()})
+        return out, meta
+    tree = unflatten(layout.tree, {p: out[key] for p, key in flatten(layout.tree).items()})
+    return tree, meta
 
 
 class _Layout(collections.namedtuple("_Layout", "entries tree sizes")):
@@ -617,6 +714,8 @@ def _read_meta(zf, info, where):
             f"{where}: {_META} has unknown fields {unknown[:8]}; version {version} has exactly "
             f"{list(_META_FIELDS[version])}"
         )
+    if version == 3:
+        meta["counters"] = _check_counters(meta.get("counters"), f"{where}: {_META} counters")
     if meta.get("dtype") not in _DTYPES:
         raise ValueError(
             f"{where}: {_META} field 'dtype' must be one of {_DTYPES}, got {meta.get('dtype')!r}"

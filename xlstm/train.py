@@ -27,6 +27,7 @@ non-finite gradients.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sized
@@ -181,6 +182,10 @@ def fit(
     progress: bool | None = None,
     desc: str = "train",
     smoothing: float = 0.05,
+    comm: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train ``params`` on minibatches: loss and gradients, clipping, optimizer step.
 
@@ -234,6 +239,30 @@ def fit(
         Label of the progress bar.
     smoothing : float, optional
         Weight of the newest loss in the running average shown on the bar, in (0, 1].
+    comm : communicator, optional
+        Data-parallel training (:mod:`xlstm.distributed`): every rank runs this same call
+        with ``batches`` yielding its shard of every global batch (equal shards). The
+        starting parameters and optimizer state are rank 0's (broadcast); before every
+        step the gradients and the loss are averaged over the ranks, so the parameters
+        stay identical on every rank, which is checked at the end. Rank 0 alone shows
+        progress, runs ``callback`` (whose return value stops every rank) and writes
+        checkpoints. When a rank fails (an exception from its batches or ``loss_fn``, or
+        rank 0's callback or checkpoint), every rank raises
+        :class:`xlstm.distributed.RankError` with that rank's error; batches of different
+        shapes on different ranks, or sources that run out at different steps, raise
+        ``ValueError`` on every rank.
+    checkpoint : str or os.PathLike, optional
+        Where to write a checkpoint (:func:`xlstm.io.save_checkpoint`, atomically): the
+        parameters, the optimizer state and the position in the batches, every
+        ``checkpoint_every`` steps and at the end.
+    checkpoint_every : int, optional
+        Steps between checkpoints (default: only at the end).
+    resume : str or os.PathLike, optional
+        A checkpoint to go on from: its parameters and optimizer state replace
+        ``params`` and ``opt_state`` (which give the structure, namespace and device), and
+        the batches it had used are drawn again and skipped, so that with a deterministic
+        batch source the run ends as the uninterrupted one would. ``steps`` counts the
+        checkpoint's steps too; ``history`` holds this call's steps only.
 
     Returns
     -------
@@ -273,12 +302,34 @@ def fit(
                 f"{type(optimizer).__name__} has no {method}()"
             )
     source = _epoch_source(batches, epochs)
+    checkpoint_every = _positive("checkpoint_every", checkpoint_every, int)
+    if checkpoint_every is not None and checkpoint is None:
+        raise ValueError("checkpoint_every needs checkpoint= (where to write)")
+    agree = None
+    if comm is not None:
+        from .distributed import Agreement, Comm
+
+        if not isinstance(comm, Comm):
+            raise TypeError("comm must be a communicator (xlstm.distributed.MPIComm, "
+                            f"NCCLComm, or rank, size, allreduce_mean, broadcast, barrier), "
+                            f"got {type(comm).__name__}")
+        agree = Agreement(comm)
+    lead = comm is None or comm.rank == 0  # the rank that reports and writes
     state = optimizer.init(params) if opt_state is None else opt_state
+    done, start = 0, (0, 0)  # steps taken before; (epoch, batches of it) to skip
+    if resume is not None:
+        params, state, done, start = _resume(resume, params, state, lead, agree)
+    if comm is not None:  # everyone starts from rank 0's parameters and state
+        params, state = _broadcast_start(comm, params, state)
+    if steps is not None and done >= steps:  # the checkpoint's run had finished
+        return FitResult(params, [], state, False, 0.0)
 
     file = sys.stderr
-    bar = _make_bar(progress, _expected_steps(batches, epochs, steps), desc, file)
+    total = _expected_steps(batches, epochs, steps)
+    bar = _make_bar(progress if lead else False, None if total is None else total - done,
+                    desc, file)
     if bar is None:
-        log = print
+        log = print if lead else _quiet
     else:
         def log(message):
             bar.write(str(message), file=sys.stdout)
@@ -286,15 +337,34 @@ def fit(
     history = []
     running = None
     stopped = False
+    position = start
     t0 = time.perf_counter()
     try:
         for epoch in range(epochs):
-            for batch in source(epoch):
-                loss, grads = loss_fn(params, batch)
-                value = float(loss)  # the one host synchronisation of the step
+            if epoch < start[0]:
+                _skip(source(epoch), None, epoch)  # replayed, as the first run drew them
+                continue
+            it = iter(source(epoch))
+            used = 0
+            if epoch == start[0]:
+                used = _skip(it, start[1], epoch)
+            while True:
+                batch, failed, value, grads = _next_step(it, params, loss_fn)
+                if agree is None:
+                    if failed is not None:
+                        raise failed
+                    if batch is _END:
+                        break
+                else:
+                    value = agree.step(done + 1, failed=failed, exhausted=batch is _END,
+                                       batch=None if batch is _END else batch, loss=value)
+                    if value is None:
+                        break
+                    grads = comm.allreduce_mean(_param_grads(params, grads))
+                used += 1
                 if not math.isfinite(value):
                     raise FloatingPointError(
-                        f"loss is {value} at step {len(history) + 1} (epoch {epoch}); lower "
+                        f"loss is {value} at step {done + 1} (epoch {epoch}); lower "
                         "the learning rate, clip the gradients (clip_norm=) or check the data"
                     )
                 if clip_value is not None:
@@ -305,29 +375,189 @@ def fit(
                     size = float(norm)  # the step's second host synchronisation
                     if not math.isfinite(size):
                         raise FloatingPointError(
-                            f"gradient norm is {size} at step {len(history) + 1} (epoch "
+                            f"gradient norm is {size} at step {done + 1} (epoch "
                             f"{epoch}): a gradient holds inf or NaN (or its norm exceeds "
                             "the dtype's range); lower the learning rate or check the data"
                         )
                 params, state = optimizer.step(params, grads, state)
                 history.append(value)
+                done += 1
+                position = (epoch, used)
                 running = value if running is None else running + smoothing * (value - running)
                 if bar is not None:
                     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                     bar.update(1)
-                if callback is not None:
-                    info = StepInfo(
-                        len(history), epoch, value, params, state, grads, norm,
-                        time.perf_counter() - t0, log,
-                    )  # fmt: skip
-                    if callback(info):
+                last = steps is not None and done >= steps
+                due = checkpoint is not None and checkpoint_every is not None \
+                    and done % checkpoint_every == 0 and not last
+                if callback is not None or due:
+                    stop, failed = False, None
+                    if lead:
+                        try:
+                            if due:
+                                _save(checkpoint, params, state, done, position)
+                            if callback is not None:
+                                info = StepInfo(
+                                    done, epoch, value, params, state, grads, norm,
+                                    time.perf_counter() - t0, log,
+                                )  # fmt: skip
+                                stop = bool(callback(info))
+                        except Exception as exc:
+                            if agree is None:
+                                raise
+                            failed = exc
+                    if agree is not None:
+                        stop = agree.decide(done, failed=failed, stop=stop)
+                    if stop:
                         stopped = True
                         break
-                if steps is not None and len(history) >= steps:
+                if last:
                     break  # before drawing another batch from an endless source
-            if stopped or (steps is not None and len(history) >= steps):
+            if stopped or (steps is not None and done >= steps):
                 break
+        if checkpoint is not None:
+            failed = None
+            if lead:
+                try:
+                    _save(checkpoint, params, state, done, position)
+                except Exception as exc:
+                    if agree is None:
+                        raise
+                    failed = exc
+            if agree is not None:
+                agree.decide(done, failed=failed, stop=False)
+        if agree is not None:
+            agree.check_identical(params)
     finally:
         if bar is not None:
             bar.close()
     return FitResult(params, history, state, stopped, time.perf_counter() - t0)
+
+
+#: What :func:`_next_step` gives for a batch source that ran out.
+_END = object()
+
+
+def _quiet(message):
+    """The ``log`` of a rank that does not report."""
+
+
+def _next_step(it, params, loss_fn):
+    """``(batch, failure, loss, grads)`` of the next step: the batch (``_END`` when the
+    source ran out), the exception its drawing or ``loss_fn`` raised (or ``None``), the
+    loss as a float and the gradients."""
+    try:
+        batch = next(it)
+    except StopIteration:
+        return _END, None, None, None
+    except Exception as exc:  # noqa: BLE001 - handed to every rank by the caller
+        return None, exc, None, None
+    try:
+        loss, grads = loss_fn(params, batch)
+        return batch, None, float(loss), grads  # the one host synchronisation of the step
+    except Exception as exc:  # noqa: BLE001
+        return batch, exc, None, None
+
+
+def _skip(it, n, epoch):
+    """Draw ``n`` batches of ``it`` (all of them for ``None``) and drop them; return how
+    many were drawn."""
+    k = 0
+    if n == 0:
+        return 0
+    for k, _ in enumerate(it, 1):
+        if n is not None and k >= n:
+            return k
+    if n is not None and k < n:
+        raise ValueError(f"resume: the checkpoint was written after batch {n} of epoch {epoch}, "
+                         f"but this batch source has {k} in that epoch")
+    return k
+
+
+def _param_grads(params, grads):
+    """The gradients that the optimizer reads: the tree itself, or a flat dict's
+    ``"d" + key`` entries (a loss's ``dx``, ``da0`` and the like are left out)."""
+    from ._tree import is_tree
+
+    if is_tree(params) or not isinstance(grads, dict):
+        return grads
+    return {"d" + k: grads["d" + k] for k in params if "d" + k in grads}
+
+
+def _split_state(state):
+    """An optimizer state as its arrays (a tree, or ``None``) and its integer counters;
+    an empty buffer dict (SGD without momentum) is neither, and stays as it is."""
+    arrays, counts = {}, {}
+    for k, v in state.items():
+        if isinstance(v, (dict, list, tuple)):
+            if v:
+                arrays[k] = v
+        elif getattr(v, "ndim", 0):
+            arrays[k] = v
+        else:
+            counts[k] = v
+    return (arrays or None), counts
+
+
+def _save(path, params, state, done, position):
+    from .io import save_checkpoint
+
+    arrays, counts = _split_state(state)
+    tree = {"params": params} if arrays is None else {"params": params, "opt_state": arrays}
+    counters = {"step": done, "epoch": position[0], "batch": position[1],
+                **{"opt_state." + k: v for k, v in counts.items()}}
+    save_checkpoint(path, tree, counters)
+
+
+def _resume(path, params, state, lead, agree):
+    """The checkpoint's parameters, optimizer state, steps and position, read on the rank
+    that leads (the others get them from it by broadcast)."""
+    from ._compat import device_of, namespace
+    from ._tree import flatten, same_structure
+    from .io import load_checkpoint
+
+    done, position, failed = 0, (0, 0), None
+    if lead:
+        try:
+            first = next(iter(flatten(params).values()))
+            xp = namespace(params=first)
+            tree, counters = load_checkpoint(path, xp=xp, device=device_of(first))
+            arrays, counts = _split_state(state)
+            same_structure(params, tree.get("params"), "params", "the checkpoint's params")
+            for k, v in flatten(params).items():
+                got = flatten(tree["params"])[k]
+                if tuple(got.shape) != tuple(v.shape) or got.dtype != v.dtype:
+                    raise ValueError(f"the checkpoint's params{k} is {tuple(got.shape)} "
+                                     f"{got.dtype}; params{k} is {tuple(v.shape)} {v.dtype}")
+            params = tree["params"]
+            if arrays is not None:
+                same_structure(arrays, tree.get("opt_state"), "the optimizer state",
+                               "the checkpoint's optimizer state")
+                state = {**state, **tree["opt_state"]}
+            state = {**state, **{k: counters["opt_state." + k] for k in counts}}
+            done, position = counters["step"], (counters["epoch"], counters["batch"])
+        except Exception as exc:
+            if agree is None:
+                raise
+            failed = exc
+    if agree is not None:
+        import numpy as np
+
+        agree.decide(0, failed=failed, stop=False)
+        where = agree.comm.broadcast({"c": np.array([done, *position], dtype=np.float64)})["c"]
+        done, position = int(where[0]), (int(where[1]), int(where[2]))
+    return params, state, done, position
+
+
+def _broadcast_start(comm, params, state):
+    """Rank 0's parameters and optimizer state (arrays and counters) on every rank."""
+    import numpy as np
+
+    arrays, counts = _split_state(state)
+    params = comm.broadcast(params, root=0)
+    if arrays is not None:
+        state = {**state, **comm.broadcast(arrays, root=0)}
+    if counts:
+        got = comm.broadcast({"c": np.array([float(v) for v in counts.values()])}, root=0)["c"]
+        state = {**state, **{k: int(v) for k, v in zip(counts, got)}}
+    return params, state
