@@ -106,11 +106,13 @@ class _BufferComm:
         buffers = {dt: self._buffer(list(parts.values()), xp) for dt, parts in groups.items()}
         return leaves, xp, buffers, where
 
-    def _unpack(self, tree, leaves, xp, buffers, where):
+    def _unpack(self, tree, leaves, xp, buffers, where, divisor=1):
+        """The tree again, each leaf its part of its buffer divided by ``divisor`` (in the
+        one pass that gives the leaf its own memory)."""
         out = {}
         for path, leaf in leaves.items():
             dt, offset, shape = where[path]
-            flat = buffers[dt][offset : offset + math.prod(shape)]
+            flat = buffers[dt][offset : offset + math.prod(shape)] / divisor
             out[path] = self._back(flat, shape, leaf, xp)
         return unflatten(tree, out)
 
@@ -119,8 +121,7 @@ class _BufferComm:
         leaves, xp, buffers, where = self._pack(tree, "tree")
         for buf in buffers.values():
             self._sum(buf)
-            buf /= self.size
-        return self._unpack(tree, leaves, xp, buffers, where)
+        return self._unpack(tree, leaves, xp, buffers, where, divisor=self.size)
 
     def broadcast(self, tree: Any, root: int = 0) -> Any:
         """Rank ``root``'s tree on every rank (see :class:`Comm`)."""
@@ -155,12 +156,13 @@ def _host_buffer(parts):
 
 
 def _host_back(flat, shape, like, xp):
-    """``flat`` (numpy) as an array of ``like``'s namespace, dtype, shape and device."""
+    """``flat`` (numpy, its own memory) as an array of ``like``'s namespace, dtype, shape
+    and device."""
     from ._compat import device_of, device_scope
 
     dev = device_of(like)
     with device_scope(xp=xp, device=dev):
-        return xp.asarray(np.reshape(flat, shape).copy(), dtype=like.dtype, device=dev)
+        return xp.asarray(np.reshape(flat, shape), dtype=like.dtype, device=dev)
 
 
 class MPIComm(_BufferComm):
@@ -206,7 +208,7 @@ class MPIComm(_BufferComm):
 
     def _back(self, flat, shape, like, xp):
         if self._device_buffers(xp):
-            return xp.reshape(flat, shape) + 0  # its own memory, not a view of the buffer
+            return xp.reshape(flat, shape)
         return _host_back(flat, shape, like, xp)
 
     def _sync(self, buf):
@@ -283,7 +285,7 @@ class NCCLComm(_BufferComm):
         from ._compat import is_cupy
 
         if is_cupy(xp):
-            return xp.reshape(flat, shape) + 0
+            return xp.reshape(flat, shape)
         return _host_back(flat.get(), shape, like, xp)
 
     def _wait(self, what):
