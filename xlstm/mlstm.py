@@ -339,8 +339,22 @@ def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
     if not keep:
         return y, final, None
     kept = _Kept(copy(Xf), {key: copy(a) for key, a in p.items()}, form, o, ht,
-                 (inner, q, k, v), active)
+                 _c_order((inner, q, k, v)), active)
     return y, final, kept
+
+
+def _c_order(obj):
+    """``obj`` (arrays in tuples, lists and dicts) with every numpy or CuPy array in C
+    order: a copied or pickled cache (which numpy writes in C order) then feeds the
+    backward pass's products the same layouts, so that it gives the same bits (numpy 1.26
+    rounded 5 of 30 elements of ``dx`` differently after a pickle round trip)."""
+    from ._compat import c_contiguous
+
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_c_order(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _c_order(v) for k, v in obj.items()}
+    return c_contiguous(obj) if hasattr(obj, "shape") else obj
 
 
 def layer_backward(xp, dY, kept, dC, dn, *, H, d_qk, d_v):
