@@ -88,21 +88,19 @@ class _BufferComm:
         for path, leaf in leaves.items():
             if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
                 raise TypeError(f"{name}{path} must be an array, got {type(leaf).__name__}")
-        groups: dict[Any, dict] = {}
+        groups: dict[Any, dict] = {}  # dtype -> the leaves of that dtype, by name
+        sizes: dict[Any, int] = {}
         where = {}
         for path, leaf in leaves.items():
-            parts = groups.setdefault(leaf.dtype, {})
-            offset = sum(math.prod(p.shape) for p in parts.values())
+            offset = sizes.get(leaf.dtype, 0)
             where[path] = (leaf.dtype, offset, tuple(leaf.shape))
-            parts[f"{name}{path}"] = leaf
-        # one namespace and device for the whole tree; one dtype per buffer
-        spaces = {id(xp): (xp, k) for parts in groups.values()
-                  for xp, k in [(namespace(**parts), next(iter(parts)))]}
-        if len(spaces) > 1:
-            (_, a), (_, b) = list(spaces.values())[:2]
-            raise TypeError(f"{name} mixes array namespaces ({a} and {b}): one tree, one "
-                            "namespace")
-        xp = next(iter(spaces.values()))[0]
+            sizes[leaf.dtype] = offset + math.prod(leaf.shape)
+            groups.setdefault(leaf.dtype, {})[f"{name}{path}"] = leaf
+        # one namespace (and device) for the whole tree, one dtype per buffer
+        spaces = [namespace(**parts) for parts in groups.values()]
+        if any(xp is not spaces[0] for xp in spaces):
+            raise TypeError(f"{name} mixes array namespaces: one tree, one namespace")
+        xp = spaces[0]
         buffers = {dt: self._buffer(list(parts.values()), xp) for dt, parts in groups.items()}
         return leaves, xp, buffers, where
 
