@@ -47,7 +47,8 @@ class StepInfo(NamedTuple):
     Attributes
     ----------
     step : int
-        Number of optimizer steps taken so far (1 after the first step).
+        Number of optimizer steps taken so far (1 after the first step; a resumed run
+        counts its checkpoint's steps too).
     epoch : int
         Index of the current epoch, from 0.
     loss : float
@@ -87,7 +88,8 @@ class FitResult(NamedTuple):
     params : dict of arrays
         The trained parameters (new arrays; the input dict is not modified).
     history : list of float
-        The loss of every step, in order (``len(history)`` is the number of steps taken).
+        The loss of every step this call took, in order (with ``comm``, the mean over the
+        ranks).
     opt_state : dict
         The final optimizer state; pass it back as ``fit(..., opt_state=...)`` to go on
         training where this run stopped.
