@@ -128,3 +128,30 @@ def blas_kernel(threads):
 def load_average():
     """The 1, 5 and 15 minute load averages, or None where the system has none."""
     return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def cpu_machine(**extra):
+    """The machine of a CPU run, for a report's JSON: CPU, BLAS kernel and threads, the
+    environment variables that the timings depend on, and the load at the end."""
+    threads = thread_info(None, None)
+    return {"device": f"CPU: {cpu_name()}", **extra, "blas": blas_kernel(threads),
+            "threads": threads, "environment": environment(), "load_average": load_average()}
+
+
+def write_cpu_report(folder, name, report, title, table):
+    """``<folder>/<name>_<cpu>.json`` (``report``) and ``.md``: ``title``, a line naming
+    the machine and BLAS, then the Markdown lines ``table``; returns the common stem."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{name}_{slug(cpu_name())[:24]}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    machine = report["machine"]
+    cores = f", {machine['cores']} cores" if "cores" in machine else ""
+    lines = [title, "", f"{machine['device']}{cores} | BLAS {machine['blas']} | environment "
+             f"{machine['environment'] or 'no thread or BLAS variables set'}", "", *table]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {stem}.json, {stem}.md")
+    return stem

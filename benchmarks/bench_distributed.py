@@ -111,9 +111,7 @@ def main(argv=None):
 
     import shutil
 
-    from _machine import (
-        blas_kernel, cpu_name, environment, load_average, slug, thread_info, versions,
-    )
+    from _machine import cpu_machine, versions, write_cpu_report
 
     exe = shutil.which("mpiexec")
     if exe is None:
@@ -148,20 +146,11 @@ def main(argv=None):
         "what": "xlstm.fit data-parallel on MPI: time per step by layout of the cores",
         "config": {k: v for k, v in vars(args).items()
                    if k not in ("out", "worker", "size", "result")},
-        "machine": {"device": f"CPU: {cpu_name()}", "cores": cores,
-                    "blas": blas_kernel(thread_info(None, None)), "environment": environment(),
-                    "load_average": load_average()},
+        "machine": cpu_machine(cores=cores),
         "versions": versions(),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_distributed_{slug(cpu_name())[:24]}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    lines = ["# Data-parallel training on one machine (xlstm.LSTM, float32, MPI)", "",
-             f"{report['machine']['device']}, {cores} cores | BLAS {report['machine']['blas']} | "
-             f"environment {report['machine']['environment'] or 'no thread or BLAS variables set'}",
-             "", "| n_a,m,T | layout | ms/step | compute ms/step | all-reduce of grads ms |",
+    lines = ["| n_a,m,T | layout | ms/step | compute ms/step | all-reduce of grads ms |",
              "|---|---|---:|---:|---:|"]
     lines += [f"| {r['size']} | {r['layout']} | {r['step_ms']:.2f} | {r['compute_ms']:.2f} | "
               f"{r['allreduce_grads_ms']:.3f} |" for r in rows]
@@ -175,8 +164,8 @@ def main(argv=None):
         seen.add(r["layout"])
         lines.append(f"| {r['layout']} | " + " | ".join(
             f"{v:.3f}" for v in r["allreduce_sweep_ms"].values()) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {stem}.json, {stem}.md")
+    write_cpu_report(args.out, "bench_distributed", report,
+                     "# Data-parallel training on one machine (xlstm.LSTM, float32, MPI)", lines)
     return 0
 
 

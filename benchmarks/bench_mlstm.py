@@ -16,7 +16,6 @@ table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,9 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import (  # noqa: E402
-    blas_kernel, cpu_name, environment, load_average, slug, thread_info, versions,
-)
+from _machine import cpu_machine, versions, write_cpu_report  # noqa: E402
 
 import xlstm  # noqa: E402
 from xlstm.mlstm import FORMS  # noqa: E402
@@ -77,26 +74,16 @@ def main(argv=None):
     report = {
         "what": "xlstm.MLSTM forward + backward per form",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"device": f"CPU: {cpu_name()}", "blas": blas_kernel(thread_info(None, None)),
-                    "threads": thread_info(None, None), "environment": environment(),
-                    "load_average": load_average()},
+        "machine": cpu_machine(),
         "versions": versions(),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_mlstm_{args.dtype}_{slug(cpu_name())[:24]}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    lines = [f"# mLSTM forms, forward + backward ({args.dtype}, batch {args.batch}, "
-             f"{args.heads} heads, n_h {args.n_h}, n_x {args.n_x}, chunk {args.chunk})", "",
-             f"{report['machine']['device']} | BLAS {report['machine']['blas']} | "
-             f"environment {report['machine']['environment'] or 'no thread or BLAS variables set'}",
-             "",
-             "| T | form | fwd+bwd ms | peak MiB |", "|---:|---|---:|---:|"]
-    lines += [f"| {r['T']} | {r['form']} | {r['fwd_bwd_ms']:.1f} | {r['peak_mib']:.1f} |"
+    title = (f"# mLSTM forms, forward + backward ({args.dtype}, batch {args.batch}, "
+             f"{args.heads} heads, n_h {args.n_h}, n_x {args.n_x}, chunk {args.chunk})")
+    table = ["| T | form | fwd+bwd ms | peak MiB |", "|---:|---|---:|---:|"]
+    table += [f"| {r['T']} | {r['form']} | {r['fwd_bwd_ms']:.1f} | {r['peak_mib']:.1f} |"
               for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {stem}.json, {stem}.md")
+    write_cpu_report(args.out, f"bench_mlstm_{args.dtype}", report, title, table)
     return 0
 
 

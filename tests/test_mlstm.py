@@ -262,6 +262,28 @@ def test_every_backend_equals_numpy(form, xp, device):
         np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-13)
 
 
+@FORMS
+def test_inference_in_blocks_equals_the_whole_sequence(form, xp, device, monkeypatch):
+    """``return_cache=False`` runs the sequence in blocks of whole chunks (here 6 steps:
+    ``CHUNK_ROWS = 12`` rows at m = 2, chunks of 3), carrying the state: the outputs and
+    the final state equal the run that keeps a cache (one block), on every backend, over
+    2 bidirectional layers and a padded batch."""
+    from xlstm import _engine
+
+    rng = np.random.default_rng(12)
+    model = _model(num_layers=2, bidirectional=True, xp=xp, device=device, dtype=xp.float64)
+    x = to_xp(rng.standard_normal((N_X, M, 17)), xp, device)
+    lengths = to_xp(np.array([17, 9]), xp, device, xp.int64)
+    y, final, _ = model.forward(x, lengths=lengths, form=form)
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", 12)
+    yb, fb, cache = model.forward(x, lengths=lengths, form=form, return_cache=False)
+    assert cache is None
+    np.testing.assert_allclose(to_numpy(yb), to_numpy(y), rtol=1e-12, atol=1e-13)
+    for a, b in zip(_unstabilised(tuple(to_numpy(f) for f in fb)),
+                    _unstabilised(tuple(to_numpy(f) for f in final))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="n_h=5 is not divisible by num_heads=2"):
         xlstm.MLSTM(N_X, 5, num_heads=2)

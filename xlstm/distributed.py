@@ -439,7 +439,7 @@ class Agreement:
             h.update(path.encode())
             h.update(np.ascontiguousarray(to_host(leaf)).tobytes())
         words = [int.from_bytes(h.digest()[i : i + 3], "little") % 1_000_003 for i in (0, 3, 6)]
-        head = np.array([w for w in words] + [float(w) ** 2 for w in words])
+        head = np.array([*words, *(float(w) ** 2 for w in words)])
         mean = self.comm.allreduce_mean({"d": head})["d"]
         if any(mean[3 + i] - mean[i] ** 2 != 0.0 for i in range(3)):
             raise RuntimeError(f"the {name} differ between the ranks: data-parallel training "

@@ -545,8 +545,9 @@ class MLSTM(_Model):
         block = T if keep else max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
         ys, kept = [], None
         for t0 in range(0, T, block):
-            part = None if act is None else act[..., t0:t0 + block]
-            y, state, kept = layer_forward(xp, layer, X[:, t0:t0 + block, :], state, part, form,
+            t1 = min(t0 + block, T)  # the array API leaves stops past the end unspecified
+            part = None if act is None else act[..., t0:t1]
+            y, state, kept = layer_forward(xp, layer, X[:, t0:t1, :], state, part, form,
                                            keep=keep, **dims)
             ys.append(y)
         y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=1)

@@ -526,8 +526,9 @@ def _resume(path, params, state, lead, agree):
             tree, counters = load_checkpoint(path, xp=xp, device=device_of(first))
             arrays, counts = _split_state(state)
             same_structure(params, tree.get("params"), "params", "the checkpoint's params")
+            theirs = flatten(tree["params"])
             for k, v in flatten(params).items():
-                got = flatten(tree["params"])[k]
+                got = theirs[k]
                 if tuple(got.shape) != tuple(v.shape) or got.dtype != v.dtype:
                     raise ValueError(f"the checkpoint's params{k} is {tuple(got.shape)} "
                                      f"{got.dtype}; params{k} is {tuple(v.shape)} {v.dtype}")
