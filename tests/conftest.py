@@ -3,7 +3,8 @@
 * numpy and array-api-strict always; array-api-strict again on ``Device("device1")``, which
   catches any allocation that forgets ``device=``;
 * torch (CPU) and JAX when importable;
-* CuPy only when a CUDA device answers.
+* CuPy, and torch and JAX arrays on the GPU (``torch-cuda``, ``jax-gpu``), only when a CUDA
+  device answers (for ``jax-gpu`` also leave ``JAX_PLATFORMS`` unset or naming ``cuda``).
 
 Without ``XLSTM_BACKENDS`` the tests run on every backend that loads here; the report header
 names them, and names each backend that cannot run here with the reason.

@@ -427,7 +427,7 @@ def test_host_loops_drive_whole_sequences(host_libs, monkeypatch, name, dtype, c
     with xlstm.accelerators(False):
         want = cuda_emulator.api_results(name, dtype, *sizes)
     loops = host_loops(host_libs, dtype)
-    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt, cell=None: loops)
+    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dt, cell=None, **kw: loops)
     got = cuda_emulator.api_results(name, dtype, *sizes)
     calls = loops.launch.calls
     assert {k: calls.count(k) for k in set(calls)} == cuda_emulator.launches(name, sizes[-1])

@@ -122,3 +122,49 @@ def test_two_gpus():
         results.append({k: cp.asnumpy(v) for k, v in g.items()})
     for k in results[0]:
         np.testing.assert_allclose(results[1][k], results[0][k], rtol=1e-12, err_msg=k)
+
+
+# ------------------------------------------------ torch and JAX on a GPU: the test backends
+@pytest.mark.parametrize("name", ["torch-cuda", "jax-gpu"])
+def test_gpu_backends_load_only_where_a_gpu_answers(name):
+    """``torch-cuda`` and ``jax-gpu`` load with their first GPU, or say why they cannot."""
+    module = _compat.BACKEND_MODULES[name]
+    try:
+        __import__(module)
+    except ImportError:
+        with pytest.raises(_compat.BackendUnavailable, match=f"{module} is not importable"):
+            _compat.load_backend(name)
+        return
+    try:
+        xp, device = _compat.load_backend(name)
+    except _compat.BackendUnavailable as exc:
+        assert str(exc)  # the reason, which the suite's header prints
+        return
+    x = xp.ones((2, 3), dtype=xp.float32, device=device)
+    assert _compat.device_of(x) == device and "cpu" not in str(device).lower()
+
+
+def test_a_run_that_names_an_unavailable_gpu_backend_stops(tmp_path):
+    """``XLSTM_BACKENDS=...,torch-cuda,jax-gpu`` on a machine without a GPU for them stops
+    the run with pytest's usage error (exit status 4) and the reasons, never a pass."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    reasons = {}
+    for name in ("torch-cuda", "jax-gpu"):
+        try:
+            _compat.load_backend(name)
+        except _compat.BackendUnavailable as exc:
+            reasons[name] = str(exc)
+    if not reasons:
+        pytest.skip("torch and JAX both run on a GPU here")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "XLSTM_BACKENDS": "numpy," + ",".join(reasons)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "--rootdir", str(root), str(root / "tests" / "test_activations.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    for name, reason in reasons.items():
+        assert f"{name}: {reason}" in proc.stderr

@@ -139,6 +139,6 @@ def test_a_padded_batch_runs_on_the_array_path_where_loops_lack_masks(monkeypatc
     class NoMasks:
         pass
 
-    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dtype, cell: NoMasks())
+    monkeypatch.setattr(_engine, "accelerated_loops", lambda xp, dtype, cell, device=None: NoMasks())
     assert isinstance(_engine._dispatch(np, np.float64, None)[0], NoMasks)
     assert _engine._dispatch(np, np.float64, None, masked=True) == (None, _engine.scan)

@@ -6,7 +6,14 @@ namespace, dtype and cell, and imports no accelerator itself. The accelerators a
 * on numpy, the buffered loops of :mod:`xlstm._cpu` (with numba installed): the cell's own
   step, its point functions compiled, bit-identical to the array path;
 * on CuPy, the fused CUDA kernels of :mod:`xlstm._cuda`, for the cells they have kernels for;
-* on JAX, :class:`ScanLoops`: the array path itself, with ``jax.lax.scan`` as its loop.
+* on torch tensors on a CUDA device, the same fused CUDA kernels through DLPack
+  (:class:`DLPackLoops`): every buffer is handed to CuPy as a view of the tensor's own
+  memory (no copy), and the kernels run on torch's current stream;
+* on JAX, :class:`ScanLoops`: the array path itself, with ``jax.lax.scan`` as its loop. JAX's
+  GPU arrays stay there: the fused loops write into preallocated stacks in place, which
+  immutable (and, under ``jax.jit``, traced) arrays cannot give them; reaching them from JAX
+  would take an XLA custom call, while ``lax.scan`` already compiles the whole loop into one
+  program.
 
 A loops object other than :class:`ScanLoops` has ``supports(cell)``, ``forward(cell, Gx, WaT,
 ba, bufs, t0, active=None)``, ``backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa,
@@ -28,10 +35,10 @@ import importlib.util
 import os
 from collections.abc import Iterator
 
-from ._compat import is_cupy, is_jax, is_numpy
+from ._compat import is_cupy, is_jax, is_numpy, is_torch
 
 __all__ = ["accel_enabled", "accelerators", "accelerated_loops", "cpu_loops_module",
-           "ScanLoops", "BACKENDS"]
+           "DLPackLoops", "ScanLoops", "BACKENDS"]
 
 #: Accelerator modules by backend; each has ``loops(dtype)``. Imported on first use only.
 BACKENDS = {"numpy": "xlstm._cpu", "cupy": "xlstm._cuda"}
@@ -133,15 +140,96 @@ class ScanLoops:
         return _jax_scan(step, static, reverse)(tuple(consts), tuple(carry), tuple(xs))
 
 
-def accelerated_loops(xp, dtype, cell=None):
-    """The compiled time loops for namespace ``xp``, ``dtype`` and ``cell``, or ``None``.
+class DLPackLoops:
+    """Buffered loops of one namespace (``inner``) run on another namespace's arrays.
+
+    Every array the engine hands over goes through ``to_inner`` (``cupy.from_dlpack``: a view
+    of the same memory, no copy), so the kernels write the engine's own stacks in place; the
+    arrays that ``backward`` returns come back through ``from_inner`` (``torch.from_dlpack``,
+    again no copy). ``scope()`` is entered around each call (torch: CuPy on torch's current
+    stream, so that the work of both libraries stays in one order). Tensors that require a
+    gradient are detached first (:func:`torch.Tensor.detach` shares the memory): the engine
+    writes its own gradients.
+    """
+
+    def __init__(self, inner, to_inner, from_inner, scope=contextlib.nullcontext):
+        self.inner = inner
+        self._to_inner = to_inner
+        self.from_inner = from_inner
+        self.scope = scope
+
+    @property
+    def label(self) -> str:
+        return f"{self.inner.label} (through DLPack)"
+
+    @property
+    def masks(self) -> bool:
+        return self.inner.masks
+
+    def supports(self, cell) -> bool:
+        return self.inner.supports(cell)
+
+    def to_inner(self, arr):
+        if arr is None:
+            return None
+        return self._to_inner(arr.detach() if getattr(arr, "requires_grad", False) else arr)
+
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
+        """:meth:`xlstm._cuda.Loops.forward` on views of the same buffers."""
+        c = self.to_inner
+        with self.scope():
+            self.inner.forward(cell, c(Gx), c(WaT), c(ba), {k: c(v) for k, v in bufs.items()},
+                               t0, c(active))
+
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
+        """:meth:`xlstm._cuda.Loops.backward` on views of the same buffers; the gradients on
+        the initial state come back as the engine's arrays."""
+        c = self.to_inner
+        with self.scope():
+            dGx_in = c(dGx)
+            out = self.inner.backward(
+                cell, c(da_t), tuple(c(v) for v in carry), {k: c(v) for k, v in saved.items()},
+                {k: c(v) for k, v in prev.items()}, c(WaT), dGx_in,
+                dGx_in if dGa is dGx else c(dGa), c(active))
+            return tuple(self.from_inner(v) for v in out)
+
+
+@functools.cache
+def _torch_cuda_loops(dtype_name):
+    """:class:`DLPackLoops` of the CuPy loops for torch tensors of ``dtype_name``, or ``None``
+    where CuPy does not import."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        return None
+    import torch
+
+    @contextlib.contextmanager
+    def torch_stream():
+        stream = torch.cuda.current_stream()
+        with cupy.cuda.Device(stream.device.index), \
+                cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+            yield
+
+    inner = importlib.import_module(BACKENDS["cupy"]).loops(dtype_name)
+    return DLPackLoops(inner, cupy.from_dlpack, torch.from_dlpack, torch_stream)
+
+
+def _is_cuda(device) -> bool:
+    return getattr(device, "type", None) == "cuda"
+
+
+def accelerated_loops(xp, dtype, cell=None, device=None):
+    """The compiled time loops for namespace ``xp``, ``dtype``, ``cell`` and the arrays'
+    ``device``, or ``None``.
 
     On numpy with numba installed, :mod:`xlstm._cpu` (bit-identical to the array path); on
     CuPy, the fused CUDA kernels of :mod:`xlstm._cuda` (the same arithmetic, from the
-    ``.cuh`` source that the tests also run on the CPU), for the cells they cover. Only for
-    float32 and float64. On JAX (any floating dtype), :class:`ScanLoops`. ``cell=None``
-    asks for the backend's loops whatever the cell. ``XLSTM_ACCEL=0`` or
-    :func:`accelerators` turns them all off.
+    ``.cuh`` source that the tests also run on the CPU), for the cells they cover; on torch
+    tensors whose ``device`` is a CUDA device, the same kernels through DLPack
+    (:class:`DLPackLoops`) where CuPy is installed. Only for float32 and float64. On JAX
+    (any floating dtype), :class:`ScanLoops`. ``cell=None`` asks for the backend's loops
+    whatever the cell. ``XLSTM_ACCEL=0`` or :func:`accelerators` turns them all off.
     """
     if not accel_enabled():
         return None
@@ -155,6 +243,8 @@ def accelerated_loops(xp, dtype, cell=None):
         loops = None if cpu is None else cpu.loops(dtype)
     elif is_cupy(xp):
         loops = importlib.import_module(BACKENDS["cupy"]).loops(dtype)
+    elif is_torch(xp) and _is_cuda(device):
+        loops = _torch_cuda_loops("float32" if dtype == xp.float32 else "float64")
     if loops is None or (cell is not None and not loops.supports(cell)):
         return None
     return loops

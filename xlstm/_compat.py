@@ -357,7 +357,13 @@ def to_host(x):
 
 
 #: Every backend the project knows, in the order they are tried and reported.
-BACKENDS = ("numpy", "strict", "strict-device1", "torch", "jax", "cupy")
+#: ``torch-cuda`` and ``jax-gpu`` are torch's and JAX's arrays on the first GPU.
+BACKENDS = ("numpy", "strict", "strict-device1", "torch", "jax", "cupy", "torch-cuda", "jax-gpu")
+
+#: The module that each backend's arrays come from.
+BACKEND_MODULES = {"numpy": "numpy", "strict": "array_api_strict",
+                   "strict-device1": "array_api_strict", "torch": "torch", "jax": "jax",
+                   "cupy": "cupy", "torch-cuda": "torch", "jax-gpu": "jax"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -369,11 +375,14 @@ def load_backend(name):
 
     ``strict-device1`` is array-api-strict on its second device, which exposes any allocation
     that forgets ``device=``. JAX is switched to 64-bit mode so that float64 stays float64.
+    ``cupy``, ``torch-cuda`` and ``jax-gpu`` load only where a CUDA device answers a small
+    computation; their device is the first GPU.
 
     Raises
     ------
     BackendUnavailable
-        If the package is not installed or (CuPy) no CUDA device answers.
+        If the package is not installed or (``cupy``, ``torch-cuda``, ``jax-gpu``) no CUDA
+        device answers.
     """
     import importlib
 
@@ -392,11 +401,29 @@ def load_backend(name):
     if name == "torch":
         torch = need("torch")
         return _aac.array_namespace(torch.empty(0)), torch.device("cpu")
-    if name == "jax":
+    if name == "torch-cuda":
+        torch = need("torch")
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise BackendUnavailable(f"torch ({build}) sees no CUDA device")
+        try:
+            dev = torch.device("cuda", 0)
+            torch.ones(1, device=dev).sum().item()
+        except Exception as exc:  # noqa: BLE001 - any CUDA runtime error means "no GPU here"
+            raise BackendUnavailable(f"torch sees a CUDA device but cannot use it: {exc}") from None
+        return _aac.array_namespace(torch.empty(0)), dev
+    if name in ("jax", "jax-gpu"):
         jax = need("jax")
         jax.config.update("jax_enable_x64", True)
         jnp = need("jax.numpy")
-        return _aac.array_namespace(jnp.empty(0)), jax.devices("cpu")[0]
+        if name == "jax":
+            return _aac.array_namespace(jnp.empty(0)), jax.devices("cpu")[0]
+        try:
+            dev = jax.devices("gpu")[0]
+            jax.device_put(jnp.ones(1), dev).sum().block_until_ready()
+        except Exception as exc:  # noqa: BLE001 - no GPU platform, or one that fails
+            raise BackendUnavailable(f"jax has no usable GPU: {exc}") from None
+        return _aac.array_namespace(jnp.empty(0)), dev
     if name == "cupy":
         cp = need("cupy")
         try:

@@ -64,13 +64,14 @@ def scan(step, static, consts, carry, xs, *, reverse=False):
     return carry, tuple(xp.stack(v) for v in zip(*ys))
 
 
-def _dispatch(xp, dtype, cell, masked=False):
-    """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop.
+def _dispatch(xp, dtype, cell, masked=False, device=None):
+    """``(loops, scan)``: the buffered loops (or ``None``) and the array path's loop, for
+    arrays on ``device``.
 
     ``masked``: the run has padded steps, which the buffered loops must support
     (``loops.masks``); otherwise the array path runs.
     """
-    loops = accelerated_loops(xp, dtype, cell)
+    loops = accelerated_loops(xp, dtype, cell, device=device)
     if isinstance(loops, ScanLoops):
         return None, loops.scan
     if masked and not getattr(loops, "masks", False):
@@ -207,7 +208,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
         # the backward pass computes.
         X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
 
-    loops, run = _dispatch(xp, dtype, cell, active is not None)
+    loops, run = _dispatch(xp, dtype, cell, active is not None, dev)
     chunk = max(1, min(T, CHUNK_ROWS // m))
     first = cell.state_names[0]
     if keep or collect is None:
@@ -305,7 +306,7 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
                   for k, g in zip(cell.state_names, given))
     if active is not None:
         active = active[:T, ...]
-    loops, run = _dispatch(xp, dtype, cell, active is not None)
+    loops, run = _dispatch(xp, dtype, cell, active is not None, dev)
     width = cell.n_gates * n_a
     if loops is not None:
         dGx = xp.empty((T, m, width), dtype=dtype, device=dev)
