@@ -260,3 +260,118 @@ def test_bad_state_dicts_and_arguments():
         from_torch_lstm_weights(sd, Wy=torch.zeros(2, N_A), by=torch.zeros(3))
     with pytest.raises(TypeError, match="state dict"):
         from_torch_lstm_weights([1, 2, 3], n_y=2)
+
+
+# ------------------------------------------------- model classes: configuration carried
+KINDS = ("LSTM", "GRU", "RNN")
+
+
+def _batch_first_input(seed=0, m=M, T=T):
+    return np.random.default_rng(seed).standard_normal((m, T, N_X))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_from_torch_carries_dropout_and_batch_first(kind, batch_first):
+    """``dropout`` and ``batch_first`` come over with the weights: the model reads the
+    module's layout, and runs what the module runs (eval mode: dropout off)."""
+    import xlstm
+
+    torch.manual_seed(12)
+    mod = getattr(torch.nn, kind)(N_X, N_A, num_layers=2, dropout=0.3,
+                                  batch_first=batch_first, dtype=torch.float64)
+    model = getattr(xlstm, kind).from_torch(mod)
+    assert model.dropout == 0.3
+    assert model.layout == ("batch_first" if batch_first else "notebook")
+    xb = _batch_first_input(1)  # (m, T, n_x)
+    x = xb if batch_first else np.transpose(xb, (2, 0, 1))
+    y, _, _ = model.forward(x, return_cache=False)
+    with torch.no_grad():
+        ty, _ = mod.eval()(torch.from_numpy(xb if batch_first else xb.transpose(1, 0, 2)))
+    want = ty.numpy() if batch_first else np.transpose(ty.numpy(), (2, 1, 0))
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["notebook", "batch_first"])
+def test_to_torch_carries_dropout_and_layout(kind, layout):
+    import xlstm
+
+    model = getattr(xlstm, kind)(N_X, N_A, num_layers=2, dropout=0.25, layout=layout,
+                                 dtype="float64", seed=3)
+    mod = model.to_torch()
+    assert mod.dropout == 0.25 and mod.num_layers == 2
+    assert mod.batch_first is (layout == "batch_first")
+    xb = _batch_first_input(2)
+    x = xb if layout == "batch_first" else np.transpose(xb, (2, 0, 1))
+    y, _, _ = model.forward(x, return_cache=False)
+    with torch.no_grad():
+        ty, _ = mod.eval()(torch.from_numpy(xb if mod.batch_first else xb.transpose(1, 0, 2)))
+    want = ty.numpy() if mod.batch_first else np.transpose(ty.numpy(), (2, 1, 0))
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-13)
+    # and back again: the same configuration and weights
+    back = type(model).from_torch(mod)
+    assert (back.dropout, back.layout, back.num_layers) == (0.25, layout, 2)
+    for a, b in zip(model.params, back.params):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_to_torch_of_one_layer_with_dropout_warns_as_torch_does():
+    """A single layer with dropout is legal here and in torch, where dropout acts between
+    layers only; torch's own warning says so."""
+    import xlstm
+
+    with pytest.warns(UserWarning, match="dropout"):
+        mod = xlstm.LSTM(N_X, N_A, dropout=0.5).to_torch()
+    assert mod.dropout == 0.5
+
+
+def test_from_torch_refuses_dropout_one():
+    import xlstm
+
+    mod = torch.nn.LSTM(N_X, N_A, num_layers=2, dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout=1\.0.*\[0, 1\)"):
+        xlstm.LSTM.from_torch(mod)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_torch_accepts_a_subclass(kind):
+    """A subclass of ``torch.nn.LSTM`` (a common way to add a method or a hook) is an
+    LSTM: its weights convert."""
+    import xlstm
+
+    sub = type("My" + kind, (getattr(torch.nn, kind),), {"extra": lambda self: 1})
+    torch.manual_seed(13)
+    mod = sub(N_X, N_A, num_layers=2, dtype=torch.float64)
+    model = getattr(xlstm, kind).from_torch(mod)
+    back = model.to_torch()
+    for (k, a), (k2, b) in zip(mod.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    if kind == "LSTM":
+        p = from_torch_lstm_weights(sub(N_X, N_A), n_y=2)
+        assert p["Wf"].shape == (N_A, N_A + N_X)
+
+
+def test_a_subclass_of_another_kind_is_still_refused():
+    import xlstm
+
+    sub = type("MyGRU", (torch.nn.GRU,), {})
+    with pytest.raises(TypeError, match=r"module must be a torch\.nn\.LSTM"):
+        xlstm.LSTM.from_torch(sub(N_X, N_A))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_torch_of_a_meta_module_says_so(kind):
+    """A module on torch's 'meta' device has shapes but no values: a ValueError that names
+    the device and says how to give it weights, not torch's NotImplementedError."""
+    import xlstm
+
+    mod = getattr(torch.nn, kind)(N_X, N_A, device="meta")
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        getattr(xlstm, kind).from_torch(mod)
+    if kind == "LSTM":
+        with pytest.raises(ValueError, match=r"weight_ih_l0 .*'meta' device"):
+            from_torch_lstm_weights(mod, n_y=2)
+        with pytest.raises(ValueError, match=r"'meta' device"):
+            from_torch_lstm_weights(mod.state_dict(), n_y=2)
