@@ -394,7 +394,7 @@ def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUE
             for seed in seeds:
                 loops = host_loops(libs, dtype, block=block, seed=seed, persistent=persistent,
                                    shared=shared)
-                _engine.accelerated_loops = lambda xp, dt, c=None, loops=loops: loops
+                _engine.accelerated_loops = lambda xp, dt, c=None, loops=loops, **kw: loops
                 got = api_results(cell, dtype, n_x, n_a, n_y, m, T)
                 calls, whole = loops.launch.calls, loops.persistent_launch.calls
                 case = (f"{cell} {dtype} (n_a, m, T)={n_a, m, T} block={block} seed={seed} "

@@ -780,6 +780,99 @@ def test_nvcc_compiles_kernels(tmp_path):
         assert obj.stat().st_size > 0
 
 
+_PTX_LINE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+(.*);")
+_PTX_REG = re.compile(r"%\w+")
+
+
+def ptx_nc_loads(ptx: str, entry: str, params: list[str]) -> list[frozenset[str]]:
+    """The parameters that the address of each ``ld.global.nc`` of kernel ``entry`` derives
+    from, in the PTX text ``ptx``; ``params`` names the kernel's parameters in order.
+
+    A small data-flow pass over the kernel's virtual registers: a register loaded from
+    parameter ``i`` derives from ``params[i]``, any other instruction's destination from
+    every register it reads (to a fixed point, for the loops), a loaded value from nothing.
+    """
+    start = ptx.index(f".entry {entry}(")
+    body = ptx[ptx.index("{", start): ptx.index("\n}", start)]
+    lines = [m.groups() for m in map(_PTX_LINE.match, body.splitlines()) if m]
+    assert not any(op.startswith("call") for op, _ in lines), f"{entry}: not inlined"
+    param = re.compile(rf"\[{re.escape(entry)}_param_(\d+)\]")
+    taint: dict[str, frozenset[str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for op, operands in lines:
+            if op.startswith(("st.", "bar.", "bra", "red.", "ret", "membar", "fence")):
+                continue
+            dst, _, rest = operands.partition(",")
+            if op.startswith("ld.param"):
+                got = frozenset([params[int(param.search(rest).group(1))]])
+            elif op.startswith(("ld.", "atom.")):
+                continue  # a loaded value is data, not an address
+            else:
+                got = frozenset().union(*(taint.get(r, frozenset())
+                                          for r in _PTX_REG.findall(rest)))
+            for reg in _PTX_REG.findall(dst):
+                if not got <= taint.get(reg, frozenset()):
+                    taint[reg] = taint.get(reg, frozenset()) | got
+                    changed = True
+    loads = []
+    for op, operands in lines:
+        if op.startswith("ld.global.nc"):
+            address = operands[operands.index("["):]
+            loads.append(frozenset().union(*(taint.get(r, frozenset())
+                                             for r in _PTX_REG.findall(address))))
+    return loads
+
+
+def _nvcc_ptx(tmp_path, cells, arch="sm_90"):
+    """Every cell's source compiled to PTX by nvcc (in parallel): cell -> PTX text."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    jobs = {}
+    for cell in cells:
+        src, out = tmp_path / f"xlstm_{cell}.cu", tmp_path / f"xlstm_{cell}.ptx"
+        src.write_text(_cuda.source(cell), encoding="utf-8")
+        cmd = [nvcc, "-ptx", f"-arch={arch}", "--fmad=false", "-o", str(out), str(src)]
+        jobs[cell] = (cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True))
+    ptx = {}
+    for cell, (cmd, out, proc) in jobs.items():
+        log, _ = proc.communicate()
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{log}"
+        ptx[cell] = out.read_text(encoding="utf-8")
+    return ptx
+
+
+def _param_names(params):
+    return [p.split()[-1].lstrip("*") for p in params]
+
+
+def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(tmp_path):
+    """PTX for sm_90 by nvcc: in no persistent kernel does an ``ld.global.nc`` (the
+    non-coherent path, which the PTX memory model allows only for memory that nothing writes
+    during the launch) read a stack that the launch writes: a state written at the step
+    before, the product's output, a gradient updated in place. Reads of the weights and of
+    :func:`~xlstm._cuda.kernels.launch_read_only` stacks may take it, and the per-step
+    kernels (one launch per step) still do."""
+    ptx = _nvcc_ptx(tmp_path, table.cells())
+    checked = 0
+    for (cell, _), k in table.TABLE.items():
+        allowed = table.launch_read_only(k) | {"w"}
+        for dtype_name, (_, ctype) in table.DTYPES.items():
+            name = k.persistent_name(dtype_name)
+            names = _param_names(table.persistent_params(k, ctype))
+            for sources in ptx_nc_loads(ptx[cell], name, names):
+                pointers = sources & {a.name for a in k.args} | sources & {"w", "in", "out"}
+                assert pointers and pointers <= allowed, (name, sorted(pointers))
+                checked += 1
+            step = ptx_nc_loads(ptx[cell], k.name(dtype_name),
+                                _param_names(table._params(k, ctype)))
+            assert step, f"{k.name(dtype_name)}: no ld.global.nc left"
+    assert checked  # the weights at least
+
+
 def _find_nvrtc():
     """A loadable libnvrtc, from the system, CUDA_HOME / CUDA_PATH or the nvidia wheels."""
     candidates = []

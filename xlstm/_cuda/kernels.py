@@ -57,7 +57,7 @@ from pathlib import Path
 
 __all__ = ["DTYPES", "GUARD", "HEADERS", "PERSISTENT", "TABLE", "Arg", "Kernel", "cells",
            "check_args", "check_persistent_args", "gates", "host_source", "kernel",
-           "kernel_name", "masked", "persistent_params", "source", "write"]
+           "kernel_name", "launch_read_only", "masked", "persistent_params", "source", "write"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -284,7 +284,8 @@ def kernel_name(cell: str, step: str, dtype_name: str) -> str:
 
 # ---------------------------------------------------------------------- generated C++
 def _params(k, ctype, restrict=True):
-    """The kernel's parameter list: sizes, then arrays (const, __restrict__ unless aliased)."""
+    """The kernel's parameter list: sizes, then arrays (const, ``__restrict__`` unless
+    aliased; with ``restrict`` false, none at all)."""
     aliased = k.aliased() if restrict else frozenset(a.name for a in k.args)
     out = ["xlstm::index_t m", "xlstm::index_t n"]
     for a in k.args:
@@ -296,9 +297,16 @@ def _params(k, ctype, restrict=True):
 
 def _point(k, dtype_name):
     """The kernel's work on one element ``e``: a ``__device__`` function that both of its
-    drivers call, the per-step kernel and the persistent one."""
+    drivers call, the per-step kernel and the persistent one.
+
+    Its pointers carry no ``__restrict__``: each driver's own parameters say what it may
+    assume. A ``const __restrict__`` pointer lets NVCC read through the non-coherent path
+    (``ld.global.nc``), which the PTX memory model allows only for memory that nothing writes
+    during the whole launch: true of every input of a per-step kernel, not of a state that
+    a persistent kernel wrote at the step before (:func:`launch_read_only`).
+    """
     ctype = DTYPES[dtype_name][1]
-    params = ",\n    ".join(["xlstm::index_t e", *_params(k, ctype)[1:]])
+    params = ",\n    ".join(["xlstm::index_t e", *_params(k, ctype, restrict=False)[1:]])
     call = f"xlstm::{k.elem}<{ctype}>({', '.join(['e', 'n', *(a.name for a in k.elem_args())])});"
     body = _masked_body(k, ctype, call) if k.masked else [call]
     return (f"__device__ inline void {k.point_name(dtype_name)}(\n    {params}) {{\n"
@@ -336,20 +344,45 @@ _PERSISTENT_LOCALS = frozenset(
      "m", "n", "steps", "units", "tile", "barrier", "w", "in", "in_len", "in_base", "out"])
 
 
+def _buffer(src):
+    """The engine's buffer behind source ``src``: a state's stack for ``C[t]`` and
+    ``C[t+1]`` alike."""
+    return src.removesuffix("[t+1]").removesuffix("[t]")
+
+
+def launch_read_only(k: Kernel) -> frozenset[str]:
+    """The arguments of row ``k`` whose memory nothing writes during a whole persistent
+    launch, so that its kernel may read them through ``const __restrict__`` pointers (and
+    NVCC through the non-coherent path, ``ld.global.nc``).
+
+    Not among them: every argument on a buffer that the row writes (a state read at step
+    ``t`` is the stack that step ``t - 1`` wrote, ``C[t]`` and ``C[t+1]``), and the product's
+    output (``ga`` forward, ``da_rec`` backward), which the kernel writes at every step.
+    """
+    written = {_buffer(a.src) for a in k.args if a.out}
+    written.add("ga" if k.step == "fwd" else "da_rec")
+    return frozenset(a.name for a in k.args if not a.out and _buffer(a.src) not in written)
+
+
 def persistent_params(k: Kernel, ctype: str = "float") -> list[str]:
     """The parameters of row ``k``'s persistent kernel, in order: the sizes ``m``, ``n``,
     ``steps``, ``units`` (per block) and ``tile`` (rows per staged tile), the grid barrier's
     counter, the recurrent weights ``w`` (``WaT``, ``(n, k n)``), the product's input stack
     ``in`` (the state ``A`` forward, ``dGa`` backward) and its output ``out`` (``ga``
     forward, ``da_rec`` backward), then each argument of the row as a whole stack with its
-    length and base: step ``s`` reads slice ``(base + s) % len``."""
+    length and base: step ``s`` reads slice ``(base + s) % len``.
+
+    ``__restrict__`` only on ``w`` and the arguments of :func:`launch_read_only`: nothing
+    that the launch writes is read through the non-coherent path."""
+    read_only = launch_read_only(k)
     out = [f"xlstm::index_t {v}" for v in ("m", "n", "steps", "units", "tile")]
     out += ["unsigned long long* barrier", f"const {ctype}* __restrict__ w",
             f"const {ctype}* in", "xlstm::index_t in_len", "xlstm::index_t in_base",
             f"{ctype}* out"]
     for a in k.args:
         const = "" if a.out else "const "
-        out += [f"{const}{'bool' if a.mask else ctype}* {a.name}",
+        restrict = " __restrict__" if a.name in read_only else ""
+        out += [f"{const}{'bool' if a.mask else ctype}*{restrict} {a.name}",
                 f"xlstm::index_t {a.name}_len", f"xlstm::index_t {a.name}_base"]
     return out
 
