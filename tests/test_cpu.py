@@ -353,3 +353,201 @@ def test_point_loops_compile_the_point_functions_they_call():
     assert _cpu._helpers(lstm.backward_step_from_saved) == [
         lstm.backward_coefficients, lstm.backward_step]
     assert _cpu._helpers(lstm.backward_step) == []
+
+
+# ------------------------------------------------------- a broken cache never breaks a call
+def _fresh_loops(monkeypatch):
+    """New loops objects and a process that has seen no failure, for the rest of a test."""
+    import functools
+
+    monkeypatch.setattr(_cpu, "_loops", functools.cache(_cpu.Loops))
+    monkeypatch.setattr(_cpu, "_FAILURES", [])
+    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
+    monkeypatch.setattr(_cpu, "_DISABLED", False)
+
+
+def _alarm(seconds):
+    """A context in which a call that hangs raises TimeoutError after ``seconds``."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def ctx():
+        def fire(*_):
+            raise TimeoutError(f"hung for {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return ctx()
+
+
+def test_a_generated_module_runs_only_as_its_name_says(tmp_path, monkeypatch):
+    """A generated module is named by the hash of its text; what is found under that name
+    runs only if it is that text: an edited, emptied, garbled or undecodable file, or a
+    FIFO in its place, is written anew (without hanging), and the right code runs."""
+    monkeypatch.setenv("XLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
+    src = "def f(x):\n    return x + 1\n"
+
+    def load():
+        for name in [k for k in sys.modules if k.startswith("xlstm_probe_")]:
+            monkeypatch.delitem(sys.modules, name)
+        with _alarm(60):
+            return _cpu._compiled_module("probe", src, "f", {})
+
+    assert load()(1) == 2
+    (path,) = tmp_path.glob("xlstm_probe_*.py")
+    good = path.read_bytes()
+    assert path.stem == "xlstm_probe_" + _cpu._digest(good.decode())
+    for bad in (b"", b"def f(x):\n    return x + 2\n", b"def f(x:\n", b"\xff\xfe\x00junk",
+                good[:-3]):
+        path.write_bytes(bad)
+        assert load()(1) == 2, bad
+        assert path.read_bytes() == good, bad
+    path.unlink()
+    os.mkfifo(path)
+    assert load()(1) == 2
+    assert path.read_bytes() == good
+
+
+def _flaky_whole_loops(monkeypatch, exc, times):
+    """Make the first ``times`` calls of compiled whole loops raise ``exc``, as numba does
+    when it cannot load, compile or write a loop's cache at its first call; returns the
+    list of the calls that did run."""
+    real, ran, failed = _cpu._whole_loop, [], []
+
+    def flaky(source, twins):
+        fn = real(source, twins)
+
+        def call(*args):
+            if len(failed) < times:
+                failed.append(exc)
+                raise exc
+            ran.append(source)
+            return fn(*args)
+
+        return call
+
+    monkeypatch.setattr(_cpu, "_whole_loop", flaky)
+    return ran
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(28, "No space left on device"),  # numba's cache writer on a full disk
+    AttributeError("module 'xlstm_whole_loop_0' has no attribute 'loop'"),
+    SyntaxError("invalid syntax"),
+    __import__("pickle").UnpicklingError("invalid load key, 'g'."),  # a corrupt index
+], ids=["ENOSPC", "AttributeError", "SyntaxError", "UnpicklingError"])
+def test_a_failing_compiled_loop_falls_back_with_one_warning(monkeypatch, exc):
+    """Whatever fails in the compiled route at a loop's first call, the call gives the
+    array path's results with one warning, and the next call runs compiled again."""
+    _fresh_loops(monkeypatch)
+    ran = _flaky_whole_loops(monkeypatch, exc, times=1)
+    x, a0, _, p = random_case(0, 3, 4, 3, 2, 5)
+    c0, da = np.zeros((4, 2)), np.ones((4, 2, 5))
+    want = _run(monkeypatch, "0", x, a0, p, c0, da)
+    with pytest.warns(RuntimeWarning, match="compiled CPU loops failed") as rec:
+        got = _run(monkeypatch, "1", x, a0, p, c0, da)
+    assert len(rec) == 1, [str(r.message) for r in rec]
+    assert type(exc).__name__ in str(rec[0].message)
+    _assert_identical(got, want)
+    assert _cpu._IN_MEMORY and not _cpu._DISABLED
+    ran.clear()
+    _assert_identical(_run(monkeypatch, "1", x, a0, p, c0, da), want)  # no warning
+    assert ran  # the compiled whole loops ran
+
+
+def test_loops_that_fail_twice_stay_off(monkeypatch):
+    """A second failure in a process turns the compiled loops off for the rest of it (one
+    more warning that says so); the array path then runs, with no warning."""
+    _fresh_loops(monkeypatch)
+    _flaky_whole_loops(monkeypatch, OSError(28, "No space left on device"), times=10**9)
+    x, a0, _, p = random_case(1, 3, 4, 3, 2, 5)
+    c0, da = np.zeros((4, 2)), np.ones((4, 2, 5))
+    want = _run(monkeypatch, "0", x, a0, p, c0, da)
+    with pytest.warns(RuntimeWarning, match="compiles them again") as first:
+        monkeypatch.setenv("XLSTM_ACCEL", "1")
+        xlstm.lstm_forward(x, a0, p, c0)
+    with pytest.warns(RuntimeWarning, match="off for the rest of this process") as second:
+        xlstm.lstm_forward(x, a0, p, c0)
+    assert len(first) == len(second) == 1
+    assert _cpu.loops(np.float64) is None
+    assert _engine.accelerated_loops(NP, NP.float64) is None
+    _assert_identical(_run(monkeypatch, "1", x, a0, p, c0, da), want)  # no warning
+
+
+_FAULT_SCRIPT = """
+import json, sys, warnings
+import numpy as np, xlstm
+if sys.argv[1] == "full":  # numba's cache writer on a full disk
+    import errno
+    from numba.core import caching
+    def full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    caching.IndexDataCacheFile._save_data = full
+model = xlstm.LSTM(3, 4, dtype="float32", seed=0)
+x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+def run():
+    y, state, cache = model.forward(x)
+    return [y, *state, *model.backward(np.ones_like(y), cache)[:2]]
+with xlstm.accelerators(False):
+    want = run()
+calls = []
+for _ in range(2):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = run()
+    calls.append({"warnings": [str(w.message) for w in rec],
+                  "same": all(np.array_equal(a, b) for a, b in zip(got, want))})
+print(json.dumps(calls))
+"""
+
+
+def _run_faulty(cache, mode="plain"):
+    import json
+
+    env = {**os.environ, "XLSTM_CACHE_DIR": str(cache), "XLSTM_ACCEL": "1"}
+    res = subprocess.run([sys.executable, "-c", _FAULT_SCRIPT, mode], env=env,
+                         capture_output=True, text=True, check=False, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_a_broken_cache_on_disk_heals_itself(tmp_path):
+    """numba's index and data files garbled, generated modules emptied, edited and
+    garbled: the next process gives the array path's results with one warning (the index)
+    and removes what is broken; the process after it runs with no warning and writes the
+    cache anew, its modules back to what their names say."""
+    cache = tmp_path / "cache"
+    assert all(c["same"] and not c["warnings"] for c in _run_faulty(cache))
+    modules = {p: p.read_bytes() for p in cache.glob("xlstm_*.py")}
+    indexes = sorted((cache / "__pycache__").glob("xlstm_*.nbi"))
+    assert len(modules) >= 4 and len(indexes) == len(modules)
+    for p in indexes:
+        p.write_bytes(b"garbage")
+    for p in (cache / "__pycache__").glob("xlstm_*.nbc"):
+        p.write_bytes(b"\x80\x04garbage")
+    for p, text in zip(sorted(modules), [b"", b"def loop(:\n", b"kernel = None\n"]):
+        p.write_bytes(text)
+    first, second = _run_faulty(cache)
+    assert first["same"] and len(first["warnings"]) == 1, first
+    assert "broken cache file" in first["warnings"][0]
+    assert second == {"warnings": [], "same": True}
+    assert all(c["same"] and not c["warnings"] for c in _run_faulty(cache))
+    assert {p: p.read_bytes() for p in cache.glob("xlstm_*.py")} == modules
+    assert len(list((cache / "__pycache__").glob("xlstm_*.nbi"))) == len(indexes)
+
+
+def test_a_full_disk_falls_back_with_one_warning(tmp_path):
+    """numba cannot write its cache (errno 28): one warning, the array path's results,
+    and the next call of the process runs compiled in memory with no warning."""
+    first, second = _run_faulty(tmp_path / "cache", "full")
+    assert first["same"] and len(first["warnings"]) == 1, first
+    assert "No space left on device" in first["warnings"][0]
+    assert second == {"warnings": [], "same": True}

@@ -14,7 +14,8 @@ for bit they must make numpy's own calls, not equivalents:
 
 The routines' addresses are found once per process (:func:`blas`, :func:`ufunc_loop`,
 each checked bit for bit against numpy on first use; ``None`` where a symbol is missing, the
-numpy build differs or a result differs, and the loops then stay in Python) and travel as
+numpy build differs or a result differs, and the loops then stay in Python; a failure to
+compile them propagates to the loops' guard) and travel as
 plain integer arguments, called through :func:`ccall`: no compiled function holds a
 process's address, so numba can cache them all on disk. Nothing here is imported unless
 numba is.
@@ -22,9 +23,13 @@ numba is.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import glob
 import importlib
+import os
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -32,8 +37,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["OPTIONS", "blas", "cached_jit", "ccall", "copyto", "matmul", "matmul_t", "matmul_supported", "ufunc1",
-           "ufunc2", "ufunc2_scalar", "ufunc_loop", "ufunc_supported"]
+__all__ = ["OPTIONS", "blas", "cached_jit", "cache_off_unproven", "ccall", "copyto",
+           "drop_broken_entries", "matmul", "matmul_t", "matmul_supported", "register_cache",
+           "ufunc1", "ufunc2", "ufunc2_scalar", "ufunc_loop", "ufunc_supported"]
 
 #: numba's options for every compiled loop of the package.
 OPTIONS = {"nogil": True, "error_model": "numpy"}
@@ -48,9 +54,93 @@ def cached_jit(fn):
     """``fn`` compiled by numba, its machine code cached on disk where numba finds a place
     for it (in memory otherwise)."""
     try:
-        return njit(cache=True, **OPTIONS)(fn)
+        compiled = njit(cache=True, **OPTIONS)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return njit(**OPTIONS)(fn)
+    register_cache(compiled)
+    return compiled
+
+
+#: Every compiled function of the package whose machine code numba caches on disk.
+_CACHED: list = []
+_CACHED_LOCK = threading.Lock()
+
+
+def register_cache(dispatcher) -> None:
+    """Note that numba caches ``dispatcher``'s machine code on disk, for
+    :func:`cache_off_unproven` to find."""
+    with _CACHED_LOCK:
+        if not any(d is dispatcher for d in _CACHED):
+            _CACHED.append(dispatcher)
+
+
+def cache_off_unproven() -> list[str]:
+    """Stop every registered function that has not been compiled or loaded in this process
+    from reading or writing numba's disk cache (it compiles in memory from now on), and
+    return the paths of their cache indexes.
+
+    Called when the compiled loops fail (a corrupt index, a full disk): what runs already
+    keeps running; the rest compiles in memory for the rest of the process, and the next
+    process writes the cache anew.
+    """
+    from numba.core.caching import NullCache
+
+    indexes = []
+    with _CACHED_LOCK:
+        for d in _CACHED:
+            if d.overloads:
+                continue
+            index = getattr(getattr(getattr(d, "_cache", None), "_cache_file", None),
+                            "_index_path", None)
+            if isinstance(index, str):
+                indexes.append(index)
+            d._cache = NullCache()  # what a function compiled without cache=True has
+    return indexes
+
+
+def drop_broken_entries(indexes) -> list[str]:
+    """Remove each numba cache entry among the index files ``indexes`` that does not load,
+    with its data files, and return the paths removed.
+
+    An entry loads when its index unpickles as numba writes it (its version, then the
+    source stamp and the table of overloads) and so does every data file it names; an
+    index of another numba version is left alone, as numba ignores it. What is removed is
+    compiled and written again by the next process that needs it.
+    """
+    removed = []
+    for index in indexes:
+        if not index.endswith(".nbi") or _entry_loads(index):
+            continue
+        for path in [index, *glob.glob(glob.escape(index[:-4]) + ".*.nbc")]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _entry_loads(index) -> bool:
+    """Whether the numba cache entry with the index file ``index`` loads (see
+    :func:`drop_broken_entries`); a missing index counts as loading (nothing to remove)."""
+    import pickle
+
+    import numba
+
+    folder = os.path.dirname(index)
+    try:
+        with open(index, "rb") as f:
+            version = pickle.load(f)
+            rest = f.read()
+        if version != numba.__version__:
+            return True
+        _, overloads = pickle.loads(rest)
+        for name in overloads.values():
+            with open(os.path.join(folder, name), "rb") as f:
+                pickle.loads(f.read())
+    except FileNotFoundError:
+        return not os.path.exists(index)  # a data file that is gone breaks the entry
+    except Exception:  # noqa: BLE001 - whatever numba's own load would raise
+        return False
+    return True
 
 
 @intrinsic
@@ -233,17 +323,16 @@ def blas(dtype):
     a, b, v = r(7, 9), r(9, 11), r(1, 9)
     cases = [(a, b), (r(9, 7).T, b), (a, r(11, 9).T), (v, b), (v, r(11, 9).T), (a, r(9, 1)),
              (r(9, 7).T, r(1, 9).T)]
-    try:
-        for x, y in cases:
-            for out in (np.empty((x.shape[0], y.shape[1]), dtype),
-                        np.empty((y.shape[1], x.shape[0]), dtype).T):
-                if not matmul_supported(x, y, out):
-                    return None
-                matmul(*found, x, y, out)
-                if not _same_bits(out, np.matmul(x, y, out=np.empty_like(out))):
-                    return None
-    except Exception:  # noqa: BLE001 - any failure leaves the Python loops in charge
-        return None
+    # A failure to compile or load matmul propagates: the loops' guard falls back, heals
+    # numba's cache and tries again on the next call (xlstm._cpu.Loops._guarded).
+    for x, y in cases:
+        for out in (np.empty((x.shape[0], y.shape[1]), dtype),
+                    np.empty((y.shape[1], x.shape[0]), dtype).T):
+            if not matmul_supported(x, y, out):
+                return None
+            matmul(*found, x, y, out)
+            if not _same_bits(out, np.matmul(x, y, out=np.empty_like(out))):
+                return None
     return found
 
 
@@ -372,13 +461,11 @@ def ufunc_loop(uf, dtype, scalar=False):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, 37)) * 4).astype(dtype)
     y = dtype.type(0.25) if scalar else (rng.standard_normal((1, 37)) * 4).astype(dtype)
-    try:
-        # (log1p of numbers below -1 is NaN, on both sides: no warning)
-        with np.errstate(all="ignore"):
-            same = all(_probe(call, found, uf, view, y) for view in
-                       (x, np.concatenate([x, x], axis=1)[:, 3:40]))
-    except Exception:  # noqa: BLE001
-        return None
+    # (log1p of numbers below -1 is NaN, on both sides: no warning); a failure to compile
+    # or load the call propagates, as in blas
+    with np.errstate(all="ignore"):
+        same = all(_probe(call, found, uf, view, y) for view in
+                   (x, np.concatenate([x, x], axis=1)[:, 3:40]))
     return (call, found) if same else None
 
 
