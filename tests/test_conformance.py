@@ -107,6 +107,12 @@ def _case(spec, seed=0, config=(1, False, False)):
     }
 
 
+def to_xp_params(case, xp, device, dtype="float64"):
+    """The case's parameters on ``xp``."""
+    return [{k: to_xp(v, xp, device, getattr(xp, dtype)) for k, v in layer.items()}
+            for layer in case["params"]]
+
+
 def _run(model, case, xp, device, dtype="float64"):
     """forward then backward on ``xp``; everything back on the host."""
     cast = functools.partial(to_xp, xp=xp, device=device, dtype=getattr(xp, dtype))
@@ -267,6 +273,48 @@ def test_torch_round_trip_and_torch_init(spec):
     y, _, _ = model.forward(x, return_cache=False)
     ty, _ = model.to_torch()(torch.tensor(x.transpose(2, 1, 0)))
     np.testing.assert_allclose(y, ty.detach().numpy().transpose(2, 1, 0), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------ padding
+@SPEC
+@pytest.mark.parametrize("accel, layout", [(False, "notebook"), (False, "batch_first"),
+                                           (True, "batch_first")],
+                         ids=["array-path", "array-path-batch_first", "accelerated"])
+def test_padding_is_never_read(spec, accel, layout, xp, device):
+    """Whatever ``x`` and ``dy`` hold past each length (NaN, inf), the outputs, the final
+    state, ``dx``, ``dstate0`` and every parameter gradient are exactly those of zero
+    padding, for stacked bidirectional models, with and without a cache (torch's
+    PackedSequence never reads the padding). The layouts meet the paths only at the
+    model's edge: both on one path suffice."""
+    if accel:
+        _need_accelerated_path(spec)
+    config = (2, True, True)
+    model = _model(spec, xp=xp, device=device, config=config, layout=layout)
+    case = _case(spec, seed=10, config=config)
+    lengths = np.array([3, 1])
+    pad = np.arange(T)[None, :] >= lengths[:, None]  # (m, T)
+    junk = np.resize([np.nan, np.inf, -np.inf], (N_X + model.D * N_A) * M * T)
+    junk = junk.reshape(N_X + model.D * N_A, M, T)
+    zero = {**case, "lengths": lengths,
+            "x": np.where(pad, 0.0, case["x"]), "dy": np.where(pad, 0.0, case["dy"])}
+    dirty = {**zero, "x": np.where(pad, junk[:N_X], case["x"]),
+             "dy": np.where(pad, junk[N_X:], case["dy"])}
+    if layout == "batch_first":
+        for c in (zero, dirty):
+            c["x"], c["dy"] = c["x"].transpose(1, 2, 0), c["dy"].transpose(1, 2, 0)
+    def lean(c):  # inference: no cache
+        y, final, _ = model.forward(
+            to_xp(c["x"], xp, device), tuple(to_xp(s, xp, device) for s in c["state"]),
+            params=to_xp_params(c, xp, device), lengths=to_xp(lengths, xp, device, xp.int64),
+            return_cache=False)
+        return {"y (no cache)": y, **{f"state{i} (no cache)": s for i, s in enumerate(final)}}
+
+    with xlstm.accelerators(accel):
+        want = {**_run(model, zero, xp, device), **lean(zero)}
+        got = {**_run(model, dirty, xp, device), **lean(dirty)}
+    for k in want:
+        assert_close(got[k], want[k], xp=xp, device=device, dtype=xp.float64, rtol=0, atol=0,
+                     err=k)
 
 
 # ------------------------------------------------------------------- references and memory

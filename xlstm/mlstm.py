@@ -305,7 +305,8 @@ def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
     """One mLSTM layer over ``X (m, T, n_in)`` from ``state`` ``(C, n, m)`` (the forms'
     layout), in ``form`` (not ``"auto"``). ``active (m, 1, T)`` marks the steps within
     each sequence's length, or is ``None``. Returns ``y (m, T, n_h)``, the final state and
-    what :func:`layer_backward` needs (``None`` unless ``keep``)."""
+    what :func:`layer_backward` needs (``None`` unless ``keep``). ``X`` must be zero past
+    each sequence's end (the model zeroes it once for every layer): padding is never read."""
     from ._compat import copy
 
     m, T, n_in = X.shape
@@ -360,12 +361,11 @@ def _c_order(obj):
 def layer_backward(xp, dY, kept, dC, dn, *, H, d_qk, d_v):
     """The backward pass of :func:`layer_forward`: ``dY (m, T, n_h)`` and the gradients on
     the final ``C`` and ``n`` (or ``None``) to ``dX (m, T, n_in)``, the gradients on the
-    initial ``C`` and ``n``, and the parameters' (keyed like them)."""
+    initial ``C`` and ``n``, and the parameters' (keyed like them). ``dY`` must be zero past
+    each sequence's end (the model zeroes it once for every layer)."""
     Xf, p = kept.X, kept.params
     m, T, n_h = dY.shape
     n_in = Xf.shape[1]
-    if kept.active is not None:  # past each sequence's end the output is zero
-        dY = xp.where(xp.permute_dims(kept.active, (0, 2, 1)), dY, xp.zeros_like(dY))
     o, ht = kept.o, kept.ht
     dzo = xp.reshape(dY * ht * o * (1.0 - o), (m * T, n_h))
     grads = {"Wo": xp.matrix_transpose(dzo) @ Xf, "bo": xp.reshape(xp.sum(dzo, axis=0), (n_h, 1))}

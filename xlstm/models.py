@@ -21,7 +21,9 @@ the same masks on every backend.
 ``lengths`` gives torch's PackedSequence semantics: past each sequence's length its state
 is frozen and its output is zero, its final state is the one at its own length, and its
 reverse direction starts at its own end (the time axis reversed within each length, by a
-gather).
+gather). Padding is never read: the input past each length, and the gradient on the output
+there, are replaced by zeros once, at the model's edge, so that no layer, cell or form
+sees them.
 """
 
 from __future__ import annotations
@@ -249,8 +251,11 @@ class _Model:
             Each sequence's length, in ``[1, T]``, in the namespace and on the device of
             ``x``; unsorted is fine. Torch's PackedSequence semantics: past its length a
             sequence's state is frozen and its output is zero, its final state is the one
-            at its length, and its reverse direction starts at its own end. Their range
-            is checked where the values can be read (not under ``jax.jit``).
+            at its length, and its reverse direction starts at its own end. Padding is
+            never read: whatever ``x`` holds past a length (NaN, inf), every result
+            equals that of zero padding, and so does every gradient whatever ``dy`` holds
+            there. Their range is checked where the values can be read (not under
+            ``jax.jit``).
         params : list of dicts, optional
             Parameters to run with instead of ``model.params`` (same structure): the pure
             form for optimizers and ``jax.jit``.
@@ -316,6 +321,9 @@ class _Model:
         cell, D = self.cell, self.D
         masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
         inside = None if active is None else xp.permute_dims(active, (2, 1, 0))  # (1, m, T)
+        # Padding is never read: whatever x holds past a length (NaN, inf), every layer sees
+        # zeros there, so that its products (X^T dG, the mLSTM's q k^T) stay finite.
+        x = _zero_outside(x, inside, xp)
         kept, finals = [], []
         inp = x
         for layer in range(self.num_layers):
@@ -327,8 +335,7 @@ class _Model:
                 y_d, fin, st = self._layer_forward(
                     i, _reverse(inp, order, xp) if d else inp, state0, params[i], xp=xp,
                     keep=keep, active=active, opts=opts)
-                if inside is not None:  # zero past each sequence's end
-                    y_d = xp.where(inside, y_d, xp.zeros_like(y_d))
+                y_d = _zero_outside(y_d, inside, xp)  # zero past each sequence's end
                 outs.append(_reverse(y_d, order, xp) if d else y_d)
                 finals.append(fin)
                 kept.append(st)
@@ -463,6 +470,10 @@ class _Model:
         grads = [None] * (self.num_layers * D)
         d0 = [None] * (self.num_layers * D)
         active, order = (None, None) if cache.pad is None else cache.pad
+        # the output is zero past each length, whatever dy holds there (torch's packed
+        # output has no such positions): no layer reads it
+        dy = _zero_outside(dy, None if active is None else xp.permute_dims(active, (2, 1, 0)),
+                           xp)
         d_out = dy
         for layer in range(self.num_layers - 1, -1, -1):
             if layer < self.num_layers - 1 and cache.masks[layer] is not None:
@@ -594,6 +605,15 @@ class _Model:
     def __repr__(self):
         return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
+
+
+def _zero_outside(a, inside, xp):
+    """``a (n, m, T)`` with zeros where ``inside (1, m, T)`` is false (past each sequence's
+    length); ``a`` itself when ``inside`` is ``None`` (no padding). A new array: the
+    caller's is not written."""
+    if inside is None:
+        return a
+    return xp.where(inside, a, xp.zeros((), dtype=a.dtype, device=device_of(a)))
 
 
 def _reverse(a, order, xp):
