@@ -215,17 +215,21 @@ EMULATED_SMS = 3
 PERSISTENT_BLOCK = 16
 
 
-def host_loops(libs, dtype, *, block=_cuda.BLOCK, seed=1, persistent=False, shared=None):
+def host_loops(libs, dtype, *, block=_cuda.BLOCK, seed=1, persistent=False, shared=None,
+               occupancy=1, rule=_cuda.PERSISTENT_WHERE_IT_FITS):
     """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels: the
     per-step ones with :func:`host_launch`, and with ``persistent`` the persistent ones with
-    :func:`host_persistent_launch` on a device of :data:`EMULATED_SMS` multiprocessors and
-    ``shared`` elements of ``dtype`` of shared memory per block."""
+    :func:`host_persistent_launch` on a device of :data:`EMULATED_SMS` multiprocessors that
+    each hold ``occupancy`` blocks and ``shared`` elements of ``dtype`` of shared memory per
+    block, wherever ``rule`` (default: every plan that fits) takes them."""
     itemsize = np.dtype(dtype).itemsize
     loops = _cuda.Loops(dtype, mod=np, launch=host_launch(libs, block=block, seed=seed),
                         persistent_launch=host_persistent_launch(libs, seed=seed),
                         device=(EMULATED_SMS, (shared or 0) * itemsize),
+                        occupancy=lambda cell, step, name, block, shared: occupancy,
                         block=PERSISTENT_BLOCK)
     loops.persistent = persistent
+    loops.rule = rule
     return loops
 
 

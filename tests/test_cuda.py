@@ -476,15 +476,18 @@ def test_persistent_plan():
 
 
 def test_loops_choose_persistent_where_it_fits(host_libs, monkeypatch):
-    """One persistent launch per loop where the plan fits; step by step where the weights
-    do not fit, the batch is larger than PERSISTENT_MAX_ROWS, a stack is not C-contiguous or
-    persistent kernels are switched off."""
+    """One persistent launch per loop where the plan fits, pays and is resident; step by
+    step where the weights do not fit, the rule refuses the plan (the module's rule unless
+    the loops have their own), a multiprocessor holds no block of it (a cooperative launch
+    would shrink the grid), a stack is not C-contiguous or persistent kernels are off."""
     cell, T, dtype = CELLS["lstm"], 3, "float64"
 
-    def run(m, n, shared, persistent=True, every=1):
+    def run(m, n, shared, persistent=True, every=1, occupancy=1,
+            rule=_cuda.PERSISTENT_WHERE_IT_FITS):
         rng = np.random.default_rng(1)
         loops = cuda_emulator.host_loops(host_libs, dtype, block=HOST_BLOCK,
-                                         persistent=persistent, shared=shared)
+                                         persistent=persistent, shared=shared,
+                                         occupancy=occupancy, rule=rule)
         A = np.zeros((every * (T + 1), m, n))[::every]  # every slice C-contiguous
         bufs = {"A": A, "C": np.zeros((T + 1, m, n)), "S": np.empty((T, m, 3 * n)),
                 "CCT": np.empty((T, m, n)), "TC": np.empty((T, m, n))}
@@ -498,8 +501,118 @@ def test_loops_choose_persistent_where_it_fits(host_libs, monkeypatch):
     assert run(2, 3, 4 * 4 + 4) == ([], [("fwd", T)])
     assert run(2, 3, 4 * 4 + 3) == (["fwd"] * T, [])
     assert run(2, 3, 100, every=2) == (["fwd"] * T, [])
-    monkeypatch.setattr(_cuda, "PERSISTENT_MAX_ROWS", 1)
-    assert run(2, 3, 100) == (["fwd"] * T, [])
+    assert run(2, 3, 100, occupancy=0) == (["fwd"] * T, [])  # not resident: step by step
+    assert run(2, 3, 100, rule=_cuda.PERSISTENT_WHERE_IT_FITS._replace(max_rows=1)) == (
+        ["fwd"] * T, [])
+    # the module's rule, read at each plan: this tiny loop pays, until a step costs more
+    assert run(2, 3, 100, rule=None) == ([], [("fwd", T)])
+    monkeypatch.setattr(_cuda, "PERSISTENT_RULE", _cuda.PERSISTENT_RULE._replace(
+        per_step_us=_cuda.PERSISTENT_RULE.barrier_us))
+    assert run(2, 3, 100, rule=None) == (["fwd"] * T, [])
+
+
+#: An H100 SXM: multiprocessors and shared memory per block with opt-in (227 KiB).
+H100 = (132, 227 * 1024)
+
+
+@pytest.mark.parametrize("n,m,fwd,bwd", [
+    (256, 8, True, True),  # small batch: a few short trips a step, no launches
+    (256, 64, True, False),  # backward: 2 tiles of up to 54 rows of 1024, 256 trips a step
+    (1024, 64, False, False),  # forward 256 trips; backward 11 tiles of 6 rows, 48 busy
+    (768, 16, True, False),  # FlashRNN's shape: forward 48 trips, backward 192
+])
+def test_persistent_rule_at_the_issue_shapes(n, m, fwd, bwd):
+    """The default rule's choices for the LSTM in float32 on an H100, at the sizes
+    ``(n_a, m)`` of the GPU benchmark: the persistent kernel where a step's serial chain of
+    L2 round trips and multiply-adds is short, the per-step path where the product's input
+    comes in many trips (the backward plan at (1024, 64) is the one the estimate was set
+    from: 11 tiles of 6 rows, 48 of 256 threads busy, about 370 us a step)."""
+    loops = _cuda.Loops("float32", mod=np, device=H100,
+                        occupancy=lambda cell, step, name, block, shared: 1)
+    got = {}
+    for step in ("fwd", "bwd"):
+        k = table.kernel("lstm", step)
+        got[step] = loops.persistent_plan(k, m, n)
+        fits = _cuda.persistent_plan(n, 4, m, 4, *H100, backward=step == "bwd")
+        assert fits is not None  # every one fits; the rule decides
+        assert (got[step] is not None) == (got[step] == fits)
+    assert (got["fwd"] is not None, got["bwd"] is not None) == (fwd, bwd)
+    if (n, m) == (1024, 64):
+        plan = _cuda.persistent_plan(n, 4, m, 4, *H100, backward=True)
+        assert (plan.tile, -(-m // plan.tile), plan.tile * plan.units) == (6, 11, 48)
+        assert 300 < _cuda.PERSISTENT_RULE.step_us(plan, m, 4 * n, plan.units, 256) < 450
+    # the rule's thresholds, not the fit: every plan where a step may cost anything
+    anything = _cuda.PERSISTENT_WHERE_IT_FITS
+    assert all(anything.takes(_cuda.persistent_plan(n, 4, m, 4, *H100, backward=b), m,
+                              4 * n, 4, 256) for b in (False, True))
+    assert not _cuda.PERSISTENT_RULE.takes(None, m, n, 4, 256)
+
+
+def test_persistent_plan_needs_a_resident_grid():
+    """The occupancy is asked for the very kernel, block and shared memory of the plan; a
+    device whose multiprocessors hold fewer blocks than the grid needs gets no plan."""
+    seen = []
+
+    def occupancy(cell, step, name, block, shared):
+        seen.append((cell, step, name, block, shared))
+        return 0 if name == "float64" else 1
+
+    k = table.kernel("gru", "bwd_masked")
+    for dtype in DTYPES:
+        loops = _cuda.Loops(dtype, mod=np, device=H100, occupancy=occupancy)
+        plan = loops.persistent_plan(k, 8, 256)
+        assert (plan is None) == (dtype == "float64")
+    itemsize = {"float32": 4, "float64": 8}
+    assert seen == [("gru", "bwd_masked", d, _cuda.BLOCK,
+                     _cuda.persistent_plan(256, 3, 8, itemsize[d], *H100, backward=True).shared)
+                    for d in DTYPES]
+
+
+def test_occupancy_asks_the_driver_for_the_launch(monkeypatch):
+    """_occupancy raises the kernel's shared-memory limit first (the driver counts no block
+    that asks for more than it), then asks the driver for the kernel's function."""
+    import types
+
+    calls = []
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 48 * 1024
+        kernel = types.SimpleNamespace(ptr=1234)
+
+    def occupancy(ptr, block, shared):
+        calls.append((ptr, block, shared, kern.max_dynamic_shared_size_bytes))
+        return 1
+
+    kern = Kernel()
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(driver=types.SimpleNamespace(
+        occupancyMaxActiveBlocksPerMultiprocessor=occupancy))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_cuda, "_persistent_kernel", lambda cell, step, name: kern)
+    assert _cuda._occupancy("lstm", "fwd", "float32", 256, 100_000) == 1
+    assert calls == [(1234, 256, 100_000, 100_000)]
+
+
+def test_a_grid_cupy_would_shrink_is_an_error(monkeypatch):
+    """CuPy's cooperative launch shrinks a grid that is not resident and only warns; the
+    launch turns that warning into an error (the kernel would leave the last blocks' units
+    uncomputed), and lets other warnings be."""
+    import warnings
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 48 * 1024
+        message = "The grid size will be reduced from 132 to 66, as the specified grid ..."
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            warnings.warn(self.message, UserWarning, stacklevel=1)
+
+    kern = Kernel()
+    monkeypatch.setattr(_cuda, "_persistent_kernel", lambda cell, step, name: kern)
+    with pytest.raises(RuntimeError, match="grid of 132 blocks .* not resident"):
+        _cuda._launch_persistent("lstm", "fwd", "float32", 132, 256, 1024, (2,))
+    kern.message = "something else"
+    with pytest.warns(UserWarning, match="something else"):
+        _cuda._launch_persistent("lstm", "fwd", "float32", 132, 256, 1024, (2,))
 
 
 def test_check_persistent_args_rejects_what_a_kernel_cannot_take():

@@ -42,20 +42,24 @@ measurable.
 Layout. Every array a kernel sees is one step's C-contiguous slice of the engine's stacks
 (or the recurrent bias row); the upstream gradient, which may have any strides, is made
 contiguous once per backward call. The loops know no cell: they pass each kernel argument
-the buffer its table row names (:func:`_plan`). Nothing here synchronises the device; launches go to CuPy's current stream, under the
-device of the arrays.
+the buffer its table row names (:func:`_plan`). Nothing here synchronises the device;
+launches go to CuPy's current stream, under the device of the arrays.
 
 Persistent kernels. Where the recurrent weights fit in shared memory
-(:func:`persistent_plan`) and the batch is small (``m <= PERSISTENT_MAX_ROWS``), a whole
-time loop is one cooperative launch instead of two launches per step: each block keeps the
-weights of its units in shared memory for all steps, makes its columns of the recurrent
-product (``a @ WaT`` forward, ``dGa @ Wa`` backward) from the whole state of the step and
-runs the cell's element function on its own elements, and the grid synchronises once per
-step (``persistent.cuh``). The kernels are generated from the same table, so every cell and
-its padded-batch variant have one. Their product sums in a fixed order of their own, so
-they agree with the array path (and with cuBLAS) to the rounding of a dot product of
-length ``n`` (forward) or ``k n`` (backward), not bit for bit. The tests run them in the
-grid emulator with every block and thread on its own host thread, grid barrier included.
+(:func:`persistent_plan`), the estimated step is shorter than a step of the per-step path
+(:data:`PERSISTENT_RULE`, desk estimates until a GPU measures them) and the device holds the
+whole grid at once (its occupancy), a whole time loop is one cooperative launch instead of
+two launches per step: each block keeps the weights of its units in shared memory for all
+steps, makes its columns of the recurrent product (``a @ WaT`` forward, ``dGa @ Wa``
+backward) from the whole state of the step and runs the cell's element function on its own
+elements, and the grid synchronises once per step (``persistent.cuh``). A grid that CuPy
+would shrink at launch (it only warns) is an error, never a silently partial result; nothing
+that the launch writes is read through the non-coherent path (``ld.global.nc``). The kernels
+are generated from the same table, so every cell and its padded-batch variant have one.
+Their product sums in a fixed order of their own, so they agree with the array path (and
+with cuBLAS) to the rounding of a dot product of length ``n`` (forward) or ``k n``
+(backward), not bit for bit. The tests run them in the grid emulator with every block and
+thread on its own host thread, grid barrier included.
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ import numpy as _np
 
 from . import kernels as _table
 
-__all__ = ["BLOCK", "OPTIONS", "PERSISTENT_MAX_ROWS", "Loops", "PersistentPlan", "loops",
-           "persistent_plan", "source"]
+__all__ = ["BLOCK", "GRID_REDUCED", "OPTIONS", "PERSISTENT_RULE", "PERSISTENT_WHERE_IT_FITS",
+           "Loops", "PersistentPlan", "PersistentRule", "loops", "persistent_plan", "source"]
 
 #: Threads per block.
 BLOCK = 256
@@ -85,11 +89,6 @@ KERNEL_NAMES = {
     (cell, step, dtype): _table.kernel_name(cell, step, dtype)
     for (cell, step) in _table.TABLE for dtype in _table.DTYPES
 }
-
-#: The largest batch (rows ``m``) that the persistent kernels run; above it each step's
-#: product goes to cuBLAS, whose kernels use the GPU better at large ``m``. A guess that a GPU
-#: run should settle: the persistent kernels' product is one thread per output.
-PERSISTENT_MAX_ROWS = 256
 
 _kernels = {}  # (cell, step, dtype name[, "persistent"]) -> cupy.RawKernel, compiled once
 _devices = {}  # device id -> (multiprocessors, shared memory per block, opt-in)
@@ -142,15 +141,53 @@ def _persistent_kernel(cell, step, dtype_name):
     return kern
 
 
+def _allow_shared(kern, shared):
+    """Raise ``kern``'s limit of dynamic shared memory (48 KiB unless opted in) to
+    ``shared`` bytes where it is lower."""
+    if shared > kern.max_dynamic_shared_size_bytes:
+        kern.max_dynamic_shared_size_bytes = shared
+
+
+def _occupancy(cell, step, name, block, shared):
+    """How many blocks of ``block`` threads with ``shared`` bytes of dynamic shared memory
+    one multiprocessor of CuPy's current device holds at once, of ``cell``'s persistent
+    kernel ``step`` for ``name``'s dtype (the driver's occupancy calculator, as CuPy's own
+    cooperative launch asks it)."""
+    import cupy
+
+    kern = _persistent_kernel(cell, step, name)
+    _allow_shared(kern, shared)
+    return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kern.kernel.ptr, block,
+                                                                      shared)
+
+
+#: The start of the warning with which CuPy's cooperative launch shrinks a grid that is not
+#: resident (and launches the smaller one: the last blocks' units would never be computed).
+GRID_REDUCED = "The grid size will be reduced"
+
+
 def _launch_persistent(cell, step, name, grid, block, shared, args):
     """Launch ``cell``'s persistent kernel ``step`` for ``name``'s dtype: ``grid`` blocks of
     ``block`` threads with ``shared`` bytes of dynamic shared memory, ``args`` in the order of
-    :func:`xlstm._cuda.kernels.persistent_params` (sizes as numpy int64)."""
+    :func:`xlstm._cuda.kernels.persistent_params` (sizes as numpy int64).
+
+    Raises ``RuntimeError`` instead of launching a smaller grid where CuPy would shrink it
+    (:data:`GRID_REDUCED`); :meth:`Loops.persistent_plan` checks the occupancy first, so
+    this is a last guard against a silently wrong result.
+    """
     kern = _persistent_kernel(cell, step, name)
-    if shared > kern.max_dynamic_shared_size_bytes:
-        kern.max_dynamic_shared_size_bytes = shared
+    _allow_shared(kern, shared)
     args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
-    kern((grid,), (block,), args, shared_mem=shared)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=GRID_REDUCED, category=UserWarning)
+        try:
+            kern((grid,), (block,), args, shared_mem=shared)
+        except UserWarning as exc:
+            raise RuntimeError(
+                f"{cell} {step}: the persistent kernel's grid of {grid} blocks of {block} "
+                f"threads with {shared} bytes of shared memory is not resident on this device "
+                f"({exc}); run this loop step by step (xlstm._cuda.Loops.persistent = False)"
+            ) from None
 
 
 def _device_limits():
@@ -173,6 +210,66 @@ class PersistentPlan(NamedTuple):
     units: int
     tile: int
     shared: int
+
+
+class PersistentRule(NamedTuple):
+    """When a time loop that fits (:func:`persistent_plan`) runs as one persistent launch
+    rather than step by step: where its batch has at most ``max_rows`` rows and
+    :meth:`step_us` estimates a step at most ``per_step_us``, the per-step path's time.
+
+    Every figure is a desk estimate, from reading the kernels and CuPy's launch path
+    (nothing had run on a GPU when they were set), to be replaced by the first GPU
+    measurement; a benchmark overrides them through :data:`PERSISTENT_RULE` or
+    :attr:`Loops.rule`. The estimates reproduce the figures that set them: at ``(n_a, m) =
+    (1024, 64)`` on an H100 (132 multiprocessors, 227 KiB of shared memory per block) the
+    LSTM's backward plan is 11 tiles of 6 rows, 48 of 256 threads busy in the product,
+    about 370 us a step here (400 us estimated by hand), against about 40 us on the
+    per-step path, which host dispatch bounds at 25-40 us a step.
+
+    Attributes
+    ----------
+    max_rows : int
+        The largest batch; above it each step's product goes to cuBLAS.
+    trip_us : float
+        One round of staging, one 4-byte load per thread from L2 into shared memory: a
+        dependent round trip (about 440 cycles at 1.75 GHz, loop included).
+    mac_us : float
+        One multiply-add of a thread's dot product: two shared-memory loads and an add
+        (about 4 cycles).
+    barrier_us : float
+        The grid barrier that ends every step.
+    per_step_us : float
+        A step of the per-step path (a GEMM and a kernel launch): the low end of its
+        host-dispatch bound, so that the rule errs towards that path.
+    """
+
+    max_rows: int = 256
+    trip_us: float = 0.25
+    mac_us: float = 0.0025
+    barrier_us: float = 2.0
+    per_step_us: float = 20.0
+
+    def step_us(self, plan: PersistentPlan, m: int, inner: int, columns: int,
+                block: int) -> float:
+        """The estimated time of one step of ``plan`` over ``m`` rows: staging its tiles of
+        the product's input (``inner`` elements a row), the product for the block's
+        ``columns`` columns, one pass of the element function over its units, the barrier.
+
+        Every block does the same work at once, so a block's time is the step's.
+        """
+        full, last = divmod(m, plan.tile)
+        tiles = [plan.tile] * full + ([last] if last else [])
+        trips = sum(-(-rows * inner // block) for rows in tiles)
+        macs = sum(-(-rows * columns // block) * inner for rows in tiles)
+        point = -(-m * plan.units // block)
+        return (trips + point) * self.trip_us + macs * self.mac_us + self.barrier_us
+
+    def takes(self, plan: PersistentPlan | None, m: int, inner: int, columns: int,
+              block: int) -> bool:
+        """Whether ``plan`` (``None``: the weights do not fit) runs rather than the per-step
+        path (see :meth:`step_us`)."""
+        return (plan is not None and m <= self.max_rows
+                and self.step_us(plan, m, inner, columns, block) <= self.per_step_us)
 
 
 def persistent_plan(n: int, gates: int, m: int, itemsize: int, multiprocessors: int,
@@ -199,6 +296,16 @@ def persistent_plan(n: int, gates: int, m: int, itemsize: int, multiprocessors: 
     return PersistentPlan(-(-n // units), units, tile, weights + tile * row)
 
 
+#: The rule by which :class:`Loops` choose the persistent kernels (desk estimates; see
+#: :class:`PersistentRule`). A benchmark that measures the crossover replaces it, e.g.
+#: ``xlstm._cuda.PERSISTENT_RULE = PERSISTENT_RULE._replace(per_step_us=12.0)``.
+PERSISTENT_RULE = PersistentRule()
+
+#: A rule that takes every plan that fits and is resident, whatever its cost: for the tests
+#: and the sanitizer runs, which must run the persistent kernels at any size.
+PERSISTENT_WHERE_IT_FITS = PersistentRule(max_rows=2**62, per_step_us=float("inf"))
+
+
 def _plan(k, sources):
     """Row ``k``'s arrays from the step's ``sources`` (source name -> ``(array, index)``,
     see :mod:`xlstm._cuda.kernels`): ``(array, index)`` per argument, in order."""
@@ -222,17 +329,20 @@ class Loops:
     kernel with the engine's buffers that its row names (each argument's source).
 
     Where :meth:`persistent_plan` has a plan, a whole loop is one launch of the row's
-    persistent kernel instead (:attr:`persistent` switches that off).
+    persistent kernel instead (:attr:`persistent` switches that off, :attr:`rule` says
+    where it pays).
 
-    ``mod``, ``launch``, ``persistent_launch``, ``device`` and ``block`` are for the tests:
-    with ``mod=numpy`` and launches that call a host build of the kernels, the same loops run
-    on the CPU. ``launch(cell, step, dtype_name, total, args)`` runs kernel ``(cell, step)``
-    of the table over ``total`` elements, with ``args`` in the table's order: ``m``, ``n``,
-    then the arrays. ``persistent_launch(cell, step, dtype_name, grid, block, shared, args)``
-    runs its persistent kernel with the arguments of
-    :func:`xlstm._cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors, shared
-    memory per block)`` (default: the current CuPy device's), ``block`` the threads per block
-    of the persistent kernels.
+    ``mod``, ``launch``, ``persistent_launch``, ``device``, ``occupancy`` and ``block`` are
+    for the tests: with ``mod=numpy`` and launches that call a host build of the kernels,
+    the same loops run on the CPU. ``launch(cell, step, dtype_name, total, args)`` runs
+    kernel ``(cell, step)`` of the table over ``total`` elements, with ``args`` in the
+    table's order: ``m``, ``n``, then the arrays. ``persistent_launch(cell, step,
+    dtype_name, grid, block, shared, args)`` runs its persistent kernel with the arguments
+    of :func:`xlstm._cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors,
+    shared memory per block)`` (default: the current CuPy device's), ``occupancy(cell, step,
+    dtype_name, block, shared)`` the blocks of a persistent kernel that one multiprocessor
+    holds at once (default: the driver's answer for the current CuPy device), ``block`` the
+    threads per block of the persistent kernels.
     """
 
     #: How reports and the benchmark name this accelerator.
@@ -240,11 +350,14 @@ class Loops:
     #: Padded batches (the engine's ``active``) run here too, on each row's padded-batch
     #: variant (:func:`xlstm._cuda.kernels.masked`).
     masks = True
-    #: Whether whole loops run as one persistent launch where they fit.
+    #: Whether whole loops run as one persistent launch where they fit and pay.
     persistent = True
+    #: The :class:`PersistentRule` that says where they pay; ``None``: the module's
+    #: :data:`PERSISTENT_RULE`, read at each plan.
+    rule: PersistentRule | None = None
 
     def __init__(self, dtype, *, mod=None, launch=None, persistent_launch=None, device=None,
-                 block=BLOCK):
+                 occupancy=None, block=BLOCK):
         self.name = _DTYPE_NAMES[_np.dtype(dtype)]
         self.itemsize = _np.dtype(dtype).itemsize
         self._mod = mod
@@ -252,6 +365,7 @@ class Loops:
         self.persistent_launch = (_launch_persistent if persistent_launch is None
                                   else persistent_launch)
         self._device = device
+        self.occupancy = _occupancy if occupancy is None else occupancy
         self.block = block
 
     @property
@@ -265,18 +379,28 @@ class Loops:
     def _on_device(self, arr):
         return arr.device if self.mod is not _np else contextlib.nullcontext()
 
-    def persistent_plan(self, cell, m, n, *, backward, arrays=()):
-        """The :class:`PersistentPlan` of ``cell``'s loop over ``m`` rows and ``n`` units
-        on this device, or ``None``: persistent kernels switched off, more than
-        :data:`PERSISTENT_MAX_ROWS` rows, a stack in ``arrays`` that is not C-contiguous,
-        or weights that do not fit (:func:`persistent_plan`)."""
-        if not self.persistent or m > PERSISTENT_MAX_ROWS:
-            return None
-        if not all(a.flags.c_contiguous for a in arrays):
+    def persistent_plan(self, k, m, n, *, arrays=()):
+        """The :class:`PersistentPlan` of row ``k``'s loop over ``m`` rows and ``n`` units
+        on this device, or ``None`` (the per-step path): persistent kernels switched off, a
+        stack in ``arrays`` that is not C-contiguous, weights that do not fit
+        (:func:`persistent_plan`), a plan that does not pay (:attr:`rule`), or a grid that
+        the device cannot hold at once (:attr:`occupancy`; a cooperative launch needs every
+        block resident)."""
+        if not self.persistent or not all(a.flags.c_contiguous for a in arrays):
             return None
         sms, shared_max = _device_limits() if self._device is None else self._device
-        gates = _table.gates(self._row(cell, "bwd" if backward else "fwd"))
-        return persistent_plan(n, gates, m, self.itemsize, sms, shared_max, backward=backward)
+        gates = _table.gates(k)
+        backward = k.step == "bwd"
+        plan = persistent_plan(n, gates, m, self.itemsize, sms, shared_max, backward=backward)
+        if plan is None:
+            return None
+        inner, columns = (gates * n, plan.units) if backward else (n, gates * plan.units)
+        rule = PERSISTENT_RULE if self.rule is None else self.rule
+        if not rule.takes(plan, m, inner, columns, self.block):
+            return None
+        if self.occupancy(k.cell, k.key[1], self.name, self.block, plan.shared) * sms < plan.grid:
+            return None
+        return plan
 
     def _persistent(self, cell, step, plan, sizes, w, gemm_in, gemm_out, stacks):
         """Launch the persistent kernel of ``(cell, step)``: ``stacks`` holds ``(array,
@@ -330,8 +454,7 @@ class Loops:
             if active is not None:
                 sources["active"] = (self.mod.ascontiguousarray(active), "k")
             plan = _plan(k, sources)
-            persistent = self.persistent_plan(cell, m, n, backward=False,
-                                              arrays=[first, *(arr for arr, _ in plan)])
+            persistent = self.persistent_plan(k, m, n, arrays=[first, *(arr for arr, _ in plan)])
             if persistent is not None and T_c > 0:
                 bases = {"k": 0, "t": t0, "t+1": t0 + 1, None: None}
                 self._persistent(cell, k.key[1], persistent, (m, n, T_c), WaT,
@@ -384,8 +507,7 @@ class Loops:
                 hold = self.mod.full((m, n), -0.0, dtype=dGx.dtype)  # -0: adds nothing
                 sources["hold"] = (hold, None)
             plan = _plan(k, sources)
-            persistent = self.persistent_plan(cell, m, n, backward=True,
-                                              arrays=[dGa, *(arr for arr, _ in plan)])
+            persistent = self.persistent_plan(k, m, n, arrays=[dGa, *(arr for arr, _ in plan)])
             if persistent is not None and T > 0:
                 self._persistent(cell, k.key[1], persistent, (m, n, T), WaT, (dGa, T, 0),
                                  da_rec, [(arr, None if i is None else 0) for arr, i in plan])
