@@ -9,10 +9,17 @@ from _lstm_seed import SeedLSTM
 N_Y = 10
 #: Models beyond the single LSTM layer, each timed as xlstm's class against the torch module
 #: of the same kind with the same weights (``model.to_torch()``): name -> (class, kwargs).
-MODELS = {"gru": ("GRU", {}), "bilstm2": ("LSTM", {"num_layers": 2, "bidirectional": True})}
-IMPLS = ("xlstm", "xlstm-plain", "xlstm-per-step", "xlstm-model", "xlstm-lengths", "seed",
-         "torch", "gemm",
-         *(f"{side}-{name}" for name in MODELS for side in ("xlstm", "torch")))
+MODELS = {"gru": ("GRU", {}), "bilstm2": ("LSTM", {"num_layers": 2, "bidirectional": True}),
+          "slstm": ("SLSTM", {})}
+#: The models of :data:`MODELS` that torch has no module for (no cuDNN twin): timed alone,
+#: their time per step reported.
+NO_TORCH = ("slstm",)
+#: Gates per unit of each model class (its recurrent term is ``gates * n_a`` wide).
+GATES = {"LSTM": 4, "GRU": 3, "SLSTM": 4}
+IMPLS = ("xlstm", "xlstm-plain", "xlstm-per-step", "xlstm-persistent", "xlstm-model",
+         "xlstm-lengths", "seed", "torch", "gemm",
+         *(f"{side}-{name}" for name in MODELS for side in ("xlstm", "torch")
+           if side == "xlstm" or name not in NO_TORCH))
 #: The implementations without the softmax prediction (the LSTM core only): their flops are
 #: the gate flops alone.
 CORE = ("xlstm-model", "xlstm-lengths", "torch")
@@ -31,7 +38,7 @@ def model_flops(name, n_x, n_a, m, T):
     """The gate flops of model ``name`` (:data:`MODELS`): every layer and direction's input
     and recurrent products; backward three times forward."""
     cls, kw = MODELS[name]
-    gates = {"LSTM": 4, "GRU": 3}[cls]
+    gates = GATES[cls]
     D, layers = 1 + kw.get("bidirectional", False), kw.get("num_layers", 1)
     fwd = sum(D * 2 * T * m * gates * n_a * ((n_x if k == 0 else D * n_a) + n_a)
               for k in range(layers))
@@ -40,9 +47,10 @@ def model_flops(name, n_x, n_a, m, T):
 
 def bench_models(be, torch, size, timed, only):
     """The :data:`MODELS` rows present in ``only``: ``xlstm-<name>`` (xlstm's class on
-    ``be``) and ``torch-<name>`` (the torch module with its weights); each names the torch
-    row it is compared with and its own flops. The check is the largest difference of the
-    outputs from xlstm's array path (accelerators off) on the same weights and inputs."""
+    ``be``) and ``torch-<name>`` (the torch module with its weights; none for
+    :data:`NO_TORCH`); each names the torch row it is compared with, its own flops and its
+    time per step (``us_per_step``). The check is the largest difference of the outputs
+    from xlstm's array path (accelerators off) on the same weights and inputs."""
     import numpy as np
 
     import xlstm
@@ -78,6 +86,13 @@ def bench_models(be, torch, size, timed, only):
                 torch, be.gpu, be.dtype_name, model, x_h, dy_h, timed, desc)}
             res[f"torch-{name}"]["check_max_abs_diff_a"] = float(
                 np.max(np.abs(res[f"torch-{name}"].pop("a") - y_ref)))
+        for key in keys:
+            if key in res:
+                r = res[key]
+                r["us_per_step"] = {ph: 1e3 * r[ph]["median_ms"] / T for ph in ("fwd", "fwd_bwd")}
+                if name in NO_TORCH:  # no ratio to show: the time per step in the table
+                    r["label"] += (f"; no cuDNN twin: {r['us_per_step']['fwd']:.1f} us/step fwd, "
+                                   f"{r['us_per_step']['fwd_bwd']:.1f} us/step f+b")
     return res
 
 
@@ -127,6 +142,16 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
             res["xlstm-per-step"] = xl_result(f", {accel}, per-step kernels only")
         finally:
             loops.persistent = True
+    if "xlstm-persistent" in only and getattr(loops, "persistent", False):
+        # CuPy: the persistent kernels wherever they fit, whatever xlstm._cuda.PERSISTENT_RULE
+        # estimates: with the per-step row, the measured crossover that the rule should have
+        from xlstm import _cuda
+
+        loops.rule = _cuda.PERSISTENT_WHERE_IT_FITS
+        try:
+            res["xlstm-persistent"] = xl_result(f", {accel}, persistent kernels where they fit")
+        finally:
+            loops.rule = None
 
     if "xlstm-model" in only or "xlstm-lengths" in only:
         res.update(bench_model(be, params, x, a0, da, rng, timed, a_ref, accel, only))

@@ -104,14 +104,66 @@ def thread_info(requested, torch):
     return threads
 
 
+#: torch's switches of the FP32 precision from 2.9 on (``"ieee"`` or ``"tf32"``), each under
+#: ``torch.backends``: cuDNN's RNNs (``nn.LSTM``, ``nn.GRU``), its convolutions and the
+#: matmuls. Earlier versions have only the legacy ``allow_tf32`` switches.
+FP32_PRECISION = ("cudnn.rnn", "cudnn.conv", "cuda.matmul")
+#: torch's legacy TF32 switches, under ``torch.backends``.
+ALLOW_TF32 = ("cudnn", "cuda.matmul")
+
+
+def _backend(torch, path):
+    """``torch.backends.<path>``, or None where this torch has no such switch group."""
+    obj = torch.backends
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def set_tf32(torch, on):
+    """Allow TF32 in torch's FP32 work (cuDNN and matmuls) or not, through every switch this
+    torch has: the legacy ``allow_tf32`` ones first, then the ``fp32_precision`` ones of
+    torch 2.9+ (which torch 2.9+ reads), all set alike, so that no mix of the two APIs is
+    left (torch refuses to read a mixed state). CuPy reads ``CUPY_TF32`` at import: set it
+    in the environment before."""
+    for path in ALLOW_TF32:
+        obj = _backend(torch, path)
+        if obj is not None and hasattr(obj, "allow_tf32"):
+            obj.allow_tf32 = bool(on)
+    for path in FP32_PRECISION:
+        obj = _backend(torch, path)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            obj.fp32_precision = "tf32" if on else "ieee"
+
+
 def tf32_state(torch):
-    """Whether TF32 may run: torch's cuDNN and matmul switches, and CuPy's (``CUPY_TF32``,
-    off unless set to 1), as found at the start of the run."""
+    """Whether TF32 may run, as every switch reads at the start of the run: CuPy's
+    (``CUPY_TF32``, off unless set to 1), torch's legacy ``allow_tf32`` and its
+    ``fp32_precision`` switches where this torch has them (each under its full name), and
+    ``torch.get_float32_matmul_precision()``; a switch that torch refuses to read (a mix of
+    the two APIs) is recorded as its error."""
     out = {"CUPY_TF32": os.environ.get("CUPY_TF32", "0") == "1"}
-    if torch is not None:
-        out["torch.backends.cudnn.allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
-        out["torch.backends.cuda.matmul.allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if torch is None:
+        return out
+    for paths, attr in ((ALLOW_TF32, "allow_tf32"), (FP32_PRECISION, "fp32_precision")):
+        for path in paths:
+            obj = _backend(torch, path)
+            if obj is None or not hasattr(type(obj), attr) and not hasattr(obj, attr):
+                continue
+            try:
+                out[f"torch.backends.{path}.{attr}"] = getattr(obj, attr)
+            except RuntimeError as exc:  # torch 2.9+: a mix of the legacy and new APIs
+                out[f"torch.backends.{path}.{attr}"] = f"unreadable: {exc}"
+    out["torch.get_float32_matmul_precision"] = torch.get_float32_matmul_precision()
     return out
+
+
+def gpu_info(torch):
+    """The device name and cuDNN version that torch sees, or ``{}`` without a CUDA device."""
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {"torch_device": torch.cuda.get_device_name(0),
+            "cudnn": torch.backends.cudnn.version()}
 
 
 def blas_kernel(threads):

@@ -27,6 +27,18 @@ states are checked against xlstm's.
   ``(m, n_a) @ (n_a, 4 n_a)`` forward; ``T`` times ``(m, 4 n_a) @ (4 n_a, n_a)``,
   ``(4 n_a, T m) @ (T m, n_a + n_x)`` and ``(T m, 4 n_a) @ (4 n_a, n_x)`` backward.
 
+* model rows: xlstm's GRU, a 2-layer bidirectional LSTM and the sLSTM (``--impls
+  xlstm-gru torch-gru ...``) against torch's module of the same kind with the same weights;
+  the sLSTM has no torch (cuDNN) twin, so its row gives its time per step instead of a
+  ratio. Every model row records ``us_per_step`` in the JSON.
+
+Sizes: ``--sizes``, or a named set, ``--preset`` (``gpu``: the race against cuDNN at
+(256,256,8,100), (256,256,64,100), (1024,1024,64,100) and FlashRNN's (768,768,16,1024)).
+Precision: ``--tf32 off`` (default) turns TF32 off on both sides, ``on`` on both: torch's
+legacy ``allow_tf32`` switches and its ``fp32_precision`` ones (2.9+), and ``CUPY_TF32``;
+the JSON's ``tf32`` entry records every switch as read, ``versions.cudnn`` cuDNN's version,
+``device`` and ``torch_device`` the GPU.
+
 Each time is the median of ``--repeat`` samples after ``--warmup`` untimed calls, with the
 garbage collector paused; a sample repeats a short call until it lasts 20 ms (the time per
 call is the sample's over the count), so that a single cold call cannot decide a median;
@@ -63,19 +75,28 @@ import sys
 from pathlib import Path
 
 from _lstm_impls import BASELINE, IMPLS, N_Y, bench_size, flop_counts
-from _machine import (Backend, blas_kernel, cpu_name, environment, load_average, set_threads,
-                      tf32_state, thread_info, versions)
+from _machine import (Backend, blas_kernel, cpu_name, environment, gpu_info, load_average,
+                      set_threads, set_tf32, tf32_state, thread_info, versions)
 from _report import add_rates, markdown_table, set_fractions, write
 from _timing import combine_rounds, gemm_ceiling, measure, run_worker
 
 DEFAULT_SIZES = ("256,256,64,50", "512,512,64,25", "64,64,16,50")
 QUICK_SIZES = ("8,16,4,5", "16,32,8,6")
+#: Named sets of sizes (``--preset``). ``gpu``: the race against cuDNN, (n_x, n_a, m, T):
+#: small and large batches at n_a = 256, a large layer, and FlashRNN's shape (768, 768, 16,
+#: 1024), where FlashRNN, haste and cuDNN have published times per step on an H100.
+PRESETS = {"default": DEFAULT_SIZES, "quick": QUICK_SIZES,
+           "gpu": ("256,256,8,100", "256,256,64,100", "1024,1024,64,100", "768,768,16,1024")}
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("numpy", "cupy", "torch"), default="numpy")
-    ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="N_X,N_A,M,T")
+    ap.add_argument("--sizes", nargs="+", default=None, metavar="N_X,N_A,M,T",
+                    help="the sizes to time (default: those of --preset)")
+    ap.add_argument("--preset", choices=PRESETS, default="default",
+                    help="a named set of sizes: " + "; ".join(
+                        f"{k}: {' '.join(v)}" for k, v in PRESETS.items()))
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--repeat", type=int, default=7, help="timed runs per measurement")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
@@ -97,12 +118,17 @@ def parse_args(argv):
                     help="also time xlstm imported from the source tree PATH (for example a "
                          "git worktree of an older revision), side by side in the same run")
     ap.add_argument("--tf32", choices=("off", "on"), default="off",
-                    help="TF32 on both sides (torch's cuDNN and matmul switches, CUPY_TF32), "
-                         "for like-for-like GPU rows; default off: plain FP32 everywhere")
+                    help="TF32 on both sides (torch's cuDNN and matmul switches, legacy and "
+                         "fp32_precision, and CUPY_TF32), for like-for-like GPU rows; "
+                         "default off: plain FP32 everywhere")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), metavar="IMPL",
                     help=f"the implementations to time (default all: {' '.join(IMPLS)})")
     ap.add_argument("--worker", choices=(*IMPLS, *BASELINE, "ceiling"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = list(PRESETS[args.preset])
+    elif args.preset != "default":
+        ap.error("give --sizes or --preset, not both")
     try:
         args.sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
     except ValueError:
@@ -139,8 +165,7 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(args.threads)
-            torch.backends.cudnn.allow_tf32 = args.tf32 == "on"  # torch's default is on
-            torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+            set_tf32(torch, args.tf32 == "on")  # every switch torch has; its default is on
         except ImportError:
             torch = None
     try:
@@ -190,8 +215,10 @@ def main(argv=None):
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_before": load, "gemm_ceiling": ceiling, "results": [],
     }  # fmt: skip
-    if be.gpu and torch is not None and torch.cuda.is_available():
-        report["versions"]["cudnn"] = torch.backends.cudnn.version()
+    if be.gpu:  # the device as torch names it, and the cuDNN that torch's rows run on
+        info = gpu_info(torch)
+        report["torch_device"] = info.get("torch_device")
+        report["versions"]["cudnn"] = info.get("cudnn")
     tables = []
     for size in args.sizes:
         rounds = []
