@@ -239,16 +239,20 @@ def test_demo_text_that_cannot_serve_is_an_error(capsys, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("abcabc", encoding="utf-8")
     line = _usage_error(capsys, ["demo", "charlm", "--text", str(short), "--seq-len", "10"])
-    assert "argument --text: the text has 6 characters" in line
+    assert "argument --seq-len: does not fit the text: it has 6 characters" in line
     same = tmp_path / "same.txt"
     same.write_text("a" * 500, encoding="utf-8")
     line = _usage_error(capsys, ["demo", "charlm", "--text", str(same)])
-    assert "two distinct characters" in line
+    assert "argument --text: needs at least two distinct characters" in line
     fine = tmp_path / "fine.txt"
     fine.write_text("abcdefghij" * 100, encoding="utf-8")
     line = _usage_error(capsys, ["demo", "charlm", "--text", str(fine), "--batch", "100"])
-    assert "argument --text: the text has 1000 characters; after the 100 held out, 900" in line
+    assert "argument --batch: does not fit the text: it has 1000 characters; after the 100 " \
+           "held out, 900" in line
     assert "fewer than batch=100 streams of seq_len + 1 = 51 characters need (5100)" in line
+    # the default text too
+    line = _usage_error(capsys, ["demo", "charlm", "--batch", "100000000"])
+    assert "argument --batch: does not fit the text" in line
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\xfa" * 100)
     assert "is not UTF-8 text" in _usage_error(capsys, ["demo", "charlm", "--text", str(binary)])
@@ -265,7 +269,73 @@ def test_demo_backend_that_cannot_run_is_an_error(capsys, monkeypatch):
     assert line.endswith("error: argument --backend: torch is switched off")
 
 
+@pytest.fixture
+def memory_16gib(monkeypatch):
+    """The demos' memory checks see a machine of 16 GiB, whatever this one has."""
+    from xlstm.demos import _run
+
+    monkeypatch.setattr(_run, "memory_bytes", lambda: 16 * 2**30)
+
+
+@pytest.mark.parametrize("args, where, says", [
+    (["recall", "--keys", "1"], "--keys", "must be an int >= 4 (a distinct key for each"),
+    (["recall", "--pairs", "9"], "--keys", "must be an int >= 9"),
+    (["charlm", "--cell", "mlstm", "--hidden", "3"], "--hidden",
+     "must be a multiple of 2 (the mLSTM splits it among 2 heads), got 3; try 2"),
+    (["charlm", "--cell", "slstm", "--hidden", "5"], "--hidden", "must be a multiple of 2"),
+    (["charlm", "--hidden", "100000"], "--hidden", "is too large: a 2-layer LSTM"),
+    (["charlm", "--cell", "mlstm", "--hidden", "1000000"], "--hidden", "is too large"),
+    (["cells", "--hidden", "100000"], "--hidden", "is too large"),
+    (["adding", "--hidden", "1000000"], "--hidden", "is too large"),
+    (["adding", "--T", "1000000000"], "--T", "is too large"),
+    (["adding", "--test-size", "1000000000"], "--test-size", "is too large"),
+    (["bidirectional", "--batch", "1000000000"], "--batch", "is too large"),
+    (["bidirectional", "--vocab", "1000000000"], "--vocab", "is too large"),
+    (["recall", "--keys", "1000000000"], "--keys", "is too large"),
+    (["recall", "--pairs", "100000000", "--keys", "100000000"], "--pairs", "is too large"),
+    (["cells", "--out-dir", "no/such"], "--out-dir",
+     "must be an existing folder; 'no/such' does not exist"),
+    (["charlm", "--text", os.devnull], "--text", "is not a regular file"),
+    (["cells", "--text", os.devnull], "--text", "is not a regular file"),
+])
+def test_demo_errors_that_the_demo_finds(capsys, monkeypatch, tmp_path, memory_16gib, args,
+                                         where, says):
+    """Values that only the demo can judge (against another value, the heads of a cell, the
+    machine's memory, the file system) are argparse errors too, found before anything is
+    allocated, trained or written."""
+    monkeypatch.chdir(tmp_path)
+    line = _usage_error(capsys, ["demo", *args])
+    assert line.startswith(f"python -m xlstm demo {args[0]}: error: argument {where}: ")
+    assert says in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_out_dir_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    line = _usage_error(capsys, ["demo", "cells", "--out-dir", str(tmp_path / "file")])
+    assert "argument --out-dir: must be an existing folder" in line and "is a file" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_demo_text_that_is_a_pipe_is_refused_without_waiting(capsys, tmp_path):
+    """Opening a pipe for reading waits for a writer: it is refused before it is opened."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    line = _usage_error(capsys, ["demo", "charlm", "--text", str(fifo)])
+    assert f"argument --text: {str(fifo)!r} is not a regular file" in line
+
+
+def test_demo_without_a_name_names_only_what_is_missing(capsys):
+    line = _usage_error(capsys, ["demo"])
+    assert line.endswith("error: the following arguments are required: NAME")
+
+
 @pytest.mark.parametrize("argv", [
+    ["demo"],
+    ["demo", "recall", "--keys", "1"],
+    ["demo", "charlm", "--cell", "mlstm", "--hidden", "3"],
+    ["demo", "cells", "--out-dir", "no/such"],
+    ["demo", "charlm", "--text", os.devnull],
     ["demo", "adding", "--T", "-1"],
     ["demo", "charlm", "--text", "missing.txt"],
     ["check", "--backends", "nosuch"],

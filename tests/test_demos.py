@@ -286,6 +286,69 @@ def test_bad_arguments(tmp_path):
     assert not list(tmp_path.glob("*.npz"))
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every demo's training loop fails the test: what is checked must be checked first."""
+    def fit(*args, **kwargs):
+        raise AssertionError("the demo started training")
+
+    for name in ("char_lm", "adding_problem", "bidirectional", "recall"):
+        monkeypatch.setattr(sys.modules[f"xlstm.demos.{name}"], "fit", fit)
+
+
+def test_the_python_api_checks_before_training(tmp_path, monkeypatch, no_training):
+    """The demos as functions refuse what would fail at the end, or could never run, before
+    the first step, with an ``ArgumentError`` (a ValueError) that names the argument."""
+    from xlstm.demos import _run
+
+    monkeypatch.setattr(_run, "memory_bytes", lambda: 16 * 2**30)
+    missing = tmp_path / "none"
+    cases = [
+        (demos.charlm_cells, {"out_dir": missing}, "out_dir must be an existing folder"),
+        (demos.charlm_cells, {"cells": ("lstm", "gru")}, "cells must name cells of"),
+        (demos.charlm_cells, {"hidden": 10**5}, "hidden is too large"),
+        (demos.charlm, {"out": missing / "p.npz"}, "out cannot be written: the folder"),
+        (demos.charlm, {"plot": missing / "loss.png"}, "plot cannot be written"),
+        (demos.charlm, {"cell": "mlstm", "hidden": 3}, "hidden must be a multiple of 2"),
+        (demos.charlm, {"cell": "gru"}, "cell must be one of"),
+        (demos.charlm, {"hidden": 10**5}, "hidden is too large: a 2-layer LSTM"),
+        (demos.charlm, {"text": os.devnull}, "text '/dev/null' is not a regular file"),
+        (demos.adding, {"out": missing / "p.npz"}, "out cannot be written"),
+        (demos.adding, {"hidden": 10**6}, "hidden is too large"),
+        (demos.bidirectional, {"plot": missing / "b.png"}, "plot cannot be written"),
+        (demos.bidirectional, {"T": 10**9}, "T is too large"),
+        (demos.recall, {"keys": 2, "pairs": 3}, "keys must be an int >= 3"),
+        (demos.recall, {"plot": missing / "r.png"}, "plot cannot be written"),
+        (demos.recall, {"test_size": 10**9}, "test_size is too large"),
+    ]
+    for demo, kwargs, says in cases:
+        # paths that would be fine, unless the case names others
+        fine = ({"out": tmp_path / "p.npz"} if demo in (demos.charlm, demos.adding)
+                else {"plot": tmp_path / "x.png"})
+        with pytest.raises(demos.ArgumentError, match=says) as info:
+            demo(verbose=False, **{**fine, **kwargs})
+        assert isinstance(info.value, ValueError) and says.startswith(info.value.name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_corpus_reads_regular_files_only(tmp_path):
+    """Only a regular file is opened, and read in one read of its size; line ends as in
+    Python's text mode."""
+    path = tmp_path / "t.txt"
+    path.write_bytes("ab\r\ncd\ref\n\u00e9".encode())
+    assert demos.load_corpus(path) == "ab\ncd\nef\n\u00e9"
+    with pytest.raises(demos.ArgumentError, match="text '/dev/zero' is not a regular file"):
+        demos.load_corpus("/dev/zero" if os.path.exists("/dev/zero") else os.devnull)
+    with pytest.raises(demos.ArgumentError, match="is a folder"):
+        demos.load_corpus(tmp_path)
+    with pytest.raises(demos.ArgumentError, match="does not exist"):
+        demos.load_corpus(tmp_path / "none.txt")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(demos.ArgumentError, match="not a regular file"):
+            demos.load_corpus(tmp_path / "fifo")
+
+
 def test_no_plot_without_matplotlib(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # makes the import fail

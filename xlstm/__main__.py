@@ -289,11 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one of the demos; demo NAME --help lists its options.")
     p.add_argument("demo", choices=("charlm", "adding", "bidirectional", "recall", "cells"),
                    metavar="NAME",
-                   help="charlm, adding, bidirectional, recall or cells; charlm: character-level language model; adding: the adding problem; "
+                   help="charlm: character-level language model; adding: the adding problem; "
                         "bidirectional: both directions on variable lengths; recall: "
                         "associative recall with LSTM, sLSTM and mLSTM; cells: charlm with "
                         "the three")
-    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of the demo")
+    options = p.add_argument("demo_args", nargs=argparse.REMAINDER, metavar="OPTIONS",
+                             help="options of the demo")
+    # argparse counts a REMAINDER positional as required, and would name it when NAME is
+    # missing: the demo's options are optional
+    options.required = False
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -52,6 +52,7 @@ from typing import Any
 
 from .._compat import BackendUnavailable, load_backend
 from ._cli import adding_parser, bidirectional_parser, cells_parser, charlm_parser, recall_parser
+from ._run import ArgumentError
 from .adding_problem import adding, adding_data
 from .bidirectional import bidirectional, next_symbol_data
 from .char_lm import charlm, charlm_cells, held_out_size, load_corpus, sample
@@ -60,7 +61,7 @@ from .recall import recall, recall_data
 __all__ = [
     "charlm", "adding", "bidirectional", "charlm_main", "adding_main", "main", "load_corpus",
     "sample", "adding_data", "next_symbol_data", "recall", "recall_data",
-    "charlm_cells",
+    "charlm_cells", "ArgumentError",
 ]
 
 #: The demos by command-line name.
@@ -77,27 +78,36 @@ def _check_args(parser, args):
     if getattr(args, "text", None) is not None:
         try:
             raw = load_corpus(args.text)
+            held_out_size(len(raw), len(set(raw)), args.seq_len, args.batch)
+        except ArgumentError as exc:
+            parser.error(f"argument {exc.option}: {exc.reason}")
         except UnicodeDecodeError as exc:
             parser.error(f"argument --text: {args.text!r} is not UTF-8 text ({exc.reason})")
         except OSError as exc:
             parser.error(f"argument --text: cannot read {args.text!r}: {exc.strerror}")
-        try:
-            held_out_size(len(raw), len(set(raw)), args.seq_len, args.batch)
-        except ValueError as exc:
-            parser.error(f"argument --text: {exc}")
     return args
+
+
+def _run_demo(parser, demo, args):
+    """``demo(**args)``, with an :class:`ArgumentError` (a value that the demo refuses
+    before it trains: a count below what another needs, a model too large for the
+    machine) reported as the argparse error of its option."""
+    try:
+        return demo(**args)
+    except ArgumentError as exc:
+        parser.error(f"argument {exc.option}: {exc.reason}")
 
 
 def charlm_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`charlm`; returns its result dict."""
     parser = charlm_parser()
-    return charlm(**vars(_check_args(parser, parser.parse_args(argv))))
+    return _run_demo(parser, charlm, vars(_check_args(parser, parser.parse_args(argv))))
 
 
 def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`adding`; returns its result dict."""
     parser = adding_parser()
-    return adding(**vars(_check_args(parser, parser.parse_args(argv))))
+    return _run_demo(parser, adding, vars(_check_args(parser, parser.parse_args(argv))))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -109,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(prog="python -m xlstm demo",
                                      description="Training demos of xlstm.")
-    sub = parser.add_subparsers(dest="demo", required=True)
+    sub = parser.add_subparsers(dest="demo", required=True, metavar="NAME")
     parsers = {
         "charlm": charlm_parser(sub.add_parser("charlm", help="character-level language model")),
         "adding": adding_parser(sub.add_parser("adding", help="the adding problem")),
@@ -124,6 +134,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = args.demo
     args = vars(_check_args(parsers[name], args))
     del args["demo"]
-    return DEMOS[name](**args)
+    return _run_demo(parsers[name], DEMOS[name], args)
 
 

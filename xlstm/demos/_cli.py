@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from .._compat import BACKENDS
+from ._run import folder_problem, input_problem, output_problem
 
 
 def int_at_least(low):
@@ -42,27 +42,25 @@ def positive_float(text):
 
 def output_file(text):
     """A file path that can be written: its folder exists and is writable, it is no folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
-    folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write in the folder {folder!r}")
-    if os.path.exists(text) and not os.access(text, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot overwrite {text!r}")
+    why = output_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+def output_folder(text):
+    """A folder that exists and can be written in."""
+    why = folder_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 
 def input_file(text):
-    """A file that exists and can be read."""
-    if not os.path.isfile(text):
-        what = "is a folder" if os.path.isdir(text) else "does not exist"
-        raise argparse.ArgumentTypeError(f"the file {text!r} {what}")
-    if not os.access(text, os.R_OK):
-        raise argparse.ArgumentTypeError(f"cannot read the file {text!r}")
+    """A regular file that exists and can be read (not a folder, a device or a pipe)."""
+    why = input_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 
@@ -213,7 +211,8 @@ def cells_parser(parser=None):
                    help="characters per step, the span of backpropagation (default 50)")
     p.add_argument("--sample-every", type=int_at_least(1), default=250,
                    help="measure the held-out loss every N steps (default 250)")
-    p.add_argument("--out-dir", default=".", help="folder of the parameter files (default .)")
+    p.add_argument("--out-dir", type=output_folder, default=".",
+                   help="folder of the parameter files (default .)")
     common_options(p, plot="charlm_cells.png")
     return p
 

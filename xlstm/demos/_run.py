@@ -3,6 +3,9 @@ and the linear head that the demos put on a model class's outputs."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 
 from .._compat import load_backend
@@ -22,11 +25,159 @@ def printer(verbose):
     return print if verbose else (lambda *args, **kwargs: None)
 
 
+class ArgumentError(ValueError):
+    """A bad value of one keyword argument of a demo, found before any training.
+
+    ``str(error)`` is ``"<name> <reason>"``; the command line shows it as the argparse
+    error ``argument --<name>: <reason>`` (underscores as hyphens).
+
+    Parameters
+    ----------
+    name : str
+        The keyword argument, e.g. ``"hidden"``.
+    reason : str
+        What is wrong and what to do, phrased to follow the name: ``"must be ..."``.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name, self.reason = name, reason
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.reason))
+
+    @property
+    def option(self) -> str:
+        """The command-line option of the argument: ``seq_len`` is ``--seq-len``."""
+        return "--" + self.name.replace("_", "-")
+
+
 def check_counts(**counts):
-    """Raise ValueError unless every count is an int >= its minimum (given as ``(v, lo)``)."""
-    for name, (value, low) in counts.items():
+    """Raise :class:`ArgumentError` unless every count is an int >= its minimum, given as
+    ``(value, low)`` or ``(value, low, why)`` (``why`` says where the minimum comes from)."""
+    for name, (value, low, *why) in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            because = f" ({why[0]})" if why else ""
+            raise ArgumentError(name, f"must be an int >= {low}{because}, got {value!r}")
+
+
+def check_multiple(name, value, step, why):
+    """Raise :class:`ArgumentError` unless ``value`` is a multiple of ``step``."""
+    if value % step:
+        raise ArgumentError(name, f"must be a multiple of {step} ({why}), got {value}; "
+                                  f"try {max(step, value - value % step)}")
+
+
+def memory_bytes():
+    """The machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_memory(what, itemsize, terms):
+    """Raise :class:`ArgumentError` if a run would need more memory than the machine has.
+
+    ``terms`` estimates the run's largest arrays (parameters, gradients and optimizer
+    moments, activations, data sets) as ``(elements, factors)`` pairs: a number of array
+    elements and the arguments it grows with, by name, with their values. Before anything
+    is allocated, the error names the largest factor of the largest term.
+    """
+    limit = memory_bytes()
+    need = itemsize * sum(count for count, _ in terms)
+    if limit is None or need <= limit:
+        return
+    factors = max(terms, key=lambda term: term[0])[1]
+    name = max(factors, key=factors.get)
+    raise ArgumentError(
+        name, f"is too large: {what} would need about {need / 2**30:,.0f} GiB of memory, "
+              f"more than the {limit / 2**30:,.0f} GiB here; choose a smaller value")
+
+
+def check_sequence_memory(what, dtype, *, weights, batch, test_size, length, inputs, units):
+    """:func:`check_memory` of a demo that trains on ``batch`` sequences and scores
+    ``test_size`` more, of ``T`` steps.
+
+    ``weights`` are ``(parameters, factors)`` terms (each counted four times: the
+    parameters, their gradients and Adam's two moments); ``length`` is ``(T, factors)``,
+    the sequence length and the arguments that set it; ``inputs`` is ``(n_x, factors)``,
+    the input numbers per step; ``units`` the activations kept per step for the backward
+    pass.
+    """
+    (T, t_by), (n_x, x_by) = length, inputs
+    terms = [(4 * n, by) for n, by in weights]
+    for name, count in (("batch", batch), ("test_size", test_size)):
+        terms.append((count * T * units, {name: count, **t_by}))
+        terms.append((count * T * n_x, {name: count, **t_by, **x_by}))
+    check_memory(what, 8 if dtype == "float64" else 4, terms)
+
+
+def lstm_parameters(n_x, n_a, directions=1):
+    """The parameters of a one-layer :class:`xlstm.LSTM`: ``4 n_a (n_a + n_x)`` weights and
+    ``8 n_a`` biases per direction."""
+    return directions * (4 * n_a * (n_a + n_x) + 8 * n_a)
+
+
+def output_problem(path):
+    """Why ``path`` cannot be written as a file (its folder missing or read-only, or it is
+    a folder), or None when it can."""
+    text = os.fspath(path)
+    if not text:
+        return "expected a file path, got an empty string"
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        return f"{text!r} is a folder, not a file"
+    if not os.path.isdir(folder):
+        return f"the folder {folder!r} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in the folder {folder!r}"
+    if os.path.exists(text) and not os.access(text, os.W_OK):
+        return f"cannot overwrite {text!r}"
+    return None
+
+
+def folder_problem(path):
+    """Why files cannot be written into the folder ``path``, or None when they can."""
+    text = os.fspath(path)
+    if not os.path.isdir(text):
+        what = "is a file" if os.path.exists(text) else "does not exist"
+        return f"must be an existing folder; {text!r} {what}"
+    if not os.access(text, os.W_OK | os.X_OK):
+        return f"cannot write in the folder {text!r}"
+    return None
+
+
+def input_problem(path):
+    """Why ``path`` cannot be read as a file (missing, a folder, not a regular file such as
+    a device or a pipe, unreadable), or None when it can."""
+    text = os.fspath(path)
+    try:
+        mode = os.stat(text).st_mode
+    except FileNotFoundError:
+        return f"the file {text!r} does not exist"
+    except OSError as exc:
+        return f"cannot read the file {text!r}: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return f"the file {text!r} is a folder"
+    if not stat.S_ISREG(mode):
+        return (f"{text!r} is not a regular file (a device, a pipe or a socket, which may "
+                "never end); give a text file")
+    if not os.access(text, os.R_OK):
+        return f"cannot read the file {text!r}"
+    return None
+
+
+def check_paths(*, outputs=(), folders=()):
+    """Raise :class:`ArgumentError` for the first output file of ``outputs`` (``(name,
+    path)`` pairs; None or False paths are skipped) or folder of ``folders`` that cannot
+    be written: a run checks what it needs at its end before it starts."""
+    for name, path in outputs:
+        if path not in (None, False, True) and (why := output_problem(path)):
+            raise ArgumentError(name, f"cannot be written: {why}")
+    for name, path in folders:
+        if why := folder_problem(path):
+            raise ArgumentError(name, why)
 
 
 def streams(seed, n):
@@ -76,6 +227,19 @@ def head_loss(model, params, x, labels, *, xp, state=None, lengths=None, mask=No
 def parameter_count(model):
     """The number of parameters of ``model``."""
     return int(sum(int(np.prod(v.shape)) for layer in model.params for v in layer.values()))
+
+
+def parameters_at(make, n, step=1):
+    """The number of parameters of ``make(n)``, found without building it.
+
+    A model's parameter count is a polynomial of degree at most 2 in its hidden size
+    (square recurrent and deeper-layer weights, weights on the input, biases), so three
+    small models, of hidden sizes ``step``, ``2 step`` and ``3 step``, give it exactly
+    for any multiple ``n`` of ``step`` (the heads of the sLSTM and the mLSTM need one).
+    """
+    y0, y1, y2 = (parameter_count(make(k * step)) for k in (1, 2, 3))
+    u = (n - step) // step
+    return y0 + (y1 - y0) * u + (y2 - 2 * y1 + y0) * (u * (u - 1) // 2)
 
 
 def hidden_for(make, budget, step=2, most=1024):

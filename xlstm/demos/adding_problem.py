@@ -17,7 +17,17 @@ from ..optim import Adam
 from ..params import init_params
 from ..train import fit
 from ._plot import curve_path, loss_curve
-from ._run import check_counts, fmt_time, printer, setup, streams, zeros
+from ._run import (
+    check_counts,
+    check_paths,
+    check_sequence_memory,
+    fmt_time,
+    lstm_parameters,
+    printer,
+    setup,
+    streams,
+    zeros,
+)
 
 __all__ = ["adding", "adding_data"]
 
@@ -116,6 +126,11 @@ def adding(
     say = printer(verbose)
     check_counts(T=(T, 2), steps=(steps, 1), hidden=(hidden, 1), batch=(batch, 1),
                  eval_every=(eval_every, 1), test_size=(test_size, 1))
+    check_paths(outputs=(("out", out), ("plot", curve_path(out, plot))))
+    check_sequence_memory(f"an LSTM with hidden={hidden}", dtype,
+                          weights=[(lstm_parameters(2, hidden) + hidden, {"hidden": hidden})],
+                          batch=batch, test_size=test_size, length=(T, {"T": T}),
+                          inputs=(2, {}), units=12 * hidden)
     xp, device, dt = setup(backend, dtype)
     init_rng, data_rng, test_rng = streams(seed, 3)
     params = init_params(2, hidden, 1, xp=xp, dtype=dt, device=device, seed=init_rng)

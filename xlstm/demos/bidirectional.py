@@ -20,7 +20,17 @@ from ..optim import Adam
 from ..train import fit
 from ._plot import loss_curve
 from ._run import (
-    check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
+    check_counts,
+    check_paths,
+    check_sequence_memory,
+    fmt_time,
+    head_logits,
+    head_loss,
+    init_head,
+    lstm_parameters,
+    printer,
+    setup,
+    streams,
 )
 
 __all__ = ["bidirectional", "next_symbol_data"]
@@ -101,6 +111,14 @@ def bidirectional(
     say = printer(verbose)
     check_counts(T=(T, 2), vocab=(vocab, 2), hidden=(hidden, 1), batch=(batch, 1),
                  steps=(steps, 1), test_size=(test_size, 1))
+    check_paths(outputs=(("plot", plot),))
+    check_sequence_memory(
+        f"a bidirectional LSTM with hidden={hidden} on {vocab} symbols", dtype,
+        weights=[(lstm_parameters(0, hidden, 2), {"hidden": hidden}),
+                 (lstm_parameters(vocab, hidden, 2) - lstm_parameters(0, hidden, 2)
+                  + 2 * vocab * hidden, {"vocab": vocab})],
+        batch=batch, test_size=test_size, length=(T, {"T": T}), inputs=(vocab, {"vocab": vocab}),
+        units=24 * hidden)
     xp, device, dt = setup(backend, dtype)
     init_rng, data_rng, test_rng = streams(seed, 3)
 

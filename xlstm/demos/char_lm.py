@@ -12,8 +12,10 @@ rebuilt from the same text to use the saved parameters later.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,10 +30,23 @@ from ..optim import Adam
 from ..train import fit
 from ._plot import curve_path, eval_curves, loss_curve
 from ._run import (
+    ArgumentError,
     cell_models,
+    check_counts,
+    check_memory,
+    check_multiple,
+    check_paths,
+    fmt_time,
+    head_logits,
+    head_loss,
     hidden_for,
+    init_head,
+    input_problem,
     parameter_count,
-    check_counts, fmt_time, head_logits, head_loss, init_head, printer, setup, streams,
+    parameters_at,
+    printer,
+    setup,
+    streams,
 )
 
 __all__ = ["charlm", "load_corpus", "sample"]
@@ -48,26 +63,64 @@ def load_corpus(path=None):
     in key order.
     """
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_text(path)
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def read_text(path):
+    """The UTF-8 text of the regular file ``path``, read in one bounded read of its size.
+
+    Anything but a regular file (a device such as ``/dev/zero``, which never ends, or a
+    pipe, whose opening can wait forever) is refused before it is opened, as an
+    :class:`ArgumentError` of ``text``; so is a file that changes its kind between the
+    check and the opening. Line ends are read as Python's text mode reads them (``\\r\\n``
+    and ``\\r`` become ``\\n``).
+
+    Raises
+    ------
+    ArgumentError
+        If ``path`` is not a readable regular file.
+    UnicodeDecodeError
+        If the file is not UTF-8.
+    OSError
+        If the reading fails.
+    """
+    why = input_problem(path)
+    if why:
+        raise ArgumentError("text", why)
+    # O_NONBLOCK: a pipe swapped in after the check cannot block the opening
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ArgumentError("text", f"{os.fspath(path)!r} is not a regular file")
+        data = f.read(info.st_size)
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def held_out_size(n_chars, n_distinct, seq_len, batch=1):
     """Characters of the text held out for evaluation (the last tenth, at least ``seq_len +
-    1``); ValueError if the text cannot serve: the rest must fill ``batch`` streams of at
-    least ``seq_len + 1`` characters."""
+    1``).
+
+    Raises :class:`ArgumentError` if the text cannot serve: of ``text`` with fewer than two
+    distinct characters; else, when the rest cannot fill ``batch`` streams of at least
+    ``seq_len + 1`` characters, of ``seq_len`` if even one stream is too long, or of
+    ``batch``.
+    """
     if n_distinct < 2:
-        raise ValueError("the text needs at least two distinct characters")
+        raise ArgumentError("text", "needs at least two distinct characters")
     n_val = max(n_chars // 10, seq_len + 1)
     need = batch * (seq_len + 1)
-    if n_chars - n_val < need:
-        raise ValueError(
-            f"the text has {n_chars} characters; after the {n_val} held out, "
-            f"{max(n_chars - n_val, 0)} are left to train on, fewer than batch={batch} "
-            f"streams of seq_len + 1 = {seq_len + 1} characters need ({need})"
+    left = max(n_chars - n_val, 0)
+    if left < need:
+        raise ArgumentError(
+            "seq_len" if left < seq_len + 1 else "batch",
+            f"does not fit the text: it has {n_chars} characters; after the {n_val} held "
+            f"out, {left} are left to train on, fewer than batch={batch} streams of seq_len "
+            f"+ 1 = {seq_len + 1} characters need ({need}); choose a smaller batch or "
+            "seq_len, or a longer text"
         )
     return n_val
 
@@ -219,6 +272,36 @@ def sample(
     return "".join(out)
 
 
+def _check_run(*, cell, hidden, layers, V, N, seq_len, batch, dtype, out, plot):
+    """The checks of a :func:`charlm` run that need the text (``V`` distinct characters of
+    ``N``) or several arguments, all before anything is allocated or trained.
+
+    Returns ``(cls, kwargs, n_val)``: the model class and its keyword arguments, and the
+    held-out size. Raises :class:`ArgumentError` naming the argument at fault: a cell
+    that does not exist, a hidden size that its heads do not divide, an output path that
+    cannot be written, a text that cannot serve, a model too large for the machine.
+    """
+    models = cell_models()
+    if cell not in models:
+        raise ArgumentError("cell", f"must be one of {sorted(models)}, got {cell!r}")
+    label, cls, kwargs = models[cell]
+    heads = kwargs.get("num_heads", 1)
+    check_multiple("hidden", hidden, heads, f"the {label} splits it among {heads} heads")
+    check_paths(outputs=(("out", out), ("plot", curve_path(out, plot))))
+    n_val = held_out_size(N, V, seq_len, batch)
+    n_params = parameters_at(lambda n: cls(V, n, num_layers=layers, **kwargs), hidden,
+                             heads) + V * hidden + V
+    # the parameters, their gradients and Adam's two moments; the activations that the
+    # backward pass keeps (about a dozen numbers per unit, layer and step) and the
+    # one-hot inputs, logits and their gradients
+    per_step = batch * seq_len * (12 * hidden * layers + 3 * V)
+    check_memory(f"a {layers}-layer {label} with hidden={hidden} (and batch={batch}, "
+                 f"seq_len={seq_len})", 8 if dtype == "float64" else 4,
+                 [(4 * n_params, {"hidden": hidden}),
+                  (per_step, {"batch": batch, "seq_len": seq_len})])
+    return cls, kwargs, n_val
+
+
 def charlm(
     *,
     text: str | os.PathLike | None = None,
@@ -316,9 +399,14 @@ def charlm(
 
     Raises
     ------
+    ArgumentError
+        A ValueError naming the argument, before any training: a count below its
+        minimum, an unknown ``cell``, a ``hidden`` that the cell's heads do not divide, a
+        model too large for the machine's memory, an ``out`` or ``plot`` that cannot be
+        written, a ``text`` that is not a regular file, or one too short for ``seq_len``
+        and ``batch`` (or with fewer than two distinct characters).
     ValueError
-        For a count below its minimum, an unknown dtype, or a text too short for
-        ``seq_len`` and ``batch`` (or with fewer than two distinct characters).
+        For an unknown dtype.
     """
     say = printer(verbose)
     check_counts(steps=(steps, 1), hidden=(hidden, 1), layers=(layers, 1),
@@ -328,15 +416,13 @@ def charlm(
     raw = load_corpus(text)
     ids_host, vocab = _encode(raw)
     V, N = len(vocab), ids_host.shape[0]
-    n_val = held_out_size(N, V, seq_len, batch)
+    cls, kwargs, n_val = _check_run(cell=cell, hidden=hidden, layers=layers, V=V, N=N,
+                                    seq_len=seq_len, batch=batch, dtype=dtype, out=out,
+                                    plot=plot)
     if set(prime) - set(vocab):
         say(f"note: the prime {prime!r} has characters outside the vocabulary; using a newline")
         prime = "\n"
     init_rng, sample_rng = streams(seed, 2)
-    models = cell_models()
-    if cell not in models:
-        raise ValueError(f"cell must be one of {sorted(models)}, got {cell!r}")
-    _, cls, kwargs = models[cell]
     model = cls(V, hidden, num_layers=layers, xp=xp, dtype=dt, device=device, seed=init_rng,
                 **kwargs)
     params = {"rnn": model.params,
@@ -484,19 +570,34 @@ def charlm_cells(
         cell, and ``plot_path``.
     """
     say = printer(verbose)
-    _, vocab = _encode(load_corpus(text))
-    V = len(vocab)
-    budget = parameter_count(LSTM(V, hidden))
-    runs, sizes, counts = {}, {}, {}
+    models = cell_models()
     for cell in cells:
-        _, cls, kw = cell_models()[cell]
-        n = hidden if cls is LSTM else hidden_for(lambda n, cls=cls, kw=kw: cls(V, n, **kw),
-                                                  budget)
+        if cell not in models:
+            raise ArgumentError("cells", f"must name cells of {sorted(models)}, got {cell!r}")
+    check_counts(hidden=(hidden, 1), steps=(steps, 1), sample_every=(sample_every, 0))
+    check_paths(outputs=(("plot", plot),), folders=(("out_dir", out_dir),))
+    ids, vocab = _encode(load_corpus(text))
+    V, N = len(vocab), ids.shape[0]
+    budget = parameters_at(lambda n: LSTM(V, n), hidden)
+    # every run is checked before the first one trains, with charlm's defaults
+    opts = {name: arg.default for name, arg in inspect.signature(charlm).parameters.items()}
+    opts.update(kwargs)
+    sizes = {}
+    for cell in cells:
+        _, cls, kw = models[cell]
+        sizes[cell] = hidden if cls is LSTM else hidden_for(
+            lambda n, cls=cls, kw=kw: cls(V, n, **kw), budget)
+        _check_run(cell=cell, hidden=sizes[cell], layers=1, V=V, N=N,
+                   seq_len=opts["seq_len"], batch=opts["batch"], dtype=opts["dtype"], plot=False,
+                   out=os.path.join(out_dir, f"charlm_{cell}.npz"))
+    runs, counts = {}, {}
+    for cell in cells:
+        n = sizes[cell]
         say(f"=== {cell}: n_h={n}")
         runs[cell] = charlm(cell=cell, text=text, hidden=n, layers=1, steps=steps,
                             sample_every=sample_every, plot=False, verbose=verbose,
                             out=os.path.join(out_dir, f"charlm_{cell}.npz"), **kwargs)
-        sizes[cell], counts[cell] = n, runs[cell]["parameters"]
+        counts[cell] = runs[cell]["parameters"]
     plot_path = None
     if plot:
         first = runs[cells[0]]

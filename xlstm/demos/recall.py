@@ -22,8 +22,20 @@ from ..optim import Adam
 from ..train import fit
 from ._plot import loss_curve
 from ._run import (
-    cell_models, check_counts, fmt_time, head_logits, head_loss, hidden_for, init_head, parameter_count,
-    printer, setup, streams,
+    cell_models,
+    check_counts,
+    check_paths,
+    check_sequence_memory,
+    fmt_time,
+    head_logits,
+    head_loss,
+    hidden_for,
+    init_head,
+    lstm_parameters,
+    parameter_count,
+    printer,
+    setup,
+    streams,
 )
 
 __all__ = ["recall", "recall_data"]
@@ -97,12 +109,21 @@ def recall(
         and ``seconds``, by model name; ``guess`` (``1 / values``) and ``plot_path``.
     """
     say = printer(verbose)
-    check_counts(pairs=(pairs, 1), queries=(queries, 1), keys=(keys, pairs),
+    check_counts(pairs=(pairs, 1), queries=(queries, 1),
+                 keys=(keys, pairs, "a distinct key for each of the pairs"),
                  values=(values, 2), hidden=(hidden, 2), batch=(batch, 1), steps=(steps, 1),
                  test_size=(test_size, 1))
+    check_paths(outputs=(("plot", plot),))
+    n_x, T = 2 * (keys + values), 2 * pairs + queries
+    symbols = {"keys": keys, "values": values}
+    check_sequence_memory(
+        f"an LSTM with hidden={hidden} on {n_x} input features", dtype,
+        weights=[(lstm_parameters(0, hidden) + values * hidden, {"hidden": hidden}),
+                 (lstm_parameters(n_x, hidden) - lstm_parameters(0, hidden), symbols)],
+        batch=batch, test_size=test_size, length=(T, {"pairs": pairs, "queries": queries}),
+        inputs=(n_x, symbols), units=12 * hidden)
     xp, device, dt = setup(backend, dtype)
     init_rng, data_rng, test_rng = streams(seed, 3)
-    n_x = 2 * (keys + values)
 
     def on_device(x, labels, mask):
         return (xp.asarray(np.asarray(x, dtype=dtype), device=device),
