@@ -413,12 +413,13 @@ def test_fortran_ordered_entries_load(tmp_path):
         # the zip directory and the header disagree on the entry's size
         (stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))[:-8]),
          r"'Wf' is 344 bytes according to the zip directory.*128 \+ 224"),
+        # a stored entry longer than its stored bytes, or than the file: refused from the
+        # zip directory, before anything of it is read
         (dataclasses.replace(stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))), file_size=10**9),
-         r"'Wf' is 1000000000 bytes according to the zip directory"),
-        # directory and header agree, the data is short: refused after reading what is there
+         r"entry 'Wf' declares 1000000000 bytes stored in 352, which a file of \d+ bytes"),
         (dataclasses.replace(stored("Wf.npy", npy(np.zeros((N_A, N_A + N_X)))[:-8]),
                              file_size=128 + 224),
-         r"cannot read entry 'Wf'|'Wf' is truncated"),
+         r"entry 'Wf' declares 352 bytes stored in 344"),
     ],
     ids=["long-header", "npy-v3", "not-npy", "complex", "structured", "object", "size-short",
          "size-huge", "data-short"],
@@ -545,7 +546,8 @@ def test_crafted_huge_entry_is_refused_with_bounded_memory(tmp_path, variant):
             if k in ("Wi", "Wc", "Wo"):
                 members[k] = dataclasses.replace(members[k], file_size=full)
         members = list(members.values())
-        match = r"'Wf' is truncated|cannot read entry 'Wf'"
+        # (refused from the zip directory: deflate cannot expand 16 KiB into 134 MB)
+        match = r"'Wf' is truncated|cannot read entry 'Wf'|'Wf' declares \d+ bytes stored in"
     path = tmp_path / "crafted.npz"
     write_zip(path, members)
     assert path.stat().st_size < 2 << 20
@@ -975,3 +977,91 @@ def test_a_checkpoint_needs_a_nested_tree(tmp_path):
 
     with pytest.raises(TypeError, match="tree must be nested"):
         save_checkpoint(tmp_path / "c.npz", {"W": np.ones(2)}, {"step": 1})
+
+
+# ------------------------------------------------------------- files that are not regular
+@contextlib.contextmanager
+def _hangs_after(seconds):
+    """Raise TimeoutError in the block after ``seconds`` (an ``open`` of a FIFO waits for
+    a writer forever)."""
+    import signal
+
+    def fire(*_):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _special_files(tmp_path):
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.npz"
+    folder.mkdir()
+    found = {"fifo": (fifo, r"a FIFO \(named pipe\)"), "directory": (folder, "a directory")}
+    for dev in ("/dev/zero", "/dev/urandom"):
+        if os.path.exists(dev):
+            found[dev] = (pathlib.Path(dev), "a character device")
+    return found
+
+
+@pytest.mark.parametrize("loader", ["load_params", "load_checkpoint"])
+def test_only_regular_files_are_read(tmp_path, loader):
+    """A FIFO (which hung in open), /dev/zero and /dev/urandom (read until the kernel
+    killed the process), a directory: refused before they are read, by what they are."""
+    from xlstm import io as xio
+
+    load = getattr(xio, loader)
+    for name, (path, kind) in _special_files(tmp_path).items():
+        with _hangs_after(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
+            load(path)
+        with _hangs_after(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
+            load(os.fspath(path).encode())
+
+
+def test_a_fifo_swapped_in_after_the_check_neither_hangs_nor_is_read(tmp_path, monkeypatch):
+    """The kind is checked again on the open descriptor, opened without waiting for a
+    writer: a FIFO that replaces a regular file between the two checks is refused."""
+    fifo = tmp_path / "p.npz"
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if os.fspath(p) == os.fspath(
+        fifo) else real_stat(p, *a, **k))
+    with _hangs_after(20), pytest.raises(ValueError, match="is a FIFO"):
+        load_params(fifo)
+
+
+def test_file_objects_that_are_not_regular_files_or_binary_are_refused(tmp_path):
+    """A file object over /dev/zero or a pipe is refused by its descriptor; one in text
+    mode gets the module's own message, whatever its encoding (not UnicodeDecodeError)."""
+    save_params(tmp_path / "p.npz", init_params(N_X, N_A, N_Y, seed=0))
+    if os.path.exists("/dev/zero"):
+        with open("/dev/zero", "rb") as f, pytest.raises(ValueError, match="character device"):
+            load_params(f)
+    r, w = os.pipe()
+    with os.fdopen(r, "rb") as f, os.fdopen(w, "wb"):
+        with _hangs_after(20), pytest.raises(ValueError, match="a FIFO"):
+            load_params(f)
+    for encoding in ("utf-8", "latin-1", "ascii"):
+        with open(tmp_path / "p.npz", encoding=encoding) as f:
+            with pytest.raises(TypeError, match=r"must be opened in binary mode \('rb'\)"):
+                load_params(f)
+    with open(tmp_path / "p.npz", "rb") as f:  # binary ones still load
+        assert set(load_params(f)) == set(PARAM_KEYS)
+    assert set(load_params(io.BytesIO((tmp_path / "p.npz").read_bytes()))) == set(PARAM_KEYS)
+
+
+def test_a_deflated_entry_beyond_deflates_ratio_is_refused_unread(tmp_path):
+    """Every read is bounded by the file's size: an entry that claims more bytes than
+    deflate can expand its stored bytes into is refused from the zip directory."""
+    head = npy_header((N_A, N_A + N_X))
+    wf = dataclasses.replace(deflated_zeros("Wf.npy", head, 0), file_size=10**9)
+    write_zip(tmp_path / "bomb.npz", good_members(tmp_path, Wf=wf))
+    with pytest.raises(ValueError, match=r"'Wf' declares 1000000000 bytes stored in \d+"):
+        load_params(tmp_path / "bomb.npz")

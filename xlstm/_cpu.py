@@ -45,7 +45,6 @@ import hashlib
 import importlib.util
 import inspect
 import os
-import stat
 import sys
 import threading
 import types
@@ -252,28 +251,14 @@ def _import_checked(name, text):
 
 def _read_at_most(path, limit):
     """The first ``limit`` bytes of the regular file ``path``; ``None`` where it is
-    missing, not a regular file (a FIFO is opened without waiting for a writer) or cannot
-    be read."""
+    missing, not a regular file (a FIFO is not waited on) or cannot be read."""
+    from .io import _open_regular
+
     try:
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(path, flags)
-    except OSError:
+        with _open_regular(path) as f:
+            return f.read(limit)
+    except (OSError, ValueError):
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 class BufferOps:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import math
 import os
@@ -80,6 +81,7 @@ _MAX_META_DEPTH = 4  # nesting of JSON arrays and objects; save_params writes at
 _MAX_HEADER_BYTES = 1024  # an .npy header; numpy writes 128 bytes for these arrays
 _MAX_DIRECTORY_BYTES = 1 << 16  # the zip central directory; 1025 entries need about 55 KiB
 _CHUNK = 1 << 20  # array data is read in pieces of at most this many bytes
+_MAX_DEFLATE_RATIO = 1032  # deflate expands a stored byte into at most this many
 _PROC_STATUS = "/proc/self/status"  # where Linux shows the umask without changing it
 _PICKLE_WHY = "which load_params refuses: unpickling a file can run arbitrary code"
 # What a damaged archive or entry can raise while it is read.
@@ -328,7 +330,8 @@ def load_params(
     Parameters
     ----------
     path : str, os.PathLike or binary file object
-        The archive to read. A file object must be open for binary reading and seekable.
+        The archive to read: a regular file. A file object must be open for binary
+        reading and seekable.
     xp : namespace, optional
         Target array namespace (``numpy``, ``cupy``, ``torch``, ``jax.numpy``,
         ``array_api_strict`` or their array-api-compat wrappers). Default: numpy.
@@ -350,7 +353,10 @@ def load_params(
     KeyError
         If a parameter is missing from the archive; the message names it and the path.
     ValueError
-        If the file is not a readable ``.npz`` archive (not a zip archive at all, a bare
+        If ``path`` (or the file object's descriptor) is not a regular file: a directory,
+        a FIFO, a device such as ``/dev/zero``, which is refused before it is read (a FIFO
+        without waiting for a writer); if the file is not a readable ``.npz`` archive (not a
+        zip archive at all, a bare
         ``.npy`` array, a pickle, corrupt or truncated), has duplicate, unknown or
         non-``.npy`` entries, holds pickled data or an object array, its metadata is
         missing, malformed, oversized or too deeply nested, describes a tree that breaks
@@ -359,7 +365,7 @@ def load_params(
         directory; the message names the problem and the path.
     TypeError
         If ``xp`` cannot hold the saved dtype (for example float64 in JAX without
-        ``jax_enable_x64``).
+        ``jax_enable_x64``), or a file object is open in text mode.
 
     See Also
     --------
@@ -408,9 +414,10 @@ def _load(path, xp, device):
     where = _name(path)
     target = namespace_of_module(xp)
     if isinstance(path, (str, bytes, os.PathLike)):
-        with open(path, "rb") as f:
+        with _open_regular(path, where) as f:
             meta, layout, host = _read_archive(f, where)
     else:
+        _check_file_object(path, where)
         meta, layout, host = _read_archive(path, where)
 
     dtype = getattr(target, meta["dtype"])
@@ -427,6 +434,74 @@ def _load(path, xp, device):
         return out, meta
     tree = unflatten(layout.tree, {p: out[key] for p, key in flatten(layout.tree).items()})
     return tree, meta
+
+
+def _open_regular(path: str | bytes | os.PathLike, where: str | None = None) -> BinaryIO:
+    """``path`` opened for binary reading, if it is a regular file.
+
+    The kind of file is checked before it is opened (``os.stat``: a directory, a FIFO, a
+    device such as ``/dev/zero`` or ``/dev/urandom``, a socket is refused), and again on
+    the open descriptor (``os.fstat``), which is opened without waiting for a writer
+    (``O_NONBLOCK``): a FIFO swapped in between the two checks neither hangs the call nor
+    is read. A regular file has a size, which bounds every read of it.
+
+    Parameters
+    ----------
+    path : str, bytes or os.PathLike
+        The file to open.
+    where : str, optional
+        How messages name the file (default: the path, quoted).
+
+    Returns
+    -------
+    binary file object
+        Open for reading, positioned at the start; the caller closes it.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not a regular file; the message says what it is.
+    """
+    where = _name(path) if where is None else where
+    _check_regular(os.stat(path).st_mode, where)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_regular(os.fstat(fd).st_mode, where)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+#: What a file that is not a regular one is, by its ``stat`` mode.
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(mode, where):
+    """Refuse a file whose ``stat`` mode is not a regular file's, naming what it is."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise ValueError(f"{where}: is {kind}; only regular files are read (a file of "
+                     "unbounded or unknown size could exhaust memory or block forever)")
+
+
+def _check_file_object(f, where):
+    """Refuse a file object in text mode, or one over a descriptor that is not a regular
+    file (``open('/dev/zero', 'rb')``, a pipe); an in-memory one (``io.BytesIO``) passes."""
+    if isinstance(f, io.TextIOBase):
+        raise TypeError(f"path {where} must be opened in binary mode ('rb'), not text mode")
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no descriptor
+        return
+    if isinstance(fd, int):
+        _check_regular(os.fstat(fd).st_mode, where)
 
 
 class _Layout(collections.namedtuple("_Layout", "entries tree sizes")):
@@ -447,8 +522,8 @@ def _read_archive(f, where):
     the archive in file ``f``."""
     import numpy as np
 
-    with _open_zip(f, where) as zf:
-        infos = _check_entries(zf, where)
+    with _open_zip(f, where) as (zf, size):
+        infos = _check_entries(zf, where, size)
         meta = _read_meta(zf, infos[_META], where)
         layout = _layout(meta, where)
         _check_entry_names(infos, layout, where)
@@ -480,15 +555,19 @@ def _read_archive(f, where):
 
 @contextlib.contextmanager
 def _open_zip(f, where):
-    """``f`` opened as a zip archive, after ruling out other kinds of file by their start."""
+    """``(zf, size)``: ``f`` opened as a zip archive, after ruling out other kinds of file by
+    their start, and the bytes from its position to its end."""
     try:
         start = f.tell()
         head = f.read(8)
         f.seek(start)
+    except UnicodeDecodeError:  # a text-mode reader that is no io.TextIOBase
+        raise TypeError(f"path {where} must be opened in binary mode ('rb'), not text mode"
+                        ) from None
     except (OSError, ValueError, AttributeError) as exc:
         raise _not_readable(where, f"cannot read or seek the file ({_why(exc)})") from None
     if isinstance(head, str):
-        raise TypeError(f"path {where} must be opened in binary mode, not text mode")
+        raise TypeError(f"path {where} must be opened in binary mode ('rb'), not text mode")
     head = bytes(head)
     if not head:
         raise _not_readable(where, "the file is empty")
@@ -499,6 +578,11 @@ def _open_zip(f, where):
     if head.startswith(b"PK"):
         _check_directory_size(f, start, where)
     try:
+        size = f.seek(0, os.SEEK_END) - start
+        f.seek(start)
+    except (OSError, ValueError) as exc:
+        raise _not_readable(where, f"cannot read or seek the file ({_why(exc)})") from None
+    try:
         zf = zipfile.ZipFile(f)
     except _READ_ERRORS as exc:
         if head.startswith(b"PK"):
@@ -506,7 +590,7 @@ def _open_zip(f, where):
             raise _not_readable(where, why) from None
         raise _not_readable(where, "it is not a zip archive, so not an .npz") from None
     with zf:
-        yield zf
+        yield zf, size
 
 
 def _check_directory_size(f, start, where):
@@ -545,9 +629,14 @@ def _bare_npy(f, where):
     return ValueError(f"{where}: holds {what}, not an .npz parameter archive")
 
 
-def _check_entries(zf, where):
-    """The zip entries by name without ``.npy``, after checking their names, compression
-    and encryption, and that the metadata is among them."""
+def _check_entries(zf, where, size):
+    """The zip entries by name without ``.npy``, after checking their names, compression,
+    encryption and sizes, and that the metadata is among them.
+
+    Every read is bounded by the file's ``size``: an entry's stored bytes fit in the file,
+    a stored entry is as long as its stored bytes, and a deflated one at most
+    ``_MAX_DEFLATE_RATIO`` times them (deflate's limit).
+    """
     infos = zf.infolist()
     names = [info.filename for info in infos]
     not_npy = [n for n in names if not n.endswith(".npy")]
@@ -570,6 +659,13 @@ def _check_entries(zf, where):
                 f"{where}: entry {key!r} uses zip compression method {info.compress_type}; "
                 "only stored and deflated entries are read"
             )
+        stored = info.compress_type == zipfile.ZIP_STORED
+        most = info.compress_size if stored else _MAX_DEFLATE_RATIO * (info.compress_size + 1)
+        if info.compress_size > size or info.file_size > most:
+            raise _not_readable(
+                where, f"entry {key!r} declares {info.file_size} bytes stored in "
+                f"{info.compress_size}, which a file of {size} bytes cannot hold "
+                "(damaged or crafted)")
     return by_key
 
 
