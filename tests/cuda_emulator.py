@@ -4,11 +4,12 @@
 * :func:`build` compiles :func:`xlstm._cuda.kernels.host_source` of one cell (optionally
   with AddressSanitizer, optionally from a modified kernel text) into a shared library;
   :func:`build_all` builds every cell's, in parallel.
-* :func:`host_launch` is a ``launch`` for ``Loops(dtype, mod=numpy, launch=...)``: it checks
-  every argument against the kernel table, gives each array its own heap buffer (so that an
-  access one element past any argument, not only past the end of a stack, leaves the
-  allocation), runs the emulated grid with a chosen block size and shuffled block order,
-  copies the written arguments back and checks that the read ones were not written.
+* :func:`host_launch` is a ``launch`` for ``Loops(dtype, mod=numpy, launch=...)``: per step
+  it checks every argument against the kernel table, gives each distinct array (a whole
+  stack, as the kernels take them) its own heap buffer, so that an access past any stack or
+  single slice leaves the allocation, runs the emulated grid with a chosen block size and
+  shuffled block order, copies back the slices that the step writes and checks that nothing
+  else was written.
 * :func:`api_results` runs one cell's whole sequences through the public API (the model
   class's ``forward`` with and without a cache and ``backward`` with a gradient on the final
   state; for the LSTM and the tanh RNN also the notebook's ``*_forward`` / ``*_backward``).
@@ -98,13 +99,29 @@ def build_all(cxx, directory, *, asan=False):
         return libs, time.perf_counter() - start
 
 
+def _span(arr):
+    """An array's memory, ``(first byte, bytes)``: the checks let two arguments share memory
+    only where they are the very same array."""
+    return arr.ctypes.data, arr.nbytes
+
+
+def _slots(arr):
+    """``arr`` as a 2-D view, one row per slice: a stack's slices, or one slice."""
+    return arr.reshape(arr.shape[0] if arr.ndim == 3 else 1, -1)
+
+
 def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
     """A ``launch`` for :class:`xlstm._cuda.Loops` that runs the emulated grid of the
     library of the launch's cell (``libs``: cell -> library or its path).
 
-    Blocks of ``block`` threads; launch ``k`` shuffles its blocks and threads with seed
-    ``seed + k`` (``seed=0``: every launch in natural order). ``launch.calls`` lists the
-    steps launched, ``launch.cells`` the cells.
+    ``launch(cell, step, dtype_name, total, args)`` returns ``run(s)``, which checks the
+    arguments of step ``s`` against the kernel table
+    (:func:`xlstm._cuda.kernels.check_args`), gives each distinct array its own heap buffer
+    (an array passed twice, one buffer), so that an access past any stack leaves its
+    allocation, runs the grid, copies back the slices that the step writes and checks that
+    nothing else changed. Blocks of ``block`` threads; launch ``k`` shuffles its blocks and
+    threads with seed ``seed + k`` (``seed=0``: every launch in natural order).
+    ``launch.calls`` lists the steps launched, ``launch.cells`` the cells.
     """
     libs = {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
             for c, lib in libs.items()}
@@ -114,39 +131,47 @@ def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
     def function(k, dtype_name):
         fn = getattr(libs[k.cell], k.name(dtype_name) + "_host")
         fn.restype = None
-        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_longlong,
-                       ctypes.c_longlong, *([ctypes.c_void_p] * len(k.args))]
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong,
+                       *(ctypes.c_void_p if "*" in p else ctypes.c_longlong
+                         for p in table.step_params(k))]
         return fn
 
     def launch(cell, step, name, total, args):
         k = table.kernel(cell, step)
-        m, n, *arrays = args
-        table.check_args(k, name, m, n, arrays)
-        if total != m * n:
-            raise AssertionError(f"{cell} {step}: {total} threads for a ({m}, {n}) grid")
-        calls.append(step)
-        cells.add(cell)
-        if total == 0:
-            return
-        # One fresh buffer per argument; an argument that is allowed to be another one and
-        # is, gets that one's buffer.
-        given = {a.name: arr for a, arr in zip(k.args, arrays)}
-        own = {}
-        for a in k.args:
-            if a.alias is not None and given[a.alias] is given[a.name]:
-                own[a.name] = own[a.alias]
-            else:
-                own[a.name] = np.array(given[a.name], copy=True, order="C")
-        bufs = [own[a.name] for a in k.args]
-        grid = (total + block - 1) // block
-        s = 0 if seed == 0 else seed + next(counter)
-        function(k, name)(grid, block, s, m, n, *(b.ctypes.data for b in bufs))
-        written = {a.alias for a in k.args if a.out and a.alias}
-        for a, arr, buf in zip(k.args, arrays, bufs):
-            if a.out:
-                arr[...] = buf
-            elif a.name not in written and buf.tobytes() != arr.tobytes():
-                raise AssertionError(f"{cell} {step}: the kernel wrote its input {a.name}")
+        m, n, *rest = args
+        fn = function(k, name)
+
+        def run(s):
+            table.check_args(k, name, (m, n, s, *rest))
+            if total != m * n:
+                raise AssertionError(f"{cell} {step}: {total} threads for a ({m}, {n}) grid")
+            calls.append(step)
+            cells.add(cell)
+            if total == 0:
+                return
+            own = {}
+            for arr in rest[::3]:
+                if _span(arr) not in own:
+                    own[_span(arr)] = (arr, np.array(arr, copy=True, order="C"))
+            flat = [own[_span(v)][1].ctypes.data if isinstance(v, np.ndarray) else v
+                    for v in rest]
+            grid = (total + block - 1) // block
+            fn(grid, block, 0 if seed == 0 else seed + next(counter), m, n, s, *flat)
+            written, names = {}, {}  # per array: the slices the step writes, its arguments
+            for a, arr, length, base in zip(k.args, rest[::3], rest[1::3], rest[2::3]):
+                names.setdefault(_span(arr), []).append(a.name)
+                if a.out:
+                    written.setdefault(_span(arr), set()).add((base + s) % length)
+            for key, (arr, buf) in own.items():
+                slots, copy = _slots(arr), _slots(buf)
+                for j in range(slots.shape[0]):
+                    if j in written.get(key, ()):
+                        slots[j] = copy[j]
+                    elif copy[j].tobytes() != slots[j].tobytes():
+                        raise AssertionError(f"{cell} {step}: the kernel wrote its input "
+                                             f"{', '.join(names[key])}")
+
+        return run
 
     launch.calls, launch.cells = calls, cells
     return launch
@@ -182,16 +207,13 @@ def host_persistent_launch(libs, *, seed=1):
         table.check_persistent_args(k, name, args)
         calls.append((step, args[2]))
         cells.add(cell)
-        def span(arr):  # the checks let two arrays share memory only all of it
-            return arr.ctypes.data, arr.nbytes
-
-        written = {span(args[10]), span(args[5])}  # out, the barrier's counter
-        written |= {span(arr) for a, arr in zip(k.args, args[11::3]) if a.out}
+        written = {_span(args[10]), _span(args[5])}  # out, the barrier's counter
+        written |= {_span(arr) for a, arr in zip(k.args, args[11::3]) if a.out}
         own = {}
         for arr in args:
-            if isinstance(arr, np.ndarray) and span(arr) not in own:
-                own[span(arr)] = (arr, np.array(arr, copy=True, order="C"))
-        flat = [own[span(v)][1].ctypes.data if isinstance(v, np.ndarray) else v for v in args]
+            if isinstance(arr, np.ndarray) and _span(arr) not in own:
+                own[_span(arr)] = (arr, np.array(arr, copy=True, order="C"))
+        flat = [own[_span(v)][1].ctypes.data if isinstance(v, np.ndarray) else v for v in args]
         s = 0 if seed == 0 else seed + next(counter)
         function(k, name)(grid, block, shared, s, *flat)
         for key, (arr, buf) in own.items():

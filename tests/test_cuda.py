@@ -134,39 +134,79 @@ def _args_for(k, m, n, dtype="float64"):
     return [np.zeros((1 if a.row else m, a.width * n), dtype) for a in k.args]
 
 
+def _one_slice(arrays):
+    """Per-step arguments of single slices: ``array, 1, 0`` each."""
+    return [v for arr in arrays for v in (arr, 1, 0)]
+
+
 def test_check_args_rejects_what_a_kernel_cannot_take():
+    """A per-step launch: sizes and step, then each argument as a stack with its length and
+    base; two arguments share memory only as one stack at different slices, or as the very
+    same slice where the table lets one be the other."""
     k = table.kernel("lstm", "bwd")
     m, n = 3, 2
+
+    def check(arrays, sizes=(m, n, 0), tail=None):
+        table.check_args(k, "float64", (*sizes, *(_one_slice(arrays) if tail is None else tail)))
+
     arrays = _args_for(k, m, n)
-    table.check_args(k, "float64", m, n, arrays)
+    check(arrays)
     arrays[-1] = arrays[2]  # dc_prev is dc: allowed
-    table.check_args(k, "float64", m, n, arrays)
+    check(arrays)
     bad = {
-        "m and n must be Python ints": (np.int64(m), n, _args_for(k, m, n)),
-        "8 arrays for 9": (m, n, _args_for(k, m, n)[:-1]),
-        "dg has shape": (m, n, [*_args_for(k, m, n)[:-2], np.zeros((m, 3 * n)), np.zeros((m, n))]),
-        "s is float32": (m, n, [*_args_for(k, m, n)[:3], np.zeros((m, 3 * n), np.float32),
-                                *_args_for(k, m, n)[4:]]),
-        "da is not C-contiguous": (m, n, [np.zeros((n, m)).T, *_args_for(k, m, n)[1:]]),
+        "m, n and step must be Python ints": dict(arrays=_args_for(k, m, n),
+                                                  sizes=(np.int64(m), n, 0)),
+        "8 stacks for 9": dict(arrays=_args_for(k, m, n)[:-1]),
+        "dg has shape": dict(arrays=[*_args_for(k, m, n)[:-2], np.zeros((m, 3 * n)),
+                                     np.zeros((m, n))]),
+        "s is float32": dict(arrays=[*_args_for(k, m, n)[:3], np.zeros((m, 3 * n), np.float32),
+                                     *_args_for(k, m, n)[4:]]),
+        "da is not C-contiguous": dict(arrays=[np.zeros((n, m)).T, *_args_for(k, m, n)[1:]]),
+        "da is one slice, not a stack": dict(arrays=None, tail=[
+            np.zeros((m, n)), 2, 0, *_one_slice(_args_for(k, m, n)[1:])]),
+        "da's length and base must be Python ints": dict(arrays=None, tail=[
+            np.zeros((2, m, n)), 2, -1, *_one_slice(_args_for(k, m, n)[1:])]),
     }
-    for message, (mm, nn, arrs) in bad.items():
+    for message, change in bad.items():
         with pytest.raises(AssertionError, match=message):
-            table.check_args(k, "float64", mm, nn, arrs)
+            check(**change)
     shared = _args_for(k, m, n)
     shared[1] = shared[0]  # da_rec is da: not allowed
     with pytest.raises(AssertionError, match="da_rec and da share memory"):
-        table.check_args(k, "float64", m, n, shared)
+        check(shared)
     gru = table.kernel("gru", "fwd")
-    table.check_args(gru, "float64", m, n, _args_for(gru, m, n))
+    table.check_args(gru, "float64", (m, n, 0, *_one_slice(_args_for(gru, m, n))))
     rows = _args_for(gru, m, n)
     rows[2] = np.zeros((m, 3 * n))  # ba is one row, read by every row
     with pytest.raises(AssertionError, match=r"ba has shape \(3, 6\)"):
-        table.check_args(gru, "float64", m, n, rows)
+        table.check_args(gru, "float64", (m, n, 0, *_one_slice(rows)))
     stack = np.zeros((2 * m + 1, n))
     partial = _args_for(k, m, n)
     partial[2], partial[-1] = stack[:m], stack[1 : m + 1]  # dc_prev overlaps dc, shifted
     with pytest.raises(AssertionError, match="dc_prev and dc share memory"):
-        table.check_args(k, "float64", m, n, partial)
+        check(partial)
+    # one stack, read at slice t and written at t + 1 (the forward's states): allowed at
+    # every step; at the same slice only where the table lets one argument be the other
+    f = table.kernel("lstm", "fwd_masked")
+    T = 3
+    stacks = {"gx": (T, 4), "ga": (None, 4), "c_prev": (T + 1, 1), "s": (T, 3),
+              "cct": (T, 1), "c": (T + 1, 1), "tc": (T, 1), "a": (T + 1, 1),
+              "active": (T, 1), "a_prev": (T + 1, 1)}
+    arrays = {name: np.zeros(((length,) if length else ()) + (m, width * n))
+              for name, (length, width) in stacks.items() if name not in ("c", "a_prev")}
+    arrays["active"] = np.zeros((T, m, 1), bool)
+    arrays["c"], arrays["a_prev"] = arrays["c_prev"], arrays["a"]
+    bases = {"c_prev": 0, "c": 1, "a_prev": 0, "a": 1}
+
+    def tail(**base):
+        return [v for a in f.args for v in (arrays[a.name], arrays[a.name].shape[0]
+                                            if arrays[a.name].ndim == 3 else 1,
+                                            {**bases, **base}.get(a.name, 0))]
+
+    for step in range(T):
+        table.check_args(f, "float64", (m, n, step, *tail()))
+    with pytest.raises(AssertionError, match="c and c_prev share memory"):
+        table.check_args(f, "float64", (m, n, 0, *tail(c=0)))  # c written over c_prev
 
 
 def test_table_sources_are_the_cells_buffers():
@@ -376,7 +416,7 @@ def test_host_relu_at_zero_and_nan(host_libs, dtype):
     ga = np.full((m, n), -0.0, dtype)  # -0 + -0 = -0 reaches relu
     a, h = np.empty((m, n), dtype), np.empty((m, n), dtype)
     loops = host_loops(host_libs, dtype)
-    loops.launch("rnn_relu", "fwd", dtype, m * n, (m, n, gx, ga, a, h))
+    loops.launch("rnn_relu", "fwd", dtype, m * n, (m, n, *_one_slice((gx, ga, a, h))))(0)
     want = cell.step(ops, gx, ga, (None,), NO_OUT)
     _same_bits(a, want["A"], err="a")
     _same_bits(h, want["H"], err="h")
@@ -384,7 +424,7 @@ def test_host_relu_at_zero_and_nan(host_libs, dtype):
     da_rec = np.full((m, n), 0.5, dtype)
     H = gx  # every value, NaN and -0 among them, as a saved output
     dg = np.empty((m, n), dtype)
-    loops.launch("rnn_relu", "bwd", dtype, m * n, (m, n, da, da_rec, H, dg))
+    loops.launch("rnn_relu", "bwd", dtype, m * n, (m, n, *_one_slice((da, da_rec, H, dg))))(0)
     (D,) = cell.back_coeffs(ops, {"H": H}, {}, NO_OUT)
     want_dg, _, _, _ = cell.step_back(ops, da, da_rec, (), (D,), {}, NO_OUT)
     _same_bits(dg, want_dg, err="dg")
@@ -801,20 +841,32 @@ def test_persistent_kernels_need_their_grid_barrier(cxx, tmp_path):
 
 def test_empty_grid_launches_nothing():
     """m = 0: no kernel is compiled or launched (which would need CuPy and a GPU)."""
-    _cuda._launch("lstm", "fwd", "float32", 0, ())
-    _cuda._launch("gru", "bwd", "float64", 0, ())
+    _cuda._launch("lstm", "fwd", "float32", 0, ())(0)
+    _cuda._launch("gru", "bwd", "float64", 0, ())(3)
 
 
 def test_launch_grid_and_argument_types(monkeypatch):
-    """What reaches cupy.RawKernel: enough blocks to cover the grid, sizes as int64."""
-    seen = []
-    monkeypatch.setattr(_cuda, "_kernel",
-                        lambda cell, step, name: lambda *a: seen.append((cell, step, name, a)))
+    """What reaches cupy.RawKernel: enough blocks to cover the grid, sizes and the step as
+    int64, the arrays as given; the kernel is looked up and the arguments converted once
+    for every step, so that a step only puts its index in."""
+    seen, kernels = [], []
+
+    def kernel(cell, step, name):
+        kernels.append((cell, step, name))
+        return lambda *a: seen.append(a)
+
+    monkeypatch.setattr(_cuda, "_kernel", kernel)
     arr = np.zeros(3, np.float32)
-    _cuda.Loops("float32").launch("gru", "bwd", "float32", _cuda.BLOCK + 1, (2, 3, arr))
-    ((cell, step, name, (grid, block, args)),) = seen
-    assert (cell, step, name, grid, block) == ("gru", "bwd", "float32", (2,), (_cuda.BLOCK,))
-    assert [type(a) for a in args] == [np.int64, np.int64, np.ndarray] and args[2] is arr
+    run = _cuda.Loops("float32").launch("gru", "bwd", "float32", _cuda.BLOCK + 1,
+                                        (2, 3, arr, 4, 1))
+    run(0)
+    run(5)
+    assert kernels == [("gru", "bwd", "float32")]
+    (grid, block, args), (grid2, block2, args2) = seen
+    assert (grid, block) == (grid2, block2) == ((2,), (_cuda.BLOCK,))
+    assert [type(a) for a in args] == [np.int64] * 3 + [np.ndarray, np.int64, np.int64]
+    assert args[:3] == (2, 3, 0) and args2[:3] == (2, 3, 5) and args[3] is arr
+    assert args[4:] == args2[4:] == (4, 1)
 
 
 def test_persistent_launch_arguments_and_shared_memory(monkeypatch):
@@ -981,7 +1033,7 @@ def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(tmp_path
                 assert pointers and pointers <= allowed, (name, sorted(pointers))
                 checked += 1
             step = ptx_nc_loads(ptx[cell], k.name(dtype_name),
-                                _param_names(table._params(k, ctype)))
+                                _param_names(table.step_params(k, ctype)))
             assert step, f"{k.name(dtype_name)}: no ld.global.nc left"
     assert checked  # the weights at least
 
@@ -1098,6 +1150,7 @@ def test_gpu_sequences_with_and_without_kernels(cp, cpx, monkeypatch, dtype, m, 
 
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     monkeypatch.setattr(_cuda.Loops, "persistent", persistent)
+    monkeypatch.setattr(_cuda.Loops, "rule", _cuda.PERSISTENT_WHERE_IT_FITS)  # at any size
     fused = run()
     assert any(key[3:] == ("persistent",) for key in _cuda._kernels) or not persistent
     monkeypatch.setenv("XLSTM_ACCEL", "0")
@@ -1125,6 +1178,7 @@ def test_gpu_every_cell_with_and_without_kernels(cp, cpx, monkeypatch, name, dty
     the array path."""
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     monkeypatch.setattr(_cuda.Loops, "persistent", persistent)
+    monkeypatch.setattr(_cuda.Loops, "rule", _cuda.PERSISTENT_WHERE_IT_FITS)  # at any size
     assert _engine.accelerated_loops(cpx, getattr(cpx, dtype), CELLS[name]) is not None
 
     def run():

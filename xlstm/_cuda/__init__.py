@@ -39,11 +39,14 @@ rounds as in the array path: backward steps are bit-identical to it, forward ste
 to the rounding of ``tanh``. The kernels are memory bound, so this costs nothing
 measurable.
 
-Layout. Every array a kernel sees is one step's C-contiguous slice of the engine's stacks
-(or the recurrent bias row); the upstream gradient, which may have any strides, is made
-contiguous once per backward call. The loops know no cell: they pass each kernel argument
-the buffer its table row names (:func:`_plan`). Nothing here synchronises the device;
-launches go to CuPy's current stream, under the device of the arrays.
+Layout. A kernel takes each of the engine's stacks whole, C-contiguous, with its length and
+base, and works on one step's slice of each (:func:`xlstm._cuda.kernels.step_params`); the
+upstream gradient, which may have any strides, is made contiguous once per backward call.
+The loops know no cell: they pass each kernel argument the buffer its table row names
+(:func:`_plan`). A per-step loop builds its launch's arguments once and then passes only
+the step's index (no view of any stack per step but the product's input). Nothing here
+synchronises the device; launches go to CuPy's current stream, under the device of the
+arrays.
 
 Persistent kernels. Where the recurrent weights fit in shared memory
 (:func:`persistent_plan`), the estimated step is shorter than a step of the per-step path
@@ -117,14 +120,31 @@ def _kernel(cell, step, dtype_name):
 _DTYPE_NAMES = {_np.dtype(_np.float32): "float32", _np.dtype(_np.float64): "float64"}
 
 
-def _launch(cell, step, name, total, args):
-    """Launch ``cell``'s kernel ``step`` (``"fwd"`` or ``"bwd"``) for ``name``'s dtype over
-    ``total`` threads. The sizes (Python ints) go as numpy int64, the kernels' ``long long``
+def _int64(args):
+    """``args`` with every Python int as numpy int64, the kernels' ``long long``
     ``index_t``, whatever CuPy's default for a Python int."""
-    if total > 0:
-        blocks = (total + BLOCK - 1) // BLOCK
-        args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
-        _kernel(cell, step, name)((blocks,), (BLOCK,), args)
+    return tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
+
+
+def _launch(cell, step, name, total, args):
+    """The launches of ``cell``'s per-step kernel ``step`` (``"fwd"`` or ``"bwd"``, or its
+    padded-batch variant) for ``name``'s dtype over ``total`` threads, with ``args`` the
+    parameters of :func:`xlstm._cuda.kernels.step_params` less ``step``: ``(m, n, array,
+    len, base, ...)``. Returns ``run(step)``, which launches step ``step``.
+
+    Everything but the step is converted once, so that a step costs one tuple and one
+    launch; nothing is compiled or launched where ``total`` is 0.
+    """
+    if total <= 0:
+        return lambda step: None
+    kern = _kernel(cell, step, name)
+    grid, block = ((total + BLOCK - 1) // BLOCK,), (BLOCK,)
+    head, tail = _int64(args[:2]), _int64(args[2:])
+
+    def run(step):
+        kern(grid, block, (*head, _np.int64(step), *tail))
+
+    return run
 
 
 def _persistent_kernel(cell, step, dtype_name):
@@ -177,7 +197,7 @@ def _launch_persistent(cell, step, name, grid, block, shared, args):
     """
     kern = _persistent_kernel(cell, step, name)
     _allow_shared(kern, shared)
-    args = tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
+    args = _int64(args)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=GRID_REDUCED, category=UserWarning)
         try:
@@ -315,10 +335,15 @@ def _plan(k, sources):
         raise ValueError(f"{k.cell} {k.step}: the loops have no buffer {exc.args[0]!r}") from None
 
 
-def _args(plan, idx):
-    """One launch's arrays: each planned array, indexed (modulo its length) where it is a
-    stack (``idx[index]``), as it is otherwise."""
-    return [arr if i is None else arr[idx[i] % arr.shape[0]] for arr, i in plan]
+def _stacks(plan, bases):
+    """The kernels' arguments for ``plan`` (``(array, index)`` per argument): ``array, len,
+    base`` each, the base of a stack from ``bases[index]`` (an array that is no stack, index
+    ``None``: one slice, length 1, base 0). Step ``s`` of a launch then reads slice ``(base
+    + s) % len`` of every stack."""
+    flat = []
+    for arr, i in plan:
+        flat += [arr, 1, 0] if i is None else [arr, arr.shape[0], bases[i]]
+    return flat
 
 
 class Loops:
@@ -334,9 +359,11 @@ class Loops:
 
     ``mod``, ``launch``, ``persistent_launch``, ``device``, ``occupancy`` and ``block`` are
     for the tests: with ``mod=numpy`` and launches that call a host build of the kernels,
-    the same loops run on the CPU. ``launch(cell, step, dtype_name, total, args)`` runs
-    kernel ``(cell, step)`` of the table over ``total`` elements, with ``args`` in the
-    table's order: ``m``, ``n``, then the arrays. ``persistent_launch(cell, step,
+    the same loops run on the CPU. ``launch(cell, step, dtype_name, total, args)``
+    prepares the launches of kernel ``(cell, step)`` of the table over ``total`` elements,
+    with ``args`` the parameters of :func:`xlstm._cuda.kernels.step_params` less the step
+    (``m``, ``n``, then ``array, len, base`` per argument), and returns ``run(step)``, which
+    launches one step. ``persistent_launch(cell, step,
     dtype_name, grid, block, shared, args)`` runs its persistent kernel with the arguments
     of :func:`xlstm._cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors,
     shared memory per block)`` (default: the current CuPy device's), ``occupancy(cell, step,
@@ -402,17 +429,31 @@ class Loops:
             return None
         return plan
 
-    def _persistent(self, cell, step, plan, sizes, w, gemm_in, gemm_out, stacks):
-        """Launch the persistent kernel of ``(cell, step)``: ``stacks`` holds ``(array,
-        base)`` per argument of the row (``base`` ``None`` for an array that is no stack)."""
-        flat = []
-        for arr, base in stacks:
-            flat += [arr, 1, 0] if base is None else [arr, arr.shape[0], base]
+    def _persistent(self, cell, step, plan, sizes, w, gemm_in, gemm_out, flat):
+        """Launch the persistent kernel of ``(cell, step)``: ``flat`` holds the row's
+        arguments as :func:`_stacks` gives them."""
         barrier = self.mod.zeros(1, dtype=_np.uint64)
         self.persistent_launch(
             cell.name, step, self.name, plan.grid, self.block, plan.shared,
             (*sizes, plan.units, plan.tile, barrier, self.mod.ascontiguousarray(w), *gemm_in,
              gemm_out, *flat))
+
+    def _steps(self, k, m, n, plan, bases):
+        """``run(s)``, which launches step ``s`` of row ``k``'s per-step kernel on ``plan``
+        (``(array, index)`` per argument, stacks based at ``bases[index]``, see
+        :func:`_stacks`): the launch's arguments are built once. A stack that is not
+        C-contiguous as a whole (its slices apart) goes as its slice of the step instead, a
+        stack of one, built at every step."""
+        launch = functools.partial(self.launch, k.cell, k.key[1], self.name, m * n)
+        if all(arr.flags.c_contiguous for arr, _ in plan):
+            return launch((m, n, *_stacks(plan, bases)))
+
+        def run(s):
+            one = [(arr, i) if i is None or arr.flags.c_contiguous
+                   else (arr[(bases[i] + s) % arr.shape[0]], None) for arr, i in plan]
+            launch((m, n, *_stacks(one, bases)))(s)
+
+        return run
 
     def supports(self, cell) -> bool:
         """The cells with kernels in the table (every cell of the package)."""
@@ -455,17 +496,20 @@ class Loops:
                 sources["active"] = (self.mod.ascontiguousarray(active), "k")
             plan = _plan(k, sources)
             persistent = self.persistent_plan(k, m, n, arrays=[first, *(arr for arr, _ in plan)])
+            # step i of the chunk: slot i of the chunk's stacks, t0 + i of the states'
+            bases = {"k": 0, "t": t0, "t+1": t0 + 1}
             if persistent is not None and T_c > 0:
-                bases = {"k": 0, "t": t0, "t+1": t0 + 1, None: None}
                 self._persistent(cell, k.key[1], persistent, (m, n, T_c), WaT,
-                                 (first, first.shape[0], t0), ga,
-                                 [(arr, bases[i]) for arr, i in plan])
+                                 (first, first.shape[0], t0), ga, _stacks(plan, bases))
                 return
+            run = self._steps(k, m, n, plan, bases)
+            slots = [None] * first.shape[0]  # the product's input, one view per slot
             for i in range(T_c):
-                t = t0 + i
-                self.mod.matmul(first[t % first.shape[0]], WaT, out=ga)
-                self.launch(cell.name, k.key[1], self.name, m * n,
-                            (m, n, *_args(plan, {"k": i, "t": t, "t+1": t + 1})))
+                j = (t0 + i) % len(slots)
+                if slots[j] is None:
+                    slots[j] = first[j]
+                self.mod.matmul(slots[j], WaT, out=ga)
+                run(i)
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
@@ -508,13 +552,14 @@ class Loops:
                 sources["hold"] = (hold, None)
             plan = _plan(k, sources)
             persistent = self.persistent_plan(k, m, n, arrays=[dGa, *(arr for arr, _ in plan)])
+            bases = {"t": 0}  # step t: slot t of every stack
             if persistent is not None and T > 0:
                 self._persistent(cell, k.key[1], persistent, (m, n, T), WaT, (dGa, T, 0),
-                                 da_rec, [(arr, None if i is None else 0) for arr, i in plan])
+                                 da_rec, _stacks(plan, bases))
             else:
+                run = self._steps(k, m, n, plan, bases)
                 for t in range(T - 1, -1, -1):
-                    self.launch(cell.name, k.key[1], self.name, m * n,
-                                (m, n, *_args(plan, {"t": t})))
+                    run(t)
                     self.mod.matmul(dGa[t], Wa, out=da_rec)  # (19), recurrent part
             if hold is not None:
                 self.mod.add(da_rec, hold, out=da_rec)

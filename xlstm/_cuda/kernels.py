@@ -1,13 +1,19 @@
 """The table of the fused CUDA kernels, and everything generated from it.
 
 Each kernel is declared once, in :data:`TABLE`: its cell, its step (``"fwd"`` or ``"bwd"``),
-the element function of the cell's header that it calls, and its arguments in order. Every
-kernel takes the sizes ``m`` and ``n`` first, then arrays: one step's C-contiguous
-``(m, width * n)`` slices of the engine's stacks (width 4 for the LSTM's gates, 3 for its
-sigmoid gates, 1 for one number per unit), or a ``(1, width * n)`` row read by every row
-(a bias), each one read (``const``) or written. A written argument may name the read
-argument that it is allowed to be (``dc_prev`` updated in place over ``dc``); both then lose
-``__restrict__``.
+the element function of the cell's header that it calls, and its arguments in order. The
+element function works on one step's C-contiguous ``(m, width * n)`` slices of the engine's
+stacks (width 4 for the LSTM's gates, 3 for its sigmoid gates, 1 for one number per unit),
+or a ``(1, width * n)`` row read by every row (a bias), each one read (``const``) or written.
+A written argument may name the read argument that it is allowed to be (``dc_prev`` updated
+in place over ``dc``); both then lose ``__restrict__``.
+
+Both kinds of kernel take each argument the same way, as a whole C-contiguous stack of
+such slices with its length and base, ``(array, len, base)``: step ``s`` works on slice
+``(base + s) % len`` (a single slice is a stack of one, base 0). A per-step kernel
+(:func:`step_params`) takes the sizes ``m`` and ``n`` and the step ``s``, then the stacks;
+a persistent kernel (:func:`persistent_params`) runs every step of a loop itself. So a loop
+builds a launch's arguments once, and from one step to the next only ``s`` changes.
 
 Each argument also names its *source*, the engine's buffer that the loops
 (:class:`xlstm._cuda.Loops`) pass for it; the loops know no cell, only these names:
@@ -31,12 +37,12 @@ Each argument also names its *source*, the engine's buffer that the loops
 From the table come:
 
 * :func:`source`: the CUDA text that NVRTC compiles at run time (and nvcc in CI): the cell's
-  header inlined, then one ``extern "C" __global__`` wrapper per kernel and dtype, one
-  thread per element of the ``(m, n)`` grid;
+  header inlined, then per kernel and dtype one ``extern "C" __global__`` per-step kernel,
+  one thread per element of the ``(m, n)`` grid, and one persistent kernel;
 * :func:`host_source`: the tests' host build, the same text behind a grid emulator plus one
   ``extern "C"`` launcher per kernel taking ``(grid, block, seed, args...)``;
-* :func:`check_args`: the checks of a launch's arguments (count, dtype, shape, layout,
-  overlap) that the tests make on every step;
+* :func:`check_args` and :func:`check_persistent_args`: the checks of a launch's arguments
+  (count, dtype, shape, layout, overlap) that the tests make on every launch;
 * :func:`write`: the files that ``.ci/compile_cuda.sh`` compiles; run this file as a
   script, ``python xlstm/_cuda/kernels.py --write DIR``, which needs nothing but Python.
 
@@ -57,7 +63,8 @@ from pathlib import Path
 
 __all__ = ["DTYPES", "GUARD", "HEADERS", "PERSISTENT", "TABLE", "Arg", "Kernel", "cells",
            "check_args", "check_persistent_args", "gates", "host_source", "kernel",
-           "kernel_name", "launch_read_only", "masked", "persistent_params", "source", "write"]
+           "kernel_name", "launch_read_only", "masked", "persistent_params", "source", "step_params",
+           "write"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -283,15 +290,13 @@ def kernel_name(cell: str, step: str, dtype_name: str) -> str:
 
 
 # ---------------------------------------------------------------------- generated C++
-def _params(k, ctype, restrict=True):
-    """The kernel's parameter list: sizes, then arrays (const, ``__restrict__`` unless
-    aliased; with ``restrict`` false, none at all)."""
-    aliased = k.aliased() if restrict else frozenset(a.name for a in k.args)
-    out = ["xlstm::index_t m", "xlstm::index_t n"]
+def _point_params(k, ctype):
+    """The point function's parameters: ``e``, ``n``, then one pointer per argument (const
+    where read), without ``__restrict__`` (see :func:`_point`)."""
+    out = ["xlstm::index_t e", "xlstm::index_t n"]
     for a in k.args:
         const = "" if a.out else "const "
-        restrict = "" if a.name in aliased else " __restrict__"
-        out.append(f"{const}{'bool' if a.mask else ctype}*{restrict} {a.name}")
+        out.append(f"{const}{'bool' if a.mask else ctype}* {a.name}")
     return out
 
 
@@ -306,23 +311,56 @@ def _point(k, dtype_name):
     a persistent kernel wrote at the step before (:func:`launch_read_only`).
     """
     ctype = DTYPES[dtype_name][1]
-    params = ",\n    ".join(["xlstm::index_t e", *_params(k, ctype, restrict=False)[1:]])
+    params = ",\n    ".join(_point_params(k, ctype))
     call = f"xlstm::{k.elem}<{ctype}>({', '.join(['e', 'n', *(a.name for a in k.elem_args())])});"
     body = _masked_body(k, ctype, call) if k.masked else [call]
     return (f"__device__ inline void {k.point_name(dtype_name)}(\n    {params}) {{\n"
             + "".join(f"    {line}\n" for line in body) + "}\n")
 
 
+def _stack_params(k, ctype, restrict):
+    """Each argument of row ``k`` as a whole stack: its pointer (const where read,
+    ``__restrict__`` where named in ``restrict``), its length and its base."""
+    out = []
+    for a in k.args:
+        const = "" if a.out else "const "
+        qualifier = " __restrict__" if a.name in restrict else ""
+        out += [f"{const}{'bool' if a.mask else ctype}*{qualifier} {a.name}",
+                f"xlstm::index_t {a.name}_len", f"xlstm::index_t {a.name}_base"]
+    return out
+
+
+def step_params(k: Kernel, ctype: str = "float", *, restrict: bool = True) -> list[str]:
+    """The parameters of row ``k``'s per-step kernel, in order: the sizes ``m`` and ``n``,
+    the step ``step``, then each argument of the row as a whole stack with its length and
+    base, as for the persistent kernel (:func:`persistent_params`): the launch reads and
+    writes slice ``(base + step) % len``. So the loops build a launch's arguments once and
+    change only ``step`` from one step to the next.
+
+    ``__restrict__`` on every array but the ones that may alias (:meth:`Kernel.aliased`;
+    with ``restrict`` false, on none): a launch is one step, and reads nothing that it
+    writes. Two arguments on one stack (``C[t]`` and ``C[t+1]``) touch different slices."""
+    names = frozenset(a.name for a in k.args) - k.aliased() if restrict else frozenset()
+    return ["xlstm::index_t m", "xlstm::index_t n", "xlstm::index_t step",
+            *_stack_params(k, ctype, names)]
+
+
+def _slices(k, indent):
+    """The point function's arguments after ``e, n``: each stack's slice at ``step``."""
+    return f",\n{indent}".join(
+        ["e, n", *(f"xlstm::step_slice({a.name}, {a.name}_len, {a.name}_base, step, "
+                   f"{_slice_size(a)})" for a in k.args)])
+
+
 def _wrapper(k, dtype_name):
-    """The per-step kernel: one thread per element of the ``(m, n)`` grid."""
+    """The per-step kernel: one thread per element of the ``(m, n)`` grid of step ``step``."""
     ctype = DTYPES[dtype_name][1]
-    params = ",\n    ".join(_params(k, ctype))
-    call = f"{k.point_name(dtype_name)}({', '.join(['e', 'n', *(a.name for a in k.args)])});"
+    params = ",\n    ".join(step_params(k, ctype))
     return (
         f'extern "C" __global__ void {k.name(dtype_name)}(\n    {params}) {{\n'
         "    const xlstm::index_t e = (xlstm::index_t)blockIdx.x * blockDim.x + threadIdx.x;\n"
         f"    {GUARD} {{\n"
-        f"        {call}\n"
+        f"        {k.point_name(dtype_name)}({_slices(k, ' ' * 12)});\n"
         "    }\n"
         "}\n"
     )
@@ -374,17 +412,11 @@ def persistent_params(k: Kernel, ctype: str = "float") -> list[str]:
 
     ``__restrict__`` only on ``w`` and the arguments of :func:`launch_read_only`: nothing
     that the launch writes is read through the non-coherent path."""
-    read_only = launch_read_only(k)
     out = [f"xlstm::index_t {v}" for v in ("m", "n", "steps", "units", "tile")]
     out += ["unsigned long long* barrier", f"const {ctype}* __restrict__ w",
             f"const {ctype}* in", "xlstm::index_t in_len", "xlstm::index_t in_base",
             f"{ctype}* out"]
-    for a in k.args:
-        const = "" if a.out else "const "
-        restrict = " __restrict__" if a.name in read_only else ""
-        out += [f"{const}{'bool' if a.mask else ctype}*{restrict} {a.name}",
-                f"xlstm::index_t {a.name}_len", f"xlstm::index_t {a.name}_base"]
-    return out
+    return out + _stack_params(k, ctype, launch_read_only(k))
 
 
 def _persistent(k, dtype_name):
@@ -401,9 +433,7 @@ def _persistent(k, dtype_name):
     clash = _PERSISTENT_LOCALS.intersection(a.name for a in k.args)
     if clash:
         raise ValueError(f"{k.cell} {k.step}: argument names {sorted(clash)} are taken")
-    slices = ",\n                ".join(
-        ["e, n", *(f"xlstm::step_slice({a.name}, {a.name}_len, {a.name}_base, step, "
-                     f"{_slice_size(a)})" for a in k.args)])
+    slices = _slices(k, " " * 16)
     gemm = ("        xlstm::block_gemm<T>(xlstm::step_slice(in, in_len, in_base, step, m * K), m, "
             "K, out,\n                             ld_out, cols, w_sh, tile_sh, tile, ldw);\n")
     lines = [
@@ -507,10 +537,10 @@ def _header(name, prelude=True):
 
 
 def _launcher(k, dtype_name):
-    ctype = DTYPES[dtype_name][1]
+    params = step_params(k, DTYPES[dtype_name][1], restrict=False)
+    call = ", ".join(p.split()[-1].lstrip("*") for p in params)
     params = ",\n    ".join(["unsigned grid", "unsigned block", "unsigned long long seed",
-                              *_params(k, ctype, restrict=False)])
-    call = ", ".join(["m", "n", *(a.name for a in k.args)])
+                              *params])
     name = k.name(dtype_name)
     return (f'extern "C" void {name}_host(\n    {params}) {{\n'
             f"    xlstm_emu::launch({name}, grid, block, seed, {call});\n}}\n")
@@ -566,35 +596,67 @@ def write(directory: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ argument checks
-def check_args(k: Kernel, dtype_name: str, m, n, arrays, *, address=None) -> None:
-    """Check one launch's arguments against row ``k``: ``m`` and ``n`` Python ints, one
-    array per argument, each of dtype ``dtype_name``, shape ``(m, width * n)`` (a row:
-    ``(1, width * n)``; a mask: ``bool`` of shape ``(m, 1)``) and C-contiguous, and no two sharing memory unless the table lets them (then exactly).
+def _address_of(address):
+    if address is not None:
+        return address
+    return lambda arr: arr.ctypes.data
+
+
+def _stacks(k, where, dtype_name, m, n, rest):
+    """The row's arguments in ``rest`` (``array, len, base`` each), checked: the lengths and
+    bases Python ints, each array of its argument's dtype, a C-contiguous stack of ``len``
+    slices of its shape (``(m, width * n)``, a row ``(1, width * n)``, a mask ``bool``
+    ``(m, 1)``) or, with ``len`` 1 and base 0, one slice. Returns ``(arg, array, len,
+    base)`` per argument."""
+    _expect(len(rest) == 3 * len(k.args), f"{where}: {len(rest) // 3} stacks for {len(k.args)}")
+    out = []
+    for a, arr, length, base in zip(k.args, rest[::3], rest[1::3], rest[2::3]):
+        _expect(type(length) is int and type(base) is int and length >= 1 and base >= 0,
+                f"{where}: {a.name}'s length and base must be Python ints, >= 1 and >= 0")
+        _expect(base <= 2**62, f"{where}: {a.name}'s base is out of range")
+        shape = (m, 1) if a.mask else (1 if a.row else m, a.width * n)
+        if arr.ndim == 2:
+            _expect(length == 1 and base == 0, f"{where}: {a.name} is one slice, not a stack")
+        else:
+            shape = (length, *shape)
+        want = "bool" if a.mask else dtype_name
+        _expect(str(arr.dtype) == want, f"{where}: {a.name} is {arr.dtype}")
+        _expect(tuple(arr.shape) == shape, f"{where}: {a.name} has shape {arr.shape}, not {shape}")
+        _expect(arr.flags.c_contiguous, f"{where}: {a.name} is not C-contiguous")
+        out.append((a, arr, length, base))
+    return out
+
+
+def _spans(arrays, address):
+    """``(name, first byte, byte past the end)`` of each ``(name, array)``."""
+    return [(name, address(arr), address(arr) + arr.size * arr.itemsize) for name, arr in arrays]
+
+
+def check_args(k: Kernel, dtype_name: str, args, *, address=None) -> None:
+    """Check one launch of row ``k``'s per-step kernel: ``args`` in the order of
+    :func:`step_params`, ``m``, ``n`` and ``step`` Python ints, each argument a stack with its
+    length and base (see :func:`_stacks`). Two arguments share memory only where they are
+    the very same stack and, at this step, either different slices of it or the same slice
+    of an argument and the read argument it may be (the table's ``alias``).
 
     ``address(arr)`` gives an array's first byte (default: numpy's ``arr.ctypes.data``).
     Raises ``AssertionError`` naming the kernel and the argument.
     """
     where = f"{k.cell} {k.step}"
-    _expect(type(m) is int and type(n) is int, f"{where}: m and n must be Python ints")
-    _expect(len(arrays) == len(k.args), f"{where}: {len(arrays)} arrays for {len(k.args)}")
-    if address is None:
-        def address(arr):
-            return arr.ctypes.data
-    spans = []
-    for a, arr in zip(k.args, arrays):
-        want = "bool" if a.mask else dtype_name
-        _expect(str(arr.dtype) == want, f"{where}: {a.name} is {arr.dtype}")
-        shape = (m, 1) if a.mask else (1 if a.row else m, a.width * n)
-        _expect(tuple(arr.shape) == shape, f"{where}: {a.name} has shape {arr.shape}")
-        _expect(arr.flags.c_contiguous, f"{where}: {a.name} is not C-contiguous")
-        start = address(arr)
-        spans.append((a, start, start + arr.size * arr.itemsize))
-    for i, (a, lo, hi) in enumerate(spans):
-        for b, lo2, hi2 in spans[:i]:
-            if lo < hi2 and lo2 < hi:  # they overlap: only an allowed alias, and exactly
-                allowed = a.alias == b.name or b.alias == a.name
-                _expect(allowed and (lo, hi) == (lo2, hi2),
-                        f"{where}: {a.name} and {b.name} share memory")
+    m, n, step, *rest = args
+    _expect(all(type(v) is int and v >= 0 for v in (m, n, step)),
+            f"{where}: m, n and step must be Python ints >= 0")
+    stacks = _stacks(k, where, dtype_name, m, n, rest)
+    spans = _spans([(a.name, arr) for a, arr, _, _ in stacks], _address_of(address))
+    for i, ((a, _, length, base), (_, lo, hi)) in enumerate(zip(stacks, spans)):
+        for (b, _, length2, base2), (_, lo2, hi2) in zip(stacks[:i], spans[:i]):
+            if not (lo < hi2 and lo2 < hi):
+                continue
+            same = (lo, hi) == (lo2, hi2)
+            slot, slot2 = (base + step) % length, (base2 + step) % length2
+            allowed = a.alias == b.name or b.alias == a.name
+            _expect(same and (slot != slot2 or allowed),
+                    f"{where}: {a.name} and {b.name} share memory")
 
 
 def check_persistent_args(k: Kernel, dtype_name: str, args, *, address=None) -> None:
@@ -602,49 +664,32 @@ def check_persistent_args(k: Kernel, dtype_name: str, args, *, address=None) -> 
     :func:`persistent_params`, the sizes Python ints, the barrier's counter one zero
     ``uint64``, ``w`` the ``(n, k n)`` weights, ``in`` a stack of the product's input
     (``(len, m, n)`` forward, ``(len, m, k n)`` backward) and ``out`` its ``(m, k n)`` or
-    ``(m, n)`` output; each argument of the row a stack of ``len`` slices of
-    :func:`check_args`'s shape (or, with ``len`` 1 and base 0, one such slice), base and
-    length in range. All of dtype ``dtype_name`` (masks ``bool``), C-contiguous, and two
-    arrays share memory only where they are the very same array (a stack read at one step
-    and written at the next). Raises ``AssertionError`` naming the kernel and argument.
+    ``(m, n)`` output; each argument of the row a stack as for :func:`check_args`. All of
+    dtype ``dtype_name`` (masks ``bool``), C-contiguous, and two arrays share memory only
+    where they are the very same array (a stack read at one step and written at the next).
+    Raises ``AssertionError`` naming the kernel and argument.
     """
     where = f"{k.cell} {k.step} persistent"
-    if address is None:
-        def address(arr):
-            return arr.ctypes.data
     m, n, steps, units, tile, barrier, w, gin, gin_len, gin_base, gout, *rest = args
-    sizes = (m, n, steps, units, tile, gin_len, gin_base, *rest[1::3], *rest[2::3])
+    sizes = (m, n, steps, units, tile, gin_len, gin_base)
     _expect(all(type(v) is int and v >= 0 for v in sizes),
             f"{where}: sizes, lengths and bases must be Python ints >= 0")
-    _expect(len(rest) == 3 * len(k.args), f"{where}: {len(rest) // 3} stacks for {len(k.args)}")
     _expect(min(steps, units, tile) >= 1, f"{where}: steps, units and tile must be >= 1")
     _expect(str(barrier.dtype) == "uint64" and barrier.shape == (1,) and int(barrier[0]) == 0,
             f"{where}: the barrier's counter must be one zero uint64")
+    stacks = _stacks(k, where, dtype_name, m, n, rest)
+    _expect(all(base + steps <= 2**62 for _, _, _, base in stacks) and gin_base + steps <= 2**62,
+            f"{where}: a base is out of range")
     g = gates(k)
     inner = n if k.step == "fwd" else g * n
-    arrays = [("barrier", barrier, None),
-              ("w", w, (n, g * n)),
-              ("in", gin, (gin_len, m, inner)),
-              ("out", gout, (m, g * n) if k.step == "fwd" else (m, n))]
-    for a, (arr, length, base) in zip(k.args, zip(rest[::3], rest[1::3], rest[2::3])):
-        shape = (m, 1) if a.mask else (1 if a.row else m, a.width * n)
-        if arr.ndim == 2:
-            _expect(length == 1 and base == 0, f"{where}: {a.name} is one slice, not a stack")
-        else:
-            shape = (length, *shape)
-        _expect(base + steps <= 2**62, f"{where}: {a.name}'s base is out of range")
-        arrays.append((a.name, arr, shape))
-    _expect(gin_base + steps <= 2**62, f"{where}: in's base is out of range")
-    spans = []
-    for name, arr, shape in arrays:
-        want = "bool" if name in {a.name for a in k.args if a.mask} else dtype_name
-        if name != "barrier":
-            _expect(str(arr.dtype) == want, f"{where}: {name} is {arr.dtype}")
-            _expect(tuple(arr.shape) == shape, f"{where}: {name} has shape {arr.shape}, "
-                                               f"not {shape}")
+    for name, arr, shape in (("w", w, (n, g * n)), ("in", gin, (gin_len, m, inner)),
+                             ("out", gout, (m, g * n) if k.step == "fwd" else (m, n))):
+        _expect(str(arr.dtype) == dtype_name, f"{where}: {name} is {arr.dtype}")
+        _expect(tuple(arr.shape) == shape, f"{where}: {name} has shape {arr.shape}, not {shape}")
         _expect(arr.flags.c_contiguous, f"{where}: {name} is not C-contiguous")
-        start = address(arr)
-        spans.append((name, start, start + arr.size * arr.itemsize))
+    arrays = [("barrier", barrier), ("w", w), ("in", gin), ("out", gout),
+              *((a.name, arr) for a, arr, _, _ in stacks)]
+    spans = _spans(arrays, _address_of(address))
     for i, (name, lo, hi) in enumerate(spans):
         for other, lo2, hi2 in spans[:i]:
             _expect(not (lo < hi2 and lo2 < hi) or (lo, hi) == (lo2, hi2),

@@ -50,7 +50,8 @@ __device__ inline void grid_barrier(unsigned long long* counter) {
 }
 
 // Step s's slice of a stack of `len` slices of `size` elements, whose slice 0 is step
-// -base (as the loops index a stack: (base + s) % len; a single array has len 1).
+// -base (as the loops index a stack: (base + s) % len; a single array has len 1). The
+// per-step kernels take their stacks the same way, with the step as a parameter.
 template <typename T>
 __device__ inline T* step_slice(T* stack, index_t len, index_t base, index_t s, index_t size) {
     return stack + ((base + s) % len) * size;
