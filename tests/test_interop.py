@@ -370,6 +370,10 @@ def test_from_torch_of_a_meta_module_says_so(kind):
     mod = getattr(torch.nn, kind)(N_X, N_A, device="meta")
     with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
         getattr(xlstm, kind).from_torch(mod)
+    # refused before a model of the module's size is built (meta modules are often huge)
+    huge = getattr(torch.nn, kind)(10**6, 10**5, device="meta")
+    with pytest.raises(ValueError, match=r"weight_ih_l0 is a tensor on torch's 'meta' device"):
+        getattr(xlstm, kind).from_torch(huge)
     if kind == "LSTM":
         with pytest.raises(ValueError, match=r"weight_ih_l0 .*'meta' device"):
             from_torch_lstm_weights(mod, n_y=2)

@@ -157,6 +157,16 @@ def _state_dict_of(obj):
     return obj
 
 
+def _refuse_meta(name, value):
+    """Raise ValueError if ``value`` is a tensor on torch's ``"meta"`` device."""
+    if getattr(value, "is_meta", False):
+        raise ValueError(
+            f"{name} is a tensor on torch's 'meta' device, which has a shape but no values: "
+            "give the module its weights first (module.to_empty(device='cpu'), then "
+            "module.load_state_dict(...)), or build it on a real device"
+        )
+
+
 def _host_float(name, value):
     """``value`` (any array, torch tensors included) as a float32/float64 numpy array."""
     try:
@@ -166,12 +176,7 @@ def _host_float(name, value):
     if torch is not None and isinstance(value, torch.Tensor):
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             value = value.detach().to(torch.float32)  # half/bfloat16 have no exact numpy twin
-    if getattr(value, "is_meta", False):
-        raise ValueError(
-            f"{name} is a tensor on torch's 'meta' device, which has a shape but no values: "
-            "give the module its weights first (module.to_empty(device='cpu'), then "
-            "module.load_state_dict(...)), or build it on a real device"
-        )
+    _refuse_meta(name, value)
     arr = to_host(value)
     if arr.dtype.kind != "f" or arr.dtype.name not in ("float32", "float64"):
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
@@ -353,6 +358,8 @@ def model_from_torch(cls: type, module: Any, *, xp: Any = None, dtype: Any = Non
         raise ValueError(f"module has dropout={module.dropout!r}; models here take dropout in "
                          "[0, 1): set module.dropout below 1 before converting")
     sd = module.state_dict()
+    for key, value in sd.items():  # before the model of the module's size is built
+        _refuse_meta(key, value)
     if dtype is None:
         dtype = "float64" if sd["weight_ih_l0"].dtype == torch.float64 else "float32"
     model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
