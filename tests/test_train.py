@@ -176,7 +176,7 @@ def test_non_finite_gradients_raise_with_clip_norm(bad):
             grads = dict(grads, dWc=grads["dWc"] * bad)
         return loss, grads
 
-    with pytest.raises(FloatingPointError, match="gradient norm is .* at step 2"):
+    with pytest.raises(FloatingPointError, match=r"gradient grads\['dWc'\] holds inf or NaN at step 2"):
         fit(params, batches, loss_fn, SGD(lr=0.1), clip_norm=1.0, progress=False)
 
 
@@ -269,3 +269,149 @@ def test_fit_on_every_backend(xp, device):
     for k in ref.params:
         np.testing.assert_allclose(to_numpy(res.params[k]), ref.params[k], rtol=1e-8,
                                    atol=1e-10)
+
+
+# ------------------------------------------------- clipping: exactly what the optimizer steps
+def _constant_loss(grads):
+    """A loss_fn that gives the loss 0 and the gradients ``grads`` whatever the batch."""
+    return lambda params, batch: (0.0, {k: np.array(v, copy=True) for k, v in grads.items()})
+
+
+def test_clip_norm_covers_every_parameter_as_torch_does():
+    """Parameters whose keys do not start with W or b are clipped too: {"emb", "Wy"} with
+    gradients of 100 and clip_norm=1 give an update of norm 1 (173 before), as torch's
+    clip_grad_norm_ gives."""
+    torch = pytest.importorskip("torch")
+    params = {"emb": np.zeros((3, 4)), "Wy": np.zeros((2, 3))}
+    grads = {"d" + k: np.full(v.shape, 100.0) for k, v in params.items()}
+    res = fit(params, [None], _constant_loss(grads), SGD(lr=1.0), clip_norm=1.0,
+              progress=False)
+    update = np.sqrt(sum(np.sum(res.params[k] ** 2) for k in params))
+    assert update == pytest.approx(1.0, rel=1e-12)
+    tensors = [torch.zeros(v.shape, dtype=torch.float64, requires_grad=True)
+               for v in params.values()]
+    for t in tensors:
+        t.grad = torch.full(t.shape, 100.0, dtype=torch.float64)
+    torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    for k, t in zip(params, tensors):
+        # (torch divides by the norm + 1e-6)
+        np.testing.assert_allclose(-res.params[k], t.grad.numpy(), rtol=1e-6)
+
+
+def test_clip_value_covers_every_parameter():
+    params = {"emb": np.zeros((3, 4)), "Wy": np.zeros((2, 3)), "scale": np.zeros(())}
+    grads = {"d" + k: np.full(v.shape, 100.0) for k, v in params.items()}
+    grads["dx"] = np.full((5,), 1e6)  # not a parameter's: ignored
+    res = fit(params, [None], _constant_loss(grads), SGD(lr=1.0), clip_value=0.5,
+              progress=False)
+    for k in params:
+        np.testing.assert_array_equal(res.params[k], np.full(params[k].shape, -0.5))
+
+
+# ------------------------------------------------------------------- non-finite gradients
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("clip", [{}, {"clip_value": 1.0}, {"clip_value": 1.0, "clip_norm": 1.0}])
+def test_non_finite_gradients_stop_the_run_without_clip_norm(bad, clip):
+    """Without clip_norm (and with clip_value, which would turn inf into the bound) an inf
+    or NaN gradient stops fit at its step, naming it, before the update."""
+    params, batches = host_setup(n_batches=3)
+    seen = []
+
+    def loss_fn(p, b):
+        loss, grads = make_loss()(p, b)
+        seen.append(p)
+        if len(seen) == 2:
+            grads = dict(grads, dbi=grads["dbi"] * 0.0 + bad)
+        return loss, grads
+
+    with pytest.raises(FloatingPointError, match=r"grads\['dbi'\] holds inf or NaN at step 2"):
+        fit(params, batches, loss_fn, SGD(lr=0.1), progress=False, **clip)
+
+
+def test_non_finite_gradients_of_a_tree_are_named_by_path():
+    params = {"rnn": [{"W": np.zeros((2, 2))}], "head": {"w": np.zeros(3)}}
+
+    def loss_fn(p, b):
+        return 1.0, {"rnn": [{"W": np.zeros((2, 2))}], "head": {"w": np.array([0, np.nan, 0])}}
+
+    with pytest.raises(FloatingPointError, match=r"grads\['head'\]\['w'\] holds inf or NaN"):
+        fit(params, [None], loss_fn, SGD(lr=0.1), progress=False)
+
+
+# ------------------------------------------------------------ errors that say the fix
+def test_loss_fn_results_of_the_wrong_kind_are_named():
+    params, batches = host_setup(n_batches=1)
+    good = make_loss()
+    cases = [
+        (lambda p, b: good(p, b)[0], TypeError, r"return a pair \(loss, grads\), got ndarray"),
+        (lambda p, b: (*good(p, b), 1), TypeError, "got a tuple of 3"),
+        (lambda p, b: ("a", good(p, b)[1]), TypeError, "loss must be a 0-d array .* got str"),
+        (lambda p, b: (np.ones(4), good(p, b)[1]), ValueError, r"got shape \(4,\)"),
+        (lambda p, b: (good(p, b)[0], 3), TypeError, "grads must be a dict .* got int"),
+        (lambda p, b: (good(p, b)[0], {}), KeyError, "grads lack 'dWf'"),
+    ]
+    for fn, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            fit(params, batches, fn, SGD(lr=0.1), progress=False)
+
+
+def test_arguments_that_were_obscure_errors():
+    params, batches = host_setup(n_batches=1)
+    loss_fn, opt = make_loss(), SGD(lr=0.1)
+    for bad in ("a", None, float("nan"), 0.0, 1.5):
+        with pytest.raises((TypeError, ValueError), match="smoothing"):
+            fit(params, batches, loss_fn, opt, smoothing=bad, progress=False)
+    with pytest.raises(TypeError, match=r"batches\(\) returned int; it must return an iterable"):
+        fit(params, lambda: 3, loss_fn, opt, progress=False)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        fit(params, batches, loss_fn, opt, callback=3, progress=False)
+    with pytest.raises(TypeError, match=r"callback must return None or a bool .* ndarray of "
+                                        r"shape \(2,\)"):
+        fit(params, batches, loss_fn, opt, callback=lambda info: np.zeros(2), progress=False)
+    # what stops training still does: a bool, a number, a 0-d array
+    for stop in (True, 1, np.bool_(True), np.array(1.0)):
+        res = fit(params, batches * 3, loss_fn, opt, callback=lambda info, s=stop: s,
+                  progress=False)
+        assert res.stopped_early and len(res.history) == 1
+
+
+def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_the_first_step(tmp_path):
+    """Checked before any step: a missing folder, a directory, a path under a file. It
+    failed after the whole run and lost the trained parameters."""
+    params, batches = host_setup(n_batches=2)
+    calls = []
+
+    def loss_fn(p, b):
+        calls.append(1)
+        return make_loss()(p, b)
+
+    (tmp_path / "file").write_text("")
+    for path, match in ((tmp_path / "missing" / "c.npz", "folder .* does not exist"),
+                        (tmp_path, "is a directory; give the path of a file in it"),
+                        (tmp_path / "file" / "c.npz", "does not exist")):
+        with pytest.raises(ValueError, match=f"checkpoint=.*{match}"):
+            fit(params, batches, loss_fn, SGD(lr=0.1), checkpoint=path, progress=False)
+    assert not calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe left behind
+
+
+def test_a_checkpoint_without_its_counters_or_past_the_run_is_refused(tmp_path):
+    from xlstm.io import save_checkpoint
+
+    params, batches = host_setup(n_batches=2)
+    loss_fn, opt = make_loss(), SGD(lr=0.1)
+    path = tmp_path / "c.npz"
+    fit(params, batches, loss_fn, opt, checkpoint=path, progress=False)
+    save_checkpoint(tmp_path / "nostep.npz", {"params": params}, {"epoch": 0, "batch": 1})
+    with pytest.raises(ValueError, match=r"has no 'step' counter"):
+        fit(params, batches, loss_fn, opt, resume=tmp_path / "nostep.npz", progress=False)
+    for epoch in (2, 2**40):
+        save_checkpoint(tmp_path / "far.npz", {"params": params},
+                        {"step": 2, "epoch": epoch, "batch": 1, "opt_state.step": 2})
+        with pytest.raises(ValueError, match=rf"written in epoch {epoch} .* past this run's "
+                                             rf"epochs=2; pass epochs > {epoch}"):
+            fit(params, batches, loss_fn, opt, epochs=2, resume=tmp_path / "far.npz",
+                progress=False)
+    # the run's own checkpoint resumes to the end: no step left, no error
+    res = fit(params, batches, loss_fn, opt, resume=path, progress=False)
+    assert res.history == []

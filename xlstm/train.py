@@ -18,10 +18,11 @@ arrays, so it runs unchanged on numpy, CuPy, torch, JAX and array-api-strict. It
 randomness of its own: with deterministic batches and a deterministic ``loss_fn`` two runs
 give the same history, bit for bit, on the CPU.
 
-The loss is read back to the host once per step (one device synchronisation per step), to
+Two numbers are read back to the host per step (two device synchronisations): the loss, to
 record the history, show it on the progress bar, hand it to the callback and stop on a
-non-finite value; with ``clip_norm`` the gradients' global norm is read back too, to stop on
-non-finite gradients.
+non-finite value; and whether every gradient is finite, to stop before an update with inf
+or NaN (one reduction over the gradients; with ``clip_norm`` alone, their global norm,
+which clipping needs anyway).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from numbers import Real
 from typing import Any, NamedTuple
 
 from ._checks import positive_int
-from .optim import clip_by_global_norm, clip_by_value
+from ._tree import flatten, is_tree, unflatten
 from ._typing import Grads, Params
+from .optim import _clip_norm, _clip_value
 
 __all__ = ["fit", "FitResult", "StepInfo"]
 
@@ -58,7 +60,7 @@ class StepInfo(NamedTuple):
     opt_state : dict
         The optimizer state after this step's update.
     grads : dict of arrays
-        The gradients used for the update (after clipping).
+        The gradients used for the update (after clipping): those the optimizer steps.
     grad_norm : array or None
         Global L2 norm of the parameter gradients before clipping, a 0-d array, when
         ``clip_norm`` is set; otherwise ``None``. Not read back to the host.
@@ -125,7 +127,14 @@ def _positive(name, value, kind):
 def _epoch_source(batches, epochs):
     """A function ``epoch -> iterable of batches`` for the three accepted forms."""
     if callable(batches):
-        return lambda _epoch: batches()
+        def fresh(_epoch):
+            got = batches()
+            if not isinstance(got, Iterable):
+                raise TypeError(f"batches() returned {type(got).__name__}; it must return an "
+                                "iterable of batches (a list, a generator) for every epoch")
+            return got
+
+        return fresh
     if not isinstance(batches, Iterable):
         raise TypeError(
             "batches must be an iterable of batches or a callable returning one per epoch, "
@@ -191,9 +200,12 @@ def fit(
 ) -> FitResult:
     """Train ``params`` on minibatches: loss and gradients, clipping, optimizer step.
 
-    For every batch: ``loss, grads = loss_fn(params, batch)``; clip the parameter
-    gradients by value and/or by global norm; ``params, state = optimizer.step(params,
-    grads, state)``; record ``float(loss)``; call ``callback``.
+    For every batch: ``loss, grads = loss_fn(params, batch)``; check that the loss and
+    every gradient are finite; clip the gradients by value and/or by global norm;
+    ``params, state = optimizer.step(params, grads, state)``; record ``float(loss)``; call
+    ``callback``. The gradients checked and clipped are exactly those the optimizer
+    steps: the ``"d" + key`` entry of every key of a flat ``params`` dict (whatever the
+    key), or every leaf of a tree.
 
     Parameters
     ----------
@@ -222,17 +234,20 @@ def fit(
         Stop after this many optimizer steps in all, even within an epoch. Default: no
         limit besides ``epochs``.
     clip_norm : float, optional
-        Rescale the parameter gradients jointly so that their global L2 norm is at most
-        this (:func:`xlstm.clip_by_global_norm`). Default: no norm clipping.
+        Rescale all the gradients the optimizer steps jointly so that their global L2 norm
+        is at most this, as torch's ``clip_grad_norm_`` (the arithmetic of
+        :func:`xlstm.clip_by_global_norm`). Default: no norm clipping.
     clip_value : float, optional
-        Clip every parameter gradient elementwise to ``[-clip_value, clip_value]``
-        (:func:`xlstm.clip_by_value`), before any norm clipping. Default: none.
+        Clip every gradient the optimizer steps elementwise to ``[-clip_value,
+        clip_value]`` (as :func:`xlstm.clip_by_value`), before any norm clipping.
+        Default: none.
     opt_state : dict, optional
         Optimizer state to resume from (``FitResult.opt_state`` of an earlier run).
         Default: ``optimizer.init(params)``.
     callback : callable, optional
-        ``callback(info)`` after every step, with a :class:`StepInfo`. A truthy return
-        value stops training after this step (early stopping).
+        ``callback(info)`` after every step, with a :class:`StepInfo`. It returns ``None``
+        or a bool (a number or a 0-d array counts as its truth): a true value stops
+        training after this step (early stopping).
     progress : bool or None, optional
         ``None`` (default) shows a tqdm progress bar with the running loss when tqdm is
         installed and both stdout and stderr are terminals; ``True`` forces it (when tqdm
@@ -241,6 +256,7 @@ def fit(
         Label of the progress bar.
     smoothing : float, optional
         Weight of the newest loss in the running average shown on the bar, in (0, 1].
+        Default 0.05.
     comm : communicator, optional
         Data-parallel training (:mod:`xlstm.distributed`): every rank runs this same call
         with ``batches`` yielding its shard of every global batch (equal shards). The
@@ -256,7 +272,8 @@ def fit(
     checkpoint : str or os.PathLike, optional
         Where to write a checkpoint (:func:`xlstm.io.save_checkpoint`, atomically): the
         parameters, the optimizer state and the position in the batches, every
-        ``checkpoint_every`` steps and at the end.
+        ``checkpoint_every`` steps and at the end. Checked before the first step: its
+        folder must exist and be writable, and it must not be a folder itself.
     checkpoint_every : int, optional
         Steps between checkpoints (default: only at the end).
     resume : str or os.PathLike, optional
@@ -276,25 +293,35 @@ def fit(
     Raises
     ------
     FloatingPointError
-        If a loss is NaN or infinite, or (with ``clip_norm``) the gradients' global norm
-        is, which happens when a gradient holds inf or NaN; the message gives the step.
-        The parameters of the steps before are lost with the exception, so lower the
-        learning rate or clip.
+        At the first step whose loss is NaN or infinite, or one of whose gradients holds
+        inf or NaN (the message names it and the step; the update is not made), or whose
+        gradients' global norm exceeds their dtype's range. The parameters of the steps
+        before are lost with the exception: checkpoint, lower the learning rate or clip.
     TypeError, ValueError
-        For an invalid argument; the message names it.
+        For an invalid argument (the message names it), before the first step: among
+        them a ``checkpoint`` path that cannot be written, a ``resume`` checkpoint that
+        lacks a counter or was written in an epoch past ``epochs``. During the run: a
+        ``loss_fn`` that does not return a pair of a one-number loss and the gradients
+        (or lacks the gradient of a parameter: ``KeyError``), a ``callback`` that returns
+        anything but ``None``, a bool or a number.
 
     Notes
     -----
-    Each step reads one number back to the host (the loss); clipping and the update stay
-    on the device. Running the loop on the CPU with the same batches and parameters gives
-    an identical history.
+    Each step reads two numbers back to the host (the loss, and whether the gradients are
+    finite); clipping and the update stay on the device. Running the loop on the CPU with
+    the same batches and parameters gives an identical history.
     """
     epochs = _positive("epochs", epochs, int)
     steps = _positive("steps", steps, int)
     clip_norm = _positive("clip_norm", clip_norm, float)
     clip_value = _positive("clip_value", clip_value, float)
-    if not 0.0 < smoothing <= 1.0:
+    if smoothing is None:
+        raise TypeError("smoothing must be a number in (0, 1], got None")
+    smoothing = _positive("smoothing", smoothing, float)
+    if smoothing > 1.0:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     for method in ("init", "step"):
@@ -317,10 +344,27 @@ def fit(
                             f"got {type(comm).__name__}")
         agree = Agreement(comm)
     lead = comm is None or comm.rank == 0  # the rank that reports and writes
+    if checkpoint is not None:  # what the end of the run needs, checked before its start
+        failed = None
+        try:
+            if lead:
+                _check_writable(checkpoint, "checkpoint")
+        except Exception as exc:
+            if agree is None:
+                raise
+            failed = exc
+        if agree is not None:
+            agree.decide(0, failed=failed, stop=False)
     state = optimizer.init(params) if opt_state is None else opt_state
     done, start = 0, (0, 0)  # steps taken before; (epoch, batches of it) to skip
     if resume is not None:
         params, state, done, start = _resume(resume, params, state, lead, agree)
+        if start[0] >= epochs:
+            raise ValueError(
+                f"resume: the checkpoint {os.fspath(resume)!r} was written in epoch "
+                f"{start[0]} (counting from 0), past this run's epochs={epochs}; pass "
+                f"epochs > {start[0]} to go on training, or the checkpoint of this run"
+            )
     if comm is not None:  # everyone starts from rank 0's parameters and state
         params, state = _broadcast_start(comm, params, state)
     if steps is not None and done >= steps:  # the checkpoint's run had finished
@@ -362,25 +406,21 @@ def fit(
                                        batch=None if batch is _END else batch, loss=value)
                     if value is None:
                         break
-                    grads = comm.allreduce_mean(_param_grads(params, grads))
                 used += 1
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss is {value} at step {done + 1} (epoch {epoch}); lower "
                         "the learning rate, clip the gradients (clip_norm=) or check the data"
                     )
-                if clip_value is not None:
-                    grads = clip_by_value(grads, clip_value)
-                norm = None
-                if clip_norm is not None:
-                    grads, norm = clip_by_global_norm(grads, clip_norm)
-                    size = float(norm)  # the step's second host synchronisation
-                    if not math.isfinite(size):
-                        raise FloatingPointError(
-                            f"gradient norm is {size} at step {done + 1} (epoch "
-                            f"{epoch}): a gradient holds inf or NaN (or its norm exceeds "
-                            "the dtype's range); lower the learning rate or check the data"
-                        )
+                if agree is not None:
+                    grads = comm.allreduce_mean(grads)
+                if clip_norm is not None and clip_value is None:
+                    # the norm of the gradients as they are says whether all are finite
+                    grads, norm = _clipped(grads, None, clip_norm)
+                    _check_finite(grads, float(norm), done + 1, epoch)  # second sync
+                else:
+                    _check_finite(grads, None, done + 1, epoch)  # one reduction, one sync
+                    grads, norm = _clipped(grads, clip_value, clip_norm)
                 params, state = optimizer.step(params, grads, state)
                 history.append(value)
                 done += 1
@@ -403,7 +443,7 @@ def fit(
                                     done, epoch, value, params, state, grads, norm,
                                     time.perf_counter() - t0, log,
                                 )  # fmt: skip
-                                stop = bool(callback(info))
+                                stop = _stop_requested(callback(info))
                         except Exception as exc:
                             if agree is None:
                                 raise
@@ -455,10 +495,119 @@ def _next_step(it, params, loss_fn):
     except Exception as exc:  # noqa: BLE001 - handed to every rank by the caller
         return None, exc, None, None
     try:
-        loss, grads = loss_fn(params, batch)
-        return batch, None, float(loss), grads  # the one host synchronisation of the step
+        loss, grads = _loss_and_grads(loss_fn(params, batch))
+        grads = _param_grads(params, grads)  # exactly what the optimizer steps
+        return batch, None, float(loss), grads  # the first host synchronisation of the step
     except Exception as exc:  # noqa: BLE001
         return batch, exc, None, None
+
+
+def _loss_and_grads(out):
+    """``loss_fn``'s result, checked: a pair of a scalar loss (a Python number or an array
+    of one element) and the gradients (a dict, or a tree of lists, tuples and dicts)."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise TypeError(f"loss_fn must return a pair (loss, grads), got {got}")
+    loss, grads = out
+    if isinstance(loss, bool) or not (isinstance(loss, Real) or hasattr(loss, "shape")):
+        raise TypeError(f"loss_fn's loss must be a 0-d array or a Python float, got "
+                        f"{type(loss).__name__}")
+    if hasattr(loss, "shape") and math.prod(loss.shape) != 1:
+        raise ValueError(f"loss_fn's loss must be a 0-d array (one number, a mean over the "
+                         f"batch), got shape {tuple(loss.shape)}")
+    if not isinstance(grads, (dict, list, tuple)):
+        raise TypeError(f"loss_fn's grads must be a dict of gradients (a tree of them for a "
+                        f"tree of parameters), got {type(grads).__name__}")
+    return loss, grads
+
+
+def _stop_requested(answer):
+    """Whether the callback's ``answer`` asks to stop: ``None``, a bool or a number (0-d
+    arrays of them included); anything else is refused."""
+    if answer is None:
+        return False
+    if isinstance(answer, (bool, Real)) or (hasattr(answer, "shape") and answer.shape == ()):
+        return bool(answer)
+    raise TypeError(f"callback must return None or a bool (True stops training), got "
+                    f"{type(answer).__name__}" + (f" of shape {tuple(answer.shape)}"
+                                                  if hasattr(answer, "shape") else ""))
+
+
+def _clipped(grads, clip_value, clip_norm):
+    """``(grads, norm)``: every entry of ``grads`` (all of them the optimizer's) clipped
+    elementwise by ``clip_value``, then jointly by ``clip_norm`` (either may be ``None``);
+    ``norm`` is the global norm before the norm clipping (``None`` without it)."""
+    flat = flatten(grads, "grads") if is_tree(grads) else grads
+    keys = list(flat)
+    if clip_value is not None:
+        flat = _clip_value(flat, keys, clip_value)
+    norm = None
+    if clip_norm is not None:
+        flat, norm = _clip_norm(flat, keys, clip_norm)
+    return (unflatten(grads, flat) if is_tree(grads) else flat), norm
+
+
+def _check_finite(grads, norm, step, epoch):
+    """Raise ``FloatingPointError`` naming the first gradient that holds inf or NaN.
+
+    ``norm`` is the gradients' global norm as a float, where one was computed (it is not
+    finite exactly when some gradient is not, or the norm exceeds the dtype); otherwise
+    one reduction over all gradients is read back. Only when that says a gradient is not
+    finite are the gradients looked at one by one, for the message.
+    """
+    from ._compat import namespace
+
+    flat = flatten(grads, "grads") if is_tree(grads) else grads
+    if not flat:
+        return  # nothing to step (the optimizer refuses empty parameters)
+    # (the optimizer checks that all share one namespace; the first leaf's is enough here)
+    xp = namespace(grads=next(iter(flat.values())))
+    if norm is None:
+        ok = None
+        for g in flat.values():
+            fine = xp.all(xp.isfinite(g))
+            ok = fine if ok is None else ok & fine
+        if ok is None or bool(ok):
+            return
+    elif math.isfinite(norm):
+        return
+    bad = next((k for k, g in flat.items() if not bool(xp.all(xp.isfinite(g)))), None)
+    if bad is None:  # all finite: the norm itself is beyond the dtype's range
+        raise FloatingPointError(
+            f"gradient norm is {norm} at step {step} (epoch {epoch}): it exceeds the dtype's "
+            "range; lower the learning rate or check the data")
+    name = f"grads{bad}" if is_tree(grads) else f"grads[{bad!r}]"
+    raise FloatingPointError(
+        f"gradient {name} holds inf or NaN at step {step} (epoch {epoch}); the parameters "
+        "were not updated with it. Lower the learning rate, clip the gradients (clip_norm=) "
+        "or check the data")
+
+
+def _check_writable(path, name):
+    """Refuse a ``path`` that cannot be written at the end of a run: its folder missing or
+    not a folder, the path a folder itself, or nothing creatable there (a file is made and
+    removed)."""
+    import tempfile
+
+    try:
+        where = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got "
+                        f"{type(path).__name__}") from None
+    folder = os.path.dirname(os.path.abspath(where))
+    if os.path.isdir(where):
+        raise ValueError(f"{name}={where!r} is a directory; give the path of a file in it, "
+                         f"such as {os.path.join(where, 'checkpoint.npz')!r}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}={where!r}: the folder {folder!r} does not exist; create it "
+                         "first (os.makedirs) or choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".xlstm-", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise ValueError(f"{name}={where!r}: nothing can be written in {folder!r} "
+                         f"({exc.strerror or exc}); choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _skip(it, n, epoch):
@@ -477,13 +626,17 @@ def _skip(it, n, epoch):
 
 
 def _param_grads(params, grads):
-    """The gradients that the optimizer reads: the tree itself, or a flat dict's
-    ``"d" + key`` entries (a loss's ``dx``, ``da0`` and the like are left out)."""
-    from ._tree import is_tree
-
+    """The gradients that the optimizer reads, and only those: the tree itself, or a flat
+    dict's ``"d" + key`` entry for every key of ``params`` (a loss's ``dx``, ``da0`` and
+    the like are left out), so that clipping and the finiteness check see exactly what the
+    optimizer steps."""
     if is_tree(params) or not isinstance(grads, dict):
         return grads
-    return {"d" + k: grads["d" + k] for k in params if "d" + k in grads}
+    missing = [k for k in params if "d" + k not in grads]
+    if missing:
+        raise KeyError(f"loss_fn's grads lack 'd{missing[0]}', the gradient of "
+                       f"params[{missing[0]!r}]; it must give 'd' + key for every key of params")
+    return {"d" + k: grads["d" + k] for k in params}
 
 
 def _split_state(state):
@@ -537,6 +690,13 @@ def _resume(path, params, state, lead, agree):
                 same_structure(arrays, tree.get("opt_state"), "the optimizer state",
                                "the checkpoint's optimizer state")
                 state = {**state, **tree["opt_state"]}
+            wanted = ("step", "epoch", "batch", *("opt_state." + k for k in counts))
+            lacking = [k for k in wanted if k not in counters]
+            if lacking:
+                raise ValueError(
+                    f"resume: the checkpoint {os.fspath(path)!r} has no {lacking[0]!r} counter "
+                    f"(it holds {sorted(counters)}); resume from a checkpoint that fit wrote "
+                    "(checkpoint=), with the optimizer it used")
             state = {**state, **{k: counters["opt_state." + k] for k in counts}}
             done, position = counters["step"], (counters["epoch"], counters["batch"])
         except Exception as exc:
