@@ -869,6 +869,46 @@ def test_launch_grid_and_argument_types(monkeypatch):
     assert args[4:] == args2[4:] == (4, 1)
 
 
+def test_launch_converts_with_cupys_own_wrappers_once(monkeypatch):
+    """Where CuPy has its wrappers of kernel arguments, a per-step launch wraps every size,
+    length and base (as a numpy int64) and every array (its data pointer) once, as CuPy's
+    launch would at every step; only the step goes as a fresh int64."""
+    import types
+
+    class Wrapper:
+        def __init__(self, value):
+            self.value = value
+
+    class CScalar(Wrapper):
+        pass
+
+    class CIntptr(Wrapper):
+        pass
+
+    modules = {"cupy": types.ModuleType("cupy"), "cupy._core": types.ModuleType("cupy._core"),
+               "cupy._core._scalar": types.ModuleType("cupy._core._scalar"),
+               "cupy.cuda": types.ModuleType("cupy.cuda"),
+               "cupy.cuda.function": types.ModuleType("cupy.cuda.function")}
+    modules["cupy._core._scalar"].CScalar = CScalar
+    modules["cupy.cuda.function"].CIntptr = CIntptr
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    _cuda._cupy_arguments.cache_clear()
+    seen = []
+    monkeypatch.setattr(_cuda, "_kernel", lambda cell, step, name: lambda *a: seen.append(a))
+    device_array = types.SimpleNamespace(data=types.SimpleNamespace(ptr=4096))
+    try:
+        run = _cuda._launch("lstm", "fwd", "float32", 5, (2, 3, device_array, 4, 1))
+        run(7)
+    finally:
+        _cuda._cupy_arguments.cache_clear()
+    ((_, _, args),) = seen
+    assert [type(a) for a in args] == [CScalar, CScalar, np.int64, CIntptr, CScalar, CScalar]
+    assert [a.value for a in args[:2]] == [2, 3] and type(args[0].value) is np.int64
+    assert args[2] == 7 and args[3].value == 4096 and [a.value for a in args[4:]] == [4, 1]
+    assert run.arrays[2] is device_array
+
+
 def test_persistent_launch_arguments_and_shared_memory(monkeypatch):
     """What reaches the persistent cupy.RawKernel: the plan's grid and block, sizes as
     int64, and the shared memory, raising the kernel's limit (48 KiB unless opted in) only

@@ -126,24 +126,58 @@ def _int64(args):
     return tuple(_np.int64(a) if isinstance(a, int) else a for a in args)
 
 
+@functools.cache
+def _cupy_arguments():
+    """CuPy's own wrappers of kernel arguments, ``(CScalar, CIntptr)``: what its launch makes
+    of a numpy scalar and (its first eight bytes, all that a ``T*`` parameter reads) of an
+    array at every launch, and passes on as they are when given. ``None`` where this CuPy
+    has them not (they are internal to CuPy): the arguments then go as numpy int64 and
+    arrays."""
+    try:
+        from cupy._core._scalar import CScalar
+        from cupy.cuda.function import CIntptr
+    except (ImportError, AttributeError):
+        return None
+    return CScalar, CIntptr
+
+
+def _prepared(args):
+    """``args`` converted once for many launches: Python ints as CuPy's wrapper of a numpy
+    int64 (:func:`_int64` where there is none), CuPy arrays as their data pointers."""
+    wrappers = _cupy_arguments()
+    if wrappers is None:
+        return _int64(args)
+    scalar, pointer = wrappers
+    out = []
+    for a in _int64(args):
+        if isinstance(a, _np.int64):
+            a = scalar(a)
+        elif hasattr(getattr(a, "data", None), "ptr"):  # a cupy.ndarray
+            a = pointer(a.data.ptr)
+        out.append(a)
+    return tuple(out)
+
+
 def _launch(cell, step, name, total, args):
     """The launches of ``cell``'s per-step kernel ``step`` (``"fwd"`` or ``"bwd"``, or its
     padded-batch variant) for ``name``'s dtype over ``total`` threads, with ``args`` the
     parameters of :func:`xlstm._cuda.kernels.step_params` less ``step``: ``(m, n, array,
-    len, base, ...)``. Returns ``run(step)``, which launches step ``step``.
+    len, base, ...)``, every array alive while ``run`` is. Returns ``run(step)``, which
+    launches step ``step``.
 
-    Everything but the step is converted once, so that a step costs one tuple and one
-    launch; nothing is compiled or launched where ``total`` is 0.
+    Everything but the step is converted once (:func:`_prepared`), so that a step costs
+    one tuple and one launch; nothing is compiled or launched where ``total`` is 0.
     """
     if total <= 0:
         return lambda step: None
     kern = _kernel(cell, step, name)
     grid, block = ((total + BLOCK - 1) // BLOCK,), (BLOCK,)
-    head, tail = _int64(args[:2]), _int64(args[2:])
+    head, tail = _prepared(args[:2]), _prepared(args[2:])
 
     def run(step):
         kern(grid, block, (*head, _np.int64(step), *tail))
 
+    run.arrays = args  # alive as long as their pointers may be launched
     return run
 
 
