@@ -44,7 +44,6 @@ from ._compat import (
     namespace_of_module,
     on_input_device,
     resolve_dtype,
-    to_host,
 )
 from ._typing import Array
 from .cells.base import Cell
@@ -518,8 +517,7 @@ class _Model:
         ----------
         module : torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN
             The module of this class's kind, without projections (``proj_size=0``).
-            ``bias=False`` gives zero biases; ``batch_first`` does not matter (it changes
-            the input layout, not the weights).
+            A subclass is welcome; ``bias=False`` gives zero biases.
         xp, dtype, device : optional
             Target namespace (default numpy), dtype (default the module's: float32 for
             half precision) and device.
@@ -527,46 +525,13 @@ class _Model:
         Returns
         -------
         model
-            The model, with parameters copied from the module.
+            The model, with parameters copied from the module and its configuration:
+            ``num_layers``, ``bidirectional``, ``dropout``, and ``batch_first`` as
+            ``layout="batch_first"``.
         """
-        cls._need_torch_module()
-        import torch
+        from .interop import model_from_torch
 
-        kind = getattr(torch.nn, cls.torch_name)
-        if type(module) is not kind:
-            raise TypeError(f"module must be a torch.nn.{cls.torch_name}, got "
-                            f"{type(module).__module__}.{type(module).__name__}")
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"module has proj_size={module.proj_size}: projected LSTMs "
-                             "have no equivalent here")
-        kwargs = cls._torch_kwargs(module)
-        sd = {k: v.detach() for k, v in module.state_dict().items()}
-        src = sd["weight_ih_l0"].dtype
-        if dtype is None:
-            dtype = "float64" if src == torch.float64 else "float32"
-        model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
-                    bidirectional=module.bidirectional, xp=xp, dtype=dtype, device=device,
-                    **kwargs)
-
-        def host(key, rows):
-            if key not in sd:  # bias=False
-                return np.zeros(rows)
-            t = sd[key]
-            if t.dtype not in (torch.float32, torch.float64):
-                t = t.to(torch.float32)
-            return to_host(t.cpu())
-
-        layers = []
-        for layer in range(model.num_layers):
-            for d in range(model.D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih = host("weight_ih" + sfx, None)
-                w_hh = host("weight_hh" + sfx, None)
-                rows = w_hh.shape[0]
-                layers.append(model.cell.from_torch_arrays(
-                    w_ih, w_hh, host("bias_ih" + sfx, rows), host("bias_hh" + sfx, rows)))
-        model.params = cls._to_xp(layers, model.xp, model.dtype, device)
-        return model
+        return model_from_torch(cls, module, xp=xp, dtype=dtype, device=device)
 
     @classmethod
     def _need_torch_module(cls):
@@ -581,26 +546,12 @@ class _Model:
         return {}
 
     def to_torch(self) -> Any:
-        """The ``torch.nn`` module of the same kind with this model's weights (on the
-        CPU, float64 for float64 parameters, else float32)."""
-        self._need_torch_module()
-        import torch
+        """The ``torch.nn`` module of the same kind with this model's weights and
+        configuration (``dropout``; ``batch_first=True`` for ``layout="batch_first"``), on
+        the CPU, float64 for float64 parameters, else float32."""
+        from .interop import model_to_torch
 
-        host = [{k: to_host(v) for k, v in layer.items()} for layer in self.params]
-        double = host[0][next(iter(host[0]))].dtype == np.float64
-        mod = getattr(torch.nn, self.torch_name)(
-            self.n_x, self.n_a, num_layers=self.num_layers, bidirectional=self.bidirectional,
-            **self._torch_module_kwargs(),
-        )
-        mod = mod.to(torch.float64 if double else torch.float32)
-        sd = {}
-        for i, layer in enumerate(host):
-            sfx = f"_l{i // self.D}" + ("_reverse" if i % self.D else "")
-            for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                                self.cell.to_torch_arrays(layer)):
-                sd[key + sfx] = torch.from_numpy(np.array(arr, copy=True, order="C"))
-        mod.load_state_dict(sd)
-        return mod
+        return model_to_torch(self)
 
     def __repr__(self):
         return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
