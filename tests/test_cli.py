@@ -131,6 +131,27 @@ def test_info_reports_the_compiled_loops(capsys, monkeypatch):
     assert "compiled CPU loops: off (XLSTM_ACCEL=0)" in out
 
 
+def test_info_names_the_gpu_of_torch_cuda(capsys, monkeypatch):
+    """``info`` names each GPU backend that loads, with its device (here a stand-in for
+    torch on a CUDA device, so that the line is checked without a GPU)."""
+    torch = pytest.importorskip("torch")
+    real = cli.load_backend
+
+    def load(name):
+        if name in ("torch-cuda", "jax-gpu", "cupy"):
+            if name != "torch-cuda":
+                raise BackendUnavailable(f"{name}: no GPU in this test")
+            return real("torch")[0], "cuda:0"
+        return real(name)
+
+    monkeypatch.setattr(cli, "load_backend", load)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch-cuda {torch.__version__}: device cuda:0, Stand-in GPU\n" in out
+    assert "jax-gpu: unavailable (jax-gpu: no GPU in this test)" in out
+
+
 def test_info_install_hint_is_a_working_command(capsys, monkeypatch):
     monkeypatch.delenv("XLSTM_ACCEL", raising=False)
     monkeypatch.setattr(cli._engine, "cpu_loops_module", lambda: (None, "numba is not installed"))

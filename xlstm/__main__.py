@@ -23,7 +23,8 @@ import numpy as np
 import xlstm
 
 from . import _engine, _seed
-from ._compat import BACKENDS, COMPAT_VERSION, BackendUnavailable, load_backend, to_host
+from ._compat import (BACKEND_MODULES, BACKENDS, COMPAT_VERSION, BackendUnavailable,
+                      load_backend, to_host)
 
 #: What the [cpu] extra adds: the compiled time loops on numpy.
 CPU_EXTRA = "numba>=0.61"
@@ -251,11 +252,13 @@ def cmd_info(_args):
         except BackendUnavailable as exc:
             print(f"{name}: unavailable ({exc})")
             continue
-        mod = sys.modules[{"strict": "array_api_strict"}.get(name, name)]
+        mod = sys.modules[BACKEND_MODULES[name]]
         extra = ""
         if name == "cupy":
             props = mod.cuda.runtime.getDeviceProperties(0)
             extra = f", {props['name'].decode()}"
+        elif name == "torch-cuda":
+            extra = f", {mod.cuda.get_device_name(device)}"
         print(f"{name} {getattr(mod, '__version__', '?')}: device {device}{extra}")
     return 0
 
