@@ -400,3 +400,26 @@ def test_bad_labels_or_weights_under_jit_give_nan(backend_named):
     assert np.isnan(float(loss(labels.at[1, 1].set(N_Y), weights)))
     assert np.isnan(float(loss(labels, weights.at[1, 1].set(-1.0))))
     assert np.isnan(float(loss(labels, jnp.zeros_like(weights))))
+
+
+@pytest.mark.parametrize("dtype, power", [(np.float64, 1020), (np.float32, 124)])
+def test_mask_weights_near_the_dtypes_maximum(dtype, power):
+    """Weights whose sum overflows (1e308 in float64) gave the loss 0 and zero gradients:
+    only their ratios matter, so weights scaled by a power of two give the same loss and
+    gradients bit for bit, near the maximum and near the smallest normal number too."""
+    from xlstm import softmax_cross_entropy
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((3, 4, 5)).astype(dtype)
+    labels = rng.integers(0, 3, (4, 5))
+    w = rng.uniform(0.25, 1.0, (4, 5)).astype(dtype)
+    w[0, :2] = 0.0
+    want_loss, want_dz = softmax_cross_entropy(z, labels, mask=w)
+    for scale in (2.0**power, 2.0**-power):
+        loss, dz = softmax_cross_entropy(z, labels, mask=w * dtype(scale))
+        assert loss.dtype == dtype and dz.dtype == dtype
+        np.testing.assert_array_equal(loss, want_loss)
+        np.testing.assert_array_equal(dz, want_dz)
+    big = np.full((4, 5), np.finfo(dtype).max, dtype)
+    loss, _ = softmax_cross_entropy(z, labels, mask=big)
+    np.testing.assert_allclose(loss, softmax_cross_entropy(z, labels)[0], rtol=1e-6)

@@ -13,6 +13,8 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
+import math
+
 from ._compat import device_of, is_concrete, namespace, on_input_device
 from ._typing import Array, Grads, Params
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
@@ -202,8 +204,22 @@ def _targets(xp, labels, mask, n_y, m, T_x, dtype, dev):
         is_bool = xp.isdtype(mask.dtype, "bool")
         weights = xp.astype(mask, dtype) if is_bool else mask
         counted = mask if is_bool else mask != 0.0
+        bad_mask = None
+        if not is_bool:
+            bad_mask = xp.any(~(xp.isfinite(mask) & (mask >= 0.0)))
+            # Weights near the dtype's maximum (1e308) overflow their sum, and every share
+            # w / sum would be 0. They are taken relative to a power of two near the
+            # largest (one below the one at or under it, as log2 rounds: 2**128 would not
+            # fit float32), so that their sum is at most 8 m T: dividing by a power of two
+            # is exact, so the shares w / sum are the same numbers as unscaled ones
+            # wherever those did not overflow.
+            top = xp.max(weights)
+            usable = xp.isfinite(top) & (top > 0.0)
+            exponent = xp.floor(xp.log2(xp.where(usable, top, xp.ones_like(top)))) - 1.0
+            low = math.log2(xp.finfo(weights.dtype).smallest_normal)  # 2**low is normal
+            exponent = xp.where(exponent < low, xp.full_like(exponent, low), exponent)
+            weights = weights / 2.0**exponent
         count = xp.sum(weights)
-        bad_mask = None if is_bool else xp.any(~(xp.isfinite(mask) & (mask >= 0.0)))
     outside = (labels < 0) | (labels >= n_y)
     if counted is not None:
         outside = outside & counted
