@@ -222,6 +222,7 @@ def test_adam_matches_torch_optim():
         (lambda: Adam(beta1=-0.5), "beta1"),
         (lambda: Adam(beta2=1.5), "beta2"),
         (lambda: Adam(eps=-1e-8), "eps"),
+        (lambda: Adam(eps=0.0), "eps must be > 0"),  # a zero gradient then gives 0 / 0
         (lambda: Adam(eps=float("inf")), "eps"),
     ],
 )

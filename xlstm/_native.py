@@ -125,20 +125,22 @@ def _entry_loads(index) -> bool:
 
     import numba
 
+    from .io import _open_regular  # a FIFO or a device in its place is not waited on
+
     folder = os.path.dirname(index)
     try:
-        with open(index, "rb") as f:
+        with _open_regular(index) as f:
             version = pickle.load(f)
             rest = f.read()
         if version != numba.__version__:
             return True
         _, overloads = pickle.loads(rest)
         for name in overloads.values():
-            with open(os.path.join(folder, name), "rb") as f:
+            with _open_regular(os.path.join(folder, name)) as f:
                 pickle.loads(f.read())
     except FileNotFoundError:
         return not os.path.exists(index)  # a data file that is gone breaks the entry
-    except Exception:  # noqa: BLE001 - whatever numba's own load would raise
+    except Exception:  # noqa: BLE001 - whatever numba's own load would raise, not a file
         return False
     return True
 

@@ -320,7 +320,8 @@ class Adam:
         Decay rates of the first and second moment estimates, in ``[0, 1)``.
         Defaults 0.9 and 0.999.
     eps : float, optional
-        Added to the denominator, >= 0. Default 1e-8.
+        Added to the denominator, > 0 (with 0 a zero gradient gives 0 / 0 = NaN).
+        Default 1e-8.
 
     Raises
     ------
@@ -334,7 +335,7 @@ class Adam:
         self.lr = _real("lr", lr, low=0.0, low_open=True)
         self.beta1 = _real("beta1", beta1, low=0.0, high=1.0)
         self.beta2 = _real("beta2", beta2, low=0.0, high=1.0)
-        self.eps = _real("eps", eps, low=0.0)
+        self.eps = _real("eps", eps, low=0.0, low_open=True)
 
     def __repr__(self) -> str:
         return (
