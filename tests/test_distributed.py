@@ -410,3 +410,69 @@ def test_nccl_comm_on_one_gpu():
         assert isinstance(out["a"], cp.ndarray) and out["b"][0].dtype == cp.float32
         assert cp.array_equal(out["a"], tree["a"]) and cp.array_equal(out["b"][0], tree["b"][0])
     comm.barrier()
+
+
+# ------------------------------------------------------------- errors that say the fix
+def test_shard_refuses_what_it_cannot_split():
+    class Comm:
+        def __init__(self, rank, size):
+            self.rank, self.size = rank, size
+
+    x = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(distributed.shard(x, Comm(1, 2), -1), x[:, 2:])
+    np.testing.assert_array_equal(distributed.shard(x, Comm(0, 1), np.int64(0)), x)
+    cases = [
+        ((x, Comm(2, 2), 1), ValueError, r"comm.rank must be in \[0, comm.size\) = \[0, 2\), "
+                                         "got 2"),
+        ((x, Comm(-1, 2), 1), ValueError, "comm.rank must be in"),
+        ((x, Comm(0, 0), 1), ValueError, "comm.size must be at least 1, got 0"),
+        ((x, Comm(0.5, 2), 1), TypeError, "comm.rank and comm.size must be integers"),
+        ((x, object(), 1), TypeError, "comm must be a communicator with rank and size"),
+        ((x, Comm(0, 2), 2), ValueError, r"axis 2 is out of range for x of shape \(3, 4\)"),
+        ((x, Comm(0, 2), -3), ValueError, "axis -3 is out of range"),
+        ((x, Comm(0, 2), 1.0), TypeError, "axis must be an integer, got float"),
+        (([[1.0, 2.0]], Comm(0, 2), 1), TypeError, "x must be an array .* got list"),
+    ]
+    for args, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            distributed.shard(*args)
+
+
+def test_predict_refuses_lengths_state_or_model_that_do_not_fit():
+    da = pytest.importorskip("dask.array")
+    model, x, state, lengths = _predict_case()
+    dx = da.from_array(x, chunks=(3, 3, 7))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(10,\).* got \(9,\)"):
+        distributed.predict(model, dx, lengths=lengths[:9])
+    with pytest.raises(ValueError, match=r"state must hold .* \(batch last, m = 10 from x\)"):
+        distributed.predict(model, dx, state=tuple(s[..., :9] for s in state))
+    with pytest.raises(ValueError, match="state must hold"):
+        distributed.predict(model, dx, state=state[:1])
+    with pytest.raises(TypeError, match="state must be a tuple"):
+        distributed.predict(model, dx, state=state[0])
+    with pytest.raises(TypeError, match="model must be an xlstm model .* got function"):
+        distributed.predict(lambda v: v, dx)
+
+
+def test_ranks_whose_parameters_differ_in_dtype_are_told_at_the_start():
+    """Rank 1's parameters are float32, rank 0's float64: every rank raises before the
+    first step (it was found only at the end of the run)."""
+    params, batches, loss_fn, shard_batch = case("notebook")
+    steps = []
+
+    def rank(comm):
+        mine = [shard_batch(b, comm) for b in batches]
+        p = params if comm.rank == 0 else {k: v.astype(np.float32) for k, v in params.items()}
+
+        def counted(pp, b):
+            steps.append(1)
+            return loss_fn(pp, b)
+
+        return xlstm.fit(p, mine, counted, xlstm.SGD(lr=0.1), comm=comm)
+
+    res = run_ranks(2, rank)
+    for r in res:
+        assert isinstance(r, ValueError), r
+        assert "differ in structure, shape or dtype" in str(r)
+    assert "float32" in str(res[1]) and "float64" in str(res[0])
+    assert not steps

@@ -27,6 +27,7 @@ task per chunk, lazily.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -317,17 +318,70 @@ def shard(x: Any, comm: Comm, axis: int) -> Any:
     """This rank's equal share of a global batch along ``axis``: the ``rank``-th of
     ``size`` consecutive blocks.
 
-    Raises ``ValueError`` unless the axis divides evenly (every rank must hold a shard of
-    the same shape for the averaged gradient to be the global batch's).
+    Parameters
+    ----------
+    x : array
+        The global batch, an array of any supported namespace (not a list).
+    comm : communicator
+        Its ``rank`` and ``size`` say which block: ``size >= 1``, ``0 <= rank < size``.
+    axis : int
+        The batch axis (``1`` for the notebook layout ``(n_x, m, T)``, ``0`` for
+        ``batch_first``); negative counts from the end.
+
+    Returns
+    -------
+    array
+        A view of ``x``: its ``rank``-th block of ``x.shape[axis] // size`` along ``axis``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not an array, ``axis`` not an integer, or ``comm.rank``/``comm.size``
+        not integers.
+    ValueError
+        If ``axis`` is out of range, ``comm.size < 1`` or ``comm.rank`` outside ``[0,
+        size)``, or the axis does not divide evenly (every rank must hold a shard of the
+        same shape for the averaged gradient to be the global batch's).
     """
+    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "ndim")):
+        raise TypeError(f"x must be an array (the global batch), got {type(x).__name__}; "
+                        "convert it first (numpy.asarray, say)")
+    rank, size = _rank_and_size(comm)
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}; the "
+                         "batch axis is 1 for the notebook layout (n_x, m, T), 0 for "
+                         "batch_first")
+    axis %= x.ndim
     n = x.shape[axis]
-    if n % comm.size:
-        raise ValueError(f"a batch of {n} along axis {axis} does not split into {comm.size} "
+    if n % size:
+        raise ValueError(f"a batch of {n} along axis {axis} does not split into {size} "
                          "equal shards; use a global batch size divisible by the ranks")
-    k = n // comm.size
+    k = n // size
     index = [slice(None)] * x.ndim
-    index[axis] = slice(comm.rank * k, (comm.rank + 1) * k)
+    index[axis] = slice(rank * k, (rank + 1) * k)
     return x[tuple(index)]
+
+
+def _rank_and_size(comm) -> tuple[int, int]:
+    """``(comm.rank, comm.size)`` checked: integers with ``0 <= rank < size``."""
+    try:
+        rank, size = operator.index(comm.rank), operator.index(comm.size)
+    except AttributeError:
+        raise TypeError(f"comm must be a communicator with rank and size (xlstm.distributed."
+                        f"MPIComm, say), got {type(comm).__name__}") from None
+    except TypeError:
+        raise TypeError(f"comm.rank and comm.size must be integers, got {comm.rank!r} and "
+                        f"{comm.size!r}") from None
+    if size < 1:
+        raise ValueError(f"comm.size must be at least 1, got {size}")
+    if not 0 <= rank < size:
+        raise ValueError(f"comm.rank must be in [0, comm.size) = [0, {size}), got {rank}; "
+                         "a communicator's rank numbers its processes from 0")
+    return rank, size
 
 
 def _signature(obj) -> int:
@@ -354,6 +408,11 @@ def _signature(obj) -> int:
 
     walk(obj)
     return zlib.crc32("|".join(parts).encode()) % 1_000_003
+
+
+def _describe_kinds(obj) -> str:
+    """The shapes and dtypes of the arrays of ``obj``, for messages."""
+    return ", ".join(f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in flatten(obj).items())
 
 
 def _describe_shapes(obj) -> str:
@@ -429,6 +488,18 @@ class Agreement:
             raise error from failed
         raise error
 
+    def check_same_kind(self, tree, name="params") -> None:
+        """Raise ``ValueError`` on every rank unless ``tree`` has the same structure,
+        shapes and dtypes on every rank (before rank 0's values are broadcast into it)."""
+        sig = _signature(tree)
+        mean = self.comm.allreduce_mean({"k": np.array([sig, float(sig) ** 2])})["k"]
+        if mean[1] - mean[0] ** 2 != 0.0:
+            kinds = _describe_kinds(tree)
+            raise ValueError(
+                f"the ranks' {name} differ in structure, shape or dtype (this rank, "
+                f"{self.comm.rank}, has {kinds[:400]}): every rank must start from "
+                "parameters made alike (the same model, dtype and initialisation)")
+
     def check_identical(self, tree, name="params") -> None:
         """Raise RuntimeError on every rank unless ``tree`` is identical, bit for bit, on
         every rank (a digest of its bytes compared)."""
@@ -470,26 +541,51 @@ def predict(model: Any, x: Any, *, state: tuple | None = None, lengths: Any = No
     -------
     dask.array.Array
         ``y``, chunked like ``x`` along the batch; ``.compute()`` runs it.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an xlstm model or ``x`` not a Dask array.
+    ValueError
+        If ``x`` is not 3-D, or ``lengths`` or ``state`` do not match its batch (their
+        shapes are checked here, before anything is computed).
     """
     import dask
     import dask.array as da
 
+    if not all(callable(getattr(model, k, None)) for k in ("forward", "_state_shapes")) \
+            or not all(hasattr(model, k) for k in ("D", "n_a")):
+        raise TypeError("model must be an xlstm model (xlstm.LSTM, GRU, RNN, SLSTM, MLSTM), "
+                        f"got {type(model).__name__}")
     if not isinstance(x, da.Array):
-        raise TypeError(f"x must be a dask array, got {type(x).__name__}")
+        raise TypeError(f"x must be a dask array, got {type(x).__name__}; wrap it with "
+                        "dask.array.from_array(x, chunks=...) chunked along the batch")
     first = getattr(model, "layout", "notebook") == "batch_first"
     b_axis = 0 if first else 1
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D, got shape {x.shape}")
+    m = x.shape[b_axis]
     x = x.rechunk({a: -1 for a in range(3) if a != b_axis})
     chunks = x.chunks[b_axis]
     args = [x, ("b", "t", "n") if first else ("n", "b", "t")]
     n_state = 0
     if state is not None:
+        if not isinstance(state, (tuple, list)):
+            raise TypeError(f"state must be a tuple of arrays (the model's state, batch "
+                            f"last), got {type(state).__name__}")
+        want = [tuple(w) for w in model._state_shapes(m)]  # the model's, batch last
+        got = [tuple(getattr(s, "shape", ())) for s in state]
+        if got != want:
+            raise ValueError(f"state must hold {len(want)} arrays of shapes {want} (batch "
+                             f"last, m = {m} from x), got {got}")
         for i, s in enumerate(state):  # (..., m): batch last
             s = _batch_chunks(da, s, chunks, axis=-1)
             args += [s, (*(f"s{i}_{j}" for j in range(s.ndim - 1)), "b")]
             n_state += 1
     if lengths is not None:
+        if tuple(getattr(lengths, "shape", ())) != (m,):
+            raise ValueError(f"lengths must have shape ({m},), one length per sequence of x "
+                             f"(m = {m}), got {tuple(getattr(lengths, 'shape', ()))}")
         args += [_batch_chunks(da, lengths, chunks, axis=0), ("b",)]
     out_rows = model.D * model.n_a
 

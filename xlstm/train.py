@@ -356,6 +356,11 @@ def fit(
         if agree is not None:
             agree.decide(0, failed=failed, stop=False)
     state = optimizer.init(params) if opt_state is None else opt_state
+    if agree is not None:  # before rank 0's values are broadcast into every rank's arrays
+        arrays = _split_state(state)[0]
+        agree.check_same_kind({"params": params} if arrays is None else
+                              {"params": params, "opt_state": arrays},
+                              "parameters and optimizer state")
     done, start = 0, (0, 0)  # steps taken before; (epoch, batches of it) to skip
     if resume is not None:
         params, state, done, start = _resume(resume, params, state, lead, agree)
