@@ -5,6 +5,8 @@
 * a plain, unstabilised reference written here from the equations;
 * chunked runs (state carried) against whole sequences; padded batches; stacked and
   bidirectional models against one-layer runs composed by hand; the zero state;
+* padding never read in any form; a NaN or inf at one step reaches no earlier output (nor
+  a NaN in ``dy`` any later gradient); inputs of 1e13 and 1e30 in float32;
 * pre-activations of +-1e4 in float32; every backend against numpy; bad arguments.
 """
 
@@ -36,6 +38,14 @@ def _run(model, x, state, dy, dstate, form, **kw):
     y, final, cache = model.forward(x, state, form=form, **kw)
     dx, d0, (g,) = model.backward(dy, cache, dstate)
     return y, final, dx, d0, g
+
+
+def _run_all(model, x, dy, form, **kw):
+    """forward then backward of a model of any depth: every result in one flat tuple,
+    ``y`` first, then the final state, ``dx``, ``dstate0`` and the parameters' gradients."""
+    y, final, cache = model.forward(x, form=form, **kw)
+    dx, d0, grads = model.backward(dy, cache)
+    return (y, *final, dx, *d0, *(a for g in grads for a in g.values()))
 
 
 def _unstabilised(final):
@@ -249,6 +259,96 @@ def test_extreme_pre_activations_in_float32(form):
 
 
 @FORMS
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_padding_is_never_read(form, cache):
+    """NaN and inf past each length, in ``x`` and in ``dy``, give exactly the results of
+    zero padding in every form (the conformance suite covers the default forms on every
+    backend), over two bidirectional layers, with and without a cache."""
+    rng = np.random.default_rng(13)
+    model = _model(num_layers=2, bidirectional=True)
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((2 * N_H, M, T))
+    lengths = np.array([2, 5])
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    zero = np.where(pad, 0.0, x), np.where(pad, 0.0, dy)
+    dirty = np.where(pad, np.nan, x), np.where(pad, np.inf, dy)
+    dirty[0][:, 1, -1] = -np.inf
+    runs = []
+    for xs, dys in (zero, dirty):
+        if cache:
+            runs.append(_run_all(model, xs, dys, form, lengths=lengths))
+        else:
+            y, final, _ = model.forward(xs, lengths=lengths, form=form, return_cache=False)
+            runs.append((y, *final))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(b, a)
+
+
+@FORMS
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_input_leaves_the_earlier_outputs_alone(form, bad):
+    """A NaN or inf in ``x`` at step ``t`` of one sequence: the outputs before ``t`` are
+    those of the clean run (the parallel form multiplies no later step into them), the
+    other sequence's are untouched, and from ``t`` on they are NaN, not a finite guess."""
+    rng = np.random.default_rng(14)
+    model = _model(num_layers=2)
+    x = rng.standard_normal((N_X, M, T))
+    dirty = x.copy()
+    dirty[1, 0, 4] = bad
+    want, _, _ = model.forward(x, form=form)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, final, _ = model.forward(dirty, form=form)
+    np.testing.assert_array_equal(y[:, 0, :4], want[:, 0, :4])
+    np.testing.assert_array_equal(y[:, 1], want[:, 1])
+    assert np.all(np.isnan(y[:, 0, 4:]))
+    for f in final:  # the state has seen the step: not a finite guess either
+        assert not np.any(np.isfinite(f[..., 0])) and np.all(np.isfinite(f[..., 1]))
+
+
+@FORMS
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_output_gradient_leaves_the_later_gradients_alone(form, bad):
+    """A NaN or inf in ``dy`` at step ``t``: ``dx`` of the later steps is that of the clean
+    run (no step after ``t`` feeds the output at ``t``); the earlier steps' is NaN."""
+    rng = np.random.default_rng(15)
+    model = _model(num_layers=2)
+    x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
+    dirty = dy.copy()
+    dirty[2, 0, 3] = bad
+    want = _run_all(model, x, dy, form)[4]
+    with np.errstate(invalid="ignore"):
+        dx = _run_all(model, x, dirty, form)[4]
+    np.testing.assert_array_equal(dx[:, 0, 4:], want[:, 0, 4:])
+    np.testing.assert_array_equal(dx[:, 1], want[:, 1])
+    assert np.all(np.isnan(dx[:, 0, :4]))
+
+
+@FORMS
+@pytest.mark.parametrize("scale", [1e13, 1e30])
+def test_large_inputs_in_float32_equal_float64(form, scale):
+    """Inputs of 1e13 and 1e30 in float32 (``v k^T q`` of 1e39 and 1e90): the outputs and
+    finite and equal float64's to float32 rounding, and so is the final state, in every
+    form.
+    At 1e13 every gradient is finite too; at 1e30 the gates' weight gradients are not:
+    their rounding noise alone (float64 gives about 1e44) does not fit in float32."""
+    rng = np.random.default_rng(16)
+    m32 = _model(dtype="float32", num_layers=2)
+    m64 = _model(num_layers=2)
+    m64.params = [{k: v.astype(np.float64) for k, v in layer.items()} for layer in m32.params]
+    x = (scale * rng.standard_normal((N_X, M, T))).astype(np.float32)
+    dy = rng.standard_normal((N_H, M, T)).astype(np.float32)
+    y, final, cache = m32.forward(x, form=form)
+    want, _, _ = m64.forward(x.astype(np.float64), form=form)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+    for f in final:  # in the stabilised scale (the true C e^m does not fit at all)
+        assert f.dtype == np.float32 and np.all(np.isfinite(f))
+    if scale == 1e13:
+        dx, d0, grads = m32.backward(dy, cache)
+        for v in (dx, *d0, *(a for g in grads for a in g.values())):
+            assert v.dtype == np.float32 and np.all(np.isfinite(v))
+
+
+@FORMS
 def test_every_backend_equals_numpy(form, xp, device):
     """The same call on the backend under test: its namespace and device kept, numpy's
     numbers to rounding."""
@@ -281,6 +381,52 @@ def test_inference_in_blocks_equals_the_whole_sequence(form, xp, device, monkeyp
     np.testing.assert_allclose(to_numpy(yb), to_numpy(y), rtol=1e-12, atol=1e-13)
     for a, b in zip(_unstabilised(tuple(to_numpy(f) for f in fb)),
                     _unstabilised(tuple(to_numpy(f) for f in final))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+@FORMS
+def test_inference_holds_one_copy_of_the_output(form, monkeypatch):
+    """``return_cache=False`` over many blocks: beyond the output and the final state, the
+    memory is one block's (here under a quarter of the output), not a second output."""
+    import tracemalloc
+
+    from xlstm import _engine
+
+    monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
+    model = xlstm.MLSTM(8, 16, num_heads=2, chunk=16, seed=0)
+    x = np.random.default_rng(17).standard_normal((8, 4, 2048))
+    model.forward(x[..., :64], form=form, return_cache=False)
+    tracemalloc.start()
+    y, final, _ = model.forward(x, form=form, return_cache=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    extra = peak - y.nbytes - sum(f.nbytes for f in final)
+    assert extra < 0.25 * y.nbytes, (extra, y.nbytes)
+
+
+def test_the_parallel_form_memory_is_bounded(monkeypatch):
+    """A parallel form whose ``(m, H, L, L)`` arrays exceed ``MAX_PARALLEL_BYTES`` is refused
+    before anything is computed, naming ``form`` or ``chunk`` and what fits (the default
+    bound refuses T = 30000: 13.4 GiB with two heads); without a cache it runs in blocks
+    that fit, with the numbers of the run that keeps one."""
+    x = np.zeros((N_X, 1, 30000))
+    with pytest.raises(ValueError, match=r"form='parallel' over T=30000 steps needs arrays "
+                                         r"\(m, H, L, L\) = \(1, 2, 30000, 30000\) of 13.4 GiB "
+                                         r"each.*form='chunkwise' with chunk <= 8192"):
+        _model().forward(x, form="parallel")
+    with pytest.raises(ValueError, match=r"chunk=100000 with form='auto' .*chunk <= 8192"):
+        _model(chunk=100000).forward(x)
+    with pytest.raises(ValueError, match=r"chunk=100000 with form='chunkwise'"):
+        _model(chunk=100000).forward(x, form="chunkwise", return_cache=False)
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((N_X, M, 60))
+    want, want_final, _ = _model().forward(x, form="parallel")
+    monkeypatch.setattr(mlstm, "MAX_PARALLEL_BYTES", 2 * H * 20 * 20 * 8)  # 20 steps fit
+    with pytest.raises(ValueError, match=r"form='parallel' over T=60 .*chunk <= 20"):
+        _model().forward(x, form="parallel")
+    y, final, _ = _model().forward(x, form="parallel", return_cache=False)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-13)
+    for a, b in zip(_unstabilised(final), _unstabilised(want_final)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 

@@ -24,9 +24,17 @@ All take arrays of one namespace in the layout ``(B, H, T, d)`` (``q``, ``k``: `
 ``v``: ``d_v``) and ``(B, H, T)`` (``i~``, ``f~``), and a state ``(C, n, m)`` of shapes
 ``(B, H, d_v, d_qk)``, ``(B, H, d_qk)``, ``(B, H)``. Where ``n`` of the given state is zero
 the memory is empty: its ``m`` is taken as ``-inf`` (:func:`empty_as_minus_inf`), so the
-first step starts it afresh. A forward pass returns ``(h~, final state, cache)``; a backward
-pass takes ``dh~``, the cache and the gradients on the final ``C`` and ``n`` (or ``None``)
-and returns the gradients of ``q, k, v, i~, f~, C_0, n_0``.
+first step starts it afresh. A forward pass returns ``(h~, final state, cache)`` (the cache
+``None`` with ``keep=False``); a backward pass takes ``dh~``, the cache and the gradients on
+the final ``C`` and ``n`` (or ``None``) and returns the gradients of ``q, k, v, i~, f~, C_0,
+n_0``.
+
+Every form keeps float32 finite wherever the result fits: each step's ``q`` and ``k`` are
+brought below 2 by a power of two, folded back in exactly (:func:`_unit_scale`), so that
+``v k^T q`` overflows only where ``v`` itself nearly does. And every form is causal
+whatever the inputs hold: a NaN or inf at step ``t`` reaches no output before ``t``, and
+a NaN or inf in ``dh~`` at step ``t`` no gradient of a later step (the parallel form takes
+such steps out of its products, :func:`_set_aside`).
 """
 
 from __future__ import annotations
@@ -39,12 +47,20 @@ from ._compat import device_of as _device
 from ._typing import Array
 from .models import ModelCache, _Model
 
-__all__ = ["FORMS", "MLSTM", "recurrent_forward", "recurrent_backward", "parallel_forward",
-           "parallel_backward", "chunkwise_forward", "chunkwise_backward", "layer_forward",
-           "layer_backward", "empty_as_minus_inf", "logsigmoid"]
+__all__ = ["FORMS", "MAX_PARALLEL_BYTES", "MLSTM", "recurrent_forward", "recurrent_backward",
+           "parallel_forward", "parallel_backward", "chunkwise_forward", "chunkwise_backward",
+           "layer_forward", "layer_backward", "empty_as_minus_inf", "logsigmoid"]
 
 #: The forms, by name.
 FORMS = ("recurrent", "parallel", "chunkwise")
+
+#: The largest ``(m, H, L, L)`` array that :class:`MLSTM` lets the parallel form allocate,
+#: in bytes (1 GiB), ``L`` the steps it runs at once (``T`` for ``form="parallel"``, the
+#: chunk for the chunkwise form); a backward pass holds about eight of them. A call that
+#: would need more is refused before anything is computed, with the form or chunk that
+#: fits; without a cache the parallel form runs in blocks that fit instead. Raise it
+#: (``xlstm.mlstm.MAX_PARALLEL_BYTES = ...``) on a machine with the memory.
+MAX_PARALLEL_BYTES = 1 << 30
 
 
 def logsigmoid(xp, x):
@@ -90,12 +106,81 @@ def _floor_grad(xp, dh, h, den, s, floor):
     return dnum, ds
 
 
+_LN2 = 0.6931471805599453
+
+
+def _unit_scale(xp, a):
+    """``a (..., T, d)`` with each step divided by the power of two ``s >= 1`` that brings
+    its largest magnitude below 2 (``s = 1`` where it is below 2 already): ``(a / s, log s,
+    s)``, the last two ``(..., T)``.
+
+    The forms fold these scales back in exactly: a key's into its input gate (``C`` and
+    ``n`` are both linear in ``i k``, so ``k / s`` with ``i~ + log s`` is the same memory),
+    a query's into the floor of its denominator (``h~ = C q' / max(|n . q'|, 1 / s)``). So
+    ``v k^T q`` is formed from factors below 2 and overflows only where ``v`` does, not
+    where the product of three large values would (inputs of 1e13 in float32); the
+    results change by rounding alone, and not at all where no scale is needed. A scale
+    depends on its step only: causality is kept.
+    """
+    amax = xp.max(xp.abs(a), axis=-1)
+    e = xp.floor(xp.log2(xp.maximum(amax, xp.ones_like(amax))))
+    scale = xp.pow(xp.full_like(e, 2.0), e)
+    return a / scale[..., None], e * _LN2, scale
+
+
+def _scalar(xp, value, like):
+    """``value`` as a 0-d array of ``like``'s dtype and device."""
+    return xp.full((), value, dtype=like.dtype, device=_device(like))
+
+
+def _set_aside(xp, q, k, v, ig, fg):
+    """The steps the parallel form cannot put into its products, and the inputs without
+    them: ``(q, k, v, ig, fg, bad)``, ``bad (B, H, T)``.
+
+    A product over the time axis (``S v``, ``q k^T``) multiplies a later step's values by
+    the zeros of the causal mask, and ``0 * nan`` is ``nan``: a NaN or inf at step ``t``
+    would reach every earlier output. So a step holding one (in ``q``, ``k`` or ``v``, a
+    NaN gate, ``i~ = +inf`` or ``f~ = -inf``; ``i~ = -inf`` and ``f~ = +inf``, a step that
+    writes or forgets nothing, are kept) enters the products as zeros, and :func:`_taint`
+    puts NaN back where the recurrent form has it: from that step on.
+    """
+    inf = float("inf")
+    ok = (xp.all(xp.isfinite(q), axis=-1) & xp.all(xp.isfinite(k), axis=-1)
+          & xp.all(xp.isfinite(v), axis=-1) & (ig < inf) & (fg > -inf))
+    zero = _scalar(xp, 0.0, q)
+    keep = ok[..., None]
+    return (xp.where(keep, q, zero), xp.where(keep, k, zero), xp.where(keep, v, zero),
+            xp.where(ok, ig, zero), xp.where(ok, fg, zero), ~ok)
+
+
+def _from_first(xp, bad, like):
+    """``(B, H, T)``: true from the first true step of ``bad`` on."""
+    return xp.cumulative_sum(xp.astype(bad, like.dtype), axis=-1) > 0.0
+
+
+def _up_to_last(xp, bad, like):
+    """``(B, H, T)``: true up to the last true step of ``bad``."""
+    return xp.flip(_from_first(xp, xp.flip(bad, axis=-1), like), axis=-1)
+
+
+def _taint(xp, a, where):
+    """``a`` with NaN where ``where`` (broadcast from the left: ``where``'s axes are
+    ``a``'s leading ones)."""
+    extra = a.ndim - where.ndim
+    mask = xp.reshape(where, (*where.shape, *(1,) * extra))
+    return xp.where(mask, _scalar(xp, float("nan"), a), a)
+
+
 # -------------------------------------------------------------------- recurrent form
-def recurrent_forward(xp, q, k, v, ig, fg, state):
-    """The recurrent form: one step at a time (see the module)."""
+def recurrent_forward(xp, q, k, v, ig, fg, state, *, keep=True):
+    """The recurrent form: one step at a time (see the module). ``keep=False`` keeps
+    nothing for a backward pass (the cache is ``None``)."""
     C, n, m = state
     m = empty_as_minus_inf(xp, n, m)
     T = q.shape[2]
+    q, logb, sq = _unit_scale(xp, q)
+    k, logc, sk = _unit_scale(xp, k)
+    ig = ig + logc
     lsf = logsigmoid(xp, fg)
     Cs, ns, gates, hs, ss, dens, floors = [C], [n], [], [], [], [], []
     for t in range(T):
@@ -107,24 +192,25 @@ def recurrent_forward(xp, q, k, v, ig, fg, state):
         q_t = q[..., t, :]
         num = xp.sum(C * q_t[..., None, :], axis=-1)
         s = xp.sum(n * q_t, axis=-1)
-        floor = _floor(xp, m_t)
+        floor = _floor(xp, m_t + logb[..., t])
         den = xp.maximum(xp.abs(s), floor)
         h = num / den[..., None]
         m = m_t
-        Cs.append(C)
-        ns.append(n)
-        gates.append((ip, fp))
         hs.append(h)
-        ss.append(s)
-        dens.append(den)
-        floors.append(floor)
-    cache = (q, k, v, fg, lsf, Cs, ns, gates, hs, ss, dens, floors)
+        if keep:
+            Cs.append(C)
+            ns.append(n)
+            gates.append((ip, fp))
+            ss.append(s)
+            dens.append(den)
+            floors.append(floor)
+    cache = (q, k, v, fg, lsf, Cs, ns, gates, hs, ss, dens, floors, sq, sk) if keep else None
     return xp.stack(hs, axis=2), (C, n, m), cache
 
 
 def recurrent_backward(xp, dh, cache, dC=None, dn=None):
     """The gradients of :func:`recurrent_forward`: ``(dq, dk, dv, dig, dfg, dC0, dn0)``."""
-    q, k, v, fg, lsf, Cs, ns, gates, hs, ss, dens, floors = cache
+    q, k, v, fg, lsf, Cs, ns, gates, hs, ss, dens, floors, sq, sk = cache
     T = q.shape[2]
     dC = xp.zeros_like(Cs[0]) if dC is None else dC
     dn = xp.zeros_like(ns[0]) if dn is None else dn
@@ -146,16 +232,27 @@ def recurrent_backward(xp, dh, cache, dC=None, dn=None):
         dC = fp[..., None, None] * dC
         dn = fp[..., None] * dn
     dfg = xp.stack(dlsf, axis=-1) * _sigmoid_neg(xp, fg, lsf)
-    return (xp.stack(dq, axis=2), xp.stack(dk, axis=2), xp.stack(dv, axis=2),
-            xp.stack(dig, axis=-1), dfg, dC, dn)
+    # the scales of q and k held constant (the result does not depend on them)
+    return (xp.stack(dq, axis=2) / sq[..., None], xp.stack(dk, axis=2) / sk[..., None],
+            xp.stack(dv, axis=2), xp.stack(dig, axis=-1), dfg, dC, dn)
 
 
 # --------------------------------------------------------------------- parallel form
-def parallel_forward(xp, q, k, v, ig, fg, state):
-    """The parallel form: all steps of every head at once, from ``state`` (see the module)."""
+def parallel_forward(xp, q, k, v, ig, fg, state, *, keep=True):
+    """The parallel form: all steps of every head at once, from ``state`` (see the module);
+    ``keep=False`` keeps nothing for a backward pass (the cache is ``None``).
+
+    Causal whatever the inputs hold: a NaN or inf at step ``t`` leaves the outputs before
+    ``t`` as they are (:func:`_set_aside`); from ``t`` on, and in the final state, they are
+    NaN.
+    """
     C0, n0, m0 = state
     m0 = empty_as_minus_inf(xp, n0, m0)
     T = q.shape[2]
+    q, k, v, ig, fg, bad = _set_aside(xp, q, k, v, ig, fg)
+    q, logb, sq = _unit_scale(xp, q)
+    k, logc, sk = _unit_scale(xp, k)
+    ig = ig + logc
     lsf = logsigmoid(xp, fg)
     F = xp.cumulative_sum(lsf, axis=-1)
     idx = xp.arange(T, device=_device(q))
@@ -164,25 +261,38 @@ def parallel_forward(xp, q, k, v, ig, fg, state):
     logD = xp.where(causal, logD, xp.full_like(logD, -float("inf")))
     logg = F + m0[..., None]
     mrow = xp.maximum(xp.max(logD, axis=-1), logg)
-    Dp = xp.exp(logD - mrow[..., None])
+    Dp = xp.exp(logD - mrow[..., None])  # zero above the diagonal
     g = xp.exp(logg - mrow)
-    P = q @ xp.matrix_transpose(k)
+    P = q @ xp.matrix_transpose(k)  # finite and below 4 d_qk: no nan * 0 above the diagonal
     S = P * Dp
     num = S @ v + g[..., None] * (q @ xp.matrix_transpose(C0))
     s = xp.sum(S, axis=-1) + g * xp.sum(q * n0[..., None, :], axis=-1)
-    floor = _floor(xp, mrow)
+    floor = _floor(xp, mrow + logb)
     den = xp.maximum(xp.abs(s), floor)
     h = num / den[..., None]
     last, g_T = Dp[..., -1, :], g[..., -1]
     C_T = xp.matrix_transpose(v * last[..., None]) @ k + g_T[..., None, None] * C0
     n_T = xp.sum(k * last[..., None], axis=-2) + g_T[..., None] * n0
-    cache = (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor)
-    return h, (C_T, n_T, mrow[..., -1]), cache
+    tainted = _from_first(xp, bad, q)  # the rows from a set-aside step on
+    final = tuple(_taint(xp, a, tainted[..., -1]) for a in (C_T, n_T, mrow[..., -1]))
+    cache = (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor, sq, sk,
+             tainted[..., -1]) if keep else None
+    return _taint(xp, h, tainted), final, cache
 
 
 def parallel_backward(xp, dh, cache, dC=None, dn=None):
-    """The gradients of :func:`parallel_forward`: ``(dq, dk, dv, dig, dfg, dC0, dn0)``."""
-    q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor = cache
+    """The gradients of :func:`parallel_forward`: ``(dq, dk, dv, dig, dfg, dC0, dn0)``.
+
+    Anti-causal whatever ``dh`` holds: a NaN or inf in ``dh`` at step ``t`` leaves the
+    gradients of the later steps as they are (it enters the products as zeros), and makes
+    those of step ``t`` (``dq``), of the steps up to ``t`` (``dk``, ``dv``, the gates) and
+    of the initial state NaN. After a forward pass that met a NaN or inf, every gradient
+    of that head is NaN.
+    """
+    (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor, sq, sk,
+     tainted) = cache
+    bad = ~xp.all(xp.isfinite(dh), axis=-1)
+    dh = xp.where(bad[..., None], _scalar(xp, 0.0, dh), dh)
     dnum, ds = _floor_grad(xp, dh, h, den, s, floor)
     # num = S v + g (q C0^T), s = S 1 + g (q . n0)
     dS = dnum @ xp.matrix_transpose(v) + ds[..., None]
@@ -228,22 +338,30 @@ def parallel_backward(xp, dh, cache, dC=None, dn=None):
     # F = cumulative sum of lsf: dlsf_r = sum over t >= r of dF_t
     dlsf = xp.flip(xp.cumulative_sum(xp.flip(dF, axis=-1), axis=-1), axis=-1)
     dfg = dlsf * _sigmoid_neg(xp, fg, lsf)
-    return dq, dk, dv, dig, dfg, dC0, dn0
+    # the scales of q and k held constant (the result does not depend on them)
+    dq, dk = dq / sq[..., None], dk / sk[..., None]
+    # NaN back where dh held a non-finite value, or the forward pass did
+    upto = _up_to_last(xp, bad, dh) | tainted[..., None]  # (B, H, T)
+    dq = _taint(xp, dq, bad | tainted[..., None])
+    dk, dv, dig, dfg = (_taint(xp, a, upto) for a in (dk, dv, dig, dfg))
+    first = upto[..., 0]  # the initial state feeds every step
+    return dq, dk, dv, dig, dfg, _taint(xp, dC0, first), _taint(xp, dn0, first)
 
 
 # -------------------------------------------------------------------- chunkwise form
-def chunkwise_forward(xp, q, k, v, ig, fg, state, chunk=64):
+def chunkwise_forward(xp, q, k, v, ig, fg, state, chunk=64, *, keep=True):
     """The chunkwise form: :func:`parallel_forward` over chunks of ``chunk`` steps, the
-    state carried from one to the next."""
+    state carried from one to the next. ``keep=False`` keeps nothing for a backward pass
+    (the cache is ``None``): one chunk's intermediates alive at a time."""
     T = q.shape[2]
     hs, caches = [], []
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
         h, state, cache = parallel_forward(xp, q[..., sl, :], k[..., sl, :], v[..., sl, :],
-                                           ig[..., sl], fg[..., sl], state)
+                                           ig[..., sl], fg[..., sl], state, keep=keep)
         hs.append(h)
         caches.append(cache)
-    return xp.concat(hs, axis=2), state, caches
+    return xp.concat(hs, axis=2), state, caches if keep else None
 
 
 def chunkwise_backward(xp, dh, caches, dC=None, dn=None):
@@ -329,10 +447,10 @@ def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
         ig = xp.where(active, ig, -inf)  # a padded step writes nothing ...
         fg = xp.where(active, fg, inf)  # ... and forgets nothing
     if form == "chunkwise":
-        ht, final, inner = chunkwise_forward(xp, q, k, v, ig, fg, state, chunk)
+        ht, final, inner = chunkwise_forward(xp, q, k, v, ig, fg, state, chunk, keep=keep)
     else:
         run = recurrent_forward if form == "recurrent" else parallel_forward
-        ht, final, inner = run(xp, q, k, v, ig, fg, state)
+        ht, final, inner = run(xp, q, k, v, ig, fg, state, keep=keep)
     ht = xp.reshape(xp.permute_dims(ht, (0, 2, 1, 3)), (m, T, n_h))
     zo = Xf @ xp.matrix_transpose(p["Wo"]) + xp.reshape(p["bo"], (1, n_h))
     o = xp.reshape(0.5 * xp.tanh(0.5 * zo) + 0.5, (m, T, n_h))  # sigmoid
@@ -340,7 +458,7 @@ def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
     if not keep:
         return y, final, None
     kept = _Kept(copy(Xf), {key: copy(a) for key, a in p.items()}, form, o, ht,
-                 _c_order((inner, q, k, v)), active)
+                 _c_order(inner), active)
     return y, final, kept
 
 
@@ -371,7 +489,7 @@ def layer_backward(xp, dY, kept, dC, dn, *, H, d_qk, d_v):
     grads = {"Wo": xp.matrix_transpose(dzo) @ Xf, "bo": xp.reshape(xp.sum(dzo, axis=0), (n_h, 1))}
     dX = dzo @ p["Wo"]
     dht = xp.permute_dims(xp.reshape(dY * o, (m, T, H, d_v)), (0, 2, 1, 3))
-    inner, q, k, v = kept.inner
+    inner = kept.inner
     back = {"recurrent": recurrent_backward, "parallel": parallel_backward,
             "chunkwise": chunkwise_backward}[kept.form]
     dq, dk, dv, dig, dfg, dC0, dn0 = back(xp, dht, inner, dC, dn)
@@ -390,6 +508,43 @@ def layer_backward(xp, dY, kept, dC, dn, *, H, d_qk, d_v):
         grads["b" + key] = xp.reshape(xp.sum(df, axis=0), (H, 1))
         dX = dX + df @ p["w" + key]
     return xp.reshape(dX, (m, T, n_in)), dC0, dn0, {key: grads[key] for key in p}
+
+
+def _gib(n):
+    """``n`` bytes, for a message."""
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+class _Blocks:
+    """The output ``(m, T, n)`` of a layer run in blocks of steps, gathered along ``T``.
+
+    A single block is the output as it is. Otherwise, where the namespace allows writes,
+    the output is allocated at the first block and each block written into it, so that the
+    memory is the output plus one block; elsewhere (JAX: no writes) the blocks are
+    concatenated at the end.
+    """
+
+    def __init__(self, xp, T, like):
+        self.xp, self.T, self.like = xp, T, like
+        self.buf, self.parts = None, []
+
+    def put(self, t0, y):
+        """Block ``y (m, t1 - t0, n)`` of steps ``t0:t1``."""
+        from ._compat import is_writeable
+
+        if self.buf is None and y.shape[1] < self.T and is_writeable(self.like):
+            self.buf = self.xp.empty((y.shape[0], self.T, y.shape[2]), dtype=y.dtype,
+                                     device=_device(y))
+        if self.buf is not None:
+            self.buf[:, t0 : t0 + y.shape[1], :] = y
+        else:
+            self.parts.append(y)
+
+    def result(self):
+        """The whole output."""
+        if self.buf is not None:
+            return self.buf
+        return self.parts[0] if len(self.parts) == 1 else self.xp.concat(self.parts, axis=1)
 
 
 class MLSTM(_Model):
@@ -418,7 +573,9 @@ class MLSTM(_Model):
         Query and key size per head (default ``n_h / num_heads``).
     form : {"auto", "recurrent", "parallel", "chunkwise"}, optional
         The default form of :meth:`forward`: ``"auto"`` is parallel up to ``chunk`` steps,
-        chunkwise beyond.
+        chunkwise beyond. The parallel form's ``(m, H, L, L)`` arrays (``L`` the steps it
+        runs at once) are bounded by :data:`MAX_PARALLEL_BYTES`: a call past it is refused,
+        naming the chunk that fits.
     chunk : int, optional
         Steps per chunk of the chunkwise form.
     **kwargs
@@ -519,6 +676,13 @@ class MLSTM(_Model):
             The final state.
         cache : ModelCache or None
             What :meth:`backward` needs.
+
+        Raises
+        ------
+        ValueError
+            If the parallel form would need arrays larger than
+            :data:`MAX_PARALLEL_BYTES` (``form="parallel"`` over a long sequence with a
+            cache, or a large ``chunk``); the message names the form or chunk that fits.
         """
         form = self._form(self.form if form is None else form)
         return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
@@ -538,21 +702,54 @@ class MLSTM(_Model):
         else:
             state = tuple(xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1))) for s in state0)
         act = None if active is None else xp.permute_dims(active, (1, 2, 0))  # (m, 1, T)
-        form = opts["form"]
+        asked = opts["form"]
+        form = asked
         if form == "auto":
             form = "parallel" if T <= self.chunk else "chunkwise"
-        # without a cache, blocks of whole chunks: the memory does not grow with T
-        block = T if keep else max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
-        ys, kept = [], None
+        fit = self._parallel_fit(m, X.dtype, xp)
+        if keep:
+            block = T
+        else:  # blocks of whole chunks: the memory does not grow with T
+            block = max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
+            if form == "parallel":  # and the parallel form's blocks within the bound
+                block = max(1, min(block, fit))
+        side = min(T, block) if form == "parallel" else min(T, self.chunk)
+        if form != "recurrent" and side > fit:
+            raise ValueError(self._too_big(asked, form, side, m, T, X.dtype, xp, fit))
+        out, kept = _Blocks(xp, T, X), None
         for t0 in range(0, T, block):
             t1 = min(t0 + block, T)  # the array API leaves stops past the end unspecified
             part = None if act is None else act[..., t0:t1]
             y, state, kept = layer_forward(xp, layer, X[:, t0:t1, :], state, part, form,
                                            keep=keep, **dims)
-            ys.append(y)
-        y = ys[0] if len(ys) == 1 else xp.concat(ys, axis=1)
+            out.put(t0, y)
+            del y  # one block alive at a time beside the output
         final = tuple(xp.permute_dims(s, (*range(1, s.ndim), 0)) for s in state)
-        return xp.permute_dims(y, (2, 0, 1)), final, kept
+        return xp.permute_dims(out.result(), (2, 0, 1)), final, kept
+
+    def _parallel_fit(self, m, dtype, xp):
+        """The most steps ``L`` whose ``(m, H, L, L)`` array of ``dtype`` fits in
+        :data:`MAX_PARALLEL_BYTES`."""
+        import math
+
+        itemsize = xp.finfo(dtype).bits // 8
+        return math.isqrt(MAX_PARALLEL_BYTES // (m * self.num_heads * itemsize))
+
+    def _too_big(self, asked, form, side, m, T, dtype, xp, fit):
+        """The message of a run whose parallel blocks of ``side`` steps exceed the bound."""
+        itemsize = xp.finfo(dtype).bits // 8
+        need = m * self.num_heads * side * side * itemsize
+        if asked == "parallel":
+            what = f"form='parallel' over T={T} steps"
+            fix = f"form='chunkwise' with chunk <= {fit} (memory grows as T * chunk)"
+        else:
+            what = (f"chunk={self.chunk} with form={asked!r} (the {form} form over "
+                    f"{side} steps at once)")
+            fix = f"chunk <= {fit}"
+        return (f"{what} needs arrays (m, H, L, L) = ({m}, {self.num_heads}, {side}, {side}) "
+                f"of {_gib(need)} each, about eight of them in a backward pass; the bound "
+                f"xlstm.mlstm.MAX_PARALLEL_BYTES is {_gib(MAX_PARALLEL_BYTES)}: pass {fix}, "
+                "or raise the bound on a machine with the memory")
 
     def _layer_backward(self, index, dy, kept, dstate, *, xp, active):
         dC = dn = None
