@@ -551,3 +551,20 @@ def test_a_full_disk_falls_back_with_one_warning(tmp_path):
     assert first["same"] and len(first["warnings"]) == 1, first
     assert "No space left on device" in first["warnings"][0]
     assert second == {"warnings": [], "same": True}
+
+
+def test_an_error_of_the_call_itself_is_not_blamed_on_the_compiled_loops(monkeypatch):
+    """An error that the route with nothing compiled raises too is the call's own (numpy
+    set to raise, say): it propagates as it is, with no warning, and nothing counts as a
+    failure of the loops (their cache is left alone)."""
+    _fresh_loops(monkeypatch)
+    monkeypatch.setenv("XLSTM_ACCEL", "1")
+
+    def tanh(self, x, out):
+        raise FloatingPointError("overflow encountered in tanh")
+
+    monkeypatch.setattr(_cpu.BufferOps, "tanh", tanh)
+    x, a0, _, p = random_case(2, 3, 4, 3, 2, 5)
+    with pytest.raises(FloatingPointError, match="overflow encountered in tanh"):
+        xlstm.lstm_forward(x, a0, p)
+    assert _cpu._FAILURES == [] and not _cpu._IN_MEMORY

@@ -653,8 +653,8 @@ class Loops:
         """``run(*args, plain=False)``: the compiled route; where anything in it fails (a
         generated module that cannot be made or imported, numba failing to compile, to load
         its cache or to write it: a full disk, a corrupt index), the same call again with
-        ``plain=True``, which compiles nothing and gives the same numbers, after
-        :func:`_failed` warned once and removed the broken cache entries.
+        ``plain=True``, which compiles nothing and gives the same numbers; then
+        :func:`_failed` warns once and removes the broken cache entries.
 
         Rerunning the whole call is safe: it reads its inputs only and writes its outputs
         anew (the backward pass's running gradients start again from ``carry``).
@@ -666,8 +666,12 @@ class Loops:
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - an optional accelerator never breaks a call
-            _failed(exc)
-        return run(*args, plain=True)
+            failure = exc
+        # Where this fails too, the error is the call's own (numpy's errstate set to raise,
+        # say), not the accelerator's: it propagates, and nothing is blamed on the cache.
+        result = run(*args, plain=True)
+        _failed(failure)
+        return result
 
     def supports(self, cell) -> bool:
         """Every cell: the loops run the cell's own step functions."""
