@@ -2,7 +2,8 @@
 # Compile the fused CUDA kernels (xlstm/_cuda) without a GPU, warnings as errors: the
 # sources generated from the kernel table (python xlstm/_cuda/kernels.py --write DIR, with the
 # python on PATH) with nvcc, and their host builds behind the grid emulator of the tests
-# (tests/cuda_host/grid_emulator.h) with the host C++ compiler.
+# (tests/cuda_host/grid_emulator.h) with the host C++ compiler; then their PTX checked: no
+# persistent kernel reads memory that its launch writes through the non-coherent path.
 #
 #   bash .ci/compile_cuda.sh            # sm_90 (H100)
 #   CUDA_ARCH=sm_80 bash .ci/compile_cuda.sh
@@ -45,5 +46,8 @@ for f in "${files[@]}"; do
     [[ "$f" == *.cu ]] || continue
     nvcc -arch="$arch" --fmad=false -Werror all-warnings -Xcompiler -Wall,-Wextra \
         -c -o "$tmp/kernels.o" "$f"
+    nvcc -arch="$arch" --fmad=false -ptx -o "${f%.cu}.ptx" "$f"
     echo "compile_cuda: nvcc -arch=$arch compiled ${f##*/} OK ($(nvcc --version | tail -n 1))"
 done
+# No persistent kernel may read memory that its launch writes through ld.global.nc.
+"$python" "$root/xlstm/_cuda/kernels.py" --check-ptx "$tmp/gen"

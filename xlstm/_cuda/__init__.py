@@ -278,7 +278,10 @@ class PersistentRule(NamedTuple):
     (1024, 64)`` on an H100 (132 multiprocessors, 227 KiB of shared memory per block) the
     LSTM's backward plan is 11 tiles of 6 rows, 48 of 256 threads busy in the product,
     about 370 us a step here (400 us estimated by hand), against about 40 us on the
-    per-step path, which host dispatch bounds at 25-40 us a step.
+    per-step path, which host dispatch bounds at 25-40 us a step. For the LSTM in float32
+    on that H100 the estimates (forward, backward) are, at ``(n_a, m)`` = (256, 8): 4.9 and
+    12.8 us, both persistent; (256, 64): 19.5 and 71 us; (768, 16): 18.1 and 66 us, forward
+    persistent only; (1024, 64): 87 and 371 us, neither.
 
     Attributes
     ----------

@@ -44,7 +44,9 @@ From the table come:
 * :func:`check_args` and :func:`check_persistent_args`: the checks of a launch's arguments
   (count, dtype, shape, layout, overlap) that the tests make on every launch;
 * :func:`write`: the files that ``.ci/compile_cuda.sh`` compiles; run this file as a
-  script, ``python xlstm/_cuda/kernels.py --write DIR``, which needs nothing but Python.
+  script, ``python xlstm/_cuda/kernels.py --write DIR``, which needs nothing but Python;
+* :func:`nc_violations`: the check of their PTX that no persistent kernel reads memory that
+  its launch writes through the non-coherent path (``kernels.py --check-ptx DIR``).
 
 Adding a cell's kernels means one header (``<cell>_pointwise.cuh`` with its element
 functions, named in :data:`HEADERS`) and its rows in :data:`TABLE`; nothing else here, and
@@ -57,14 +59,15 @@ the package), so that it also runs as a script.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DTYPES", "GUARD", "HEADERS", "PERSISTENT", "TABLE", "Arg", "Kernel", "cells",
            "check_args", "check_persistent_args", "gates", "host_source", "kernel",
-           "kernel_name", "launch_read_only", "masked", "persistent_params", "source", "step_params",
-           "write"]
+           "kernel_name", "launch_read_only", "masked", "nc_loads", "nc_violations",
+           "persistent_params", "source", "step_params", "write"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -696,21 +699,110 @@ def check_persistent_args(k: Kernel, dtype_name: str, args, *, address=None) -> 
                     f"{where}: {name} and {other} share part of their memory")
 
 
+# ---------------------------------------------------------------------- PTX checks
+_PTX_LINE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+(.*);")
+_PTX_REG = re.compile(r"%\w+")
+
+
+def nc_loads(ptx: str, entry: str, params: list[str]) -> list[frozenset[str]]:
+    """The parameters that the address of each ``ld.global.nc`` of kernel ``entry`` derives
+    from, in the PTX text ``ptx``; ``params`` names the kernel's parameters in order.
+
+    A small data-flow pass over the kernel's virtual registers: a register loaded from
+    parameter ``i`` derives from ``params[i]``, any other instruction's destination from
+    every register it reads (to a fixed point, for the loops), a loaded value from nothing.
+    """
+    start = ptx.index(f".entry {entry}(")
+    body = ptx[ptx.index("{", start): ptx.index("\n}", start)]
+    lines = [m.groups() for m in map(_PTX_LINE.match, body.splitlines()) if m]
+    if any(op.startswith("call") for op, _ in lines):
+        raise ValueError(f"{entry}: calls a function; the pass follows one kernel body only")
+    param = re.compile(rf"\[{re.escape(entry)}_param_(\d+)\]")
+    taint: dict[str, frozenset[str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for op, operands in lines:
+            if op.startswith(("st.", "bar.", "bra", "red.", "ret", "membar", "fence")):
+                continue
+            dst, _, rest = operands.partition(",")
+            if op.startswith("ld.param"):
+                got = frozenset([params[int(param.search(rest).group(1))]])
+            elif op.startswith(("ld.", "atom.")):
+                continue  # a loaded value is data, not an address
+            else:
+                got = frozenset().union(*(taint.get(r, frozenset())
+                                          for r in _PTX_REG.findall(rest)))
+            for reg in _PTX_REG.findall(dst):
+                if not got <= taint.get(reg, frozenset()):
+                    taint[reg] = taint.get(reg, frozenset()) | got
+                    changed = True
+    loads = []
+    for op, operands in lines:
+        if op.startswith("ld.global.nc"):
+            address = operands[operands.index("["):]
+            loads.append(frozenset().union(*(taint.get(r, frozenset())
+                                             for r in _PTX_REG.findall(address))))
+    return loads
+
+
+def nc_violations(cell: str, ptx: str, *, kernels=None) -> tuple[int, list[str]]:
+    """Check the PTX of ``cell``'s source (``nvcc -ptx``): no persistent kernel reads
+    through the non-coherent path (``ld.global.nc``, :func:`nc_loads`) a parameter that its
+    launch writes, that is any but ``w`` and :func:`launch_read_only`'s. ``kernels``:
+    ``(row, dtype name)`` pairs to check (default: every persistent kernel of the cell).
+    Returns the number of such loads checked and a message per load that breaks the rule.
+    """
+    if kernels is None:
+        kernels = [(k, d) for (c, _), k in TABLE.items() if c == cell for d in DTYPES]
+    checked, problems = 0, []
+    for k, dtype_name in kernels:
+        name = k.persistent_name(dtype_name)
+        params = persistent_params(k, DTYPES[dtype_name][1])
+        allowed = launch_read_only(k) | {"w"}
+        pointers = {p.split()[-1] for p in params if "*" in p}
+        for sources in nc_loads(ptx, name, [p.split()[-1].lstrip("*") for p in params]):
+            checked += 1
+            read = sources & pointers
+            if not read or not read <= allowed:
+                what = sorted(read - allowed) or "no parameter"
+                problems.append(f"{name}: ld.global.nc of {what}, which the launch writes")
+    return checked, problems
+
+
 def _expect(ok, message):
     if not ok:
         raise AssertionError(message)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python kernels.py --write DIR``: :func:`write`, printing one path per line."""
+    """``python kernels.py --write DIR``: :func:`write`, printing one path per line.
+    ``python kernels.py --check-ptx DIR``: :func:`nc_violations` on ``DIR/xlstm_<cell>.ptx``
+    for every cell, printing what breaks the rule; exit status 1 if anything does."""
     parser = argparse.ArgumentParser(
-        prog="kernels.py", description="Write the CUDA sources generated from the kernel table.")
-    parser.add_argument("--write", metavar="DIR", required=True,
+        prog="kernels.py", description="Write the CUDA sources generated from the kernel table, "
+                                       "or check their PTX.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", metavar="DIR",
                         help="folder to write xlstm_<cell>.cu and xlstm_<cell>_host.cpp into")
+    action.add_argument("--check-ptx", metavar="DIR",
+                        help="folder of xlstm_<cell>.ptx (nvcc -ptx of xlstm_<cell>.cu): no "
+                             "persistent kernel may read what its launch writes via ld.global.nc")
     args = parser.parse_args(argv)
-    for path in write(args.write):
-        print(path)
-    return 0
+    if args.write is not None:
+        for path in write(args.write):
+            print(path)
+        return 0
+    checked, problems = 0, []
+    for cell in cells():
+        count, found = nc_violations(cell, (Path(args.check_ptx) / f"xlstm_{cell}.ptx")
+                                     .read_text(encoding="utf-8"))
+        checked, problems = checked + count, problems + found
+    for line in problems:
+        print(line)
+    print(f"check-ptx: {checked} ld.global.nc in the persistent kernels, {len(problems)} of "
+          "memory that their launch writes")
+    return 1 if problems or not checked else 0
 
 
 if __name__ == "__main__":
