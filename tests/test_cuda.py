@@ -846,14 +846,17 @@ def test_empty_grid_launches_nothing():
 
 
 def test_launch_grid_and_argument_types(monkeypatch):
-    """What reaches cupy.RawKernel: enough blocks to cover the grid, sizes and the step as
-    int64, the arrays as given; the kernel is looked up and the arguments converted once
-    for every step, so that a step only puts its index in."""
+    """What reaches the compiled kernel (cupy.RawKernel's function for the device):
+    enough blocks to cover the grid, sizes and the step as int64, the arrays as given; the
+    kernel is looked up and the arguments converted once for every step, so that a step
+    only puts its index in."""
+    import types
+
     seen, kernels = [], []
 
     def kernel(cell, step, name):
         kernels.append((cell, step, name))
-        return lambda *a: seen.append(a)
+        return types.SimpleNamespace(kernel=lambda *a: seen.append(a))
 
     monkeypatch.setattr(_cuda, "_kernel", kernel)
     arr = np.zeros(3, np.float32)
@@ -895,7 +898,8 @@ def test_launch_converts_with_cupys_own_wrappers_once(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     _cuda._cupy_arguments.cache_clear()
     seen = []
-    monkeypatch.setattr(_cuda, "_kernel", lambda cell, step, name: lambda *a: seen.append(a))
+    monkeypatch.setattr(_cuda, "_kernel", lambda cell, step, name: types.SimpleNamespace(
+        kernel=lambda *a: seen.append(a)))
     device_array = types.SimpleNamespace(data=types.SimpleNamespace(ptr=4096))
     try:
         run = _cuda._launch("lstm", "fwd", "float32", 5, (2, 3, device_array, 4, 1))

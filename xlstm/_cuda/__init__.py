@@ -170,7 +170,9 @@ def _launch(cell, step, name, total, args):
     """
     if total <= 0:
         return lambda step: None
-    kern = _kernel(cell, step, name)
+    # the compiled function of the current device (the loops run under the arrays' device),
+    # looked up once rather than by the RawKernel at every launch
+    kern = _kernel(cell, step, name).kernel
     grid, block = ((total + BLOCK - 1) // BLOCK,), (BLOCK,)
     head, tail = _prepared(args[:2]), _prepared(args[2:])
 
