@@ -187,3 +187,78 @@ def test_foreign_caches_are_named():
     *_, caches = forward(d)
     with pytest.raises(TypeError, match="da is .*array_api_strict.* but caches is .*numpy"):
         xlstm.lstm_backward(s.asarray(np.ones((N_A, M, T))), caches)
+
+
+MODELS = pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "SLSTM", "MLSTM"])
+
+
+@MODELS
+def test_model_seeds_are_checked_by_name(cls):
+    """A seed numpy's generators refuse (negative, not an integer) is named, with the fix;
+    any integer type and a numpy Generator are accepted."""
+    model = getattr(xlstm, cls)
+    x = np.zeros((N_X, M, T))
+    for seed in (-1, np.int64(-3)):
+        with pytest.raises(ValueError, match=r"seed must be an int >= 0, a numpy Generator "
+                                             r"or None, got -\d+: .*such as seed=\d"):
+            model(N_X, N_A, seed=seed)
+    for seed in (1.5, "1", True):
+        with pytest.raises(TypeError, match=r"seed must be an int >= 0.*; pass an int such "
+                                            r"as seed=\d"):
+            model(N_X, N_A, seed=seed)
+    ok = model(N_X, N_A, num_layers=2, dropout=0.5, seed=np.random.default_rng(0))
+    ok.forward(x, train=True, seed=np.int64(3))  # numpy integers are ints
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0 or None, got -2: .*"
+                                         r"seed=2"):
+        ok.forward(x, train=True, seed=-2)
+    with pytest.raises(TypeError, match=r"seed must be an int >= 0 or None, got 2.5"):
+        ok.forward(x, train=True, seed=2.5)
+
+
+@MODELS
+def test_model_dropout_takes_any_real_number(cls):
+    """numpy's scalars are real numbers: ``dropout=np.float32(0.25)`` works as 0.25 does."""
+    for p in (np.float32(0.25), np.float64(0.25), np.int64(0)):
+        model = getattr(xlstm, cls)(N_X, N_A, num_layers=2, dropout=p)
+        assert model.dropout == float(p) and type(model.dropout) is float
+    for p in (np.True_, np.float32(np.nan), np.float32(1.0), "0.25"):
+        with pytest.raises(ValueError, match="dropout must be a float in"):
+            getattr(xlstm, cls)(N_X, N_A, dropout=p)
+
+
+@MODELS
+def test_model_parameters_that_are_not_arrays_are_named(cls):
+    model = getattr(xlstm, cls)(N_X, N_A)
+    key = next(iter(model.params[0]))
+    params = [{**model.params[0], key: model.params[0][key].tolist()}]
+    with pytest.raises(TypeError, match=rf"params\[0\]\['{key}'\] must be an array of shape "
+                                        r"\(.*\), got list; convert it"):
+        model.forward(np.zeros((N_X, M, T)), params=params)
+    params = [{**model.params[0], key: None}]
+    with pytest.raises(TypeError, match=rf"params\[0\]\['{key}'\] .* got NoneType"):
+        model.forward(np.zeros((N_X, M, T)), params=params)
+
+
+@MODELS
+def test_model_input_mistakes_say_the_fix(cls):
+    """A newcomer's first mistakes: the shape is checked before the dtype, and the messages
+    say the fix: ``layout="batch_first"``, ``dtype=np.float32``, ``xp=...``."""
+    model = getattr(xlstm, cls)(N_X, N_A)  # float64, notebook layout
+    batch_first = np.zeros((M, T, N_X), np.float32)
+    with pytest.raises(ValueError, match=r"got \(5, 6, 3\); that is the batch-first layout "
+                                         r"\(m, T, n_x\): build the model with "
+                                         r'layout="batch_first"'):
+        model.forward(batch_first)
+    with pytest.raises(ValueError, match=r'that is the notebook layout .*layout="notebook"'):
+        getattr(xlstm, cls)(N_X, N_A, layout="batch_first").forward(np.zeros((N_X, M, T)))
+    with pytest.raises(TypeError, match=r"dtype mismatch: x is float32 .* The model's "
+                                        r"parameters are float64: build the model with "
+                                        r"dtype=np.float32 to run float32 inputs"):
+        model.forward(np.zeros((N_X, M, T), np.float32))
+    s = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match=r"mixed array namespaces: .* build the model with "
+                                        r"xp=array_api_strict"):
+        model.forward(s.zeros((N_X, M, T), dtype=s.float64))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"build the model with xp=torch to run torch inputs"):
+        model.forward(torch.zeros((N_X, M, T), dtype=torch.float64))

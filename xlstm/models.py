@@ -28,6 +28,8 @@ sees them.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,7 +104,8 @@ class _Model:
         if not isinstance(bidirectional, bool):
             raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
         self.bidirectional = bidirectional
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+        # any real number (numpy's scalars too), but not a bool
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) \
                 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
@@ -112,7 +115,8 @@ class _Model:
         self.xp = namespace_of_module(xp)
         self.dtype = resolve_dtype(self.xp, dtype, device=device)
         self.device = device
-        self.params = self._init_params(np.random.default_rng(seed))
+        self.params = self._init_params(np.random.default_rng(_seed("seed", seed,
+                                                                     generator=True)))
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -185,10 +189,16 @@ class _Model:
                 )
             for k, shape in want.items():
                 got = getattr(layer[k], "shape", None)
-                if got is None or tuple(got) != shape:
+                if got is None:
+                    raise TypeError(
+                        f"{where}[{k!r}] must be an array of shape {shape}, got "
+                        f"{type(layer[k]).__name__}; convert it with the model's namespace "
+                        f"(xp.asarray(..., dtype=model.dtype))"
+                    )
+                if tuple(got) != shape:
                     raise ValueError(
                         f"{where}[{k!r}] must have shape {shape} (n_in={n_in}, "
-                        f"n_a={self.n_a}), got {None if got is None else tuple(got)}"
+                        f"n_a={self.n_a}), got {tuple(got)}"
                     )
                 arrays[f"{where}[{k!r}]"] = layer[k]
         return arrays
@@ -284,8 +294,7 @@ class _Model:
         """The layer loop of :meth:`forward`; ``opts`` goes to every :meth:`_layer_forward`."""
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {train!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        seed = _seed("seed", seed, generator=False)
         drop = train and self.dropout > 0.0 and self.num_layers > 1
         if drop and seed is None:
             raise ValueError(
@@ -300,17 +309,16 @@ class _Model:
             named.update((f"state[{i}]", s) for i, s in enumerate(state))
         if lengths is not None:
             named["lengths"] = lengths
-        xp = namespace(kinds={"lengths": ("integral",)}, **named, **arrays)
-        want = "(m, T, n_x)" if self.layout == "batch_first" else "(n_x, m, T)"
-        if x.ndim == 3 and self.layout == "batch_first":
+        self._check_x_shape(x)  # the shape first: a wrong layout is the likelier mistake
+        try:
+            xp = namespace(kinds={"lengths": ("integral",)}, **named, **arrays)
+        except TypeError as exc:
+            hint = self._mismatch_hint(x, arrays)
+            if hint is None:
+                raise
+            raise TypeError(f"{exc}. {hint}") from None
+        if self.layout == "batch_first":
             x = xp.permute_dims(x, (2, 0, 1))
-        if x.ndim != 3 or x.shape[0] != self.n_x or x.shape[1] < 1 or x.shape[2] < 1:
-            got = tuple(x.shape) if self.layout == "notebook" or x.ndim != 3 else \
-                (x.shape[1], x.shape[2], x.shape[0])
-            raise ValueError(
-                f"x must have shape {want} with n_x={self.n_x} and m, T >= 1 "
-                f"(layout={self.layout!r}), got {got}"
-            )
         m, T = x.shape[1], x.shape[2]
         if state is not None:
             self._check_state_shapes(state, "state", m)
@@ -350,6 +358,47 @@ class _Model:
             return y, final, None
         return copy(y), final, ModelCache(cell, self._config(), m, tuple(kept), tuple(masks),
                                           pad)
+
+    def _check_x_shape(self, x):
+        """Raise unless ``x`` (if it has a shape at all) has the shape of the model's layout
+        and ``n_x``; the message says when ``x`` is in the other layout."""
+        shape = getattr(x, "shape", None)
+        if shape is None:  # not an array: the namespace check names it
+            return
+        shape = tuple(shape)
+        first = self.layout == "batch_first"
+        if len(shape) == 3 and shape[2 if first else 0] == self.n_x and min(shape) >= 1:
+            return
+        hint = ""
+        if len(shape) == 3 and not first and shape[2] == self.n_x != shape[0]:
+            hint = ('; that is the batch-first layout (m, T, n_x): build the model with '
+                    'layout="batch_first"')
+        elif len(shape) == 3 and first and shape[0] == self.n_x != shape[2]:
+            hint = ('; that is the notebook layout (n_x, m, T): build the model with '
+                    'layout="notebook" (the default)')
+        want = "(m, T, n_x)" if first else "(n_x, m, T)"
+        raise ValueError(f"x must have shape {want} with n_x={self.n_x} and m, T >= 1 "
+                         f"(layout={self.layout!r}), got {shape}{hint}")
+
+    def _mismatch_hint(self, x, arrays):
+        """The fix when ``x`` and the parameters differ in namespace or dtype (the model
+        was built for other arrays), or ``None``."""
+        import array_api_compat
+
+        p = next(iter(arrays.values()))
+        if not (array_api_compat.is_array_api_obj(x) and array_api_compat.is_array_api_obj(p)):
+            return None
+        mine, theirs = array_api_compat.array_namespace(p), array_api_compat.array_namespace(x)
+        if mine is not theirs:
+            module = _module_name(x)
+            return (f"The model's parameters are {_module_name(p)} arrays: build the model "
+                    f"with xp={module} to run {module} inputs, or convert x")
+        if x.dtype != p.dtype:
+            want, got = _dtype_name(p.dtype), _dtype_name(x.dtype)
+            spell = f"np.{got}" if _module_name(x) == "numpy" else repr(got)
+            return (f"The model's parameters are {want}: build the model with "
+                    f"dtype={spell} to run {got} inputs, or cast x to {want}")
+        return None
 
     def _padding(self, lengths, m, T, xp):
         """``(active, order)`` of a padded batch: ``active (T, m, 1)``, whether step ``t`` of
@@ -556,6 +605,53 @@ class _Model:
     def __repr__(self):
         return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
+
+
+def _module_name(a) -> str:
+    """The module a user names for array ``a``'s namespace: ``numpy``, ``torch``,
+    ``jax.numpy``, ``cupy``, ``array_api_strict``."""
+    top = type(a).__module__.split(".")[0]
+    return {"jaxlib": "jax.numpy", "jax": "jax.numpy"}.get(top, top)
+
+
+def _dtype_name(dtype) -> str:
+    """``"float32"`` for any namespace's float32 dtype (and so on); else its text."""
+    text = str(dtype)
+    for name in ("bfloat16", "float16", "float32", "float64"):
+        if name in text:
+            return name
+    return text
+
+
+def _seed(name: str, seed: Any, *, generator: bool) -> Any:
+    """``seed`` for numpy's ``default_rng``, checked: ``None``, an int ``>= 0`` of any integer
+    type (not a bool), returned as a Python int, or with ``generator`` a numpy
+    ``Generator``, returned as it is.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is none of these (a float, a bool); the message names ``name`` and says
+        the fix.
+    ValueError
+        If it is a negative int.
+    """
+    if seed is None or (generator and isinstance(seed, np.random.Generator)):
+        return seed
+    what = "an int >= 0" + (", a numpy Generator" if generator else "") + " or None"
+    try:
+        if isinstance(seed, (bool, np.bool_)):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        example = int(seed) if isinstance(seed, numbers.Real) and np.isfinite(seed) \
+            and seed >= 0 else 0
+        raise TypeError(f"{name} must be {what}, got {seed!r}; pass an int such as "
+                        f"{name}={example}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be {what}, got {value}: numpy's generators take no "
+                         f"negative seeds; pass an int >= 0 such as {name}={-value}")
+    return value
 
 
 def _zero_outside(a, inside, xp):
