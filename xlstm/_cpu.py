@@ -46,6 +46,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import tempfile
 import threading
 import types
 import warnings
@@ -202,10 +203,10 @@ def _compiled_module(kind, src, fn_name, scope, *, depends=""):
 
 def _compiled_module_locked(name, text, fn_name, scope):
     try:
-        if _IN_MEMORY:
-            raise RuntimeError("the disk cache is off after a failure (see _failed)")
         module = sys.modules.get(name)
         if module is None:
+            if _IN_MEMORY:
+                raise RuntimeError("the disk cache is off after a failure (see _failed)")
             module = _import_checked(name, text)
         compiled = getattr(module, fn_name)
         if not isinstance(compiled, Dispatcher):
@@ -229,9 +230,9 @@ def _import_checked(name, text):
     path = os.path.join(folder, name + ".py")
     data = text.encode("utf-8")
     if _read_at_most(path, len(data) + 1) != data:
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)  # atomic: a concurrent process sees all of it or nothing
         except BaseException:
