@@ -35,8 +35,8 @@ step "smoke: cupy / torch-cuda / jax-gpu vs numpy float64, MLSTM chunkwise; per-
 env -u JAX_PLATFORMS timeout "$(cap 80)" python3 benchmarks/gpu/smoke.py --slopes; echo "smoke rc=$?"
 
 step "bench vs cuDNN, TF32 off on both sides"
-timeout "$(cap 90)" $B --tf32 off --sizes 256,256,8,100 256,256,64,100 1024,1024,64,100 \
-    --impls xlstm xlstm-per-step xlstm-plain torch gemm --out "$OUT/bench_off" | tail -30
+timeout "$(cap 120)" $B --tf32 off --preset gpu --impls xlstm xlstm-per-step xlstm-persistent \
+    xlstm-plain torch gemm xlstm-gru torch-gru xlstm-slstm --out "$OUT/bench_off" | tail -40
 
 step "compute-sanitizer memcheck: every cell, float32 and float64, persistent (real, small device), per-step"
 export PYTHONPATH="$PYTHONPATH:$PWD/tests"
@@ -45,7 +45,7 @@ timeout "$(cap 90)" "$CS" --tool memcheck --error-exitcode 9 --print-limit 20 \
 grep -E "ERROR SUMMARY|sancheck:|Invalid|out of bounds" "$OUT/sanitizer.log" | tail -6
 
 step "bench vs cuDNN, TF32 on on both sides (torch's cuDNN default; CUPY_TF32=1)"
-timeout "$(cap 50)" $B --tf32 on --sizes 256,256,64,100 1024,1024,64,100 \
+timeout "$(cap 60)" $B --tf32 on --sizes 256,256,64,100 1024,1024,64,100 768,768,16,1024 \
     --impls xlstm xlstm-per-step torch --out "$OUT/bench_on" | tail -16
 
 step "compute-sanitizer racecheck: every cell, float32"

@@ -51,9 +51,10 @@ def cupy_lstm():
     for dt, tol in (("float32", 1e-5), ("float64", 1e-12)):
         for persistent in (True, False):
             _cuda.Loops.persistent = persistent
+            _cuda.Loops.rule = _cuda.PERSISTENT_WHERE_IT_FITS  # every plan that fits runs
             run_lstm(f"cupy {dt} {'persistent' if persistent else 'per-step'}",
                      lambda v, dt=dt: cp.asarray(v, dtype=dt), cp.asnumpy, tol)
-    _cuda.Loops.persistent = True
+    _cuda.Loops.persistent, _cuda.Loops.rule = True, None
     print("  compiled kernels:", sorted({k[:2] + k[3:] for k in _cuda._kernels}), flush=True)
 
 
@@ -142,6 +143,7 @@ def slopes():
                                 lstm(xt)[0].sum().backward()
                     else:
                         _cuda.Loops.persistent = label == "persistent"
+                        _cuda.Loops.rule = _cuda.PERSISTENT_WHERE_IT_FITS
                         xc, a0 = cp.asarray(x), cp.zeros((n, mm), "float32")
                         da = cp.ones((n, mm, TT), "float32")
                         if phase == "fwd":
@@ -151,7 +153,7 @@ def slopes():
                     t[TT] = timed(f, sync)
                 s = (t[200] - t[100]) / 100
                 row.append(f"{label} {phase} {1e6 * s:.1f} us/step + {1e3 * (t[100] - 100 * s):.2f} ms")
-        _cuda.Loops.persistent = True
+        _cuda.Loops.persistent, _cuda.Loops.rule = True, None
         print(f"(n={n}, m={mm}): " + "; ".join(row), flush=True)
 
 
