@@ -568,3 +568,16 @@ def test_an_error_of_the_call_itself_is_not_blamed_on_the_compiled_loops(monkeyp
     with pytest.raises(FloatingPointError, match="overflow encountered in tanh"):
         xlstm.lstm_forward(x, a0, p)
     assert _cpu._FAILURES == [] and not _cpu._IN_MEMORY
+
+
+def test_a_cache_folder_that_anyone_may_write_is_not_used(tmp_path, monkeypatch):
+    """numba's machine code in the cache is loaded as it is: a folder that anyone may write
+    in is not used (the loop compiles in memory, with the same results)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("XLSTM_CACHE_DIR", str(shared))
+    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
+    f = _cpu._compiled_module("probe_shared", "def f(x):\n    return x * 3\n", "f", {})
+    assert f(2) == 6
+    assert list(shared.iterdir()) == []

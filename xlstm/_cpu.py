@@ -227,6 +227,8 @@ def _import_checked(name, text):
     checked text runs; ``OSError`` where the folder cannot hold it."""
     folder = _cache_dir()
     os.makedirs(folder, exist_ok=True)
+    for where in (folder, os.path.join(folder, "__pycache__")):
+        _check_private(where)
     path = os.path.join(folder, name + ".py")
     data = text.encode("utf-8")
     if _read_at_most(path, len(data) + 1) != data:
@@ -248,6 +250,20 @@ def _import_checked(name, text):
         del sys.modules[name]
         raise
     return module
+
+
+def _check_private(folder):
+    """Raise ``OSError`` where ``folder`` (if it exists) belongs to another user or anyone
+    may write in it: numba's machine code there is loaded as it is (only the generated
+    modules are checked against their names), so such a folder is not used, and the loops
+    compile in memory."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return
+    other = hasattr(os, "getuid") and st.st_uid != os.getuid()
+    if other or st.st_mode & 0o002:
+        raise PermissionError(f"the cache folder {folder} is not private to this user")
 
 
 def _read_at_most(path, limit):
