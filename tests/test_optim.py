@@ -410,3 +410,25 @@ def test_clip_by_global_norm_non_finite_gradients(xp, device, bad):
     assert (np.isnan(got) if np.isnan(bad) else got == np.inf)
     for k in g0:
         np.testing.assert_array_equal(to_numpy(out[k]), g0[k], err_msg=k)
+
+
+def test_clipping_with_params_covers_every_parameter_as_the_optimizers_step():
+    """Given the parameters, the clipping covers the 'd' + key entry of each of them,
+    whatever the key, as SGD and Adam step them (by default only dW*, db* entries are
+    clipped: {"emb", "Wy"} with gradients of 100 left demb as it was)."""
+    params = {"emb": np.zeros((3, 4)), "Wy": np.zeros((2, 3))}
+    grads = {"demb": np.full((3, 4), 100.0), "dWy": np.full((2, 3), 100.0),
+             "dx": np.full(5, 1e6)}
+    clipped, norm = clip_by_global_norm(grads, 1.0, params=params)
+    assert float(norm) == pytest.approx(100.0 * np.sqrt(18), rel=1e-12)
+    total = np.sqrt(sum(np.sum(clipped["d" + k] ** 2) for k in params))
+    assert total == pytest.approx(1.0, rel=1e-12)
+    assert clipped["dx"] is grads["dx"]
+    new, _ = SGD(lr=1.0).step(params, clipped, SGD(lr=1.0).init(params))
+    assert np.sqrt(sum(np.sum(new[k] ** 2) for k in params)) == pytest.approx(1.0, rel=1e-12)
+    by_value = clip_by_value(grads, 0.5, params=params)
+    for k in params:
+        np.testing.assert_array_equal(by_value["d" + k], np.full(params[k].shape, 0.5))
+    np.testing.assert_array_equal(by_value["dx"], grads["dx"])
+    with pytest.raises(KeyError, match="grads is missing 'dscale'"):
+        clip_by_global_norm(grads, 1.0, params={**params, "scale": np.zeros(())})

@@ -432,9 +432,20 @@ class Adam:
 
 
 # ----------------------------------------------------------------------------- clipping
-def _param_grad_keys(grads):
-    """Keys of the parameter gradients (``dW*``, ``db*``) in ``grads``."""
+def _param_grad_keys(grads, params=None):
+    """Keys of the parameter gradients in ``grads``: ``"d" + key`` for every key of
+    ``params`` (exactly what the optimizers step), or without ``params`` those that
+    start with ``dW`` or ``db`` (the notebook's parameters)."""
     _check_mapping("grads", grads)
+    if params is not None:
+        _check_mapping("params", params)
+        if not params:
+            raise ValueError("params is empty")
+        missing = [k for k in params if "d" + k not in grads]
+        if missing:
+            raise KeyError(f"grads is missing 'd{missing[0]}', the gradient of "
+                           f"params[{missing[0]!r}]")
+        return ["d" + k for k in params]
     keys = [k for k in grads if isinstance(k, str) and k[:2] in ("dW", "db")]
     if not keys:
         raise ValueError(
@@ -445,7 +456,7 @@ def _param_grad_keys(grads):
 
 
 @on_input_device
-def clip_by_value(grads: Grads, max_value: float) -> Grads:
+def clip_by_value(grads: Grads, max_value: float, *, params: Params | None = None) -> Grads:
     """Clip every parameter gradient elementwise to ``[-max_value, max_value]``.
 
     This is the course's ``clip`` for exploding gradients in the character-level model.
@@ -453,10 +464,16 @@ def clip_by_value(grads: Grads, max_value: float) -> Grads:
     Parameters
     ----------
     grads : dict of arrays
-        Gradients; the entries whose key starts with ``dW`` or ``db`` are clipped, any
-        other entry (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged.
+        Gradients; the parameters' entries are clipped (see ``params``), any other entry
+        (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged. For a tree (a
+        model's gradients) every leaf is clipped.
     max_value : float
         Positive bound.
+    params : dict of arrays, optional
+        The parameters the gradients are for: the ``"d" + key`` entry of each of their
+        keys is clipped, exactly what :class:`SGD` and :class:`Adam` step (``{"emb",
+        "Wy"}`` clips ``demb`` and ``dWy``). Default: the entries whose key starts with
+        ``dW`` or ``db`` (the notebook's parameters).
 
     Returns
     -------
@@ -473,7 +490,7 @@ def clip_by_value(grads: Grads, max_value: float) -> Grads:
     if is_tree(grads):  # a model's gradients: every leaf is a parameter's
         flat = flatten(grads, "grads")
         return unflatten(grads, _clip_value(flat, list(flat), bound))
-    return _clip_value(grads, _param_grad_keys(grads), bound)
+    return _clip_value(grads, _param_grad_keys(grads, params), bound)
 
 
 def _clip_value(grads, keys, bound):
@@ -491,10 +508,12 @@ def _clip_value(grads, keys, bound):
 
 
 @on_input_device
-def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
+def clip_by_global_norm(grads: Grads, max_norm: float, *, params: Params | None = None,
+                        ) -> tuple[Grads, Array]:
     """Scale all parameter gradients together so that their joint L2 norm is at most ``max_norm``.
 
-    With ``norm`` the L2 norm of every ``dW*``, ``db*`` entry taken together, every
+    With ``norm`` the L2 norm of every parameter gradient taken together (the ``"d" +
+    key`` entries of ``params``, or by default every ``dW*``, ``db*`` entry), every
     parameter gradient is multiplied by ``min(1, max_norm / norm)``. When the norm is
     already at most ``max_norm`` the scale is exactly 1 and the gradients come back equal
     to the input.
@@ -508,10 +527,16 @@ def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
     Parameters
     ----------
     grads : dict of arrays
-        Gradients; the entries whose key starts with ``dW`` or ``db`` are scaled, any other
-        entry (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged.
+        Gradients; the parameters' entries are scaled (see ``params``), any other entry
+        (``dx``, ``da0``, ``dc0``, ...) is passed through unchanged. For a tree (a model's
+        gradients) every leaf is scaled.
     max_norm : float
         Positive bound on the global norm.
+    params : dict of arrays, optional
+        The parameters the gradients are for: the norm is that of the ``"d" + key``
+        entries of all their keys, exactly what :class:`SGD` and :class:`Adam` step, as
+        torch's ``clip_grad_norm_`` over a module's parameters. Default: the entries
+        whose key starts with ``dW`` or ``db`` (the notebook's parameters).
 
     Returns
     -------
@@ -528,6 +553,8 @@ def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
     ValueError
         If ``max_norm`` is not a positive finite number, or ``grads`` holds no parameter
         gradient.
+    KeyError
+        If ``grads`` lacks the gradient of a key of ``params``.
 
     Notes
     -----
@@ -541,7 +568,7 @@ def clip_by_global_norm(grads: Grads, max_norm: float) -> tuple[Grads, Array]:
         flat = flatten(grads, "grads")
         out, norm = _clip_norm(flat, list(flat), bound)
         return unflatten(grads, out), norm
-    return _clip_norm(grads, _param_grad_keys(grads), bound)
+    return _clip_norm(grads, _param_grad_keys(grads, params), bound)
 
 
 def _clip_norm(grads, keys, bound):

@@ -36,9 +36,9 @@ from numbers import Real
 from typing import Any, NamedTuple
 
 from ._checks import positive_int
-from ._tree import flatten, is_tree, unflatten
+from ._tree import flatten, is_tree
 from ._typing import Grads, Params
-from .optim import _clip_norm, _clip_value
+from .optim import clip_by_global_norm, clip_by_value
 
 __all__ = ["fit", "FitResult", "StepInfo"]
 
@@ -235,11 +235,12 @@ def fit(
         limit besides ``epochs``.
     clip_norm : float, optional
         Rescale all the gradients the optimizer steps jointly so that their global L2 norm
-        is at most this, as torch's ``clip_grad_norm_`` (the arithmetic of
-        :func:`xlstm.clip_by_global_norm`). Default: no norm clipping.
+        is at most this, as torch's ``clip_grad_norm_`` (:func:`xlstm.clip_by_global_norm`
+        with ``params``). Default: no norm clipping.
     clip_value : float, optional
         Clip every gradient the optimizer steps elementwise to ``[-clip_value,
-        clip_value]`` (as :func:`xlstm.clip_by_value`), before any norm clipping.
+        clip_value]`` (:func:`xlstm.clip_by_value` with ``params``), before any norm
+        clipping.
         Default: none.
     opt_state : dict, optional
         Optimizer state to resume from (``FitResult.opt_state`` of an earlier run).
@@ -421,11 +422,11 @@ def fit(
                     grads = comm.allreduce_mean(grads)
                 if clip_norm is not None and clip_value is None:
                     # the norm of the gradients as they are says whether all are finite
-                    grads, norm = _clipped(grads, None, clip_norm)
+                    grads, norm = _clipped(params, grads, None, clip_norm)
                     _check_finite(grads, float(norm), done + 1, epoch)  # second sync
                 else:
                     _check_finite(grads, None, done + 1, epoch)  # one reduction, one sync
-                    grads, norm = _clipped(grads, clip_value, clip_norm)
+                    grads, norm = _clipped(params, grads, clip_value, clip_norm)
                 params, state = optimizer.step(params, grads, state)
                 history.append(value)
                 done += 1
@@ -538,18 +539,18 @@ def _stop_requested(answer):
                                                   if hasattr(answer, "shape") else ""))
 
 
-def _clipped(grads, clip_value, clip_norm):
-    """``(grads, norm)``: every entry of ``grads`` (all of them the optimizer's) clipped
-    elementwise by ``clip_value``, then jointly by ``clip_norm`` (either may be ``None``);
-    ``norm`` is the global norm before the norm clipping (``None`` without it)."""
-    flat = flatten(grads, "grads") if is_tree(grads) else grads
-    keys = list(flat)
+def _clipped(params, grads, clip_value, clip_norm):
+    """``(grads, norm)``: the gradients the optimizer steps (every leaf of a tree, the
+    ``"d" + key`` entry of every key of a flat ``params``) clipped elementwise by
+    ``clip_value``, then jointly by ``clip_norm`` (either may be ``None``); ``norm`` is
+    the global norm before the norm clipping (``None`` without it)."""
+    keyed = None if is_tree(params) else params
     if clip_value is not None:
-        flat = _clip_value(flat, keys, clip_value)
+        grads = clip_by_value(grads, clip_value, params=keyed)
     norm = None
     if clip_norm is not None:
-        flat, norm = _clip_norm(flat, keys, clip_norm)
-    return (unflatten(grads, flat) if is_tree(grads) else flat), norm
+        grads, norm = clip_by_global_norm(grads, clip_norm, params=keyed)
+    return grads, norm
 
 
 def _check_finite(grads, norm, step, epoch):
