@@ -83,14 +83,27 @@ def test_forms_agree_forward_and_backward():
                                        err_msg=f"{form} {key}")
 
 
+def _large_qk(model, factor=8.0):
+    """``model`` with its query and key weights times ``factor``: ``q`` and ``k`` of a few
+    units to tens, so that most steps are brought below 2 by a scale (:func:`_unit_scale`)."""
+    model.params = [{k: v * factor if k in ("Wq", "Wk") else v for k, v in layer.items()}
+                    for layer in model.params]
+    return model
+
+
+QK = pytest.mark.parametrize("qk", ["small", "large"])
+
+
 @FORMS
-def test_gradients_equal_central_differences(form):
+@QK
+def test_gradients_equal_central_differences(form, qk):
     """Every gradient (x, the initial C and n, every parameter) of every form against
     float64 central differences of ``sum(y dy) + sum(C_T e^(m_T - m*) dC) + sum(n_T ...)``
     (``m*`` the unperturbed final stabiliser: the final state's gradient is the one on the
-    stabilised state with the stabiliser held)."""
+    stabilised state with the stabiliser held), with ``q`` and ``k`` small and large
+    (scaled per step)."""
     rng = np.random.default_rng(1)
-    model = _model()
+    model = _model() if qk == "small" else _large_qk(_model())
     x, dy = rng.standard_normal((N_X, M, T)), rng.standard_normal((N_H, M, T))
     C0, n0, m0 = _state(model, rng)
     dC, dn, _ = _state(model, rng)
@@ -140,12 +153,14 @@ def reference(params, x, d_qk):
 
 
 @FORMS
+@QK
 @pytest.mark.parametrize("d_qk", [None, 3])
-def test_equals_the_plain_equations(form, d_qk):
+def test_equals_the_plain_equations(form, d_qk, qk):
     """From the zero state, at small inputs, every form equals the unstabilised equations
-    to rounding (with ``d_qk`` equal to ``d_v`` and not)."""
+    to rounding (with ``d_qk`` equal to ``d_v`` and not; with ``q`` and ``k`` small and
+    large, scaled per step)."""
     rng = np.random.default_rng(2)
-    model = _model(d_qk=d_qk)
+    model = _model(d_qk=d_qk) if qk == "small" else _large_qk(_model(d_qk=d_qk))
     x = rng.standard_normal((N_X, M, T))
     y, _, _ = model.forward(x, form=form, return_cache=False)
     np.testing.assert_allclose(y, reference(model.params[0], x, model.d_qk), rtol=1e-12,
@@ -387,21 +402,21 @@ def test_inference_in_blocks_equals_the_whole_sequence(form, xp, device, monkeyp
 @FORMS
 def test_inference_holds_one_copy_of_the_output(form, monkeypatch):
     """``return_cache=False`` over many blocks: beyond the output and the final state, the
-    memory is one block's (here under a quarter of the output), not a second output."""
+    memory is one block's (here under half the output), not a second output."""
     import tracemalloc
 
     from xlstm import _engine
 
     monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
     model = xlstm.MLSTM(8, 16, num_heads=2, chunk=16, seed=0)
-    x = np.random.default_rng(17).standard_normal((8, 4, 2048))
+    x = np.random.default_rng(17).standard_normal((8, 4, 1024))
     model.forward(x[..., :64], form=form, return_cache=False)
     tracemalloc.start()
     y, final, _ = model.forward(x, form=form, return_cache=False)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     extra = peak - y.nbytes - sum(f.nbytes for f in final)
-    assert extra < 0.25 * y.nbytes, (extra, y.nbytes)
+    assert extra < 0.5 * y.nbytes, (extra, y.nbytes)
 
 
 def test_the_parallel_form_memory_is_bounded(monkeypatch):
