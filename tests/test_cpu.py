@@ -581,3 +581,22 @@ def test_a_cache_folder_that_anyone_may_write_is_not_used(tmp_path, monkeypatch)
     f = _cpu._compiled_module("probe_shared", "def f(x):\n    return x * 3\n", "f", {})
     assert f(2) == 6
     assert list(shared.iterdir()) == []
+
+
+def test_a_numba_that_fails_to_load_in_any_way_leaves_the_array_path(tmp_path):
+    """Not only ImportError: a numba whose import raises anything (a broken llvmlite, an
+    OSError) makes xlstm._cpu raise ImportError, which the registry takes as "no compiled
+    loops": results come from the array path."""
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise OSError('libllvmlite.so: bad ELF')\n")
+    code = ("import numpy as np, xlstm\n"
+            "from xlstm import _accel\n"
+            "module, why = _accel.cpu_loops_module()\n"
+            "assert module is None and 'bad ELF' in why, why\n"
+            "m = xlstm.LSTM(3, 4, seed=0)\n"
+            "print(m.forward(np.ones((3, 2, 5)))[0].shape)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=False, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -52,13 +52,20 @@ import types
 import warnings
 
 import numpy as np
-from numba import njit
-from numba.core.registry import CPUDispatcher as Dispatcher
-from numba.extending import register_jitable
 
-from . import _native
-from ._native import OPTIONS as _OPTIONS
-from ._native import cached_jit
+try:
+    from numba import njit
+    from numba.core.registry import CPUDispatcher as Dispatcher
+    from numba.extending import register_jitable
+
+    from . import _native
+    from ._native import OPTIONS as _OPTIONS
+    from ._native import cached_jit
+except ImportError:
+    raise
+except Exception as exc:  # a numba or llvmlite that fails to load in any other way: the
+    # registry (xlstm._accel.cpu_loops_module) then leaves numpy on the array path
+    raise ImportError(f"numba does not load ({type(exc).__name__}: {exc})") from exc
 
 __all__ = ["BufferOps", "Loops", "loops"]
 

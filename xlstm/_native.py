@@ -55,7 +55,8 @@ def cached_jit(fn):
     for it (in memory otherwise)."""
     try:
         compiled = njit(cache=True, **OPTIONS)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
+    except Exception:  # noqa: BLE001 - "cannot cache function ...: no locator available",
+        # or a cache folder that cannot be inspected: compiled in memory instead
         return njit(**OPTIONS)(fn)
     register_cache(compiled)
     return compiled
