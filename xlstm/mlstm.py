@@ -238,6 +238,48 @@ def recurrent_backward(xp, dh, cache, dC=None, dn=None):
 
 
 # --------------------------------------------------------------------- parallel form
+def _guard(xp, q, k, v, ig, fg):
+    """What the parallel and chunkwise forms run on, once per call: the inputs with the
+    steps that hold a NaN or inf set aside (:func:`_set_aside`), ``q`` and ``k`` scaled
+    per step (:func:`_unit_scale`, the key's scale in ``i~``), and what undoes both:
+    ``(q, k, v, ig, fg, logb, (bad, sq, sk))``."""
+    q, k, v, ig, fg, bad = _set_aside(xp, q, k, v, ig, fg)
+    q, logb, sq = _unit_scale(xp, q)
+    k, logc, sk = _unit_scale(xp, k)
+    return q, k, v, ig + logc, fg, logb, (bad, sq, sk)
+
+
+def _unguard_forward(xp, h, final, bad):
+    """``h`` and the final state with NaN where the set-aside steps reach: the rows from
+    the first on, and the final state of a head that had one."""
+    tainted = _from_first(xp, bad, h)
+    return _taint(xp, h, tainted), tuple(_taint(xp, a, tainted[..., -1]) for a in final)
+
+
+def _unguard_backward(xp, grads, bad, guard):
+    """The gradients of the scaled inputs as those of the caller's (the scales held
+    constant: the result does not depend on them), with NaN where ``dh`` held a NaN or
+    inf (``bad``, set aside as zeros) or the forward pass set a step aside: ``dq`` of
+    those rows, ``dk``, ``dv`` and the gates' of every step up to the last of them, the
+    initial state's; after a forward pass that set a step aside, all of that head's."""
+    dq, dk, dv, dig, dfg, dC0, dn0 = grads
+    bad_fwd, sq, sk = guard
+    tainted = _from_first(xp, bad_fwd, dq)[..., -1:]  # (B, H, 1)
+    upto = _up_to_last(xp, bad, dq) | tainted
+    dq = _taint(xp, dq / sq[..., None], bad | tainted)
+    dk = dk / sk[..., None]
+    dk, dv, dig, dfg = (_taint(xp, a, upto) for a in (dk, dv, dig, dfg))
+    first = upto[..., 0]  # the initial state feeds every step
+    return dq, dk, dv, dig, dfg, _taint(xp, dC0, first), _taint(xp, dn0, first)
+
+
+def _set_aside_rows(xp, dh):
+    """``dh`` with its rows that hold a NaN or inf set to zero, and those rows ``(B, H,
+    T)``: a product over the time axis would carry them to every later step."""
+    bad = ~xp.all(xp.isfinite(dh), axis=-1)
+    return xp.where(bad[..., None], _scalar(xp, 0.0, dh), dh), bad
+
+
 def parallel_forward(xp, q, k, v, ig, fg, state, *, keep=True):
     """The parallel form: all steps of every head at once, from ``state`` (see the module);
     ``keep=False`` keeps nothing for a backward pass (the cache is ``None``).
@@ -246,13 +288,32 @@ def parallel_forward(xp, q, k, v, ig, fg, state, *, keep=True):
     ``t`` as they are (:func:`_set_aside`); from ``t`` on, and in the final state, they are
     NaN.
     """
+    q, k, v, ig, fg, logb, guard = _guard(xp, q, k, v, ig, fg)
+    h, final, inner = _parallel(xp, q, k, v, ig, fg, logb, state)
+    h, final = _unguard_forward(xp, h, final, guard[0])
+    return h, final, (inner, guard) if keep else None
+
+
+def parallel_backward(xp, dh, cache, dC=None, dn=None):
+    """The gradients of :func:`parallel_forward`: ``(dq, dk, dv, dig, dfg, dC0, dn0)``.
+
+    Anti-causal whatever ``dh`` holds: a NaN or inf in ``dh`` at step ``t`` leaves the
+    gradients of the later steps as they are (it enters the products as zeros), and makes
+    those of step ``t`` (``dq``), of the steps up to ``t`` (``dk``, ``dv``, the gates) and
+    of the initial state NaN. After a forward pass that met a NaN or inf, every gradient
+    of that head is NaN.
+    """
+    inner, guard = cache
+    dh, bad = _set_aside_rows(xp, dh)
+    return _unguard_backward(xp, _parallel_back(xp, dh, inner, dC, dn), bad, guard)
+
+
+def _parallel(xp, q, k, v, ig, fg, logb, state):
+    """:func:`parallel_forward` on guarded inputs (:func:`_guard`): ``(h, final state,
+    cache)``."""
     C0, n0, m0 = state
     m0 = empty_as_minus_inf(xp, n0, m0)
     T = q.shape[2]
-    q, k, v, ig, fg, bad = _set_aside(xp, q, k, v, ig, fg)
-    q, logb, sq = _unit_scale(xp, q)
-    k, logc, sk = _unit_scale(xp, k)
-    ig = ig + logc
     lsf = logsigmoid(xp, fg)
     F = xp.cumulative_sum(lsf, axis=-1)
     idx = xp.arange(T, device=_device(q))
@@ -273,26 +334,13 @@ def parallel_forward(xp, q, k, v, ig, fg, state, *, keep=True):
     last, g_T = Dp[..., -1, :], g[..., -1]
     C_T = xp.matrix_transpose(v * last[..., None]) @ k + g_T[..., None, None] * C0
     n_T = xp.sum(k * last[..., None], axis=-2) + g_T[..., None] * n0
-    tainted = _from_first(xp, bad, q)  # the rows from a set-aside step on
-    final = tuple(_taint(xp, a, tainted[..., -1]) for a in (C_T, n_T, mrow[..., -1]))
-    cache = (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor, sq, sk,
-             tainted[..., -1]) if keep else None
-    return _taint(xp, h, tainted), final, cache
+    cache = (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor)
+    return h, (C_T, n_T, mrow[..., -1]), cache
 
 
-def parallel_backward(xp, dh, cache, dC=None, dn=None):
-    """The gradients of :func:`parallel_forward`: ``(dq, dk, dv, dig, dfg, dC0, dn0)``.
-
-    Anti-causal whatever ``dh`` holds: a NaN or inf in ``dh`` at step ``t`` leaves the
-    gradients of the later steps as they are (it enters the products as zeros), and makes
-    those of step ``t`` (``dq``), of the steps up to ``t`` (``dk``, ``dv``, the gates) and
-    of the initial state NaN. After a forward pass that met a NaN or inf, every gradient
-    of that head is NaN.
-    """
-    (q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor, sq, sk,
-     tainted) = cache
-    bad = ~xp.all(xp.isfinite(dh), axis=-1)
-    dh = xp.where(bad[..., None], _scalar(xp, 0.0, dh), dh)
+def _parallel_back(xp, dh, cache, dC=None, dn=None):
+    """:func:`parallel_backward` on guarded inputs: the gradients of those inputs."""
+    q, k, v, fg, lsf, C0, n0, causal, Dp, g, P, S, h, s, den, floor = cache
     dnum, ds = _floor_grad(xp, dh, h, den, s, floor)
     # num = S v + g (q C0^T), s = S 1 + g (q . n0)
     dS = dnum @ xp.matrix_transpose(v) + ds[..., None]
@@ -338,48 +386,46 @@ def parallel_backward(xp, dh, cache, dC=None, dn=None):
     # F = cumulative sum of lsf: dlsf_r = sum over t >= r of dF_t
     dlsf = xp.flip(xp.cumulative_sum(xp.flip(dF, axis=-1), axis=-1), axis=-1)
     dfg = dlsf * _sigmoid_neg(xp, fg, lsf)
-    # the scales of q and k held constant (the result does not depend on them)
-    dq, dk = dq / sq[..., None], dk / sk[..., None]
-    # NaN back where dh held a non-finite value, or the forward pass did
-    upto = _up_to_last(xp, bad, dh) | tainted[..., None]  # (B, H, T)
-    dq = _taint(xp, dq, bad | tainted[..., None])
-    dk, dv, dig, dfg = (_taint(xp, a, upto) for a in (dk, dv, dig, dfg))
-    first = upto[..., 0]  # the initial state feeds every step
-    return dq, dk, dv, dig, dfg, _taint(xp, dC0, first), _taint(xp, dn0, first)
+    return dq, dk, dv, dig, dfg, dC0, dn0
 
 
 # -------------------------------------------------------------------- chunkwise form
 def chunkwise_forward(xp, q, k, v, ig, fg, state, chunk=64, *, keep=True):
     """The chunkwise form: :func:`parallel_forward` over chunks of ``chunk`` steps, the
-    state carried from one to the next. ``keep=False`` keeps nothing for a backward pass
-    (the cache is ``None``): one chunk's intermediates alive at a time."""
+    state carried from one to the next (the inputs guarded once, :func:`_guard`).
+    ``keep=False`` keeps nothing for a backward pass (the cache is ``None``): one chunk's
+    intermediates alive at a time."""
+    q, k, v, ig, fg, logb, guard = _guard(xp, q, k, v, ig, fg)
     T = q.shape[2]
     hs, caches = [], []
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
-        h, state, cache = parallel_forward(xp, q[..., sl, :], k[..., sl, :], v[..., sl, :],
-                                           ig[..., sl], fg[..., sl], state, keep=keep)
+        h, state, cache = _parallel(xp, q[..., sl, :], k[..., sl, :], v[..., sl, :],
+                                    ig[..., sl], fg[..., sl], logb[..., sl], state)
         hs.append(h)
-        caches.append(cache)
-    return xp.concat(hs, axis=2), state, caches if keep else None
+        if keep:
+            caches.append(cache)
+    h, state = _unguard_forward(xp, xp.concat(hs, axis=2), state, guard[0])
+    return h, state, (caches, guard) if keep else None
 
 
-def chunkwise_backward(xp, dh, caches, dC=None, dn=None):
-    """The gradients of :func:`chunkwise_forward`: the chunks' :func:`parallel_backward` in
-    reverse, each one's gradients on its initial state those on the final state of the
-    chunk before."""
+def chunkwise_backward(xp, dh, cache, dC=None, dn=None):
+    """The gradients of :func:`chunkwise_forward`: the chunks' backward passes in reverse,
+    each one's gradients on its initial state those on the final state of the chunk
+    before."""
+    caches, guard = cache
+    dh, bad = _set_aside_rows(xp, dh)
     parts = []
     t1 = dh.shape[2]
-    for cache in reversed(caches):
-        t0 = t1 - cache[0].shape[2]
-        dq, dk, dv, dig, dfg, dC, dn = parallel_backward(xp, dh[..., t0:t1, :], cache, dC, dn)
+    for inner in reversed(caches):
+        t0 = t1 - inner[0].shape[2]
+        dq, dk, dv, dig, dfg, dC, dn = _parallel_back(xp, dh[..., t0:t1, :], inner, dC, dn)
         parts.append((dq, dk, dv, dig, dfg))
         t1 = t0
     parts.reverse()
     dq, dk, dv = (xp.concat([p[j] for p in parts], axis=2) for j in range(3))
     dig, dfg = (xp.concat([p[j] for p in parts], axis=-1) for j in (3, 4))
-    return dq, dk, dv, dig, dfg, dC, dn
-
+    return _unguard_backward(xp, (dq, dk, dv, dig, dfg, dC, dn), bad, guard)
 
 
 # ------------------------------------------------------------------------ the model
