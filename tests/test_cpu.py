@@ -164,9 +164,16 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('Numba needs NumPy 0.1 or less')\n")
     code = (
-        "import os, sys, numpy as np, xlstm\n"
+        "import os, sys, warnings, numpy as np, xlstm\n"
         "from xlstm import _engine\n"
-        "assert _engine.accelerated_loops(xlstm._compat.default_namespace(), np.float64) is None\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert _engine.accelerated_loops(xlstm._compat.default_namespace(),\n"
+        "                                     np.float64) is None\n"
+        "    _engine.accelerated_loops(xlstm._compat.default_namespace(), np.float64)\n"
+        "assert [str(w.message) for w in seen] == [\n"
+        "    \"xlstm's compiled CPU loops are off (numba does not load: Numba needs NumPy 0.1\"\n"
+        "    ' or less); numpy runs the array path, with the same results'], seen\n"
         "assert 'numba does not load: Numba needs NumPy 0.1' in _engine.cpu_loops_module()[1]\n"
         "p = xlstm.init_params(2, 3, 2, seed=0)\n"
         "x, a0 = np.ones((2, 4, 3)), np.zeros((3, 4))\n"

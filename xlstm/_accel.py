@@ -33,6 +33,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 from ._compat import is_cupy, is_jax, is_numpy, is_torch
@@ -92,14 +93,18 @@ def cpu_loops_module():
     """``(module, reason)``: :mod:`xlstm._cpu` where numba loads, else ``None`` and why not.
 
     A numba that is missing, or that was built for another numpy (it refuses to import),
-    leaves numpy on the array path, with the same results, rather than failing the call.
+    leaves numpy on the array path, with the same results, rather than failing the call;
+    one that is installed but does not load says so once, in a ``RuntimeWarning``.
     """
     if importlib.util.find_spec("numba") is None:
         return None, "numba is not installed"
     try:
         module = importlib.import_module(BACKENDS["numpy"])
     except ImportError as exc:  # for instance "Numba needs NumPy 2.3 or less"
-        return None, f"numba does not load: {exc}"
+        why = f"numba does not load: {exc}"
+        warnings.warn(f"xlstm's compiled CPU loops are off ({why}); numpy runs the array "
+                      "path, with the same results", RuntimeWarning, stacklevel=2)
+        return None, why
     return module, None
 
 
