@@ -6,6 +6,9 @@ are in :mod:`oracles`.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import array_api_compat
 import numpy as np
 
@@ -104,3 +107,20 @@ def spy_on_loops(monkeypatch, loops_class):
 
         monkeypatch.setattr(loops_class, name, spy)
     return calls
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """A block in which a call that hangs (an ``open`` of a FIFO waits for a writer forever)
+    raises ``TimeoutError`` after ``seconds`` (main thread, POSIX)."""
+
+    def fire(*_):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

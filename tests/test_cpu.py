@@ -9,7 +9,7 @@ import sys
 import array_api_compat
 import numpy as np
 import pytest
-from helpers import spy_on_loops
+from helpers import spy_on_loops, time_limit
 from oracles import random_case
 
 import xlstm
@@ -373,27 +373,6 @@ def _fresh_loops(monkeypatch):
     monkeypatch.setattr(_cpu, "_DISABLED", False)
 
 
-def _alarm(seconds):
-    """A context in which a call that hangs raises TimeoutError after ``seconds``."""
-    import contextlib
-    import signal
-
-    @contextlib.contextmanager
-    def ctx():
-        def fire(*_):
-            raise TimeoutError(f"hung for {seconds} s")
-
-        old = signal.signal(signal.SIGALRM, fire)
-        signal.alarm(seconds)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
-
-    return ctx()
-
-
 def test_a_generated_module_runs_only_as_its_name_says(tmp_path, monkeypatch):
     """A generated module is named by the hash of its text; what is found under that name
     runs only if it is that text: an edited, emptied, garbled or undecodable file, or a
@@ -405,7 +384,7 @@ def test_a_generated_module_runs_only_as_its_name_says(tmp_path, monkeypatch):
     def load():
         for name in [k for k in sys.modules if k.startswith("xlstm_probe_")]:
             monkeypatch.delitem(sys.modules, name)
-        with _alarm(60):
+        with time_limit(60):
             return _cpu._compiled_module("probe", src, "f", {})
 
     assert load()(1) == 2

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 from crafted_npz import deflated_zeros, npy, npy_header, stored, write_zip
-from helpers import assert_array, assert_close, to_numpy, to_xp
+from helpers import assert_array, assert_close, time_limit, to_numpy, to_xp
 
 import xlstm
 from xlstm.io import FORMAT_VERSION, load_params, save_params
@@ -980,24 +980,6 @@ def test_a_checkpoint_needs_a_nested_tree(tmp_path):
 
 
 # ------------------------------------------------------------- files that are not regular
-@contextlib.contextmanager
-def _hangs_after(seconds):
-    """Raise TimeoutError in the block after ``seconds`` (an ``open`` of a FIFO waits for
-    a writer forever)."""
-    import signal
-
-    def fire(*_):
-        raise TimeoutError(f"hung for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _special_files(tmp_path):
     fifo = tmp_path / "fifo.npz"
     os.mkfifo(fifo)
@@ -1018,9 +1000,9 @@ def test_only_regular_files_are_read(tmp_path, loader):
 
     load = getattr(xio, loader)
     for name, (path, kind) in _special_files(tmp_path).items():
-        with _hangs_after(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
+        with time_limit(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
             load(path)
-        with _hangs_after(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
+        with time_limit(20), pytest.raises(ValueError, match=f"is {kind}; only regular"):
             load(os.fspath(path).encode())
 
 
@@ -1033,7 +1015,7 @@ def test_a_fifo_swapped_in_after_the_check_neither_hangs_nor_is_read(tmp_path, m
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if os.fspath(p) == os.fspath(
         fifo) else real_stat(p, *a, **k))
-    with _hangs_after(20), pytest.raises(ValueError, match="is a FIFO"):
+    with time_limit(20), pytest.raises(ValueError, match="is a FIFO"):
         load_params(fifo)
 
 
@@ -1046,7 +1028,7 @@ def test_file_objects_that_are_not_regular_files_or_binary_are_refused(tmp_path)
             load_params(f)
     r, w = os.pipe()
     with os.fdopen(r, "rb") as f, os.fdopen(w, "wb"):
-        with _hangs_after(20), pytest.raises(ValueError, match="a FIFO"):
+        with time_limit(20), pytest.raises(ValueError, match="a FIFO"):
             load_params(f)
     for encoding in ("utf-8", "latin-1", "ascii"):
         with open(tmp_path / "p.npz", encoding=encoding) as f:
