@@ -235,9 +235,9 @@ def test_table_sources_are_the_cells_buffers():
                 must_write |= {"hold", "da_rec"}
         assert all(a.mask == (a.src == "active") for a in k.args), (name, k.key)
         for a in k.args:
-            assert widths.get(a.src) == a.width, (name, step, a)
-            assert a.row == (a.src == "ba"), (name, step, a)
-        assert must_write <= {a.src for a in k.args if a.out}, (name, step)
+            assert widths.get(a.src) == a.width, (name, k.key, a)
+            assert a.row == (a.src == "ba"), (name, k.key, a)
+        assert must_write <= {a.src for a in k.args if a.out}, (name, k.key)
     assert all(_cuda.Loops("float64").supports(c) for c in CELLS.values())
 
 

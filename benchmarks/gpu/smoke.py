@@ -2,7 +2,7 @@
 through DLPack, and the array path) and JAX-GPU inputs against numpy float64; the MLSTM
 chunkwise form on CuPy; then per-step slopes (t(T=200) - t(T=100)) / 100 for xlstm and cuDNN.
 One line per check, FAIL on a miss."""
-import os, sys, time, traceback
+import sys, time, traceback
 import numpy as np
 import xlstm
 from xlstm import _cuda
