@@ -192,6 +192,22 @@ def test_foreign_caches_are_named():
 MODELS = pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "SLSTM", "MLSTM"])
 
 
+def test_init_params_seed_is_checked_by_name():
+    """The notebook's ``init_params`` checks its seed as the models do; the numbers of a
+    valid seed are unchanged."""
+    for seed in (-1, np.int64(-3)):
+        with pytest.raises(ValueError, match=r"seed must be an int >= 0, a numpy Generator "
+                                             r"or None, got -\d+: .*such as seed=\d"):
+            xlstm.init_params(N_X, N_A, 2, seed=seed)
+    for seed in (1.5, "1", True):
+        with pytest.raises(TypeError, match=r"seed must be an int >= 0.*such as seed=\d"):
+            xlstm.init_params(N_X, N_A, 2, seed=seed)
+    want = xlstm.init_params(N_X, N_A, 2, seed=np.random.default_rng(4))
+    for seed in (4, np.int64(4)):
+        got = xlstm.init_params(N_X, N_A, 2, seed=seed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 @MODELS
 def test_model_seeds_are_checked_by_name(cls):
     """A seed numpy's generators refuse (negative, not an integer) is named, with the fix;

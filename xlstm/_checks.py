@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Mapping
 
-__all__ = ["positive_int", "check_shape", "check_da", "require_mapping_keys"]
+import numpy as np
+
+__all__ = ["positive_int", "seed_value", "check_shape", "check_da", "require_mapping_keys"]
 
 
 def positive_int(name: str, value, *, low: int = 1) -> int:
@@ -30,6 +33,37 @@ def positive_int(name: str, value, *, low: int = 1) -> int:
     if v < low:
         raise ValueError(f"{name} must be {_what(low)}, got {value!r}")
     return v
+
+
+def seed_value(name: str, seed, *, generator: bool):
+    """``seed`` for numpy's ``default_rng``, checked: ``None``, an int ``>= 0`` of any integer
+    type (not a bool), returned as a Python int, or with ``generator`` a numpy
+    ``Generator``, returned as it is.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is none of these (a float, a bool); the message names ``name`` and says
+        the fix.
+    ValueError
+        If it is a negative int.
+    """
+    if seed is None or (generator and isinstance(seed, np.random.Generator)):
+        return seed
+    what = "an int >= 0" + (", a numpy Generator" if generator else "") + " or None"
+    try:
+        if isinstance(seed, (bool, np.bool_)):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        example = int(seed) if isinstance(seed, numbers.Real) and np.isfinite(seed) \
+            and seed >= 0 else 0
+        raise TypeError(f"{name} must be {what}, got {seed!r}; pass an int such as "
+                        f"{name}={example}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be {what}, got {value}: numpy's generators take no "
+                         f"negative seeds; pass an int >= 0 such as {name}={-value}")
+    return value
 
 
 def _what(low):

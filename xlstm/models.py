@@ -29,14 +29,13 @@ sees them.
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _engine
-from ._checks import positive_int
+from ._checks import positive_int, seed_value
 from ._compat import (
     copy,
     device_of,
@@ -115,7 +114,7 @@ class _Model:
         self.xp = namespace_of_module(xp)
         self.dtype = resolve_dtype(self.xp, dtype, device=device)
         self.device = device
-        self.params = self._init_params(np.random.default_rng(_seed("seed", seed,
+        self.params = self._init_params(np.random.default_rng(seed_value("seed", seed,
                                                                      generator=True)))
 
     # ------------------------------------------------------------------ parameters
@@ -294,7 +293,7 @@ class _Model:
         """The layer loop of :meth:`forward`; ``opts`` goes to every :meth:`_layer_forward`."""
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {train!r}")
-        seed = _seed("seed", seed, generator=False)
+        seed = seed_value("seed", seed, generator=False)
         drop = train and self.dropout > 0.0 and self.num_layers > 1
         if drop and seed is None:
             raise ValueError(
@@ -621,37 +620,6 @@ def _dtype_name(dtype) -> str:
         if name in text:
             return name
     return text
-
-
-def _seed(name: str, seed: Any, *, generator: bool) -> Any:
-    """``seed`` for numpy's ``default_rng``, checked: ``None``, an int ``>= 0`` of any integer
-    type (not a bool), returned as a Python int, or with ``generator`` a numpy
-    ``Generator``, returned as it is.
-
-    Raises
-    ------
-    TypeError
-        If ``seed`` is none of these (a float, a bool); the message names ``name`` and says
-        the fix.
-    ValueError
-        If it is a negative int.
-    """
-    if seed is None or (generator and isinstance(seed, np.random.Generator)):
-        return seed
-    what = "an int >= 0" + (", a numpy Generator" if generator else "") + " or None"
-    try:
-        if isinstance(seed, (bool, np.bool_)):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        example = int(seed) if isinstance(seed, numbers.Real) and np.isfinite(seed) \
-            and seed >= 0 else 0
-        raise TypeError(f"{name} must be {what}, got {seed!r}; pass an int such as "
-                        f"{name}={example}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be {what}, got {value}: numpy's generators take no "
-                         f"negative seeds; pass an int >= 0 such as {name}={-value}")
-    return value
 
 
 def _zero_outside(a, inside, xp):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import positive_int
+from ._checks import positive_int, seed_value
 from ._compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
 from ._typing import Array
 
@@ -180,7 +180,7 @@ def init_params(
     n_x, n_a, n_y = (positive_int(k, v) for k, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)))
     xp = namespace_of_module(xp)
     dtype = resolve_dtype(xp, dtype, device=device)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_value("seed", seed, generator=True))
 
     def glorot(rows, cols):
         lim = np.sqrt(6.0 / (rows + cols))
