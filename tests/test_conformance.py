@@ -28,6 +28,7 @@ from oracles import central_differences
 import xlstm
 from xlstm import _compat, _engine
 from xlstm.cells.base import Cell
+from xlstm.models import ModelCache
 
 NP = _compat.default_namespace()
 
@@ -413,6 +414,14 @@ def test_bad_input_names_the_argument(spec):
     other = getattr(xlstm, spec[0])(N_X, N_A + 2, seed=0, **dict(spec[1]))
     with pytest.raises(ValueError, match="cache comes from another model"):
         other.backward(np.zeros((N_A + 2, M, T)), cache)
+    fields = {k: getattr(cache, k) for k in ModelCache.__slots__}
+    for changed, match in [({"states": cache.states[:-1]}, "holds 0 saved states where"),
+                           ({"states": (1,)}, "saved states are not all what forward keeps"),
+                           ({"masks": (None,)}, "holds 1 dropout entries where"),
+                           ({"pad": (None,)}, "padding record is not the"),
+                           ({"m": M + 1}, f"batch size {M + 1} does not divide")]:
+        with pytest.raises(ValueError, match=f"cache was changed after forward: .*{match}"):
+            model.backward(y, ModelCache(**{**fields, **changed}))
     with pytest.raises(TypeError, match="mixed array namespaces|must be an array"):
         model.forward(x.tolist())
     with pytest.raises(TypeError, match="dtype mismatch"):

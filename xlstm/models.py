@@ -423,6 +423,31 @@ class _Model:
         src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=wide, device=dev)[:, None]
         return active, xp.reshape(src, (m * T,))
 
+    def _check_cache(self, cache: ModelCache) -> None:
+        """Refuse a cache of this model's configuration whose contents were changed after
+        ``forward``: one saved state per (layer, direction), all of one kind, one dropout
+        entry between layers, the padding record ``None`` or ``(active, order)``, and a
+        batch size that divides the saved input's rows."""
+        L, D = self.num_layers, self.D
+        states, masks, pad, m = cache.states, cache.masks, cache.pad, cache.m
+        problem = None
+        if not isinstance(states, tuple) or len(states) != L * D:
+            got = len(states) if isinstance(states, (tuple, list)) else type(states).__name__
+            problem = f"it holds {got} saved states where this model keeps {L * D}"
+        elif not all(type(st) is type(states[0]) and hasattr(st, "X") for st in states):
+            problem = "its saved states are not all what forward keeps"
+        elif not isinstance(masks, tuple) or len(masks) != L - 1:
+            got = len(masks) if isinstance(masks, (tuple, list)) else type(masks).__name__
+            problem = f"it holds {got} dropout entries where this model has {L - 1}"
+        elif pad is not None and not (isinstance(pad, tuple) and len(pad) == 2):
+            problem = "its padding record is not the (active, order) pair forward keeps"
+        elif (isinstance(m, bool) or not isinstance(m, int) or m < 1
+              or states[0].X.shape[0] % m):
+            problem = f"its batch size {m!r} does not divide the saved input"
+        if problem is not None:
+            raise ValueError(f"cache was changed after forward: {problem}; pass the cache "
+                             f"that this model's forward returned, unchanged")
+
     def _masks(self, seed, m, T, xp, like):
         """The dropout masks after each layer but the last, ``(D n_a, m, T)`` each: kept
         with probability ``1 - dropout`` and scaled by ``1 / (1 - dropout)`` (torch's
@@ -497,6 +522,7 @@ class _Model:
                 f"cell, n_x={cache.config[2]}, n_a={cache.config[3]}); this is a "
                 f"{mine[0]} with n_x={self.n_x}, n_a={self.n_a}"
             )
+        self._check_cache(cache)
         dstate = self._state_arrays(dstate, "dstate")
         named = {"dy": dy}
         if dstate is not None:
