@@ -7,6 +7,12 @@ accelerated one, in float32 and float64 where it matters:
   gradient on the final state too) against float64 central differences;
 * the accelerated path equals the plain one (bit for bit on numpy);
 * equality with torch autograd through ``from_torch`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``);
+* padding is never read; a padded batch equals each sequence alone;
+* chunks with the state carried (and its gradient carried back) equal one call;
+* layers and directions compose: a stacked bidirectional model equals one-layer models
+  composed by hand;
+* inputs of +-1e4 in float32 give finite outputs and gradients;
+* every backend equals numpy;
 * no mutation of inputs or parameters, outputs independent of the cache, and inference
   memory that does not grow with ``T``;
 * bad input raises errors that name the argument.
@@ -22,7 +28,7 @@ import functools
 
 import numpy as np
 import pytest
-from helpers import assert_close, to_numpy, to_xp
+from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import central_differences
 
 import xlstm
@@ -30,7 +36,7 @@ from xlstm import _compat, _engine
 from xlstm.cells.base import Cell
 from xlstm.models import ModelCache
 
-NP = _compat.default_namespace()
+NP, CPU = _compat.load_backend("numpy")
 
 #: (model class name, constructor keywords): one entry per cell.
 SPECS = [
@@ -43,6 +49,12 @@ SPECS = [
     ("MLSTM", ()),
     ("MLSTM", (("num_heads", 2), ("d_qk", 3), ("form", "recurrent"))),
 ]
+#: Further settings of a model that take another code path (the mLSTM's chunkwise form; its
+#: default is parallel at these T): run by the checks that compare runs with each other, not
+#: by the costly ones (gradcheck, which the model's own tests run for every setting).
+VARIANTS = [
+    ("MLSTM", (("num_heads", 2), ("chunk", 2), ("form", "chunkwise"))),
+]
 N_X, N_A, M, T = 3, 4, 2, 5
 LENGTHS = (1, T)
 
@@ -52,14 +64,16 @@ def _spec_id(spec):
     return name + "".join(f"-{v}" for v in kw.values())
 
 
-def _specs():
-    for spec in SPECS:
+def _specs(specs=SPECS):
+    for spec in specs:
         present = hasattr(xlstm, spec[0])
         yield pytest.param(spec, id=_spec_id(spec),
                            marks=pytest.mark.skipif(not present, reason=f"no xlstm.{spec[0]}"))
 
 
 SPEC = pytest.mark.parametrize("spec", list(_specs()))
+#: SPECS and VARIANTS.
+EVERY_SPEC = pytest.mark.parametrize("spec", list(_specs(SPECS + VARIANTS)))
 #: The specs whose model has a torch.nn counterpart.
 TORCH_SPEC = pytest.mark.parametrize(
     "spec", [s for s in _specs() if getattr(xlstm, s.values[0][0]).torch_name is not None])
@@ -118,7 +132,7 @@ def _run(model, case, xp, device, dtype="float64"):
     """forward then backward on ``xp``; everything back on the host."""
     cast = functools.partial(to_xp, xp=xp, device=device, dtype=getattr(xp, dtype))
     params = [{k: cast(v) for k, v in layer.items()} for layer in case["params"]]
-    state = tuple(cast(s) for s in case["state"])
+    state = None if case["state"] is None else tuple(cast(s) for s in case["state"])
     lengths = case.get("lengths")
     if lengths is not None:
         lengths = to_xp(lengths, xp, device, xp.int64)
@@ -277,7 +291,7 @@ def test_torch_round_trip_and_torch_init(spec):
 
 
 # ------------------------------------------------------------------------------ padding
-@SPEC
+@EVERY_SPEC
 @pytest.mark.parametrize("accel, layout", [(False, "notebook"), (False, "batch_first"),
                                            (True, "batch_first")],
                          ids=["array-path", "array-path-batch_first", "accelerated"])
@@ -316,6 +330,226 @@ def test_padding_is_never_read(spec, accel, layout, xp, device):
     for k in want:
         assert_close(got[k], want[k], xp=xp, device=device, dtype=xp.float64, rtol=0, atol=0,
                      err=k)
+
+
+#: The initial state of a case: the case's own, or the zero state (``state=None``).
+START = pytest.mark.parametrize("start", ["given", "zero"])
+
+
+def _on_engine(model):
+    """Whether the model runs on the engine's step loops (the same steps in the same order,
+    whatever the batch or the split of the sequence): then results that take the same steps
+    are equal bit for bit; a model of its own forms (blocks of steps) agrees to rounding."""
+    return isinstance(model.cell, Cell)
+
+
+def _comparable_states(model, final):
+    """The final states by name, as two runs of the same inputs must give them: all of them
+    on the engine's steps; for a model of its own forms, the states kept in a stabiliser's
+    scale times its ``exp`` (defined up to that scale: forms that take other blocks of steps
+    keep other scales), without the stabiliser."""
+    cell = model.cell
+    named = dict(zip(cell.state_names, final))
+    if _on_engine(model) or not cell.frozen:
+        return named
+    (stab,) = cell.frozen
+    m = named.pop(stab)
+    for k in cell.scaled:  # the stabiliser (L D, H, m) against (L D, H, ..., m)
+        s = named[k]
+        named[k] = s * np.exp(np.reshape(m, m.shape[:-1] + (1,) * (s.ndim - m.ndim)
+                                         + m.shape[-1:]))
+    return named
+
+
+def _host(**kw):
+    return {"xp": NP, "device": CPU, "dtype": NP.float64, **kw}
+
+
+# ------------------------------------------------------------------ chunks, batches, stacks
+@EVERY_SPEC
+@PATH
+@START
+def test_chunks_with_the_state_carried_equal_one_call(spec, accel, start):
+    """Two calls over the two parts of a sequence, the first's final state carried into the
+    second and the second's ``dstate0`` carried back as the first's ``dstate`` (truncated
+    backpropagation made exact), equal one call over the whole sequence: outputs, final
+    state, ``dx``, ``dstate0`` and every parameter gradient (the two calls' summed), for a
+    stack of two layers with a gradient on the final state. Outputs, final state and ``dx``
+    bit for bit on the engine's steps."""
+    if accel:
+        _need_accelerated_path(spec)
+    config = (2, False, False)
+    model = _model(spec, config=config)
+    case = _case(spec, seed=11, config=config)
+    x, dy, dstate = case["x"], case["dy"], case["dstate"]
+    state = case["state"] if start == "given" else None
+    k = 2
+    with xlstm.accelerators(accel):
+        y, final, cache = model.forward(x, state)
+        dx, d0, grads = model.backward(dy, cache, dstate)
+        y1, mid, c1 = model.forward(x[..., :k], state)
+        y2, final2, c2 = model.forward(x[..., k:], mid)
+        dx2, dmid, g2 = model.backward(dy[..., k:], c2, dstate)
+        dx1, d01, g1 = model.backward(dy[..., :k], c1, dmid)
+    exact = _on_engine(model)
+    same = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-12, "atol": 1e-13}
+    grad = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-10, "atol": 1e-11}
+    assert_close(np.concatenate([y1, y2], axis=-1), y, **_host(**same), err="y")
+    want = _comparable_states(model, final)
+    for key, got in _comparable_states(model, final2).items():
+        assert_close(got, want[key], **_host(**same), err=f"final {key}")
+    assert_close(np.concatenate([dx1, dx2], axis=-1), dx, **_host(**grad), err="dx")
+    for i, (a, b) in enumerate(zip(d01, d0)):
+        assert_close(a, b, **_host(**({"rtol": 1e-13, "atol": 1e-15} if exact else
+                                      {"rtol": 1e-10, "atol": 1e-11})), err=f"dstate0 {i}")
+    for i, (ga, gb, g) in enumerate(zip(g1, g2, grads)):
+        for key in g:
+            assert_close(ga[key] + gb[key], g[key], **_host(**({"rtol": 1e-12, "atol": 1e-14}
+                         if exact else {"rtol": 1e-10, "atol": 1e-11})), err=f"{i} {key}")
+
+
+@EVERY_SPEC
+@PATH
+@START
+def test_a_padded_batch_equals_each_sequence_alone(spec, accel, start):
+    """With ``lengths``, each sequence of the batch equals the same model run on it alone
+    (its own steps, no ``lengths``), for stacked bidirectional models with a gradient on the
+    final state: outputs (exactly zero past the length), final state, ``dx`` (exactly zero
+    past the length), ``dstate0`` and every parameter gradient (the sequences' summed)."""
+    if accel:
+        _need_accelerated_path(spec)
+    config = (2, True, True)
+    model = _model(spec, config=config)
+    case = _case(spec, seed=12, config=config)
+    lengths = np.array([T, 3])
+    case = {**case, "lengths": lengths, "state": case["state"] if start == "given" else None}
+    with xlstm.accelerators(accel):
+        got = _run(model, case, NP, CPU)
+        alone = []
+        for r, L in enumerate(lengths):
+            row = slice(r, r + 1)
+            alone.append(_run(model, {
+                **case, "x": case["x"][:, row, :L], "dy": case["dy"][:, row, :L],
+                "state": None if case["state"] is None else tuple(
+                    s[..., row] for s in case["state"]),
+                "dstate": tuple(d[..., row] for d in case["dstate"]), "lengths": None},
+                NP, CPU))
+    n_s = len(model.cell.state_names)
+    for r, (L, one) in enumerate(zip(lengths, alone)):
+        row = slice(r, r + 1)
+        for key in ("y", "dx"):
+            assert_close(got[key][:, row, L:], np.zeros_like(got[key][:, row, L:]),
+                         **_host(rtol=0, atol=0), err=f"{key} past the length, row {r}")
+        assert_close(got["y"][:, row, :L], one["y"], **_host(rtol=1e-12, atol=1e-13),
+                     err=f"y, row {r}")
+        assert_close(got["dx"][:, row, :L], one["dx"], **_host(rtol=1e-10, atol=1e-12),
+                     err=f"dx, row {r}")
+        mine = _comparable_states(model, [got[f"state{i}"][..., row] for i in range(n_s)])
+        for key, want in _comparable_states(model, [one[f"state{i}"]
+                                                    for i in range(n_s)]).items():
+            assert_close(mine[key], want, **_host(rtol=1e-12, atol=1e-13),
+                         err=f"final {key}, row {r}")
+        for i in range(n_s):
+            assert_close(got[f"dstate0_{i}"][..., row], one[f"dstate0_{i}"],
+                         **_host(rtol=1e-10, atol=1e-12), err=f"dstate0 {i}, row {r}")
+    for key in (k for k in got if k.startswith("d") and not k.startswith(("dx", "dstate0"))):
+        assert_close(got[key], sum(one[key] for one in alone), **_host(rtol=1e-10, atol=1e-11),
+                     err=key)
+
+
+@EVERY_SPEC
+@PATH
+@START
+def test_layers_and_directions_compose_one_layer_runs(spec, accel, start):
+    """Two bidirectional layers over a padded batch equal one-layer models composed by hand
+    on each sequence alone: layer 2 reads ``[forward; reverse]`` of layer 1, the reverse
+    direction runs the sequence backwards from its own end, each layer and direction from
+    its own part of the initial state; outputs (exactly zero past the length) and final
+    states."""
+    if accel:
+        _need_accelerated_path(spec)
+    name, kw = spec[0], dict(spec[1])
+    config = (2, True, True)
+    model = _model(spec, config=config)
+    case = _case(spec, seed=13, config=config)
+    x, lengths = case["x"], np.array([4, T])
+    state = case["state"] if start == "given" else None
+    with xlstm.accelerators(accel):
+        y, final, _ = model.forward(x, state, lengths=lengths, return_cache=False)
+        for r, L in enumerate(lengths):
+            row = slice(r, r + 1)
+            assert_close(y[:, row, L:], np.zeros_like(y[:, row, L:]), **_host(rtol=0, atol=0),
+                         err=f"y past the length, row {r}")
+            inp = x[:, row, :L]
+            for layer in range(2):
+                outs = []
+                for d in range(2):
+                    i = 2 * layer + d
+                    one = getattr(xlstm, name)(inp.shape[0], N_A, xp=np, dtype="float64",
+                                               seed=0, **kw)
+                    one.params = [model.params[i]]
+                    s0 = None if state is None else tuple(s[i : i + 1, ..., row] for s in state)
+                    yd, fd, _ = one.forward(inp[..., ::-1] if d else inp, s0,
+                                            return_cache=False)
+                    outs.append(yd[..., ::-1] if d else yd)
+                    want = _comparable_states(one, fd)
+                    got = _comparable_states(model, [f[i : i + 1, ..., row] for f in final])
+                    for key in want:
+                        assert_close(got[key], want[key], **_host(rtol=1e-12, atol=1e-13),
+                                     err=f"final {key}, layer {layer}, direction {d}, row {r}")
+                inp = np.concatenate(outs, axis=0)
+            assert_close(y[:, row, :L], inp, **_host(rtol=1e-12, atol=1e-13), err=f"y, row {r}")
+
+
+# ---------------------------------------------------------------------------- large inputs
+@EVERY_SPEC
+@PATH
+def test_inputs_of_1e4_give_finite_results_in_float32(spec, accel):
+    """Inputs of +-1e4 in float32 (gate pre-activations in the thousands, far past where
+    ``exp`` overflows float32): outputs, final state, ``dx``, ``dstate0`` and every
+    parameter gradient are finite float32, and the outputs equal a float64 run of the same
+    model to float32's rounding of such pre-activations (about ``N_X 1e4 eps``, turned by an
+    exponential gate into a relative error of the output: the problem's own conditioning)."""
+    if accel:
+        _need_accelerated_path(spec)
+    rng = np.random.default_rng(14)
+    model = _model(spec, dtype="float32")
+    wide = _model(spec)
+    wide.params = [{k: v.astype(np.float64) for k, v in layer.items()} for layer in model.params]
+    x = (1e4 * np.sign(rng.standard_normal((N_X, M, T)))).astype(np.float32)
+    with xlstm.accelerators(accel):
+        y, final, cache = model.forward(x)
+        dx, d0, grads = model.backward(np.ones_like(y), cache)
+        y64, _, _ = wide.forward(x.astype(np.float64), return_cache=False)
+    results = {"y": y, "dx": dx, **{f"state{i}": s for i, s in enumerate(final)},
+               **{f"dstate0_{i}": s for i, s in enumerate(d0)},
+               **{f"d{i}_{k}": v for i, g in enumerate(grads) for k, v in g.items()}}
+    for key, v in results.items():
+        assert_array(v, xp=NP, device=CPU, dtype=NP.float32)
+        assert np.all(np.isfinite(v)), key
+    tol = N_X * 1e4 * float(np.finfo(np.float32).eps)
+    assert_close(y, y64.astype(np.float32), xp=NP, device=CPU, dtype=NP.float32, rtol=tol,
+                 atol=tol * max(1.0, float(np.max(np.abs(y64)))))
+
+
+# ------------------------------------------------------------------------------- backends
+@EVERY_SPEC
+@START
+def test_every_backend_equals_numpy(spec, start, xp, device):
+    """The same case on the backend under test and on numpy, over two bidirectional layers
+    and a padded batch: outputs, final state, ``dx``, ``dstate0`` and every parameter
+    gradient keep the backend's namespace, dtype and device and equal numpy's to rounding."""
+    config = (2, True, True)
+    model = _model(spec, xp=xp, device=device, config=config)
+    case = _case(spec, seed=15, config=config)
+    if start == "zero":
+        case["state"] = None
+    want = _run(_model(spec, config=config), case, NP, CPU)
+    got = _run(model, case, xp, device)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(got[key], want[key], xp=xp, device=device, dtype=xp.float64, rtol=1e-12,
+                     atol=1e-13, err=key)
 
 
 # ------------------------------------------------------------------- references and memory
