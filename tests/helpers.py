@@ -124,3 +124,32 @@ def time_limit(seconds):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def copy_or_skip(how, xp, device):
+    """``copy.copy``, ``copy.deepcopy`` or a pickle round trip (``how``), as one function;
+    skips the test when the namespace's own arrays do not survive it here."""
+    import copy
+    import pickle
+
+    import pytest
+
+    run = {"copy": copy.copy, "deepcopy": copy.deepcopy,
+           "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}[how]
+    try:
+        run(to_xp(np.ones(2), xp, device))
+    except Exception as exc:  # noqa: BLE001 - the namespace's own arrays cannot
+        pytest.skip(f"{how} does not work on {xp.__name__} arrays here: {exc}")
+    return run
+
+
+def assert_caches_survive(again, caches, backward, da, fields, *, xp, device):
+    """Notebook caches ``again``, copied from ``caches``: the same type, ``T = 4`` steps, the
+    same step-2 views of ``fields`` and the same gradients of ``backward(da, ...)``, exactly."""
+    assert type(again) is type(caches) and len(again) == 2 and len(again[0]) == 4
+    want, got = backward(da, caches), backward(da, again)
+    for k in want:
+        assert_close(got[k], want[k], xp=xp, device=device, rtol=0, atol=0, err=k)
+    for field in fields:
+        assert_close(getattr(again[0][2], field), getattr(caches[0][2], field),
+                     xp=xp, device=device, rtol=0, atol=0, err=field)

@@ -6,7 +6,14 @@ import re
 
 import numpy as np
 import pytest
-from helpers import assert_array, assert_close, to_numpy, to_xp
+from helpers import (
+    assert_array,
+    assert_caches_survive,
+    assert_close,
+    copy_or_skip,
+    to_numpy,
+    to_xp,
+)
 from oracles import Case, central_differences, random_case, torch_lstm_forward
 
 import xlstm
@@ -286,25 +293,12 @@ def test_inference_path_equals_cached_path(xp, device):
 def test_caches_copy_deepcopy_and_pickle(xp, device, how):
     """The caches survive copy.copy, copy.deepcopy and a pickle round trip: the same
     per-step views and the same gradients."""
-    import copy
-    import pickle
-
     rng = np.random.default_rng(19)
     x, a0, c0, params = random_case(rng, n_x=3, n_a=4, n_y=2, m=3, T=4)
     *_, caches = xlstm.lstm_forward(to_xp(x, xp, device), to_xp(a0, xp, device),
                                     to_xp(params, xp, device), c0=to_xp(c0, xp, device))
     da = to_xp(rng.standard_normal((4, 3, 4)), xp, device)
-    run = {"copy": copy.copy, "deepcopy": copy.deepcopy,
-           "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}[how]
-    try:
-        run(to_xp(np.ones(2), xp, device))
-    except Exception as exc:  # noqa: BLE001 - the namespace's own arrays cannot
-        pytest.skip(f"{how} does not work on {xp.__name__} arrays here: {exc}")
-    again = run(caches)
-    assert type(again) is xlstm.LSTMCaches and len(again) == 2 and len(again[0]) == 4
-    want, got = xlstm.lstm_backward(da, caches), xlstm.lstm_backward(da, again)
-    for k in want:
-        assert_close(got[k], want[k], xp=xp, device=device, rtol=0, atol=0, err=k)
-    for field in ("a_next", "ft", "xt"):
-        assert_close(getattr(again[0][2], field), getattr(caches[0][2], field),
-                     xp=xp, device=device, rtol=0, atol=0, err=field)
+    again = copy_or_skip(how, xp, device)(caches)
+    assert type(again) is xlstm.LSTMCaches
+    assert_caches_survive(again, caches, xlstm.lstm_backward, da, ("a_next", "ft", "xt"),
+                          xp=xp, device=device)
