@@ -620,8 +620,8 @@ class MLSTM(_Model):
     form : {"auto", "recurrent", "parallel", "chunkwise"}, optional
         The default form of :meth:`forward`: ``"auto"`` is parallel up to ``chunk`` steps,
         chunkwise beyond. The parallel form's ``(m, H, L, L)`` arrays (``L`` the steps it
-        runs at once) are bounded by :data:`MAX_PARALLEL_BYTES`: a call past it is refused,
-        naming the chunk that fits.
+        runs at once) are bounded by :data:`~xlstm.mlstm.MAX_PARALLEL_BYTES`: a call past
+        it is refused, naming the chunk that fits.
     chunk : int, optional
         Steps per chunk of the chunkwise form.
     **kwargs
@@ -727,8 +727,9 @@ class MLSTM(_Model):
         ------
         ValueError
             If the parallel form would need arrays larger than
-            :data:`MAX_PARALLEL_BYTES` (``form="parallel"`` over a long sequence with a
-            cache, or a large ``chunk``); the message names the form or chunk that fits.
+            :data:`~xlstm.mlstm.MAX_PARALLEL_BYTES` (``form="parallel"`` over a long
+            sequence with a cache, or a large ``chunk``); the message names the form or
+            chunk that fits.
         """
         form = self._form(self.form if form is None else form)
         return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
@@ -775,7 +776,7 @@ class MLSTM(_Model):
 
     def _parallel_fit(self, m, dtype, xp):
         """The most steps ``L`` whose ``(m, H, L, L)`` array of ``dtype`` fits in
-        :data:`MAX_PARALLEL_BYTES`."""
+        :data:`~xlstm.mlstm.MAX_PARALLEL_BYTES`."""
         import math
 
         itemsize = xp.finfo(dtype).bits // 8
