@@ -71,6 +71,7 @@ class Block {
         if (++waiting_ == threads_) {
             waiting_ = 0;
             ++generation_;
+            lock.unlock();  // the woken threads need the mutex: release it first
             wake_.notify_all();
         } else {
             wake_.wait(lock, [&] { return generation_ != generation; });
