@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import glob
@@ -754,13 +755,49 @@ def _run_under_asan(runtime, directory, *extra):
                            *extra], capture_output=True, text=True, env=env, timeout=180)
 
 
-def test_asan_whole_sequences_run_clean(asan, tmp_path):
+BROKEN_GUARDS = {"intact": table.GUARD, "off by one": "if (e <= m * n)", "removed": "(void)m;"}
+#: The persistent kernels' bound on a block's units, broken: the last block runs past n.
+OWN_UNITS = "const xlstm::index_t own = j0 < n ? (n - j0 < units ? n - j0 : units) : 0;"
+OWN_UNITS_BROKEN = "const xlstm::index_t own = j0 < n ? units : 0;"
+
+
+@pytest.fixture(scope="module")
+def asan_builds(asan, tmp_path_factory):
+    """Every ASan build of the tests below, compiled at once (in parallel): folder name ->
+    folder of libraries. ``every-cell``: every cell's generated kernels; ``intact``: the
+    LSTM's library of those alone; one folder for each broken LSTM source."""
+    cxx, _ = asan
+    root = tmp_path_factory.mktemp("cuda_asan")
+    src = _cuda.source("lstm")
+    broken = {f"guard {name}": src.replace(table.GUARD, guard)
+              for name, guard in BROKEN_GUARDS.items() if name != "intact"}
+    broken["past the last unit"] = src.replace(OWN_UNITS, OWN_UNITS_BROKEN)
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        jobs = [pool.submit(cuda_emulator.build, cxx, root / "every-cell", c, asan=True)
+                for c in table.cells()]
+        jobs += [pool.submit(cuda_emulator.build, cxx, root / name, "lstm", asan=True,
+                             kernels=text) for name, text in broken.items()]
+        for job in jobs:
+            job.result()
+    (root / "intact").mkdir()
+    lib = "libxlstm_lstm_asan.so"
+    (root / "intact" / lib).symlink_to(root / "every-cell" / lib)
+    return {p.name: p for p in root.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def asan_intact_run(asan, asan_builds):
+    """The quick run on the intact LSTM library under ASan: the control of both tests of a
+    broken source below (the same library and the same run for both)."""
+    return _run_under_asan(asan[1], asan_builds["intact"], "quick")
+
+
+def test_asan_whole_sequences_run_clean(asan, asan_builds):
     """Every cell's generated kernels, compiled for the host with -fsanitize=address and
     driven through the public API by xlstm._cuda.Loops: every case, both dtypes, two block
     orders (shuffled, partial last blocks), no invalid access, the array path's results."""
-    cxx, runtime = asan
-    cuda_emulator.build_all(cxx, tmp_path, asan=True)
-    res = _run_under_asan(runtime, tmp_path)
+    _, runtime = asan
+    res = _run_under_asan(runtime, asan_builds["every-cell"])
     assert res.returncode == 0, res.stderr[-4000:]
     assert "ERROR: AddressSanitizer" not in res.stderr
     count = len(CELLS) * 2 * 2 * len(cuda_emulator.SEQUENCE_CASES)
@@ -768,19 +805,16 @@ def test_asan_whole_sequences_run_clean(asan, tmp_path):
             f"{count} on persistent kernels match the array path") in res.stdout
 
 
-BROKEN_GUARDS = {"intact": table.GUARD, "off by one": "if (e <= m * n)", "removed": "(void)m;"}
-
-
 @pytest.mark.parametrize("guard", list(BROKEN_GUARDS))
-def test_asan_catches_a_broken_bounds_check(asan, tmp_path, guard):
+def test_asan_catches_a_broken_bounds_check(asan, asan_builds, request, guard):
     """The LSTM's source with its bounds check broken (one element too far, or none): ASan
-    reports a heap-buffer-overflow in the first launch and the run fails; intact, it passes."""
-    cxx, runtime = asan
+    reports a heap-buffer-overflow in the first launch and the run fails; intact, it passes.
+    (The intact library is the LSTM's of the whole-sequence run: the same text and flags.)"""
+    _, runtime = asan
     src = _cuda.source("lstm")
     assert src.count(table.GUARD) == sum(c == "lstm" for c, _, _ in _cuda.KERNEL_NAMES)
-    cuda_emulator.build(cxx, tmp_path, "lstm", asan=True,
-                        kernels=src.replace(table.GUARD, BROKEN_GUARDS[guard]))
-    res = _run_under_asan(runtime, tmp_path, "quick")
+    res = (request.getfixturevalue("asan_intact_run") if guard == "intact" else
+           _run_under_asan(runtime, asan_builds[f"guard {guard}"], "quick"))
     if guard == "intact":
         assert res.returncode == 0, res.stderr[-4000:]
         assert "on persistent kernels match the array path" in res.stdout
@@ -790,22 +824,16 @@ def test_asan_catches_a_broken_bounds_check(asan, tmp_path, guard):
         assert re.search(r"in xlstm_lstm_(fwd|bwd)_f(32|64) ", res.stderr), res.stderr[-4000:]
 
 
-#: The persistent kernels' bound on a block's units, broken: the last block runs past n.
-OWN_UNITS = "const xlstm::index_t own = j0 < n ? (n - j0 < units ? n - j0 : units) : 0;"
-
-
 @pytest.mark.parametrize("broken", [False, True], ids=["intact", "past the last unit"])
-def test_asan_catches_a_persistent_kernel_past_its_units(asan, tmp_path, broken):
+def test_asan_catches_a_persistent_kernel_past_its_units(asan, asan_builds, request, broken):
     """The LSTM's persistent kernels with the last block's units unbounded (it owns as many
     as the others, past the last unit where they do not divide n): ASan reports a
     heap-buffer-overflow from a thread of the concurrent grid; intact, the run passes."""
-    cxx, runtime = asan
+    _, runtime = asan
     src = _cuda.source("lstm")
     assert src.count(OWN_UNITS) == 2 * 2 * len(table.DTYPES)
-    own = "const xlstm::index_t own = j0 < n ? units : 0;"
-    cuda_emulator.build(cxx, tmp_path, "lstm", asan=True,
-                        kernels=src.replace(OWN_UNITS, own) if broken else src)
-    res = _run_under_asan(runtime, tmp_path, "quick")
+    res = (_run_under_asan(runtime, asan_builds["past the last unit"], "quick") if broken else
+           request.getfixturevalue("asan_intact_run"))
     if not broken:
         assert res.returncode == 0, res.stderr[-4000:]
         assert "on persistent kernels match the array path" in res.stdout
@@ -970,42 +998,46 @@ def test_importing_xlstm_does_not_import_cupy():
 
 
 # --------------------------------------------------------------------- compile tests
-def test_nvcc_compiles_kernels(tmp_path):
+@pytest.fixture(scope="module")
+def nvcc_builds(tmp_path_factory):
+    """Every cell's source compiled by nvcc for sm_90 (in parallel), warnings as errors, with
+    nvcc's intermediate files kept: cell -> (command, exit status, output, object, PTX). The
+    kept PTX is byte for byte what ``nvcc -ptx`` with the same -arch and --fmad writes, so
+    one compile serves both tests below."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
-    jobs = []
-    for cell in table.cells():  # every cell's source, compiled in parallel
-        src = tmp_path / f"xlstm_{cell}.cu"
+    root = tmp_path_factory.mktemp("nvcc")
+    jobs = {}
+    for cell in table.cells():
+        src, obj, keep = root / f"xlstm_{cell}.cu", root / f"xlstm_{cell}.o", root / cell
         src.write_text(_cuda.source(cell), encoding="utf-8")
-        obj = tmp_path / f"xlstm_{cell}.o"
+        keep.mkdir()
         cmd = [nvcc, "-arch=sm_90", "--fmad=false", "-Werror", "all-warnings",
-               "-c", "-o", str(obj), str(src)]
-        jobs.append((cmd, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True)))
-    for cmd, obj, proc in jobs:
+               "-c", "-o", str(obj), "--keep", "--keep-dir", str(keep), str(src)]
+        jobs[cell] = (cmd, obj, keep / f"xlstm_{cell}.ptx",
+                      subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))
+    built = {}
+    for cell, (cmd, obj, ptx, proc) in jobs.items():
         out, _ = proc.communicate()
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{out}"
+        built[cell] = (cmd, proc.returncode, out, obj, ptx)
+    return built
+
+
+def test_nvcc_compiles_kernels(nvcc_builds):
+    for cmd, returncode, out, obj, _ in nvcc_builds.values():
+        assert returncode == 0, f"{' '.join(cmd)}\n{out}"
         assert obj.stat().st_size > 0
 
 
-def _nvcc_ptx(tmp_path, cells, arch="sm_90"):
-    """Every cell's source compiled to PTX by nvcc (in parallel): cell -> PTX text."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH")
-    jobs = {}
-    for cell in cells:
-        src, out = tmp_path / f"xlstm_{cell}.cu", tmp_path / f"xlstm_{cell}.ptx"
-        src.write_text(_cuda.source(cell), encoding="utf-8")
-        cmd = [nvcc, "-ptx", f"-arch={arch}", "--fmad=false", "-o", str(out), str(src)]
-        jobs[cell] = (cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True))
+def _nvcc_ptx(nvcc_builds, cells):
+    """Every cell's source compiled to PTX by nvcc (sm_90, --fmad=false): cell -> PTX text."""
     ptx = {}
-    for cell, (cmd, out, proc) in jobs.items():
-        log, _ = proc.communicate()
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{log}"
-        ptx[cell] = out.read_text(encoding="utf-8")
+    for cell in cells:
+        cmd, returncode, out, _, path = nvcc_builds[cell]
+        assert returncode == 0, f"{' '.join(cmd)}\n{out}"
+        ptx[cell] = path.read_text(encoding="utf-8")
     return ptx
 
 
@@ -1013,7 +1045,7 @@ def _param_names(params):
     return [p.split()[-1].lstrip("*") for p in params]
 
 
-def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(tmp_path):
+def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(nvcc_builds):
     """PTX for sm_90 by nvcc: in no persistent kernel does an ``ld.global.nc`` (the
     non-coherent path, which the PTX memory model allows only for memory that nothing writes
     during the launch) read a stack that the launch writes (:func:`~xlstm._cuda.kernels.
@@ -1021,7 +1053,7 @@ def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(tmp_path
     updated in place. Reads of the weights and of read-only stacks may take it, and the
     per-step kernels (one launch per step) still do. ``.ci/compile_cuda.sh`` makes the same
     check (``kernels.py --check-ptx``)."""
-    ptx = _nvcc_ptx(tmp_path, table.cells())
+    ptx = _nvcc_ptx(nvcc_builds, table.cells())
     checked = 0
     for cell in table.cells():
         count, problems = table.nc_violations(cell, ptx[cell])
