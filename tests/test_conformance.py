@@ -365,6 +365,14 @@ def _host(**kw):
     return {"xp": NP, "device": CPU, "dtype": NP.float64, **kw}
 
 
+def _model_and_case(spec, accel, config, seed):
+    """The model in ``config`` and a case of it (numpy, float64); skips the accelerated path
+    of a model that has none."""
+    if accel:
+        _need_accelerated_path(spec)
+    return _model(spec, config=config), _case(spec, seed=seed, config=config)
+
+
 # ------------------------------------------------------------------ chunks, batches, stacks
 @EVERY_SPEC
 @PATH
@@ -376,11 +384,7 @@ def test_chunks_with_the_state_carried_equal_one_call(spec, accel, start):
     state, ``dx``, ``dstate0`` and every parameter gradient (the two calls' summed), for a
     stack of two layers with a gradient on the final state. Outputs, final state and ``dx``
     bit for bit on the engine's steps."""
-    if accel:
-        _need_accelerated_path(spec)
-    config = (2, False, False)
-    model = _model(spec, config=config)
-    case = _case(spec, seed=11, config=config)
+    model, case = _model_and_case(spec, accel, (2, False, False), seed=11)
     x, dy, dstate = case["x"], case["dy"], case["dstate"]
     state = case["state"] if start == "given" else None
     k = 2
@@ -416,11 +420,7 @@ def test_a_padded_batch_equals_each_sequence_alone(spec, accel, start):
     (its own steps, no ``lengths``), for stacked bidirectional models with a gradient on the
     final state: outputs (exactly zero past the length), final state, ``dx`` (exactly zero
     past the length), ``dstate0`` and every parameter gradient (the sequences' summed)."""
-    if accel:
-        _need_accelerated_path(spec)
-    config = (2, True, True)
-    model = _model(spec, config=config)
-    case = _case(spec, seed=12, config=config)
+    model, case = _model_and_case(spec, accel, (2, True, True), seed=12)
     lengths = np.array([T, 3])
     case = {**case, "lengths": lengths, "state": case["state"] if start == "given" else None}
     with xlstm.accelerators(accel):
@@ -466,12 +466,8 @@ def test_layers_and_directions_compose_one_layer_runs(spec, accel, start):
     direction runs the sequence backwards from its own end, each layer and direction from
     its own part of the initial state; outputs (exactly zero past the length) and final
     states."""
-    if accel:
-        _need_accelerated_path(spec)
     name, kw = spec[0], dict(spec[1])
-    config = (2, True, True)
-    model = _model(spec, config=config)
-    case = _case(spec, seed=13, config=config)
+    model, case = _model_and_case(spec, accel, (2, True, True), seed=13)
     x, lengths = case["x"], np.array([4, T])
     state = case["state"] if start == "given" else None
     with xlstm.accelerators(accel):
