@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile the fused CUDA kernels (xlstm/_cuda) without a GPU, warnings as errors: the
-# sources generated from the kernel table (python xlstm/_cuda/kernels.py --write DIR, with the
+# Compile the fused CUDA kernels (xlstm/accel/cuda) without a GPU, warnings as errors: the
+# sources generated from the kernel table (python xlstm/accel/cuda/kernels.py --write DIR, with the
 # python on PATH) with nvcc, and their host builds behind the grid emulator of the tests
 # (tests/cuda_host/grid_emulator.h) with the host C++ compiler; then their PTX checked: no
 # persistent kernel reads memory that its launch writes through the non-coherent path.
@@ -20,7 +20,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 python="python"
 command -v "$python" >/dev/null 2>&1 || python="python3"
-"$python" "$root/xlstm/_cuda/kernels.py" --write "$tmp/gen" >"$tmp/files"
+"$python" "$root/xlstm/accel/cuda/kernels.py" --write "$tmp/gen" >"$tmp/files"
 mapfile -t files <"$tmp/files"
 echo "compile_cuda: generated ${files[*]##*/} from the kernel table"
 
@@ -50,4 +50,4 @@ for f in "${files[@]}"; do
     echo "compile_cuda: nvcc -arch=$arch compiled ${f##*/} OK ($(nvcc --version | tail -n 1))"
 done
 # No persistent kernel may read memory that its launch writes through ld.global.nc.
-"$python" "$root/xlstm/_cuda/kernels.py" --check-ptx "$tmp/gen"
+"$python" "$root/xlstm/accel/cuda/kernels.py" --check-ptx "$tmp/gen"

@@ -98,7 +98,7 @@ def bench_models(be, torch, size, timed, only):
 
 def accelerator(be):
     """The label of xlstm's accelerator on this backend and dtype, or None without one."""
-    from xlstm import _engine
+    from xlstm.engine import loop as _engine
 
     return getattr(_engine.accelerated_loops(be.xp, be.dtype), "label", None)
 
@@ -108,7 +108,7 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
     import numpy as np
 
     import xlstm
-    from xlstm import _engine
+    from xlstm.engine import loop as _engine
 
     n_x, n_a, m, T = size
     x_h, a0_h, da_h = (0.1 * rng.standard_normal(s) for s in ((n_x, m, T), (n_a, m), (n_a, m, T)))
@@ -143,9 +143,9 @@ def bench_size(be, torch, size, rng, timed, only=IMPLS):
         finally:
             loops.persistent = True
     if "xlstm-persistent" in only and getattr(loops, "persistent", False):
-        # CuPy: the persistent kernels wherever they fit, whatever xlstm._cuda.PERSISTENT_RULE
+        # CuPy: the persistent kernels wherever they fit, whatever xlstm.accel.cuda.PERSISTENT_RULE
         # estimates: with the per-step row, the measured crossover that the rule should have
-        from xlstm import _cuda
+        from xlstm.accel import cuda as _cuda
 
         loops.rule = _cuda.PERSISTENT_WHERE_IT_FITS
         try:

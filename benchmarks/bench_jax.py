@@ -103,9 +103,9 @@ def worker_autodiff(job):
 
         jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
+        from xlstm.autodiff import lstm
 
         import xlstm
-        from xlstm.autodiff import lstm
 
         p, x, a0, w = _case(jnp, n, m, T, n_x=n_x)
         forward = lstm if job["method"] == "custom_vjp" else (
@@ -121,9 +121,9 @@ def worker_autodiff(job):
         run = _median_time(lambda: jax.block_until_ready(g(p, x)), job["repeat"])
         return {"first_call_s": first, "run_s": run}
     import torch
+    from xlstm.autodiff import lstm
 
     import xlstm
-    from xlstm.autodiff import lstm
 
     torch.set_num_threads(job["torch_threads"])
     p, x, a0, w = _case(torch, n, m, T, n_x=n_x)

@@ -75,8 +75,19 @@ import sys
 from pathlib import Path
 
 from _lstm_impls import BASELINE, IMPLS, N_Y, bench_size, flop_counts
-from _machine import (Backend, blas_kernel, cpu_name, environment, gpu_info, load_average,
-                      set_threads, set_tf32, tf32_state, thread_info, versions)
+from _machine import (
+    Backend,
+    blas_kernel,
+    cpu_name,
+    environment,
+    gpu_info,
+    load_average,
+    set_tf32,
+    set_threads,
+    tf32_state,
+    thread_info,
+    versions,
+)
 from _report import add_rates, markdown_table, set_fractions, write
 from _timing import combine_rounds, gemm_ceiling, measure, run_worker
 

@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_machine, versions, write_cpu_report  # noqa: E402
+from xlstm.mlstm import FORMS  # noqa: E402
 
 import xlstm  # noqa: E402
-from xlstm.mlstm import FORMS  # noqa: E402
 
 
 def run_once(model, x, dy, form):

@@ -19,8 +19,8 @@ import os
 
 import pytest
 
-from xlstm._compat import BACKENDS as ALL_BACKENDS
-from xlstm._compat import BackendUnavailable, load_backend
+from xlstm._lib.compat import BACKENDS as ALL_BACKENDS
+from xlstm._lib.compat import BackendUnavailable, load_backend
 
 
 def _requested():

@@ -1,7 +1,7 @@
 """Host builds of the CUDA kernels, for the tests: the real generated source behind
-``cuda_host/grid_emulator.h``, launched from :class:`xlstm._cuda.Loops` on numpy arrays.
+``cuda_host/grid_emulator.h``, launched from :class:`xlstm.accel.cuda.Loops` on numpy arrays.
 
-* :func:`build` compiles :func:`xlstm._cuda.kernels.host_source` of one cell (optionally
+* :func:`build` compiles :func:`xlstm.accel.cuda.kernels.host_source` of one cell (optionally
   with AddressSanitizer, optionally from a modified kernel text) into a shared library;
   :func:`build_all` builds every cell's, in parallel.
 * :func:`host_launch` is a ``launch`` for ``Loops(dtype, mod=numpy, launch=...)``: per step
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xlstm import _cuda
-from xlstm._cuda import kernels as table
+from xlstm.accel import cuda as _cuda
+from xlstm.accel.cuda import kernels as table
 
 EMULATOR_DIR = Path(__file__).resolve().parent / "cuda_host"
 #: (rtol, atol) between whole sequences on the kernels and on the array path: the same
@@ -113,12 +113,12 @@ def _slots(arr):
 
 
 def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
-    """A ``launch`` for :class:`xlstm._cuda.Loops` that runs the emulated grid of the
+    """A ``launch`` for :class:`xlstm.accel.cuda.Loops` that runs the emulated grid of the
     library of the launch's cell (``libs``: cell -> library or its path).
 
     ``launch(cell, step, dtype_name, total, args)`` returns ``run(s)``, which checks the
     arguments of step ``s`` against the kernel table
-    (:func:`xlstm._cuda.kernels.check_args`), gives each distinct array its own heap buffer
+    (:func:`xlstm.accel.cuda.kernels.check_args`), gives each distinct array its own heap buffer
     (an array passed twice, one buffer), so that an access past any stack leaves its
     allocation, runs the grid, copies back the slices that the step writes and checks that
     nothing else changed. Blocks of ``block`` threads; launch ``k`` shuffles its blocks and
@@ -180,11 +180,11 @@ def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
 
 
 def host_persistent_launch(libs, *, seed=1):
-    """A ``persistent_launch`` for :class:`xlstm._cuda.Loops` that runs the persistent
+    """A ``persistent_launch`` for :class:`xlstm.accel.cuda.Loops` that runs the persistent
     kernel of the library of the launch's cell with every block and thread of the grid on
     its own host thread (``launch_concurrent`` of the grid emulator).
 
-    The arguments are checked (:func:`xlstm._cuda.kernels.check_persistent_args`); each
+    The arguments are checked (:func:`xlstm.accel.cuda.kernels.check_persistent_args`); each
     distinct array gets its own heap buffer (an array passed twice, one buffer), so that an
     access past any stack leaves its allocation; the written ones are copied back and the
     others checked unchanged. Launch ``k`` starts its threads in an order shuffled with
@@ -241,7 +241,7 @@ PERSISTENT_BLOCK = 16
 
 def host_loops(libs, dtype, *, block=_cuda.BLOCK, seed=1, persistent=False, shared=None,
                occupancy=1, rule=_cuda.PERSISTENT_WHERE_IT_FITS):
-    """:class:`xlstm._cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels: the
+    """:class:`xlstm.accel.cuda.Loops` for ``dtype`` on numpy, launching ``libs``' kernels: the
     per-step ones with :func:`host_launch`, and with ``persistent`` the persistent ones with
     :func:`host_persistent_launch` on a device of :data:`EMULATED_SMS` multiprocessors that
     each hold ``occupancy`` blocks and ``shared`` elements of ``dtype`` of shared memory per
@@ -405,7 +405,7 @@ def run_sequences(libs, dtypes=("float32", "float64"), seeds=(1, 7), cases=SEQUE
     The results of different seeds (block and thread orders) must agree bit for bit.
     """
     import xlstm
-    from xlstm import _engine
+    from xlstm.engine import loop as _engine
 
     accelerated, chunk = _engine.accelerated_loops, _engine.CHUNK_ROWS
     count = 0

@@ -12,7 +12,7 @@ import signal
 import array_api_compat
 import numpy as np
 
-from xlstm._compat import to_host
+from xlstm._lib.compat import to_host
 
 #: Relative / absolute tolerances per dtype name, against a float64 truth.
 TOL = {"float64": (1e-10, 1e-12), "float32": (1e-5, 1e-6)}

@@ -30,7 +30,7 @@ from dp_case import case  # noqa: E402
 
 import xlstm  # noqa: E402
 from xlstm import distributed  # noqa: E402
-from xlstm._tree import flatten  # noqa: E402
+from xlstm._lib.tree import flatten  # noqa: E402
 
 
 def main(mode, out, *args):

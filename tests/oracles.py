@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
-
 from xlstm.params import PARAM_KEYS
 
 

@@ -18,7 +18,7 @@ import pytest
 
 import xlstm
 from xlstm import __main__ as cli
-from xlstm._compat import BackendUnavailable, load_backend
+from xlstm._lib.compat import BackendUnavailable, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 #: reStructuredText that must not reach a terminal: ``literals``, :func:`roles`, ``::`` blocks.

@@ -22,9 +22,8 @@ A new cell passes by adding its model to :data:`SPECS`; nothing else here knows 
 
 from __future__ import annotations
 
-import re
-
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -32,8 +31,9 @@ from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import central_differences
 
 import xlstm
-from xlstm import _compat, _engine
+from xlstm._lib import compat as _compat
 from xlstm.cells.base import Cell
+from xlstm.engine import loop as _engine
 from xlstm.models import ModelCache
 
 NP, CPU = _compat.load_backend("numpy")

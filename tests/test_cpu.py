@@ -13,10 +13,10 @@ from helpers import spy_on_loops, time_limit
 from oracles import random_case
 
 import xlstm
-from xlstm import _engine
+from xlstm.engine import loop as _engine
 
 pytest.importorskip("numba", reason="numba is not installed (pip install xlstm-array-api[cpu])")
-from xlstm import _cpu  # needs numba
+from xlstm.accel.cpu import loops as _cpu  # needs numba
 
 NP = array_api_compat.array_namespace(np.zeros(1))
 DTYPES = (np.float32, np.float64)
@@ -168,9 +168,9 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
         "from xlstm import _engine\n"
         "with warnings.catch_warnings(record=True) as seen:\n"
         "    warnings.simplefilter('always')\n"
-        "    assert _engine.accelerated_loops(xlstm._compat.default_namespace(),\n"
+        "    assert _engine.accelerated_loops(xlstm._lib.compat.default_namespace(),\n"
         "                                     np.float64) is None\n"
-        "    _engine.accelerated_loops(xlstm._compat.default_namespace(), np.float64)\n"
+        "    _engine.accelerated_loops(xlstm._lib.compat.default_namespace(), np.float64)\n"
         "assert [str(w.message) for w in seen] == [\n"
         "    \"xlstm's compiled CPU loops are off (numba does not load: Numba needs NumPy 0.1\"\n"
         "    ' or less); numpy runs the array path, with the same results'], seen\n"
@@ -178,7 +178,7 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
         "p = xlstm.init_params(2, 3, 2, seed=0)\n"
         "x, a0 = np.ones((2, 4, 3)), np.zeros((3, 4))\n"
         "a = xlstm.lstm_forward(x, a0, p)[0]\n"
-        "assert 'xlstm._cpu' not in sys.modules\n"
+        "assert 'xlstm.accel.cpu.loops' not in sys.modules\n"
         "os.environ['XLSTM_ACCEL'] = '0'\n"
         "assert (a == xlstm.lstm_forward(x, a0, p)[0]).all()\n"
     )
@@ -200,7 +200,7 @@ def test_native_matmul_makes_numpys_calls(dtype):
     """Every orientation numpy sends to BLAS as it is (gemm with either operand or the
     output transposed, gemv for a single row or column) gives ``numpy.matmul``'s bits;
     the cases it does not make (a dot, a copy first) are refused, not approximated."""
-    from xlstm import _native
+    from xlstm.accel.cpu import native as _native
 
     lead = _native.blas(dtype)
     if lead is None:
@@ -232,7 +232,7 @@ def test_native_ufuncs_are_numpys_loops(dtype):
     """tanh, sign, add, multiply and maximum by their numpy inner loops: on whole arrays,
     column windows, one broadcast row and a number, bit for bit, non-finite values too;
     add also on transposed operands (correctly rounded: every loop gives the same bits)."""
-    from xlstm import _native
+    from xlstm.accel.cpu import native as _native
 
     rng = np.random.default_rng(1)
     wide = (rng.standard_normal((7, 90)) * 30).astype(dtype)
@@ -320,7 +320,7 @@ with xlstm.accelerators(False):
     _, _, _, caches = xlstm.lstm_forward(x, a0, p)
     plain = xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
 assert all(np.array_equal(fast[k], plain[k]) for k in plain)
-from xlstm import _cpu
+from xlstm.accel.cpu import loops as _cpu
 print(_cpu._map_kernel.cache_info().currsize)
 """
 
@@ -354,7 +354,7 @@ def test_point_loops_compile_the_point_functions_they_call():
     """A point function may call others of its module; the loop's cache name hashes their
     sources too, so that editing a called function cannot meet a stale cache."""
     pytest.importorskip("numba")
-    from xlstm import _cpu
+    from xlstm.accel.cpu import loops as _cpu
     from xlstm.cells import lstm
 
     assert _cpu._helpers(lstm.backward_step_from_saved) == [
@@ -571,7 +571,7 @@ def test_a_cache_folder_that_anyone_may_write_is_not_used(tmp_path, monkeypatch)
 
 def test_a_numba_that_fails_to_load_in_any_way_leaves_the_array_path(tmp_path):
     """Not only ImportError: a numba whose import raises anything (a broken llvmlite, an
-    OSError) makes xlstm._cpu raise ImportError, which the registry takes as "no compiled
+    OSError) makes xlstm.accel.cpu.loops raise ImportError, which the registry takes as "no compiled
     loops": results come from the array path."""
     (tmp_path / "numba").mkdir()
     (tmp_path / "numba" / "__init__.py").write_text("raise OSError('libllvmlite.so: bad ELF')\n")

@@ -1,11 +1,11 @@
-"""The fused CUDA kernels of :mod:`xlstm._cuda`.
+"""The fused CUDA kernels of :mod:`xlstm.accel.cuda`.
 
-* Table tests: the kernels are declared once (:mod:`xlstm._cuda.kernels`); the generated
+* Table tests: the kernels are declared once (:mod:`xlstm.accel.cuda.kernels`); the generated
   source, the names, the header's element functions and the argument checks agree with it.
 * Host tests (everywhere a C++ compiler is): the generated kernel source, the very text that
   NVRTC compiles, built for the host behind ``cuda_host/grid_emulator.h`` (every block and
   thread of the grid as host loops, blocks in shuffled order, small blocks so that the last
-  one is partial), one library per cell. The module's own :class:`xlstm._cuda.Loops` drive
+  one is partial), one library per cell. The module's own :class:`xlstm.accel.cuda.Loops` drive
   it on numpy arrays (``mod=numpy`` and a host ``launch``), step by step and for whole
   sequences of every cell through the public API, against the array path. Under
   AddressSanitizer (in a subprocess that preloads the ASan runtime) the same whole sequences
@@ -37,11 +37,12 @@ import pytest
 from cuda_emulator import SEQ_TOL
 
 import xlstm
-from xlstm import _cuda, _engine
-from xlstm._cuda import kernels as table
+from xlstm.accel import cuda as _cuda
+from xlstm.accel.cuda import kernels as table
 from xlstm.cells import CELLS
 from xlstm.cells.base import NO_OUT, array_ops
 from xlstm.cells.lstm import LSTM_CELL
+from xlstm.engine import loop as _engine
 
 PKG_DIR = Path(_cuda.__file__).resolve().parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -243,7 +244,7 @@ def test_table_sources_are_the_cells_buffers():
 
 
 def test_write_script(tmp_path):
-    """``python xlstm/_cuda/kernels.py --write DIR``, with nothing but Python (not even the
+    """``python xlstm/accel/cuda/kernels.py --write DIR``, with nothing but Python (not even the
     package on the path): the files that .ci/compile_cuda.sh compiles, for every cell."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-I", str(PKG_DIR / "kernels.py"), "--write", str(tmp_path)]
@@ -794,7 +795,7 @@ def asan_intact_run(asan, asan_builds):
 
 def test_asan_whole_sequences_run_clean(asan, asan_builds):
     """Every cell's generated kernels, compiled for the host with -fsanitize=address and
-    driven through the public API by xlstm._cuda.Loops: every case, both dtypes, two block
+    driven through the public API by xlstm.accel.cuda.Loops: every case, both dtypes, two block
     orders (shuffled, partial last blocks), no invalid access, the array path's results."""
     _, runtime = asan
     res = _run_under_asan(runtime, asan_builds["every-cell"])
@@ -990,7 +991,7 @@ def test_importing_xlstm_does_not_import_cupy():
         "import sys, numpy as np, xlstm\n"
         "p = xlstm.init_params(2, 3, 2, seed=0)\n"
         "xlstm.lstm_forward(np.ones((2, 4, 3)), np.zeros((3, 4)), p)\n"
-        "import xlstm._cuda\n"
+        "import xlstm.accel.cuda\n"
         "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -1048,7 +1049,7 @@ def _param_names(params):
 def test_persistent_kernels_read_nothing_they_write_through_the_nc_path(nvcc_builds):
     """PTX for sm_90 by nvcc: in no persistent kernel does an ``ld.global.nc`` (the
     non-coherent path, which the PTX memory model allows only for memory that nothing writes
-    during the launch) read a stack that the launch writes (:func:`~xlstm._cuda.kernels.
+    during the launch) read a stack that the launch writes (:func:`~xlstm.accel.cuda.kernels.
     nc_violations`): a state written at the step before, the product's output, a gradient
     updated in place. Reads of the weights and of read-only stacks may take it, and the
     per-step kernels (one launch per step) still do. ``.ci/compile_cuda.sh`` makes the same

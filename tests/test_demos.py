@@ -69,7 +69,7 @@ def test_charlm_learns_a_small_text_and_is_reproducible(tmp_path):
     assert a["plot_path"] is None and not list(tmp_path.glob("*.png"))
     assert a["history"] == b["history"] and a["sample"] == b["sample"]
     pa, pb = load_params(tmp_path / "a.npz"), load_params(tmp_path / "b.npz")
-    flat_a, flat_b = xlstm._tree.flatten(pa), xlstm._tree.flatten(pb)
+    flat_a, flat_b = xlstm._lib.tree.flatten(pa), xlstm._lib.tree.flatten(pb)
     assert list(flat_a) == list(flat_b) and len(pa["rnn"]) == 2
     for k in flat_a:
         np.testing.assert_array_equal(flat_a[k], flat_b[k])
@@ -149,7 +149,7 @@ def test_charlm_reads_contiguous_streams_and_carries_the_state(tmp_path, monkeyp
     """Truncated backpropagation through time: chunk k + 1 of every stream goes on where
     chunk k ended, and starts from the final state of chunk k, except the first chunk of
     every pass over the streams, which starts from zeros."""
-    xp = xlstm._compat.default_namespace()  # plain numpy 1.26 takes no device
+    xp = xlstm._lib.compat.default_namespace()  # plain numpy 1.26 takes no device
     n_chunks, chunk = char_lm._chunks(np.arange(103), 4, 5, 103, xp.float64, xp=xp, device="cpu")
     assert n_chunks == (103 // 4 - 1) // 5 == 4  # streams of 25 characters: 4 chunks of 5 + 1
     for k in range(n_chunks):

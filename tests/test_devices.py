@@ -2,8 +2,8 @@
 
 array-api-compat does not pass ``device=`` on to CuPy's creation functions, and CuPy
 allocates and launches on its *current* device, so the public functions make the inputs'
-device current around their work (:func:`xlstm._compat.on_input_device`) and the
-constructors that take ``device=`` do the same (:func:`xlstm._compat.device_scope`). A fake
+device current around their work (:func:`xlstm._lib.compat.on_input_device`) and the
+constructors that take ``device=`` do the same (:func:`xlstm._lib.compat.device_scope`). A fake
 ``cupy`` module with two fake devices records which device is current when the work runs,
 as array-api-strict's ``device1`` exposes allocations that forget ``device=``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import xlstm
-from xlstm import _compat
+from xlstm._lib import compat as _compat
 
 CURRENT = ["gpu0"]  # the fake CuPy's current device
 

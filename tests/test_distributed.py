@@ -27,7 +27,7 @@ from thread_comm import run_ranks
 
 import xlstm
 from xlstm import distributed
-from xlstm._tree import flatten
+from xlstm._lib.tree import flatten
 
 KINDS = pytest.mark.parametrize("kind", ["notebook", "model"])
 

@@ -1,4 +1,4 @@
-"""The fused loops on another library's arrays through DLPack (:class:`xlstm._accel.DLPackLoops`).
+"""The fused loops on another library's arrays through DLPack (:class:`xlstm.accel.registry.DLPackLoops`).
 
 On a GPU, torch tensors on a CUDA device reach CuPy's fused kernels as views of their own
 memory. Here the same route runs with a stand-in: torch CPU tensors handed to the CUDA loops'
@@ -16,8 +16,9 @@ import pytest
 from cuda_emulator import SEQ_TOL
 
 import xlstm
-from xlstm import _accel, _engine
+from xlstm.accel import registry as _accel
 from xlstm.cells import CELLS
+from xlstm.engine import loop as _engine
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 TORCH = array_api_compat.array_namespace(torch.empty(0))

@@ -8,7 +8,8 @@ from helpers import assert_close, to_xp
 from oracles import random_case
 
 import xlstm
-from xlstm import _compat, _engine
+from xlstm._lib import compat as _compat
+from xlstm.engine import loop as _engine
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 6, 4096])

@@ -15,8 +15,9 @@ from oracles import (
 )
 
 import xlstm
-from xlstm import _compat, _engine
+from xlstm._lib import compat as _compat
 from xlstm.cells.gru import GRU_CELL, TORCH_GATES
+from xlstm.engine import loop as _engine
 
 DTYPES = (np.float32, np.float64)
 
@@ -226,7 +227,7 @@ def test_compiled_loops_are_bit_identical(monkeypatch, dtype, n_x, n_a, m, T, T_
     """numba's loops run the cell's own step: forward, saved stacks, inference and every
     gradient equal the array path's bit for bit (and the loops really ran)."""
     pytest.importorskip("numba", reason="numba is not installed")
-    from xlstm import _cpu
+    from xlstm.accel.cpu import loops as _cpu
 
     calls = spy_on_loops(monkeypatch, _cpu.Loops)
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import random_case
-
 from xlstm.interop import from_torch_lstm_weights, to_torch_lstm_weights
 from xlstm.lstm import lstm_forward
 from xlstm.params import PARAM_KEYS

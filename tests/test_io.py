@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from crafted_npz import deflated_zeros, npy, npy_header, stored, write_zip
 from helpers import assert_array, assert_close, time_limit, to_numpy, to_xp
+from xlstm.params import PARAM_KEYS, init_params
 
 import xlstm
 from xlstm.io import FORMAT_VERSION, load_params, save_params
-from xlstm.params import PARAM_KEYS, init_params
 
 N_X, N_A, N_Y = 3, 4, 2
 
@@ -564,7 +564,7 @@ def test_crafted_huge_entry_is_refused_with_bounded_memory(tmp_path, variant):
 def model_tree(xp=None, device=None, dtype=np.float64):
     """A trained model's tree: a 2-layer LSTM's params and a linear head (numpy's array-API
     namespace by default: plain numpy 1.26 takes no ``device``)."""
-    xp = xlstm._compat.default_namespace() if xp is None else xp
+    xp = xlstm._lib.compat.default_namespace() if xp is None else xp
     model = xlstm.LSTM(N_X, N_A, num_layers=2, xp=xp, dtype=dtype, device=device, seed=3)
     rng = np.random.default_rng(4)
     head = {"Wy": rng.standard_normal((N_Y, N_A)), "by": rng.standard_normal((N_Y, 1))}

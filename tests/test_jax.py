@@ -18,7 +18,9 @@ from helpers import assert_close
 from oracles import random_case
 
 import xlstm
-from xlstm import _compat, _engine, autodiff
+from xlstm import autodiff
+from xlstm._lib import compat as _compat
+from xlstm.engine import loop as _engine
 
 N_X, N_A, N_Y, M, T = 3, 4, 2, 2, 5
 

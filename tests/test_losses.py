@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import central_differences, random_case, torch_lstm_forward
+from xlstm.losses import last_step_mse, last_step_predict, sequence_cross_entropy
 
 from xlstm import lstm_forward
-from xlstm.losses import last_step_mse, last_step_predict, sequence_cross_entropy
 
 N_X, N_A, N_Y, M, T = 3, 4, 5, 2, 3
 PARAM_NAMES = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")

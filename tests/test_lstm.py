@@ -17,7 +17,7 @@ from helpers import (
 from oracles import Case, central_differences, random_case, torch_lstm_forward
 
 import xlstm
-from xlstm import _seed as sc
+from xlstm.notebook import seed as sc
 
 
 def pick(results, key):

@@ -20,7 +20,8 @@ from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import central_differences
 
 import xlstm
-from xlstm import _compat, mlstm
+from xlstm import mlstm
+from xlstm._lib import compat as _compat
 
 NP, CPU = _compat.load_backend("numpy")
 HOST = {"xp": NP, "device": CPU}
@@ -261,7 +262,7 @@ def test_inference_in_blocks_equals_the_whole_sequence(form, xp, device, monkeyp
     ``CHUNK_ROWS = 12`` rows at m = 2, chunks of 3), carrying the state: the outputs and
     the final state equal the run that keeps a cache (one block), on every backend, over
     2 bidirectional layers and a padded batch."""
-    from xlstm import _engine
+    from xlstm.engine import loop as _engine
 
     rng = np.random.default_rng(12)
     model = _model(num_layers=2, bidirectional=True, xp=xp, device=device, dtype=xp.float64)
@@ -285,7 +286,7 @@ def test_inference_holds_one_copy_of_the_output(form, monkeypatch):
     memory is one block's (here under half the output), not a second output."""
     import tracemalloc
 
-    from xlstm import _engine
+    from xlstm.engine import loop as _engine
 
     monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
     model = xlstm.MLSTM(8, 16, num_heads=2, chunk=16, seed=0)

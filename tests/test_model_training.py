@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from xlstm.train import fit
 
 import xlstm
-from xlstm import _tree
-from xlstm.train import fit
+from xlstm._lib import tree as _tree
 
 
 def _tree_and_grads(seed=0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_array, assert_close, to_numpy, to_xp
-
 from xlstm.optim import SGD, Adam, clip_by_global_norm, clip_by_value
 from xlstm.params import PARAM_KEYS, init_params
 

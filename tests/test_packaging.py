@@ -80,10 +80,10 @@ def dist(tmp_path_factory):
 def test_wheel_carries_the_package_the_licence_and_the_typing_marker(dist):
     _, _, names, metadata = dist
     info = f"xlstm_array_api-{xlstm.__version__}.dist-info/"
-    for name in ("xlstm/__init__.py", "xlstm/py.typed", "xlstm/_cuda/lstm_pointwise.cuh",
-                 "xlstm/_cuda/gru_pointwise.cuh", "xlstm/_cuda/rnn_pointwise.cuh",
-                 "xlstm/_cuda/prelude.cuh", "xlstm/_cuda/persistent.cuh",
-                 "xlstm/_cuda/kernels.py", "xlstm/cells/gru.py", info + "licenses/LICENSE"):
+    for name in ("xlstm/__init__.py", "xlstm/py.typed", "xlstm/accel/cuda/lstm_pointwise.cuh",
+                 "xlstm/accel/cuda/gru_pointwise.cuh", "xlstm/accel/cuda/rnn_pointwise.cuh",
+                 "xlstm/accel/cuda/prelude.cuh", "xlstm/accel/cuda/persistent.cuh",
+                 "xlstm/accel/cuda/kernels.py", "xlstm/cells/gru.py", info + "licenses/LICENSE"):
         assert name in names, name
     assert not any(n.startswith("tests/") for n in names)
     assert re.search(r"^License-Expression: MIT$", metadata, re.M)
@@ -99,7 +99,7 @@ def test_wheel_carries_the_package_the_licence_and_the_typing_marker(dist):
 def test_sdist_carries_the_licence_and_every_test(dist):
     names, pkg_info, _, _ = dist
     for name in ("LICENSE", "README.md", "pyproject.toml", "xlstm/py.typed",
-                 "xlstm/_cuda/lstm_pointwise.cuh", "tests/conftest.py", "tests/helpers.py",
+                 "xlstm/accel/cuda/lstm_pointwise.cuh", "tests/conftest.py", "tests/helpers.py",
                  "tests/cuda_host/grid_emulator.h"):
         assert name in names, name
     tests = {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_array, to_numpy
+from xlstm.params import PARAM_KEYS
 
 import xlstm
-from xlstm.params import PARAM_KEYS
 
 N_X, N_A, N_Y = 5, 6, 3
 

@@ -76,7 +76,9 @@ def missing(code: str) -> str | None:
 
 def _run_mpi_script(code: str, folder: Path) -> None:
     """Run ``code`` as the page says: ``mpiexec -n 2 python -m mpi4py train.py``."""
-    from test_distributed import _mpiexec  # the suite's launcher lookup (skips without MPI)
+    from test_distributed import (
+        _mpiexec,  # the suite's launcher lookup (skips without MPI)
+    )
 
     (folder / "train.py").write_text(code, encoding="utf-8")
     run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "train.py"],

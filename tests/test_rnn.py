@@ -18,8 +18,9 @@ from helpers import (
 from oracles import RNNCase, central_differences, random_rnn_case
 
 import xlstm
-from xlstm import _compat, _engine
+from xlstm._lib import compat as _compat
 from xlstm.cells.rnn import RNN_RELU, RNN_TANH, RNNCell
+from xlstm.engine import loop as _engine
 
 #: numpy as the engine sees it (the array-API namespace of numpy arrays).
 NP = _compat.default_namespace()
@@ -336,7 +337,7 @@ def test_matches_torch_nn_rnn(cell, accel):
                          [(4, 7, 7, 4096), (3, 9, 5, 6), (1, 1, 1, 4096)])
 def test_accelerated_path_is_bit_identical(monkeypatch, cell, bha, dtype, m, T, T_da, chunk_rows):
     """The numba loops run the cell's own step (relu and sign included) with the same bits."""
-    from xlstm import _cpu
+    from xlstm.accel.cpu import loops as _cpu
 
     monkeypatch.setattr(_engine, "CHUNK_ROWS", chunk_rows)
     rng = np.random.default_rng(9)

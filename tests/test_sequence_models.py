@@ -10,7 +10,7 @@ from helpers import assert_close
 from oracles import central_differences
 
 import xlstm
-from xlstm import _compat
+from xlstm._lib import compat as _compat
 
 NP, CPU = _compat.load_backend("numpy")
 EXACT = {"xp": NP, "device": CPU, "rtol": 0, "atol": 0}

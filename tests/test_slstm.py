@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_close
 
 import xlstm
-from xlstm import _compat
+from xlstm._lib import compat as _compat
 
 NP, CPU = _compat.load_backend("numpy")
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 from helpers import assert_array, to_numpy
+from xlstm.train import FitResult, StepInfo, fit
 
 from xlstm import SGD, Adam, init_params, sequence_cross_entropy
-from xlstm._compat import default_namespace
-from xlstm.train import FitResult, StepInfo, fit
+from xlstm._lib.compat import default_namespace
 
 N_X, N_A, M, T = 3, 6, 4, 5
 NP = default_namespace()  # numpy through array-api-compat: device= works on numpy 1.26 too

@@ -7,9 +7,9 @@ import inspect
 import typing
 
 import pytest
+import xlstm.autodiff
 
 import xlstm
-import xlstm.autodiff
 
 
 def _public_callables():

@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from xlstm._compat import device_of, namespace, to_host
-from xlstm._tree import flatten, unflatten
+from xlstm._lib.compat import device_of, namespace, to_host
+from xlstm._lib.tree import flatten, unflatten
 
 
 class _Group:

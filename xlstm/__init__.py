@@ -4,20 +4,23 @@ The same call runs on numpy, CuPy, torch, JAX and array-api-strict arrays; resul
 inputs' namespace, dtype and device.
 """
 
-from . import autodiff
-from ._engine import accelerators
-from .activations import sigmoid, softmax
-from .interop import from_torch_lstm_weights, to_torch_lstm_weights
+import sys as _sys
+
+from . import models, notebook, training
+from .engine.loop import accelerators
 from .io import load_params, save_params
-from .mlstm import MLSTM
-from .models import GRU, LSTM, RNN, SLSTM, ModelCache
-from .losses import (
+from .models.mlstm import MLSTM
+from .models.recurrent import GRU, LSTM, RNN, SLSTM, ModelCache
+from .notebook import autodiff
+from .notebook.activations import sigmoid, softmax
+from .notebook.interop import from_torch_lstm_weights, to_torch_lstm_weights
+from .notebook.losses import (
     last_step_mse,
     last_step_predict,
     sequence_cross_entropy,
     softmax_cross_entropy,
 )
-from .lstm import (
+from .notebook.lstm import (
     LSTMCache,
     LSTMCaches,
     lstm_backward,
@@ -25,9 +28,8 @@ from .lstm import (
     lstm_cell_forward,
     lstm_forward,
 )
-from .optim import SGD, Adam, clip_by_global_norm, clip_by_value
-from .params import init_params
-from .rnn import (
+from .notebook.params import init_params
+from .notebook.rnn import (
     RNNCache,
     RNNCaches,
     rnn_backward,
@@ -35,9 +37,28 @@ from .rnn import (
     rnn_cell_forward,
     rnn_forward,
 )
-from .train import FitResult, StepInfo, fit
+from .training.fit import FitResult, StepInfo, fit
+from .training.optim import SGD, Adam, clip_by_global_norm, clip_by_value
 
 __version__ = "0.1.0"
+
+# The module paths of earlier versions keep working: ``import xlstm.lstm``, ``xlstm.train.fit``.
+_MOVED = {
+    "activations": notebook.activations,
+    "autodiff": notebook.autodiff,
+    "interop": notebook.interop,
+    "losses": notebook.losses,
+    "lstm": notebook.lstm,
+    "params": notebook.params,
+    "rnn": notebook.rnn,
+    "mlstm": models.mlstm,
+    "optim": training.optim,
+    "train": training.fit,
+}
+for _name, _module in _MOVED.items():
+    globals()[_name] = _module
+    _sys.modules[f"{__name__}.{_name}"] = _module
+del _name, _module
 
 __all__ = [
     # the notebook's API

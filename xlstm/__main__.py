@@ -22,9 +22,16 @@ import numpy as np
 
 import xlstm
 
-from . import _engine, _seed
-from ._compat import (BACKEND_MODULES, BACKENDS, COMPAT_VERSION, BackendUnavailable,
-                      load_backend, to_host)
+from ._lib.compat import (
+    BACKEND_MODULES,
+    BACKENDS,
+    COMPAT_VERSION,
+    BackendUnavailable,
+    load_backend,
+    to_host,
+)
+from .engine import loop as _engine
+from .notebook import seed as _seed
 
 #: What the [cpu] extra adds: the compiled time loops on numpy.
 CPU_EXTRA = "numba>=0.61"
@@ -228,7 +235,7 @@ def cmd_check(args):
 
 
 def _cpu_loops_status():
-    """Whether numpy arrays take the compiled loops of ``xlstm._cpu``, and why not."""
+    """Whether numpy arrays take the compiled loops of ``xlstm.accel.cpu.loops``, and why not."""
     if not _engine.accel_enabled():
         return "off (XLSTM_ACCEL=0)"
     cpu, why = _engine.cpu_loops_module()

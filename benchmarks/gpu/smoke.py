@@ -2,10 +2,14 @@
 through DLPack, and the array path) and JAX-GPU inputs against numpy float64; the MLSTM
 chunkwise form on CuPy; then per-step slopes (t(T=200) - t(T=100)) / 100 for xlstm and cuDNN.
 One line per check, FAIL on a miss."""
-import sys, time, traceback
+import sys
+import time
+import traceback
+
 import numpy as np
+
 import xlstm
-from xlstm import _cuda
+from xlstm.accel import cuda as _cuda
 
 BAD = []
 
@@ -61,7 +65,8 @@ def cupy_lstm():
 def torch_cuda_lstm():
     import array_api_compat
     import torch
-    from xlstm import _accel
+
+    from xlstm.accel import registry as _accel
     from xlstm.cells import CELLS
     tx = array_api_compat.array_namespace(torch.empty(0))
     loops = _accel.accelerated_loops(tx, torch.float32, CELLS["lstm"], device=torch.device("cuda", 0))

@@ -1,4 +1,4 @@
-"""The contract between the time loop (:mod:`xlstm._engine`) and a recurrent cell.
+"""The contract between the time loop (:mod:`xlstm.engine.loop`) and a recurrent cell.
 
 The engine runs every cell the same way. Time-major, batch in rows: a step's input is a row
 block ``x_t (m, n_x)``, a state is ``(m, n_a)``, and for a chunk of steps

@@ -35,7 +35,7 @@ gradients are named after their gate, as the LSTM's ``dot``)::
 
 from __future__ import annotations
 
-from ..params import _stacked_transpose
+from ..notebook.params import _stacked_transpose
 from .base import Cell
 
 __all__ = ["GRUCell", "GRU_CELL", "GATES", "TORCH_GATES"]

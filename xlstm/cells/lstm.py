@@ -16,7 +16,7 @@ candidate and ``TC = tanh(c)``.
 
 from __future__ import annotations
 
-from ..params import fused_backward_weights, fused_forward_weights, split_gates
+from ..notebook.params import fused_backward_weights, fused_forward_weights, split_gates
 from .base import Cell
 
 __all__ = ["LSTMCell", "LSTM_CELL", "GATES", "TORCH_GATES"]

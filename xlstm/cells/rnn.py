@@ -19,7 +19,7 @@ does the rest (``da_prev = Waa^T da_pre``, ``dxt = Wax^T da_pre``, ``dWax = da_p
 
 from __future__ import annotations
 
-from .._compat import c_contiguous
+from .._lib.compat import c_contiguous
 from .base import Cell
 
 __all__ = ["RNNCell", "RNN_TANH", "RNN_RELU", "NONLINEARITIES"]

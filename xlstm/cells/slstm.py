@@ -32,7 +32,7 @@ that ``sigmoid(o~) = 0.5 tanh(o~ / 2) + 0.5`` comes from the same ``tanh`` call 
 
 from __future__ import annotations
 
-from .._compat import device_of as _device
+from .._lib.compat import device_of as _device
 from .base import Cell
 
 __all__ = ["SLSTMCell", "SLSTMExpCell", "SLSTM_CELL", "SLSTM_EXP_CELL", "GATES", "FORGET_GATES"]

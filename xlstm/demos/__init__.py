@@ -50,8 +50,14 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from .._compat import BackendUnavailable, load_backend
-from ._cli import adding_parser, bidirectional_parser, cells_parser, charlm_parser, recall_parser
+from .._lib.compat import BackendUnavailable, load_backend
+from ._cli import (
+    adding_parser,
+    bidirectional_parser,
+    cells_parser,
+    charlm_parser,
+    recall_parser,
+)
 from ._run import ArgumentError
 from .adding_problem import adding, adding_data
 from .bidirectional import bidirectional, next_symbol_data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .._compat import BACKENDS
+from .._lib.compat import BACKENDS
 from ._run import folder_problem, input_problem, output_problem
 
 

@@ -8,8 +8,8 @@ import stat
 
 import numpy as np
 
-from .._compat import load_backend
-from ..losses import softmax_cross_entropy
+from .._lib.compat import load_backend
+from ..notebook.losses import softmax_cross_entropy
 
 
 def setup(backend, dtype):
@@ -256,8 +256,8 @@ def hidden_for(make, budget, step=2, most=1024):
 def cell_models():
     """The models that the demos compare, by cell name: ``(label, class, keyword
     arguments)``; the sLSTM and the mLSTM with 2 heads."""
-    from ..mlstm import MLSTM
-    from ..models import LSTM, SLSTM
+    from ..models.mlstm import MLSTM
+    from ..models.recurrent import LSTM, SLSTM
 
     return {"lstm": ("LSTM", LSTM, {}), "slstm": ("sLSTM", SLSTM, {"num_heads": 2}),
             "mlstm": ("mLSTM", MLSTM, {"num_heads": 2})}

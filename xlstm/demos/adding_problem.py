@@ -12,10 +12,10 @@ import os
 import numpy as np
 
 from ..io import save_params
-from ..losses import last_step_mse, last_step_predict
-from ..optim import Adam
-from ..params import init_params
-from ..train import fit
+from ..notebook.losses import last_step_mse, last_step_predict
+from ..notebook.params import init_params
+from ..training.fit import fit
+from ..training.optim import Adam
 from ._plot import curve_path, loss_curve
 from ._run import (
     check_counts,

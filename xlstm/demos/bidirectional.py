@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..models import LSTM
-from ..optim import Adam
-from ..train import fit
+from ..models.recurrent import LSTM
+from ..training.fit import fit
+from ..training.optim import Adam
 from ._plot import loss_curve
 from ._run import (
     check_counts,

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .._compat import device_of, namespace, to_host
+from .._lib.compat import device_of, namespace, to_host
 from ..io import save_params
-from ..losses import softmax_cross_entropy
-from ..mlstm import MLSTM
-from ..models import LSTM, SLSTM
-from ..optim import Adam
-from ..train import fit
+from ..models.mlstm import MLSTM
+from ..models.recurrent import LSTM, SLSTM
+from ..notebook.losses import softmax_cross_entropy
+from ..training.fit import fit
+from ..training.optim import Adam
 from ._plot import curve_path, eval_curves, loss_curve
 from ._run import (
     ArgumentError,
@@ -343,7 +343,7 @@ def charlm(
         A UTF-8 text file to learn; default the ``pydoc_data.topics`` documentation.
     backend : str, optional
         ``numpy`` (default), ``torch``, ``jax``, ``cupy``, ``strict``: see
-        :func:`xlstm._compat.load_backend`.
+        :func:`xlstm._lib.compat.load_backend`.
     dtype : {"float32", "float64"}, optional
         Default ``float32``.
     seed : int, optional

@@ -14,7 +14,7 @@ reductions over the stacked pre-activation gradients (the notebook's equations (
 and (21), for every cell).
 
 The array path runs the per-step functions through :func:`scan`. The accelerated loops
-(:func:`xlstm._accel.accelerated_loops`) run the same steps over preallocated stacks: on
+(:func:`xlstm.accel.registry.accelerated_loops`) run the same steps over preallocated stacks: on
 numpy the cell's own step with its point functions compiled by numba (bit-identical), on
 CuPy fused CUDA kernels, on JAX :func:`scan` as ``jax.lax.scan``. ``XLSTM_ACCEL=0`` or
 :func:`xlstm.accelerators` turns them off.
@@ -22,16 +22,16 @@ CuPy fused CUDA kernels, on JAX :func:`scan` as ``jax.lax.scan``. ``XLSTM_ACCEL=
 
 from __future__ import annotations
 
-from ._accel import (  # noqa: F401  (re-exported: the engine's view of the registry)
+from .._lib.compat import c_contiguous, copy, device_of, is_writeable
+from ..accel.registry import (  # noqa: F401  (re-exported: the engine's view of the registry)
     ScanLoops,
     accel_enabled,
     accelerated_loops,
     accelerators,
     cpu_loops_module,
 )
-from ._compat import c_contiguous, copy, device_of, is_writeable
-from .activations import _softmax
-from .cells.base import NO_OUT, array_ops
+from ..cells.base import NO_OUT, array_ops
+from ..notebook.activations import _softmax
 
 #: Rows (time steps x batch) per input-projection GEMM. Bounds the temporary ``Gx`` block
 #: so that memory beyond the outputs does not grow with ``T_x``.

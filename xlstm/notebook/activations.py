@@ -6,8 +6,8 @@ Derivatives are expressed through the outputs (``s * (1 - s)`` for the sigmoid,
 
 from __future__ import annotations
 
-from ._compat import namespace, on_input_device
-from ._typing import Array
+from .._lib.compat import namespace, on_input_device
+from .._lib.typing import Array
 
 __all__ = ["sigmoid", "softmax"]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import positive_int, seed_value
-from ._compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
-from ._typing import Array
+from .._lib.checks import positive_int, seed_value
+from .._lib.compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
+from .._lib.typing import Array
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
@@ -85,7 +85,7 @@ def require_keys(params, *, need_output=True):
 
 
 def param_arrays(params, *, need_output=True):
-    """The parameter arrays keyed for :func:`xlstm._compat.namespace` error messages."""
+    """The parameter arrays keyed for :func:`xlstm._lib.compat.namespace` error messages."""
     keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
     return {f"params['{k}']": params[k] for k in keys}
 

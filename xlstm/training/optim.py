@@ -39,9 +39,9 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
-from ._compat import device_of, namespace, on_input_device
-from ._tree import flatten, is_tree, same_structure, unflatten
-from ._typing import Array, Grads, Params
+from .._lib.compat import device_of, namespace, on_input_device
+from .._lib.tree import flatten, is_tree, same_structure, unflatten
+from .._lib.typing import Array, Grads, Params
 
 __all__ = ["SGD", "Adam", "clip_by_value", "clip_by_global_norm"]
 
@@ -136,7 +136,7 @@ def _step_count(state):
 
 def _on_trees_init(init):
     """Let ``init`` take a tree of parameters (a model's list of dicts): its buffers are
-    then keyed by each leaf's path (:mod:`xlstm._tree`)."""
+    then keyed by each leaf's path (:mod:`xlstm._lib.tree`)."""
 
     @functools.wraps(init)
     def wrapper(self, params):

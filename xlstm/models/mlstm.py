@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import device_of as _device
-from ._typing import Array
-from .models import ModelCache, _Model
+from .._lib.compat import device_of as _device
+from .._lib.typing import Array
+from .recurrent import ModelCache, _Model
 
 __all__ = ["FORMS", "MAX_PARALLEL_BYTES", "MLSTM", "recurrent_forward", "recurrent_backward",
            "parallel_forward", "parallel_backward", "chunkwise_forward", "chunkwise_backward",
@@ -471,7 +471,7 @@ def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
     each sequence's length, or is ``None``. Returns ``y (m, T, n_h)``, the final state and
     what :func:`layer_backward` needs (``None`` unless ``keep``). ``X`` must be zero past
     each sequence's end (the model zeroes it once for every layer): padding is never read."""
-    from ._compat import copy
+    from .._lib.compat import copy
 
     m, T, n_in = X.shape
     n_h = H * d_v
@@ -513,7 +513,7 @@ def _c_order(obj):
     order: a copied or pickled cache (which numpy writes in C order) then feeds the
     backward pass's products the same layouts, so that it gives the same bits (numpy 1.26
     rounded 5 of 30 elements of ``dx`` differently after a pickle round trip)."""
-    from ._compat import c_contiguous
+    from .._lib.compat import c_contiguous
 
     if isinstance(obj, (tuple, list)):
         return type(obj)(_c_order(v) for v in obj)
@@ -576,7 +576,7 @@ class _Blocks:
 
     def put(self, t0, y):
         """Block ``y (m, t1 - t0, n)`` of steps ``t0:t1``."""
-        from ._compat import is_writeable
+        from .._lib.compat import is_writeable
 
         if self.buf is None and y.shape[1] < self.T and is_writeable(self.like):
             self.buf = self.xp.empty((y.shape[0], self.T, y.shape[2]), dtype=y.dtype,
@@ -634,7 +634,7 @@ class MLSTM(_Model):
 
     def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, d_qk: int | None = None,
                  form: str = "auto", chunk: int = 64, **kwargs: Any) -> None:
-        from ._checks import positive_int
+        from .._lib.checks import positive_int
 
         n_h = positive_int("n_h", n_h)
         self.num_heads = positive_int("num_heads", num_heads)
@@ -736,7 +736,7 @@ class MLSTM(_Model):
                              return_cache=return_cache, opts={"form": form})
 
     def _layer_forward(self, index, inp, state0, layer, *, xp, keep, active, opts):
-        from . import _engine
+        from ..engine import loop as _engine
 
         X = xp.permute_dims(inp, (1, 2, 0))  # (m, T, n_in)
         m, T, _ = X.shape

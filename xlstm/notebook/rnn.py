@@ -14,7 +14,7 @@ and its backward pass, with ``da_next`` the gradient on ``a_next``,
 * ``dxt = Wax^T dtanh``, ``dWax = dtanh xt^T``, ``da_prev = Waa^T dtanh``,
   ``dWaa = dtanh a_prev^T``, ``dba = sum(dtanh, axis=1)``.
 
-Sequences run through the fused engine (:mod:`xlstm._engine`) with the cell
+Sequences run through the fused engine (:mod:`xlstm.engine.loop`) with the cell
 :data:`xlstm.cells.rnn.RNN_TANH`; the cell functions use the same pointwise code, so the two
 agree to floating-point rounding.
 """
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from . import _engine
-from ._checks import check_shape, require_mapping_keys
-from ._compat import copy, namespace, on_input_device
-from ._notebook import SequenceCaches, StepCaches, backward_fused, backward_per_step
-from ._typing import Array, Grads, Params
-from .cells.rnn import RNN_TANH
+from .._lib.checks import check_shape, require_mapping_keys
+from .._lib.compat import copy, namespace, on_input_device
+from .._lib.typing import Array, Grads, Params
+from ..cells.rnn import RNN_TANH
+from ..engine import loop as _engine
+from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
 
 __all__ = [
     "RNNCache",

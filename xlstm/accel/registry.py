@@ -1,11 +1,11 @@
 """Which compiled loops run a call: the registry of accelerators and the switch.
 
-The engine (:mod:`xlstm._engine`) asks :func:`accelerated_loops` for the loops of a
+The engine (:mod:`xlstm.engine.loop`) asks :func:`accelerated_loops` for the loops of a
 namespace, dtype and cell, and imports no accelerator itself. The accelerators are
 
-* on numpy, the buffered loops of :mod:`xlstm._cpu` (with numba installed): the cell's own
+* on numpy, the buffered loops of :mod:`xlstm.accel.cpu.loops` (with numba installed): the cell's own
   step, its point functions compiled, bit-identical to the array path;
-* on CuPy, the fused CUDA kernels of :mod:`xlstm._cuda`, for the cells they have kernels for;
+* on CuPy, the fused CUDA kernels of :mod:`xlstm.accel.cuda`, for the cells they have kernels for;
 * on torch tensors on a CUDA device, the same fused CUDA kernels through DLPack
   (:class:`DLPackLoops`): every buffer is handed to CuPy as a view of the tensor's own
   memory (no copy), and the kernels run on torch's current stream;
@@ -18,8 +18,8 @@ namespace, dtype and cell, and imports no accelerator itself. The accelerators a
 A loops object other than :class:`ScanLoops` has ``supports(cell)``, ``forward(cell, Gx, WaT,
 ba, bufs, t0, active=None)``, ``backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa,
 active=None)`` and ``masks``, whether it runs padded batches (a non-``None`` ``active``;
-otherwise the engine runs them on the array path); see :func:`xlstm._engine.forward` and
-:func:`xlstm._engine.backward` for what they receive.
+otherwise the engine runs them on the array path); see :func:`xlstm.engine.loop.forward` and
+:func:`xlstm.engine.loop.backward` for what they receive.
 
 ``XLSTM_ACCEL=0`` turns them all off; :func:`accelerators` does so (or the opposite) for a
 ``with`` block and beats the environment. :func:`accel_enabled` is the one reader of both.
@@ -36,13 +36,13 @@ import os
 import warnings
 from collections.abc import Iterator
 
-from ._compat import is_cupy, is_jax, is_numpy, is_torch
+from .._lib.compat import is_cupy, is_jax, is_numpy, is_torch
 
 __all__ = ["accel_enabled", "accelerators", "accelerated_loops", "cpu_loops_module",
            "DLPackLoops", "ScanLoops", "BACKENDS"]
 
 #: Accelerator modules by backend; each has ``loops(dtype)``. Imported on first use only.
-BACKENDS = {"numpy": "xlstm._cpu", "cupy": "xlstm._cuda"}
+BACKENDS = {"numpy": "xlstm.accel.cpu.loops", "cupy": "xlstm.accel.cuda"}
 
 #: The innermost :func:`accelerators` switch of this thread or task (None: no switch).
 _ACCEL_SWITCH: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
@@ -90,7 +90,7 @@ def accelerators(enabled: bool) -> Iterator[None]:
 
 @functools.cache
 def cpu_loops_module():
-    """``(module, reason)``: :mod:`xlstm._cpu` where numba loads, else ``None`` and why not.
+    """``(module, reason)``: :mod:`xlstm.accel.cpu.loops` where numba loads, else ``None`` and why not.
 
     A numba that is missing, or that was built for another numpy (it refuses to import),
     leaves numpy on the array path, with the same results, rather than failing the call;
@@ -141,7 +141,7 @@ class ScanLoops:
 
     @staticmethod
     def scan(step, static, consts, carry, xs, *, reverse=False):
-        """:func:`xlstm._engine.scan` with the same arguments, run by ``jax.lax.scan``."""
+        """:func:`xlstm.engine.loop.scan` with the same arguments, run by ``jax.lax.scan``."""
         return _jax_scan(step, static, reverse)(tuple(consts), tuple(carry), tuple(xs))
 
 
@@ -180,14 +180,14 @@ class DLPackLoops:
         return self._to_inner(arr.detach() if getattr(arr, "requires_grad", False) else arr)
 
     def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
-        """:meth:`xlstm._cuda.Loops.forward` on views of the same buffers."""
+        """:meth:`xlstm.accel.cuda.Loops.forward` on views of the same buffers."""
         c = self.to_inner
         with self.scope():
             self.inner.forward(cell, c(Gx), c(WaT), c(ba), {k: c(v) for k, v in bufs.items()},
                                t0, c(active))
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
-        """:meth:`xlstm._cuda.Loops.backward` on views of the same buffers; the gradients on
+        """:meth:`xlstm.accel.cuda.Loops.backward` on views of the same buffers; the gradients on
         the initial state come back as the engine's arrays."""
         c = self.to_inner
         with self.scope():
@@ -228,8 +228,8 @@ def accelerated_loops(xp, dtype, cell=None, device=None):
     """The compiled time loops for namespace ``xp``, ``dtype``, ``cell`` and the arrays'
     ``device``, or ``None``.
 
-    On numpy with numba installed, :mod:`xlstm._cpu` (bit-identical to the array path); on
-    CuPy, the fused CUDA kernels of :mod:`xlstm._cuda` (the same arithmetic, from the
+    On numpy with numba installed, :mod:`xlstm.accel.cpu.loops` (bit-identical to the array path); on
+    CuPy, the fused CUDA kernels of :mod:`xlstm.accel.cuda` (the same arithmetic, from the
     ``.cuh`` source that the tests also run on the CPU), for the cells they cover; on torch
     tensors whose ``device`` is a CUDA device, the same kernels through DLPack
     (:class:`DLPackLoops`) where CuPy is installed. Only for float32 and float64. On JAX

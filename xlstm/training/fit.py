@@ -4,7 +4,7 @@
 otherwise write by hand::
 
     from xlstm import Adam, init_params, sequence_cross_entropy
-    from xlstm.train import fit
+    from xlstm.training.fit import fit
 
     def loss_fn(params, batch):
         x, labels = batch
@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable, Sized
 from numbers import Real
 from typing import Any, NamedTuple
 
-from ._checks import positive_int
-from ._tree import flatten, is_tree
-from ._typing import Grads, Params
+from .._lib.checks import positive_int
+from .._lib.tree import flatten, is_tree
+from .._lib.typing import Grads, Params
 from .optim import clip_by_global_norm, clip_by_value
 
 __all__ = ["fit", "FitResult", "StepInfo"]
@@ -337,7 +337,7 @@ def fit(
         raise ValueError("checkpoint_every needs checkpoint= (where to write)")
     agree = None
     if comm is not None:
-        from .distributed import Agreement, Comm
+        from ..distributed import Agreement, Comm
 
         if not isinstance(comm, Comm):
             raise TypeError("comm must be a communicator (xlstm.distributed.MPIComm, "
@@ -561,7 +561,7 @@ def _check_finite(grads, norm, step, epoch):
     one reduction over all gradients is read back. Only when that says a gradient is not
     finite are the gradients looked at one by one, for the message.
     """
-    from ._compat import namespace
+    from .._lib.compat import namespace
 
     flat = flatten(grads, "grads") if is_tree(grads) else grads
     if not flat:
@@ -661,7 +661,7 @@ def _split_state(state):
 
 
 def _save(path, params, state, done, position):
-    from .io import save_checkpoint
+    from ..io import save_checkpoint
 
     arrays, counts = _split_state(state)
     tree = {"params": params} if arrays is None else {"params": params, "opt_state": arrays}
@@ -673,9 +673,9 @@ def _save(path, params, state, done, position):
 def _resume(path, params, state, lead, agree):
     """The checkpoint's parameters, optimizer state, steps and position, read on the rank
     that leads (the others get them from it by broadcast)."""
-    from ._compat import device_of, namespace
-    from ._tree import flatten, same_structure
-    from .io import load_checkpoint
+    from .._lib.compat import device_of, namespace
+    from .._lib.tree import flatten, same_structure
+    from ..io import load_checkpoint
 
     done, position, failed = 0, (0, 0), None
     if lead:

@@ -37,10 +37,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._checks import positive_int
-from ._compat import device_scope, namespace, namespace_of_module, resolve_dtype, to_host
-from ._typing import Array, Params
-from .cells.lstm import LSTM_CELL
+from .._lib.checks import positive_int
+from .._lib.compat import (
+    device_scope,
+    namespace,
+    namespace_of_module,
+    resolve_dtype,
+    to_host,
+)
+from .._lib.typing import Array, Params
+from ..cells.lstm import LSTM_CELL
 from .params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["to_torch_lstm_weights", "from_torch_lstm_weights"]

@@ -7,7 +7,7 @@ hand-written backpropagation through time, instead of by differentiating the for
 pass operation by operation::
 
     import jax
-    from xlstm.autodiff import lstm
+    from xlstm.notebook.autodiff import lstm
 
     def loss(params, x, a0):
         a = lstm(x, a0, params)          # (n_a, m, T_x)
@@ -23,8 +23,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Optional
 
-from .cells.lstm import LSTM_CELL
-from ._compat import device_of, is_jax, is_torch, namespace
+from .._lib.compat import device_of, is_jax, is_torch, namespace
+from ..cells.lstm import LSTM_CELL
 from .lstm import LSTMCaches, lstm_backward, lstm_forward
 from .params import PARAM_KEYS, param_arrays, require_keys
 

@@ -1,6 +1,6 @@
 """numpy's own compiled routines, callable from numba-compiled code.
 
-The compiled whole-time loops of :mod:`xlstm._cpu` run a cell's recorded step inside one
+The compiled whole-time loops of :mod:`xlstm.accel.cpu.loops` run a cell's recorded step inside one
 numba function, so that no Python runs between steps. To give the array path's numbers bit
 for bit they must make numpy's own calls, not equivalents:
 
@@ -126,7 +126,7 @@ def _entry_loads(index) -> bool:
 
     import numba
 
-    from .io import _open_regular  # a FIFO or a device in its place is not waited on
+    from ...io import _open_regular  # a FIFO or a device in its place is not waited on
 
     folder = os.path.dirname(index)
     try:
@@ -327,7 +327,7 @@ def blas(dtype):
     cases = [(a, b), (r(9, 7).T, b), (a, r(11, 9).T), (v, b), (v, r(11, 9).T), (a, r(9, 1)),
              (r(9, 7).T, r(1, 9).T)]
     # A failure to compile or load matmul propagates: the loops' guard falls back, heals
-    # numba's cache and tries again on the next call (xlstm._cpu.Loops._guarded).
+    # numba's cache and tries again on the next call (xlstm.accel.cpu.loops.Loops._guarded).
     for x, y in cases:
         for out in (np.empty((x.shape[0], y.shape[1]), dtype),
                     np.empty((y.shape[1], x.shape[0]), dtype).T):

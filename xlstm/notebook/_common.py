@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import _engine
-from ._checks import check_da
-from ._compat import device_of, namespace
+from .._lib.checks import check_da
+from .._lib.compat import device_of, namespace
+from ..engine import loop as _engine
 
 
 class StepCaches(Sequence):

@@ -2,7 +2,7 @@
 
 A model holds its parameters as a list with one dict per (layer, direction), indexed
 ``layer * D + direction`` like torch's ``h_n`` (``D`` is 2 when bidirectional), and runs
-them with the engine of :mod:`xlstm._engine`. ``forward`` returns the outputs, the final
+them with the engine of :mod:`xlstm.engine.loop`. ``forward`` returns the outputs, the final
 state and a cache; ``backward`` takes the gradient on the outputs (and optionally on the
 final state) and returns the gradients on the input, on the initial state and on every
 parameter, the last in exactly the structure of ``params``.
@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _engine
-from ._checks import positive_int, seed_value
-from ._compat import (
+from .._lib.checks import positive_int, seed_value
+from .._lib.compat import (
     copy,
     device_of,
     device_scope,
@@ -46,12 +45,13 @@ from ._compat import (
     on_input_device,
     resolve_dtype,
 )
-from ._typing import Array
-from .cells.base import Cell
-from .cells.gru import GRU_CELL
-from .cells.lstm import LSTM_CELL
-from .cells.rnn import RNN_RELU, RNN_TANH
-from .cells.slstm import FORGET_GATES, SLSTM_CELL, SLSTM_EXP_CELL
+from .._lib.typing import Array
+from ..cells.base import Cell
+from ..cells.gru import GRU_CELL
+from ..cells.lstm import LSTM_CELL
+from ..cells.rnn import RNN_RELU, RNN_TANH
+from ..cells.slstm import FORGET_GATES, SLSTM_CELL, SLSTM_EXP_CELL
+from ..engine import loop as _engine
 
 __all__ = ["LSTM", "GRU", "RNN", "SLSTM", "ModelCache"]
 
@@ -603,7 +603,7 @@ class _Model:
             ``num_layers``, ``bidirectional``, ``dropout``, and ``batch_first`` as
             ``layout="batch_first"``.
         """
-        from .interop import model_from_torch
+        from ..notebook.interop import model_from_torch
 
         return model_from_torch(cls, module, xp=xp, dtype=dtype, device=device)
 
@@ -623,7 +623,7 @@ class _Model:
         """The ``torch.nn`` module of the same kind with this model's weights and
         configuration (``dropout``; ``batch_first=True`` for ``layout="batch_first"``), on
         the CPU, float64 for float64 parameters, else float32."""
-        from .interop import model_to_torch
+        from ..notebook.interop import model_to_torch
 
         return model_to_torch(self)
 

@@ -1,6 +1,6 @@
 """Fused CUDA kernels for the time loops on CuPy, for every cell.
 
-:func:`xlstm._engine.accelerated_loops` returns this module's :class:`Loops` when the arrays
+:func:`xlstm.engine.loop.accelerated_loops` returns this module's :class:`Loops` when the arrays
 are CuPy's (float32 or float64) and ``XLSTM_ACCEL`` is not ``"0"``. They run the engine's
 time loops over its preallocated stacks, for any cell with kernels in the table: a forward
 step is one cuBLAS GEMM (``ga = a_prev @ WaT``) and one kernel launch that adds the input
@@ -12,14 +12,14 @@ recurrent terms (and updates the other states' gradients in place), then one GEM
 kernel and added by the next step's kernel before anything else, as the engine adds it to
 ``da_rec``; the last one once after the loop. A padded batch (``lengths``) runs the same
 way on each kernel's padded-batch variant, generated from the table
-(:func:`xlstm._cuda.kernels.masked`): a flag per row and step, with the array path's
+(:func:`xlstm.accel.cuda.kernels.masked`): a flag per row and step, with the array path's
 semantics where it is false. The array path needs ~15 launches per step, a
 stacking copy of every output, and in backward precomputed coefficients for every step;
 none of that remains.
 
 Source. The arithmetic is written once per cell, in a header (``lstm_pointwise.cuh``,
 ``gru_pointwise.cuh``, ``rnn_pointwise.cuh``), as templated host and device element
-functions. Each kernel is declared once, in the table of :mod:`xlstm._cuda.kernels` (cell,
+functions. Each kernel is declared once, in the table of :mod:`xlstm.accel.cuda.kernels` (cell,
 step, element function, arguments in order with their widths, which are written, which may
 alias an input, and which of the engine's buffers each one is); the ``extern "C"`` kernels for
 float32 and float64, one thread per ``(row, unit)`` element of the ``(m, n_a)`` grid in
@@ -40,7 +40,7 @@ to the rounding of ``tanh``. The kernels are memory bound, so this costs nothing
 measurable.
 
 Layout. A kernel takes each of the engine's stacks whole, C-contiguous, with its length and
-base, and works on one step's slice of each (:func:`xlstm._cuda.kernels.step_params`); the
+base, and works on one step's slice of each (:func:`xlstm.accel.cuda.kernels.step_params`); the
 upstream gradient, which may have any strides, is made contiguous once per backward call.
 The loops know no cell: they pass each kernel argument the buffer its table row names
 (:func:`_plan`). A per-step loop builds its launch's arguments once and then passes only
@@ -101,7 +101,7 @@ _devices = {}  # device id -> (multiprocessors, shared memory per block, opt-in)
 def source(cell: str = "lstm") -> str:
     """The CUDA source of ``cell``'s kernels with its header inlined: what NVRTC compiles.
 
-    Generated from the table of :mod:`xlstm._cuda.kernels`.
+    Generated from the table of :mod:`xlstm.accel.cuda.kernels`.
     """
     return _table.source(cell)
 
@@ -161,7 +161,7 @@ def _prepared(args):
 def _launch(cell, step, name, total, args):
     """The launches of ``cell``'s per-step kernel ``step`` (``"fwd"`` or ``"bwd"``, or its
     padded-batch variant) for ``name``'s dtype over ``total`` threads, with ``args`` the
-    parameters of :func:`xlstm._cuda.kernels.step_params` less ``step``: ``(m, n, array,
+    parameters of :func:`xlstm.accel.cuda.kernels.step_params` less ``step``: ``(m, n, array,
     len, base, ...)``, every array alive while ``run`` is. Returns ``run(step)``, which
     launches step ``step``.
 
@@ -225,7 +225,7 @@ GRID_REDUCED = "The grid size will be reduced"
 def _launch_persistent(cell, step, name, grid, block, shared, args):
     """Launch ``cell``'s persistent kernel ``step`` for ``name``'s dtype: ``grid`` blocks of
     ``block`` threads with ``shared`` bytes of dynamic shared memory, ``args`` in the order of
-    :func:`xlstm._cuda.kernels.persistent_params` (sizes as numpy int64).
+    :func:`xlstm.accel.cuda.kernels.persistent_params` (sizes as numpy int64).
 
     Raises ``RuntimeError`` instead of launching a smaller grid where CuPy would shrink it
     (:data:`GRID_REDUCED`); :meth:`Loops.persistent_plan` checks the occupancy first, so
@@ -242,7 +242,7 @@ def _launch_persistent(cell, step, name, grid, block, shared, args):
             raise RuntimeError(
                 f"{cell} {step}: the persistent kernel's grid of {grid} blocks of {block} "
                 f"threads with {shared} bytes of shared memory is not resident on this device "
-                f"({exc}); run this loop step by step (xlstm._cuda.Loops.persistent = False)"
+                f"({exc}); run this loop step by step (xlstm.accel.cuda.Loops.persistent = False)"
             ) from None
 
 
@@ -357,7 +357,7 @@ def persistent_plan(n: int, gates: int, m: int, itemsize: int, multiprocessors: 
 
 #: The rule by which :class:`Loops` choose the persistent kernels (desk estimates; see
 #: :class:`PersistentRule`). A benchmark that measures the crossover replaces it, e.g.
-#: ``xlstm._cuda.PERSISTENT_RULE = PERSISTENT_RULE._replace(per_step_us=12.0)``.
+#: ``xlstm.accel.cuda.PERSISTENT_RULE = PERSISTENT_RULE._replace(per_step_us=12.0)``.
 PERSISTENT_RULE = PersistentRule()
 
 #: A rule that takes every plan that fits and is resident, whatever its cost: for the tests
@@ -367,7 +367,7 @@ PERSISTENT_WHERE_IT_FITS = PersistentRule(max_rows=2**62, per_step_us=float("inf
 
 def _plan(k, sources):
     """Row ``k``'s arrays from the step's ``sources`` (source name -> ``(array, index)``,
-    see :mod:`xlstm._cuda.kernels`): ``(array, index)`` per argument, in order."""
+    see :mod:`xlstm.accel.cuda.kernels`): ``(array, index)`` per argument, in order."""
     try:
         return [sources[a.src] for a in k.args]
     except KeyError as exc:
@@ -387,7 +387,7 @@ def _stacks(plan, bases):
 
 class Loops:
     """The forward and backward time loops for one float dtype, over CuPy arrays, for every
-    cell with rows in :data:`xlstm._cuda.kernels.TABLE`.
+    cell with rows in :data:`xlstm.accel.cuda.kernels.TABLE`.
 
     The loops know no cell: per step they make the recurrent GEMM and launch the cell's
     kernel with the engine's buffers that its row names (each argument's source).
@@ -400,11 +400,11 @@ class Loops:
     for the tests: with ``mod=numpy`` and launches that call a host build of the kernels,
     the same loops run on the CPU. ``launch(cell, step, dtype_name, total, args)``
     prepares the launches of kernel ``(cell, step)`` of the table over ``total`` elements,
-    with ``args`` the parameters of :func:`xlstm._cuda.kernels.step_params` less the step
+    with ``args`` the parameters of :func:`xlstm.accel.cuda.kernels.step_params` less the step
     (``m``, ``n``, then ``array, len, base`` per argument), and returns ``run(step)``, which
     launches one step. ``persistent_launch(cell, step,
     dtype_name, grid, block, shared, args)`` runs its persistent kernel with the arguments
-    of :func:`xlstm._cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors,
+    of :func:`xlstm.accel.cuda.kernels.persistent_params`. ``device`` is ``(multiprocessors,
     shared memory per block)`` (default: the current CuPy device's), ``occupancy(cell, step,
     dtype_name, block, shared)`` the blocks of a persistent kernel that one multiprocessor
     holds at once (default: the driver's answer for the current CuPy device), ``block`` the
@@ -414,7 +414,7 @@ class Loops:
     #: How reports and the benchmark name this accelerator.
     label = "fused CUDA kernels"
     #: Padded batches (the engine's ``active``) run here too, on each row's padded-batch
-    #: variant (:func:`xlstm._cuda.kernels.masked`).
+    #: variant (:func:`xlstm.accel.cuda.kernels.masked`).
     masks = True
     #: Whether whole loops run as one persistent launch where they fit and pay.
     persistent = True
@@ -505,7 +505,7 @@ class Loops:
 
     def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``
-        (see :meth:`xlstm._cpu.Loops.forward`): one launch of the row's persistent kernel
+        (see :meth:`xlstm.accel.cpu.loops.Loops.forward`): one launch of the row's persistent kernel
         where :meth:`persistent_plan` has a plan, otherwise per step the GEMM
         ``ga = a_prev @ WaT``, then one launch of the cell's forward kernel.
 
@@ -552,7 +552,7 @@ class Loops:
 
     def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
-        the initial state (see :meth:`xlstm._cpu.Loops.backward`): one launch of the row's
+        the initial state (see :meth:`xlstm.accel.cpu.loops.Loops.backward`): one launch of the row's
         persistent kernel where :meth:`persistent_plan` has a plan, otherwise per step one
         launch of the cell's backward kernel, then the GEMM ``da_rec = dga @ Wa``.
 
@@ -563,7 +563,7 @@ class Loops:
         of the step after it to ``da_rec`` first; the last one is added after the loop.
         ``active`` is the forward pass's: a padded row has no gate gradients and passes its
         state's gradients through, the hidden state's in a buffer ``hold`` that the next
-        step adds to ``da_rec`` (:func:`xlstm._cuda.kernels.masked`).
+        step adds to ``da_rec`` (:func:`xlstm.accel.cuda.kernels.masked`).
         """
         k = self._row(cell, "bwd" if active is None else "bwd_masked")
         T, m, _ = dGx.shape

@@ -44,10 +44,10 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from ._compat import device_scope, namespace, namespace_of_module, to_host
-from ._tree import flatten, is_tree, unflatten
-from ._typing import Array, Params
-from .params import PARAM_KEYS, check_params, param_arrays
+from .._lib.compat import device_scope, namespace, namespace_of_module, to_host
+from .._lib.tree import flatten, is_tree, unflatten
+from .._lib.typing import Array, Params
+from ..notebook.params import PARAM_KEYS, check_params, param_arrays
 
 __all__ = ["save_params", "load_params", "save_checkpoint", "load_checkpoint", "FORMAT_NAME",
            "FORMAT_VERSION", "MAX_LOAD_BYTES"]
@@ -247,7 +247,7 @@ def _save(path, params, counters):
 
 
 def _spell(path):
-    """A tree path as Python spells the indexing, as :func:`xlstm._tree.flatten` keys it."""
+    """A tree path as Python spells the indexing, as :func:`xlstm._lib.tree.flatten` keys it."""
     return "".join(f"[{c!r}]" for c in path)
 
 

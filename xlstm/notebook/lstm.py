@@ -5,7 +5,7 @@ Shapes follow the notebook (``n_x`` inputs, ``n_a`` hidden units, ``n_y`` classe
 examples, ``T_x`` steps): a step's arrays are ``(features, m)``, a sequence's are
 ``(features, m, T_x)``. Equation numbers (1)-(21) are the notebook's.
 
-Sequences run through the fused engine (:mod:`xlstm._engine`); the cell functions use the
+Sequences run through the fused engine (:mod:`xlstm.engine.loop`); the cell functions use the
 same pointwise code, so the two agree to floating-point rounding.
 """
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from . import _engine
-from ._checks import check_shape as _check_shape
-from ._compat import copy, namespace, on_input_device
-from ._notebook import SequenceCaches, StepCaches, backward_fused, backward_per_step
-from ._typing import Array, Grads, Params
-from .cells.lstm import LSTM_CELL
+from .._lib.checks import check_shape as _check_shape
+from .._lib.compat import copy, namespace, on_input_device
+from .._lib.typing import Array, Grads, Params
+from ..cells.lstm import LSTM_CELL
+from ..engine import loop as _engine
+from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
 from .params import check_params, param_arrays, require_keys
 
 #: The output layer's keys in the notebook's parameter dict.
@@ -75,7 +75,7 @@ _OPTIONAL = ("c0", "mask")
 def _resolve(params, need_output=True, kinds=None, **arrays):
     """Check params' keys, then namespace/dtype/device of everything, then params' shapes.
 
-    ``kinds`` passes through to :func:`xlstm._compat.namespace` (non-floating arguments).
+    ``kinds`` passes through to :func:`xlstm._lib.compat.namespace` (non-floating arguments).
     Of ``arrays``, only those named in :data:`_OPTIONAL` may be ``None``.
     """
     require_keys(params, need_output=need_output)

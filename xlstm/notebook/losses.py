@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from ._compat import device_of, is_concrete, namespace, on_input_device
-from ._typing import Array, Grads, Params
+from .._lib.compat import device_of, is_concrete, namespace, on_input_device
+from .._lib.typing import Array, Grads, Params
 from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "softmax_cross_entropy", "last_step_mse",

@@ -34,8 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._compat import namespace, to_host
-from ._tree import flatten, unflatten
+from .._lib.compat import namespace, to_host
+from .._lib.tree import flatten, unflatten
 
 __all__ = ["Comm", "MPIComm", "NCCLComm", "RankError", "shard", "predict"]
 
@@ -157,7 +157,7 @@ def _host_buffer(parts):
 def _host_back(flat, shape, like, xp):
     """``flat`` (numpy, its own memory) as an array of ``like``'s namespace, dtype, shape
     and device."""
-    from ._compat import device_of, device_scope
+    from .._lib.compat import device_of, device_scope
 
     dev = device_of(like)
     with device_scope(xp=xp, device=dev):
@@ -196,7 +196,7 @@ class MPIComm(_BufferComm):
         self.cuda_aware = bool(cuda_aware)
 
     def _device_buffers(self, xp):
-        from ._compat import is_cupy
+        from .._lib.compat import is_cupy
 
         return self.cuda_aware and is_cupy(xp)
 
@@ -261,7 +261,7 @@ class NCCLComm(_BufferComm):
 
     def __init__(self, n_devices: int, rank: int, *, host: str | None = None,
                  port: int | None = None, timeout: float = 300.0, backend: Any = None) -> None:
-        from ._checks import positive_int
+        from .._lib.checks import positive_int
 
         self.size = positive_int("n_devices", n_devices)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.size:
@@ -281,7 +281,7 @@ class NCCLComm(_BufferComm):
         return cupy.concatenate([cupy.reshape(cupy.asarray(p), (-1,)) for p in parts])
 
     def _back(self, flat, shape, like, xp):
-        from ._compat import is_cupy
+        from .._lib.compat import is_cupy
 
         if is_cupy(xp):
             return xp.reshape(flat, shape)

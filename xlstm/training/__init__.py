@@ -1,0 +1,1 @@
+"""Training: optimisers and clipping (``optim``) and the training loop (``fit``)."""
