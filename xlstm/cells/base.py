@@ -37,7 +37,9 @@ from collections import namedtuple
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT", "cell_named"]
+from .._lib.compat import c_contiguous
+
+__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT", "cell_named", "stacked_transpose"]
 
 
 def cell_named(name: str) -> Cell:
@@ -308,3 +310,15 @@ class Cell:
         ``coeffs`` is ``None`` for a cell with :attr:`inline_coeffs`.
         """
         raise NotImplementedError
+
+
+def stacked_transpose(blocks, *, xp):
+    """``[B_o; B_f; B_i; B_c]^T``: the transpose of one fresh ``(4 n_a, n_a + n_x)`` stack.
+
+    The stack is C-ordered on numpy and CuPy whatever the blocks' order, so the products
+    that read its transposed blocks ``Wa^T`` and ``Wx^T`` see one layout, and round the
+    same, for C- and Fortran-ordered parameters alike. The products read ``Wa`` and ``Wx``
+    as transposed operands, which BLAS runs faster than a C-ordered ``Wa^T`` (the
+    performance page has the figures).
+    """
+    return xp.matrix_transpose(c_contiguous(xp.concat(blocks, axis=0)))

@@ -35,8 +35,7 @@ gradients are named after their gate, as the LSTM's ``dot``)::
 
 from __future__ import annotations
 
-from ..notebook.params import _stacked_transpose
-from .base import Cell
+from .base import Cell, stacked_transpose
 
 __all__ = ["GRUCell", "GRU_CELL", "GATES", "TORCH_GATES"]
 
@@ -129,14 +128,14 @@ class GRUCell(Cell):
         return (*(k for g in GATES for k in ("W" + g, "b" + g)), *self.hidden_bias_keys)
 
     def fuse_forward(self, params, n_a, *, xp):
-        WT = _stacked_transpose([0.5 * params["Wr"], 0.5 * params["Wz"], params["Wn"]], xp=xp)
+        WT = stacked_transpose([0.5 * params["Wr"], 0.5 * params["Wz"], params["Wn"]], xp=xp)
         bx = xp.concat([0.5 * params["br"], 0.5 * params["bz"], params["bn"]])
         ba = xp.concat([0.5 * params["bhr"], 0.5 * params["bhz"], params["bhn"]])
         width = (1, 3 * n_a)
         return WT[n_a:, :], xp.reshape(bx, width), WT[:n_a, :], xp.reshape(ba, width)
 
     def fuse_backward(self, params, n_a, *, xp):
-        WT = _stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
+        WT = stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
         return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
 
     def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):

@@ -16,8 +16,7 @@ candidate and ``TC = tanh(c)``.
 
 from __future__ import annotations
 
-from ..notebook.params import fused_backward_weights, fused_forward_weights, split_gates
-from .base import Cell
+from .base import Cell, stacked_transpose
 
 __all__ = ["LSTMCell", "LSTM_CELL", "GATES", "TORCH_GATES"]
 
@@ -25,6 +24,41 @@ __all__ = ["LSTMCell", "LSTM_CELL", "GATES", "TORCH_GATES"]
 GATES = ("o", "f", "i", "c")
 #: Torch's row order of the same gates (``g`` is the candidate ``c``).
 TORCH_GATES = ("i", "f", "c", "o")
+
+
+# ---------------------------------------------------------------- fused weights
+def fused_forward_weights(params, n_a, *, xp):
+    """Stacked weights for the forward pass: ``(WaT, WxT, b)``.
+
+    ``WaT`` is ``(n_a, 4 n_a)``, ``WxT`` is ``(n_x, 4 n_a)`` and ``b`` is ``(1, 4 n_a)``, in
+    gate order (o, f, i, c). The sigmoid-gate rows are pre-multiplied by 0.5, so that one
+    ``tanh`` over all four gates yields ``tanh(z/2)`` for the sigmoid gates
+    (``sigmoid(z) = 0.5 tanh(z/2) + 0.5``) and ``tanh(z)`` for the candidate. Scaling by a
+    power of two is exact in binary floating point, so this is bit-for-bit the same as
+    halving the pre-activation afterwards.
+    """
+    WT = stacked_transpose(
+        [0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]], xp=xp
+    )
+    b = xp.concat([0.5 * params["bo"], 0.5 * params["bf"], 0.5 * params["bi"], params["bc"]])
+    return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, 4 * n_a))
+
+
+def fused_backward_weights(params, n_a, *, xp):
+    """Unscaled stacked weights ``(WaT, Wx)``: ``(n_a, 4 n_a)`` and ``(4 n_a, n_x)``.
+
+    The recurrent gradient of a step is computed as ``WaT @ dg^T`` (then transposed): BLAS
+    runs that orientation of the small per-step product faster than ``dg @ Wa`` (the
+    performance page has the figures).
+    """
+    WT = stacked_transpose([params["W" + g] for g in GATES], xp=xp)
+    return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
+
+
+def split_gates(stacked, *, prefix):
+    """Split a ``(4 n_a, k)`` array in gate order (o, f, i, c) into the notebook's per-gate keys."""
+    n_a = stacked.shape[0] // 4
+    return {f"{prefix}{g}": stacked[j * n_a : (j + 1) * n_a, :] for j, g in enumerate(GATES)}
 
 
 # ---------------------------------------------------------------- point functions

@@ -31,7 +31,6 @@ from ..accel.registry import (  # noqa: F401  (re-exported: the engine's view of
     cpu_loops_module,
 )
 from ..cells.base import NO_OUT, array_ops
-from ..notebook.activations import _softmax
 
 #: Rows (time steps x batch) per input-projection GEMM. Bounds the temporary ``Gx`` block
 #: so that memory beyond the outputs does not grow with ``T_x``.
@@ -165,8 +164,9 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     """Run ``cell`` over ``x`` (seed layout ``(n_x, m, T)``).
 
     ``state0`` holds one ``(n_a, m)`` array or ``None`` (zeros) per state of the cell;
-    ``head``, if given, names the output layer's keys ``(W, b)`` in ``params``: the step's
-    prediction ``softmax(W a + b)``. ``collect`` names the states whose every step is
+    ``head``, if given, is the output layer: ``head(params, a, xp=xp)`` maps a block of
+    hidden states ``(k, m, n_a)`` to its predictions ``(k, m, n_y)``, and ``head.keys`` names
+    the parameters it reads. ``collect`` names the states whose every step is
     returned (default all; the hidden state always). Returns ``(stacks, finals, Y,
     state)``: the collected state stacks by name, ``(T+1, m, n_a)`` with the initial state
     at index 0; the final states by name, ``(m, n_a)``; ``Y`` of shape ``(T, m, n_y)``
@@ -181,7 +181,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     if keep:
         # What the backward pass reads is fixed now: a later write into the caller's
         # arrays, or a key rebound in their dict, cannot change the gradients.
-        keys = (*cell.param_keys(params), *(head or ()))
+        keys = (*cell.param_keys(params), *(() if head is None else head.keys))
         params = {k: copy(params[k]) for k in keys}
     WxT, bx, WaT, ba = cell.fuse_forward(params, n_a, xp=xp)
     # The recurrent weights C-ordered (one small copy per call): OpenBLAS's per-step product
@@ -189,10 +189,6 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     # and no longer at (64, 256), with the same results.
     WaT = c_contiguous(WaT)
     consts = (WaT,) if ba is None else (WaT, ba)
-    if head is not None:
-        WyT = xp.matrix_transpose(params[head[0]])
-        by = xp.matrix_transpose(params[head[1]])
-        n_y = WyT.shape[1]
     zeros = None
     state = []
     for s in state0:
@@ -264,9 +260,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
                     outs[k].put(t0 + 1 if k in cell.state_names else t0, block)
             A_new = blocks[first]
         if head is not None:
-            logits = xp.reshape(A_new, ((t1 - t0) * m, n_a)) @ WyT + by  # prediction
-            y = _softmax(logits, -1, xp=xp)
-            outs["Y"].put(t0, xp.reshape(y, (t1 - t0, m, n_y)))
+            outs["Y"].put(t0, head(params, A_new, xp=xp))
     res = {k: v.result() for k, v in outs.items()}
     if loops is not None:
         res.update(bufs)

@@ -19,10 +19,11 @@ from .._lib.typing import Array, Grads, Params
 from ..cells.lstm import LSTM_CELL
 from ..engine import loop as _engine
 from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
+from .head import SoftmaxHead
 from .params import check_params, param_arrays, require_keys
 
 #: The output layer's keys in the notebook's parameter dict.
-_HEAD = ("Wy", "by")
+_HEAD = SoftmaxHead("Wy", "by")
 
 __all__ = [
     "LSTMCache",

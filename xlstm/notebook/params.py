@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 
 from .._lib.checks import positive_int, seed_value
-from .._lib.compat import c_contiguous, device_scope, namespace_of_module, resolve_dtype
+from .._lib.compat import device_scope, namespace_of_module, resolve_dtype
 from .._lib.typing import Array
+from ..cells.lstm import GATES
 
 __all__ = ["init_params", "check_params", "PARAM_KEYS", "GATES"]
 
 #: Keys of the notebook's parameter dict, in the notebook's order.
 PARAM_KEYS = ("Wf", "bf", "Wi", "bi", "Wc", "bc", "Wo", "bo", "Wy", "by")
-#: Gate order of the fused weight matrix: sigmoid gates (o, f, i), then the candidate (c).
-GATES = ("o", "f", "i", "c")
 
 
 def check_params(params, *, need_output=True):
@@ -88,52 +87,6 @@ def param_arrays(params, *, need_output=True):
     """The parameter arrays keyed for :func:`xlstm._lib.compat.namespace` error messages."""
     keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
     return {f"params['{k}']": params[k] for k in keys}
-
-
-def _stacked_transpose(blocks, *, xp):
-    """``[B_o; B_f; B_i; B_c]^T``: the transpose of one fresh ``(4 n_a, n_a + n_x)`` stack.
-
-    The stack is C-ordered on numpy and CuPy whatever the blocks' order, so the products
-    that read its transposed blocks ``Wa^T`` and ``Wx^T`` see one layout, and round the
-    same, for C- and Fortran-ordered parameters alike. The products read ``Wa`` and ``Wx``
-    as transposed operands: with OpenBLAS the forward pass at ``(n_x, n_a, m, T) = (256,
-    256, 64, 50)`` in float32 took 45 ms this way and 57 ms with a C-ordered ``Wa^T``.
-    """
-    return xp.matrix_transpose(c_contiguous(xp.concat(blocks, axis=0)))
-
-
-def fused_forward_weights(params, n_a, *, xp):
-    """Stacked weights for the forward pass: ``(WaT, WxT, b)``.
-
-    ``WaT`` is ``(n_a, 4 n_a)``, ``WxT`` is ``(n_x, 4 n_a)`` and ``b`` is ``(1, 4 n_a)``, in
-    gate order (o, f, i, c). The sigmoid-gate rows are pre-multiplied by 0.5, so that one
-    ``tanh`` over all four gates yields ``tanh(z/2)`` for the sigmoid gates
-    (``sigmoid(z) = 0.5 tanh(z/2) + 0.5``) and ``tanh(z)`` for the candidate. Scaling by a
-    power of two is exact in binary floating point, so this is bit-for-bit the same as
-    halving the pre-activation afterwards.
-    """
-    WT = _stacked_transpose(
-        [0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]], xp=xp
-    )
-    b = xp.concat([0.5 * params["bo"], 0.5 * params["bf"], 0.5 * params["bi"], params["bc"]])
-    return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, 4 * n_a))
-
-
-def fused_backward_weights(params, n_a, *, xp):
-    """Unscaled stacked weights ``(WaT, Wx)``: ``(n_a, 4 n_a)`` and ``(4 n_a, n_x)``.
-
-    The recurrent gradient of a step is computed as ``WaT @ dg^T`` (then transposed): with
-    OpenBLAS that orientation of the small per-step product took 20-30% less time than
-    ``dg @ Wa`` at ``(m, n_a) = (16, 64)`` and ``(64, 256)`` in float32.
-    """
-    WT = _stacked_transpose([params["W" + g] for g in GATES], xp=xp)
-    return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
-
-
-def split_gates(stacked, *, prefix):
-    """Split a ``(4 n_a, k)`` array in gate order (o, f, i, c) into the notebook's per-gate keys."""
-    n_a = stacked.shape[0] // 4
-    return {f"{prefix}{g}": stacked[j * n_a : (j + 1) * n_a, :] for j, g in enumerate(GATES)}
 
 
 def init_params(

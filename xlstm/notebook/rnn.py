@@ -29,6 +29,7 @@ from .._lib.typing import Array, Grads, Params
 from ..cells.rnn import RNN_TANH
 from ..engine import loop as _engine
 from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
+from .head import SoftmaxHead
 
 __all__ = [
     "RNNCache",
@@ -42,7 +43,7 @@ __all__ = [
 #: The notebook's parameter keys: the cell's, then the output layer's.
 PARAM_KEYS = ("Wax", "Waa", "Wya", "ba", "by")
 #: The output layer's keys.
-_HEAD = ("Wya", "by")
+_HEAD = SoftmaxHead("Wya", "by")
 _CELL_KEYS = ("Wax", "Waa", "ba")
 
 RNNCache = namedtuple("RNNCache", ["a_next", "a_prev", "xt", "parameters"])
