@@ -146,7 +146,7 @@ def test_works_where_no_cache_folder_is_writable():
         "for cls in c.CacheImpl._locator_classes:\n"
         "    cls.ensure_cache_path = deny\n"
         "import os, numpy as np, xlstm\n"
-        "from xlstm import _cpu\n"
+        "from xlstm.accel.cpu import loops as _cpu\n"
         "p = xlstm.init_params(2, 3, 2, seed=0)\n"
         "x, a0 = np.ones((2, 4, 3)), np.zeros((3, 4))\n"
         "a = xlstm.lstm_forward(x, a0, p)[0]\n"
@@ -268,7 +268,7 @@ def test_whole_loops_run_and_are_cached_on_disk(tmp_path):
 
     script = (
         "import time, numpy as np, xlstm\n"
-        "from xlstm import _cpu\n"
+        "from xlstm.accel.cpu import loops as _cpu\n"
         "t = time.perf_counter()\n"
         "for cls in (xlstm.LSTM, xlstm.GRU, xlstm.RNN):\n"
         "    model = cls(3, 4, dtype='float32', seed=0)\n"

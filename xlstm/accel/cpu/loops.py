@@ -276,10 +276,10 @@ def _check_private(folder):
 def _read_at_most(path, limit):
     """The first ``limit`` bytes of the regular file ``path``; ``None`` where it is
     missing, not a regular file (a FIFO is not waited on) or cannot be read."""
-    from ...io import _open_regular
+    from ..._lib.files import open_regular
 
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             return f.read(limit)
     except (OSError, ValueError):
         return None

@@ -126,18 +126,19 @@ def _entry_loads(index) -> bool:
 
     import numba
 
-    from ...io import _open_regular  # a FIFO or a device in its place is not waited on
+    # a FIFO or a device in place of a file is not waited on
+    from ..._lib.files import open_regular
 
     folder = os.path.dirname(index)
     try:
-        with _open_regular(index) as f:
+        with open_regular(index) as f:
             version = pickle.load(f)
             rest = f.read()
         if version != numba.__version__:
             return True
         _, overloads = pickle.loads(rest)
         for name in overloads.values():
-            with _open_regular(os.path.join(folder, name)) as f:
+            with open_regular(os.path.join(folder, name)) as f:
                 pickle.loads(f.read())
     except FileNotFoundError:
         return not os.path.exists(index)  # a data file that is gone breaks the entry
