@@ -18,9 +18,11 @@ A model's parameters are a tree (``model.params``, a list of dicts, or any nesti
 lists and dicts such as ``{"rnn": model.params, "head": head}``) and its gradients have
 exactly the same structure, without the ``"d"`` prefix (``model.backward``'s ``grads``):
 the optimizers and the clipping functions take those too, and every leaf of a gradient
-tree counts as a parameter's. Nothing here mutates its inputs, so
-the same code runs on immutable JAX arrays, and nothing reads an array value back to the
-host, so a CuPy step never synchronises.
+tree counts as a parameter's. Inside, the optimizers know only this convention: a
+notebook gradient dict is brought to the structure of its parameters at the public edge
+(``{"dWf": ...}`` becomes ``{"Wf": ...}``), and both are flattened alike. Nothing here
+mutates its inputs, so the same code runs on immutable JAX arrays, and nothing reads an
+array value back to the host, so a CuPy step never synchronises.
 
 The steps also run inside ``jax.jit`` with the state passed as an argument::
 
@@ -39,7 +41,7 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
-from .._lib.compat import device_of, namespace, on_input_device
+from .._lib.compat import device_of, device_scope, namespace, on_input_device
 from .._lib.tree import flatten, is_tree, same_structure, unflatten
 from .._lib.typing import Array, Grads, Params
 
@@ -69,17 +71,39 @@ def _check_mapping(name, obj):
         raise TypeError(f"{name} must be a dict of arrays, got {type(obj).__name__}")
 
 
-def _check_step_args(params, grads):
-    """Validate ``params``/``grads`` and return the parameter keys in ``params``' order."""
+def _notebook_keys(params, grads):
+    """The keys of a flat ``params`` dict, each checked to have its gradient ``"d" + key``
+    in ``grads`` (the notebook's convention)."""
+    _check_mapping("params", params)
+    if not params:
+        raise ValueError("params is empty")
+    missing = [k for k in params if "d" + k not in grads]
+    if missing:
+        raise KeyError(f"grads is missing 'd{missing[0]}', the gradient of "
+                       f"params[{missing[0]!r}]")
+    return list(params)
+
+
+def _grads_like(params, grads):
+    """``grads`` in the structure of ``params``, the one convention of the optimizers.
+
+    A tree's gradients are checked to have the tree's structure and come back as they
+    are; the notebook's flat ``{"d" + key: ...}`` dict becomes ``{key: ...}`` for every key
+    of ``params`` (its other entries, ``dx``, ``da0``, ``dc0``, are left out).
+    """
+    if is_tree(params):
+        same_structure(params, grads, "params", "grads")
+        return grads
     _check_mapping("params", params)
     _check_mapping("grads", grads)
-    keys = tuple(params)
-    if not keys:
-        raise ValueError("params is empty")
-    for k in keys:
-        if "d" + k not in grads:
-            raise KeyError(f"grads is missing 'd{k}', the gradient of params[{k!r}]")
-    return keys
+    return {k: grads["d" + k] for k in _notebook_keys(params, grads)}
+
+
+def _leaves(tree, name="params"):
+    """The arrays of ``tree`` in a flat dict: a tree's leaves keyed by their paths
+    (:mod:`xlstm._lib.tree`), a flat dict as it is. The keys are those of the optimizers'
+    buffers."""
+    return flatten(tree, name) if is_tree(tree) else tree
 
 
 def _check_buffers(state, field, keys):
@@ -97,18 +121,6 @@ def _check_buffers(state, field, keys):
                 "these params?"
             )
     return bufs
-
-
-def _check_shapes(keys, params, others):
-    """Each ``others`` entry ``(label, dict, prefix)`` must match ``params``' shapes."""
-    for k in keys:
-        want = tuple(params[k].shape)
-        for label, d, prefix in others:
-            got = tuple(d[prefix + k].shape)
-            if got != want:
-                raise ValueError(
-                    f"{label}[{prefix + k!r}] has shape {got} but params[{k!r}] has shape {want}"
-                )
 
 
 def _step_count(state):
@@ -134,33 +146,42 @@ def _step_count(state):
     )
 
 
-def _on_trees_init(init):
-    """Let ``init`` take a tree of parameters (a model's list of dicts): its buffers are
-    then keyed by each leaf's path (:mod:`xlstm._lib.tree`)."""
+def _step(update, params, grads, state, fields):
+    """One optimizer step: the arguments checked once, in one convention, then ``update``.
 
-    @functools.wraps(init)
-    def wrapper(self, params):
-        return init(self, flatten(params) if is_tree(params) else params)
+    ``grads`` is brought to the structure of ``params`` (:func:`_grads_like`), both are
+    flattened alike (:func:`_leaves`), and ``state`` is checked to hold its step count
+    and, for every parameter, a buffer of each of ``fields``. All arrays must share one
+    namespace, dtype and device, and the gradients and buffers the parameters' shapes;
+    a message names an array as the caller indexes it (``grads['dWf']`` in the notebook's
+    dict, ``grads[0]['Wf']`` in a tree). Then ``update(xp, t, params, grads, buffers)``,
+    on flat dicts with the same keys, gives the new flat parameters and the new state;
+    the parameters come back in the structure of ``params``.
+    """
+    tree, like = is_tree(params), params
+    grads = _grads_like(params, grads)
+    params, grads = _leaves(params), _leaves(grads, "grads")
+    t = _step_count(state)
+    buffers = [_check_buffers(state, f, params) for f in fields]
 
-    return wrapper
+    def where(k, prefix=""):  # how the caller indexes leaf k
+        return k if tree else f"[{prefix + k!r}]"
 
-
-def _on_trees_step(step):
-    """Let ``step`` take a tree of parameters with gradients of the same structure (what a
-    model's ``backward`` returns, unprefixed): it runs on the flattened tree and returns
-    the new parameters in the tree's structure."""
-
-    @functools.wraps(step)
-    def wrapper(self, params, grads, state):
-        if not is_tree(params):
-            return step(self, params, grads, state)
-        same_structure(params, grads, "params", "grads")
-        flat = flatten(params)
-        grads = {"d" + k: v for k, v in flatten(grads, "grads").items()}
-        new, state = step(self, flat, grads, state)
-        return unflatten(params, new), state
-
-    return wrapper
+    arrays = {f"params{where(k)}": p for k, p in params.items()}
+    arrays.update({f"grads{where(k, 'd')}": grads[k] for k in params})
+    for f, buf in zip(fields, buffers):
+        arrays.update({f"state[{f!r}][{k!r}]": buf[k] for k in params})
+    xp = namespace(**arrays)
+    for k, p in params.items():
+        others = [(f"grads{where(k, 'd')}", grads[k])]
+        others += [(f"state[{f!r}][{k!r}]", buf[k]) for f, buf in zip(fields, buffers)]
+        for name, a in others:
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"{name} has shape {tuple(a.shape)} but params{where(k)} "
+                                 f"has shape {tuple(p.shape)}")
+    with device_scope(next(iter(params.values()))):
+        new, state = update(xp, t, params, grads, buffers)
+    return (unflatten(like, new) if tree else new), state
 
 
 def _zeros_like(xp, p):
@@ -168,6 +189,9 @@ def _zeros_like(xp, p):
 
 
 def _init_buffers(params, fields):
+    """Zero buffers for the parameters (a flat dict or a tree, keyed as :func:`_leaves`
+    keys them), one dict of them for each of ``fields``."""
+    params = _leaves(params)
     _check_mapping("params", params)
     if not params:
         raise ValueError("params is empty")
@@ -216,13 +240,12 @@ class SGD:
         return f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r})"
 
     @on_input_device
-    @_on_trees_init
     def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
         Parameters
         ----------
-        params : dict of arrays
+        params : dict of arrays, or a tree of them
             The parameters to optimise (any keys; usually the seed's ``Wf, bf, ..., by``).
 
         Returns
@@ -236,7 +259,6 @@ class SGD:
             return {"step": 0, **_init_buffers(params, ()), "velocity": {}}
         return {"step": 0, **_init_buffers(params, ("velocity",))}
 
-    @_on_trees_step
     @on_input_device
     def step(
         self, params: Params, grads: Grads, state: Mapping[str, Any]
@@ -245,11 +267,11 @@ class SGD:
 
         Parameters
         ----------
-        params : dict of arrays
+        params : dict of arrays, or a tree of them
             Current parameters.
-        grads : dict of arrays
+        grads : dict of arrays, or a tree of them
             Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
-            ignored.
+            ignored. For a tree of parameters, gradients of exactly the same structure.
         state : dict
             The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
             is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
@@ -257,8 +279,9 @@ class SGD:
 
         Returns
         -------
-        new_params : dict of arrays
-            Updated parameters (new arrays, same keys, namespace, dtype and device).
+        new_params : dict of arrays, or a tree of them
+            Updated parameters (new arrays, same keys or structure, namespace, dtype and
+            device).
         new_state : dict
             The next state. Neither ``params``, ``grads`` nor ``state`` is modified.
 
@@ -270,30 +293,22 @@ class SGD:
         TypeError, ValueError
             For mixed namespaces, dtypes or devices, or mismatched shapes.
         """
-        keys = _check_step_args(params, grads)
-        t = _step_count(state)
-        mu = self.momentum
-        arrays = {f"params[{k!r}]": params[k] for k in keys}
-        arrays.update({f"grads['d{k}']": grads["d" + k] for k in keys})
-        checks = [("grads", grads, "d")]
-        if mu != 0.0:
-            vel = _check_buffers(state, "velocity", keys)
-            arrays.update({f"state['velocity'][{k!r}]": vel[k] for k in keys})
-            checks.append(("state['velocity']", vel, ""))
-        namespace(**arrays)
-        _check_shapes(keys, params, checks)
+        return _step(self._update, params, grads, state,
+                     ("velocity",) if self.momentum != 0.0 else ())
 
-        lr = self.lr
+    def _update(self, xp, t, params, grads, buffers):
+        """:meth:`step` on checked flat dicts with the same keys (:func:`_step`)."""
+        mu, lr = self.momentum, self.lr
         new_params, new_vel = {}, {}
-        for k in keys:
-            g = grads["d" + k]
+        for k, p in params.items():
+            g = grads[k]
             if mu == 0.0:
-                new_params[k] = params[k] - lr * g
+                new_params[k] = p - lr * g
                 continue
-            v = mu * vel[k] + g
+            v = mu * buffers[0][k] + g
             new_vel[k] = v
             d = g + mu * v if self.nesterov else v
-            new_params[k] = params[k] - lr * d
+            new_params[k] = p - lr * d
         return new_params, {"step": t + 1, "velocity": new_vel}
 
 
@@ -344,13 +359,12 @@ class Adam:
         )
 
     @on_input_device
-    @_on_trees_init
     def init(self, params: Params) -> dict[str, Any]:
         """Return the initial state for ``params``.
 
         Parameters
         ----------
-        params : dict of arrays
+        params : dict of arrays, or a tree of them
             The parameters to optimise.
 
         Returns
@@ -363,7 +377,6 @@ class Adam:
         """
         return {"step": 0, **_init_buffers(params, ("m", "v"))}
 
-    @_on_trees_step
     @on_input_device
     def step(
         self, params: Params, grads: Grads, state: Mapping[str, Any]
@@ -372,11 +385,11 @@ class Adam:
 
         Parameters
         ----------
-        params : dict of arrays
+        params : dict of arrays, or a tree of them
             Current parameters.
-        grads : dict of arrays
+        grads : dict of arrays, or a tree of them
             Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
-            ignored.
+            ignored. For a tree of parameters, gradients of exactly the same structure.
         state : dict
             The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
             is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
@@ -384,8 +397,9 @@ class Adam:
 
         Returns
         -------
-        new_params : dict of arrays
-            Updated parameters (new arrays, same keys, namespace, dtype and device).
+        new_params : dict of arrays, or a tree of them
+            Updated parameters (new arrays, same keys or structure, namespace, dtype and
+            device).
         new_state : dict
             The next state, with ``step`` increased by one. Neither ``params``, ``grads``
             nor ``state`` is modified.
@@ -398,61 +412,57 @@ class Adam:
         TypeError, ValueError
             For mixed namespaces, dtypes or devices, or mismatched shapes.
         """
-        keys = _check_step_args(params, grads)
-        t = _step_count(state) + 1
-        m_buf = _check_buffers(state, "m", keys)
-        v_buf = _check_buffers(state, "v", keys)
-        arrays = {f"params[{k!r}]": params[k] for k in keys}
-        arrays.update({f"grads['d{k}']": grads["d" + k] for k in keys})
-        arrays.update({f"state['m'][{k!r}]": m_buf[k] for k in keys})
-        arrays.update({f"state['v'][{k!r}]": v_buf[k] for k in keys})
-        xp = namespace(**arrays)
-        _check_shapes(
-            keys,
-            params,
-            [("grads", grads, "d"), ("state['m']", m_buf, ""), ("state['v']", v_buf, "")],
-        )
+        return _step(self._update, params, grads, state, ("m", "v"))
 
+    def _update(self, xp, t, params, grads, buffers):
+        """:meth:`step` on checked flat dicts with the same keys (:func:`_step`)."""
+        t = t + 1
+        m_buf, v_buf = buffers
         b1, b2 = self.beta1, self.beta2
         if isinstance(t, int):
             step_size = self.lr / (1.0 - b1**t)  # Python floats: no upcast, no device work
             inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2**t)
         else:  # a 0-d array count (under jax.jit): the same, as 0-d arrays of the params' dtype
-            tf = xp.astype(t, params[keys[0]].dtype)
+            tf = xp.astype(t, next(iter(params.values())).dtype)
             step_size = self.lr / (1.0 - b1**tf)
             inv_sqrt_bc2 = 1.0 / xp.sqrt(1.0 - b2**tf)
         new_params, new_m, new_v = {}, {}, {}
-        for k in keys:
-            g = grads["d" + k]
+        for k, p in params.items():
+            g = grads[k]
             m = b1 * m_buf[k] + (1.0 - b1) * g
             v = b2 * v_buf[k] + (1.0 - b2) * (g * g)
             new_m[k], new_v[k] = m, v
-            new_params[k] = params[k] - step_size * (m / (xp.sqrt(v) * inv_sqrt_bc2 + self.eps))
+            new_params[k] = p - step_size * (m / (xp.sqrt(v) * inv_sqrt_bc2 + self.eps))
         return new_params, {"step": t, "m": new_m, "v": new_v}
 
 
 # ----------------------------------------------------------------------------- clipping
-def _param_grad_keys(grads, params=None):
-    """Keys of the parameter gradients in ``grads``: ``"d" + key`` for every key of
-    ``params`` (exactly what the optimizers step), or without ``params`` those that
-    start with ``dW`` or ``db`` (the notebook's parameters)."""
+def _to_clip(grads, params):
+    """``(flat, keys, rebuild)``: the gradients as a flat dict, the keys of those to clip,
+    and the function that puts a flat result back into the structure of ``grads``.
+
+    Every leaf of a tree is a parameter's. In the notebook's flat dict the parameters'
+    gradients are the ``"d" + key`` entry of every key of ``params`` (exactly what the
+    optimizers step), or without ``params`` those keyed ``dW*`` or ``db*``.
+    """
+    if is_tree(grads):
+        flat = flatten(grads, "grads")
+        return flat, list(flat), functools.partial(unflatten, grads)
     _check_mapping("grads", grads)
     if params is not None:
-        _check_mapping("params", params)
-        if not params:
-            raise ValueError("params is empty")
-        missing = [k for k in params if "d" + k not in grads]
-        if missing:
-            raise KeyError(f"grads is missing 'd{missing[0]}', the gradient of "
-                           f"params[{missing[0]!r}]")
-        return ["d" + k for k in params]
-    keys = [k for k in grads if isinstance(k, str) and k[:2] in ("dW", "db")]
-    if not keys:
-        raise ValueError(
-            "grads holds no parameter gradients (keys starting with 'dW' or 'db'); "
-            f"got keys {sorted(map(str, grads))}"
-        )
-    return keys
+        keys = ["d" + k for k in _notebook_keys(params, grads)]
+    else:
+        keys = [k for k in grads if isinstance(k, str) and k[:2] in ("dW", "db")]
+        if not keys:
+            raise ValueError(
+                "grads holds no parameter gradients (keys starting with 'dW' or 'db'); "
+                f"got keys {sorted(map(str, grads))}"
+            )
+    return grads, keys, _as_it_is
+
+
+def _as_it_is(out):
+    return out
 
 
 @on_input_device
@@ -487,10 +497,8 @@ def clip_by_value(grads: Grads, max_value: float, *, params: Params | None = Non
         gradient.
     """
     bound = _real("max_value", max_value, low=0.0, low_open=True)
-    if is_tree(grads):  # a model's gradients: every leaf is a parameter's
-        flat = flatten(grads, "grads")
-        return unflatten(grads, _clip_value(flat, list(flat), bound))
-    return _clip_value(grads, _param_grad_keys(grads, params), bound)
+    flat, keys, rebuild = _to_clip(grads, params)
+    return rebuild(_clip_value(flat, keys, bound))
 
 
 def _clip_value(grads, keys, bound):
@@ -564,11 +572,9 @@ def clip_by_global_norm(grads: Grads, max_norm: float, *, params: Params | None 
     checks it and raises ``FloatingPointError`` naming the step.
     """
     bound = _real("max_norm", max_norm, low=0.0, low_open=True)
-    if is_tree(grads):  # a model's gradients: every leaf is a parameter's
-        flat = flatten(grads, "grads")
-        out, norm = _clip_norm(flat, list(flat), bound)
-        return unflatten(grads, out), norm
-    return _clip_norm(grads, _param_grad_keys(grads, params), bound)
+    flat, keys, rebuild = _to_clip(grads, params)
+    out, norm = _clip_norm(flat, keys, bound)
+    return rebuild(out), norm
 
 
 def _clip_norm(grads, keys, bound):
