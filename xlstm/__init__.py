@@ -14,12 +14,7 @@ from .models.recurrent import GRU, LSTM, RNN, SLSTM, ModelCache
 from .notebook import autodiff
 from .notebook.activations import sigmoid, softmax
 from .notebook.interop import from_torch_lstm_weights, to_torch_lstm_weights
-from .notebook.losses import (
-    last_step_mse,
-    last_step_predict,
-    sequence_cross_entropy,
-    softmax_cross_entropy,
-)
+from .notebook.losses import last_step_mse, last_step_predict, sequence_cross_entropy
 from .notebook.lstm import (
     LSTMCache,
     LSTMCaches,
@@ -38,6 +33,7 @@ from .notebook.rnn import (
     rnn_forward,
 )
 from .training.fit import FitResult, StepInfo, fit
+from .training.losses import softmax_cross_entropy
 from .training.optim import SGD, Adam, clip_by_global_norm, clip_by_value
 
 __version__ = "0.1.0"

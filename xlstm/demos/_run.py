@@ -9,7 +9,7 @@ import stat
 import numpy as np
 
 from .._lib.compat import load_backend
-from ..notebook.losses import softmax_cross_entropy
+from ..training.losses import softmax_cross_entropy
 
 
 def setup(backend, dtype):

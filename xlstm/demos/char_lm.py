@@ -25,8 +25,8 @@ from .._lib.compat import device_of, namespace, to_host
 from ..io import save_params
 from ..models.mlstm import MLSTM
 from ..models.recurrent import LSTM, SLSTM
-from ..notebook.losses import softmax_cross_entropy
 from ..training.fit import fit
+from ..training.losses import softmax_cross_entropy
 from ..training.optim import Adam
 from ._plot import curve_path, eval_curves, loss_curve
 from ._run import (

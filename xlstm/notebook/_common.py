@@ -1,15 +1,21 @@
-"""What the notebook APIs (:mod:`xlstm.lstm`, :mod:`xlstm.rnn`) share: their caches.
+"""What the notebook APIs (:mod:`xlstm.lstm`, :mod:`xlstm.rnn`) share: their caches, the
+checks of their arguments and their backward passes over a sequence.
 
 A sequence's ``caches`` is the notebook's pair ``(list of per-step caches, x)``. Here the
 per-step caches are built on access, as views into the engine's stacked forward state,
 which the pair carries as ``.state`` for the fused backward pass.
+
+Each API's ``resolve(params, need_output=True, **arrays)`` checks its parameter dict (keys,
+then the namespace, dtype and device of it and of ``arrays``, then its shapes) and returns
+``(xp, (n_a, n_x, n_y))``. The ``check_*`` functions here run it once per public call; what
+they checked, the trusted functions (:func:`backward_fused`) take as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .._lib.checks import check_da
+from .._lib.checks import check_da, check_shape
 from .._lib.compat import device_of, namespace
 from ..engine import loop as _engine
 
@@ -56,13 +62,67 @@ class SequenceCaches(tuple):
         return (type(self), (self[0], self[1], self.state))
 
 
-def check_state(state, cell, resolve, api):
-    """The namespace of a forward state after checking it is one that ``api`` made.
+def check_inputs(resolve, params, x, states, *, step=False, **extra):
+    """Check the arguments of a forward pass once: ``(xp, (n_a, n_x, n_y))``.
+
+    ``x`` is a sequence's ``x`` ``(n_x, m, T_x)``, or with ``step`` a step's ``xt`` ``(n_x,
+    m)``; ``states`` the initial states by name, ``(n_a, m)`` each (``None`` where the API
+    allows it); ``extra`` more arrays (and ``kinds``) for ``resolve``.
+    """
+    name, what = ("xt", "(n_x, m)") if step else ("x", "(n_x, m, T_x)")
+    xp, sizes = resolve(params, **{name: x}, **states, **extra)
+    n_a, n_x, _ = sizes
+    check_shape(name, x, (n_x, None) if step else (n_x, None, None), what)
+    for key, value in states.items():
+        if value is not None:
+            check_shape(key, value, (n_a, x.shape[1]), "(n_a, m)")
+    return xp, sizes
+
+
+def check_step_cache(cache, fields, grads, resolve, api):
+    """Check the cache of one step and the gradients on its states once: ``(xp, n_a, m)``.
+
+    ``fields`` are the names of the cache's fields, its parameter dict last (the cache
+    type's ``_fields``); ``grads`` the gradients by name, ``(n_a, m)`` each, like every
+    field but ``xt`` ``(n_x, m)``. ``api`` is the function that makes such caches.
+    """
+    if not isinstance(cache, tuple) or len(cache) != len(fields):
+        raise TypeError(f"cache must be the {len(fields)}-tuple ({', '.join(fields)}) "
+                        f"returned by {api}")
+    arrays = {**grads, **{f"cache.{k}": v for k, v in zip(fields[:-1], cache[:-1])}}
+    xp, (n_a, n_x, _) = resolve(cache[-1], need_output=False, **arrays)
+    xt = arrays.pop("cache.xt")
+    check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
+    m = xt.shape[1]
+    for name, arr in arrays.items():
+        check_shape(name, arr, (n_a, m), "(n_a, m)")
+    return xp, n_a, m
+
+
+def sequence_backward(da, caches, *, cell, fused, resolve, step_backward, fields, api):
+    """The backward pass of a notebook API over a sequence's ``caches``, checked once.
+
+    The ``fused`` caches that ``api`` returned go through :func:`backward_fused`; a
+    hand-built pair ``(list of per-step caches, x)``, of ``fields``-field caches, goes step
+    by step through ``step_backward``, the API's cell backward (which checks each step's
+    cache).
+    """
+    if not isinstance(caches, tuple) or len(caches) != 2:
+        raise TypeError(f"caches must be the pair (list of per-step caches, x) from {api}")
+    if not isinstance(caches, fused):
+        return _backward_per_step(cell, da, *caches, step_backward, fields)
+    state = getattr(caches, "state", None)
+    xp = check_backward(cell, da, state, resolve, api)
+    return backward_fused(cell, da, state, xp=xp)
+
+
+def check_backward(cell, da, state, resolve, api):
+    """The namespace of a fused backward pass, after checking the forward state and then
+    ``da`` against it.
 
     A forged or damaged ``caches.state`` (wrong type, arrays of other shapes, namespaces or
-    dtypes) is a TypeError or ValueError here rather than a failure deep in the math.
-    ``resolve(params, need_output=False, **arrays)`` is the API's own check of its
-    parameters, returning ``(xp, (n_a, n_x, n_y))``.
+    dtypes) is a TypeError or ValueError here rather than a failure deep in the math, as is
+    a ``da`` that does not fit it.
     """
     if not isinstance(state, cell.State):
         raise TypeError(
@@ -76,7 +136,7 @@ def check_state(state, cell, resolve, api):
         raise TypeError("caches.state.params must be the parameter dict of the forward pass")
     names = (*cell.state_names, *cell.saved, "X")
     fields = {f"caches.state.{k}": getattr(state, k) for k in names}
-    xp, (p_n_a, n_x, _) = resolve(state.params, need_output=False, **fields)
+    _, (p_n_a, n_x, _) = resolve(state.params, need_output=False, **fields)
     if p_n_a != n_a:
         raise ValueError(f"caches.state.params has n_a={p_n_a} but caches.state.n_a is {n_a}")
     A = state.A
@@ -93,37 +153,44 @@ def check_state(state, cell, resolve, api):
                 f"caches.state.{k} has shape {got}, expected {shape}; the caches were not "
                 f"made by {api}, or were changed since"
             )
+    xp = namespace(da=da, caches=A)
+    check_da(da, n_a, m, T1 - 1)
     return xp
 
 
-def backward_fused(cell, da, state, resolve, api):
-    """The fused backward pass of a notebook API over a checked forward state.
+def backward_fused(cell, da, state, *, xp):
+    """The fused backward pass over a checked forward state and ``da``.
 
-    Returns ``(dx, dstate0, grads)``: ``dx`` in the seed layout ``(n_x, m, T_x)`` (zero for
-    the steps after the ``T_da`` that ``da`` covers), the gradients on the initial states
-    ``(n_a, m)`` and the parameter gradients in the cell's names.
+    Returns the notebook's gradient dict: ``dx`` in the seed layout ``(n_x, m, T_x)`` (zero
+    for the steps after the ``T_da`` that ``da`` covers), ``da0``, the parameter gradients
+    in the cell's names, then the gradients on the other initial states (``dc0``).
     """
-    check_state(state, cell, resolve, api)
-    xp = namespace(da=da, caches=state.A)
-    n_a, (T1, m, _) = state.n_a, state.A.shape
-    T_x = T1 - 1
-    check_da(da, n_a, m, T_x)
+    T_x, m = state.A.shape[0] - 1, state.A.shape[1]
     dX, dstate0, grads = _engine.backward(cell, da, state, xp=xp)
     T_da, n_x = dX.shape[0], dX.shape[2]
     if T_da < T_x:  # later steps do not touch the loss
         zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))
         dX = xp.concat([dX, zeros], axis=0)
     tr = xp.matrix_transpose
-    return xp.permute_dims(dX, (2, 1, 0)), tuple(tr(d) for d in dstate0), grads
+    return _grads(cell, xp.permute_dims(dX, (2, 1, 0)), [tr(d) for d in dstate0], grads)
 
 
-def backward_per_step(da, steps, x, step_backward, fields, carried=()):
+def _grads(cell, dx, dstate0, grads):
+    """The notebook's gradient dict: ``dx``, ``da0``, ``grads``, then ``dc0`` and so on for
+    the cell's other states."""
+    da0, *others = dstate0
+    return {"dx": dx, "da0": da0, **grads,
+            **{f"d{k.lower()}0": d for k, d in zip(cell.state_names[1:], others)}}
+
+
+def _backward_per_step(cell, da, steps, x, step_backward, fields):
     """The backward pass of a hand-built notebook pair ``(list of per-step caches, x)``:
-    the API's cell backward step by step, from the last step ``da`` covers.
+    ``step_backward``, the API's cell backward, step by step from the last step ``da``
+    covers.
 
-    ``fields`` is the length of a per-step cache; ``carried`` names the states besides
-    ``a`` whose gradients pass from step to step (``("c",)`` for the LSTM: the cell backward
-    takes ``dc_next`` after ``da_next`` and returns ``dc_prev``, and the result has ``dc0``).
+    ``fields`` is the length of a per-step cache. The cell backward takes ``da_next``, then
+    ``dc_next`` and so on for the cell's other states (the LSTM's), and returns
+    ``da_prev``, ``dc_prev``, ... with ``dxt`` and the parameter gradients, which are summed.
     """
     if len(steps) == 0:
         raise ValueError("caches holds no steps")
@@ -135,15 +202,15 @@ def backward_per_step(da, steps, x, step_backward, fields, carried=()):
     T_x = len(steps)
     check_da(da, n_a, m, T_x)
     da_prev = xp.zeros((n_a, m), dtype=da.dtype, device=device_of(da))
-    extra = [da_prev for _ in carried]
+    carried = [da_prev for _ in cell.state_names[1:]]
     total, dxs = None, []
     for t in range(da.shape[2] - 1, -1, -1):
-        g = step_backward(da[:, :, t] + da_prev, *extra, steps[t])
+        g = step_backward(da[:, :, t] + da_prev, *carried, steps[t])
         da_prev = g["da_prev"]
-        extra = [g[f"d{k}_prev"] for k in carried]
+        carried = [g[f"d{k.lower()}_prev"] for k in cell.state_names[1:]]
         dxs.append(g["dxt"])
         sums = {k: v for k, v in g.items() if k[:2] in ("dW", "db")}
         total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
     zero = xp.zeros_like(dxs[0])
     dx = xp.stack(dxs[::-1] + [zero] * (T_x - len(dxs)), axis=-1)
-    return {"dx": dx, "da0": da_prev, **total, **{f"d{k}0": e for k, e in zip(carried, extra)}}
+    return _grads(cell, dx, [da_prev, *carried], total)

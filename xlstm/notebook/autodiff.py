@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional
 
 from .._lib.compat import device_of, is_jax, is_torch, namespace
 from ..cells.lstm import LSTM_CELL
-from .lstm import LSTMCaches, lstm_backward, lstm_forward
-from .params import PARAM_KEYS, param_arrays, require_keys
+from .lstm import LSTMCaches, _check_sequence, _forward, lstm_backward, lstm_forward
+from .params import PARAM_KEYS
 
 __all__ = ["lstm"]
 
@@ -84,14 +84,13 @@ def lstm(x: Any, a0: Any, params: Mapping[str, Any], c0: Optional[Any] = None) -
     ``jax.grad`` (and ``jax.vjp``), or on torch when grad mode is on and an input requires
     gradients. Otherwise it is the inference path, ``return_caches=False``.
     """
-    require_keys(params)
-    xp = namespace(x=x, a0=a0, c0=c0, optional=("c0",), **param_arrays(params))
+    xp, (n_a, _, _) = _check_sequence(params, x, a0, c0)
     p = {k: params[k] for k in PARAM_KEYS}  # other entries do not take part
     if is_jax(xp):
         return _jax_lstm()(x, a0, p, c0)
     if is_torch(xp) and _torch_records(x, a0, c0, *p.values()):
         return _torch_function().apply(PARAM_KEYS, x, a0, c0, *p.values())
-    return lstm_forward(x, a0, p, c0, return_caches=False)[0]
+    return _forward(x, a0, p, c0, n_a, xp=xp, keep=False)[0]
 
 
 def _caches(x, state):

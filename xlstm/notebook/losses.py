@@ -13,21 +13,21 @@ dict holding everything :func:`xlstm.lstm.lstm_backward` returns plus ``dWy`` an
 
 from __future__ import annotations
 
-import math
-
-from .._lib.compat import device_of, is_concrete, namespace, on_input_device
+from .._lib.checks import check_shape
+from .._lib.compat import device_of, on_input_device
+from .._lib.cross_entropy import check_targets, cross_entropy, softmax_cross_entropy
 from .._lib.typing import Array, Grads, Params
-from .lstm import _check_shape, _resolve, lstm_backward, lstm_forward
+from .lstm import _backward, _check_sequence, _forward, lstm_forward
 
 __all__ = ["sequence_cross_entropy", "softmax_cross_entropy", "last_step_mse",
            "last_step_predict"]
 
 
 # ----------------------------------------------------------------------------- validation
-def _prepare(params, x, a0, c0, kinds=None, **extra):
-    """Namespace and sizes of a loss call: ``(xp, n_a, n_x, n_y, m, T_x)``."""
-    xp, (n_a, n_x, n_y) = _resolve(params, kinds=kinds, x=x, a0=a0, c0=c0, **extra)
-    _check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
+def _prepare(params, x, a0, c0, **extra):
+    """Check the arguments of a loss call once (``extra``: its other arrays and their
+    ``kinds``): ``(xp, n_a, n_x, n_y, m, T_x)``."""
+    xp, (n_a, n_x, n_y) = _check_sequence(params, x, a0, c0, **extra)
     _, m, T_x = x.shape
     return xp, n_a, n_x, n_y, m, T_x
 
@@ -126,169 +126,16 @@ def sequence_cross_entropy(
         params, x, a0, c0, labels=labels, mask=mask,
         kinds={"labels": ("integral",), "mask": ("bool",)},
     )  # fmt: skip
-    targets = _targets(xp, labels, mask, n_y, m, T_x, x.dtype, device_of(x))
-    a, _, _, caches = lstm_forward(x, a0, params, c0)
+    targets = check_targets(xp, labels, mask, n_y, m, T_x, x.dtype, device_of(x))
+    a, _, _, caches = _forward(x, a0, params, c0, n_a, xp=xp, keep=True)
     Wy, by = params["Wy"], params["by"]
     A = xp.reshape(a, (n_a, m * T_x))  # columns in (example, step) order
     Z = Wy @ A + by  # (n_y, m T_x), every step in one GEMM
-    loss, dZ = _cross_entropy(xp, Z, targets)
+    loss, dZ = cross_entropy(xp, Z, targets)
     dWy, dby, dA = _output_grads(dZ, A, Wy, xp=xp)
-    grads = lstm_backward(xp.reshape(dA, (n_a, m, T_x)), caches)
+    grads = _backward(xp.reshape(dA, (n_a, m, T_x)), caches, xp=xp)
     grads["dWy"], grads["dby"] = dWy, dby
     return loss, grads
-
-
-@on_input_device
-def softmax_cross_entropy(
-    logits: Array, labels: Array, *, mask: Array | None = None
-) -> tuple[Array, Array]:
-    r"""Softmax cross-entropy of logits at every step, and its gradient: the loss of
-    :func:`sequence_cross_entropy` for any model's outputs.
-
-    ``logits`` ``(n_y, m, T)`` are, for example, a linear head on a model's outputs, ``Wy
-    @ y + by``; the loss is the (weighted) mean of ``-log softmax(logits)[label]`` over the
-    counted positions and ``dlogits = w (p - e_label) / N``, as in
-    :func:`sequence_cross_entropy` (whose math this is).
-
-    Parameters
-    ----------
-    logits : array, shape (n_y, m, T)
-        Unnormalised log-probabilities of every class, example and step.
-    labels : array of integers, shape (m, T)
-        The class index in ``[0, n_y)`` of every counted position (any value elsewhere).
-    mask : array, shape (m, T), optional
-        Which positions count (boolean) or their weights (floating, finite, >= 0). With a
-        model's ``lengths``, ``arange(T) < lengths[:, None]`` counts each sequence's steps.
-
-    Returns
-    -------
-    loss : array, shape ()
-        A 0-d array of the logits' dtype, namespace and device.
-    dlogits : array, shape (n_y, m, T)
-        The gradient of ``loss`` with respect to ``logits``.
-
-    Raises
-    ------
-    TypeError, ValueError
-        As :func:`sequence_cross_entropy`, naming ``logits``, ``labels`` or ``mask``.
-    """
-    xp = namespace(logits=logits, labels=labels, mask=mask, optional=("mask",),
-                   kinds={"labels": ("integral",), "mask": ("bool",)})
-    _check_shape("logits", logits, (None, None, None), "(n_y, m, T)")
-    n_y, m, T = logits.shape
-    targets = _targets(xp, labels, mask, n_y, m, T, logits.dtype, device_of(logits))
-    loss, dZ = _cross_entropy(xp, xp.reshape(logits, (n_y, m * T)), targets)
-    return loss, xp.reshape(dZ, (n_y, m, T))
-
-
-def _targets(xp, labels, mask, n_y, m, T_x, dtype, dev):
-    """The checked labels and mask of a cross-entropy, for :func:`_cross_entropy`:
-    ``(labels, weights, count, bad, dtype, dev)``, the labels in the default integer dtype,
-    ``weights`` ``None`` (all count) or the mask as weights, ``count`` their sum and
-    ``bad`` a traced flag of a bad label or weight (or ``None``)."""
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    _check_shape("labels", labels, (m, T_x), "(m, T_x)")
-    # Compare classes in the namespace's default integer dtype: a narrow dtype (uint8 with
-    # 300 classes, say) cannot hold arange(n_y), and a wrapped class index would count a
-    # label twice. Values beyond that dtype wrap to negatives and are reported below.
-    wide = xp.__array_namespace_info__().default_dtypes(device=dev)["integral"]
-    labels = xp.astype(labels, wide, copy=False)
-    if mask is None:
-        weights = None
-        count = float(m * T_x)
-        counted = None
-        bad_mask = None
-    else:
-        _check_shape("mask", mask, (m, T_x), "(m, T_x)")
-        is_bool = xp.isdtype(mask.dtype, "bool")
-        weights = xp.astype(mask, dtype) if is_bool else mask
-        counted = mask if is_bool else mask != 0.0
-        bad_mask = None
-        if not is_bool:
-            bad_mask = xp.any(~(xp.isfinite(mask) & (mask >= 0.0)))
-            # Weights near the dtype's maximum (1e308) overflow their sum, and every share
-            # w / sum would be 0. They are taken relative to a power of two near the
-            # largest (one below the one at or under it, as log2 rounds: 2**128 would not
-            # fit float32), so that their sum is at most 8 m T: dividing by a power of two
-            # is exact, so the shares w / sum are the same numbers as unscaled ones
-            # wherever those did not overflow.
-            top = xp.max(weights)
-            usable = xp.isfinite(top) & (top > 0.0)
-            exponent = xp.floor(xp.log2(xp.where(usable, top, xp.ones_like(top)))) - 1.0
-            low = math.log2(xp.finfo(weights.dtype).smallest_normal)  # 2**low is normal
-            exponent = xp.where(exponent < low, xp.full_like(exponent, low), exponent)
-            weights = weights / 2.0**exponent
-        count = xp.sum(weights)
-    outside = (labels < 0) | (labels >= n_y)
-    if counted is not None:
-        outside = outside & counted
-    bad = _check_targets(labels, outside, counted, count, bad_mask, n_y, xp=xp)
-    return labels, weights, count, bad, dtype, dev
-
-
-def _cross_entropy(xp, Z, targets):
-    """Loss and ``dZ`` of the logits ``Z`` ``(n_y, m T)`` (columns in (example, step)
-    order) against the :func:`_targets`: the loss a 0-d array (numpy reductions give
-    scalars, hence the ``asarray``)."""
-    labels, weights, count, bad, dtype, dev = targets
-    n_y, cols = Z.shape
-    shifted = Z - xp.max(Z, axis=0, keepdims=True)
-    lse = xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
-    logp = shifted - lse
-    classes = xp.arange(n_y, dtype=labels.dtype, device=dev)
-    onehot = xp.astype(xp.reshape(labels, (1, cols)) == classes[:, None], dtype)
-    nll = -xp.sum(onehot * logp, axis=0, keepdims=True)  # (1, m T)
-    if weights is None:
-        scale = 1.0 / count
-        # A 0-d array of the loss's dtype: a Python float times numpy 1.x's float32 scalar
-        # would give float64.
-        loss = xp.sum(nll) * xp.asarray(scale, dtype=dtype, device=dev)
-        dZ = (xp.exp(logp) - onehot) * scale
-    else:
-        scale = xp.reshape(weights, (1, cols)) / count  # 0 at masked positions
-        loss = xp.sum(nll * scale)  # nll is finite everywhere, so masked terms are 0
-        dZ = (xp.exp(logp) - onehot) * scale
-    if bad is not None:  # traced values (jax.jit): a bad label or weight makes the loss NaN
-        loss = xp.where(bad, xp.asarray(float("nan"), dtype=dtype, device=dev), loss)
-    return xp.asarray(loss), dZ
-
-
-def _check_targets(labels, outside, counted, count, bad_mask, n_y, *, xp):
-    """Raise ValueError for a counted label outside ``[0, n_y)``, a mask weight that is
-    negative or not finite, or nothing counted.
-
-    One reduction is read back to the host; the detailed message is worked out only when
-    something is wrong. Where the values cannot be read (JAX tracers under ``jax.jit``)
-    nothing is raised: the 0-d flag of a problem is returned for the loss to become NaN.
-    """
-    bad = xp.any(outside)
-    if counted is not None:
-        bad = bad | (count <= 0.0)
-    if bad_mask is not None:
-        bad = bad | bad_mask
-    if not is_concrete(bad):
-        return bad
-    if not bool(bad):
-        return None
-    if bad_mask is not None and bool(bad_mask):
-        raise ValueError(
-            "mask weights must be finite and >= 0; the mask holds negative, NaN or "
-            "infinite values"
-        )
-    if counted is not None and bool(count <= 0.0):
-        raise ValueError(
-            "mask counts no position (it is all False or its weights sum to <= 0); "
-            "the mean over counted positions is undefined"
-        )
-    n_bad = int(xp.sum(xp.astype(outside, xp.int64)))
-    # min/max over the offending values only (they are a subset of all labels)
-    lo = int(xp.min(xp.where(outside, labels, xp.max(labels))))
-    hi = int(xp.max(xp.where(outside, labels, xp.min(labels))))
-    raise ValueError(
-        f"labels must lie in [0, n_y) = [0, {n_y}) at every counted position; "
-        f"{n_bad} counted value(s) fall outside, from {lo} to {hi}"
-    )
 
 
 # --------------------------------------------------------------------- sequence regression
@@ -365,8 +212,8 @@ def last_step_mse(
         disagrees; the message names the argument (for instance ``targets``).
     """
     xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0, targets=targets)
-    _check_shape("targets", targets, (n_y, m), "(n_y, m)")
-    a, _, _, caches = lstm_forward(x, a0, params, c0)
+    check_shape("targets", targets, (n_y, m), "(n_y, m)")
+    a, _, _, caches = _forward(x, a0, params, c0, n_a, xp=xp, keep=True)
     Wy = params["Wy"]
     a_last = a[:, :, -1]
     diff = Wy @ a_last + params["by"] - targets
@@ -378,6 +225,6 @@ def last_step_mse(
         da = xp.concat([zeros, da_last[:, :, None]], axis=2)
     else:
         da = da_last[:, :, None]
-    grads = lstm_backward(da, caches)
+    grads = _backward(da, caches, xp=xp)
     grads["dWy"], grads["dby"] = dWy, dby
     return xp.asarray(loss), grads

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from .._lib.checks import check_shape as _check_shape
 from .._lib.compat import copy, namespace, on_input_device
 from .._lib.typing import Array, Grads, Params
 from ..cells.lstm import LSTM_CELL
 from ..engine import loop as _engine
-from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
+from ._common import (
+    SequenceCaches,
+    StepCaches,
+    backward_fused,
+    check_inputs,
+    check_step_cache,
+    sequence_backward,
+)
 from .head import SoftmaxHead
-from .params import check_params, param_arrays, require_keys
+from .params import param_arrays, param_sizes, require_keys
 
 #: The output layer's keys in the notebook's parameter dict.
 _HEAD = SoftmaxHead("Wy", "by")
@@ -82,7 +88,13 @@ def _resolve(params, need_output=True, kinds=None, **arrays):
     require_keys(params, need_output=need_output)
     xp = namespace(kinds=kinds, optional=_OPTIONAL, **arrays,
                    **param_arrays(params, need_output=need_output))
-    return xp, check_params(params, need_output=need_output)
+    return xp, param_sizes(params, need_output=need_output)
+
+
+def _check_sequence(params, x, a0, c0, **extra):
+    """Check the arguments of :func:`lstm_forward` (and ``extra`` arrays of the same call,
+    with their ``kinds``) once: ``(xp, (n_a, n_x, n_y))``."""
+    return check_inputs(_resolve, params, x, {"a0": a0, "c0": c0}, **extra)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -122,11 +134,9 @@ def lstm_cell_forward(
         For a missing parameter, mixed namespaces or dtypes, or a shape that disagrees;
         the message names the argument.
     """
-    xp, (n_a, n_x, _) = _resolve(params, xt=xt, a_prev=a_prev, c_prev=c_prev)
-    _check_shape("xt", xt, (n_x, None), "(n_x, m)")
+    xp, (n_a, n_x, _) = check_inputs(_resolve, params, xt, {"a_prev": a_prev, "c_prev": c_prev},
+                                     step=True)
     m = xt.shape[1]
-    _check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
-    _check_shape("c_prev", c_prev, (n_a, m), "(n_a, m)")
     x = xp.reshape(xt, (n_x, m, 1))
     stacks, _, Y, state = _engine.forward(
         LSTM_CELL, x, (a_prev, c_prev), params, n_a, xp=xp, keep=True, head=_HEAD
@@ -186,13 +196,12 @@ def lstm_forward(
     The returned ``a``, ``c`` and ``y`` are independent of ``caches``: writing into them
     never changes what :func:`lstm_backward` computes.
     """
-    xp, (n_a, n_x, _) = _resolve(params, x=x, a0=a0, c0=c0)
-    _check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
-    m = x.shape[1]
-    _check_shape("a0", a0, (n_a, m), "(n_a, m)")
-    if c0 is not None:
-        _check_shape("c0", c0, (n_a, m), "(n_a, m)")
-    keep = bool(return_caches)
+    xp, (n_a, _, _) = _check_sequence(params, x, a0, c0)
+    return _forward(x, a0, params, c0, n_a, xp=xp, keep=bool(return_caches))
+
+
+def _forward(x, a0, params, c0, n_a, *, xp, keep):
+    """:func:`lstm_forward` of checked arguments (``keep`` is ``return_caches``)."""
     stacks, _, Y, state = _engine.forward(
         LSTM_CELL, x, (a0, c0), params, n_a, xp=xp, keep=keep, head=_HEAD
     )
@@ -229,23 +238,10 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
         ``dc_prev`` ``(n_a, m)`` eq. (20); ``dWf, dWi, dWc, dWo`` ``(n_a, n_a + n_x)``
         eqs. (11)-(14); ``dbf, dbi, dbc, dbo`` ``(n_a, 1)`` eqs. (15)-(18).
     """
-    if not isinstance(cache, tuple) or len(cache) != 10:
-        raise TypeError(
-            "cache must be the 10-tuple (a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, "
-            "params) returned by lstm_cell_forward"
-        )
+    xp, n_a, m = check_step_cache(cache, LSTMCache._fields,
+                                  {"da_next": da_next, "dc_next": dc_next}, _resolve,
+                                  "lstm_cell_forward")
     (a_next, c_next, a_prev, c_prev, ft, it, cct, ot, xt, params) = cache
-    named = dict(zip(LSTMCache._fields[:9], cache[:9]))
-    xp, (n_a, n_x, _) = _resolve(
-        params, need_output=False, da_next=da_next, dc_next=dc_next,
-        **{f"cache.{k}": v for k, v in named.items()},
-    )  # fmt: skip
-    _check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
-    m = xt.shape[1]
-    states = {"da_next": da_next, "dc_next": dc_next}
-    states.update((f"cache.{k}", v) for k, v in named.items() if k != "xt")
-    for name, arr in states.items():
-        _check_shape(name, arr, (n_a, m), "(n_a, m)")
     # the engine's backward pass over a one-step state built from the cache, with dc_next
     # as the gradient on the final cell state
     tr = xp.matrix_transpose
@@ -294,18 +290,11 @@ def lstm_backward(da: Array, caches: tuple) -> Grads:
     plus the backward coefficients, another ``5 n_a m`` per step (the CUDA kernels on CuPy
     form them on the fly).
     """
-    if not isinstance(caches, tuple) or len(caches) != 2:
-        raise TypeError("caches must be the pair (list of per-step caches, x) from lstm_forward")
-    steps, x = caches
-    if isinstance(caches, LSTMCaches):
-        return _backward_fused(da, getattr(caches, "state", None), x)
-    return _backward_per_step(da, steps, x)
+    return sequence_backward(da, caches, cell=LSTM_CELL, fused=LSTMCaches, resolve=_resolve,
+                             step_backward=lstm_cell_backward, fields=len(LSTMCache._fields),
+                             api="lstm_forward")
 
 
-def _backward_fused(da, state, x):
-    dx, (da0, dc0), grads = backward_fused(LSTM_CELL, da, state, _resolve, "lstm_forward")
-    return {"dx": dx, "da0": da0, **grads, "dc0": dc0}
-
-
-def _backward_per_step(da, steps, x):
-    return backward_per_step(da, steps, x, lstm_cell_backward, 10, ("c",))
+def _backward(da, caches, *, xp):
+    """:func:`lstm_backward` of the caches of :func:`_forward` and a ``da`` that fits them."""
+    return backward_fused(LSTM_CELL, da, caches.state, xp=xp)

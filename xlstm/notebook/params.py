@@ -13,12 +13,11 @@ then the tanh candidate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .._lib.checks import positive_int, seed_value
+from .._lib.checks import positive_int, require_mapping_keys, seed_value
 from .._lib.compat import device_scope, namespace_of_module, resolve_dtype
 from .._lib.typing import Array
 from ..cells.lstm import GATES
@@ -37,6 +36,12 @@ def check_params(params, *, need_output=True):
     and ``ValueError`` naming the key for a wrongly shaped entry.
     """
     require_keys(params, need_output=need_output)
+    return param_sizes(params, need_output=need_output)
+
+
+def param_sizes(params, *, need_output=True):
+    """:func:`check_params` of a dict whose keys :func:`require_keys` has checked: the
+    shapes only."""
     Wf = params["Wf"]
     if getattr(Wf, "ndim", None) != 2:
         raise ValueError(
@@ -75,18 +80,17 @@ def check_params(params, *, need_output=True):
 
 def require_keys(params, *, need_output=True):
     """Raise ``TypeError`` unless ``params`` is a mapping, ``KeyError`` naming a missing key."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
-    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
-    for key in keys:
-        if key not in params:
-            raise KeyError(f"params is missing {key!r} (needs {', '.join(keys)})")
+    require_mapping_keys(params, _keys(need_output))
 
 
 def param_arrays(params, *, need_output=True):
     """The parameter arrays keyed for :func:`xlstm._lib.compat.namespace` error messages."""
-    keys = PARAM_KEYS if need_output else PARAM_KEYS[:8]
-    return {f"params['{k}']": params[k] for k in keys}
+    return {f"params['{k}']": params[k] for k in _keys(need_output)}
+
+
+def _keys(need_output):
+    """The keys a pass reads: all, or the cell's without the output layer's ``Wy``, ``by``."""
+    return PARAM_KEYS if need_output else PARAM_KEYS[:8]
 
 
 def init_params(

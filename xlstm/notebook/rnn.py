@@ -28,7 +28,13 @@ from .._lib.compat import copy, namespace, on_input_device
 from .._lib.typing import Array, Grads, Params
 from ..cells.rnn import RNN_TANH
 from ..engine import loop as _engine
-from ._common import SequenceCaches, StepCaches, backward_fused, backward_per_step
+from ._common import (
+    SequenceCaches,
+    StepCaches,
+    check_inputs,
+    check_step_cache,
+    sequence_backward,
+)
 from .head import SoftmaxHead
 
 __all__ = [
@@ -131,10 +137,8 @@ def rnn_cell_forward(
         For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
         disagrees; the message names the argument.
     """
-    xp, (n_a, n_x, _) = _resolve(parameters, xt=xt, a_prev=a_prev)
-    check_shape("xt", xt, (n_x, None), "(n_x, m)")
+    xp, (n_a, n_x, _) = check_inputs(_resolve, parameters, xt, {"a_prev": a_prev}, step=True)
     m = xt.shape[1]
-    check_shape("a_prev", a_prev, (n_a, m), "(n_a, m)")
     x = xp.reshape(xt, (n_x, m, 1))
     stacks, _, Y, state = _engine.forward(
         RNN_TANH, x, (a_prev,), parameters, n_a, xp=xp, keep=True, head=_HEAD
@@ -181,9 +185,7 @@ def rnn_forward(
     returned ``a`` and ``y_pred`` are independent of ``caches``: writing into them never
     changes what :func:`rnn_backward` computes.
     """
-    xp, (n_a, n_x, _) = _resolve(parameters, x=x, a0=a0)
-    check_shape("x", x, (n_x, None, None), "(n_x, m, T_x)")
-    check_shape("a0", a0, (n_a, x.shape[1]), "(n_a, m)")
+    xp, (n_a, _, _) = check_inputs(_resolve, parameters, x, {"a0": a0})
     keep = bool(return_caches)
     stacks, _, Y, state = _engine.forward(
         RNN_TANH, x, (a0,), parameters, n_a, xp=xp, keep=keep, head=_HEAD
@@ -226,21 +228,9 @@ def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
         For a cache that is not the 4-tuple, a missing parameter, mixed namespaces, dtypes
         or devices, or a shape that disagrees; the message names the argument.
     """
-    if not isinstance(cache, tuple) or len(cache) != 4:
-        raise TypeError(
-            "cache must be the 4-tuple (a_next, a_prev, xt, parameters) returned by "
-            "rnn_cell_forward"
-        )
+    xp, n_a, m = check_step_cache(cache, RNNCache._fields, {"da_next": da_next}, _resolve,
+                                  "rnn_cell_forward")
     a_next, a_prev, xt, parameters = cache
-    named = dict(zip(RNNCache._fields[:3], cache[:3]))
-    xp, (n_a, n_x, _) = _resolve(
-        parameters, need_output=False, da_next=da_next,
-        **{f"cache.{k}": v for k, v in named.items()},
-    )  # fmt: skip
-    check_shape("cache.xt", xt, (n_x, None), "(n_x, m)")
-    m = xt.shape[1]
-    for name, arr in (("da_next", da_next), ("cache.a_next", a_next), ("cache.a_prev", a_prev)):
-        check_shape(name, arr, (n_a, m), "(n_a, m)")
     # the engine's backward pass over a one-step state built from the cache
     tr = xp.matrix_transpose
     state = RNN_TANH.State(A=xp.stack([tr(a_prev), tr(a_next)]), H=tr(a_next)[None, ...],
@@ -284,18 +274,6 @@ def rnn_backward(da: Array, caches: tuple) -> Grads:
     for ``dWax``, ``dWaa`` and ``dx`` and one reduction for ``dba`` over the stacked
     pre-activation gradients, ``n_a m`` numbers per step.
     """
-    if not isinstance(caches, tuple) or len(caches) != 2:
-        raise TypeError("caches must be the pair (list of per-step caches, x) from rnn_forward")
-    steps, x = caches
-    if isinstance(caches, RNNCaches):
-        return _backward_fused(da, getattr(caches, "state", None))
-    return _backward_per_step(da, steps, x)
-
-
-def _backward_fused(da, state):
-    dx, (da0,), grads = backward_fused(RNN_TANH, da, state, _resolve, "rnn_forward")
-    return {"dx": dx, "da0": da0, **grads}
-
-
-def _backward_per_step(da, steps, x):
-    return backward_per_step(da, steps, x, rnn_cell_backward, 4)
+    return sequence_backward(da, caches, cell=RNN_TANH, fused=RNNCaches, resolve=_resolve,
+                             step_backward=rnn_cell_backward, fields=len(RNNCache._fields),
+                             api="rnn_forward")
