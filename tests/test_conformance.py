@@ -93,7 +93,7 @@ def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False, False
 def _need_accelerated_path(spec):
     """Skip unless the model runs on the engine, whose loops have an accelerated path (the
     mLSTM has its own forms: one path)."""
-    if not isinstance(_model(spec).cell, Cell):
+    if not isinstance(getattr(_model(spec).layer, "cell", None), Cell):
         pytest.skip(f"{spec[0]} has one path (it does not run on the engine's loops)")
 
 
@@ -101,7 +101,7 @@ def _case(spec, seed=0, config=(1, False, False)):
     """Host float64 arrays of one case: x, state, dy, dstate and the parameters."""
     rng = np.random.default_rng(seed)
     model = _model(spec, config=config)
-    cell = model.cell
+    cell = model.layer
     shapes = model._state_shapes(M)
     state = [0.5 * rng.standard_normal(shape) for shape in shapes]
     for i, k in enumerate(cell.state_names):
@@ -178,8 +178,8 @@ def test_gradcheck(spec, accel, config, xp, device):
     with xlstm.accelerators(accel):
         got = _run(model, _case(spec, config=config), xp, device)
     num = _numeric_grads(spec, config)
-    frozen = {f"dstate0_{i}" for i, k in enumerate(model.cell.state_names)
-              if k in model.cell.frozen}
+    frozen = {f"dstate0_{i}" for i, k in enumerate(model.layer.state_names)
+              if k in model.layer.frozen}
     for k, want in num.items():
         if k in frozen:  # no gradient, by definition (the output does not depend on it)
             assert_close(got[k], np.zeros_like(want), xp=xp, device=device,
@@ -340,7 +340,7 @@ def _on_engine(model):
     """Whether the model runs on the engine's step loops (the same steps in the same order,
     whatever the batch or the split of the sequence): then results that take the same steps
     are equal bit for bit; a model of its own forms (blocks of steps) agrees to rounding."""
-    return isinstance(model.cell, Cell)
+    return isinstance(getattr(model.layer, "cell", None), Cell)
 
 
 def _comparable_states(model, final):
@@ -348,7 +348,7 @@ def _comparable_states(model, final):
     on the engine's steps; for a model of its own forms, the states kept in a stabiliser's
     scale times its ``exp`` (defined up to that scale: forms that take other blocks of steps
     keep other scales), without the stabiliser."""
-    cell = model.cell
+    cell = model.layer
     named = dict(zip(cell.state_names, final))
     if _on_engine(model) or not cell.frozen:
         return named
@@ -434,7 +434,7 @@ def test_a_padded_batch_equals_each_sequence_alone(spec, accel, start):
                     s[..., row] for s in case["state"]),
                 "dstate": tuple(d[..., row] for d in case["dstate"]), "lengths": None},
                 NP, CPU))
-    n_s = len(model.cell.state_names)
+    n_s = len(model.layer.state_names)
     for r, (L, one) in enumerate(zip(lengths, alone)):
         row = slice(r, r + 1)
         for key in ("y", "dx"):

@@ -62,7 +62,7 @@ def test_dropout_gradient_is_right(cls):
     """With the masks fixed by the seed, dropout is a linear map: its gradient is checked
     against central differences of the whole stacked, bidirectional model."""
     model = cls(N_X, N_A, num_layers=2, bidirectional=True, dropout=0.4, seed=2)
-    n_s = len(model.cell.state_names)
+    n_s = len(model.layer.state_names)
     x, dy, _ = _inputs(3, D=2, n_s=n_s)
     y, _, cache = model.forward(x, train=True, seed=11)
     dx, _, grads = model.backward(dy, cache)
@@ -88,7 +88,7 @@ def test_dropout_gradient_is_right(cls):
 def test_batch_first_is_the_notebook_layout_transposed(cls):
     nb = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6)
     bf = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6, layout="batch_first")
-    n_s = len(nb.cell.state_names)
+    n_s = len(nb.layer.state_names)
     x, dy, state = _inputs(7, D=2, n_s=n_s)
     y, s, c = nb.forward(x, state)
     yb, sb, cb = bf.forward(x.transpose(1, 2, 0), state)

@@ -232,6 +232,11 @@ def on_input_device(fn):
     return wrapper
 
 
+def namespace_or_none(x):
+    """The array namespace of ``x``, or ``None`` when ``x`` is not an array."""
+    return _aac.array_namespace(x) if _aac.is_array_api_obj(x) else None
+
+
 def is_concrete(x) -> bool:
     """True when the values of array ``x`` can be read back to the host.
 

@@ -37,7 +37,7 @@ from collections import namedtuple
 from collections.abc import Mapping
 from typing import Any
 
-from .._lib.compat import c_contiguous
+from .._lib.compat import c_contiguous, copy
 
 __all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT", "cell_named", "stacked_transpose"]
 
@@ -237,6 +237,33 @@ class Cell:
             shapes["b" + g] = (n_a, 1)
         shapes.update(("bh" + g, (n_a, 1)) for g in self.dict_gates)
         return shapes
+
+    def init_params(self, rng: Any, n_x: int, n_a: int, **hyper: Any) -> dict:
+        """One layer's parameters as host numpy arrays, drawn from ``rng`` (numpy's
+        ``Generator``), so that one seed gives the same numbers on every backend.
+
+        By default torch's initialisation of its recurrent layers: every weight and bias
+        uniform in ``(-k, k)``, ``k = 1 / sqrt(n_a)``, drawn as torch's ``weight_ih,
+        weight_hh, bias_ih, bias_hh`` and laid out by :meth:`from_torch_arrays`.
+        ``hyper`` holds the cell's other sizes (the sLSTM's ``num_heads``).
+        """
+        import numpy as np
+
+        k = 1.0 / np.sqrt(n_a)
+        rows = self.n_gates * n_a
+        w_ih = rng.uniform(-k, k, size=(rows, n_x))
+        w_hh = rng.uniform(-k, k, size=(rows, n_a))
+        b_ih = rng.uniform(-k, k, size=rows)
+        b_hh = rng.uniform(-k, k, size=rows)
+        return self.from_torch_arrays(w_ih, w_hh, b_ih, b_hh)
+
+    def param_grads(self, grads: Mapping, keys: Any) -> dict:
+        """The gradients of one layer keyed like its parameters (``keys``, in order), from
+        the gradients :meth:`unfuse_grads` gives (``"d" + key``). By default a second bias
+        that the cell adds to the first (torch's ``bias_hh`` of a gate, ``bh<g>``, which
+        :meth:`unfuse_grads` does not name) has the first's gradient, as a copy."""
+        return {k: grads["d" + k] if "d" + k in grads else copy(grads["db" + k[2:]])
+                for k in keys}
 
     def from_torch_arrays(self, w_ih, w_hh, b_ih, b_hh) -> dict:
         """One layer's dict (host numpy arrays) from torch's ``weight_ih, weight_hh,

@@ -126,6 +126,19 @@ class SLSTMCell(Cell):
         d = n_a // num_heads
         return {"W": (4, n_a, n_x), "R": (4, num_heads, d, d), "b": (4, n_a, 1)}
 
+    def init_params(self, rng, n_x, n_a, num_heads=1):
+        """Uniform in ``(-k, k)``: ``k = 1 / sqrt(n_h)`` for ``W`` and ``b``, ``1 / sqrt(d)``
+        for the heads' ``R``; host numpy arrays drawn from ``rng``."""
+        import numpy as np
+
+        shapes = self.param_shapes(n_x, n_a, num_heads)
+        d = shapes["R"][-1]
+        layer = {}
+        for key, shape in shapes.items():
+            k = 1.0 / np.sqrt(d if key == "R" else n_a)
+            layer[key] = rng.uniform(-k, k, size=shape)
+        return layer
+
     @staticmethod
     def _halve_o(parts):
         """The four gate blocks of ``parts`` (a sequence), the output gate's halved."""

@@ -45,11 +45,12 @@ import numpy as np
 
 from .._lib.compat import device_of as _device
 from .._lib.typing import Array
-from .recurrent import ModelCache, _Model
+from ..engine import loop as _engine
+from .stack import ModelCache, _Model
 
 __all__ = ["FORMS", "MAX_PARALLEL_BYTES", "MLSTM", "recurrent_forward", "recurrent_backward",
            "parallel_forward", "parallel_backward", "chunkwise_forward", "chunkwise_backward",
-           "layer_forward", "layer_backward", "empty_as_minus_inf", "logsigmoid"]
+           "layer_forward", "layer_backward", "MLSTMLayer", "empty_as_minus_inf", "logsigmoid"]
 
 #: The forms, by name.
 FORMS = ("recurrent", "parallel", "chunkwise")
@@ -429,27 +430,6 @@ def chunkwise_backward(xp, dh, cache, dC=None, dn=None):
 
 
 # ------------------------------------------------------------------------ the model
-class _Layer:
-    """What the model machinery knows of the mLSTM in place of an engine cell: the name and
-    the states (``m``, the stabiliser, carries no gradient; ``C`` and ``n`` are defined up
-    to its scale)."""
-
-    name = "mlstm"
-    state_names = ("C", "N", "M")
-    frozen = ("M",)
-    positive = ()
-    scaled = ("C", "N")
-
-    def __repr__(self):
-        return "<mLSTM layer>"
-
-    def __reduce__(self):  # one instance, also after a pickle round trip
-        return "MLSTM_LAYER"
-
-
-MLSTM_LAYER = _Layer()
-
-
 class _Kept:
     """What one mLSTM layer's forward pass keeps for its backward pass: copies of its input
     ``X (m T, n_in)`` and parameters, and its intermediates."""
@@ -593,6 +573,129 @@ class _Blocks:
         return self.parts[0] if len(self.parts) == 1 else self.xp.concat(self.parts, axis=1)
 
 
+class MLSTMLayer:
+    """The mLSTM's layer (:class:`~xlstm.models.layers.Layer`): the up-projections of ``q``,
+    ``k``, ``v`` and the gates, one of the three forms (``opts["form"]``), and the output
+    gate.
+
+    Parameters
+    ----------
+    n_h : int
+        Hidden size, ``H d_v``.
+    H : int
+        Heads.
+    d_qk : int
+        Query and key size per head.
+    chunk : int
+        Steps per chunk of the chunkwise form.
+    """
+
+    name = "mlstm"
+    state_names = ("C", "N", "M")
+    frozen = ("M",)  # the stabiliser carries no gradient ...
+    positive = ()
+    scaled = ("C", "N")  # ... and C and n are defined up to its scale
+    state_axes = ("H, d_v, d_qk, m", "H, d_qk, m", "H, m")
+
+    def __init__(self, n_h: int, H: int, d_qk: int, chunk: int) -> None:
+        self.n_h, self.H, self.d_qk, self.d_v, self.chunk = n_h, H, d_qk, n_h // H, chunk
+
+    def config(self) -> tuple:
+        return (self.H, self.d_qk)
+
+    def param_shapes(self, n_in: int) -> dict:
+        H, dqk, dv, nh = self.H, self.d_qk, self.d_v, self.n_h
+        return {"Wq": (H, dqk, n_in), "bq": (H, dqk, 1), "Wk": (H, dqk, n_in),
+                "bk": (H, dqk, 1), "Wv": (H, dv, n_in), "bv": (H, dv, 1), "wi": (H, n_in),
+                "bi": (H, 1), "wf": (H, n_in), "bf": (H, 1), "Wo": (nh, n_in), "bo": (nh, 1)}
+
+    def init_params(self, rng: Any, n_in: int) -> dict:
+        """Uniform in ``(-k, k)``, ``k = 1 / sqrt(n_in)``: host numpy arrays."""
+        k = 1.0 / np.sqrt(n_in)
+        return {key: rng.uniform(-k, k, size=shape)
+                for key, shape in self.param_shapes(n_in).items()}
+
+    def state_shapes(self, m: int) -> tuple:
+        return ((self.H, self.d_v, self.d_qk, m), (self.H, self.d_qk, m), (self.H, m))
+
+    def forward(self, x, state0, params, *, xp, keep, active, opts):
+        X = xp.permute_dims(x, (1, 2, 0))  # (m, T, n_in)
+        m, T, _ = X.shape
+        dims = {"H": self.H, "d_qk": self.d_qk, "d_v": self.d_v, "chunk": self.chunk}
+        if state0[0] is None:
+            H, dqk, dv = self.H, self.d_qk, self.d_v
+            zeros = {"dtype": X.dtype, "device": _device(X)}
+            state = (xp.zeros((m, H, dv, dqk), **zeros), xp.zeros((m, H, dqk), **zeros),
+                     xp.zeros((m, H), **zeros))
+        else:
+            state = tuple(xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1))) for s in state0)
+        act = None if active is None else xp.permute_dims(active, (1, 2, 0))  # (m, 1, T)
+        asked = opts["form"]
+        form = asked
+        if form == "auto":
+            form = "parallel" if T <= self.chunk else "chunkwise"
+        fit = self._parallel_fit(m, X.dtype, xp)
+        if keep:
+            block = T
+        else:  # blocks of whole chunks: the memory does not grow with T
+            block = max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
+            if form == "parallel":  # and the parallel form's blocks within the bound
+                block = max(1, min(block, fit))
+        side = min(T, block) if form == "parallel" else min(T, self.chunk)
+        if form != "recurrent" and side > fit:
+            raise ValueError(self._too_big(asked, form, side, m, T, X.dtype, xp, fit))
+        out, kept = _Blocks(xp, T, X), None
+        for t0 in range(0, T, block):
+            t1 = min(t0 + block, T)  # the array API leaves stops past the end unspecified
+            part = None if act is None else act[..., t0:t1]
+            y, state, kept = layer_forward(xp, params, X[:, t0:t1, :], state, part, form,
+                                           keep=keep, **dims)
+            out.put(t0, y)
+            del y  # one block alive at a time beside the output
+        final = tuple(xp.permute_dims(s, (*range(1, s.ndim), 0)) for s in state)
+        return xp.permute_dims(out.result(), (2, 0, 1)), final, kept
+
+    def _parallel_fit(self, m, dtype, xp):
+        """The most steps ``L`` whose ``(m, H, L, L)`` array of ``dtype`` fits in
+        :data:`~xlstm.mlstm.MAX_PARALLEL_BYTES`."""
+        import math
+
+        itemsize = xp.finfo(dtype).bits // 8
+        return math.isqrt(MAX_PARALLEL_BYTES // (m * self.H * itemsize))
+
+    def _too_big(self, asked, form, side, m, T, dtype, xp, fit):
+        """The message of a run whose parallel blocks of ``side`` steps exceed the bound."""
+        itemsize = xp.finfo(dtype).bits // 8
+        need = m * self.H * side * side * itemsize
+        if asked == "parallel":
+            what = f"form='parallel' over T={T} steps"
+            fix = f"form='chunkwise' with chunk <= {fit} (memory grows as T * chunk)"
+        else:
+            what = (f"chunk={self.chunk} with form={asked!r} (the {form} form over "
+                    f"{side} steps at once)")
+            fix = f"chunk <= {fit}"
+        return (f"{what} needs arrays (m, H, L, L) = ({m}, {self.H}, {side}, {side}) "
+                f"of {_gib(need)} each, about eight of them in a backward pass; the bound "
+                f"xlstm.mlstm.MAX_PARALLEL_BYTES is {_gib(MAX_PARALLEL_BYTES)}: pass {fix}, "
+                "or raise the bound on a machine with the memory")
+
+    def backward(self, dy, kept, dstate, *, xp, active):
+        dC = dn = None
+        if dstate is not None:
+            dC, dn = (None if s is None else xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1)))
+                      for s in dstate[:2])
+        dX, dC0, dn0, grads = layer_backward(
+            xp, xp.permute_dims(dy, (1, 2, 0)), kept, dC, dn, H=self.H, d_qk=self.d_qk,
+            d_v=self.d_v)
+        m = dX.shape[0]
+        dm0 = xp.zeros((self.H, m), dtype=dX.dtype, device=_device(dX))
+        return (xp.permute_dims(dX, (2, 0, 1)), (xp.permute_dims(dC0, (1, 2, 3, 0)),
+                                                 xp.permute_dims(dn0, (1, 2, 0)), dm0), grads)
+
+    def __repr__(self):
+        return f"MLSTMLayer(n_h={self.n_h}, H={self.H}, d_qk={self.d_qk}, chunk={self.chunk})"
+
+
 class MLSTM(_Model):
     """The mLSTM of xLSTM (Beck et al. 2024): per head a matrix memory ``C (d_v, d_qk)``
     written with exponential input gates and read with a query (the module's equations);
@@ -629,7 +732,6 @@ class MLSTM(_Model):
         ``device`` and ``seed``, as for :class:`xlstm.LSTM`.
     """
 
-    cell = MLSTM_LAYER
     torch_name = None
 
     def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, d_qk: int | None = None,
@@ -657,34 +759,8 @@ class MLSTM(_Model):
             raise ValueError(f"form must be one of {('auto', *FORMS)}, got {form!r}")
         return form
 
-    def param_shapes(self, index: int = 0) -> dict:
-        """The parameter dict of (layer, direction) ``index``: key to shape, in order."""
-        H, dqk, dv, nh, n_in = self.num_heads, self.d_qk, self.d_v, self.n_a, self._n_in(index)
-        return {"Wq": (H, dqk, n_in), "bq": (H, dqk, 1), "Wk": (H, dqk, n_in),
-                "bk": (H, dqk, 1), "Wv": (H, dv, n_in), "bv": (H, dv, 1), "wi": (H, n_in),
-                "bi": (H, 1), "wf": (H, n_in), "bf": (H, 1), "Wo": (nh, n_in), "bo": (nh, 1)}
-
-    _shapes = param_shapes
-
-    def _init_params(self, rng):
-        """Uniform in ``(-k, k)``, ``k = 1 / sqrt(n_in)``, drawn on the host, so one seed
-        gives the same numbers on every backend."""
-        layers = []
-        for i in range(self.num_layers * self.D):
-            k = 1.0 / np.sqrt(self._n_in(i))
-            layers.append({key: rng.uniform(-k, k, size=shape)
-                           for key, shape in self._shapes(i).items()})
-        return self._to_xp(layers, self.xp, self.dtype, self.device)
-
-    def _config(self):
-        return (*super()._config(), self.num_heads, self.d_qk)
-
-    def _state_shapes(self, m):
-        L, H, dqk, dv = self.num_layers * self.D, self.num_heads, self.d_qk, self.d_v
-        return ((L, H, dv, dqk, m), (L, H, dqk, m), (L, H, m))
-
-    def _state_axes(self):
-        return ("H, d_v, d_qk, m", "H, d_qk, m", "H, m")
+    def _make_layer(self):
+        return MLSTMLayer(self.n_a, self.num_heads, self.d_qk, self.chunk)
 
     # ------------------------------------------------------------------ running
     def forward(self, x: Array, state: tuple | None = None, *, lengths: Array | None = None,
@@ -734,82 +810,6 @@ class MLSTM(_Model):
         form = self._form(self.form if form is None else form)
         return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
                              return_cache=return_cache, opts={"form": form})
-
-    def _layer_forward(self, index, inp, state0, layer, *, xp, keep, active, opts):
-        from ..engine import loop as _engine
-
-        X = xp.permute_dims(inp, (1, 2, 0))  # (m, T, n_in)
-        m, T, _ = X.shape
-        dims = {"H": self.num_heads, "d_qk": self.d_qk, "d_v": self.d_v, "chunk": self.chunk}
-        if state0[0] is None:
-            H, dqk, dv = self.num_heads, self.d_qk, self.d_v
-            zeros = {"dtype": X.dtype, "device": _device(X)}
-            state = (xp.zeros((m, H, dv, dqk), **zeros), xp.zeros((m, H, dqk), **zeros),
-                     xp.zeros((m, H), **zeros))
-        else:
-            state = tuple(xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1))) for s in state0)
-        act = None if active is None else xp.permute_dims(active, (1, 2, 0))  # (m, 1, T)
-        asked = opts["form"]
-        form = asked
-        if form == "auto":
-            form = "parallel" if T <= self.chunk else "chunkwise"
-        fit = self._parallel_fit(m, X.dtype, xp)
-        if keep:
-            block = T
-        else:  # blocks of whole chunks: the memory does not grow with T
-            block = max(self.chunk, _engine.CHUNK_ROWS // m // self.chunk * self.chunk)
-            if form == "parallel":  # and the parallel form's blocks within the bound
-                block = max(1, min(block, fit))
-        side = min(T, block) if form == "parallel" else min(T, self.chunk)
-        if form != "recurrent" and side > fit:
-            raise ValueError(self._too_big(asked, form, side, m, T, X.dtype, xp, fit))
-        out, kept = _Blocks(xp, T, X), None
-        for t0 in range(0, T, block):
-            t1 = min(t0 + block, T)  # the array API leaves stops past the end unspecified
-            part = None if act is None else act[..., t0:t1]
-            y, state, kept = layer_forward(xp, layer, X[:, t0:t1, :], state, part, form,
-                                           keep=keep, **dims)
-            out.put(t0, y)
-            del y  # one block alive at a time beside the output
-        final = tuple(xp.permute_dims(s, (*range(1, s.ndim), 0)) for s in state)
-        return xp.permute_dims(out.result(), (2, 0, 1)), final, kept
-
-    def _parallel_fit(self, m, dtype, xp):
-        """The most steps ``L`` whose ``(m, H, L, L)`` array of ``dtype`` fits in
-        :data:`~xlstm.mlstm.MAX_PARALLEL_BYTES`."""
-        import math
-
-        itemsize = xp.finfo(dtype).bits // 8
-        return math.isqrt(MAX_PARALLEL_BYTES // (m * self.num_heads * itemsize))
-
-    def _too_big(self, asked, form, side, m, T, dtype, xp, fit):
-        """The message of a run whose parallel blocks of ``side`` steps exceed the bound."""
-        itemsize = xp.finfo(dtype).bits // 8
-        need = m * self.num_heads * side * side * itemsize
-        if asked == "parallel":
-            what = f"form='parallel' over T={T} steps"
-            fix = f"form='chunkwise' with chunk <= {fit} (memory grows as T * chunk)"
-        else:
-            what = (f"chunk={self.chunk} with form={asked!r} (the {form} form over "
-                    f"{side} steps at once)")
-            fix = f"chunk <= {fit}"
-        return (f"{what} needs arrays (m, H, L, L) = ({m}, {self.num_heads}, {side}, {side}) "
-                f"of {_gib(need)} each, about eight of them in a backward pass; the bound "
-                f"xlstm.mlstm.MAX_PARALLEL_BYTES is {_gib(MAX_PARALLEL_BYTES)}: pass {fix}, "
-                "or raise the bound on a machine with the memory")
-
-    def _layer_backward(self, index, dy, kept, dstate, *, xp, active):
-        dC = dn = None
-        if dstate is not None:
-            dC, dn = (None if s is None else xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1)))
-                      for s in dstate[:2])
-        dX, dC0, dn0, grads = layer_backward(
-            xp, xp.permute_dims(dy, (1, 2, 0)), kept, dC, dn, H=self.num_heads, d_qk=self.d_qk,
-            d_v=self.d_v)
-        m = dX.shape[0]
-        dm0 = xp.zeros((self.num_heads, m), dtype=dX.dtype, device=_device(dX))
-        return (xp.permute_dims(dX, (2, 0, 1)), (xp.permute_dims(dC0, (1, 2, 3, 0)),
-                                                 xp.permute_dims(dn0, (1, 2, 0)), dm0), grads)
 
     def __repr__(self):
         return (f"MLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "

@@ -1,0 +1,622 @@
+"""The stack: the one driver of every model class (layers x directions x lengths x
+dropout), over any :class:`~xlstm.models.layers.Layer`.
+
+A model holds its parameters as a list with one dict per (layer, direction), indexed
+``layer * D + direction`` like torch's ``h_n`` (``D`` is 2 when bidirectional), and runs
+each with its layer. ``forward`` returns the outputs, the final state and a cache;
+``backward`` takes the gradient on the outputs (and optionally on the final state) and
+returns the gradients on the input, on the initial state and on every parameter, the last
+in exactly the structure of ``params``.
+
+Shapes, ``layout="notebook"``: ``x (n_x, m, T)``, ``y (D n_a, m, T)``, every state array
+``(num_layers D, ..., m)`` (the layer's state shape, batch last). ``layout="batch_first"``:
+``x (m, T, n_x)`` and ``y (m, T, D n_a)``. Layer ``k > 0`` reads the full output of layer
+``k - 1``, ``[forward; reverse]`` per step; the reverse direction runs its layer over the
+time-reversed input. Dropout between layers (``train=True``) multiplies each layer's output
+but the last by a mask drawn on the host from ``seed`` (numpy's ``default_rng``) and moved
+to the arrays' namespace and device, so one seed gives the same masks on every backend.
+
+``lengths`` gives torch's PackedSequence semantics: past each sequence's length its state
+is frozen and its output is zero, its final state is the one at its own length, and its
+reverse direction starts at its own end (the time axis reversed within each length, by a
+gather). Padding is never read: the input past each length, and the gradient on the output
+there, are replaced by zeros once, at the model's edge, so that no layer, cell or form
+sees them.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._lib.checks import positive_int, seed_value
+from .._lib.compat import (
+    copy,
+    device_of,
+    device_scope,
+    is_concrete,
+    namespace,
+    namespace_of_module,
+    namespace_or_none,
+    on_input_device,
+    resolve_dtype,
+)
+from .._lib.typing import Array
+from .layers import CellLayer, Layer
+
+__all__ = ["ModelCache"]
+
+_LAYOUTS = ("notebook", "batch_first")
+
+
+class ModelCache:
+    """What a model's ``forward`` keeps for its ``backward``: the engine's stacked state of
+    every (layer, direction), and the configuration that made it.
+
+    Treat it as opaque. It holds copies, so later writes into the inputs, the parameters or
+    the outputs do not change the gradients. It can be copied and pickled as far as the
+    arrays of its namespace can.
+    """
+
+    __slots__ = ("layer", "config", "m", "states", "masks", "pad")
+
+    def __init__(self, layer: Layer, config: tuple, m: int, states: tuple,
+                 masks: tuple = (), pad: tuple | None = None) -> None:
+        self.layer, self.config, self.m, self.states = layer, config, m, states
+        self.masks = masks  # the dropout mask after each layer but the last, or None
+        self.pad = pad  # (active, order) of a padded batch (see _Model._padding), or None
+
+    def __reduce__(self):
+        return (type(self), (self.layer, self.config, self.m, self.states, self.masks,
+                             self.pad))
+
+    def __repr__(self):
+        T = self.states[0].X.shape[0] // self.m
+        return f"ModelCache({self.config[0]}, m={self.m}, T={T})"
+
+
+class _Model:
+    """The stack: the one driver of layers x directions x lengths x dropout for every model
+    class. A subclass gives its layer (:meth:`_make_layer`)."""
+
+    #: The layer of every (layer, direction), made by :meth:`_make_layer`.
+    layer: Layer
+    #: The torch module class of the same model, by name in ``torch.nn`` (None: none).
+    torch_name: str | None
+
+    def __init__(
+        self, n_x: int, n_a: int, *, num_layers: int = 1, bidirectional: bool = False,
+        dropout: float = 0.0, layout: str = "notebook", xp: Any = None, dtype: Any = None,
+        device: Any = None, seed: int | np.random.Generator | None = 0,
+    ) -> None:
+        self.n_x = positive_int("n_x", n_x)
+        self.n_a = positive_int("n_a", n_a)
+        self.num_layers = positive_int("num_layers", num_layers)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+        self.bidirectional = bidirectional
+        # any real number (numpy's scalars too), but not a bool
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.xp = namespace_of_module(xp)
+        self.dtype = resolve_dtype(self.xp, dtype, device=device)
+        self.device = device
+        self.layer = self._make_layer()
+        self.params = self._init_params(np.random.default_rng(seed_value("seed", seed,
+                                                                     generator=True)))
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def D(self) -> int:
+        """Directions: 2 when bidirectional, else 1."""
+        return 2 if self.bidirectional else 1
+
+    def _config(self):
+        return (type(self).__name__, self.layer.name, self.n_x, self.n_a, self.num_layers,
+                self.D, self.layout, *self.layer.config())
+
+    def _n_in(self, index):
+        """Input features of (layer, direction) ``index``: ``n_x``, then ``D n_a``."""
+        return self.n_x if index < self.D else self.D * self.n_a
+
+    def _make_layer(self) -> Layer:
+        """The layer of every (layer, direction): by default the engine's, over the class's
+        cell."""
+        return CellLayer(self.cell, self.n_a)
+
+    def param_shapes(self, index: int = 0) -> dict:
+        """The parameter dict of (layer, direction) ``index``: key to shape, in order."""
+        return self.layer.param_shapes(self._n_in(index))
+
+    def _init_params(self, rng):
+        """Each (layer, direction)'s parameters as its layer draws them (on the host, so one
+        seed gives the same numbers on every backend), in the model's namespace."""
+        layers = [self.layer.init_params(rng, self._n_in(i))
+                  for i in range(self.num_layers * self.D)]
+        return self._to_xp(layers, self.xp, self.dtype, self.device)
+
+    @staticmethod
+    def _to_xp(layers, xp, dtype, device):
+        with device_scope(xp=xp, device=device):
+            return [{k: xp.asarray(v, dtype=dtype, device=device) for k, v in layer.items()}
+                    for layer in layers]
+
+    def _check_params(self, params, name="params"):
+        """Raise unless ``params`` has the model's structure and shapes; return its arrays
+        keyed for error messages."""
+        if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
+            raise TypeError(
+                f"{name} must be a list of {self.num_layers * self.D} dicts (one per layer "
+                f"and direction), got {type(params).__name__}"
+            )
+        if len(params) != self.num_layers * self.D:
+            raise ValueError(
+                f"{name} has {len(params)} entries; this model has num_layers * D = "
+                f"{self.num_layers * self.D}"
+            )
+        arrays = {}
+        for i, layer in enumerate(params):
+            n_in = self._n_in(i)
+            want = self.param_shapes(i)
+            where = f"{name}[{i}]"
+            if not isinstance(layer, Mapping):
+                raise TypeError(f"{where} must be a dict of arrays, got {type(layer).__name__}")
+            missing = [k for k in want if k not in layer]
+            extra = [k for k in layer if k not in want]
+            if missing or extra:
+                raise KeyError(
+                    f"{where} is not a {type(self).__name__} layer ({self.layer.name}): "
+                    + (f"missing {missing}" if missing else "")
+                    + ("; " if missing and extra else "")
+                    + (f"unexpected {extra}" if extra else "")
+                    + f"; expected the keys {list(want)}"
+                )
+            for k, shape in want.items():
+                got = getattr(layer[k], "shape", None)
+                if got is None:
+                    raise TypeError(
+                        f"{where}[{k!r}] must be an array of shape {shape}, got "
+                        f"{type(layer[k]).__name__}; convert it with the model's namespace "
+                        f"(xp.asarray(..., dtype=model.dtype))"
+                    )
+                if tuple(got) != shape:
+                    raise ValueError(
+                        f"{where}[{k!r}] must have shape {shape} (n_in={n_in}, "
+                        f"n_a={self.n_a}), got {tuple(got)}"
+                    )
+                arrays[f"{where}[{k!r}]"] = layer[k]
+        return arrays
+
+    def _state_arrays(self, state, name):
+        """``state`` as a tuple of arrays (or None), checked for count and type."""
+        if state is None:
+            return None
+        n = len(self.layer.state_names)
+        if n == 1 and not isinstance(state, (tuple, list)):
+            state = (state,)
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            names = [k.lower() for k in self.layer.state_names]
+            what = f"({', '.join(names)}{',' if n == 1 else ''})"
+            raise TypeError(f"{name} must be the tuple {what} of {type(self).__name__}, got "
+                            f"{type(state).__name__}"
+                            + (f" of length {len(state)}" if isinstance(state, (tuple, list))
+                               else ""))
+        return tuple(state)
+
+    def _state_shapes(self, m):
+        """The shape of each state array for a batch of ``m``."""
+        return tuple((self.num_layers * self.D, *s) for s in self.layer.state_shapes(m))
+
+    def _state_axes(self):
+        """The axes after ``num_layers * D`` of each state array, for error messages."""
+        return self.layer.state_axes
+
+    def _check_state_shapes(self, arrays, name, m):
+        """Raise unless every array has its state shape (``dstate`` may hold ``None``:
+        no gradient on that part)."""
+        for k, s, want, axes in zip(self.layer.state_names, arrays, self._state_shapes(m),
+                                    self._state_axes()):
+            if s is None and name == "dstate":
+                continue
+            if s is None or s.ndim != len(want) or tuple(s.shape) != want:
+                got = None if s is None else tuple(s.shape)
+                raise ValueError(
+                    f"{name} {k.lower()} must have shape (num_layers * D, {axes}) = {want}, "
+                    f"got {got}"
+                )
+
+    # ------------------------------------------------------------------ running
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: list | None = None, train: bool = False, seed: int | None = None,
+        return_cache: bool = True,
+    ) -> tuple[Array, tuple, ModelCache | None]:
+        """Run the model over a batch of sequences.
+
+        Parameters
+        ----------
+        x : array, shape (n_x, m, T), or (m, T, n_x) with ``layout="batch_first"``
+            Inputs, in the namespace, dtype and device of the parameters.
+        state : tuple of arrays, optional
+            The initial state, each ``(num_layers * D, n_a, m)``: ``(a, c)`` for the LSTM,
+            ``(a,)`` for the GRU and the RNN (a bare array is accepted too). Default zeros.
+        lengths : integer array of shape (m,), optional
+            Each sequence's length, in ``[1, T]``, in the namespace and on the device of
+            ``x``; unsorted is fine. Torch's PackedSequence semantics: past its length a
+            sequence's state is frozen and its output is zero, its final state is the one
+            at its length, and its reverse direction starts at its own end. Padding is
+            never read: whatever ``x`` holds past a length (NaN, inf), every result
+            equals that of zero padding, and so does every gradient whatever ``dy`` holds
+            there. Their range is checked where the values can be read (not under
+            ``jax.jit``).
+        params : list of dicts, optional
+            Parameters to run with instead of ``model.params`` (same structure): the pure
+            form for optimizers and ``jax.jit``.
+        train : bool, optional
+            Training mode: dropout between layers (none with one layer).
+        seed : int, optional
+            Seed of the dropout masks; required when they are drawn (``train=True``,
+            ``dropout > 0`` and more than one layer).
+        return_cache : bool, optional
+            Default True. False keeps nothing for a backward pass (``cache`` is ``None``);
+            the extra memory then does not grow with ``T``.
+
+        Returns
+        -------
+        y : array, shape (D * n_a, m, T), or (m, T, D * n_a) with ``layout="batch_first"``
+            The last layer's hidden state of every step, ``[forward; reverse]``.
+        state : tuple of arrays
+            The final state, in the layout of the ``state`` argument.
+        cache : ModelCache or None
+            What :meth:`backward` needs.
+        """
+        return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
+                             return_cache=return_cache, opts={})
+
+    @on_input_device
+    def _forward(self, x, state, *, lengths, params, train, seed, return_cache, opts):
+        """The layer loop of :meth:`forward`; ``opts`` goes to every :meth:`_layer_forward`."""
+        if not isinstance(train, bool):
+            raise TypeError(f"train must be a bool, got {train!r}")
+        seed = seed_value("seed", seed, generator=False)
+        drop = train and self.dropout > 0.0 and self.num_layers > 1
+        if drop and seed is None:
+            raise ValueError(
+                f"seed is required with train=True and dropout={self.dropout}: the dropout "
+                "masks are drawn from it"
+            )
+        params = self.params if params is None else params
+        arrays = self._check_params(params)
+        state = self._state_arrays(state, "state")
+        named = {"x": x}
+        if state is not None:
+            named.update((f"state[{i}]", s) for i, s in enumerate(state))
+        if lengths is not None:
+            named["lengths"] = lengths
+        self._check_x_shape(x)  # the shape first: a wrong layout is the likelier mistake
+        try:
+            xp = namespace(kinds={"lengths": ("integral",)}, **named, **arrays)
+        except TypeError as exc:
+            hint = self._mismatch_hint(x, arrays)
+            if hint is None:
+                raise
+            raise TypeError(f"{exc}. {hint}") from None
+        if self.layout == "batch_first":
+            x = xp.permute_dims(x, (2, 0, 1))
+        m, T = x.shape[1], x.shape[2]
+        if state is not None:
+            self._check_state_shapes(state, "state", m)
+        pad = None if lengths is None else self._padding(lengths, m, T, xp)
+        active, order = (None, None) if pad is None else pad
+        keep = bool(return_cache)
+        layer_of, D = self.layer, self.D
+        masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
+        inside = None if active is None else xp.permute_dims(active, (2, 1, 0))  # (1, m, T)
+        # Padding is never read: whatever x holds past a length (NaN, inf), every layer sees
+        # zeros there, so that its products (X^T dG, the mLSTM's q k^T) stay finite.
+        x = _zero_outside(x, inside, xp)
+        kept, finals = [], []
+        inp = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                i = layer * D + d
+                state0 = (None,) * len(layer_of.state_names) if state is None else \
+                    tuple(s[i, ...] for s in state)
+                y_d, fin, st = layer_of.forward(
+                    _reverse(inp, order, xp) if d else inp, state0, params[i], xp=xp,
+                    keep=keep, active=active, opts=opts)
+                y_d = _zero_outside(y_d, inside, xp)  # zero past each sequence's end
+                outs.append(_reverse(y_d, order, xp) if d else y_d)
+                finals.append(fin)
+                kept.append(st)
+            inp = outs[0] if D == 1 else xp.concat(outs, axis=0)
+            if layer < self.num_layers - 1 and masks[layer] is not None:
+                inp = inp * masks[layer]
+        y = inp
+        final = tuple(copy(xp.stack([f[k] for f in finals]))
+                      for k in range(len(layer_of.state_names)))
+        if self.layout == "batch_first":
+            y = xp.permute_dims(y, (1, 2, 0))
+        if not keep:
+            return y, final, None
+        return copy(y), final, ModelCache(layer_of, self._config(), m, tuple(kept), tuple(masks),
+                                          pad)
+
+    def _check_x_shape(self, x):
+        """Raise unless ``x`` (if it has a shape at all) has the shape of the model's layout
+        and ``n_x``; the message says when ``x`` is in the other layout."""
+        shape = getattr(x, "shape", None)
+        if shape is None:  # not an array: the namespace check names it
+            return
+        shape = tuple(shape)
+        first = self.layout == "batch_first"
+        if len(shape) == 3 and shape[2 if first else 0] == self.n_x and min(shape) >= 1:
+            return
+        hint = ""
+        if len(shape) == 3 and not first and shape[2] == self.n_x != shape[0]:
+            hint = ('; that is the batch-first layout (m, T, n_x): build the model with '
+                    'layout="batch_first"')
+        elif len(shape) == 3 and first and shape[0] == self.n_x != shape[2]:
+            hint = ('; that is the notebook layout (n_x, m, T): build the model with '
+                    'layout="notebook" (the default)')
+        want = "(m, T, n_x)" if first else "(n_x, m, T)"
+        raise ValueError(f"x must have shape {want} with n_x={self.n_x} and m, T >= 1 "
+                         f"(layout={self.layout!r}), got {shape}{hint}")
+
+    def _mismatch_hint(self, x, arrays):
+        """The fix when ``x`` and the parameters differ in namespace or dtype (the model
+        was built for other arrays), or ``None``."""
+        p = next(iter(arrays.values()))
+        mine, theirs = namespace_or_none(p), namespace_or_none(x)
+        if mine is None or theirs is None:
+            return None
+        if mine is not theirs:
+            module = _module_name(x)
+            return (f"The model's parameters are {_module_name(p)} arrays: build the model "
+                    f"with xp={module} to run {module} inputs, or convert x")
+        if x.dtype != p.dtype:
+            want, got = _dtype_name(p.dtype), _dtype_name(x.dtype)
+            spell = f"np.{got}" if _module_name(x) == "numpy" else repr(got)
+            return (f"The model's parameters are {want}: build the model with "
+                    f"dtype={spell} to run {got} inputs, or cast x to {want}")
+        return None
+
+    def _padding(self, lengths, m, T, xp):
+        """``(active, order)`` of a padded batch: ``active (T, m, 1)``, whether step ``t`` of
+        sequence ``b`` is within its length; ``order (m T,)``, the gather that reverses
+        each sequence within its length (an involution; padding stays in place)."""
+        if not xp.isdtype(lengths.dtype, "integral"):
+            raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+        if tuple(lengths.shape) != (m,):
+            raise ValueError(f"lengths must have shape (m,) = ({m},), got {tuple(lengths.shape)}")
+        if is_concrete(lengths):  # under jax.jit the values cannot be read, nor checked
+            lo, hi = int(xp.min(lengths)), int(xp.max(lengths))
+            if lo < 1 or hi > T:
+                raise ValueError(
+                    f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
+        dev = device_of(lengths)
+        # in the default integer dtype: a narrow one (uint8, say) could not hold arange(T)
+        # or the gather's indices up to m T
+        wide = xp.__array_namespace_info__().default_dtypes(device=dev)["integral"]
+        lengths = xp.astype(lengths, wide, copy=False)
+        t = xp.arange(T, dtype=wide, device=dev)
+        active = xp.reshape(t[:, None] < lengths[None, :], (T, m, 1))
+        L, tt = lengths[:, None], t[None, :]
+        src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=wide, device=dev)[:, None]
+        return active, xp.reshape(src, (m * T,))
+
+    def _check_cache(self, cache: ModelCache) -> None:
+        """Refuse a cache of this model's configuration whose contents were changed after
+        ``forward``: one saved state per (layer, direction), all of one kind, one dropout
+        entry between layers, the padding record ``None`` or ``(active, order)``, and a
+        batch size that divides the saved input's rows."""
+        L, D = self.num_layers, self.D
+        states, masks, pad, m = cache.states, cache.masks, cache.pad, cache.m
+        problem = None
+        if not isinstance(states, tuple) or len(states) != L * D:
+            got = len(states) if isinstance(states, (tuple, list)) else type(states).__name__
+            problem = f"it holds {got} saved states where this model keeps {L * D}"
+        elif not all(type(st) is type(states[0]) and hasattr(st, "X") for st in states):
+            problem = "its saved states are not all what forward keeps"
+        elif not isinstance(masks, tuple) or len(masks) != L - 1:
+            got = len(masks) if isinstance(masks, (tuple, list)) else type(masks).__name__
+            problem = f"it holds {got} dropout entries where this model has {L - 1}"
+        elif pad is not None and not (isinstance(pad, tuple) and len(pad) == 2):
+            problem = "its padding record is not the (active, order) pair forward keeps"
+        elif (isinstance(m, bool) or not isinstance(m, int) or m < 1
+              or states[0].X.shape[0] % m):
+            problem = f"its batch size {m!r} does not divide the saved input"
+        if problem is not None:
+            raise ValueError(f"cache was changed after forward: {problem}; pass the cache "
+                             f"that this model's forward returned, unchanged")
+
+    def _masks(self, seed, m, T, xp, like):
+        """The dropout masks after each layer but the last, ``(D n_a, m, T)`` each: kept
+        with probability ``1 - dropout`` and scaled by ``1 / (1 - dropout)`` (torch's
+        inverted dropout), drawn on the host from ``seed``."""
+        rng = np.random.default_rng(seed)
+        keep = 1.0 - self.dropout
+        masks = []
+        for _ in range(self.num_layers - 1):
+            host = (rng.random((self.D * self.n_a, m, T)) < keep) / keep
+            with device_scope(xp=xp, device=self.device):
+                masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
+        return tuple(masks)
+
+    @on_input_device
+    def backward(
+        self, dy: Array, cache: ModelCache, dstate: Any = None
+    ) -> tuple[Array, tuple, list]:
+        """Backpropagation through time for a :meth:`forward` call.
+
+        Parameters
+        ----------
+        dy : array, the shape of ``y``
+            Gradient of the loss with respect to ``y``.
+        cache : ModelCache
+            The cache that :meth:`forward` returned.
+        dstate : tuple of arrays, optional
+            Gradient with respect to the final state (same layout as the state), for
+            truncated backpropagation across chunks; default zeros, and a part given as
+            ``None`` is zero.
+
+        Returns
+        -------
+        dx : array, the shape of ``x``
+            Gradient with respect to ``x``.
+        dstate0 : tuple of arrays
+            Gradient with respect to the initial state.
+        grads : list of dicts
+            Gradients of the parameters, in exactly the structure of ``model.params``.
+        """
+        if not isinstance(cache, ModelCache):
+            raise TypeError(
+                f"cache must be the ModelCache of {type(self).__name__}.forward, got "
+                f"{type(cache).__name__}"
+            )
+        mine = self._config()
+        if cache.config != mine:
+            raise ValueError(
+                f"cache comes from another model ({cache.config[0]} with a {cache.config[1]} "
+                f"layer, n_x={cache.config[2]}, n_a={cache.config[3]}); this is a "
+                f"{mine[0]} with n_x={self.n_x}, n_a={self.n_a}"
+            )
+        self._check_cache(cache)
+        dstate = self._state_arrays(dstate, "dstate")
+        named = {"dy": dy}
+        if dstate is not None:
+            named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate) if s is not None)
+        xp = namespace(**named, **{"cache": cache.states[0].X})
+        m, D, n_a = cache.m, self.D, self.n_a
+        T = cache.states[0].X.shape[0] // m
+        first = self.layout == "batch_first"
+        want = (m, T, D * n_a) if first else (D * n_a, m, T)
+        if tuple(dy.shape) != want:
+            what = "(m, T, D * n_a)" if first else "(D * n_a, m, T)"
+            raise ValueError(f"dy must have the shape of y, {what} = {want}, got "
+                             f"{tuple(dy.shape)}")
+        if first:
+            dy = xp.permute_dims(dy, (2, 0, 1))
+        if dstate is not None:
+            self._check_state_shapes(dstate, "dstate", m)
+        grads = [None] * (self.num_layers * D)
+        d0 = [None] * (self.num_layers * D)
+        active, order = (None, None) if cache.pad is None else cache.pad
+        # the output is zero past each length, whatever dy holds there (torch's packed
+        # output has no such positions): no layer reads it
+        dy = _zero_outside(dy, None if active is None else xp.permute_dims(active, (2, 1, 0)),
+                           xp)
+        d_out = dy
+        for layer in range(self.num_layers - 1, -1, -1):
+            if layer < self.num_layers - 1 and cache.masks[layer] is not None:
+                d_out = d_out * cache.masks[layer]  # through the dropout after this layer
+            d_in = None
+            for d in range(D):
+                i = layer * D + d
+                dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
+                given = None if dstate is None else \
+                    tuple(None if s is None else s[i, ...] for s in dstate)
+                dy_d = _reverse(dy_d, order, xp) if d else dy_d
+                dx_d, d0[i], grads[i] = self.layer.backward(dy_d, cache.states[i], given,
+                                                            xp=xp, active=active)
+                dx_d = _reverse(dx_d, order, xp) if d else dx_d
+                d_in = dx_d if d_in is None else d_in + dx_d
+            d_out = d_in
+        dx = d_out
+        if self.layout == "batch_first":
+            dx = xp.permute_dims(dx, (1, 2, 0))
+        dstate0 = tuple(xp.stack([d[k] for d in d0]) for k in range(len(d0[0])))
+        return dx, dstate0, grads
+
+    # ------------------------------------------------------------------ torch
+    @classmethod
+    def from_torch(cls, module: Any, *, xp: Any = None, dtype: Any = None,
+                   device: Any = None) -> _Model:
+        """A model with the weights of a ``torch.nn`` module of the same kind.
+
+        Parameters
+        ----------
+        module : torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN
+            The module of this class's kind, without projections (``proj_size=0``).
+            A subclass is welcome; ``bias=False`` gives zero biases.
+        xp, dtype, device : optional
+            Target namespace (default numpy), dtype (default the module's: float32 for
+            half precision) and device.
+
+        Returns
+        -------
+        model
+            The model, with parameters copied from the module and its configuration:
+            ``num_layers``, ``bidirectional``, ``dropout``, and ``batch_first`` as
+            ``layout="batch_first"``.
+        """
+        from ..notebook.interop import model_from_torch
+
+        return model_from_torch(cls, module, xp=xp, dtype=dtype, device=device)
+
+    @classmethod
+    def _need_torch_module(cls):
+        if cls.torch_name is None:
+            raise TypeError(f"{cls.__name__} has no torch.nn module to convert from or to")
+
+    @classmethod
+    def _torch_kwargs(cls, module):
+        return {}
+
+    def _torch_module_kwargs(self):
+        return {}
+
+    def to_torch(self) -> Any:
+        """The ``torch.nn`` module of the same kind with this model's weights and
+        configuration (``dropout``; ``batch_first=True`` for ``layout="batch_first"``), on
+        the CPU, float64 for float64 parameters, else float32."""
+        from ..notebook.interop import model_to_torch
+
+        return model_to_torch(self)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
+
+
+def _module_name(a) -> str:
+    """The module a user names for array ``a``'s namespace: ``numpy``, ``torch``,
+    ``jax.numpy``, ``cupy``, ``array_api_strict``."""
+    top = type(a).__module__.split(".")[0]
+    return {"jaxlib": "jax.numpy", "jax": "jax.numpy"}.get(top, top)
+
+
+def _dtype_name(dtype) -> str:
+    """``"float32"`` for any namespace's float32 dtype (and so on); else its text."""
+    text = str(dtype)
+    for name in ("bfloat16", "float16", "float32", "float64"):
+        if name in text:
+            return name
+    return text
+
+
+def _zero_outside(a, inside, xp):
+    """``a (n, m, T)`` with zeros where ``inside (1, m, T)`` is false (past each sequence's
+    length); ``a`` itself when ``inside`` is ``None`` (no padding). A new array: the
+    caller's is not written."""
+    if inside is None:
+        return a
+    return xp.where(inside, a, xp.zeros((), dtype=a.dtype, device=device_of(a)))
+
+
+def _reverse(a, order, xp):
+    """``a (n, m, T)`` with its time axis reversed: whole (``order`` ``None``), or within
+    each sequence's length by the gather ``order`` (:meth:`_Model._padding`)."""
+    if order is None:
+        return xp.flip(a, axis=-1)
+    n, m, T = a.shape
+    return xp.reshape(xp.take(xp.reshape(a, (n, m * T)), order, axis=1), (n, m, T))
