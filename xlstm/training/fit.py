@@ -124,6 +124,31 @@ def _positive(name, value, kind):
     return value
 
 
+def _smoothing(value):
+    """``smoothing`` checked to be a number in (0, 1], as a Python float."""
+    if value is None:
+        raise TypeError("smoothing must be a number in (0, 1], got None")
+    value = _positive("smoothing", value, float)
+    if value > 1.0:
+        raise ValueError(f"smoothing must be in (0, 1], got {value!r}")
+    return value
+
+
+def _check_callables(callback, loss_fn, optimizer):
+    """Refuse a ``callback``, ``loss_fn`` or ``optimizer`` that cannot be called as
+    :func:`fit` calls it."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    for method in ("init", "step"):
+        if not callable(getattr(optimizer, method, None)):
+            raise TypeError(
+                f"optimizer must have init() and step() methods (xlstm.SGD, xlstm.Adam); "
+                f"{type(optimizer).__name__} has no {method}()"
+            )
+
+
 def _epoch_source(batches, epochs):
     """A function ``epoch -> iterable of batches`` for the three accepted forms."""
     if callable(batches):
@@ -147,6 +172,34 @@ def _epoch_source(batches, epochs):
             "epoch, or use epochs=1 with steps="
         )
     return lambda _epoch: batches
+
+
+def _epochs(source, epochs, start):
+    """``(epoch, batches, used)`` for every epoch left to train in: the iterator over the
+    epoch's batches, of which ``used`` were drawn and dropped again (those that a resumed
+    run had used; the epochs before ``start`` are drawn whole and dropped, as the first
+    run drew them)."""
+    for epoch in range(epochs):
+        if epoch < start[0]:
+            _skip(source(epoch), None, epoch)
+            continue
+        it = iter(source(epoch))
+        yield epoch, it, _skip(it, start[1], epoch) if epoch == start[0] else 0
+
+
+def _skip(it, n, epoch):
+    """Draw ``n`` batches of ``it`` (all of them for ``None``) and drop them; return how
+    many were drawn."""
+    k = 0
+    if n == 0:
+        return 0
+    for k, _ in enumerate(it, 1):
+        if n is not None and k >= n:
+            return k
+    if n is not None and k < n:
+        raise ValueError(f"resume: the checkpoint was written after batch {n} of epoch {epoch}, "
+                         f"but this batch source has {k} in that epoch")
+    return k
 
 
 def _expected_steps(batches, epochs, steps):
@@ -175,6 +228,38 @@ def _make_bar(progress, total, desc, file):
             print("progress bar unavailable: tqdm is not installed", file=file)
         return None
     return tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True, leave=True)
+
+
+class _Progress:
+    """The progress callback: the running mean of the loss on a tqdm bar (on the leading
+    rank only), and ``log``, which prints a line without breaking the bar."""
+
+    def __init__(self, progress, total, desc, smoothing, lead):
+        self.bar = _make_bar(progress if lead else False, total, desc, sys.stderr)
+        self.smoothing, self.running = smoothing, None
+        if self.bar is not None:
+            self.log = self._write
+        else:
+            self.log = print if lead else _quiet
+
+    def _write(self, message):
+        self.bar.write(str(message), file=sys.stdout)
+
+    def update(self, loss):
+        """Count one step of loss ``loss``."""
+        r = self.running
+        self.running = loss if r is None else r + self.smoothing * (loss - r)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.running:.4f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _quiet(message):
+    """The ``log`` of a rank that does not report."""
 
 
 # --------------------------------------------------------------------------------- fit
@@ -316,178 +401,82 @@ def fit(
     steps = _positive("steps", steps, int)
     clip_norm = _positive("clip_norm", clip_norm, float)
     clip_value = _positive("clip_value", clip_value, float)
-    if smoothing is None:
-        raise TypeError("smoothing must be a number in (0, 1], got None")
-    smoothing = _positive("smoothing", smoothing, float)
-    if smoothing > 1.0:
-        raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    for method in ("init", "step"):
-        if not callable(getattr(optimizer, method, None)):
-            raise TypeError(
-                f"optimizer must have init() and step() methods (xlstm.SGD, xlstm.Adam); "
-                f"{type(optimizer).__name__} has no {method}()"
-            )
+    smoothing = _smoothing(smoothing)
+    _check_callables(callback, loss_fn, optimizer)
     source = _epoch_source(batches, epochs)
-    checkpoint_every = _positive("checkpoint_every", checkpoint_every, int)
-    if checkpoint_every is not None and checkpoint is None:
-        raise ValueError("checkpoint_every needs checkpoint= (where to write)")
-    agree = None
-    if comm is not None:
-        from ..distributed import Agreement, Comm
-
-        if not isinstance(comm, Comm):
-            raise TypeError("comm must be a communicator (xlstm.distributed.MPIComm, "
-                            f"NCCLComm, or rank, size, allreduce_mean, broadcast, barrier), "
-                            f"got {type(comm).__name__}")
-        agree = Agreement(comm)
-    lead = comm is None or comm.rank == 0  # the rank that reports and writes
-    if checkpoint is not None:  # what the end of the run needs, checked before its start
-        failed = None
-        try:
-            if lead:
-                _check_writable(checkpoint, "checkpoint")
-        except Exception as exc:
-            if agree is None:
-                raise
-            failed = exc
-        if agree is not None:
-            agree.decide(0, failed=failed, stop=False)
+    saver = _Checkpoint.of(checkpoint, checkpoint_every)
+    ranks = _Ranks(comm)
+    if saver is not None:  # what the end of the run needs, checked before its start
+        ranks.on_lead(0, saver.check)
     state = optimizer.init(params) if opt_state is None else opt_state
-    if agree is not None:  # before rank 0's values are broadcast into every rank's arrays
-        arrays = _split_state(state)[0]
-        agree.check_same_kind({"params": params} if arrays is None else
-                              {"params": params, "opt_state": arrays},
-                              "parameters and optimizer state")
+    ranks.check_same_kind(params, state)  # before rank 0's values are broadcast into them
     done, start = 0, (0, 0)  # steps taken before; (epoch, batches of it) to skip
     if resume is not None:
-        params, state, done, start = _resume(resume, params, state, lead, agree)
+        params, state, done, start = _resume(resume, params, state, ranks)
         if start[0] >= epochs:
             raise ValueError(
                 f"resume: the checkpoint {os.fspath(resume)!r} was written in epoch "
                 f"{start[0]} (counting from 0), past this run's epochs={epochs}; pass "
                 f"epochs > {start[0]} to go on training, or the checkpoint of this run"
             )
-    if comm is not None:  # everyone starts from rank 0's parameters and state
-        params, state = _broadcast_start(comm, params, state)
+    params, state = ranks.broadcast_start(params, state)  # everyone starts from rank 0's
     if steps is not None and done >= steps:  # the checkpoint's run had finished
         return FitResult(params, [], state, False, 0.0)
 
-    file = sys.stderr
     total = _expected_steps(batches, epochs, steps)
-    bar = _make_bar(progress if lead else False, None if total is None else total - done,
-                    desc, file)
-    if bar is None:
-        log = print if lead else _quiet
-    else:
-        def log(message):
-            bar.write(str(message), file=sys.stdout)
-
-    history = []
-    running = None
-    stopped = False
-    position = start
+    shown = _Progress(progress, None if total is None else total - done, desc, smoothing,
+                      ranks.lead)
+    history, stopped, position = [], False, start
     t0 = time.perf_counter()
     try:
-        for epoch in range(epochs):
-            if epoch < start[0]:
-                _skip(source(epoch), None, epoch)  # replayed, as the first run drew them
-                continue
-            it = iter(source(epoch))
-            used = 0
-            if epoch == start[0]:
-                used = _skip(it, start[1], epoch)
+        for epoch, it, used in _epochs(source, epochs, start):
             while True:
                 batch, failed, value, grads = _next_step(it, params, loss_fn)
-                if agree is None:
-                    if failed is not None:
-                        raise failed
-                    if batch is _END:
-                        break
-                else:
-                    value = agree.step(done + 1, failed=failed, exhausted=batch is _END,
-                                       batch=None if batch is _END else batch, loss=value)
-                    if value is None:
-                        break
+                value = ranks.loss(done + 1, batch, failed, value)
+                if value is None:
+                    break  # every rank's batches of this epoch ran out
                 used += 1
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss is {value} at step {done + 1} (epoch {epoch}); lower "
                         "the learning rate, clip the gradients (clip_norm=) or check the data"
                     )
-                if agree is not None:
-                    grads = comm.allreduce_mean(grads)
-                if clip_norm is not None and clip_value is None:
-                    # the norm of the gradients as they are says whether all are finite
-                    grads, norm = _clipped(params, grads, None, clip_norm)
-                    _check_finite(grads, float(norm), done + 1, epoch)  # second sync
-                else:
-                    _check_finite(grads, None, done + 1, epoch)  # one reduction, one sync
-                    grads, norm = _clipped(params, grads, clip_value, clip_norm)
+                grads, norm = _finite_and_clipped(params, ranks.mean(grads), clip_value,
+                                                  clip_norm, done + 1, epoch)
                 params, state = optimizer.step(params, grads, state)
                 history.append(value)
                 done += 1
                 position = (epoch, used)
-                running = value if running is None else running + smoothing * (value - running)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-                    bar.update(1)
+                shown.update(value)
                 last = steps is not None and done >= steps
-                due = checkpoint is not None and checkpoint_every is not None \
-                    and done % checkpoint_every == 0 and not last
+                due = saver is not None and saver.due(done, last)
                 if callback is not None or due:
-                    stop, failed = False, None
-                    if lead:
-                        try:
-                            if due:
-                                _save(checkpoint, params, state, done, position)
-                            if callback is not None:
-                                info = StepInfo(
-                                    done, epoch, value, params, state, grads, norm,
-                                    time.perf_counter() - t0, log,
-                                )  # fmt: skip
-                                stop = _stop_requested(callback(info))
-                        except Exception as exc:
-                            if agree is None:
-                                raise
-                            failed = exc
-                    if agree is not None:
-                        stop = agree.decide(done, failed=failed, stop=stop)
-                    if stop:
-                        stopped = True
-                        break
-                if last:
-                    break  # before drawing another batch from an endless source
+
+                    def report():  # on the leading rank: a true value stops every rank
+                        if due:
+                            saver.save(params, state, done, position)
+                        if callback is None:
+                            return False
+                        info = StepInfo(done, epoch, value, params, state, grads, norm,
+                                        time.perf_counter() - t0, shown.log)
+                        return _stop_requested(callback(info))
+
+                    stopped = ranks.on_lead(done, report)
+                if stopped or last:
+                    break  # (the last step: before drawing another batch from the source)
             if stopped or (steps is not None and done >= steps):
                 break
-        if checkpoint is not None:
-            failed = None
-            if lead:
-                try:
-                    _save(checkpoint, params, state, done, position)
-                except Exception as exc:
-                    if agree is None:
-                        raise
-                    failed = exc
-            if agree is not None:
-                agree.decide(done, failed=failed, stop=False)
-        if agree is not None:
-            agree.check_identical(params)
+        if saver is not None:
+            ranks.on_lead(done, lambda: saver.save(params, state, done, position))
+        ranks.check_identical(params)
     finally:
-        if bar is not None:
-            bar.close()
+        shown.close()
     return FitResult(params, history, state, stopped, time.perf_counter() - t0)
 
 
+# ---------------------------------------------------------------------------- one step
 #: What :func:`_next_step` gives for a batch source that ran out.
 _END = object()
-
-
-def _quiet(message):
-    """The ``log`` of a rank that does not report."""
 
 
 def _next_step(it, params, loss_fn):
@@ -553,6 +542,18 @@ def _clipped(params, grads, clip_value, clip_norm):
     return grads, norm
 
 
+def _finite_and_clipped(params, grads, clip_value, clip_norm, step, epoch):
+    """``(grads, norm)`` as :func:`_clipped` gives them, once :func:`_check_finite` found
+    every gradient finite (the second host synchronisation of the step). With norm
+    clipping alone, the norm that clipping computes says whether all are finite."""
+    if clip_norm is not None and clip_value is None:
+        grads, norm = _clipped(params, grads, None, clip_norm)
+        _check_finite(grads, float(norm), step, epoch)
+        return grads, norm
+    _check_finite(grads, None, step, epoch)  # one reduction over the gradients
+    return _clipped(params, grads, clip_value, clip_norm)
+
+
 def _check_finite(grads, norm, step, epoch):
     """Raise ``FloatingPointError`` naming the first gradient that holds inf or NaN.
 
@@ -616,21 +617,6 @@ def _check_writable(path, name):
     os.unlink(probe)
 
 
-def _skip(it, n, epoch):
-    """Draw ``n`` batches of ``it`` (all of them for ``None``) and drop them; return how
-    many were drawn."""
-    k = 0
-    if n == 0:
-        return 0
-    for k, _ in enumerate(it, 1):
-        if n is not None and k >= n:
-            return k
-    if n is not None and k < n:
-        raise ValueError(f"resume: the checkpoint was written after batch {n} of epoch {epoch}, "
-                         f"but this batch source has {k} in that epoch")
-    return k
-
-
 def _param_grads(params, grads):
     """The gradients that the optimizer reads, and only those: the tree itself, or a flat
     dict's ``"d" + key`` entry for every key of ``params`` (a loss's ``dx``, ``da0`` and
@@ -660,73 +646,175 @@ def _split_state(state):
     return (arrays or None), counts
 
 
-def _save(path, params, state, done, position):
-    from ..io import save_checkpoint
+# ----------------------------------------------------------- checkpoints, resume, ranks
+class _Checkpoint:
+    """The checkpoint callback: the leading rank writes the parameters, the optimizer state
+    and the position in the batches (:func:`xlstm.io.save_checkpoint`, atomically) to
+    ``path`` every ``every`` steps and at the end of the run."""
 
-    arrays, counts = _split_state(state)
-    tree = {"params": params} if arrays is None else {"params": params, "opt_state": arrays}
-    counters = {"step": done, "epoch": position[0], "batch": position[1],
-                **{"opt_state." + k: v for k, v in counts.items()}}
-    save_checkpoint(path, tree, counters)
+    def __init__(self, path, every):
+        self.path, self.every = path, every
+
+    @classmethod
+    def of(cls, path, every):
+        """The callback for ``fit``'s ``checkpoint=`` and ``checkpoint_every=``, checked
+        (``None`` without a path)."""
+        every = _positive("checkpoint_every", every, int)
+        if every is not None and path is None:
+            raise ValueError("checkpoint_every needs checkpoint= (where to write)")
+        return None if path is None else cls(path, every)
+
+    def check(self):
+        """Refuse, before the first step, a path that the end of the run cannot write."""
+        _check_writable(self.path, "checkpoint")
+
+    def due(self, done, last):
+        """Whether to write after step ``done``: every ``every`` steps, but not after the
+        last, which the end of the run writes."""
+        return self.every is not None and done % self.every == 0 and not last
+
+    def save(self, params, state, done, position):
+        from ..io import save_checkpoint
+
+        arrays, counts = _split_state(state)
+        tree = {"params": params} if arrays is None else {"params": params, "opt_state": arrays}
+        counters = {"step": done, "epoch": position[0], "batch": position[1],
+                    **{"opt_state." + k: v for k, v in counts.items()}}
+        save_checkpoint(self.path, tree, counters)
 
 
-def _resume(path, params, state, lead, agree):
-    """The checkpoint's parameters, optimizer state, steps and position, read on the rank
-    that leads (the others get them from it by broadcast)."""
-    from .._lib.compat import device_of, namespace
-    from .._lib.tree import flatten, same_structure
-    from ..io import load_checkpoint
+class _Ranks:
+    """The ranks of a run and the decisions they take together.
 
-    done, position, failed = 0, (0, 0), None
-    if lead:
-        try:
-            first = next(iter(flatten(params).values()))
-            xp = namespace(params=first)
-            tree, counters = load_checkpoint(path, xp=xp, device=device_of(first))
-            arrays, counts = _split_state(state)
-            same_structure(params, tree.get("params"), "params", "the checkpoint's params")
-            theirs = flatten(tree["params"])
-            for k, v in flatten(params).items():
-                got = theirs[k]
-                if tuple(got.shape) != tuple(v.shape) or got.dtype != v.dtype:
-                    raise ValueError(f"the checkpoint's params{k} is {tuple(got.shape)} "
-                                     f"{got.dtype}; params{k} is {tuple(v.shape)} {v.dtype}")
-            params = tree["params"]
-            if arrays is not None:
-                same_structure(arrays, tree.get("opt_state"), "the optimizer state",
-                               "the checkpoint's optimizer state")
-                state = {**state, **tree["opt_state"]}
-            wanted = ("step", "epoch", "batch", *("opt_state." + k for k in counts))
-            lacking = [k for k in wanted if k not in counters]
-            if lacking:
-                raise ValueError(
-                    f"resume: the checkpoint {os.fspath(path)!r} has no {lacking[0]!r} counter "
-                    f"(it holds {sorted(counters)}); resume from a checkpoint that fit wrote "
-                    "(checkpoint=), with the optimizer it used")
-            state = {**state, **{k: counters["opt_state." + k] for k in counts}}
-            done, position = counters["step"], (counters["epoch"], counters["batch"])
-        except Exception as exc:
-            if agree is None:
-                raise
-            failed = exc
-    if agree is not None:
+    Without ``comm`` there is one rank, which leads, and every method does what one
+    process does alone. With ``comm`` every rank calls every method at the same point of
+    the run, and each decision is taken alike on every rank by
+    :class:`xlstm.distributed.Agreement`: all go on, or all raise.
+    """
+
+    def __init__(self, comm):
+        self.comm, self.agree = comm, None
+        if comm is not None:
+            from ..distributed import Agreement, Comm
+
+            if not isinstance(comm, Comm):
+                raise TypeError("comm must be a communicator (xlstm.distributed.MPIComm, "
+                                f"NCCLComm, or rank, size, allreduce_mean, broadcast, barrier), "
+                                f"got {type(comm).__name__}")
+            self.agree = Agreement(comm)
+        self.lead = comm is None or comm.rank == 0  # the rank that reports and writes
+
+    def on_lead(self, step, work):
+        """Run ``work()`` on the leading rank; return on every rank whether it asked to
+        stop (a true result). An exception it raises is collected and raised on every
+        rank as :class:`xlstm.distributed.RankError` (alone, as it is)."""
+        stop, failed = False, None
+        if self.lead:
+            try:
+                stop = bool(work())
+            except Exception as exc:
+                if self.agree is None:
+                    raise
+                failed = exc
+        if self.agree is not None:
+            stop = self.agree.decide(step, failed=failed, stop=stop)
+        return stop
+
+    def loss(self, step, batch, failed, loss):
+        """The loss of step ``step`` (with ``comm``, the mean over the ranks), or ``None``
+        when the batch source ran out (on every rank); a rank's ``failed`` is raised on
+        every rank (see :func:`_next_step` for the arguments)."""
+        if self.agree is None:
+            if failed is not None:
+                raise failed
+            return None if batch is _END else loss
+        return self.agree.step(step, failed=failed, exhausted=batch is _END,
+                               batch=None if batch is _END else batch, loss=loss)
+
+    def mean(self, grads):
+        """The gradients averaged over the ranks."""
+        return grads if self.comm is None else self.comm.allreduce_mean(grads)
+
+    def check_same_kind(self, params, state):
+        """Refuse parameters and optimizer states that differ between the ranks in
+        structure, shape or dtype."""
+        if self.agree is not None:
+            arrays = _split_state(state)[0]
+            self.agree.check_same_kind({"params": params} if arrays is None else
+                                       {"params": params, "opt_state": arrays},
+                                       "parameters and optimizer state")
+
+    def share(self, numbers):
+        """Rank 0's integers ``numbers``, as a list of Python ints, on every rank."""
         import numpy as np
 
-        agree.decide(0, failed=failed, stop=False)
-        where = agree.comm.broadcast({"c": np.array([done, *position], dtype=np.float64)})["c"]
-        done, position = int(where[0]), (int(where[1]), int(where[2]))
+        got = self.comm.broadcast({"c": np.array([float(v) for v in numbers])}, root=0)["c"]
+        return [int(v) for v in got]
+
+    def broadcast_start(self, params, state):
+        """Rank 0's parameters and optimizer state (arrays and counters) on every rank."""
+        if self.comm is None:
+            return params, state
+        arrays, counts = _split_state(state)
+        params = self.comm.broadcast(params, root=0)
+        if arrays is not None:
+            state = {**state, **self.comm.broadcast(arrays, root=0)}
+        if counts:
+            state = {**state, **dict(zip(counts, self.share(counts.values())))}
+        return params, state
+
+    def check_identical(self, params):
+        """Refuse parameters that are not identical, bit for bit, on every rank."""
+        if self.agree is not None:
+            self.agree.check_identical(params)
+
+
+def _resume(path, params, state, ranks):
+    """The checkpoint's parameters, optimizer state, steps and position, read on the rank
+    that leads; the other ranks get the counters here and the arrays by broadcast
+    (:meth:`_Ranks.broadcast_start`)."""
+    done, position = 0, (0, 0)
+
+    def read():
+        nonlocal params, state, done, position
+        params, state, done, position = _read_checkpoint(path, params, state)
+
+    ranks.on_lead(0, read)
+    if ranks.comm is not None:
+        done, epoch, batch = ranks.share([done, *position])
+        position = (epoch, batch)
     return params, state, done, position
 
 
-def _broadcast_start(comm, params, state):
-    """Rank 0's parameters and optimizer state (arrays and counters) on every rank."""
-    import numpy as np
+def _read_checkpoint(path, params, state):
+    """``(params, state, done, position)`` from checkpoint ``path``, checked to fit
+    ``params`` and ``state`` (its structure, shapes and dtypes, and its counters)."""
+    from .._lib.compat import device_of, namespace
+    from .._lib.tree import same_structure
+    from ..io import load_checkpoint
 
+    first = next(iter(flatten(params).values()))
+    xp = namespace(params=first)
+    tree, counters = load_checkpoint(path, xp=xp, device=device_of(first))
     arrays, counts = _split_state(state)
-    params = comm.broadcast(params, root=0)
+    same_structure(params, tree.get("params"), "params", "the checkpoint's params")
+    theirs = flatten(tree["params"])
+    for k, v in flatten(params).items():
+        got = theirs[k]
+        if tuple(got.shape) != tuple(v.shape) or got.dtype != v.dtype:
+            raise ValueError(f"the checkpoint's params{k} is {tuple(got.shape)} "
+                             f"{got.dtype}; params{k} is {tuple(v.shape)} {v.dtype}")
+    params = tree["params"]
     if arrays is not None:
-        state = {**state, **comm.broadcast(arrays, root=0)}
-    if counts:
-        got = comm.broadcast({"c": np.array([float(v) for v in counts.values()])}, root=0)["c"]
-        state = {**state, **{k: int(v) for k, v in zip(counts, got)}}
-    return params, state
+        same_structure(arrays, tree.get("opt_state"), "the optimizer state",
+                       "the checkpoint's optimizer state")
+        state = {**state, **tree["opt_state"]}
+    wanted = ("step", "epoch", "batch", *("opt_state." + k for k in counts))
+    lacking = [k for k in wanted if k not in counters]
+    if lacking:
+        raise ValueError(
+            f"resume: the checkpoint {os.fspath(path)!r} has no {lacking[0]!r} counter "
+            f"(it holds {sorted(counters)}); resume from a checkpoint that fit wrote "
+            "(checkpoint=), with the optimizer it used")
+    state = {**state, **{k: counters["opt_state." + k] for k in counts}}
+    return params, state, counters["step"], (counters["epoch"], counters["batch"])
