@@ -199,8 +199,53 @@ def _init_buffers(params, fields):
     return {f: {k: _zeros_like(xp, p) for k, p in params.items()} for f in fields}
 
 
+# ---------------------------------------------------------------------------- optimizers
+class _Optimizer:
+    """What the optimizers share: :meth:`step`, which checks its arguments once
+    (:func:`_step`) and hands them, as flat dicts with the same keys, to the subclass's
+    ``_update(xp, t, params, grads, buffers) -> (new_params, new_state)``; the state's
+    buffers are those named by its ``_fields``."""
+
+    @on_input_device
+    def step(
+        self, params: Params, grads: Grads, state: Mapping[str, Any]
+    ) -> tuple[dict[str, Array], dict[str, Any]]:
+        """Apply one update and return ``(new_params, new_state)``.
+
+        Parameters
+        ----------
+        params : dict of arrays, or a tree of them
+            Current parameters.
+        grads : dict of arrays, or a tree of them
+            Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
+            ignored. For a tree of parameters, gradients of exactly the same structure.
+        state : dict
+            The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
+            is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
+            the new count is then an array too).
+
+        Returns
+        -------
+        new_params : dict of arrays, or a tree of them
+            Updated parameters (new arrays, same keys or structure, namespace, dtype and
+            device).
+        new_state : dict
+            The next state, with ``step`` increased by one. Neither ``params``, ``grads``
+            nor ``state`` is modified.
+
+        Raises
+        ------
+        KeyError
+            If ``grads`` lacks the gradient of a parameter (the message names it) or the
+            state lacks a buffer (SGD's velocity, Adam's moments).
+        TypeError, ValueError
+            For mixed namespaces, dtypes or devices, or mismatched shapes.
+        """
+        return _step(self._update, params, grads, state, self._fields)
+
+
 # ---------------------------------------------------------------------------------- SGD
-class SGD:
+class SGD(_Optimizer):
     """Stochastic gradient descent, optionally with (Nesterov) momentum.
 
     The update is that of ``torch.optim.SGD`` without dampening or weight decay. With
@@ -255,46 +300,11 @@ class SGD:
             parameter's shape, dtype and device. With ``momentum=0`` the velocity dict is
             empty.
         """
-        if self.momentum == 0.0:
-            return {"step": 0, **_init_buffers(params, ()), "velocity": {}}
-        return {"step": 0, **_init_buffers(params, ("velocity",))}
+        return {"step": 0, "velocity": {}, **_init_buffers(params, self._fields)}
 
-    @on_input_device
-    def step(
-        self, params: Params, grads: Grads, state: Mapping[str, Any]
-    ) -> tuple[dict[str, Array], dict[str, Any]]:
-        """Apply one update and return ``(new_params, new_state)``.
-
-        Parameters
-        ----------
-        params : dict of arrays, or a tree of them
-            Current parameters.
-        grads : dict of arrays, or a tree of them
-            Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
-            ignored. For a tree of parameters, gradients of exactly the same structure.
-        state : dict
-            The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
-            is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
-            the new count is then an array too).
-
-        Returns
-        -------
-        new_params : dict of arrays, or a tree of them
-            Updated parameters (new arrays, same keys or structure, namespace, dtype and
-            device).
-        new_state : dict
-            The next state. Neither ``params``, ``grads`` nor ``state`` is modified.
-
-        Raises
-        ------
-        KeyError
-            If ``grads`` lacks the gradient of a parameter (the message names it) or the
-            state lacks a buffer.
-        TypeError, ValueError
-            For mixed namespaces, dtypes or devices, or mismatched shapes.
-        """
-        return _step(self._update, params, grads, state,
-                     ("velocity",) if self.momentum != 0.0 else ())
+    @property
+    def _fields(self):  # the state's buffers: none without momentum
+        return ("velocity",) if self.momentum != 0.0 else ()
 
     def _update(self, xp, t, params, grads, buffers):
         """:meth:`step` on checked flat dicts with the same keys (:func:`_step`)."""
@@ -313,7 +323,7 @@ class SGD:
 
 
 # --------------------------------------------------------------------------------- Adam
-class Adam:
+class Adam(_Optimizer):
     """Adam (Kingma and Ba, 2015) with bias correction.
 
     With gradient ``g`` at step ``t`` (counting from 1) and moments ``m``, ``v`` (zero at
@@ -375,44 +385,9 @@ class Adam:
             first and second moment estimates, each with its parameter's shape, dtype and
             device.
         """
-        return {"step": 0, **_init_buffers(params, ("m", "v"))}
+        return {"step": 0, **_init_buffers(params, self._fields)}
 
-    @on_input_device
-    def step(
-        self, params: Params, grads: Grads, state: Mapping[str, Any]
-    ) -> tuple[dict[str, Array], dict[str, Any]]:
-        """Apply one update and return ``(new_params, new_state)``.
-
-        Parameters
-        ----------
-        params : dict of arrays, or a tree of them
-            Current parameters.
-        grads : dict of arrays, or a tree of them
-            Gradients keyed ``"d" + key`` for every key of ``params``; other entries are
-            ignored. For a tree of parameters, gradients of exactly the same structure.
-        state : dict
-            The state from :meth:`init` or from the previous :meth:`step`. Its ``"step"``
-            is a non-negative Python int or a 0-d integer array (as ``jax.jit`` returns it;
-            the new count is then an array too).
-
-        Returns
-        -------
-        new_params : dict of arrays, or a tree of them
-            Updated parameters (new arrays, same keys or structure, namespace, dtype and
-            device).
-        new_state : dict
-            The next state, with ``step`` increased by one. Neither ``params``, ``grads``
-            nor ``state`` is modified.
-
-        Raises
-        ------
-        KeyError
-            If ``grads`` lacks the gradient of a parameter (the message names it) or the
-            state lacks a moment buffer.
-        TypeError, ValueError
-            For mixed namespaces, dtypes or devices, or mismatched shapes.
-        """
-        return _step(self._update, params, grads, state, ("m", "v"))
+    _fields = ("m", "v")  # the state's buffers
 
     def _update(self, xp, t, params, grads, buffers):
         """:meth:`step` on checked flat dicts with the same keys (:func:`_step`)."""
