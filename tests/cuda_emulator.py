@@ -292,10 +292,6 @@ def seq_tol(dtype, n_a, gates, T, *, reordered=False):
     return rtol, atol
 
 
-#: The model class of each cell, with its keyword arguments.
-MODELS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
-          "rnn_relu": ("RNN", {"nonlinearity": "relu"}), "slstm": ("SLSTM", {}),
-          "slstm_exp": ("SLSTM", {"forget_gate": "exp"})}
 
 
 def scale_of(arr):
@@ -334,8 +330,10 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
     def draw(*shape, scale=1.0):
         return conv((scale * rng.standard_normal(shape)).astype(dtype))
 
-    name, kwargs = MODELS[cell]
-    model = getattr(xlstm, name)(n_x, n_a, xp=xp, dtype=dtype, seed=seed, **kwargs)
+    from xlstm.models import MODELS
+
+    cls, kwargs = MODELS[cell]  # the model that runs the cell, from the registry
+    model = cls(n_x, n_a, xp=xp, dtype=dtype, seed=seed, **kwargs)
     n_s = len(model.cell.state_names)
     x = draw(n_x, m, T)
 
@@ -355,8 +353,8 @@ def api_results(cell, dtype, n_x, n_a, n_y, m, T, seed=3, *, xp=None, asarray=No
         out[f"dstate0[{i}]"] = dstate0[i]
     out.update((f"d{k}", v) for k, v in grads.items())
     # a padded batch, both directions: each row's reverse direction starts at its own end
-    model = getattr(xlstm, name)(n_x, n_a, bidirectional=True, xp=xp, dtype=dtype,
-                                 seed=seed + 1, **kwargs)
+    model = cls(n_x, n_a, bidirectional=True, xp=xp, dtype=dtype,
+                seed=seed + 1, **kwargs)
     lengths = conv(padded_lengths(m, T))
     state = states(2)
     dy, dstate = draw(2 * n_a, m, T), tuple(draw(2, n_a, m) for _ in range(n_s))

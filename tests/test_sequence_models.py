@@ -4,6 +4,8 @@ layers, and the layouts against each other."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from helpers import assert_close
@@ -11,12 +13,29 @@ from oracles import central_differences
 
 import xlstm
 from xlstm._lib import compat as _compat
+from xlstm.cells import Cell
+from xlstm.models import MODELS
 
 NP, CPU = _compat.load_backend("numpy")
 EXACT = {"xp": NP, "device": CPU, "rtol": 0, "atol": 0}
 
 N_X, N_A, M, T = 3, 4, 2, 6
-CLASSES = [xlstm.LSTM, xlstm.GRU, xlstm.RNN]
+
+
+def _registry(where=lambda model: True):
+    """One maker per model of the registry (xlstm.models.MODELS) for which ``where`` holds."""
+    return [pytest.param(functools.partial(cls, **kw), id=name)
+            for name, (cls, kw) in MODELS.items() if where(cls(1, 1, **kw))]
+
+
+#: Every model of the registry.
+EVERY_MODEL = pytest.mark.parametrize("cls", _registry())
+#: The models whose state starts with the hidden state (those on the engine's cells).
+HIDDEN_FIRST = pytest.mark.parametrize(
+    "cls", _registry(lambda model: isinstance(getattr(model.layer, "cell", None), Cell)))
+#: A few models, for a check as costly as central differences of the whole stack.
+SOME = pytest.mark.parametrize("cls", [xlstm.LSTM, xlstm.GRU, xlstm.RNN],
+                               ids=lambda c: c.__name__)
 
 
 def _inputs(seed=0, D=1, layers=2, n_s=2):
@@ -27,7 +46,7 @@ def _inputs(seed=0, D=1, layers=2, n_s=2):
     return x, dy, state
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@EVERY_MODEL
 def test_dropout_is_reproducible_off_without_train_and_needs_a_seed(cls):
     model = cls(N_X, N_A, num_layers=3, dropout=0.5, seed=1)
     plain = cls(N_X, N_A, num_layers=3, seed=1)
@@ -57,7 +76,7 @@ def test_dropout_masks_keep_the_expected_fraction_scaled():
     assert abs(np.mean(mask == 0) - 0.25) < 0.02  # 16000 draws: 5 sigma is 0.017
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@SOME
 def test_dropout_gradient_is_right(cls):
     """With the masks fixed by the seed, dropout is a linear map: its gradient is checked
     against central differences of the whole stacked, bidirectional model."""
@@ -84,12 +103,13 @@ def test_dropout_gradient_is_right(cls):
                          err=f"{i} {k}")
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@EVERY_MODEL
 def test_batch_first_is_the_notebook_layout_transposed(cls):
     nb = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6)
     bf = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6, layout="batch_first")
-    n_s = len(nb.layer.state_names)
-    x, dy, state = _inputs(7, D=2, n_s=n_s)
+    x, dy, _ = _inputs(7, D=2)
+    rng = np.random.default_rng(8)
+    state = tuple(0.5 * rng.standard_normal(shape) for shape in nb._state_shapes(M))
     y, s, c = nb.forward(x, state)
     yb, sb, cb = bf.forward(x.transpose(1, 2, 0), state)
     assert_close(yb, y.transpose(1, 2, 0), **EXACT)
@@ -109,7 +129,7 @@ def test_batch_first_is_the_notebook_layout_transposed(cls):
         bf.backward(dy, cb)
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@HIDDEN_FIRST
 def test_the_final_state_is_each_sequence_own_last_step(cls):
     """With lengths, the last layer's forward final hidden state is its output at each
     sequence's own last step (what last-step regression reads), the outputs past the end

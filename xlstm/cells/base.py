@@ -39,13 +39,26 @@ from typing import Any
 
 from .._lib.compat import c_contiguous, copy
 
-__all__ = ["Cell", "ArrayOps", "array_ops", "NO_OUT", "cell_named", "stacked_transpose"]
+__all__ = ["Cell", "CELLS", "ArrayOps", "array_ops", "NO_OUT", "cell_named", "register",
+           "stacked_transpose"]
+
+
+#: Every cell, by name: the one registry of cells. Each cell module registers its cells
+#: (:func:`register`) and ``xlstm.cells`` imports every cell module; the CUDA kernels, the
+#: compiled CPU loops, the models' layers and the tests find cells here.
+CELLS: dict[str, Cell] = {}
+
+
+def register(cell: Cell) -> Cell:
+    """Add ``cell`` to :data:`CELLS` under its name, and return it."""
+    if not cell.name or CELLS.get(cell.name, cell) is not cell:
+        raise ValueError(f"a cell needs a name of its own; {cell.name!r} is taken or empty")
+    CELLS[cell.name] = cell
+    return cell
 
 
 def cell_named(name: str) -> Cell:
     """The cell instance called ``name`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ...)."""
-    from . import CELLS
-
     try:
         return CELLS[name]
     except KeyError:

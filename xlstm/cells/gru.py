@@ -35,7 +35,7 @@ gradients are named after their gate, as the LSTM's ``dot``)::
 
 from __future__ import annotations
 
-from .base import Cell, stacked_transpose
+from .base import Cell, register, stacked_transpose
 
 __all__ = ["GRUCell", "GRU_CELL", "GATES", "TORCH_GATES"]
 
@@ -191,4 +191,4 @@ class GRUCell(Cell):
 
 
 #: The one GRU cell.
-GRU_CELL = GRUCell()
+GRU_CELL = register(GRUCell())

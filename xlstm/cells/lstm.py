@@ -16,7 +16,7 @@ candidate and ``TC = tanh(c)``.
 
 from __future__ import annotations
 
-from .base import Cell, stacked_transpose
+from .base import Cell, register, stacked_transpose
 
 __all__ = ["LSTMCell", "LSTM_CELL", "GATES", "TORCH_GATES"]
 
@@ -217,4 +217,4 @@ class LSTMCell(Cell):
 
 
 #: The one LSTM cell.
-LSTM_CELL = LSTMCell()
+LSTM_CELL = register(LSTMCell())

@@ -20,7 +20,7 @@ does the rest (``da_prev = Waa^T da_pre``, ``dxt = Wax^T da_pre``, ``dWax = da_p
 from __future__ import annotations
 
 from .._lib.compat import c_contiguous
-from .base import Cell
+from .base import Cell, register
 
 __all__ = ["RNNCell", "RNN_TANH", "RNN_RELU", "NONLINEARITIES"]
 
@@ -126,7 +126,7 @@ class RNNCell(Cell):
 
 
 #: The notebook's RNN cell (``tanh``).
-RNN_TANH = RNNCell("tanh")
+RNN_TANH = register(RNNCell("tanh"))
 #: The RNN cell with ``relu`` (torch's ``nn.RNN(nonlinearity="relu")``).
-RNN_RELU = RNNCell("relu")
+RNN_RELU = register(RNNCell("relu"))
 

@@ -33,7 +33,7 @@ that ``sigmoid(o~) = 0.5 tanh(o~ / 2) + 0.5`` comes from the same ``tanh`` call 
 from __future__ import annotations
 
 from .._lib.compat import device_of as _device
-from .base import Cell
+from .base import Cell, register
 
 __all__ = ["SLSTMCell", "SLSTMExpCell", "SLSTM_CELL", "SLSTM_EXP_CELL", "GATES", "FORGET_GATES"]
 
@@ -266,6 +266,6 @@ class SLSTMExpCell(SLSTMCell):
 
 
 #: The sLSTM cell with the sigmoid forget gate.
-SLSTM_CELL = SLSTMCell()
+SLSTM_CELL = register(SLSTMCell())
 #: The sLSTM cell with the exponential forget gate.
-SLSTM_EXP_CELL = SLSTMExpCell()
+SLSTM_EXP_CELL = register(SLSTMExpCell())

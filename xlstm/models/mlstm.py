@@ -733,6 +733,7 @@ class MLSTM(_Model):
     """
 
     torch_name = None
+    variants = {"mlstm": {}}
 
     def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, d_qk: int | None = None,
                  form: str = "auto", chunk: int = 64, **kwargs: Any) -> None:

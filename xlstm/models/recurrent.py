@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._lib.checks import positive_int
+from ..cells.base import cell_named
 from ..cells.gru import GRU_CELL
 from ..cells.lstm import LSTM_CELL
 from ..cells.rnn import RNN_RELU, RNN_TANH
@@ -17,7 +18,7 @@ from ..cells.slstm import FORGET_GATES, SLSTM_CELL, SLSTM_EXP_CELL
 from .layers import CellLayer
 from .stack import ModelCache, _Model
 
-__all__ = ["LSTM", "GRU", "RNN", "SLSTM", "ModelCache"]
+__all__ = ["LSTM", "GRU", "RNN", "SLSTM", "Recurrent", "ModelCache"]
 
 
 class LSTM(_Model):
@@ -47,6 +48,7 @@ class LSTM(_Model):
 
     cell = LSTM_CELL
     torch_name = "LSTM"
+    variants = {"lstm": {}}
 
 
 
@@ -62,6 +64,7 @@ class GRU(_Model):
 
     cell = GRU_CELL
     torch_name = "GRU"
+    variants = {"gru": {}}
 
 
 class RNN(_Model):
@@ -73,6 +76,7 @@ class RNN(_Model):
     """
 
     torch_name = "RNN"
+    variants = {"rnn_tanh": {}, "rnn_relu": {"nonlinearity": "relu"}}
 
     def __init__(self, n_x: int, n_a: int, *, nonlinearity: str = "tanh", **kwargs: Any) -> None:
         if nonlinearity not in ("tanh", "relu"):
@@ -115,6 +119,7 @@ class SLSTM(_Model):
     """
 
     torch_name = None
+    variants = {"slstm": {}, "slstm_exp": {"forget_gate": "exp"}}
 
     def __init__(self, n_x: int, n_h: int, *, num_heads: int = 1, forget_gate: str = "sigmoid",
                  **kwargs: Any) -> None:
@@ -140,3 +145,44 @@ class SLSTM(_Model):
         return (f"SLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
                 f"forget_gate={self.forget_gate!r}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional})")
+
+
+class Recurrent(_Model):
+    """A stack of layers of any registered engine cell (:data:`xlstm.cells.CELLS`), by name.
+
+    The cell brings its parameters, state and initialisation; :class:`LSTM`, :class:`GRU`,
+    :class:`RNN` and :class:`SLSTM` are the same stack over their cells, with their own
+    keywords and torch counterparts.
+
+    Parameters
+    ----------
+    n_x, n_a : int
+        Input and hidden sizes.
+    cell : str
+        The cell's name (``"gru"``, ``"rnn_relu"``, ...).
+    **kwargs
+        ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
+        ``device`` and ``seed``, as for :class:`LSTM`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xlstm.models import Recurrent
+    >>> model = Recurrent(3, 4, cell="gru", seed=0)
+    >>> y, (a,), cache = model.forward(np.zeros((3, 2, 5)))
+    >>> y.shape, a.shape
+    ((4, 2, 5), (1, 4, 2))
+    """
+
+    torch_name = None
+    variants: dict = {}
+
+    def __init__(self, n_x: int, n_a: int, *, cell: str, **kwargs: Any) -> None:
+        if not isinstance(cell, str):
+            raise TypeError(f"cell must be a cell's name (a str), got {type(cell).__name__}")
+        self.cell = cell_named(cell)
+        super().__init__(n_x, n_a, **kwargs)
+
+    def __repr__(self):
+        return (f"Recurrent(n_x={self.n_x}, n_a={self.n_a}, cell={self.cell.name!r}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")

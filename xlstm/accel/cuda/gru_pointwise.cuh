@@ -1,6 +1,6 @@
 // Pointwise GRU arithmetic (xlstm/cells/gru.py), written once for the CUDA kernels and for
 // the host; the kernels that call gru_fwd_elem and gru_bwd_elem are generated from the table
-// in xlstm/_cuda/kernels.py, with their arguments in the order of these functions (after
+// in xlstm/accel/cuda/kernels.py, with their arguments in the order of these functions (after
 // e and n).
 //
 // Layout: gate order (r, z, n); the input term gx and the recurrent product ga are
@@ -62,6 +62,7 @@ XLSTM_HD inline void gru_bwd_point(T da, T da_rec, T da_direct, T r, T z, T n, T
 // Element e = r n + j of the (m, n) grid: row r, unit j.
 
 template <typename T>
+// kernel gru fwd: gx:3@gx ga:3@ga ba:3r@ba a_prev:1@A[t] > s:2@S nt:1@N hn:1@HN a:1@A[t+1]
 XLSTM_HD inline void gru_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                   const T* ba, const T* a_prev, T* s, T* nt, T* hn, T* a) {
     const index_t r = e / n;
@@ -77,6 +78,8 @@ XLSTM_HD inline void gru_fwd_elem(index_t e, index_t n, const T* gx, const T* ga
 // Backward: writes dgx = (drt, dzt, dnt) and dga = (drt, dzt, dhn), (m, 3 n) each, and
 // da_direct_prev, which may be da_direct itself (read before written, by the same thread).
 template <typename T>
+// kernel gru bwd: da:1@da da_rec:1@da_rec da_direct:1@direct s:2@S nt:1@N hn:1@HN
+//     a_prev:1@A[t] > dgx:3@dGx dga:3@dGa da_direct_prev:1=da_direct@direct
 XLSTM_HD inline void gru_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                   const T* da_direct, const T* s, const T* nt, const T* hn,
                                   const T* a_prev, T* dgx, T* dga, T* da_direct_prev) {

@@ -1,7 +1,13 @@
 """The table of the fused CUDA kernels, and everything generated from it.
 
-Each kernel is declared once, in :data:`TABLE`: its cell, its step (``"fwd"`` or ``"bwd"``),
-the element function of the cell's header that it calls, and its arguments in order. The
+Each kernel is declared once, in its cell's header, right above the element function it
+calls (``<cell>_<step>_elem``)::
+
+    // kernel <cell> <step>: <arguments in order, read > written>
+
+with the step ``fwd`` or ``bwd`` and the arguments as :func:`_args` reads them (lines
+starting ``//`` and four spaces continue the list). :data:`TABLE` gathers them from every
+``*.cuh`` of this folder. The
 element function works on one step's C-contiguous ``(m, width * n)`` slices of the engine's
 stacks (width 4 for the LSTM's gates, 3 for its sigmoid gates, 1 for one number per unit),
 or a ``(1, width * n)`` row read by every row (a bias), each one read (``const``) or written.
@@ -48,9 +54,8 @@ From the table come:
 * :func:`nc_violations`: the check of their PTX that no persistent kernel reads memory that
   its launch writes through the non-coherent path (``kernels.py --check-ptx DIR``).
 
-Adding a cell's kernels means one header (``<cell>_pointwise.cuh`` with its element
-functions, named in :data:`HEADERS`) and its rows in :data:`TABLE`; nothing else here, and
-nothing in the loops.
+Adding a cell's kernels means one header (``<cell>_pointwise.cuh``, its element functions
+each under its declaration); nothing here, and nothing in the loops.
 
 This module is pure Python and imports nothing but the standard library (nor the rest of
 the package), so that it also runs as a script.
@@ -78,9 +83,33 @@ PRELUDE = "prelude.cuh"
 PERSISTENT = "persistent.cuh"
 _INCLUDE_PRELUDE = f'#include "{PRELUDE}"'
 
-HEADERS = {"lstm": "lstm_pointwise.cuh", "gru": "gru_pointwise.cuh",
-           "rnn_tanh": "rnn_pointwise.cuh", "rnn_relu": "rnn_pointwise.cuh",
-           "slstm": "slstm_pointwise.cuh", "slstm_exp": "slstm_pointwise.cuh"}
+#: A kernel's declaration in a header (see the module's docstring), and its continuation.
+_DECLARATION = re.compile(r"^// kernel (\w+) (fwd|bwd): (.*)$")
+_CONTINUED = re.compile(r"^//    (\s*\S.*)$")
+
+
+def _declarations():
+    """``(cell, step, arguments, header)`` of every kernel declared in this folder's
+    headers, in the order of the headers' names, then of their lines."""
+    found = []
+    for path in sorted(_DIR.glob("*.cuh")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            m = _DECLARATION.match(line)
+            if m is None:
+                continue
+            spec = [m.group(3)]
+            for more in lines[i + 1:]:
+                c = _CONTINUED.match(more)
+                if c is None:
+                    break
+                spec.append(c.group(1).strip())
+            found.append((m.group(1), m.group(2), " ".join(spec), path.name))
+    return found
+
+
+#: The header of each cell that has kernels: where its kernels are declared.
+HEADERS = {cell: header for cell, _, _, header in _declarations()}
 
 #: dtype name -> (suffix of the kernel name, C type).
 DTYPES = {"float32": ("f32", "float"), "float64": ("f64", "double")}
@@ -203,49 +232,14 @@ def masked(k: Kernel) -> Kernel:
     return Kernel(k.cell, k.step, k.elem, (*k.args, *extra), masked=True)
 
 
-#: Every kernel, keyed by ``(cell, step)`` (:attr:`Kernel.key`): the rows written here and
-#: their padded-batch variants (:func:`masked`). Argument order is the contract with the
-#: loops that launch them (``xlstm.accel.cuda.Loops``): after ``m`` and ``n``, inputs first.
+#: Every kernel, keyed by ``(cell, step)`` (:attr:`Kernel.key`): those declared in the
+#: headers and their padded-batch variants (:func:`masked`). Argument order is the contract
+#: with the loops that launch them (``xlstm.accel.cuda.Loops``): after ``m`` and ``n``,
+#: inputs first.
 TABLE = {
     v.key: v
-    for k in (
-        # LSTM forward, equations (1)-(6): the pre-activation is gx + ga.
-        Kernel("lstm", "fwd", "lstm_fwd_elem",
-               _args("gx:4@gx ga:4@ga c_prev:1@C[t] > s:3@S cct:1@CCT c:1@C[t+1] tc:1@TC "
-                     "a:1@A[t+1]")),
-        # LSTM backward, equations (7)-(10) and (20); dc_prev may be dc, updated in place.
-        Kernel("lstm", "bwd", "lstm_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec dc:1@dC s:3@S cct:1@CCT tc:1@TC c_prev:1@C[t] "
-                     "> dg:4@dGx dc_prev:1=dc@dC")),
-        # GRU forward: the recurrent term is ga + ba (the reset gate scales its n block).
-        Kernel("gru", "fwd", "gru_fwd_elem",
-               _args("gx:3@gx ga:3@ga ba:3r@ba a_prev:1@A[t] > s:2@S nt:1@N hn:1@HN "
-                     "a:1@A[t+1]")),
-        # GRU backward: dgx and dga differ in the n block; the direct term da z is carried
-        # to the step before, updated in place.
-        Kernel("gru", "bwd", "gru_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec da_direct:1@direct s:2@S nt:1@N hn:1@HN "
-                     "a_prev:1@A[t] > dgx:3@dGx dga:3@dGa da_direct_prev:1=da_direct@direct")),
-        # RNN, tanh and relu: a = act(gx + ga); dg = (da + da_rec) act'(a).
-        Kernel("rnn_tanh", "fwd", "rnn_tanh_fwd_elem",
-               _args("gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H")),
-        Kernel("rnn_tanh", "bwd", "rnn_tanh_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
-        Kernel("rnn_relu", "fwd", "rnn_relu_fwd_elem",
-               _args("gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H")),
-        Kernel("rnn_relu", "bwd", "rnn_relu_bwd_elem",
-               _args("da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx")),
-        # sLSTM: the stabiliser m, the stabilised gates, c, n and h; m gets no gradient.
-        # With the exponential forget gate, the same rows without its slope d.
-        *(Kernel(cell, step, f"{cell}_{step}_elem",
-                 tuple(a for a in _args(spec) if cell == "slstm" or a.name != "d"))
-          for cell in ("slstm", "slstm_exp") for step, spec in (
-              ("fwd", "gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2 "
-                      "zo:2@ZO cn:2@CN d:1@D c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]"),
-              ("bwd", "da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO "
-                      "cn:2@CN d:1@D c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC "
-                      "dn_prev:1=dn@dN dm_prev:1=dm@dM"))),
-    )
+    for cell, step, spec, _ in _declarations()
+    for k in (Kernel(cell, step, f"{cell}_{step}_elem", _args(spec)),)
     for v in (k, masked(k))
 }
 

@@ -6,8 +6,8 @@
 // columns of the recurrent product from the whole input of the step (the state, or the
 // gradients of all units) and runs the cell's element function on its own (row, unit)
 // elements; the grid synchronises once per step so that every block sees the whole new
-// state. The kernels themselves are generated from the table in xlstm/_cuda/kernels.py;
-// xlstm._cuda.Loops launches them and picks their sizes (persistent_plan).
+// state. The kernels themselves are generated from the table in xlstm/accel/cuda/kernels.py;
+// xlstm.accel.cuda.Loops launches them and picks their sizes (persistent_plan).
 //
 // The product sums in order over the inner index, one thread per output, without fused
 // multiply-adds: its rounding differs from cuBLAS's (and OpenBLAS's) order, so results

@@ -1,5 +1,5 @@
 // What every cell's pointwise header uses: the host/device qualifier, the index type
-// of the kernels and tanh for float and double. xlstm._cuda.kernels.source puts it in
+// of the kernels and tanh for float and double. xlstm.accel.cuda.kernels.source puts it in
 // front of the cell's header; nothing else includes it.
 
 #ifndef XLSTM_POINTWISE_PRELUDE

@@ -1,6 +1,6 @@
 // Pointwise RNN arithmetic (xlstm/cells/rnn.py), tanh and relu, written once for the CUDA
 // kernels and for the host; the kernels that call the rnn_*_elem functions are generated
-// from the table in xlstm/_cuda/kernels.py, with their arguments in the order of these
+// from the table in xlstm/accel/cuda/kernels.py, with their arguments in the order of these
 // functions (after e and n). The (m, n) blocks gx and ga are the input and recurrent terms.
 //
 // The operations are those of RNNCell.step, back_coeffs and step_back, one for one: with
@@ -36,6 +36,7 @@ XLSTM_HD inline T sign_of(T x) {
 // ------------------------------------------------------- one element of the grid
 // Forward: a = act(gx + ga); h, the saved copy of a.
 template <typename T>
+// kernel rnn_tanh fwd: gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H
 XLSTM_HD inline void rnn_tanh_fwd_elem(index_t e, index_t, const T* gx, const T* ga, T* a,
                                        T* h) {
     const T v = act_tanh(gx[e] + ga[e]);
@@ -44,6 +45,7 @@ XLSTM_HD inline void rnn_tanh_fwd_elem(index_t e, index_t, const T* gx, const T*
 }
 
 template <typename T>
+// kernel rnn_relu fwd: gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H
 XLSTM_HD inline void rnn_relu_fwd_elem(index_t e, index_t, const T* gx, const T* ga, T* a,
                                        T* h) {
     const T v = act_relu(gx[e] + ga[e]);
@@ -54,6 +56,7 @@ XLSTM_HD inline void rnn_relu_fwd_elem(index_t e, index_t, const T* gx, const T*
 // Backward: dg = (da + da_rec) D, with D the activation's derivative from the saved output
 // h: tanh_derivative (1 - h^2), or relu's sign(h).
 template <typename T>
+// kernel rnn_tanh bwd: da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx
 XLSTM_HD inline void rnn_tanh_bwd_elem(index_t e, index_t, const T* da, const T* da_rec,
                                        const T* h, T* dg) {
     const T one = T(1);
@@ -62,6 +65,7 @@ XLSTM_HD inline void rnn_tanh_bwd_elem(index_t e, index_t, const T* da, const T*
 }
 
 template <typename T>
+// kernel rnn_relu bwd: da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx
 XLSTM_HD inline void rnn_relu_bwd_elem(index_t e, index_t, const T* da, const T* da_rec,
                                        const T* h, T* dg) {
     const T D = sign_of(h[e]);

@@ -2,7 +2,7 @@
 // for the host, for both forget gates: logsigmoid(f~) (slstm) and f~ itself (slstm_exp).
 //
 // The kernels that call these functions are generated from the table in
-// xlstm/_cuda/kernels.py, which lists their arguments in the order below (after e and n).
+// xlstm/accel/cuda/kernels.py, which lists their arguments in the order below (after e and n).
 // Layout: the pre-activation of a step is an (m, 4 n) block in gate order (i, f, z, o),
 // the output gate's rows halved, so sigmoid(o~) = 0.5 tanh(o~ / 2) + 0.5. Saved per step:
 // X2 = (i', f'), ZO = (tanh z~, tanh(o~ / 2)), CN = (c, n) and, for the sigmoid forget gate,
@@ -113,6 +113,8 @@ XLSTM_HD inline void slstm_fwd_any(index_t e, index_t n, const T* gx, const T* g
 }
 
 template <typename T>
+// kernel slstm fwd: gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2
+//     zo:2@ZO cn:2@CN d:1@D c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]
 XLSTM_HD inline void slstm_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                     const T* c_prev, const T* n_prev, const T* m_prev, T* x2,
                                     T* zo, T* cn, T* d, T* c, T* nn, T* mt, T* h) {
@@ -120,6 +122,8 @@ XLSTM_HD inline void slstm_fwd_elem(index_t e, index_t n, const T* gx, const T* 
 }
 
 template <typename T>
+// kernel slstm_exp fwd: gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2
+//     zo:2@ZO cn:2@CN c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]
 XLSTM_HD inline void slstm_exp_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                         const T* c_prev, const T* n_prev, const T* m_prev,
                                         T* x2, T* zo, T* cn, T* c, T* nn, T* mt, T* h) {
@@ -145,6 +149,9 @@ XLSTM_HD inline void slstm_bwd_any(index_t e, index_t n, const T* da, const T* d
 }
 
 template <typename T>
+// kernel slstm bwd: da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO cn:2@CN
+//     d:1@D c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC dn_prev:1=dn@dN
+//     dm_prev:1=dm@dM
 XLSTM_HD inline void slstm_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                     const T* dc, const T* dn, const T* dm, const T* x2,
                                     const T* zo, const T* cn, const T* d, const T* c_prev,
@@ -155,6 +162,9 @@ XLSTM_HD inline void slstm_bwd_elem(index_t e, index_t n, const T* da, const T* 
 }
 
 template <typename T>
+// kernel slstm_exp bwd: da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO
+//     cn:2@CN c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC dn_prev:1=dn@dN
+//     dm_prev:1=dm@dM
 XLSTM_HD inline void slstm_exp_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                         const T* dc, const T* dn, const T* dm, const T* x2,
                                         const T* zo, const T* cn, const T* c_prev,
