@@ -16,7 +16,9 @@ import xlstm
 from xlstm.engine import loop as _engine
 
 pytest.importorskip("numba", reason="numba is not installed (pip install xlstm-array-api[cpu])")
-from xlstm.accel.cpu import loops as _cpu  # needs numba
+from xlstm.accel.cpu import cache as _cache  # needs numba
+from xlstm.accel.cpu import loops as _cpu
+from xlstm.accel.cpu import replay as _replay
 
 NP = array_api_compat.array_namespace(np.zeros(1))
 DTYPES = (np.float32, np.float64)
@@ -165,7 +167,7 @@ def test_a_numba_that_does_not_load_leaves_the_array_path(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('Numba needs NumPy 0.1 or less')\n")
     code = (
         "import os, sys, warnings, numpy as np, xlstm\n"
-        "from xlstm import _engine\n"
+        "from xlstm.engine import loop as _engine\n"
         "with warnings.catch_warnings(record=True) as seen:\n"
         "    warnings.simplefilter('always')\n"
         "    assert _engine.accelerated_loops(xlstm._lib.compat.default_namespace(),\n"
@@ -320,8 +322,8 @@ with xlstm.accelerators(False):
     _, _, _, caches = xlstm.lstm_forward(x, a0, p)
     plain = xlstm.lstm_backward(np.ones((4, 2, 5)), caches)
 assert all(np.array_equal(fast[k], plain[k]) for k in plain)
-from xlstm.accel.cpu import loops as _cpu
-print(_cpu._map_kernel.cache_info().currsize)
+from xlstm.accel.cpu import codegen
+print(codegen.map_kernel.cache_info().currsize)
 """
 
 
@@ -354,12 +356,12 @@ def test_point_loops_compile_the_point_functions_they_call():
     """A point function may call others of its module; the loop's cache name hashes their
     sources too, so that editing a called function cannot meet a stale cache."""
     pytest.importorskip("numba")
-    from xlstm.accel.cpu import loops as _cpu
+    from xlstm.accel.cpu import codegen
     from xlstm.cells import lstm
 
-    assert _cpu._helpers(lstm.backward_step_from_saved) == [
+    assert codegen._helpers(lstm.backward_step_from_saved) == [
         lstm.backward_coefficients, lstm.backward_step]
-    assert _cpu._helpers(lstm.backward_step) == []
+    assert codegen._helpers(lstm.backward_step) == []
 
 
 # ------------------------------------------------------- a broken cache never breaks a call
@@ -368,9 +370,9 @@ def _fresh_loops(monkeypatch):
     import functools
 
     monkeypatch.setattr(_cpu, "_loops", functools.cache(_cpu.Loops))
-    monkeypatch.setattr(_cpu, "_FAILURES", [])
-    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
-    monkeypatch.setattr(_cpu, "_DISABLED", False)
+    monkeypatch.setattr(_cache, "_FAILURES", [])
+    monkeypatch.setattr(_cache, "_IN_MEMORY", False)
+    monkeypatch.setattr(_cache, "_DISABLED", False)
 
 
 def test_a_generated_module_runs_only_as_its_name_says(tmp_path, monkeypatch):
@@ -378,19 +380,19 @@ def test_a_generated_module_runs_only_as_its_name_says(tmp_path, monkeypatch):
     runs only if it is that text: an edited, emptied, garbled or undecodable file, or a
     FIFO in its place, is written anew (without hanging), and the right code runs."""
     monkeypatch.setenv("XLSTM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
+    monkeypatch.setattr(_cache, "_IN_MEMORY", False)
     src = "def f(x):\n    return x + 1\n"
 
     def load():
         for name in [k for k in sys.modules if k.startswith("xlstm_probe_")]:
             monkeypatch.delitem(sys.modules, name)
         with time_limit(60):
-            return _cpu._compiled_module("probe", src, "f", {})
+            return _cache.compiled_module("probe", src, "f", {})
 
     assert load()(1) == 2
     (path,) = tmp_path.glob("xlstm_probe_*.py")
     good = path.read_bytes()
-    assert path.stem == "xlstm_probe_" + _cpu._digest(good.decode())
+    assert path.stem == "xlstm_probe_" + _cache.digest(good.decode())
     for bad in (b"", b"def f(x):\n    return x + 2\n", b"def f(x:\n", b"\xff\xfe\x00junk",
                 good[:-3]):
         path.write_bytes(bad)
@@ -406,7 +408,7 @@ def _flaky_whole_loops(monkeypatch, exc, times):
     """Make the first ``times`` calls of compiled whole loops raise ``exc``, as numba does
     when it cannot load, compile or write a loop's cache at its first call; returns the
     list of the calls that did run."""
-    real, ran, failed = _cpu._whole_loop, [], []
+    real, ran, failed = _replay._whole_loop, [], []
 
     def flaky(source, twins):
         fn = real(source, twins)
@@ -420,7 +422,7 @@ def _flaky_whole_loops(monkeypatch, exc, times):
 
         return call
 
-    monkeypatch.setattr(_cpu, "_whole_loop", flaky)
+    monkeypatch.setattr(_replay, "_whole_loop", flaky)
     return ran
 
 
@@ -443,7 +445,7 @@ def test_a_failing_compiled_loop_falls_back_with_one_warning(monkeypatch, exc):
     assert len(rec) == 1, [str(r.message) for r in rec]
     assert type(exc).__name__ in str(rec[0].message)
     _assert_identical(got, want)
-    assert _cpu._IN_MEMORY and not _cpu._DISABLED
+    assert _cache._IN_MEMORY and not _cache._DISABLED
     ran.clear()
     _assert_identical(_run(monkeypatch, "1", x, a0, p, c0, da), want)  # no warning
     assert ran  # the compiled whole loops ran
@@ -553,7 +555,7 @@ def test_an_error_of_the_call_itself_is_not_blamed_on_the_compiled_loops(monkeyp
     x, a0, _, p = random_case(2, 3, 4, 3, 2, 5)
     with pytest.raises(FloatingPointError, match="overflow encountered in tanh"):
         xlstm.lstm_forward(x, a0, p)
-    assert _cpu._FAILURES == [] and not _cpu._IN_MEMORY
+    assert _cache._FAILURES == [] and not _cache._IN_MEMORY
 
 
 def test_a_cache_folder_that_anyone_may_write_is_not_used(tmp_path, monkeypatch):
@@ -563,8 +565,8 @@ def test_a_cache_folder_that_anyone_may_write_is_not_used(tmp_path, monkeypatch)
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("XLSTM_CACHE_DIR", str(shared))
-    monkeypatch.setattr(_cpu, "_IN_MEMORY", False)
-    f = _cpu._compiled_module("probe_shared", "def f(x):\n    return x * 3\n", "f", {})
+    monkeypatch.setattr(_cache, "_IN_MEMORY", False)
+    f = _cache.compiled_module("probe_shared", "def f(x):\n    return x * 3\n", "f", {})
     assert f(2) == 6
     assert list(shared.iterdir()) == []
 
@@ -576,7 +578,7 @@ def test_a_numba_that_fails_to_load_in_any_way_leaves_the_array_path(tmp_path):
     (tmp_path / "numba").mkdir()
     (tmp_path / "numba" / "__init__.py").write_text("raise OSError('libllvmlite.so: bad ELF')\n")
     code = ("import numpy as np, xlstm\n"
-            "from xlstm import _accel\n"
+            "from xlstm.accel import registry as _accel\n"
             "module, why = _accel.cpu_loops_module()\n"
             "assert module is None and 'bad ELF' in why, why\n"
             "m = xlstm.LSTM(3, 4, seed=0)\n"

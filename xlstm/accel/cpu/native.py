@@ -35,11 +35,15 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import intrinsic, register_jitable
 
-__all__ = ["OPTIONS", "blas", "cached_jit", "cache_off_unproven", "ccall", "copyto",
-           "drop_broken_entries", "matmul", "matmul_t", "matmul_supported", "register_cache",
-           "ufunc1", "ufunc2", "ufunc2_scalar", "ufunc_loop", "ufunc_supported"]
+# numba is imported here only: the other modules of the loops take its names from here
+# (``njit``, ``register_jitable``, ``Dispatcher``, the type of a compiled function).
+__all__ = ["OPTIONS", "Dispatcher", "blas", "cached_jit", "cache_off_unproven", "ccall",
+           "copyto", "drop_broken_entries", "matmul", "matmul_t", "matmul_supported", "njit",
+           "register_cache", "register_jitable", "ufunc1", "ufunc2", "ufunc2_scalar",
+           "ufunc_loop", "ufunc_supported"]
 
 #: numba's options for every compiled loop of the package.
 OPTIONS = {"nogil": True, "error_model": "numpy"}
