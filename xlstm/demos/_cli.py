@@ -40,28 +40,26 @@ def positive_float(text):
     return value
 
 
-def output_file(text):
-    """A file path that can be written: its folder exists and is writable, it is no folder."""
-    why = output_problem(text)
-    if why:
-        raise argparse.ArgumentTypeError(why)
-    return text
+def path_type(problem, name, doc):
+    """An argparse type named ``name``: the path itself, or the error that ``problem(path)``
+    says (None: no problem)."""
+
+    def parse(text):
+        why = problem(text)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return text
+
+    parse.__name__, parse.__qualname__, parse.__doc__ = name, name, doc
+    return parse
 
 
-def output_folder(text):
-    """A folder that exists and can be written in."""
-    why = folder_problem(text)
-    if why:
-        raise argparse.ArgumentTypeError(why)
-    return text
-
-
-def input_file(text):
-    """A regular file that exists and can be read (not a folder, a device or a pipe)."""
-    why = input_problem(text)
-    if why:
-        raise argparse.ArgumentTypeError(why)
-    return text
+output_file = path_type(output_problem, "output_file", "A file path that can be written: its "
+                        "folder exists and is writable, it is no folder.")
+output_folder = path_type(folder_problem, "output_folder",
+                          "A folder that exists and can be written in.")
+input_file = path_type(input_problem, "input_file", "A regular file that exists and can be "
+                       "read (not a folder, a device or a pipe).")
 
 
 def common_options(parser, *, out=None, plot=None):
@@ -102,18 +100,41 @@ def training_options(parser, *, steps, hidden, batch, lr, clip, steps_what="opti
                         help=f"global-norm clip (default {clip:g})")
 
 
+def text_options(parser, **what):
+    """The options of a demo that learns a text: ``--text`` and :func:`training_options`
+    (``what``: their ``steps_what`` and ``hidden_what``)."""
+    parser.add_argument("--text", type=input_file, default=None,
+                        help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
+    training_options(parser, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
+                     batch_of="contiguous streams of the text", **what)
+
+
+def comparison_options(parser, *, steps, hidden, lr, hidden_what, plot):
+    """The options of a demo that trains several models on sequences and compares their
+    held-out accuracy: :func:`training_options`, ``--test-size`` and :func:`common_options`."""
+    training_options(parser, steps=steps, hidden=hidden, batch=32, lr=lr, clip=5.0,
+                     steps_what="optimizer steps per model", hidden_what=hidden_what)
+    parser.add_argument("--test-size", type=int_at_least(1), default=512,
+                        help="held-out sequences (default 512)")
+    common_options(parser, plot=plot)
+
+
+def demo_parser(parser, command, description):
+    """``parser``, or a new parser of ``python -m xlstm demo <command>``, with the usage line
+    and the ``description`` of a demo."""
+    p = parser or argparse.ArgumentParser(prog=f"python -m xlstm demo {command}")
+    p.usage = "%(prog)s [options]"  # the options are listed by --help
+    p.description = description
+    return p
+
+
 def charlm_parser(parser=None):
     """The options of :func:`xlstm.demos.charlm`, added to ``parser`` or a new parser."""
-    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo charlm")
-    p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("Character-level language model, a stacked LSTM trained by truncated "
-                     "backpropagation through time: train on a text, print samples as it "
-                     "learns, save the parameters and a loss curve.")
-    p.add_argument("--text", type=input_file, default=None,
-                   help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
-                     hidden_what="hidden size of every layer",
-                     batch_of="contiguous streams of the text")
+    p = demo_parser(parser, "charlm",
+                    "Character-level language model, a stacked LSTM trained by truncated "
+                    "backpropagation through time: train on a text, print samples as it "
+                    "learns, save the parameters and a loss curve.")
+    text_options(p, hidden_what="hidden size of every layer")
     p.add_argument("--layers", type=int_at_least(1), default=2,
                    help="stacked layers (default 2; the mLSTM runs one)")
     p.add_argument("--cell", default="lstm", choices=("lstm", "slstm", "mlstm"),
@@ -133,10 +154,9 @@ def charlm_parser(parser=None):
 
 def adding_parser(parser=None):
     """The options of :func:`xlstm.demos.adding`, added to ``parser`` or a new parser."""
-    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo adding")
-    p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("The adding problem (Hochreiter and Schmidhuber 1997, experiment 4): "
-                     "train until the test error is below --target, save the parameters.")
+    p = demo_parser(parser, "adding",
+                    "The adding problem (Hochreiter and Schmidhuber 1997, experiment 4): "
+                    "train until the test error is below --target, save the parameters.")
     p.add_argument("--T", type=int_at_least(2), default=50,
                    help="sequence length, at least 2 (default 50)")
     training_options(p, steps=5000, hidden=32, batch=64, lr=1e-2, clip=1.0,
@@ -151,33 +171,26 @@ def adding_parser(parser=None):
     return p
 
 
-
 def bidirectional_parser(parser=None):
     """The options of :func:`xlstm.demos.bidirectional`, added to ``parser`` or a new one."""
-    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo bidirectional")
-    p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("Bidirectional against one-direction LSTM on variable-length "
-                     "sequences: label every step with the next symbol; compare held-out "
-                     "accuracy, write both loss curves.")
+    p = demo_parser(parser, "bidirectional",
+                    "Bidirectional against one-direction LSTM on variable-length "
+                    "sequences: label every step with the next symbol; compare held-out "
+                    "accuracy, write both loss curves.")
     p.add_argument("--T", type=int_at_least(2), default=16,
                    help="padded length; lengths are uniform in [T/2, T] (default 16)")
     p.add_argument("--vocab", type=int_at_least(2), default=4, help="symbols (default 4)")
-    training_options(p, steps=300, hidden=16, batch=32, lr=2e-2, clip=5.0,
-                     steps_what="optimizer steps per model",
-                     hidden_what="hidden size per direction")
-    p.add_argument("--test-size", type=int_at_least(1), default=512,
-                   help="held-out sequences (default 512)")
-    common_options(p, plot="bidirectional_loss.png")
+    comparison_options(p, steps=300, hidden=16, lr=2e-2, hidden_what="hidden size per direction",
+                       plot="bidirectional_loss.png")
     return p
 
 
 def recall_parser(parser=None):
     """The options of :func:`xlstm.demos.recall`, added to ``parser`` or a new one."""
-    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo recall")
-    p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("Multi-query associative recall: LSTM, sLSTM and mLSTM of about equal "
-                     "size read key-value pairs and answer queries; compare held-out "
-                     "accuracy, write the loss curves.")
+    p = demo_parser(parser, "recall",
+                    "Multi-query associative recall: LSTM, sLSTM and mLSTM of about equal "
+                    "size read key-value pairs and answer queries; compare held-out "
+                    "accuracy, write the loss curves.")
     p.add_argument("--pairs", type=int_at_least(1), default=4,
                    help="key-value pairs per sequence (default 4)")
     p.add_argument("--queries", type=int_at_least(1), default=4,
@@ -185,28 +198,20 @@ def recall_parser(parser=None):
     p.add_argument("--keys", type=int_at_least(1), default=8, help="key symbols (default 8)")
     p.add_argument("--values", type=int_at_least(2), default=8,
                    help="value symbols (default 8)")
-    training_options(p, steps=4000, hidden=32, batch=32, lr=5e-3, clip=5.0,
-                     steps_what="optimizer steps per model",
-                     hidden_what="the LSTM's hidden size; the others match its parameters")
-    p.add_argument("--test-size", type=int_at_least(1), default=512,
-                   help="held-out sequences (default 512)")
-    common_options(p, plot="recall_loss.png")
+    comparison_options(p, steps=4000, hidden=32, lr=5e-3,
+                       hidden_what="the LSTM's hidden size; the others match its parameters",
+                       plot="recall_loss.png")
     return p
 
 
 def cells_parser(parser=None):
     """The options of :func:`xlstm.demos.charlm_cells`, added to ``parser`` or a new one."""
-    p = parser or argparse.ArgumentParser(prog="python -m xlstm demo cells")
-    p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = ("The character-level language model with an LSTM, an sLSTM and an "
-                     "mLSTM of one layer and about equal size: the held-out losses of the "
-                     "three in one plot.")
-    p.add_argument("--text", type=input_file, default=None,
-                   help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    training_options(p, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
-                     steps_what="optimizer steps per model",
-                     hidden_what="the LSTM's hidden size; the others match its parameters",
-                     batch_of="contiguous streams of the text")
+    p = demo_parser(parser, "cells",
+                    "The character-level language model with an LSTM, an sLSTM and an "
+                    "mLSTM of one layer and about equal size: the held-out losses of the "
+                    "three in one plot.")
+    text_options(p, steps_what="optimizer steps per model",
+                 hidden_what="the LSTM's hidden size; the others match its parameters")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="characters per step, the span of backpropagation (default 50)")
     p.add_argument("--sample-every", type=int_at_least(1), default=250,

@@ -1,4 +1,4 @@
-"""The loss curve PNG that both demos write next to their parameters."""
+"""The loss-curve PNGs that the demos write."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def loss_curve(path, history, evals, *, title, ylabel, eval_label, baseline=None
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", ms=3, label=eval_label)
     return _finish(fig, ax, path, title=title, ylabel=ylabel, baseline=baseline, logy=logy)
+
+
+def training_curves(path, histories, *, title, ylabel):
+    """Write a PNG of the per-step training losses of several models (label -> history),
+    the first drawn in full and the others smoothed; None without matplotlib."""
+    first, *rest = histories
+    return loss_curve(path, histories[first], [], title=title, ylabel=ylabel, eval_label="",
+                      others={k: histories[k] for k in rest}, label=first)
 
 
 def eval_curves(path, curves, *, title, ylabel, baseline=None):

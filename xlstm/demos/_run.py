@@ -1,5 +1,6 @@
 """What the demos do alike: the backend and dtype, count checks, random streams, printing,
-and the linear head that the demos put on a model class's outputs."""
+the linear head that the demos put on a model class's outputs (its loss and its accuracy),
+and the end of a run (its files and its summary)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import stat
 import numpy as np
 
 from .._lib.compat import load_backend
+from ..io import save_params
 from ..training.losses import softmax_cross_entropy
+from ._plot import curve_path, loss_curve
 
 
 def setup(backend, dtype):
@@ -222,6 +225,61 @@ def head_loss(model, params, x, labels, *, xp, state=None, lengths=None, mask=No
     dhead = {"Wy": xp.tensordot(dz, y, axes=([1, 2], [1, 2])),
              "by": xp.sum(dz, axis=(1, 2))[:, None]}
     return loss, {"rnn": grads, "head": dhead}, final
+
+
+def head_training(model, head, *, xp):
+    """What :func:`xlstm.train.fit` trains for ``model`` with a linear ``head``: the
+    parameter tree ``{"rnn", "head"}`` and the loss function, the masked :func:`head_loss` of
+    batches ``(x, labels, mask, lengths)`` (``lengths`` None: every sequence has all its
+    steps)."""
+
+    def loss_fn(params, batch):
+        x, labels, mask, lengths = batch
+        loss, grads, _ = head_loss(model, params, x, labels, xp=xp, lengths=lengths, mask=mask)
+        return loss, grads
+
+    return {"rnn": model.params, "head": head}, loss_fn
+
+
+def accuracy(model, params, batch, *, xp):
+    """The accuracy of ``model`` with the linear head of ``params`` (the tree of
+    :func:`head_training`) on a batch of :func:`head_training`, over its counted positions."""
+    x, labels, mask, lengths = batch
+    y, _, _ = model.forward(x, lengths=lengths, params=params["rnn"], return_cache=False)
+    logits = head_logits(params["head"], y, xp=xp)
+    hit = (xp.argmax(logits, axis=0) == xp.astype(labels, xp.int64)) & mask
+    dt = logits.dtype
+    return float(xp.sum(xp.astype(hit, dt)) / xp.sum(xp.astype(mask, dt)))
+
+
+def finish_run(res, evals, *, out, plot, baseline, mean_of, **curve):
+    """The end of a demo that trains one model: save its parameters to ``out`` and its loss
+    curve where :func:`curve_path` puts it (``curve``: :func:`loss_curve`'s labels), and
+    return the summary that such demos share.
+
+    ``evals`` are the ``(step, loss)`` pairs of the held-out scores, the last one that of
+    the trained model; ``train_loss_first`` and ``train_loss_last`` are the means of the
+    first and last ``mean_of`` training losses.
+    """
+    history = res.history
+    save_params(out, res.params)
+    plot_path = curve_path(out, plot)
+    if plot_path is not None:
+        plot_path = loss_curve(plot_path, history, evals, baseline=baseline, **curve)
+    k = min(mean_of, len(history))
+    return {
+        "initial_loss": evals[0][1],
+        "final_loss": evals[-1][1],
+        "baseline": baseline,
+        "train_loss_first": float(np.mean(history[:k])),
+        "train_loss_last": float(np.mean(history[-k:])),
+        "history": history,
+        "evals": evals,
+        "steps": len(history),
+        "seconds": res.seconds,
+        "params_path": os.fspath(out),
+        "plot_path": plot_path,
+    }
 
 
 def parameter_count(model):

@@ -7,20 +7,18 @@ problem counts as solved below 0.01.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ..io import save_params
 from ..notebook.losses import last_step_mse, last_step_predict
 from ..notebook.params import init_params
 from ..training.fit import fit
 from ..training.optim import Adam
-from ._plot import curve_path, loss_curve
+from ._plot import curve_path
 from ._run import (
     check_counts,
     check_paths,
     check_sequence_memory,
+    finish_run,
     fmt_time,
     lstm_parameters,
     printer,
@@ -178,34 +176,15 @@ def adding(
 
     res = fit(params, batches, loss_fn, Adam(lr=lr), steps=steps, clip_norm=clip,
               callback=callback, progress=progress, desc="adding")
-    params, history = res.params, res.history
-    final = evals[-1][1] if evals[-1][0] == len(history) else test_mse(params)
-    if evals[-1][0] != len(history):
-        evals.append((len(history), final))
-    save_params(out, params)
-    plot_path = curve_path(out, plot)
-    if plot_path is not None:
-        plot_path = loss_curve(plot_path, history, evals,
-                               title=f"adding problem: T={T}, n_a={hidden}",
-                               ylabel="mean squared error", eval_label="test",
-                               baseline=baseline, logy=True)
-    k = min(20, len(history))
-    solved = final < target
-    say(f"test MSE: {initial:.4f} -> {final:.4f} after {len(history)} steps "
+    if evals[-1][0] != len(res.history):
+        evals.append((len(res.history), test_mse(res.params)))
+    result = finish_run(res, evals, out=out, plot=plot, baseline=baseline, mean_of=20,
+                        title=f"adding problem: T={T}, n_a={hidden}",
+                        ylabel="mean squared error", eval_label="test", logy=True)
+    final, plot_path = result["final_loss"], result["plot_path"]
+    result["solved"] = solved = final < target
+    say(f"test MSE: {initial:.4f} -> {final:.4f} after {len(res.history)} steps "
         f"(baseline {baseline:.4f}); {'solved' if solved else 'NOT solved'} "
         f"(target {target:g}); training took {fmt_time(res.seconds)}")
     say(f"saved parameters to {out}" + (f", loss curve to {plot_path}" if plot_path else ""))
-    return {
-        "initial_loss": initial,
-        "final_loss": final,
-        "baseline": baseline,
-        "solved": solved,
-        "train_loss_first": float(np.mean(history[:k])),
-        "train_loss_last": float(np.mean(history[-k:])),
-        "history": history,
-        "evals": evals,
-        "steps": len(history),
-        "seconds": res.seconds,
-        "params_path": os.fspath(out),
-        "plot_path": plot_path,
-    }
+    return result

@@ -18,14 +18,14 @@ import numpy as np
 from ..models.recurrent import LSTM
 from ..training.fit import fit
 from ..training.optim import Adam
-from ._plot import loss_curve
+from ._plot import training_curves
 from ._run import (
+    accuracy,
     check_counts,
     check_paths,
     check_sequence_memory,
     fmt_time,
-    head_logits,
-    head_loss,
+    head_training,
     init_head,
     lstm_parameters,
     printer,
@@ -123,8 +123,10 @@ def bidirectional(
     init_rng, data_rng, test_rng = streams(seed, 3)
 
     def on_device(x, labels, lengths):
+        lengths = xp.asarray(lengths, device=device)
+        mask = xp.arange(T, device=device)[None, :] < lengths[:, None]  # each sequence's steps
         return (xp.asarray(np.asarray(x, dtype=dtype), device=device),
-                xp.asarray(labels, device=device), xp.asarray(lengths, device=device))
+                xp.asarray(labels, device=device), mask, lengths)
 
     test = on_device(*next_symbol_data(test_size, T, vocab, test_rng))
     say(f"next symbol of variable-length sequences: T={T} (lengths {max(1, T // 2)}..{T}), "
@@ -138,41 +140,23 @@ def bidirectional(
         head = init_head(vocab + 1, model.D * hidden, init_rng, xp=xp, dtype=dt,
                          device=device)
 
-        def mask_of(x, lengths):
-            return xp.arange(x.shape[2], device=device)[None, :] < lengths[:, None]
-
-        def loss_fn(params, batch, model=model):
-            x, labels, lengths = batch
-            loss, grads, _ = head_loss(model, params, x, labels, xp=xp, lengths=lengths,
-                                       mask=mask_of(x, lengths))
-            return loss, grads
-
         def batches():
             while True:
                 yield on_device(*next_symbol_data(batch, T, vocab, data_rng))
 
-        res = fit({"rnn": model.params, "head": head}, batches, loss_fn, Adam(lr=lr),
-                  steps=steps, clip_norm=clip, progress=progress, desc=name)
-        x, labels, lengths = test
-        y, _, _ = model.forward(x, lengths=lengths, params=res.params["rnn"],
-                                return_cache=False)
-        logits = head_logits(res.params["head"], y, xp=xp)
-        hit = (xp.argmax(logits, axis=0) == xp.astype(labels, xp.int64)) & mask_of(x, lengths)
-        acc = float(xp.sum(xp.astype(hit, dt)) / xp.sum(xp.astype(mask_of(x, lengths), dt)))
+        params, loss_fn = head_training(model, head, xp=xp)
+        res = fit(params, batches, loss_fn, Adam(lr=lr), steps=steps, clip_norm=clip,
+                  progress=progress, desc=name)
+        acc = accuracy(model, res.params, test, xp=xp)
         results["accuracy"][name] = acc
         results["history"][name] = res.history
         results["seconds"][name] = res.seconds
         say(f"{name}: held-out accuracy {acc:.3f}, final training loss "
             f"{np.mean(res.history[-20:]):.3f} ({fmt_time(res.seconds)})")
-    plot_path = None
-    if plot:
-        plot_path = loss_curve(plot, results["history"]["bidirectional"], [],
-                               title=f"next symbol, T={T}, {vocab} symbols",
-                               ylabel="cross-entropy", eval_label="",
-                               others={"one direction": results["history"]["one direction"]},
-                               label="bidirectional")
-        if plot_path:
-            say(f"loss curves written to {plot_path}")
+    plot_path = training_curves(plot, results["history"], title=f"next symbol, T={T}, "
+                                f"{vocab} symbols", ylabel="cross-entropy") if plot else None
+    if plot_path:
+        say(f"loss curves written to {plot_path}")
     results["guess"] = 1.0 / vocab
     results["plot_path"] = plot_path
     return results

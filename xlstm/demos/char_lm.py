@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from .._lib.compat import device_of, namespace, to_host
-from ..io import save_params
 from ..models.mlstm import MLSTM
 from ..models.recurrent import LSTM, SLSTM
 from ..training.fit import fit
 from ..training.losses import softmax_cross_entropy
 from ..training.optim import Adam
-from ._plot import curve_path, eval_curves, loss_curve
+from ._plot import curve_path, eval_curves
 from ._run import (
     ArgumentError,
     cell_models,
@@ -36,6 +35,7 @@ from ._run import (
     check_memory,
     check_multiple,
     check_paths,
+    finish_run,
     fmt_time,
     head_logits,
     head_loss,
@@ -492,38 +492,17 @@ def charlm(
 
     res = fit(params, batches, loss_fn, Adam(lr=lr), steps=steps, clip_norm=clip,
               callback=callback, progress=progress, desc="charlm")
-    params, history = res.params, res.history
-    final = held_out(params)
-    evals.append((len(history), final))
-    final_sample = sample(params, vocab, sample_len, prime=prime, temperature=temperature,
+    final = held_out(res.params)
+    evals.append((len(res.history), final))
+    final_sample = sample(res.params, vocab, sample_len, prime=prime, temperature=temperature,
                           rng=sample_rng)
-    save_params(out, params)
-    plot_path = curve_path(out, plot)
-    if plot_path is not None:
-        plot_path = loss_curve(plot_path, history, evals,
-                               title=f"charlm: {layers}-layer {cls.__name__}, n_h={hidden}, "
-                                     f"vocab {V}",
-                               ylabel="cross-entropy (nats/char)", eval_label="held out",
-                               baseline=baseline)
-    k = min(50, len(history))
-    result = {
-        "initial_loss": initial,
-        "final_loss": final,
-        "baseline": baseline,
-        "train_loss_first": float(np.mean(history[:k])),
-        "train_loss_last": float(np.mean(history[-k:])),
-        "history": history,
-        "evals": evals,
-        "vocab_size": V,
-        "steps": len(history),
-        "seconds": res.seconds,
-        "sample": final_sample,
-        "params_path": os.fspath(out),
-        "parameters": parameter_count(model),
-        "plot_path": plot_path,
-    }
+    result = finish_run(res, evals, out=out, plot=plot, baseline=baseline, mean_of=50,
+                        title=f"charlm: {layers}-layer {cls.__name__}, n_h={hidden}, vocab {V}",
+                        ylabel="cross-entropy (nats/char)", eval_label="held out")
+    result.update(vocab_size=V, sample=final_sample, parameters=parameter_count(model))
+    plot_path = result["plot_path"]
     say(f"--- final sample (T={temperature:g}) ---\n{prime}{final_sample}\n---")
-    say(f"held-out loss: {initial:.4f} -> {final:.4f} nats/char after {len(history)} steps "
+    say(f"held-out loss: {initial:.4f} -> {final:.4f} nats/char after {len(res.history)} steps "
         f"(log V = {baseline:.4f}); training took {fmt_time(res.seconds)}")
     say(f"saved parameters to {out}" + (f", loss curve to {plot_path}" if plot_path else ""))
     return result

@@ -20,15 +20,15 @@ import numpy as np
 from ..models.recurrent import LSTM
 from ..training.fit import fit
 from ..training.optim import Adam
-from ._plot import loss_curve
+from ._plot import training_curves
 from ._run import (
+    accuracy,
     cell_models,
     check_counts,
     check_paths,
     check_sequence_memory,
     fmt_time,
-    head_logits,
-    head_loss,
+    head_training,
     hidden_for,
     init_head,
     lstm_parameters,
@@ -127,7 +127,7 @@ def recall(
 
     def on_device(x, labels, mask):
         return (xp.asarray(np.asarray(x, dtype=dtype), device=device),
-                xp.asarray(labels, device=device), xp.asarray(mask, device=device))
+                xp.asarray(labels, device=device), xp.asarray(mask, device=device), None)
 
     test = on_device(*recall_data(test_size, pairs, queries, keys, values, test_rng))
     budget = parameter_count(LSTM(n_x, hidden, xp=xp, dtype=dt, device=device))
@@ -142,22 +142,14 @@ def recall(
         model = cls(n_x, n_h, xp=xp, dtype=dt, device=device, seed=init_rng, **kwargs)
         head = init_head(values, n_h, init_rng, xp=xp, dtype=dt, device=device)
 
-        def loss_fn(params, batch, model=model):
-            x, labels, mask = batch
-            loss, grads, _ = head_loss(model, params, x, labels, xp=xp, mask=mask)
-            return loss, grads
-
         def batches():
             while True:
                 yield on_device(*recall_data(batch, pairs, queries, keys, values, data_rng))
 
-        res = fit({"rnn": model.params, "head": head}, batches, loss_fn, Adam(lr=lr),
-                  steps=steps, clip_norm=clip, progress=progress, desc=name)
-        x, labels, mask = test
-        y, _, _ = model.forward(x, params=res.params["rnn"], return_cache=False)
-        logits = head_logits(res.params["head"], y, xp=xp)
-        hit = (xp.argmax(logits, axis=0) == xp.astype(labels, xp.int64)) & mask
-        acc = float(xp.sum(xp.astype(hit, dt)) / xp.sum(xp.astype(mask, dt)))
+        params, loss_fn = head_training(model, head, xp=xp)
+        res = fit(params, batches, loss_fn, Adam(lr=lr), steps=steps, clip_norm=clip,
+                  progress=progress, desc=name)
+        acc = accuracy(model, res.params, test, xp=xp)
         results["accuracy"][name] = acc
         results["parameters"][name] = parameter_count(model)
         results["hidden"][name] = n_h
@@ -166,15 +158,11 @@ def recall(
         say(f"{name} (n_h={n_h}, {parameter_count(model)} parameters): held-out accuracy "
             f"{acc:.3f}, final training loss {np.mean(res.history[-20:]):.3f} "
             f"({fmt_time(res.seconds)})")
-    plot_path = None
-    if plot:
-        first, *rest = results["history"]
-        plot_path = loss_curve(plot, results["history"][first], [],
-                               title=f"associative recall, {pairs} pairs, {queries} queries",
-                               ylabel="cross-entropy", eval_label="",
-                               others={k: results["history"][k] for k in rest}, label=first)
-        if plot_path:
-            say(f"loss curves written to {plot_path}")
+    plot_path = training_curves(plot, results["history"], title=f"associative recall, "
+                                f"{pairs} pairs, {queries} queries",
+                                ylabel="cross-entropy") if plot else None
+    if plot_path:
+        say(f"loss curves written to {plot_path}")
     results["guess"] = 1.0 / values
     results["plot_path"] = plot_path
     return results

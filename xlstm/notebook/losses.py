@@ -73,12 +73,11 @@ def sequence_cross_entropy(
 
     Parameters
     ----------
-    x : array, shape (n_x, m, T_x)
-        Inputs of every step.
-    a0 : array, shape (n_a, m)
-        Initial hidden state.
-    params : dict
-        The notebook's parameters, ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by``.
+    x, a0, params, c0
+        The arguments of :func:`xlstm.lstm.lstm_forward` (``c0`` by keyword here): inputs
+        ``(n_x, m, T_x)``, the initial hidden and cell states ``(n_a, m)`` (``c0`` optional,
+        default zeros) and the notebook's parameters ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy,
+        by``, whose ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)`` are the softmax layer.
     labels : array of integers, shape (m, T_x)
         The class index in ``[0, n_y)`` of every example and step; same namespace and
         device as ``x``, any integer dtype. Values at masked-out positions are ignored and
@@ -88,8 +87,6 @@ def sequence_cross_entropy(
         (of the parameters' dtype) weighs each position by its value, so a 0/1 mask keeps
         the ones; the loss is then the weighted mean. Weights must be finite and
         non-negative. Default: every position counts.
-    c0 : array, shape (n_a, m), optional
-        Initial cell state; default zeros.
 
     Returns
     -------
@@ -148,15 +145,9 @@ def last_step_predict(x: Array, a0: Array, params: Params, *, c0: Array | None =
 
     Parameters
     ----------
-    x : array, shape (n_x, m, T_x)
-        Inputs of every step.
-    a0 : array, shape (n_a, m)
-        Initial hidden state.
-    params : dict
-        The notebook's parameters; ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y, 1)`` are used as a
-        plain linear layer (no softmax).
-    c0 : array, shape (n_a, m), optional
-        Initial cell state; default zeros.
+    x, a0, params, c0
+        As for :func:`sequence_cross_entropy`, but ``Wy`` ``(n_y, n_a)`` and ``by`` ``(n_y,
+        1)`` are used as a plain linear layer (no softmax).
 
     Returns
     -------
@@ -186,16 +177,10 @@ def last_step_mse(
 
     Parameters
     ----------
-    x : array, shape (n_x, m, T_x)
-        Inputs of every step.
-    a0 : array, shape (n_a, m)
-        Initial hidden state.
-    params : dict
-        The notebook's parameters; ``Wy`` and ``by`` are the linear output layer.
+    x, a0, params, c0
+        As for :func:`last_step_predict`: ``Wy`` and ``by`` are the linear output layer.
     targets : array, shape (n_y, m)
         Regression targets, of the parameters' floating dtype, namespace and device.
-    c0 : array, shape (n_a, m), optional
-        Initial cell state; default zeros.
 
     Returns
     -------
