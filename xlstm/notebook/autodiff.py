@@ -43,15 +43,11 @@ def lstm(x: Any, a0: Any, params: Mapping[str, Any], c0: Optional[Any] = None) -
 
     Parameters
     ----------
-    x : array, shape (n_x, m, T_x)
-        Inputs of every step.
-    a0 : array, shape (n_a, m)
-        Initial hidden state.
-    params : dict
-        The notebook's parameters ``Wf, bf, Wi, bi, Wc, bc, Wo, bo, Wy, by`` (see
-        :func:`xlstm.lstm.lstm_cell_forward`).
-    c0 : array, shape (n_a, m), optional
-        Initial cell state; default ``None`` means zeros.
+    x, a0, params, c0
+        The arguments of :func:`~xlstm.lstm.lstm_forward`: inputs ``(n_x, m, T_x)``, the
+        initial hidden state ``(n_a, m)``, the notebook's parameters ``Wf, bf, Wi, bi, Wc,
+        bc, Wo, bo, Wy, by`` (see :func:`xlstm.lstm.lstm_cell_forward`) and the initial cell
+        state ``(n_a, m)``, default ``None`` meaning zeros.
 
     Returns
     -------
