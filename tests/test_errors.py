@@ -175,7 +175,7 @@ def test_forged_caches_are_named():
         "params": (KeyError, "'Wo'", xlstm.LSTMCaches(
             caches[0], caches[1], state._replace(params=without(state.params, "Wo")))),
     }
-    assert isinstance(state, LSTM_CELL.State)
+    assert isinstance(state, LSTM_CELL.Cache)
     for name, (exc, words, bad) in forged.items():
         with pytest.raises(exc, match=words):
             xlstm.lstm_backward(da, bad)

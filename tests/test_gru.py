@@ -59,7 +59,7 @@ def test_cell_declares_torch_layout_and_keys():
     assert GRU_CELL.hidden_bias_keys == ("bhr", "bhz", "bhn")
     case = random_gru_case(0)
     assert set(GRU_CELL.param_keys(case.params)) == set(GRU_PARAM_KEYS)
-    assert "gru" in repr(GRU_CELL) and GRU_CELL.State._fields[:4] == ("A", "S", "N", "HN")
+    assert "gru" in repr(GRU_CELL) and GRU_CELL.Cache._fields[:4] == ("A", "S", "N", "HN")
 
 
 # ------------------------------------------------------------------------------ forward

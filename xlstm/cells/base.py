@@ -215,17 +215,17 @@ class Cell:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         fields = (*cls.state_names, *cls.saved, "X", "params", "n_a")
-        state = namedtuple(f"{cls.__name__}State", fields)
-        state.__doc__ = (
-            f"Stacked forward state of the {cls.__name__}, kept for the backward pass: the "
+        cache = namedtuple(f"{cls.__name__}Cache", fields)
+        cache.__doc__ = (
+            f"The forward record of the {cls.__name__}, kept for the backward pass: the "
             f"state stacks {', '.join(cls.state_names)} ``(T+1, m, n_a)``, the saved stacks "
             f"{', '.join(cls.saved) or '(none)'} ``(T, m, w n_a)``, ``X`` the time-major "
             "``(T*m, n_x)`` input, ``params`` a copy of the parameters taken by the forward "
             "pass and ``n_a`` the hidden size."
         )
-        state.__module__ = cls.__module__  # pickle finds it as ``<cell class>.State``
-        state.__qualname__ = f"{cls.__qualname__}.State"
-        cls.State = state
+        cache.__module__ = cls.__module__  # pickle finds it as ``<cell class>.Cache``
+        cache.__qualname__ = f"{cls.__qualname__}.Cache"
+        cls.Cache = cache
 
     def __repr__(self):
         return f"<cell {self.name}>"

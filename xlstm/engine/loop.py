@@ -168,9 +168,9 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     hidden states ``(k, m, n_a)`` to its predictions ``(k, m, n_y)``, and ``head.keys`` names
     the parameters it reads. ``collect`` names the states whose every step is
     returned (default all; the hidden state always). Returns ``(stacks, finals, Y,
-    state)``: the collected state stacks by name, ``(T+1, m, n_a)`` with the initial state
+    cache)``: the collected state stacks by name, ``(T+1, m, n_a)`` with the initial state
     at index 0; the final states by name, ``(m, n_a)``; ``Y`` of shape ``(T, m, n_y)``
-    (``None`` without a head); and the cell's ``State`` when ``keep`` is true, else ``None``.
+    (``None`` without a head); and the cell's ``Cache`` when ``keep`` is true, else ``None``.
     Without ``keep``, the memory beyond the collected stacks does not grow with ``T``.
 
     ``active``, if given, is a ``(T, m, 1)`` boolean array: where it is false the row is
@@ -270,12 +270,13 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     stacks = {k: res[k] for k in full}
     kept = None
     if keep:
-        kept = cell.State(**{k: res[k] for k in names}, X=X, params=params, n_a=n_a)
+        kept = cell.Cache(**{k: res[k] for k in names}, X=X, params=params, n_a=n_a)
     return stacks, finals, res.get("Y"), kept
 
 
-def backward(cell, da, state, *, xp, dstate=None, active=None):
-    """Backward pass over the first ``T_da = da.shape[-1]`` steps of a kept forward pass.
+def backward(cell, da, cache, *, xp, dstate=None, active=None):
+    """Backward pass over the first ``T_da = da.shape[-1]`` steps of a forward pass, from its
+    ``cache`` (the cell's ``Cache``).
 
     ``da`` is in seed layout ``(n_a, m, T_da)``; ``dstate``, if given, holds the gradients
     on the state after step ``T_da`` (``(m, n_a)`` each, time-major, ``None`` for zero).
@@ -286,12 +287,12 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
     gradients, ignores its ``da`` (the caller's output there is zero) and passes the
     gradients on its state through.
     """
-    n_a = state.n_a
+    n_a = cache.n_a
     T, m = da.shape[-1], da.shape[1]
     dtype, dev = da.dtype, device_of(da)
-    WaT, Wx = cell.fuse_backward(state.params, n_a, xp=xp)
-    saved = {k: getattr(state, k)[:T, ...] for k in cell.saved}
-    prev = {k: getattr(state, k)[:T, ...] for k in cell.state_names}
+    WaT, Wx = cell.fuse_backward(cache.params, n_a, xp=xp)
+    saved = {k: getattr(cache, k)[:T, ...] for k in cell.saved}
+    prev = {k: getattr(cache, k)[:T, ...] for k in cell.state_names}
     da_t = xp.permute_dims(da, (2, 1, 0))
     zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
     given = (None,) * len(cell.state_names) if dstate is None else dstate
@@ -320,8 +321,8 @@ def backward(cell, da, state, *, xp, dstate=None, active=None):
     dGaT = xp.matrix_transpose(xp.reshape(dGa, (T * m, width))) if cell.split else dGxT
     A_prev = xp.reshape(prev[cell.state_names[0]], (T * m, n_a))
     dWa = dGaT @ A_prev  # (11)-(14), recurrent columns
-    dWx = dGxT @ state.X[: T * m, :]  # (11)-(14), input columns
+    dWx = dGxT @ cache.X[: T * m, :]  # (11)-(14), input columns
     dbx = xp.sum(dGxT, axis=1, keepdims=True)  # (15)-(18)
     dba = xp.sum(dGaT, axis=1, keepdims=True) if cell.split else dbx
     dX = xp.reshape(dGx @ Wx, (T, m, Wx.shape[1]))  # (21)
-    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp, params=state.params)
+    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp, params=cache.params)

@@ -124,7 +124,7 @@ def check_backward(cell, da, state, resolve, api):
     dtypes) is a TypeError or ValueError here rather than a failure deep in the math, as is
     a ``da`` that does not fit it.
     """
-    if not isinstance(state, cell.State):
+    if not isinstance(state, cell.Cache):
         raise TypeError(
             f"caches.state is not the forward state of {api}; pass the caches that "
             f"{api} returned (got a state of type {type(state).__name__})"

@@ -121,7 +121,7 @@ def _jax_lstm():
 
     def f_bwd(res, da):
         fields, x, params, c0 = res
-        state = LSTM_CELL.State(**fields, n_a=fields["A"].shape[-1])
+        state = LSTM_CELL.Cache(**fields, n_a=fields["A"].shape[-1])
         grads = lstm_backward(da, _caches(x, state))
         xp = namespace(da=da)
         dc0 = None if c0 is None else grads["dc0"]

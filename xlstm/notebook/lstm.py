@@ -245,7 +245,7 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
     # the engine's backward pass over a one-step state built from the cache, with dc_next
     # as the gradient on the final cell state
     tr = xp.matrix_transpose
-    state = LSTM_CELL.State(
+    state = LSTM_CELL.Cache(
         A=xp.stack([tr(a_prev), tr(a_next)]), C=xp.stack([tr(c_prev), tr(c_next)]),
         S=xp.concat([tr(ot), tr(ft), tr(it)], axis=-1)[None, ...], CCT=tr(cct)[None, ...],
         TC=xp.tanh(tr(c_next))[None, ...], X=tr(xt), params=params, n_a=n_a,

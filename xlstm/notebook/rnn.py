@@ -233,7 +233,7 @@ def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
     a_next, a_prev, xt, parameters = cache
     # the engine's backward pass over a one-step state built from the cache
     tr = xp.matrix_transpose
-    state = RNN_TANH.State(A=xp.stack([tr(a_prev), tr(a_next)]), H=tr(a_next)[None, ...],
+    state = RNN_TANH.Cache(A=xp.stack([tr(a_prev), tr(a_next)]), H=tr(a_next)[None, ...],
                            X=tr(xt), params=parameters, n_a=n_a)
     dX, (da_prev,), grads = _engine.backward(RNN_TANH, xp.reshape(da_next, (n_a, m, 1)), state,
                                              xp=xp)
