@@ -5,7 +5,7 @@ each registers its cells. Adding a cell is one module here, one line below, and 
 header (``xlstm/accel/cuda/<cell>_pointwise.cuh``).
 """
 
-from . import gru, lstm, rnn, slstm  # noqa: F401  (every cell module registers its cells)
+from . import gru, lstm, mgu, rnn, slstm  # noqa: F401  (every cell module registers its cells)
 from .base import CELLS, Cell, cell_named, register
 from .gru import GRU_CELL, GRUCell
 from .lstm import LSTM_CELL, LSTMCell
