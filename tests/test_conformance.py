@@ -23,6 +23,7 @@ A new cell passes by adding its model to :data:`SPECS`; nothing else here knows 
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import numpy as np
@@ -769,3 +770,21 @@ def test_compiled_loops_replay_every_step_after_the_first(spec, config):
     for r in made:  # straight-line calls on the step's arrays, nothing else
         body = r.source.split("def replay(i):\n")[1].splitlines()
         assert all(re.fullmatch(r"    (s\d+ = .*|f\d+\(.*\))", line) for line in body), r.source
+
+
+@SPEC
+def test_config_builds_the_same_model(spec):
+    """``config()`` is JSON-able and ``from_config`` builds the same model: the same class,
+    configuration and (from the same seed) parameters."""
+    model = _model(spec, config=(2, True, False), dropout=0.25, layout="batch_first")
+    cfg = model.config()
+    assert json.loads(json.dumps(cfg)) == cfg
+    again = type(model).from_config(json.loads(json.dumps(cfg)), seed=3)
+    assert type(again) is type(model) and again.config() == cfg
+    assert again.layer.config() == model.layer.config()
+    for mine, theirs in zip(model.params, again.params):
+        assert list(mine) == list(theirs)
+        for k in mine:
+            assert_close(theirs[k], mine[k], xp=NP, device=CPU, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="config must be a dict"):
+        type(model).from_config([cfg])

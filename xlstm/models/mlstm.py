@@ -760,8 +760,14 @@ class MLSTM(_Model):
             raise ValueError(f"form must be one of {('auto', *FORMS)}, got {form!r}")
         return form
 
+    _hidden = "n_h"
+
     def _make_layer(self):
         return MLSTMLayer(self.n_a, self.num_heads, self.d_qk, self.chunk)
+
+    def _extra_config(self):
+        return {"num_heads": self.num_heads, "d_qk": self.d_qk, "form": self.form,
+                "chunk": self.chunk}
 
     # ------------------------------------------------------------------ running
     def forward(self, x: Array, state: tuple | None = None, *, lengths: Array | None = None,

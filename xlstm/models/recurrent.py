@@ -85,6 +85,9 @@ class RNN(_Model):
         self.cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
         super().__init__(n_x, n_a, **kwargs)
 
+    def _extra_config(self):
+        return {"nonlinearity": self.nonlinearity}
+
     @classmethod
     def _torch_kwargs(cls, module):
         return {"nonlinearity": module.nonlinearity}
@@ -138,8 +141,13 @@ class SLSTM(_Model):
         """The hidden size (``n_a`` of the other models)."""
         return self.n_a
 
+    _hidden = "n_h"
+
     def _make_layer(self):
         return CellLayer(self.cell, self.n_a, num_heads=self.num_heads)
+
+    def _extra_config(self):
+        return {"num_heads": self.num_heads, "forget_gate": self.forget_gate}
 
     def __repr__(self):
         return (f"SLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
@@ -182,6 +190,9 @@ class Recurrent(_Model):
             raise TypeError(f"cell must be a cell's name (a str), got {type(cell).__name__}")
         self.cell = cell_named(cell)
         super().__init__(n_x, n_a, **kwargs)
+
+    def _extra_config(self):
+        return {"cell": self.cell.name}
 
     def __repr__(self):
         return (f"Recurrent(n_x={self.n_x}, n_a={self.n_a}, cell={self.cell.name!r}, "

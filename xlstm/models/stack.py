@@ -537,6 +537,65 @@ class _Model:
         dstate0 = tuple(xp.stack([d[k] for d in d0]) for k in range(len(d0[0])))
         return dx, dstate0, grads
 
+    # ------------------------------------------------------------------ configuration
+    #: The name of the hidden size among the constructor's arguments.
+    _hidden = "n_a"
+
+    def _extra_config(self) -> dict:
+        """The constructor's arguments of the class beyond the stack's."""
+        return {}
+
+    def config(self) -> dict:
+        """The constructor's arguments, JSON-able: ``type(model).from_config(model.config())``
+        builds a model of the same configuration (its parameters drawn afresh from
+        ``seed``; save the parameters to keep them).
+
+        The namespace and dtype are given by name (``"xp": "numpy"``, ``"dtype":
+        "float32"``); the device is not part of it.
+
+        Examples
+        --------
+        >>> import xlstm
+        >>> cfg = xlstm.GRU(3, 4, num_layers=2).config()
+        >>> cfg["n_a"], cfg["num_layers"], cfg["xp"], cfg["dtype"]
+        (4, 2, 'numpy', 'float64')
+        >>> xlstm.GRU.from_config(cfg).config() == cfg
+        True
+        """
+        first = next(iter(self.params[0].values()))
+        return {"n_x": self.n_x, self._hidden: self.n_a, **self._extra_config(),
+                "num_layers": self.num_layers, "bidirectional": self.bidirectional,
+                "dropout": self.dropout, "layout": self.layout, "xp": _module_name(first),
+                "dtype": _dtype_name(self.dtype)}
+
+    @classmethod
+    def from_config(cls, config: Mapping, *, xp: Any = None, device: Any = None,
+                    seed: int | np.random.Generator | None = 0) -> _Model:
+        """A model built from ``config`` (:meth:`config`), with fresh parameters.
+
+        Parameters
+        ----------
+        config : dict
+            The constructor's arguments, the namespace and dtype by name.
+        xp : namespace, optional
+            Overrides ``config["xp"]`` (default: the module it names, imported).
+        device : optional
+            The parameters' device.
+        seed : int or numpy.random.Generator, optional
+            Seed of the initial parameters.
+        """
+        import importlib
+
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict (model.config()), got {type(config).__name__}")
+        kwargs = dict(config)
+        name = kwargs.pop("xp", None)
+        if xp is None and name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"config['xp'] must be a module's name, got {name!r}")
+            xp = importlib.import_module(name)
+        return cls(**kwargs, xp=xp, device=device, seed=seed)
+
     # ------------------------------------------------------------------ torch
     @classmethod
     def from_torch(cls, module: Any, *, xp: Any = None, dtype: Any = None,
