@@ -40,7 +40,7 @@ from typing import Any
 from .._lib.compat import c_contiguous, copy
 
 __all__ = ["Cell", "CELLS", "ArrayOps", "array_ops", "NO_OUT", "cell_named", "register",
-           "stacked_transpose"]
+           "stacked_transpose", "TwoBiasCell"]
 
 
 #: Every cell, by name: the one registry of cells. Each cell module registers its cells
@@ -362,3 +362,53 @@ def stacked_transpose(blocks, *, xp):
     performance page has the figures).
     """
     return xp.matrix_transpose(c_contiguous(xp.concat(blocks, axis=0)))
+
+
+class TwoBiasCell(Cell):
+    """The parameter layout of a cell whose recurrent term keeps a bias of its own (the GRU,
+    the MGU): per gate ``g`` of :attr:`gates`, ``W<g> (n_a, n_a + n_x)`` acting on ``[a_prev;
+    x_t]``, the input bias ``b<g>`` and the recurrent bias ``bh<g>`` (torch's ``bias_hh``);
+    the input term ``x WxT + bx`` and the recurrent term ``a WaT + ba`` fused apart, the rows
+    of the gates in :attr:`halved` halved (exact in binary floating point), so that one
+    ``tanh`` gives their sigmoid."""
+
+    split = True
+    #: The gates, in the order of the fused blocks (and of the parameter dict).
+    gates: tuple[str, ...] = ()
+    #: The sigmoid gates, whose rows the fused weights hold halved.
+    halved: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.weight_keys = tuple("W" + g for g in cls.gates)
+        cls.bias_keys = tuple("b" + g for g in cls.gates)
+        cls.hidden_bias_keys = tuple("bh" + g for g in cls.gates)
+
+    def param_keys(self, params):
+        return (*(k for g in self.gates for k in ("W" + g, "b" + g)), *self.hidden_bias_keys)
+
+    def _fused(self, params, prefix):
+        return [0.5 * params[prefix + g] if g in self.halved else params[prefix + g]
+                for g in self.gates]
+
+    def fuse_forward(self, params, n_a, *, xp):
+        WT = stacked_transpose(self._fused(params, "W"), xp=xp)
+        bx = xp.concat(self._fused(params, "b"))
+        ba = xp.concat(self._fused(params, "bh"))
+        width = (1, len(self.gates) * n_a)
+        return WT[n_a:, :], xp.reshape(bx, width), WT[:n_a, :], xp.reshape(ba, width)
+
+    def fuse_backward(self, params, n_a, *, xp):
+        WT = stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
+        return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
+
+    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
+        """``dW* = [dWa*, dWx*]`` (recurrent and input columns), ``db*`` and ``dbh*``."""
+        n = dbx.shape[0] // len(self.gates)
+        dW = xp.concat([dWa, dWx], axis=1)
+        out = {}
+        for j, g in enumerate(self.gates):
+            out["dW" + g] = dW[j * n : (j + 1) * n, :]
+            out["db" + g] = dbx[j * n : (j + 1) * n, :]
+        out.update((f"dbh{g}", dba[j * n : (j + 1) * n, :]) for j, g in enumerate(self.gates))
+        return out

@@ -35,7 +35,7 @@ gradients are named after their gate, as the LSTM's ``dot``)::
 
 from __future__ import annotations
 
-from .base import Cell, register, stacked_transpose
+from .base import TwoBiasCell, register
 
 __all__ = ["GRUCell", "GRU_CELL", "GATES", "TORCH_GATES"]
 
@@ -102,7 +102,7 @@ def backward_step_from_saved(one, da, da_rec, rt, zt, nt, hn, a_prev):
     return backward_step(da, da_rec, Pr, Pz, Pn, rt, zt)
 
 
-class GRUCell(Cell):
+class GRUCell(TwoBiasCell):
     """Torch's GRU: state ``(a,)``, gates ``(r, z, n)``, the reset gate on ``W_hn a + b_hn``."""
 
     name = "gru"
@@ -112,42 +112,12 @@ class GRUCell(Cell):
     scratch = {"G": 2, "D": 1}
     coeffs = {"Pr": 1, "Pz": 1, "Pn": 1}
     n_gates = 3
-    split = True
     back_reads = ("S", "N", "HN", "A")
     inline_coeffs = True
     gates = GATES
+    halved = ("r", "z")
     dict_gates = GATES
     torch_gates = TORCH_GATES
-    weight_keys = tuple("W" + g for g in GATES)
-    bias_keys = tuple("b" + g for g in GATES)
-    #: Torch's ``bias_hh`` of each gate.
-    hidden_bias_keys = tuple("bh" + g for g in GATES)
-
-    # ----------------------------------------------------------------- parameters
-    def param_keys(self, params):
-        return (*(k for g in GATES for k in ("W" + g, "b" + g)), *self.hidden_bias_keys)
-
-    def fuse_forward(self, params, n_a, *, xp):
-        WT = stacked_transpose([0.5 * params["Wr"], 0.5 * params["Wz"], params["Wn"]], xp=xp)
-        bx = xp.concat([0.5 * params["br"], 0.5 * params["bz"], params["bn"]])
-        ba = xp.concat([0.5 * params["bhr"], 0.5 * params["bhz"], params["bhn"]])
-        width = (1, 3 * n_a)
-        return WT[n_a:, :], xp.reshape(bx, width), WT[:n_a, :], xp.reshape(ba, width)
-
-    def fuse_backward(self, params, n_a, *, xp):
-        WT = stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
-        return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
-
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
-        """``dW* = [dWa*, dWx*]`` (recurrent and input columns), ``db*`` and ``dbh*``."""
-        n = dbx.shape[0] // 3
-        dW = xp.concat([dWa, dWx], axis=1)
-        out = {}
-        for j, g in enumerate(GATES):
-            out["dW" + g] = dW[j * n : (j + 1) * n, :]
-            out["db" + g] = dbx[j * n : (j + 1) * n, :]
-        out.update((f"dbh{g}", dba[j * n : (j + 1) * n, :]) for j, g in enumerate(GATES))
-        return out
 
     # ------------------------------------------------------------------- one step
     def step(self, ops, gx, ga, state, out):

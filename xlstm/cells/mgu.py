@@ -37,7 +37,7 @@ gradients are named after their gate, as the LSTM's ``dot``)::
 
 from __future__ import annotations
 
-from .base import Cell, register, stacked_transpose
+from .base import TwoBiasCell, register
 from .gru import candidate_preactivation, sigmoid_from_halved_tanh
 
 __all__ = ["MGUCell", "MGU_CELL", "GATES"]
@@ -91,7 +91,7 @@ def backward_step_from_saved(one, da, da_rec, ft, nt, hn, a_prev):
     return backward_step(one, da, da_rec, Pf, Pn, ft)
 
 
-class MGUCell(Cell):
+class MGUCell(TwoBiasCell):
     """The minimal gated unit: state ``(a,)``, gates ``(f, n)``, the forget gate on
     ``W_hn a + b_hn`` and on the mix of ``a_prev`` and the candidate."""
 
@@ -102,42 +102,12 @@ class MGUCell(Cell):
     scratch = {"G": 1, "D": 1}
     coeffs = {"Pf": 1, "Pn": 1}
     n_gates = 2
-    split = True
     back_reads = ("S", "N", "HN", "A")
     inline_coeffs = True
     gates = GATES
+    halved = ("f",)
     dict_gates = GATES
     torch_gates = GATES
-    weight_keys = tuple("W" + g for g in GATES)
-    bias_keys = tuple("b" + g for g in GATES)
-    #: The recurrent bias of each gate.
-    hidden_bias_keys = tuple("bh" + g for g in GATES)
-
-    # ----------------------------------------------------------------- parameters
-    def param_keys(self, params):
-        return (*(k for g in GATES for k in ("W" + g, "b" + g)), *self.hidden_bias_keys)
-
-    def fuse_forward(self, params, n_a, *, xp):
-        WT = stacked_transpose([0.5 * params["Wf"], params["Wn"]], xp=xp)
-        bx = xp.concat([0.5 * params["bf"], params["bn"]])
-        ba = xp.concat([0.5 * params["bhf"], params["bhn"]])
-        width = (1, 2 * n_a)
-        return WT[n_a:, :], xp.reshape(bx, width), WT[:n_a, :], xp.reshape(ba, width)
-
-    def fuse_backward(self, params, n_a, *, xp):
-        WT = stacked_transpose([params[k] for k in self.weight_keys], xp=xp)
-        return WT[:n_a, :], xp.matrix_transpose(WT[n_a:, :])
-
-    def unfuse_grads(self, dWx, dWa, dbx, dba, *, xp, params=None):
-        """``dW* = [dWa*, dWx*]`` (recurrent and input columns), ``db*`` and ``dbh*``."""
-        n = dbx.shape[0] // 2
-        dW = xp.concat([dWa, dWx], axis=1)
-        out = {}
-        for j, g in enumerate(GATES):
-            out["dW" + g] = dW[j * n : (j + 1) * n, :]
-            out["db" + g] = dbx[j * n : (j + 1) * n, :]
-        out.update((f"dbh{g}", dba[j * n : (j + 1) * n, :]) for j, g in enumerate(GATES))
-        return out
 
     # ------------------------------------------------------------------- one step
     def step(self, ops, gx, ga, state, out):
