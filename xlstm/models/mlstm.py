@@ -7,8 +7,9 @@ pre-activations ``i~``, ``f~`` of every step::
     C_t = f_t C_{t-1} + i_t v_t k_t^T,   n_t = f_t n_{t-1} + i_t k_t
     h~_t = C_t q_t / max(|n_t . q_t|, 1),  i_t = exp(i~_t),  f_t = sigmoid(f~_t)
 
-computed only through a stabiliser ``m`` (the memory is kept divided by ``exp(m)``, and the
-floor 1 becomes ``exp(-m)``). ``h~`` does not depend on ``m``, so ``m`` gets no gradient, and
+computed only through a stabiliser ``m_state`` (the memory is kept divided by
+``exp(m_state)``, and the floor 1 becomes ``exp(-m_state)``). ``h~`` does not depend on
+``m_state``, so it gets no gradient, and
 every form may pick its own: the three forms agree to rounding, forward and backward.
 
 * :func:`recurrent_forward` / :func:`recurrent_backward`: one step at a time, ``m_t =
@@ -21,9 +22,10 @@ every form may pick its own: the three forms agree to rounding, forward and back
   ``T^2`` per head.
 
 All take arrays of one namespace in the layout ``(B, H, T, d)`` (``q``, ``k``: ``d_qk``;
-``v``: ``d_v``) and ``(B, H, T)`` (``i~``, ``f~``), and a state ``(C, n, m)`` of shapes
-``(B, H, d_v, d_qk)``, ``(B, H, d_qk)``, ``(B, H)``. Where ``n`` of the given state is zero
-the memory is empty: its ``m`` is taken as ``-inf`` (:func:`empty_as_minus_inf`), so the
+``v``: ``d_v``) and ``(B, H, T)`` (``i~``, ``f~``), and a state ``(C, n_state, m_state)`` of
+shapes ``(B, H, d_v, d_qk)``, ``(B, H, d_qk)``, ``(B, H)``: the memory, its normaliser and
+its stabiliser. Where ``n_state`` of the given state is zero the memory is empty: its
+``m_state`` is taken as ``-inf`` (:func:`empty_as_minus_inf`), so the
 first step starts it afresh. A forward pass returns ``(h~, final state, cache)`` (the cache
 ``None`` with ``keep=False``); a backward pass takes ``dh~``, the cache and the gradients on
 the final ``C`` and ``n`` (or ``None``) and returns the gradients of ``q, k, v, i~, f~, C_0,
@@ -74,22 +76,22 @@ def _sigmoid_neg(xp, x, lsf):
     return xp.exp(lsf - x)
 
 
-def empty_as_minus_inf(xp, n, m):
-    """``m`` with ``-inf`` where the memory is empty (``n`` zero over ``d_qk``)."""
-    empty = xp.all(n == 0, axis=-1)
-    return xp.where(empty, xp.full_like(m, -float("inf")), m)
+def empty_as_minus_inf(xp, n_state, m_state):
+    """``m_state`` with ``-inf`` where the memory is empty (``n_state`` zero over ``d_qk``)."""
+    empty = xp.all(n_state == 0, axis=-1)
+    return xp.where(empty, xp.full_like(m_state, -float("inf")), m_state)
 
 
-def _floor(xp, m):
-    """The floor 1 of the denominator in the stabilised scale, ``exp(-m)``, its exponent
-    capped one below the largest finite one: where ``exp(-m)`` would overflow (every gate
+def _floor(xp, m_state):
+    """The floor 1 of the denominator in the stabilised scale, ``exp(-m_state)``, its exponent
+    capped one below the largest finite one: where ``exp(-m_state)`` would overflow (every gate
     far below zero), ``h~`` is then ``num / ~1e38`` (float32) instead of the exact
     ``num / inf = 0``, a difference below the smallest normal number, and nothing
     overflows."""
     import math
 
-    cap = math.log(float(xp.finfo(m.dtype).max)) - 1.0
-    return xp.exp(xp.minimum(-m, xp.full_like(m, cap)))
+    cap = math.log(float(xp.finfo(m_state.dtype).max)) - 1.0
+    return xp.exp(xp.minimum(-m_state, xp.full_like(m_state, cap)))
 
 
 def _outer(a, b):
@@ -176,37 +178,37 @@ def _taint(xp, a, where):
 def recurrent_forward(xp, q, k, v, ig, fg, state, *, keep=True):
     """The recurrent form: one step at a time (see the module). ``keep=False`` keeps
     nothing for a backward pass (the cache is ``None``)."""
-    C, n, m = state
-    m = empty_as_minus_inf(xp, n, m)
+    C, n_state, m_state = state
+    m_state = empty_as_minus_inf(xp, n_state, m_state)
     T = q.shape[2]
     q, logb, sq = _unit_scale(xp, q)
     k, logc, sk = _unit_scale(xp, k)
     ig = ig + logc
     lsf = logsigmoid(xp, fg)
-    Cs, ns, gates, hs, ss, dens, floors = [C], [n], [], [], [], [], []
+    Cs, ns, gates, hs, ss, dens, floors = [C], [n_state], [], [], [], [], []
     for t in range(T):
-        m_t = xp.maximum(lsf[..., t] + m, ig[..., t])
+        m_t = xp.maximum(lsf[..., t] + m_state, ig[..., t])
         ip = xp.exp(ig[..., t] - m_t)
-        fp = xp.exp(lsf[..., t] + m - m_t)
+        fp = xp.exp(lsf[..., t] + m_state - m_t)
         C = fp[..., None, None] * C + ip[..., None, None] * _outer(v[..., t, :], k[..., t, :])
-        n = fp[..., None] * n + ip[..., None] * k[..., t, :]
+        n_state = fp[..., None] * n_state + ip[..., None] * k[..., t, :]
         q_t = q[..., t, :]
         num = xp.sum(C * q_t[..., None, :], axis=-1)
-        s = xp.sum(n * q_t, axis=-1)
+        s = xp.sum(n_state * q_t, axis=-1)
         floor = _floor(xp, m_t + logb[..., t])
         den = xp.maximum(xp.abs(s), floor)
         h = num / den[..., None]
-        m = m_t
+        m_state = m_t
         hs.append(h)
         if keep:
             Cs.append(C)
-            ns.append(n)
+            ns.append(n_state)
             gates.append((ip, fp))
             ss.append(s)
             dens.append(den)
             floors.append(floor)
     cache = (q, k, v, fg, lsf, Cs, ns, gates, hs, ss, dens, floors, sq, sk) if keep else None
-    return xp.stack(hs, axis=2), (C, n, m), cache
+    return xp.stack(hs, axis=2), (C, n_state, m_state), cache
 
 
 def recurrent_backward(xp, dh, cache, dC=None, dn=None):
@@ -446,8 +448,8 @@ class _Kept:
 
 
 def layer_forward(xp, p, X, state, active, form, *, H, d_qk, d_v, chunk, keep):
-    """One mLSTM layer over ``X (m, T, n_in)`` from ``state`` ``(C, n, m)`` (the forms'
-    layout), in ``form`` (not ``"auto"``). ``active (m, 1, T)`` marks the steps within
+    """One mLSTM layer over ``X (m, T, n_in)`` from ``state`` ``(C, n_state, m_state)``
+    (the forms' layout), in ``form`` (not ``"auto"``). ``active (m, 1, T)`` marks the steps within
     each sequence's length, or is ``None``. Returns ``y (m, T, n_h)``, the final state and
     what :func:`layer_backward` needs (``None`` unless ``keep``). ``X`` must be zero past
     each sequence's end (the model zeroes it once for every layer): padding is never read."""
