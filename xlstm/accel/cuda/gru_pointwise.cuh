@@ -61,8 +61,8 @@ XLSTM_HD inline void gru_bwd_point(T da, T da_rec, T da_direct, T r, T z, T n, T
 // ------------------------------------------------------- one element of the grid
 // Element e = r n + j of the (m, n) grid: row r, unit j.
 
-template <typename T>
 // kernel gru fwd: gx:3@gx ga:3@ga ba:3r@ba a_prev:1@A[t] > s:2@S nt:1@N hn:1@HN a:1@A[t+1]
+template <typename T>
 XLSTM_HD inline void gru_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                   const T* ba, const T* a_prev, T* s, T* nt, T* hn, T* a) {
     const index_t r = e / n;
@@ -77,9 +77,9 @@ XLSTM_HD inline void gru_fwd_elem(index_t e, index_t n, const T* gx, const T* ga
 
 // Backward: writes dgx = (drt, dzt, dnt) and dga = (drt, dzt, dhn), (m, 3 n) each, and
 // da_direct_prev, which may be da_direct itself (read before written, by the same thread).
-template <typename T>
 // kernel gru bwd: da:1@da da_rec:1@da_rec da_direct:1@direct s:2@S nt:1@N hn:1@HN
 //     a_prev:1@A[t] > dgx:3@dGx dga:3@dGa da_direct_prev:1=da_direct@direct
+template <typename T>
 XLSTM_HD inline void gru_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                   const T* da_direct, const T* s, const T* nt, const T* hn,
                                   const T* a_prev, T* dgx, T* dga, T* da_direct_prev) {

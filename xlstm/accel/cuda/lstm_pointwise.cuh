@@ -67,9 +67,9 @@ XLSTM_HD inline void lstm_bwd_point(T da, T da_rec, T dc, T o, T f, T i, T tc, T
 // rest (m, n).
 
 // Forward: the pre-activation is gx + ga (input projection plus recurrent product).
-template <typename T>
 // kernel lstm fwd: gx:4@gx ga:4@ga c_prev:1@C[t] > s:3@S cct:1@CCT c:1@C[t+1] tc:1@TC
 //     a:1@A[t+1]
+template <typename T>
 XLSTM_HD inline void lstm_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                    const T* c_prev, T* s, T* cct, T* c, T* tc, T* a) {
     const index_t r = e / n;
@@ -83,9 +83,9 @@ XLSTM_HD inline void lstm_fwd_elem(index_t e, index_t n, const T* gx, const T* g
 
 // Backward: writes dg (m, 4 n) and dc_prev, which may be dc itself (each element is read
 // before it is written, by the same thread).
-template <typename T>
 // kernel lstm bwd: da:1@da da_rec:1@da_rec dc:1@dC s:3@S cct:1@CCT tc:1@TC c_prev:1@C[t] >
 //     dg:4@dGx dc_prev:1=dc@dC
+template <typename T>
 XLSTM_HD inline void lstm_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                    const T* dc, const T* s, const T* cct, const T* tc,
                                    const T* c_prev, T* dg, T* dc_prev) {

@@ -55,8 +55,8 @@ XLSTM_HD inline void mgu_bwd_point(T da, T da_rec, T da_direct, T f, T n, T hn, 
 // ------------------------------------------------------- one element of the grid
 // Element e = r n + j of the (m, n) grid: row r, unit j.
 
-template <typename T>
 // kernel mgu fwd: gx:2@gx ga:2@ga ba:2r@ba a_prev:1@A[t] > ft:1@S nt:1@N hn:1@HN a:1@A[t+1]
+template <typename T>
 XLSTM_HD inline void mgu_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                   const T* ba, const T* a_prev, T* ft, T* nt, T* hn, T* a) {
     const index_t r = e / n;
@@ -70,9 +70,9 @@ XLSTM_HD inline void mgu_fwd_elem(index_t e, index_t n, const T* gx, const T* ga
 
 // Backward: writes dgx = (dft, dnt) and dga = (dft, dhn), (m, 2 n) each, and
 // da_direct_prev, which may be da_direct itself (read before written, by the same thread).
-template <typename T>
 // kernel mgu bwd: da:1@da da_rec:1@da_rec da_direct:1@direct ft:1@S nt:1@N hn:1@HN
 //     a_prev:1@A[t] > dgx:2@dGx dga:2@dGa da_direct_prev:1=da_direct@direct
+template <typename T>
 XLSTM_HD inline void mgu_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                   const T* da_direct, const T* ft, const T* nt, const T* hn,
                                   const T* a_prev, T* dgx, T* dga, T* da_direct_prev) {

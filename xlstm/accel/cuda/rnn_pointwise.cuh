@@ -35,8 +35,8 @@ XLSTM_HD inline T sign_of(T x) {
 
 // ------------------------------------------------------- one element of the grid
 // Forward: a = act(gx + ga); h, the saved copy of a.
-template <typename T>
 // kernel rnn_tanh fwd: gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H
+template <typename T>
 XLSTM_HD inline void rnn_tanh_fwd_elem(index_t e, index_t, const T* gx, const T* ga, T* a,
                                        T* h) {
     const T v = act_tanh(gx[e] + ga[e]);
@@ -44,8 +44,8 @@ XLSTM_HD inline void rnn_tanh_fwd_elem(index_t e, index_t, const T* gx, const T*
     h[e] = v;
 }
 
-template <typename T>
 // kernel rnn_relu fwd: gx:1@gx ga:1@ga > a:1@A[t+1] h:1@H
+template <typename T>
 XLSTM_HD inline void rnn_relu_fwd_elem(index_t e, index_t, const T* gx, const T* ga, T* a,
                                        T* h) {
     const T v = act_relu(gx[e] + ga[e]);
@@ -55,8 +55,8 @@ XLSTM_HD inline void rnn_relu_fwd_elem(index_t e, index_t, const T* gx, const T*
 
 // Backward: dg = (da + da_rec) D, with D the activation's derivative from the saved output
 // h: tanh_derivative (1 - h^2), or relu's sign(h).
-template <typename T>
 // kernel rnn_tanh bwd: da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx
+template <typename T>
 XLSTM_HD inline void rnn_tanh_bwd_elem(index_t e, index_t, const T* da, const T* da_rec,
                                        const T* h, T* dg) {
     const T one = T(1);
@@ -64,8 +64,8 @@ XLSTM_HD inline void rnn_tanh_bwd_elem(index_t e, index_t, const T* da, const T*
     dg[e] = (da[e] + da_rec[e]) * D;
 }
 
-template <typename T>
 // kernel rnn_relu bwd: da:1@da da_rec:1@da_rec h:1@H > dg:1@dGx
+template <typename T>
 XLSTM_HD inline void rnn_relu_bwd_elem(index_t e, index_t, const T* da, const T* da_rec,
                                        const T* h, T* dg) {
     const T D = sign_of(h[e]);

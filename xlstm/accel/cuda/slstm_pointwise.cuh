@@ -112,18 +112,18 @@ XLSTM_HD inline void slstm_fwd_any(index_t e, index_t n, const T* gx, const T* g
                                 c + e, nn + e, mt + e, h + e);
 }
 
-template <typename T>
 // kernel slstm fwd: gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2
 //     zo:2@ZO cn:2@CN d:1@D c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]
+template <typename T>
 XLSTM_HD inline void slstm_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                     const T* c_prev, const T* n_prev, const T* m_prev, T* x2,
                                     T* zo, T* cn, T* d, T* c, T* nn, T* mt, T* h) {
     slstm_fwd_any<T, true>(e, n, gx, ga, c_prev, n_prev, m_prev, x2, zo, cn, d, c, nn, mt, h);
 }
 
-template <typename T>
 // kernel slstm_exp fwd: gx:4@gx ga:4@ga c_prev:1@C[t] n_prev:1@N[t] m_prev:1@M[t] > x2:2@X2
 //     zo:2@ZO cn:2@CN c:1@C[t+1] nn:1@N[t+1] mt:1@M[t+1] h:1@H[t+1]
+template <typename T>
 XLSTM_HD inline void slstm_exp_fwd_elem(index_t e, index_t n, const T* gx, const T* ga,
                                         const T* c_prev, const T* n_prev, const T* m_prev,
                                         T* x2, T* zo, T* cn, T* c, T* nn, T* mt, T* h) {
@@ -148,10 +148,10 @@ XLSTM_HD inline void slstm_bwd_any(index_t e, index_t n, const T* da, const T* d
                        dgr + 2 * n, dgr + 3 * n, dc_prev + e, dn_prev + e, dm_prev + e);
 }
 
-template <typename T>
 // kernel slstm bwd: da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO cn:2@CN
 //     d:1@D c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC dn_prev:1=dn@dN
 //     dm_prev:1=dm@dM
+template <typename T>
 XLSTM_HD inline void slstm_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                     const T* dc, const T* dn, const T* dm, const T* x2,
                                     const T* zo, const T* cn, const T* d, const T* c_prev,
@@ -161,10 +161,10 @@ XLSTM_HD inline void slstm_bwd_elem(index_t e, index_t n, const T* da, const T* 
                      dc_prev, dn_prev, dm_prev);
 }
 
-template <typename T>
 // kernel slstm_exp bwd: da:1@da da_rec:1@da_rec dc:1@dC dn:1@dN dm:1@dM x2:2@X2 zo:2@ZO
 //     cn:2@CN c_prev:1@C[t] n_prev:1@N[t] > dg:4@dGx dc_prev:1=dc@dC dn_prev:1=dn@dN
 //     dm_prev:1=dm@dM
+template <typename T>
 XLSTM_HD inline void slstm_exp_bwd_elem(index_t e, index_t n, const T* da, const T* da_rec,
                                         const T* dc, const T* dn, const T* dm, const T* x2,
                                         const T* zo, const T* cn, const T* c_prev,
