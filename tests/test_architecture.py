@@ -30,6 +30,8 @@ LAYERS = (
     "demos",
     "",             # xlstm/__init__.py and xlstm/__main__.py: the public names and the CLI
 )
+#: Parts that know nothing of each other, either way: the two front ends over the engine.
+SIBLINGS = (("notebook", "models"),)
 OPTIONAL = ("cupy", "numba", "mpi4py", "dask", "torch", "jax", "matplotlib", "tqdm",
             "array_api_strict")
 
@@ -91,6 +93,12 @@ def test_no_part_imports_a_part_above_it():
             if LAYERS.index(want) > LAYERS.index(have):
                 upward.append(f"{name}:{line} imports {target} ({have or 'top'} -> {want or 'top'})")
     assert not upward, "\n".join(upward)
+
+
+def test_siblings_import_nothing_of_each_other():
+    crossing = [f"{name}:{line} imports {target}" for name, target, line, _ in _edges()
+                if target in MODULES and {_part(name), _part(target)} in map(set, SIBLINGS)]
+    assert not crossing, "\n".join(crossing)
 
 
 def test_no_import_cycle():

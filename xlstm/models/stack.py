@@ -618,7 +618,7 @@ class _Model:
             ``num_layers``, ``bidirectional``, ``dropout``, and ``batch_first`` as
             ``layout="batch_first"``.
         """
-        from ..notebook.interop import model_from_torch
+        from .interop import model_from_torch
 
         return model_from_torch(cls, module, xp=xp, dtype=dtype, device=device)
 
@@ -638,7 +638,7 @@ class _Model:
         """The ``torch.nn`` module of the same kind with this model's weights and
         configuration (``dropout``; ``batch_first=True`` for ``layout="batch_first"``), on
         the CPU, float64 for float64 parameters, else float32."""
-        from ..notebook.interop import model_to_torch
+        from .interop import model_to_torch
 
         return model_to_torch(self)
 
