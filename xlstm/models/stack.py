@@ -82,7 +82,7 @@ class _Model:
     """The stack: the one driver of layers x directions x lengths x dropout for every model
     class. A subclass gives its layer (:meth:`_make_layer`)."""
 
-    #: The layer of every (layer, direction), made by :meth:`_make_layer`.
+    #: The layer of every (layer, direction), which the class makes (``_make_layer``).
     layer: Layer
     #: The torch module class of the same model, by name in ``torch.nn`` (None: none).
     torch_name: str | None
