@@ -84,7 +84,7 @@ class CellLayer:
     Parameters
     ----------
     cell : Cell
-        The cell (:mod:`xlstm.cells`).
+        The cell (registered in ``xlstm.cells.CELLS``).
     n_h : int
         Hidden size (``n_a``).
     **hyper

@@ -156,11 +156,11 @@ class SLSTM(_Model):
 
 
 class Recurrent(_Model):
-    """A stack of layers of any registered engine cell (:data:`xlstm.cells.CELLS`), by name.
+    """A stack of layers of any registered engine cell (``xlstm.cells.CELLS``), by name.
 
-    The cell brings its parameters, state and initialisation; :class:`LSTM`, :class:`GRU`,
-    :class:`RNN` and :class:`SLSTM` are the same stack over their cells, with their own
-    keywords and torch counterparts.
+    The cell brings its parameters, state and initialisation; :class:`xlstm.LSTM`,
+    :class:`xlstm.GRU`, :class:`xlstm.RNN` and :class:`xlstm.SLSTM` are the same stack over
+    their cells, with their own keywords and torch counterparts.
 
     Parameters
     ----------
@@ -170,7 +170,7 @@ class Recurrent(_Model):
         The cell's name (``"gru"``, ``"rnn_relu"``, ...).
     **kwargs
         ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
-        ``device`` and ``seed``, as for :class:`LSTM`.
+        ``device`` and ``seed``, as for :class:`xlstm.LSTM`.
 
     Examples
     --------
