@@ -125,7 +125,7 @@ def test_batch_first_is_the_notebook_layout_transposed(cls):
             assert_close(la[k], lb[k], **EXACT)
     with pytest.raises(ValueError, match=r"x must have shape \(m, T, n_x\)"):
         bf.forward(x)
-    with pytest.raises(ValueError, match=r"dy must have the shape of y, \(m, T, D \* n_a\)"):
+    with pytest.raises(ValueError, match=r"dy must have the shape of y, \(m, T, D \* n_[ah]\)"):
         bf.backward(dy, cb)
 
 

@@ -587,7 +587,7 @@ def predict(model: Any, x: Any, *, state: tuple | None = None, lengths: Any = No
             raise ValueError(f"lengths must have shape ({m},), one length per sequence of x "
                              f"(m = {m}), got {tuple(getattr(lengths, 'shape', ()))}")
         args += [_batch_chunks(da, lengths, chunks, axis=0), ("b",)]
-    out_rows = model.D * model.n_a
+    out_rows = model.D * model.n_h
 
     def run(block, *rest, model):
         st = tuple(rest[:n_state]) if n_state else None

@@ -751,11 +751,6 @@ class MLSTM(_Model):
         self.chunk = positive_int("chunk", chunk)
         super().__init__(n_x, n_h, **kwargs)
 
-    @property
-    def n_h(self) -> int:
-        """The hidden size (``n_a`` of the other models)."""
-        return self.n_a
-
     @staticmethod
     def _form(form):
         if form not in ("auto", *FORMS):
@@ -765,7 +760,7 @@ class MLSTM(_Model):
     _hidden = "n_h"
 
     def _make_layer(self):
-        return MLSTMLayer(self.n_a, self.num_heads, self.d_qk, self.chunk)
+        return MLSTMLayer(self.n_h, self.num_heads, self.d_qk, self.chunk)
 
     def _extra_config(self):
         return {"num_heads": self.num_heads, "d_qk": self.d_qk, "form": self.form,
@@ -821,6 +816,6 @@ class MLSTM(_Model):
                              return_cache=return_cache, opts={"form": form})
 
     def __repr__(self):
-        return (f"MLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
+        return (f"MLSTM(n_x={self.n_x}, n_h={self.n_h}, num_heads={self.num_heads}, "
                 f"d_qk={self.d_qk}, form={self.form!r}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional})")

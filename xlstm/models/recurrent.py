@@ -136,21 +136,16 @@ class SLSTM(_Model):
         self.cell = SLSTM_CELL if forget_gate == "sigmoid" else SLSTM_EXP_CELL
         super().__init__(n_x, n_h, **kwargs)
 
-    @property
-    def n_h(self) -> int:
-        """The hidden size (``n_a`` of the other models)."""
-        return self.n_a
-
     _hidden = "n_h"
 
     def _make_layer(self):
-        return CellLayer(self.cell, self.n_a, num_heads=self.num_heads)
+        return CellLayer(self.cell, self.n_h, num_heads=self.num_heads)
 
     def _extra_config(self):
         return {"num_heads": self.num_heads, "forget_gate": self.forget_gate}
 
     def __repr__(self):
-        return (f"SLSTM(n_x={self.n_x}, n_h={self.n_a}, num_heads={self.num_heads}, "
+        return (f"SLSTM(n_x={self.n_x}, n_h={self.n_h}, num_heads={self.num_heads}, "
                 f"forget_gate={self.forget_gate!r}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional})")
 

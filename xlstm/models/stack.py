@@ -93,7 +93,7 @@ class _Model:
         device: Any = None, seed: int | np.random.Generator | None = 0,
     ) -> None:
         self.n_x = positive_int("n_x", n_x)
-        self.n_a = positive_int("n_a", n_a)
+        self.n_h = positive_int(self._hidden, n_a)
         self.num_layers = positive_int("num_layers", num_layers)
         if not isinstance(bidirectional, bool):
             raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
@@ -115,22 +115,27 @@ class _Model:
 
     # ------------------------------------------------------------------ parameters
     @property
+    def n_a(self) -> int:
+        """The hidden size ``n_h`` by the notebook's name (``n_a``)."""
+        return self.n_h
+
+    @property
     def D(self) -> int:
         """Directions: 2 when bidirectional, else 1."""
         return 2 if self.bidirectional else 1
 
     def _config(self):
-        return (type(self).__name__, self.layer.name, self.n_x, self.n_a, self.num_layers,
+        return (type(self).__name__, self.layer.name, self.n_x, self.n_h, self.num_layers,
                 self.D, self.layout, *self.layer.config())
 
     def _n_in(self, index):
         """Input features of (layer, direction) ``index``: ``n_x``, then ``D n_a``."""
-        return self.n_x if index < self.D else self.D * self.n_a
+        return self.n_x if index < self.D else self.D * self.n_h
 
     def _make_layer(self) -> Layer:
         """The layer of every (layer, direction): by default the engine's, over the class's
         cell."""
-        return CellLayer(self.cell, self.n_a)
+        return CellLayer(self.cell, self.n_h)
 
     def param_shapes(self, index: int = 0) -> dict:
         """The parameter dict of (layer, direction) ``index``: key to shape, in order."""
@@ -190,7 +195,7 @@ class _Model:
                 if tuple(got) != shape:
                     raise ValueError(
                         f"{where}[{k!r}] must have shape {shape} (n_in={n_in}, "
-                        f"n_a={self.n_a}), got {tuple(got)}"
+                        f"{self._hidden}={self.n_h}), got {tuple(got)}"
                     )
                 arrays[f"{where}[{k!r}]"] = layer[k]
         return arrays
@@ -447,7 +452,7 @@ class _Model:
         keep = 1.0 - self.dropout
         masks = []
         for _ in range(self.num_layers - 1):
-            host = (rng.random((self.D * self.n_a, m, T)) < keep) / keep
+            host = (rng.random((self.D * self.n_h, m, T)) < keep) / keep
             with device_scope(xp=xp, device=self.device):
                 masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
         return tuple(masks)
@@ -487,8 +492,8 @@ class _Model:
         if cache.config != mine:
             raise ValueError(
                 f"cache comes from another model ({cache.config[0]} with a {cache.config[1]} "
-                f"layer, n_x={cache.config[2]}, n_a={cache.config[3]}); this is a "
-                f"{mine[0]} with n_x={self.n_x}, n_a={self.n_a}"
+                f"layer, n_x={cache.config[2]}, {self._hidden}={cache.config[3]}); this is a "
+                f"{mine[0]} with n_x={self.n_x}, {self._hidden}={self.n_h}"
             )
         self._check_cache(cache)
         dstate = self._state_arrays(dstate, "dstate")
@@ -496,12 +501,13 @@ class _Model:
         if dstate is not None:
             named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate) if s is not None)
         xp = namespace(**named, **{"cache": cache.states[0].X})
-        m, D, n_a = cache.m, self.D, self.n_a
+        m, D, n_h = cache.m, self.D, self.n_h
         T = cache.states[0].X.shape[0] // m
         first = self.layout == "batch_first"
-        want = (m, T, D * n_a) if first else (D * n_a, m, T)
+        want = (m, T, D * n_h) if first else (D * n_h, m, T)
         if tuple(dy.shape) != want:
-            what = "(m, T, D * n_a)" if first else "(D * n_a, m, T)"
+            h = self._hidden
+            what = f"(m, T, D * {h})" if first else f"(D * {h}, m, T)"
             raise ValueError(f"dy must have the shape of y, {what} = {want}, got "
                              f"{tuple(dy.shape)}")
         if first:
@@ -522,7 +528,7 @@ class _Model:
             d_in = None
             for d in range(D):
                 i = layer * D + d
-                dy_d = d_out[d * n_a : (d + 1) * n_a, ...]
+                dy_d = d_out[d * n_h : (d + 1) * n_h, ...]
                 given = None if dstate is None else \
                     tuple(None if s is None else s[i, ...] for s in dstate)
                 dy_d = _reverse(dy_d, order, xp) if d else dy_d
@@ -563,7 +569,7 @@ class _Model:
         True
         """
         first = next(iter(self.params[0].values()))
-        return {"n_x": self.n_x, self._hidden: self.n_a, **self._extra_config(),
+        return {"n_x": self.n_x, self._hidden: self.n_h, **self._extra_config(),
                 "num_layers": self.num_layers, "bidirectional": self.bidirectional,
                 "dropout": self.dropout, "layout": self.layout, "xp": _module_name(first),
                 "dtype": _dtype_name(self.dtype)}
@@ -643,7 +649,7 @@ class _Model:
         return model_to_torch(self)
 
     def __repr__(self):
-        return (f"{type(self).__name__}(n_x={self.n_x}, n_a={self.n_a}, "
+        return (f"{type(self).__name__}(n_x={self.n_x}, {self._hidden}={self.n_h}, "
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
 
 
