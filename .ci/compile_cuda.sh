@@ -16,13 +16,22 @@ root="$(cd "$here/.." && pwd)"
 arch="${CUDA_ARCH:-sm_90}"
 
 tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+trap 'wait; rm -rf "$tmp"' EXIT
 
 python="python"
 command -v "$python" >/dev/null 2>&1 || python="python3"
 "$python" "$root/xlstm/accel/cuda/kernels.py" --write "$tmp/gen" >"$tmp/files"
 mapfile -t files <"$tmp/files"
 echo "compile_cuda: generated ${files[*]##*/} from the kernel table"
+
+# Every build runs in the background; each failure is reported and fails the script.
+pids=()
+finish() {
+    local failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    pids=()
+    return "$failed"
+}
 
 cxx=""
 for c in "${CXX:-}" c++ g++ clang++; do
@@ -31,23 +40,31 @@ done
 if [[ -n "$cxx" ]]; then
     for f in "${files[@]}"; do
         [[ "$f" == *_host.cpp ]] || continue
-        "$cxx" -std=c++17 -ffp-contract=off -Wall -Wextra -Wpedantic -Werror \
-            -I"$root/tests/cuda_host" -c -o "$tmp/host.o" "$f"
-        echo "compile_cuda: host build of ${f##*/} OK ($cxx)"
+        ("$cxx" -std=c++17 -ffp-contract=off -Wall -Wextra -Wpedantic -Werror \
+            -I"$root/tests/cuda_host" -c -o "${f%.cpp}.o" "$f"
+         echo "compile_cuda: host build of ${f##*/} OK ($cxx)") &
+        pids+=("$!")
     done
 fi
 
 if ! command -v nvcc >/dev/null 2>&1; then
+    finish
     echo "compile_cuda: nvcc not found, skipping the CUDA kernel compile check"
     exit 0
 fi
 
+# One nvcc run per source gives both the object and (kept) the PTX that nvcc -ptx writes.
+version="$(nvcc --version | tail -n 1)"
 for f in "${files[@]}"; do
     [[ "$f" == *.cu ]] || continue
-    nvcc -arch="$arch" --fmad=false -Werror all-warnings -Xcompiler -Wall,-Wextra \
-        -c -o "$tmp/kernels.o" "$f"
-    nvcc -arch="$arch" --fmad=false -ptx -o "${f%.cu}.ptx" "$f"
-    echo "compile_cuda: nvcc -arch=$arch compiled ${f##*/} OK ($(nvcc --version | tail -n 1))"
+    keep="${f%.cu}.keep"
+    mkdir -p "$keep"
+    (nvcc -arch="$arch" --fmad=false -Werror all-warnings -Xcompiler -Wall,-Wextra \
+        -c -o "${f%.cu}.o" --keep --keep-dir "$keep" "$f"
+     cp "$keep/$(basename "${f%.cu}").ptx" "${f%.cu}.ptx"
+     echo "compile_cuda: nvcc -arch=$arch compiled ${f##*/} OK ($version)") &
+    pids+=("$!")
 done
+finish
 # No persistent kernel may read memory that its launch writes through ld.global.nc.
 "$python" "$root/xlstm/accel/cuda/kernels.py" --check-ptx "$tmp/gen"
