@@ -16,8 +16,9 @@ namespace, dtype and cell, and imports no accelerator itself. The accelerators a
   program.
 
 A loops object other than :class:`ScanLoops` has ``supports(cell)``, ``forward(cell, Gx, WaT,
-ba, bufs, t0, active=None)``, ``backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa,
-active=None)`` and ``masks``, whether it runs padded batches (a non-``None`` ``active``;
+ba, bufs, t0, active=None, step=None)``, ``backward(cell, da_t, carry, saved, prev, WaT, dGx,
+dGa, active=None, step=None)`` (``step``: the engine's step frame, which the CPU loops record)
+and ``masks``, whether it runs padded batches (a non-``None`` ``active``;
 otherwise the engine runs them on the array path); see :func:`xlstm.engine.loop.forward` and
 :func:`xlstm.engine.loop.backward` for what they receive.
 
@@ -179,14 +180,14 @@ class DLPackLoops:
             return None
         return self._to_inner(arr.detach() if getattr(arr, "requires_grad", False) else arr)
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None, step=None):
         """:meth:`xlstm.accel.cuda.Loops.forward` on views of the same buffers."""
         c = self.to_inner
         with self.scope():
             self.inner.forward(cell, c(Gx), c(WaT), c(ba), {k: c(v) for k, v in bufs.items()},
-                               t0, c(active))
+                               t0, c(active), step)
 
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None, step=None):
         """:meth:`xlstm.accel.cuda.Loops.backward` on views of the same buffers; the gradients on
         the initial state come back as the engine's arrays."""
         c = self.to_inner
@@ -195,7 +196,7 @@ class DLPackLoops:
             out = self.inner.backward(
                 cell, c(da_t), tuple(c(v) for v in carry), {k: c(v) for k, v in saved.items()},
                 {k: c(v) for k, v in prev.items()}, c(WaT), dGx_in,
-                dGx_in if dGa is dGx else c(dGa), c(active))
+                dGx_in if dGa is dGx else c(dGa), c(active), step)
             return tuple(self.from_inner(v) for v in out)
 
 

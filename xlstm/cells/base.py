@@ -20,7 +20,10 @@ arrays on the array path and element by element, compiled, in the accelerated lo
 cell's :meth:`~Cell.step` and :meth:`~Cell.step_back` combine point functions, ``tanh``,
 ``relu`` and ``sign`` through an *ops* object: :class:`ArrayOps` on the array path (every
 call returns a new array), a buffered one in the accelerated loops (every call writes into
-``out``). These functions are always the namespace's own, so both routes round alike.
+``out``). These functions are always the namespace's own, so both routes round alike. The
+engine's step frame around a cell's step (the recurrent products, the padded rows) runs
+through the same ops object: ``matmul``, ``transposed_matmul``, ``keep_rows`` and
+``zero_rows``.
 
 Two rules make a step fast in the compiled loops, which record a cell's first step and
 replay its calls on every later step's arrays: the operations of a step must not depend on
@@ -149,6 +152,26 @@ class ArrayOps:
     def map(self, fn, *args, out=None):
         """``fn(*args)`` on whole arrays: a point function applied elementwise."""
         return fn(*args)
+
+    # the engine's step frame (:func:`xlstm.engine.loop.forward_step`, ``backward_step``)
+    def matmul(self, a, b, out=None):
+        """``a @ b`` (the recurrent term ``a_prev @ WaT``)."""
+        return a @ b
+
+    def transposed_matmul(self, a, b, out=None, tmp=None):
+        """``b @ a^T``, made as ``(a @ b^T)^T`` (the recurrent part of ``da_prev``, ``(WaT
+        @ dga^T)^T``); ``tmp`` is the buffered route's scratch for ``a @ b^T``."""
+        xp = self.xp
+        return xp.matrix_transpose(a @ xp.matrix_transpose(b))
+
+    def keep_rows(self, new, old, active, out=None):
+        """``new``, with ``old`` in the padded rows (where the ``(m, 1)`` booleans
+        ``active`` are false)."""
+        return self.xp.where(active, new, old)
+
+    def zero_rows(self, x, active, out=None):
+        """``x``, with zeros in the padded rows (where ``active`` is false)."""
+        return self.xp.where(active, x, self.xp.zeros_like(x))
 
 
 @functools.cache

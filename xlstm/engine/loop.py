@@ -13,11 +13,14 @@ the loop the weight gradients, the bias gradients and ``dx`` are single GEMMs an
 reductions over the stacked pre-activation gradients (the notebook's equations (11)-(18)
 and (21), for every cell).
 
-The array path runs the per-step functions through :func:`scan`. The accelerated loops
-(:func:`xlstm.accel.registry.accelerated_loops`) run the same steps over preallocated stacks: on
-numpy the cell's own step with its point functions compiled by numba (bit-identical), on
-CuPy fused CUDA kernels, on JAX :func:`scan` as ``jax.lax.scan``. ``XLSTM_ACCEL=0`` or
-:func:`xlstm.accelerators` turns them off.
+One step frame, :func:`forward_step` and :func:`backward_step` (the recurrent products, the
+cell's step, the padded rows), serves every path through an ops object: the array path runs
+it through :func:`scan` with :func:`~xlstm.cells.base.array_ops`. The accelerated loops
+(:func:`xlstm.accel.registry.accelerated_loops`) run the same steps over preallocated stacks,
+and are handed the frame: on numpy they record it with their buffered ops, the cell's point
+functions compiled by numba (bit-identical), on CuPy fused CUDA kernels do its work, on JAX
+:func:`scan` runs as ``jax.lax.scan``. ``XLSTM_ACCEL=0`` or :func:`xlstm.accelerators`
+turns them off.
 """
 
 from __future__ import annotations
@@ -78,51 +81,87 @@ def _dispatch(xp, dtype, cell, masked=False, device=None):
     return loops, scan
 
 
+# ------------------------------------------------------------------------------ one step
+def forward_step(ops, cell, WaT, ba, gx, state, active, out):
+    """One forward step, on every path: the recurrent term ``ga = a_prev @ WaT (+ ba)``,
+    the cell's :meth:`~xlstm.cells.base.Cell.step`, and the padded rows keeping their
+    state.
+
+    ``ops`` is :func:`~xlstm.cells.base.array_ops` with ``out`` = ``NO_OUT`` on the array
+    path (every call returns a new array, so ``jax.lax.scan`` runs it too), or the compiled
+    CPU loops' buffered ops, which record this function's calls once and replay them on
+    every step. ``gx`` is the step's input term, ``state`` the previous state (a tuple in
+    :attr:`~xlstm.cells.base.Cell.state_names` order), ``active`` the step's ``(m, 1)``
+    booleans or ``None`` (no padding); ``out`` holds the cell's buffers and ``"ga"``, the
+    recurrent term's. Returns the cell's dict of the new state and the saved values.
+    """
+    ga = ops.matmul(state[0], WaT, out=out["ga"])  # the recurrent term
+    if ba is not None:
+        ga = ops.add(ga, ba, out=out["ga"])
+    new = cell.step(ops, gx, ga, state, out)
+    if active is not None:  # padded rows keep their state
+        for k, s in zip(cell.state_names, state):
+            new[k] = ops.keep_rows(new[k], s, active, out=out[k])
+    return new
+
+
+def backward_step(ops, cell, WaT, da, da_rec, drest, coeffs, reads, active, out):
+    """One backward step, on every path (the ops as in :func:`forward_step`): the cell's
+    :meth:`~xlstm.cells.base.Cell.step_back`, the recurrent part of the gradient on
+    ``a_prev``, ``(WaT @ dga^T)^T`` (equation (19)), plus the cell's direct term; a padded
+    row has no gate gradients and passes the gradients on its state through.
+
+    ``da`` is the step's upstream gradient, ``da_rec`` and ``drest`` the gradients reaching
+    the step's states from the step after it; ``coeffs`` and ``reads`` as the cell's
+    ``step_back`` takes them. ``out`` holds the cell's buffers (``"dGx"``, ``"dGa"``, the
+    other states' gradients ``"d" + name.lower()``), ``"da_prev"`` and its transposed
+    scratch ``"da_prevT"``, and ``"kept<q>"`` for the gradients reaching a padded row.
+    Returns ``(dgx, dga, da_prev, drest_prev)``.
+    """
+    if active is not None:  # the gradients reaching the step, for its padded rows
+        kept = [ops.copy(d, out=out[f"kept{q}"]) for q, d in enumerate((da_rec, *drest))]
+    dgx, dga, direct, drest_prev = cell.step_back(ops, da, da_rec, drest, coeffs, reads, out)
+    if active is not None:  # a padded row: no gate gradients
+        dgx = ops.zero_rows(dgx, active, out=out["dGx"])
+        dga = ops.zero_rows(dga, active, out=out["dGa"]) if cell.split else dgx
+    da_prev = ops.transposed_matmul(WaT, dga, out=out["da_prev"], tmp=out["da_prevT"])  # (19)
+    if direct is not None:
+        da_prev = ops.add(direct, da_prev, out=out["da_prev"])
+    if active is not None:  # ... and its state's gradients pass through
+        da_prev = ops.keep_rows(da_prev, kept[0], active, out=out["da_prev"])
+        drest_prev = tuple([ops.keep_rows(p, k, active, out=out["d" + s.lower()])
+                            for p, k, s in zip(drest_prev, kept[1:], cell.state_names[1:])])
+    return dgx, dga, da_prev, drest_prev
+
+
 # ------------------------------------------------------------------------------ sequences
 def _forward_step(static, consts, carry, inputs):
-    """One forward step of the array path, for :func:`scan` over the chunk's ``Gx``.
-
-    Returns the new state and the step's values named in ``static[2]``.
+    """:func:`forward_step` on the array path, for :func:`scan` over the chunk's ``Gx``
+    (and ``active``). Returns the new state and the step's values named in ``static[2]``.
     """
     xp, cell, names = static
-    gx = inputs[0]
-    ga = carry[0] @ consts[0]  # the recurrent term
-    if len(consts) > 1:
-        ga = ga + consts[1]
-    out = cell.step(array_ops(xp), gx, ga, carry, NO_OUT)
-    if len(inputs) > 1:  # padded rows keep their state
-        out.update((k, xp.where(inputs[1], out[k], s)) for k, s in zip(cell.state_names, carry))
-    return tuple([out[k] for k in cell.state_names]), tuple([out[k] for k in names])
+    ba = consts[1] if len(consts) > 1 else None
+    active = inputs[1] if len(inputs) > 1 else None
+    new = forward_step(array_ops(xp), cell, consts[0], ba, inputs[0], carry, active, NO_OUT)
+    return tuple([new[k] for k in cell.state_names]), tuple([new[k] for k in names])
 
 
 def _backward_step(static, consts, carry, inputs):
-    """One backward step of the array path, for a reversed :func:`scan`.
+    """:func:`backward_step` on the array path, for a reversed :func:`scan`.
 
     Carries the gradients reaching the step's states from the step after it (the hidden
     state's first) and returns the step's pre-activation gradients ``dgx`` (and ``dga``
     where the cell keeps them apart).
     """
     xp, cell, n_coeffs, masked = static
-    (WaT,) = consts
     da_rec, *drest = carry
     n_reads = len(cell.back_reads)
-    da, coeffs = inputs[0], inputs[1 : 1 + n_coeffs]
-    reads = inputs[1 + n_coeffs : 1 + n_coeffs + n_reads]
-    dgx, dga, direct, drest_prev = cell.step_back(
-        array_ops(xp), da, da_rec, tuple(drest), coeffs, dict(zip(cell.back_reads, reads)),
-        NO_OUT,
+    coeffs = inputs[1 : 1 + n_coeffs]
+    reads = dict(zip(cell.back_reads, inputs[1 + n_coeffs : 1 + n_coeffs + n_reads]))
+    dgx, dga, da_prev, drest_prev = backward_step(
+        array_ops(xp), cell, consts[0], inputs[0], da_rec, tuple(drest), coeffs, reads,
+        inputs[-1] if masked else None, NO_OUT,
     )
-    if masked:  # a padded row: no gate gradients; the state's gradients pass through
-        act = inputs[-1]
-        zero = xp.zeros_like(dgx)
-        dgx = xp.where(act, dgx, zero)
-        dga = xp.where(act, dga, zero) if cell.split else dgx
-    da_prev = xp.matrix_transpose(WaT @ xp.matrix_transpose(dga))  # (19), recurrent part
-    if direct is not None:
-        da_prev = direct + da_prev
-    if masked:
-        da_prev = xp.where(act, da_prev, da_rec)
-        drest_prev = tuple(xp.where(act, p, d) for p, d in zip(drest_prev, drest))
     return (da_prev, *drest_prev), ((dgx, dga) if cell.split else (dgx,))
 
 
@@ -249,7 +288,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
             chunk_bufs = {k: bufs[k] for k in cell.state_names}
             chunk_bufs.update((k, bufs[k][sl, ...]) for k in cell.saved)
             loops.forward(cell, Gx, WaT, ba, chunk_bufs, t0,
-                          None if active is None else active[t0:t1, ...])
+                          None if active is None else active[t0:t1, ...], forward_step)
             A_new = bufs[first][t0 + 1 : t1 + 1, ...]
         else:
             xs = (Gx,) if active is None else (Gx, active[t0:t1, ...])
@@ -306,7 +345,8 @@ def backward(cell, da, cache, *, xp, dstate=None, active=None):
     if loops is not None:
         dGx = xp.empty((T, m, width), dtype=dtype, device=dev)
         dGa = xp.empty((T, m, width), dtype=dtype, device=dev) if cell.split else dGx
-        carry = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa, active)
+        carry = loops.backward(cell, da_t, carry, saved, prev, WaT, dGx, dGa, active,
+                               backward_step)
     else:
         ops = array_ops(xp)
         coeffs = cell.back_coeffs(ops, saved, prev, NO_OUT)  # all steps at once

@@ -5,21 +5,23 @@ are numpy's, their dtype is float32 or float64, numba is installed and the accel
 on. Without numba nothing here is imported and the array path runs.
 
 What it changes. On the array path every operation of a step allocates its result, and the
-steps are stacked afterwards. Here the cell's own :meth:`~xlstm.cells.base.Cell.step` and
-:meth:`~xlstm.cells.base.Cell.step_back` run with :class:`BufferOps`: each operation writes
-into a preallocated buffer (a slot of the engine's stacks or a per-call scratch buffer),
-``tanh`` and the matrix products are numpy's own calls with ``out=``, and each point
-function runs as one compiled pass over the step's ``(m, n_a)`` grid (a *point loop*).
-The backward coefficients are formed inside the step's pass for a cell with
+steps are stacked afterwards. Here the engine's own step frame, which the engine hands to
+:class:`Loops` (:func:`xlstm.engine.loop.forward_step` and ``backward_step``: the recurrent
+products, the padded rows, the cell's :meth:`~xlstm.cells.base.Cell.step` and
+:meth:`~xlstm.cells.base.Cell.step_back`), runs with :class:`BufferOps`: each operation
+writes into a preallocated buffer (a slot of the engine's stacks or a per-call scratch
+buffer), ``tanh`` and the matrix products are numpy's own calls with ``out=``, and each
+point function runs as one compiled pass over the step's ``(m, n_a)`` grid (a *point
+loop*). The backward coefficients are formed inside the step's pass for a cell with
 ``inline_coeffs`` (its point function calls the coefficients' one), else for all steps
 first, in one compiled pass, as on the array path. The first step of every loop is
 recorded and written out as a straight-line body over the step number (a *replay*),
-which the later steps run: the cell's Python runs once per loop. That body is compiled,
-with the loop over the steps around it, into one numba function (the *whole loop*), which
-makes numpy's own BLAS and ufunc calls from inside (:mod:`xlstm.accel.cpu.native`): no Python runs
-between steps. Where some call has no compiled twin, the body runs from Python, step by
-step. The generated modules and numba's machine code are cached on disk, so a new
-process loads them instead of compiling.
+which the later steps run: the frame's and the cell's Python run once per loop. That body
+is compiled, with the loop over the steps around it, into one numba function (the *whole
+loop*), which makes numpy's own BLAS and ufunc calls from inside
+(:mod:`xlstm.accel.cpu.native`): no Python runs between steps. Where some call has no
+compiled twin, the body runs from Python, step by step. The generated modules and numba's
+machine code are cached on disk, so a new process loads them instead of compiling.
 
 Never in the way. A generated module runs only if its file holds exactly the text that
 its name's hash stands for (else it is written anew). Anything that fails on the compiled
@@ -51,7 +53,7 @@ import numpy as np
 
 try:
     from . import cache
-    from .record import BufferOps, Window, keep_rows, matmul_t, zero_rows
+    from .record import BufferOps, Window
     from .replay import Replay, Steps, twin
 except ImportError:
     raise
@@ -64,7 +66,7 @@ __all__ = ["BufferOps", "Loops", "loops"]
 
 class Loops:
     """The forward and backward time loops for one float dtype, over numpy arrays, for any
-    cell (the cell's own steps, run with :class:`BufferOps`)."""
+    cell (the engine's step frame and the cell's own steps, run with :class:`BufferOps`)."""
 
     #: How reports and the benchmark name this accelerator.
     label = "compiled loops"
@@ -151,7 +153,7 @@ class Loops:
         for i in order:
             run(i)
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None, step=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``.
 
         ``Gx`` is the chunk's ``(T_c, m, k n_a)`` input term (only read). ``bufs`` holds the
@@ -159,15 +161,16 @@ class Loops:
         alternates), and the saved stacks with one slot per step
         of the chunk, or a single slot that is reused (inference, nothing kept).
         ``active`` (the chunk's ``(T_c, m, 1)`` booleans, or ``None``): a padded row keeps
-        its state.
+        its state. ``step`` is the engine's step frame
+        (:func:`xlstm.engine.loop.forward_step`), which these loops record and replay.
         """
-        self._guarded(self._forward, cell, Gx, WaT, ba, bufs, t0, active)
+        self._guarded(self._forward, cell, Gx, WaT, ba, bufs, t0, active, _frame(step))
 
-    def _forward(self, cell, Gx, WaT, ba, bufs, t0, active, *, plain):
+    def _forward(self, cell, Gx, WaT, ba, bufs, t0, active, frame, *, plain):
         T_c, m, width = Gx.shape
         n_a = WaT.shape[0]
         out = self._scratch(cell, m, n_a)
-        ga = np.empty((m, width), dtype=self.dtype)
+        out["ga"] = np.empty((m, width), dtype=self.dtype)  # the recurrent term
         scope = {"Gx": Gx, "t0": t0}
         exprs = ["Gx[i]"]
         names = (*cell.state_names, *cell.saved)
@@ -180,26 +183,19 @@ class Loops:
             exprs.append(f"V{q}[i]" if len(bufs[name]) > 1 else f"V{q}[0]")
         n_s = len(cell.state_names)
         if active is not None:
-            scope["Idle"] = np.logical_not(active)
-            exprs.append("Idle[i]")
+            scope["Active"] = active
+            exprs.append("Active[i]")
+        fixed = {"WaT": WaT, "ba": ba, **{"out_" + k: v for k, v in out.items()}}
 
         def first(ops, step):
-            state = tuple(step[1 : 1 + n_s])
-            ops._call(np.matmul, state[0], WaT, ga)  # the recurrent term
-            if ba is not None:
-                ops._call(np.add, ga, ba, ga)
-            new = step[1 + n_s : 1 + 2 * n_s]
             out.update(zip(names, step[1 + n_s : 1 + n_s + len(names)]))
-            cell.step(ops, step[0], ga, state, out)
-            if active is not None:  # a padded row keeps its state
-                for s_new, s_old in zip(new, state):
-                    ops._call(keep_rows, s_new, s_old, step[-1])
+            frame(ops, cell, WaT, ba, step[0], tuple(step[1 : 1 + n_s]),
+                  None if active is None else step[-1], out)
 
-        fixed = {"WaT": WaT, "ba": ba, "ga": ga, **{"out_" + k: v for k, v in out.items()}}
-        key = (cell, m, n_a, ba is None, *exprs)
+        key = (cell, frame, m, n_a, ba is None, *exprs)
         self._run(key, Steps(exprs, scope), range(T_c), first, fixed, plain)
 
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None, step=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
         the initial state.
 
@@ -207,28 +203,31 @@ class Loops:
         gradients on the final state; ``dGx`` (and ``dGa``, which may be ``dGx`` itself)
         receive the ``(T, m, k n_a)`` pre-activation gradients. ``active`` is the forward
         pass's: a padded row has no gate gradients and passes its state's gradients through.
+        ``step`` is the engine's step frame (:func:`xlstm.engine.loop.backward_step`).
         """
         return self._guarded(self._backward, cell, da_t, carry, saved, prev, WaT, dGx, dGa,
-                             active)
+                             active, _frame(step))
 
-    def _backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active, *, plain):
+    def _backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active, frame, *, plain):
         T, m, _ = dGx.shape
         n_a = WaT.shape[0]
         # One reordering copy: each step's gradient is then read contiguously (a time slice
         # of the seed layout has one element per cache line).
         da_t = np.ascontiguousarray(da_t)
-        # The recurrent product is made as on the array path, WaT @ dg^T into (n_a, m), and
-        # copied into a C-ordered (m, n_a) buffer that the point pass reads row by row: the
-        # copy costs less than the strided reads it saves (the performance page has the
-        # figures).
-        da_recT = np.empty((WaT.shape[0], m), dtype=self.dtype)
-        da_rec = np.array(carry[0], order="C")
-        drest = tuple(np.array(c, order="C") for c in carry[1:])
         out = self._scratch(cell, m, n_a)
-        for s, d in zip(cell.state_names[1:], drest):
-            out["d" + s.lower()] = d  # updated in place, step by step
-        fixed = {"WaT": WaT, "da_rec": da_rec, "da_recT": da_recT, "da_recT_T": da_recT.T,
-                 **{"out_" + k: v for k, v in out.items()}}  # fmt: skip
+        # The gradients reaching a step's states, updated in place step by step. The
+        # recurrent product is made as on the array path, WaT @ dg^T into (n_a, m), and
+        # copied into the C-ordered (m, n_a) da_prev that the point pass reads row by row:
+        # the copy costs less than the strided reads it saves (the performance page has the
+        # figures).
+        da_rec = out["da_prev"] = np.array(carry[0], order="C")
+        out["da_prevT"] = np.empty((WaT.shape[0], m), dtype=self.dtype)
+        drest = tuple(np.array(c, order="C") for c in carry[1:])
+        out.update(("d" + s.lower(), d) for s, d in zip(cell.state_names[1:], drest))
+        if active is not None:  # the gradients reaching the step, for its padded rows
+            out.update((f"kept{q}", np.empty((m, n_a), dtype=self.dtype))
+                       for q in range(len(cell.state_names)))  # fmt: skip
+        fixed = {"WaT": WaT, **{"out_" + k: v for k, v in out.items()}}
         scope = {"da": da_t, "dGx": dGx, "dGa": dGa}
         exprs = ["da[i]", "dGx[i]", "dGa[i]"]
         widths = list(cell.coeffs.values())
@@ -256,11 +255,8 @@ class Loops:
             scope[f"R{q}"] = saved[k] if k in saved else prev[k]
             exprs.append(f"R{q}[i]")
         if active is not None:
-            scope["Idle"] = np.logical_not(active)
-            exprs.append("Idle[i]")
-            # the gradients reaching the step, for its padded rows to pass on
-            kept = [np.empty((m, n_a), dtype=self.dtype) for _ in range(1 + len(drest))]
-            fixed.update((f"kept{q}", v) for q, v in enumerate(kept))
+            scope["Active"] = active
+            exprs.append("Active[i]")
 
         def first(ops, step):
             if cell.inline_coeffs:
@@ -271,24 +267,20 @@ class Loops:
                 coeffs = tuple(step[3 : 3 + n_c])
             out["dGx"], out["dGa"] = step[1], step[2]
             reads = dict(zip(cell.back_reads, step[3 + n_c : 3 + n_c + len(cell.back_reads)]))
-            if active is not None:
-                for k, d in zip(kept, (da_rec, *drest)):
-                    ops._call(np.copyto, k, d)
-            _, dga, direct, _ = cell.step_back(ops, step[0], da_rec, drest, coeffs, reads, out)
-            if active is not None:  # a padded row: no gate gradients
-                for dg in (step[1], step[2]) if cell.split else (step[1],):
-                    ops._call(zero_rows, dg, step[-1], self.dtype.type(0))
-            ops._call(matmul_t, WaT, dga, da_recT)  # (19), recurrent part
-            ops._call(np.copyto, da_rec, fixed["da_recT_T"])
-            if direct is not None:
-                ops._call(np.add, direct, da_rec, da_rec)
-            if active is not None:  # ... and its state's gradients pass through
-                for k, d in zip(kept, (da_rec, *drest)):
-                    ops._call(keep_rows, d, k, step[-1])
+            frame(ops, cell, WaT, step[0], da_rec, drest, coeffs, reads,
+                  None if active is None else step[-1], out)
 
-        key = (cell, m, n_a, *exprs)
+        key = (cell, frame, m, n_a, *exprs)
         self._run(key, Steps(exprs, scope), range(T - 1, -1, -1), first, fixed, plain)
         return (da_rec, *drest)
+
+
+def _frame(step):
+    """The engine's step function handed to :meth:`Loops.forward` or ``backward``."""
+    if step is None:
+        raise TypeError("step: pass the engine's step frame (xlstm.engine.loop.forward_step "
+                        "or backward_step); these loops record it and restate nothing")
+    return step
 
 
 _MISSING = object()

@@ -1,6 +1,7 @@
 """The operations of a cell's step over preallocated buffers (:class:`BufferOps`), which
 record the calls they make while a step is taped, and what they take and call: column
-windows and blocks of a buffer, the point loops, the compiled row helpers of padded rows.
+windows and blocks of a buffer, the point loops, the compiled row helpers of padded rows and
+the transposed copy of the engine's step frame.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 from .codegen import map_kernel
 from .native import cached_jit
 
-__all__ = ["BufferOps", "Blocks", "Window", "keep_rows", "matmul_t", "maximum", "view",
-           "zero_rows"]
+__all__ = ["BufferOps", "Blocks", "Window", "copy_t", "keep_rows", "matmul_t", "maximum",
+           "view", "zero_rows"]
 
 
 class BufferOps:
@@ -92,6 +93,32 @@ class BufferOps:
         """Columns ``start:stop`` of the 2-D ``buf``, as an argument or output of :meth:`map`
         (read in place, in ``buf``'s own layout)."""
         return Window(buf, start, stop)
+
+    def matmul(self, a, b, out):
+        """``a @ b`` into ``out``: numpy's ``matmul``, as on the array path."""
+        return self._call(np.matmul, a, b, out)
+
+    def transposed_matmul(self, a, b, out, tmp):
+        """``(a @ b^T)^T`` into ``out``, as on the array path: ``a @ b^T`` into the C-ordered
+        ``tmp`` by numpy's ``matmul``, then copied into ``out`` transposed."""
+        self._call(matmul_t, a, b, tmp)
+        self._call(copy_t, out, tmp)
+        return out
+
+    def keep_rows(self, new, old, active, out):
+        """``new`` into ``out`` (which holds it already on every route but a cell's odd one),
+        and ``old`` into the padded rows, where the ``(m, 1)`` booleans ``active`` are false."""
+        if new is not out:
+            self.copy(new, out)
+        self._call(keep_rows, out, old, active)
+        return out
+
+    def zero_rows(self, x, active, out):
+        """``x`` into ``out`` (see :meth:`keep_rows`), with zeros in the padded rows."""
+        if x is not out:
+            self.copy(x, out)
+        self._call(zero_rows, out, active, self.const(0.0))
+        return out
 
     def map(self, fn, *args, out):
         """Run point function ``fn`` over the grid of ``out``, writing every output.
@@ -215,37 +242,51 @@ def _plan(fn, args, outs):
 
 
 @cached_jit
-def keep_rows(dst, src, idle):
-    """``src`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``: the array path's
+def keep_rows(dst, src, active):
+    """``src`` into the rows ``r`` of ``dst`` where not ``active[r, 0]``: the array path's
     ``where(active, new, old)`` for a padded row (one compiled call; numpy's masked
     ``copyto`` costs several times as much at these sizes)."""
     for r in range(dst.shape[0]):
-        if idle[r, 0]:
+        if not active[r, 0]:
             for j in range(dst.shape[1]):
                 dst[r, j] = src[r, j]
 
 
 @cached_jit
-def zero_rows(dst, idle, zero):
-    """``zero`` into the rows ``r`` of ``dst`` where ``idle[r, 0]``."""
+def zero_rows(dst, active, zero):
+    """``zero`` into the rows ``r`` of ``dst`` where not ``active[r, 0]``."""
     for r in range(dst.shape[0]):
-        if idle[r, 0]:
+        if not active[r, 0]:
             for j in range(dst.shape[1]):
                 dst[r, j] = zero
 
 
-def _keep_rows_plain(dst, src, idle):
+@cached_jit
+def copy_t(dst, src):
+    """``numpy.copyto(dst, src.T)`` for 2-D arrays: the transposed copy, by the loop that
+    the compiled ``copyto`` runs on the transposed view (:func:`~xlstm.accel.cpu.native.copyto`)."""
+    for r in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[r, j] = src[j, r]
+
+
+def _keep_rows_plain(dst, src, active):
     """:func:`keep_rows` by numpy's masked ``copyto`` (the same values: a copy)."""
-    np.copyto(dst, src, where=idle)
+    np.copyto(dst, src, where=np.logical_not(active))
 
 
-def _zero_rows_plain(dst, idle, zero):
+def _zero_rows_plain(dst, active, zero):
     """:func:`zero_rows` by numpy's masked ``copyto``."""
-    np.copyto(dst, zero, where=idle)
+    np.copyto(dst, zero, where=np.logical_not(active))
+
+
+def _copy_t_plain(dst, src):
+    """:func:`copy_t` by numpy's ``copyto``."""
+    np.copyto(dst, src.T)
 
 
 #: The plain twin of each compiled row helper, for :class:`BufferOps` with ``plain``.
-_PLAIN = {keep_rows: _keep_rows_plain, zero_rows: _zero_rows_plain}
+_PLAIN = {keep_rows: _keep_rows_plain, zero_rows: _zero_rows_plain, copy_t: _copy_t_plain}
 
 
 def matmul_t(a, b, out):

@@ -503,7 +503,7 @@ class Loops:
             raise NotImplementedError(f"no CUDA kernels for {cell!r}")
         return _table.kernel(cell.name, step)
 
-    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None):
+    def forward(self, cell, Gx, WaT, ba, bufs, t0, active=None, step=None):
         """Run steps ``t0 .. t0 + len(Gx) - 1``, reading the states at ``t``, writing ``t+1``
         (see :meth:`xlstm.accel.cpu.loops.Loops.forward`): one launch of the row's persistent kernel
         where :meth:`persistent_plan` has a plan, otherwise per step the GEMM
@@ -515,6 +515,7 @@ class Loops:
         with one slot per step of the chunk, or a single slot that is reused (inference).
         All are C-contiguous. ``active`` (the chunk's ``(T_c, m, 1)`` booleans, or
         ``None``): a padded row keeps its state (the kernel's padded-batch variant).
+        ``step``, the engine's step frame, is not called: the kernels do its work.
         """
         k = self._row(cell, "fwd" if active is None else "fwd_masked")
         T_c, m, width = Gx.shape
@@ -550,7 +551,7 @@ class Loops:
                 self.mod.matmul(slots[j], WaT, out=ga)
                 run(i)
 
-    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None):
+    def backward(self, cell, da_t, carry, saved, prev, WaT, dGx, dGa, active=None, step=None):
         """Run the backward loop over all ``T = len(dGx)`` steps; returns the gradients on
         the initial state (see :meth:`xlstm.accel.cpu.loops.Loops.backward`): one launch of the row's
         persistent kernel where :meth:`persistent_plan` has a plan, otherwise per step one
@@ -563,7 +564,8 @@ class Loops:
         of the step after it to ``da_rec`` first; the last one is added after the loop.
         ``active`` is the forward pass's: a padded row has no gate gradients and passes its
         state's gradients through, the hidden state's in a buffer ``hold`` that the next
-        step adds to ``da_rec`` (:func:`xlstm.accel.cuda.kernels.masked`).
+        step adds to ``da_rec`` (:func:`xlstm.accel.cuda.kernels.masked`). ``step``, the
+        engine's step frame, is not called: the kernels do its work.
         """
         k = self._row(cell, "bwd" if active is None else "bwd_masked")
         T, m, _ = dGx.shape
