@@ -79,6 +79,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(pytest_report_header(config))
 
 
+def on_backends(cases, names=RUN):
+    """The backends of ``names`` (this run's, by default), each with its own cases, for
+    ``@pytest.mark.parametrize("backend, ...", on_backends(cases), indirect=["backend"])``: a
+    test that runs some settings on every backend and others on fewer. ``cases(name, xp)``
+    gives a backend's ``pytest.param`` of the further arguments, each with its id."""
+    params = []
+    for name in names:
+        params += [pytest.param(name, *case.values, id=f"{name}-{case.id}")
+                   for case in cases(name, load_backend(name)[0])]
+    return params
+
+
 @pytest.fixture(params=RUN)
 def backend(request):
     """``(name, xp, device)`` for one backend of the matrix."""
@@ -116,3 +128,16 @@ def xp(backend):
 def device(backend):
     """The device that test arrays are created on (``None``: the namespace's default)."""
     return backend[2]
+
+
+@pytest.fixture(scope="session")
+def cuda_host_builds(tmp_path_factory):
+    """Every cell's generated CUDA kernels built for the host behind the grid emulator (no
+    sanitizer), once for the whole run (test_cuda.py, test_dlpack.py): cell -> library
+    path. Skips where no host C++ compiler is on PATH."""
+    import cuda_emulator
+
+    cxx = cuda_emulator.host_compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler ($CXX, c++, g++ or clang++) on PATH")
+    return cuda_emulator.build_all(cxx, tmp_path_factory.mktemp("cuda_host"))[0]

@@ -82,7 +82,7 @@ def build(cxx, directory, cell="lstm", *, asan=False, kernels=None):
     cu.write_text(table.source(cell) if kernels is None else kernels, encoding="utf-8")
     cpp.write_text(table.host_source(cell, include=cu.name), encoding="utf-8")
     cmd = [cxx, "-shared", "-fPIC", "-std=c++17", *(ASAN_FLAGS if asan else PLAIN_FLAGS),
-           "-Wall", "-Wextra", "-Werror", f"-I{EMULATOR_DIR}", "-o", str(lib), str(cpp)]
+           "-Wall", "-Wextra", "-Wpedantic", "-Werror", f"-I{EMULATOR_DIR}", "-o", str(lib), str(cpp)]
     start = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -458,8 +458,10 @@ def main(argv=None):
     for path in sorted(Path(argv[0]).glob("libxlstm_*.so")):
         cell = path.name[len("libxlstm_"):].rsplit("_", 1)[0]
         libs[cell] = path
-    step = run_sequences(libs, cases=cases)
-    whole = run_sequences(libs, cases=cases, persistent=True)
+    # One block order: what ASan checks (every access of every block) does not depend on it;
+    # that the orders agree bit for bit is the host tests' (test_cuda.py).
+    step = run_sequences(libs, cases=cases, seeds=(1,))
+    whole = run_sequences(libs, cases=cases, seeds=(1,), persistent=True)
     print(f"cuda_emulator: {step} sequences of {len(libs)} cells on per-step kernels and "
           f"{whole} on persistent kernels match the array path")
     return 0

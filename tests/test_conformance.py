@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import on_backends
 from helpers import assert_array, assert_close, to_numpy, to_xp
 from oracles import central_differences
 
@@ -74,11 +75,12 @@ EVERY_SPEC = pytest.mark.parametrize("spec", list(_specs(SPECS + VARIANTS)))
 #: The specs whose model has a torch.nn counterpart.
 TORCH_SPEC = pytest.mark.parametrize(
     "spec", [s for s in _specs() if CLASSES[s.values[0][0]].torch_name is not None])
-PATH = pytest.mark.parametrize("accel", [True, False], ids=["accelerated", "array-path"])
+PATH_IDS = {True: "accelerated", False: "array-path"}
+PATH = pytest.mark.parametrize("accel", list(PATH_IDS), ids=list(PATH_IDS.values()))
 #: (num_layers, bidirectional, padded) of a case: one layer; two bidirectional ones; the
 #: same over a padded batch (lengths LENGTHS, unsorted, with 1 and T).
-CONFIG = pytest.mark.parametrize("config", [(1, False, False), (2, True, False), (2, True, True)],
-                                 ids=["1", "2bi", "2bi-lengths"])
+CONFIG_IDS = {(1, False, False): "1", (2, True, False): "2bi", (2, True, True): "2bi-lengths"}
+CONFIG = pytest.mark.parametrize("config", list(CONFIG_IDS), ids=list(CONFIG_IDS.values()))
 
 
 def _model(spec, *, xp=np, dtype="float64", device=None, config=(1, False, False), **extra):
@@ -163,10 +165,23 @@ def _numeric_grads(spec, config=(1, False, False)):
             **{f"d{i}_{k}": num[f"{i}_{k}"] for i, ks in enumerate(keys) for k in ks}}
 
 
+def _gradcheck_cases(name, xp):
+    """On numpy both paths, one layer and two bidirectional layers over a padded batch;
+    elsewhere the latter on the array path. The rest follows from these: the accelerated
+    path elsewhere equals the array path (test_accelerated_path_equals_plain_path, every
+    config), every backend equals numpy (test_every_backend_equals_numpy), and two
+    bidirectional layers without ``lengths`` equal each sequence of a padded batch run
+    alone (test_a_padded_batch_equals_each_sequence_alone, every gradient, both paths)."""
+    paths = list(PATH_IDS) if name == "numpy" else [False]
+    configs = [(1, False, False), (2, True, True)] if name == "numpy" else [(2, True, True)]
+    return [pytest.param(accel, config, id=f"{CONFIG_IDS[config]}-{PATH_IDS[accel]}")
+            for accel in paths for config in configs]
+
+
 # ------------------------------------------------------------------------------- gradients
 @SPEC
-@PATH
-@CONFIG
+@pytest.mark.parametrize("backend, accel, config", on_backends(_gradcheck_cases),
+                         indirect=["backend"])
 def test_gradcheck(spec, accel, config, xp, device):
     """Every gradient against float64 central differences of the forward pass."""
     if accel:
@@ -189,8 +204,12 @@ def test_gradcheck(spec, accel, config, xp, device):
 @SPEC
 @CONFIG
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", on_backends(
+    lambda name, xp: [pytest.param(id="loops")]
+    if _engine.accelerated_loops(xp, xp.float64) is not None else []), indirect=True)
 def test_accelerated_path_equals_plain_path(spec, config, dtype, xp, device):
-    """Bit for bit on numpy (numba runs the same point functions); to rounding elsewhere."""
+    """Bit for bit on numpy (numba runs the same point functions); to rounding elsewhere: on
+    every backend with loops of its own (on the others both paths are the same code)."""
     _need_accelerated_path(spec)
     model = _model(spec, xp=xp, dtype=dtype, device=device, config=config)
     case = _case(spec, seed=1, config=config)

@@ -27,13 +27,9 @@ STAND_IN_CELLS = ("lstm", "gru", "slstm")
 
 
 @pytest.fixture(scope="module")
-def host_libs(tmp_path_factory):
+def host_libs(cuda_host_builds):
     """The host builds of the cells that the stand-in runs: cell -> library path."""
-    cxx = cuda_emulator.host_compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler ($CXX, c++, g++ or clang++) on PATH")
-    directory = tmp_path_factory.mktemp("dlpack_host")
-    return {c: cuda_emulator.build(cxx, directory, c)[0] for c in STAND_IN_CELLS}
+    return {c: cuda_host_builds[c] for c in STAND_IN_CELLS}
 
 
 def _stand_in(host_libs, dtype, shared):
