@@ -112,6 +112,24 @@ def _slots(arr):
     return arr.reshape(arr.shape[0] if arr.ndim == 3 else 1, -1)
 
 
+
+def _loaded(libs):
+    """The host libraries by cell, loaded (``ctypes.CDLL``) where given as paths."""
+    return {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
+            for c, lib in libs.items()}
+
+
+def _host_function(lib, name, n_lead, params):
+    """The host launcher ``<name>_host`` of ``lib``: ``n_lead`` integer sizes (grid, block,
+    seed, and the persistent kernels' step count), then the kernel's ``params``, pointers
+    and integers."""
+    fn = getattr(lib, name + "_host")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_uint, ctypes.c_uint, *[ctypes.c_ulonglong] * (n_lead - 2),
+                   *(ctypes.c_void_p if "*" in p else ctypes.c_longlong for p in params)]
+    return fn
+
+
 def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
     """A ``launch`` for :class:`xlstm.accel.cuda.Loops` that runs the emulated grid of the
     library of the launch's cell (``libs``: cell -> library or its path).
@@ -125,18 +143,12 @@ def host_launch(libs, *, block=_cuda.BLOCK, seed=1):
     threads with seed ``seed + k`` (``seed=0``: every launch in natural order).
     ``launch.calls`` lists the steps launched, ``launch.cells`` the cells.
     """
-    libs = {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
-            for c, lib in libs.items()}
+    libs = _loaded(libs)
     calls, cells = [], set()
     counter = itertools.count()
 
     def function(k, dtype_name):
-        fn = getattr(libs[k.cell], k.name(dtype_name) + "_host")
-        fn.restype = None
-        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong,
-                       *(ctypes.c_void_p if "*" in p else ctypes.c_longlong
-                         for p in table.step_params(k))]
-        return fn
+        return _host_function(libs[k.cell], k.name(dtype_name), 3, table.step_params(k))
 
     def launch(cell, step, name, total, args):
         k = table.kernel(cell, step)
@@ -191,18 +203,13 @@ def host_persistent_launch(libs, *, seed=1):
     seed ``seed + k``. ``launch.calls`` lists ``(step, steps)`` per launch, ``launch.cells``
     the cells.
     """
-    libs = {c: ctypes.CDLL(str(lib)) if isinstance(lib, (str, Path)) else lib
-            for c, lib in libs.items()}
+    libs = _loaded(libs)
     calls, cells = [], set()
     counter = itertools.count()
 
     def function(k, dtype_name):
-        fn = getattr(libs[k.cell], k.persistent_name(dtype_name) + "_host")
-        fn.restype = None
-        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_ulonglong,
-                       *(ctypes.c_void_p if "*" in p else ctypes.c_longlong
-                         for p in table.persistent_params(k))]
-        return fn
+        return _host_function(libs[k.cell], k.persistent_name(dtype_name), 4,
+                              table.persistent_params(k))
 
     def launch(cell, step, name, grid, block, shared, args):
         k = table.kernel(cell, step)

@@ -74,7 +74,8 @@ def random_case(rng=0, n_x=3, n_a=4, n_y=2, m=2, T=3, *, scale=0.5, x_scale=1.0,
 
 
 class RNNCase(NamedTuple):
-    """An RNN case on the host: unpacks as ``x, a0, params``."""
+    """A case of a cell with one state on the host (the RNN's, the GRU's): unpacks as ``x,
+    a0, params``."""
 
     x: np.ndarray
     a0: np.ndarray
@@ -185,21 +186,8 @@ def torch_lstm_forward(torch, arrays: Mapping[str, np.ndarray]) -> TorchLSTM:
 GRU_PARAM_KEYS = ("Wr", "br", "Wz", "bz", "Wn", "bn", "bhr", "bhz", "bhn")
 
 
-class GRUCase(NamedTuple):
-    """A GRU case on the host: unpacks as ``x, a0, params``."""
-
-    x: np.ndarray
-    a0: np.ndarray
-    params: dict[str, np.ndarray]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """``x``, ``a0`` and the parameters as one flat dict (the arrays themselves)."""
-        return {"x": self.x, "a0": self.a0, **self.params}
-
-    @classmethod
-    def of(cls, arrays: Mapping[str, np.ndarray]) -> GRUCase:
-        """The inverse of :meth:`arrays`."""
-        return cls(arrays["x"], arrays["a0"], {k: arrays[k] for k in GRU_PARAM_KEYS})
+#: A GRU case on the host has the RNN case's fields: unpacks as ``x, a0, params``.
+GRUCase = RNNCase
 
 
 def random_gru_case(rng=0, n_x=3, n_a=4, m=2, T=3, *, scale=0.5, x_scale=1.0,

@@ -809,6 +809,18 @@ def test_asan_whole_sequences_run_clean(asan, asan_builds):
             f"{count} on persistent kernels match the array path") in res.stdout
 
 
+def _assert_asan(res, broken, kernel):
+    """An intact run passes, its persistent kernels checked; a broken one fails with ASan's
+    heap-buffer-overflow in a kernel that ``kernel`` (a regular expression) matches."""
+    if not broken:
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert "on persistent kernels match the array path" in res.stdout
+    else:
+        assert res.returncode != 0
+        assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
+        assert re.search(kernel, res.stderr), res.stderr[-4000:]
+
+
 @pytest.mark.parametrize("guard", list(BROKEN_GUARDS))
 def test_asan_catches_a_broken_bounds_check(asan, asan_builds, request, guard):
     """The LSTM's source with its bounds check broken (one element too far, or none): ASan
@@ -819,13 +831,7 @@ def test_asan_catches_a_broken_bounds_check(asan, asan_builds, request, guard):
     assert src.count(table.GUARD) == sum(c == "lstm" for c, _, _ in _cuda.KERNEL_NAMES)
     res = (request.getfixturevalue("asan_intact_run") if guard == "intact" else
            _run_under_asan(runtime, asan_builds[f"guard {guard}"], "quick"))
-    if guard == "intact":
-        assert res.returncode == 0, res.stderr[-4000:]
-        assert "on persistent kernels match the array path" in res.stdout
-    else:
-        assert res.returncode != 0
-        assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
-        assert re.search(r"in xlstm_lstm_(fwd|bwd)_f(32|64) ", res.stderr), res.stderr[-4000:]
+    _assert_asan(res, guard != "intact", r"in xlstm_lstm_(fwd|bwd)_f(32|64) ")
 
 
 @pytest.mark.parametrize("broken", [False, True], ids=["intact", "past the last unit"])
@@ -838,13 +844,7 @@ def test_asan_catches_a_persistent_kernel_past_its_units(asan, asan_builds, requ
     assert src.count(OWN_UNITS) == 2 * 2 * len(table.DTYPES)
     res = (_run_under_asan(runtime, asan_builds["past the last unit"], "quick") if broken else
            request.getfixturevalue("asan_intact_run"))
-    if not broken:
-        assert res.returncode == 0, res.stderr[-4000:]
-        assert "on persistent kernels match the array path" in res.stdout
-    else:
-        assert res.returncode != 0
-        assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-4000:]
-        assert re.search(r"in xlstm_lstm_\w+_persistent_f(32|64)", res.stderr), res.stderr[-4000:]
+    _assert_asan(res, broken, r"in xlstm_lstm_\w+_persistent_f(32|64)")
 
 
 #: A grid barrier that counts the arrivals and waits for nobody.
