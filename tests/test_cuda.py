@@ -301,7 +301,8 @@ def _kept_forward(cell, rng, T, m, n_x, n_a, dtype, scale=1.0):
     state0 = tuple((2.0 * rng.standard_normal((n_a, m))).astype(dtype)
                    for _ in cell.state_names)
     with xlstm.accelerators(False):
-        return _engine.forward(cell, x, state0, params, n_a, xp=NP, keep=True)[3]
+        return _engine.forward(cell, x.transpose(2, 1, 0), tuple(s.T for s in state0), params,
+                               n_a, xp=NP, keep=True)[3]
 
 
 # ------------------------------------------------------------------------ host tests

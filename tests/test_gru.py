@@ -30,11 +30,14 @@ def _run(xp, device, case, da, dstate=None, *, dtype=None):
     x, a0 = to_xp(case.x, xp, device, dtype), to_xp(case.a0, xp, device, dtype)
     params = to_xp(case.params, xp, device, dtype)
     n_a = case.a0.shape[0]
-    stacks, _, y, state = _engine.forward(GRU_CELL, x, (a0,), params, n_a, xp=xp, keep=True)
+    stacks, _, y, state = _engine.forward(GRU_CELL, xp.permute_dims(x, (2, 1, 0)),
+                                          (xp.matrix_transpose(a0),), params, n_a, xp=xp,
+                                          keep=True)
     assert y is None and stacks.keys() == {"A"}
     ds = None if dstate is None else (to_xp(dstate, xp, device, dtype),)
-    dX, (da0,), grads = _engine.backward(GRU_CELL, to_xp(da, xp, device, dtype), state, xp=xp,
-                                         dstate=ds)
+    dX, (da0,), grads = _engine.backward(GRU_CELL, xp.permute_dims(to_xp(da, xp, device, dtype),
+                                                                   (2, 1, 0)),
+                                         state, xp=xp, dstate=ds)
     out = {k: getattr(state, k) for k in ("A", "S", "N", "HN")}
     out.update(dx=dX, da0=da0, **grads)
     return out
@@ -71,8 +74,9 @@ def test_forward_matches_the_equations(xp, device, zero_state):
         case = case._replace(a0=np.zeros_like(case.a0))
     x, a0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
     P = to_xp(case.params, xp, device)
-    state0 = (None,) if zero_state else (a0,)
-    stacks, _, _, state = _engine.forward(GRU_CELL, x, state0, P, 5, xp=xp, keep=True)
+    state0 = (None,) if zero_state else (xp.matrix_transpose(a0),)
+    stacks, _, _, state = _engine.forward(GRU_CELL, xp.permute_dims(x, (2, 1, 0)), state0, P, 5,
+                                          xp=xp, keep=True)
     want = numpy_gru_forward(case.arrays())  # (n_a, m, T)
     A = stacks["A"]
     assert_array(A, xp=xp, device=device, shape=(7, 4, 5), dtype=xp.float64)
@@ -98,6 +102,7 @@ def test_inference_equals_the_kept_forward(xp, device):
     case = random_gru_case(2, n_x=4, n_a=3, m=2, T=9)
     x, a0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
     P = to_xp(case.params, xp, device)
+    x, a0 = xp.permute_dims(x, (2, 1, 0)), xp.matrix_transpose(a0)  # the engine's layout
     kept, _, _, state = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=True)
     inf, _, _, none = _engine.forward(GRU_CELL, x, (a0,), P, 3, xp=xp, keep=False)
     assert none is None and state is not None
@@ -182,11 +187,12 @@ def test_the_forward_snapshots_the_parameters():
     da = rng.standard_normal((4, 2, 5))
     NP = _compat.default_namespace()
     params = {k: v.copy() for k, v in case.params.items()}
-    _, _, _, state = _engine.forward(GRU_CELL, case.x, (case.a0,), params, 4, xp=NP, keep=True)
+    _, _, _, state = _engine.forward(GRU_CELL, case.x.transpose(2, 1, 0), (case.a0.T,), params,
+                                     4, xp=NP, keep=True)
     assert state.params.keys() == set(GRU_PARAM_KEYS)
     for v in params.values():
         v[...] = 7.0
-    got = _engine.backward(GRU_CELL, da, state, xp=NP)
+    got = _engine.backward(GRU_CELL, da.transpose(2, 1, 0), state, xp=NP)
     want = _run(NP, None, case, da)
     np.testing.assert_array_equal(got[0], want["dx"])
     for k, v in got[2].items():
@@ -202,7 +208,8 @@ def _both_paths(monkeypatch, case, da, ds, dtype):
     for on in (True, False):
         with xlstm.accelerators(on):
             out = _run(NP, None, case, da, ds, dtype=NP.float32 if dtype == np.float32 else None)
-            inf, _, _, _ = _engine.forward(GRU_CELL, case.x.astype(dtype), (case.a0.astype(dtype),),
+            inf, _, _, _ = _engine.forward(GRU_CELL, case.x.astype(dtype).transpose(2, 1, 0),
+                                        (case.a0.astype(dtype).T,),
                                         {k: v.astype(dtype) for k, v in case.params.items()},
                                         n_a, xp=NP, keep=False)
             out["inference A"] = inf["A"]

@@ -221,10 +221,10 @@ def _engine_run(cell, case, G, Gh=None):
     """Outputs, final state and every gradient of ``sum(G a) (+ sum(Gh a_T))`` through the
     engine, for ``cell`` and ``case`` (numpy arrays)."""
     n_a = case.a0.shape[0]
-    stacks, _, _, state = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=NP,
-                                       keep=True)
+    stacks, _, _, state = _engine.forward(cell, case.x.transpose(2, 1, 0), (case.a0.T,),
+                                       case.params, n_a, xp=NP, keep=True)
     dstate = None if Gh is None else (Gh.T,)
-    dX, (da0,), grads = _engine.backward(cell, G, state, xp=NP, dstate=dstate)
+    dX, (da0,), grads = _engine.backward(cell, G.transpose(2, 1, 0), state, xp=NP, dstate=dstate)
     a = np.transpose(stacks["A"][1:], (2, 1, 0))
     return {"a": a, "dx": np.transpose(dX, (2, 1, 0)), "da0": da0.T, **grads}
 
@@ -239,7 +239,8 @@ def test_gradcheck_through_the_engine_with_bha(cell):
 
     def objective(d):
         c = RNNCase.of({**case.arrays(), **d})
-        stacks, _, _, _ = _engine.forward(cell, c.x, (c.a0,), c.params, 4, xp=NP, keep=False)
+        stacks, _, _, _ = _engine.forward(cell, c.x.transpose(2, 1, 0), (c.a0.T,), c.params, 4,
+                                          xp=NP, keep=False)
         a = np.transpose(stacks["A"][1:], (2, 1, 0))
         return float(np.sum(G * a) + np.sum(Gh * a[:, :, -1]))
 
@@ -282,8 +283,10 @@ def test_cells_through_the_engine_match_the_equations(xp, device, cell):
     X, A0 = to_xp(case.x, xp, device), to_xp(case.a0, xp, device)
     P = to_xp(p, xp, device)
     tr = xp.matrix_transpose
-    stacks, _, _, state = _engine.forward(cell, X, (A0,), P, 5, xp=xp, keep=True)
-    dX, (da0,), grads = _engine.backward(cell, to_xp(G, xp, device), state, xp=xp,
+    stacks, _, _, state = _engine.forward(cell, xp.permute_dims(X, (2, 1, 0)), (tr(A0),), P, 5,
+                                          xp=xp, keep=True)
+    dX, (da0,), grads = _engine.backward(cell, xp.permute_dims(to_xp(G, xp, device), (2, 1, 0)),
+                                         state, xp=xp,
                                          dstate=(to_xp(Gh.T, xp, device),))
     a = xp.permute_dims(stacks["A"][1:, ...], (2, 1, 0))
     assert_close(a, np.stack(a_ref[1:], axis=-1), xp=xp, device=device, dtype=xp.float64)
@@ -349,11 +352,12 @@ def test_accelerated_path_is_bit_identical(monkeypatch, cell, bha, dtype, m, T, 
     for accel in (True, False):
         with xlstm.accelerators(accel):
             n_a = 6
-            stacks, _, _, state = _engine.forward(cell, case.x, (case.a0,), case.params, n_a,
-                                               xp=NP, keep=True)
-            inf, _, _, _ = _engine.forward(cell, case.x, (case.a0,), case.params, n_a, xp=NP,
-                                        keep=False)
-            dX, (da0,), grads = _engine.backward(cell, G, state, xp=NP, dstate=(Gh.T,))
+            x, a0 = case.x.transpose(2, 1, 0), case.a0.T  # the engine's layout
+            stacks, _, _, state = _engine.forward(cell, x, (a0,), case.params, n_a, xp=NP,
+                                                  keep=True)
+            inf, _, _, _ = _engine.forward(cell, x, (a0,), case.params, n_a, xp=NP, keep=False)
+            dX, (da0,), grads = _engine.backward(cell, G.transpose(2, 1, 0), state, xp=NP,
+                                                 dstate=(Gh.T,))
             runs[accel] = {"A": stacks["A"], "H": state.H, "inference A": inf["A"],
                            "dX": dX, "da0": da0, **grads}
         if accel:

@@ -71,7 +71,7 @@ def test_dropout_masks_keep_the_expected_fraction_scaled():
     x = np.zeros((N_X, 50, 40))
     masks = model._masks(3, 50, 40, model.xp, x)
     (mask,) = masks
-    assert mask.shape == (2 * N_A, 50, 40) and mask.dtype == x.dtype
+    assert mask.shape == (40, 50, 2 * N_A) and mask.dtype == x.dtype  # time-major
     assert set(np.unique(mask)) == {0.0, 1 / 0.75}
     assert abs(np.mean(mask == 0) - 0.25) < 0.02  # 16000 draws: 5 sigma is 0.017
 

@@ -200,9 +200,9 @@ class _Collect:
 
 
 def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, active=None):
-    """Run ``cell`` over ``x`` (seed layout ``(n_x, m, T)``).
+    """Run ``cell`` over ``x``, time-major ``(T, m, n_x)``.
 
-    ``state0`` holds one ``(n_a, m)`` array or ``None`` (zeros) per state of the cell;
+    ``state0`` holds one ``(m, n_a)`` array or ``None`` (zeros) per state of the cell;
     ``head``, if given, is the output layer: ``head(params, a, xp=xp)`` maps a block of
     hidden states ``(k, m, n_a)`` to its predictions ``(k, m, n_y)``, and ``head.keys`` names
     the parameters it reads. ``collect`` names the states whose every step is
@@ -215,7 +215,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     ``active``, if given, is a ``(T, m, 1)`` boolean array: where it is false the row is
     padding and keeps its state (the cell's new values are discarded).
     """
-    n_x, m, T = x.shape
+    T, m, n_x = x.shape
     dtype, dev = x.dtype, device_of(x)
     if keep:
         # What the backward pass reads is fixed now: a later write into the caller's
@@ -236,12 +236,12 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
                 zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
             state.append(zeros)
         else:
-            state.append(xp.matrix_transpose(s))
+            state.append(s)
     state = cell.start(tuple(state), xp=xp)
     if keep:
         # A time-major copy, so that a later write into the caller's x cannot change what
         # the backward pass computes.
-        X = xp.reshape(xp.permute_dims(x, (2, 1, 0)), (T * m, n_x), copy=True)
+        X = xp.reshape(x, (T * m, n_x), copy=True)
 
     loops, run = _dispatch(xp, dtype, cell, active is not None, dev)
     chunk = max(1, min(T, CHUNK_ROWS // m))
@@ -275,7 +275,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
             # C-ordered like X above, so that both paths' input GEMMs round alike (numpy
             # < 2.3 takes another kernel for a strided operand)
             rows = c_contiguous(
-                xp.reshape(xp.permute_dims(x[:, :, t0:t1], (2, 1, 0)), ((t1 - t0) * m, n_x))
+                xp.reshape(x[t0:t1, ...], ((t1 - t0) * m, n_x))
             )
         Gx = rows @ WxT
         if is_writeable(Gx):  # in place: another fresh block this size costs page faults
@@ -314,11 +314,11 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
 
 
 def backward(cell, da, cache, *, xp, dstate=None, active=None):
-    """Backward pass over the first ``T_da = da.shape[-1]`` steps of a forward pass, from its
+    """Backward pass over the first ``T_da = da.shape[0]`` steps of a forward pass, from its
     ``cache`` (the cell's ``Cache``).
 
-    ``da`` is in seed layout ``(n_a, m, T_da)``; ``dstate``, if given, holds the gradients
-    on the state after step ``T_da`` (``(m, n_a)`` each, time-major, ``None`` for zero).
+    ``da`` is time-major ``(T_da, m, n_a)``; ``dstate``, if given, holds the gradients on
+    the state after step ``T_da`` (``(m, n_a)`` each, ``None`` for zero).
     Returns ``(dX, dstate0, grads)``: ``dX`` time-major ``(T_da, m, n_x)``, ``dstate0``
     the gradients on the initial state (``(m, n_a)`` each) and ``grads`` the parameter
     gradients in the cell's names (:meth:`~xlstm.cells.base.Cell.unfuse_grads`).
@@ -327,12 +327,12 @@ def backward(cell, da, cache, *, xp, dstate=None, active=None):
     gradients on its state through.
     """
     n_a = cache.n_a
-    T, m = da.shape[-1], da.shape[1]
+    T, m = da.shape[0], da.shape[1]
     dtype, dev = da.dtype, device_of(da)
     WaT, Wx = cell.fuse_backward(cache.params, n_a, xp=xp)
     saved = {k: getattr(cache, k)[:T, ...] for k in cell.saved}
     prev = {k: getattr(cache, k)[:T, ...] for k in cell.state_names}
-    da_t = xp.permute_dims(da, (2, 1, 0))
+    da_t = da
     zeros = xp.zeros((m, n_a), dtype=dtype, device=dev)
     given = (None,) * len(cell.state_names) if dstate is None else dstate
     # a state that carries no gradient (the sLSTM's stabilizer) starts from zeros too

@@ -7,10 +7,12 @@ initialisation), its state and its forward and backward passes. The mLSTM's laye
 (:class:`xlstm.models.mlstm.MLSTMLayer`) runs its own forms; later layers (xLSTM blocks)
 plug in the same way, and a test can define one inline.
 
-Layouts, as the stack hands them over: the input ``x (n_in, m, T)`` and output ``y (n_h, m,
-T)``; each state array with the batch last, as in the model's state without its leading
-``num_layers * D`` axis (``(n_h, m)`` for a cell), ``None`` for zeros; ``active (T, m, 1)``,
-whether each step is within its sequence's length, or ``None`` (no padding). The stack has
+Layouts, as the stack hands them over, time-major: the input ``x (T, m, n_in)`` and output
+``y (T, m, n_h)``; each state array with the batch first, as in the model's state without
+its leading ``num_layers * D`` axis and with its last axis, the batch, moved to the front
+(``(m, n_h)`` for a cell), ``None`` for zeros; ``active (T, m, 1)``, whether each step is
+within its sequence's length, or ``None`` (no padding). The stack converts the model's
+layouts once, at its edge. The stack has
 already replaced the input past each length by zeros, and does the same with ``dy``:
 padding is never read.
 """
@@ -118,16 +120,12 @@ class CellLayer:
         cell = self.cell
         stacks, fin, _, kept = _engine.forward(cell, x, state0, params, self.n_h, xp=xp,
                                                keep=keep, collect=(), active=active)
-        y = xp.permute_dims(stacks[cell.state_names[0]][1:, ...], (2, 1, 0))
-        return y, tuple(xp.matrix_transpose(fin[k]) for k in cell.state_names), kept
+        return stacks[cell.state_names[0]][1:, ...], tuple(fin[k] for k in cell.state_names), kept
 
     def backward(self, dy, cache, dstate, *, xp, active):
-        given = None if dstate is None else \
-            tuple(None if s is None else xp.matrix_transpose(s) for s in dstate)
-        dX, d0, g = _engine.backward(self.cell, dy, cache, xp=xp, dstate=given, active=active)
+        dX, d0, g = _engine.backward(self.cell, dy, cache, xp=xp, dstate=dstate, active=active)
         keys = self.param_shapes(cache.X.shape[1])
-        return (xp.permute_dims(dX, (2, 1, 0)), tuple(xp.matrix_transpose(d) for d in d0),
-                self.cell.param_grads(g, keys))
+        return dX, tuple(d0), self.cell.param_grads(g, keys)
 
     def __repr__(self):
         return f"CellLayer({self.cell.name}, n_h={self.n_h})"

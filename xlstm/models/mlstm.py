@@ -621,7 +621,7 @@ class MLSTMLayer:
         return ((self.H, self.d_v, self.d_qk, m), (self.H, self.d_qk, m), (self.H, m))
 
     def forward(self, x, state0, params, *, xp, keep, active, opts):
-        X = xp.permute_dims(x, (1, 2, 0))  # (m, T, n_in)
+        X = xp.permute_dims(x, (1, 0, 2))  # (m, T, n_in)
         m, T, _ = X.shape
         dims = {"H": self.H, "d_qk": self.d_qk, "d_v": self.d_v, "chunk": self.chunk}
         if state0[0] is None:
@@ -630,7 +630,7 @@ class MLSTMLayer:
             state = (xp.zeros((m, H, dv, dqk), **zeros), xp.zeros((m, H, dqk), **zeros),
                      xp.zeros((m, H), **zeros))
         else:
-            state = tuple(xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1))) for s in state0)
+            state = tuple(state0)  # the forms' layout, batch first
         act = None if active is None else xp.permute_dims(active, (1, 2, 0))  # (m, 1, T)
         asked = opts["form"]
         form = asked
@@ -654,8 +654,7 @@ class MLSTMLayer:
                                            keep=keep, **dims)
             out.put(t0, y)
             del y  # one block alive at a time beside the output
-        final = tuple(xp.permute_dims(s, (*range(1, s.ndim), 0)) for s in state)
-        return xp.permute_dims(out.result(), (2, 0, 1)), final, kept
+        return xp.permute_dims(out.result(), (1, 0, 2)), tuple(state), kept
 
     def _parallel_fit(self, m, dtype, xp):
         """The most steps ``L`` whose ``(m, H, L, L)`` array of ``dtype`` fits in
@@ -682,17 +681,13 @@ class MLSTMLayer:
                 "or raise the bound on a machine with the memory")
 
     def backward(self, dy, kept, dstate, *, xp, active):
-        dC = dn = None
-        if dstate is not None:
-            dC, dn = (None if s is None else xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1)))
-                      for s in dstate[:2])
+        dC, dn = (None, None) if dstate is None else dstate[:2]
         dX, dC0, dn0, grads = layer_backward(
-            xp, xp.permute_dims(dy, (1, 2, 0)), kept, dC, dn, H=self.H, d_qk=self.d_qk,
+            xp, xp.permute_dims(dy, (1, 0, 2)), kept, dC, dn, H=self.H, d_qk=self.d_qk,
             d_v=self.d_v)
         m = dX.shape[0]
-        dm0 = xp.zeros((self.H, m), dtype=dX.dtype, device=_device(dX))
-        return (xp.permute_dims(dX, (2, 0, 1)), (xp.permute_dims(dC0, (1, 2, 3, 0)),
-                                                 xp.permute_dims(dn0, (1, 2, 0)), dm0), grads)
+        dm0 = xp.zeros((m, self.H), dtype=dX.dtype, device=_device(dX))
+        return xp.permute_dims(dX, (1, 0, 2)), (dC0, dn0, dm0), grads
 
     def __repr__(self):
         return f"MLSTMLayer(n_h={self.n_h}, H={self.H}, d_qk={self.d_qk}, chunk={self.chunk})"

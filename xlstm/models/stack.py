@@ -120,6 +120,12 @@ class _Model:
         return self.n_h
 
     @property
+    def _time_major(self) -> tuple[int, int, int]:
+        """The axes that take ``x`` or ``y`` from the model's layout to time-major ``(T, m,
+        n)``, and back (each is its own inverse)."""
+        return (1, 0, 2) if self.layout == "batch_first" else (2, 1, 0)
+
+    @property
     def D(self) -> int:
         """Directions: 2 when bidirectional, else 1."""
         return 2 if self.bidirectional else 1
@@ -314,9 +320,8 @@ class _Model:
             if hint is None:
                 raise
             raise TypeError(f"{exc}. {hint}") from None
-        if self.layout == "batch_first":
-            x = xp.permute_dims(x, (2, 0, 1))
-        m, T = x.shape[1], x.shape[2]
+        x = xp.permute_dims(x, self._time_major)  # (T, m, n_x) from here to the edge
+        T, m = x.shape[0], x.shape[1]
         if state is not None:
             self._check_state_shapes(state, "state", m)
         pad = None if lengths is None else self._padding(lengths, m, T, xp)
@@ -324,10 +329,9 @@ class _Model:
         keep = bool(return_cache)
         layer_of, D = self.layer, self.D
         masks = self._masks(seed, m, T, xp, x) if drop else (None,) * (self.num_layers - 1)
-        inside = None if active is None else xp.permute_dims(active, (2, 1, 0))  # (1, m, T)
         # Padding is never read: whatever x holds past a length (NaN, inf), every layer sees
         # zeros there, so that its products (X^T dG, the mLSTM's q k^T) stay finite.
-        x = _zero_outside(x, inside, xp)
+        x = _zero_outside(x, active, xp)
         kept, finals = [], []
         inp = x
         for layer in range(self.num_layers):
@@ -335,22 +339,21 @@ class _Model:
             for d in range(D):
                 i = layer * D + d
                 state0 = (None,) * len(layer_of.state_names) if state is None else \
-                    tuple(s[i, ...] for s in state)
+                    tuple(_batch_first(s[i, ...], xp) for s in state)
                 y_d, fin, st = layer_of.forward(
                     _reverse(inp, order, xp) if d else inp, state0, params[i], xp=xp,
                     keep=keep, active=active, opts=opts)
-                y_d = _zero_outside(y_d, inside, xp)  # zero past each sequence's end
+                y_d = _zero_outside(y_d, active, xp)  # zero past each sequence's end
                 outs.append(_reverse(y_d, order, xp) if d else y_d)
                 finals.append(fin)
                 kept.append(st)
-            inp = outs[0] if D == 1 else xp.concat(outs, axis=0)
+            inp = outs[0] if D == 1 else xp.concat(outs, axis=-1)
             if layer < self.num_layers - 1 and masks[layer] is not None:
                 inp = inp * masks[layer]
         y = inp
-        final = tuple(copy(xp.stack([f[k] for f in finals]))
+        final = tuple(copy(xp.stack([_batch_last(f[k], xp) for f in finals]))
                       for k in range(len(layer_of.state_names)))
-        if self.layout == "batch_first":
-            y = xp.permute_dims(y, (1, 2, 0))
+        y = xp.permute_dims(y, self._time_major)  # the model's layout again
         if not keep:
             return y, final, None
         return copy(y), final, ModelCache(layer_of, self._config(), m, tuple(kept), tuple(masks),
@@ -397,8 +400,9 @@ class _Model:
 
     def _padding(self, lengths, m, T, xp):
         """``(active, order)`` of a padded batch: ``active (T, m, 1)``, whether step ``t`` of
-        sequence ``b`` is within its length; ``order (m T,)``, the gather that reverses
-        each sequence within its length (an involution; padding stays in place)."""
+        sequence ``b`` is within its length; ``order (T m,)``, the gather of time-major rows
+        that reverses each sequence within its length (an involution; padding stays in
+        place)."""
         if not xp.isdtype(lengths.dtype, "integral"):
             raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
         if tuple(lengths.shape) != (m,):
@@ -416,8 +420,9 @@ class _Model:
         t = xp.arange(T, dtype=wide, device=dev)
         active = xp.reshape(t[:, None] < lengths[None, :], (T, m, 1))
         L, tt = lengths[:, None], t[None, :]
-        src = xp.where(tt < L, L - 1 - tt, tt) + T * xp.arange(m, dtype=wide, device=dev)[:, None]
-        return active, xp.reshape(src, (m * T,))
+        # row t m + b of a time-major (T m, n) array takes row t' m + b, t' = L_b - 1 - t
+        src = xp.where(tt < L, L - 1 - tt, tt) * m + xp.arange(m, dtype=wide, device=dev)[:, None]
+        return active, xp.reshape(xp.permute_dims(src, (1, 0)), (T * m,))
 
     def _check_cache(self, cache: ModelCache) -> None:
         """Refuse a cache of this model's configuration whose contents were changed after
@@ -445,14 +450,16 @@ class _Model:
                              f"that this model's forward returned, unchanged")
 
     def _masks(self, seed, m, T, xp, like):
-        """The dropout masks after each layer but the last, ``(D n_a, m, T)`` each: kept
+        """The dropout masks after each layer but the last, ``(T, m, D n_h)`` each: kept
         with probability ``1 - dropout`` and scaled by ``1 / (1 - dropout)`` (torch's
         inverted dropout), drawn on the host from ``seed``."""
         rng = np.random.default_rng(seed)
         keep = 1.0 - self.dropout
         masks = []
         for _ in range(self.num_layers - 1):
-            host = (rng.random((self.D * self.n_h, m, T)) < keep) / keep
+            # drawn as (D n_h, m, T), the layout of earlier versions: one seed, the same masks
+            host = np.ascontiguousarray(
+                ((rng.random((self.D * self.n_h, m, T)) < keep) / keep).transpose(2, 1, 0))
             with device_scope(xp=xp, device=self.device):
                 masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
         return tuple(masks)
@@ -510,8 +517,7 @@ class _Model:
             what = f"(m, T, D * {h})" if first else f"(D * {h}, m, T)"
             raise ValueError(f"dy must have the shape of y, {what} = {want}, got "
                              f"{tuple(dy.shape)}")
-        if first:
-            dy = xp.permute_dims(dy, (2, 0, 1))
+        dy = xp.permute_dims(dy, self._time_major)  # (T, m, D n_h)
         if dstate is not None:
             self._check_state_shapes(dstate, "dstate", m)
         grads = [None] * (self.num_layers * D)
@@ -519,8 +525,7 @@ class _Model:
         active, order = (None, None) if cache.pad is None else cache.pad
         # the output is zero past each length, whatever dy holds there (torch's packed
         # output has no such positions): no layer reads it
-        dy = _zero_outside(dy, None if active is None else xp.permute_dims(active, (2, 1, 0)),
-                           xp)
+        dy = _zero_outside(dy, active, xp)
         d_out = dy
         for layer in range(self.num_layers - 1, -1, -1):
             if layer < self.num_layers - 1 and cache.masks[layer] is not None:
@@ -528,19 +533,17 @@ class _Model:
             d_in = None
             for d in range(D):
                 i = layer * D + d
-                dy_d = d_out[d * n_h : (d + 1) * n_h, ...]
+                dy_d = d_out[..., d * n_h : (d + 1) * n_h]
                 given = None if dstate is None else \
-                    tuple(None if s is None else s[i, ...] for s in dstate)
+                    tuple(None if s is None else _batch_first(s[i, ...], xp) for s in dstate)
                 dy_d = _reverse(dy_d, order, xp) if d else dy_d
                 dx_d, d0[i], grads[i] = self.layer.backward(dy_d, cache.states[i], given,
                                                             xp=xp, active=active)
                 dx_d = _reverse(dx_d, order, xp) if d else dx_d
                 d_in = dx_d if d_in is None else d_in + dx_d
             d_out = d_in
-        dx = d_out
-        if self.layout == "batch_first":
-            dx = xp.permute_dims(dx, (1, 2, 0))
-        dstate0 = tuple(xp.stack([d[k] for d in d0]) for k in range(len(d0[0])))
+        dx = xp.permute_dims(d_out, self._time_major)
+        dstate0 = tuple(xp.stack([_batch_last(d[k], xp) for d in d0]) for k in range(len(d0[0])))
         return dx, dstate0, grads
 
     # ------------------------------------------------------------------ configuration
@@ -669,19 +672,29 @@ def _dtype_name(dtype) -> str:
     return text
 
 
-def _zero_outside(a, inside, xp):
-    """``a (n, m, T)`` with zeros where ``inside (1, m, T)`` is false (past each sequence's
-    length); ``a`` itself when ``inside`` is ``None`` (no padding). A new array: the
+def _zero_outside(a, active, xp):
+    """``a (T, m, n)`` with zeros where ``active (T, m, 1)`` is false (past each sequence's
+    length); ``a`` itself when ``active`` is ``None`` (no padding). A new array: the
     caller's is not written."""
-    if inside is None:
+    if active is None:
         return a
-    return xp.where(inside, a, xp.zeros((), dtype=a.dtype, device=device_of(a)))
+    return xp.where(active, a, xp.zeros((), dtype=a.dtype, device=device_of(a)))
+
+
+def _batch_first(s, xp):
+    """A state array of the model's layout, batch last, with the batch first (a view)."""
+    return xp.permute_dims(s, (s.ndim - 1, *range(s.ndim - 1)))
+
+
+def _batch_last(s, xp):
+    """The inverse of :func:`_batch_first`."""
+    return xp.permute_dims(s, (*range(1, s.ndim), 0))
 
 
 def _reverse(a, order, xp):
-    """``a (n, m, T)`` with its time axis reversed: whole (``order`` ``None``), or within
+    """``a (T, m, n)`` with its time axis reversed: whole (``order`` ``None``), or within
     each sequence's length by the gather ``order`` (:meth:`_Model._padding`)."""
     if order is None:
-        return xp.flip(a, axis=-1)
-    n, m, T = a.shape
-    return xp.reshape(xp.take(xp.reshape(a, (n, m * T)), order, axis=1), (n, m, T))
+        return xp.flip(a, axis=0)
+    T, m, n = a.shape
+    return xp.reshape(xp.take(xp.reshape(a, (T * m, n)), order, axis=0), (T, m, n))

@@ -158,6 +158,13 @@ def check_backward(cell, da, state, resolve, api):
     return xp
 
 
+def time_major(xp, x, states):
+    """The notebook's ``x (n_x, m, T)`` and states ``(n_a, m)`` (or ``None``) in the
+    engine's time-major layout, ``(T, m, n_x)`` and ``(m, n_a)``: views, no copies."""
+    return (xp.permute_dims(x, (2, 1, 0)),
+            tuple(None if s is None else xp.matrix_transpose(s) for s in states))
+
+
 def backward_fused(cell, da, state, *, xp):
     """The fused backward pass over a checked forward state and ``da``.
 
@@ -166,7 +173,7 @@ def backward_fused(cell, da, state, *, xp):
     in the cell's names, then the gradients on the other initial states (``dc0``).
     """
     T_x, m = state.A.shape[0] - 1, state.A.shape[1]
-    dX, dstate0, grads = _engine.backward(cell, da, state, xp=xp)
+    dX, dstate0, grads = _engine.backward(cell, xp.permute_dims(da, (2, 1, 0)), state, xp=xp)
     T_da, n_x = dX.shape[0], dX.shape[2]
     if T_da < T_x:  # later steps do not touch the loss
         zeros = xp.zeros((T_x - T_da, m, n_x), dtype=dX.dtype, device=device_of(dX))

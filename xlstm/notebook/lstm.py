@@ -24,6 +24,7 @@ from ._common import (
     check_inputs,
     check_step_cache,
     sequence_backward,
+    time_major,
 )
 from .head import SoftmaxHead
 from .params import param_arrays, param_sizes, require_keys
@@ -137,13 +138,13 @@ def lstm_cell_forward(
     xp, (n_a, n_x, _) = check_inputs(_resolve, params, xt, {"a_prev": a_prev, "c_prev": c_prev},
                                      step=True)
     m = xt.shape[1]
-    x = xp.reshape(xt, (n_x, m, 1))
+    tr = xp.matrix_transpose
+    x = xp.reshape(tr(xt), (1, m, n_x))  # the engine's time-major layout
     stacks, _, Y, state = _engine.forward(
-        LSTM_CELL, x, (a_prev, c_prev), params, n_a, xp=xp, keep=True, head=_HEAD
+        LSTM_CELL, x, (tr(a_prev), tr(c_prev)), params, n_a, xp=xp, keep=True, head=_HEAD
     )
     A, C = stacks["A"], stacks["C"]
     cache = _StepCaches(state, xp)[0]
-    tr = xp.matrix_transpose
     return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
 
 
@@ -203,7 +204,7 @@ def lstm_forward(
 def _forward(x, a0, params, c0, n_a, *, xp, keep):
     """:func:`lstm_forward` of checked arguments (``keep`` is ``return_caches``)."""
     stacks, _, Y, state = _engine.forward(
-        LSTM_CELL, x, (a0, c0), params, n_a, xp=xp, keep=keep, head=_HEAD
+        LSTM_CELL, *time_major(xp, x, (a0, c0)), params, n_a, xp=xp, keep=keep, head=_HEAD
     )
     A, C = stacks["A"], stacks["C"]
     seed = (2, 1, 0)  # (T, m, k) -> (k, m, T)
@@ -251,7 +252,8 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
         TC=xp.tanh(tr(c_next))[None, ...], X=tr(xt), params=params, n_a=n_a,
     )  # fmt: skip
     dX, (da_prev, dc_prev), grads = _engine.backward(
-        LSTM_CELL, xp.reshape(da_next, (n_a, m, 1)), state, xp=xp, dstate=(None, tr(dc_next))
+        LSTM_CELL, xp.reshape(tr(da_next), (1, m, n_a)), state, xp=xp,
+        dstate=(None, tr(dc_next))
     )
     return {
         "dxt": tr(dX[0, ...]),  # (21)

@@ -34,6 +34,7 @@ from ._common import (
     check_inputs,
     check_step_cache,
     sequence_backward,
+    time_major,
 )
 from .head import SoftmaxHead
 
@@ -139,11 +140,11 @@ def rnn_cell_forward(
     """
     xp, (n_a, n_x, _) = check_inputs(_resolve, parameters, xt, {"a_prev": a_prev}, step=True)
     m = xt.shape[1]
-    x = xp.reshape(xt, (n_x, m, 1))
-    stacks, _, Y, state = _engine.forward(
-        RNN_TANH, x, (a_prev,), parameters, n_a, xp=xp, keep=True, head=_HEAD
-    )
     tr = xp.matrix_transpose
+    x = xp.reshape(tr(xt), (1, m, n_x))  # the engine's time-major layout
+    stacks, _, Y, state = _engine.forward(
+        RNN_TANH, x, (tr(a_prev),), parameters, n_a, xp=xp, keep=True, head=_HEAD
+    )
     return copy(tr(stacks["A"][1, ...])), tr(Y[0, ...]), _StepCaches(state, xp)[0]
 
 
@@ -188,7 +189,7 @@ def rnn_forward(
     xp, (n_a, _, _) = check_inputs(_resolve, parameters, x, {"a0": a0})
     keep = bool(return_caches)
     stacks, _, Y, state = _engine.forward(
-        RNN_TANH, x, (a0,), parameters, n_a, xp=xp, keep=keep, head=_HEAD
+        RNN_TANH, *time_major(xp, x, (a0,)), parameters, n_a, xp=xp, keep=keep, head=_HEAD
     )
     seed = (2, 1, 0)  # (T, m, k) -> (k, m, T)
     a = xp.permute_dims(stacks["A"][1:, ...], seed)
@@ -235,8 +236,8 @@ def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
     tr = xp.matrix_transpose
     state = RNN_TANH.Cache(A=xp.stack([tr(a_prev), tr(a_next)]), H=tr(a_next)[None, ...],
                            X=tr(xt), params=parameters, n_a=n_a)
-    dX, (da_prev,), grads = _engine.backward(RNN_TANH, xp.reshape(da_next, (n_a, m, 1)), state,
-                                             xp=xp)
+    dX, (da_prev,), grads = _engine.backward(RNN_TANH, xp.reshape(tr(da_next), (1, m, n_a)),
+                                             state, xp=xp)
     return {"dxt": tr(dX[0, ...]), "da_prev": tr(da_prev), **grads}
 
 
