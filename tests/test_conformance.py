@@ -284,8 +284,8 @@ def test_torch_autograd(spec, num_layers, bidirectional, layout, padded, xp, dev
         mine = model.cell.to_torch_arrays({k: to_numpy(got[f"d{i}_{k}"]) for k in layer})
         sfx = f"_l{i // model.D}" + ("_reverse" if i % model.D else "")
         for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), mine):
-            np.testing.assert_allclose(arr, grads[key + sfx], rtol=1e-10, atol=1e-12,
-                                       err_msg=key + sfx)
+            assert_close(arr, grads[key + sfx], xp=NP, device=CPU, rtol=1e-10, atol=1e-12,
+                         err=key + sfx)
 
 
 @TORCH_SPEC
@@ -303,7 +303,8 @@ def test_torch_round_trip_and_torch_init(spec):
     x = np.random.default_rng(4).standard_normal((N_X, M, T))
     y, _, _ = model.forward(x, return_cache=False)
     ty, _ = model.to_torch()(torch.tensor(x.transpose(2, 1, 0)))
-    np.testing.assert_allclose(y, ty.detach().numpy().transpose(2, 1, 0), rtol=1e-12, atol=1e-14)
+    assert_close(y, ty.detach().numpy().transpose(2, 1, 0), xp=NP, device=CPU, rtol=1e-12,
+                 atol=1e-14)
 
 
 # ------------------------------------------------------------------------------ padding
@@ -580,14 +581,14 @@ def test_no_mutation_and_outputs_independent_of_cache(spec, xp, device):
     ref = model.backward(dy, cache)
     after = {"x": to_numpy(x), **{f"p{k}": to_numpy(v) for k, v in model.params[0].items()}}
     for k in before:
-        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+        assert_close(after[k], before[k], xp=NP, device=CPU, rtol=0, atol=0, err=k)
     if _compat.is_writeable(x):
         for arr in (y, x, *final, *model.params[0].values()):
             arr[...] = 7.0
         again = model.backward(dy, cache)
         for a, b in zip((ref[0], *ref[1], *ref[2][0].values()),
                         (again[0], *again[1], *again[2][0].values())):
-            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+            assert_close(to_numpy(b), to_numpy(a), xp=NP, device=CPU, rtol=0, atol=0)
 
 
 @SPEC
@@ -602,9 +603,9 @@ def test_cache_survives_copy_and_pickle(spec):
     want = model.backward(case["dy"], cache)
     for again in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         got = model.backward(case["dy"], again)
-        np.testing.assert_array_equal(got[0], want[0])
+        assert_close(got[0], want[0], xp=NP, device=CPU, rtol=0, atol=0)
         for k in want[2][0]:
-            np.testing.assert_array_equal(got[2][0][k], want[2][0][k], err_msg=k)
+            assert_close(got[2][0][k], want[2][0][k], xp=NP, device=CPU, rtol=0, atol=0, err=k)
 
 
 @SPEC

@@ -194,9 +194,10 @@ def test_the_forward_snapshots_the_parameters():
         v[...] = 7.0
     got = _engine.backward(GRU_CELL, da.transpose(2, 1, 0), state, xp=NP)
     want = _run(NP, None, case, da)
-    np.testing.assert_array_equal(got[0], want["dx"])
+    cpu = _compat.device_of(want["dx"])
+    assert_close(got[0], want["dx"], xp=NP, device=cpu, rtol=0, atol=0)
     for k, v in got[2].items():
-        np.testing.assert_array_equal(v, want[k], err_msg=k)
+        assert_close(v, want[k], xp=NP, device=cpu, rtol=0, atol=0, err=k)
 
 
 # -------------------------------------------------------------------- compiled CPU loops
@@ -248,7 +249,8 @@ def test_compiled_loops_are_bit_identical(monkeypatch, dtype, n_x, n_a, m, T, T_
     for k, v in plain.items():
         assert fast[k].dtype == v.dtype == dtype, k
         assert np.all(np.isfinite(v)), k
-        np.testing.assert_array_equal(fast[k], v, err_msg=k, strict=True)
+        assert_close(fast[k], v, xp=_compat.default_namespace(), device=_compat.device_of(v),
+                     rtol=0, atol=0, err=k)
 
 
 # ------------------------------------------------------------------------ torch nn.GRU
