@@ -8,7 +8,7 @@ import sys as _sys
 
 from . import models, notebook, training
 from .engine.loop import accelerators
-from .io import load_params, save_params
+from .io import load, load_params, save, save_params
 from .models.mlstm import MLSTM
 from .models.recurrent import GRU, LSTM, RNN, SLSTM, ModelCache
 from .notebook import autodiff
@@ -95,6 +95,8 @@ __all__ = [
     "FitResult",
     "StepInfo",
     # persistence and interop
+    "save",
+    "load",
     "save_params",
     "load_params",
     "to_torch_lstm_weights",

@@ -29,6 +29,10 @@ backend loads on any other.
 
 The reader is :mod:`xlstm.io.archive`; the metadata's fields, versions and tree rules are
 :mod:`xlstm.io.schema`'s.
+
+A whole model (its class, configuration and parameters) is saved by :func:`save` and
+loaded by :func:`load`, in a safetensors file (:mod:`xlstm.io.safetensors`, read with the
+same care; the model file's rules are :mod:`xlstm.io.models`').
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from .._lib.files import check_file_object, describe, open_regular
 from .._lib.tree import flatten, is_tree, unflatten
 from .._lib.typing import Array, Params
 from ..notebook.params import PARAM_KEYS, check_params, param_arrays
+from . import safetensors
 from .archive import read_archive
+from .models import build, check_file, file_contents
 from .schema import (
     DTYPES,
     FORMAT_NAME,
@@ -58,8 +64,8 @@ from .schema import (
     tree_leaves,
 )
 
-__all__ = ["save_params", "load_params", "save_checkpoint", "load_checkpoint", "FORMAT_NAME",
-           "FORMAT_VERSION", "MAX_LOAD_BYTES"]
+__all__ = ["save", "load", "save_params", "load_params", "save_checkpoint", "load_checkpoint",
+           "FORMAT_NAME", "FORMAT_VERSION", "MAX_LOAD_BYTES"]
 
 #: Largest total size in bytes of the parameters that :func:`load_params` accepts to read
 #: (4 GiB); a file whose metadata declares more is refused before any array is read. Raise
@@ -178,16 +184,23 @@ def _save(path, params, counters):
         )
     entries[META] = np.frombuffer(text, dtype=np.uint8)
 
+    _write(path, lambda f: np.savez(f, **entries), ".npz")
+
+
+def _write(path, write, suffix):
+    """``write(f)`` into the binary file object ``path``, or atomically into the file at
+    ``path``: into a temporary file in the same folder (named with ``suffix``), which gets
+    the mode ``open`` would give ``path`` (:func:`_mode_for`) and then replaces it."""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        np.savez(path, **entries)
+        write(path)
         return
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     mode = _mode_for(path)
-    fd, tmp = tempfile.mkstemp(prefix=".xlstm-", suffix=".npz.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".xlstm-", suffix=f"{suffix}.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **entries)
+            write(f)
             if os.chmod in os.supports_fd:
                 os.chmod(f.fileno(), mode)
         if os.chmod not in os.supports_fd:
@@ -350,3 +363,130 @@ def _load(path, xp, device):
         return out, meta
     tree = unflatten(layout.tree, {p: out[key] for p, key in flatten(layout.tree).items()})
     return tree, meta
+
+
+def save(path: str | os.PathLike | BinaryIO, model: Any) -> None:
+    """Save a model: its class, its configuration and its parameters, in one safetensors
+    file that :func:`load` reads back.
+
+    The file is a standard safetensors file, which torch, JAX and Hugging Face users read
+    (``safetensors.numpy.load_file(path)``): one tensor per parameter, named by its place in
+    ``model.params`` (``"0.Wf"``, ``"1.bhf"``: the (layer, direction) index, then the key),
+    float32 or float64 as the model, and in the header's ``__metadata__`` the format
+    (``"xlstm-model"``), its version, the class's name and ``model.config()`` as JSON.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        Where to write. A path is used exactly as given and written atomically (see
+        :func:`~xlstm.save_params`).
+    model : LSTM, GRU, RNN, SLSTM, MLSTM or Recurrent
+        An instance of a model class of :data:`xlstm.models.MODELS`, in any namespace and on
+        any device; its parameters are copied to the host to be written.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an instance of a model class (a subclass of one is not), or
+        its parameters are not float32 or float64 arrays of one namespace and device.
+    ValueError, KeyError
+        If ``model.params`` does not have the model's structure and shapes.
+
+    See Also
+    --------
+    load, save_params
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.GRU(3, 4, num_layers=2, dtype="float32")
+    >>> path = os.path.join(tempfile.mkdtemp(), "gru.safetensors")
+    >>> xlstm.save(path, model)
+    >>> back = xlstm.load(path)
+    >>> type(back).__name__, back.config() == model.config()
+    ('GRU', True)
+    >>> all(np.array_equal(a[k], b[k]) for a, b in zip(back.params, model.params) for k in a)
+    True
+    """
+    tensors, meta = file_contents(model)
+    _write(path, lambda f: safetensors.write(f, tensors, meta), ".safetensors")
+
+
+def load(path: str | os.PathLike | BinaryIO, *, xp: Any = None, device: Any = None) -> Any:
+    """Load a model written by :func:`save`: a model of the saved class and configuration
+    with the saved parameters, bit for bit.
+
+    The file is read as untrusted data. Before any parameter is read or made, every check
+    is made: the file is a regular file; its header (at most
+    ``xlstm.io.safetensors.MAX_HEADER_BYTES``) is JSON of well-formed entries with no name
+    twice; every tensor is F64 or F32 (F16 and BF16 are read into float32), its byte count
+    agrees with its shape, and the tensors' bytes tile the data after the header exactly,
+    up to the file's actual end; the parameters fit in ``xlstm.io.MAX_LOAD_BYTES``; the
+    metadata names this format and version, a model class of :data:`xlstm.models.MODELS`
+    and a configuration (a small JSON object) whose namespace and dtype are among the known
+    ones, and which builds the class; and the tensors are exactly that model's parameters,
+    by name, shape and dtype. Then exactly those bytes are read, in bounded pieces. Nothing
+    in the file is executed, and no module is imported but the namespace's own.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        The file to read: a regular file. A file object must be open for binary reading
+        and seekable.
+    xp : namespace, optional
+        The namespace of the model (``numpy``, ``torch``, ``jax.numpy``, ``cupy``,
+        ``array_api_strict``). Default: the one it was saved from, imported.
+    device : device, optional
+        The parameters' device in that namespace (default: its default device).
+
+    Returns
+    -------
+    model
+        A new instance of the saved class: ``type(model).from_config(config, xp=xp,
+        device=device)`` with its parameters replaced by the file's, in the saved dtype.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ImportError
+        If ``xp`` is not given and the namespace the model was saved from cannot be imported.
+    TypeError
+        If ``xp`` cannot hold the saved dtype (float64 in JAX without
+        ``jax_enable_x64``), or a file object is open in text mode.
+    ValueError
+        If ``path`` is not a regular file (a directory, a FIFO, ``/dev/zero``), or the file
+        breaks any rule above: truncated, an oversized or malformed header, overlapping,
+        out-of-range or gapped offsets, an unknown dtype, class, namespace or version, a
+        configuration that does not build the class or does not match the tensors; the
+        message names the file and the problem.
+
+    See Also
+    --------
+    save, load_params
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import xlstm
+    >>> path = os.path.join(tempfile.mkdtemp(), "lstm.safetensors")
+    >>> xlstm.save(path, xlstm.LSTM(3, 5, bidirectional=True, dtype="float64"))
+    >>> model = xlstm.load(path)
+    >>> type(model).__name__, model.bidirectional, str(model.params[0]["Wf"].dtype)
+    ('LSTM', True, 'float64')
+    """
+    where = describe(path)
+    if xp is not None:
+        namespace_of_module(xp)  # refuse a non-namespace before reading
+    with contextlib.ExitStack() as stack:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            f = stack.enter_context(open_regular(path, where))
+        else:
+            check_file_object(path, where)
+            f = path
+        header = safetensors.read_header(f, where, max_bytes=MAX_LOAD_BYTES)
+        cls, config = check_file(header, where)
+        host = safetensors.read_tensors(f, header, where)
+    return build(cls, config, host, where, xp, device)
