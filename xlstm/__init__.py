@@ -4,6 +4,7 @@ The same call runs on numpy, CuPy, torch, JAX and array-api-strict arrays; resul
 inputs' namespace, dtype and device.
 """
 
+import logging as _logging
 import sys as _sys
 
 from . import models, notebook, training
@@ -32,11 +33,15 @@ from .notebook.rnn import (
     rnn_cell_forward,
     rnn_forward,
 )
+from .training.callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar
 from .training.fit import FitResult, StepInfo, fit
 from .training.losses import softmax_cross_entropy
 from .training.optim import SGD, Adam, clip_by_global_norm, clip_by_value
 
 __version__ = "0.1.0"
+
+# A library logs and leaves the handling to the application (the logging HOWTO's rule).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # The module paths of earlier versions keep working: ``import xlstm.lstm``, ``xlstm.train.fit``.
 _MOVED = {
@@ -94,6 +99,10 @@ __all__ = [
     "accelerators",
     "FitResult",
     "StepInfo",
+    "Callback",
+    "EarlyStopping",
+    "Checkpoint",
+    "ProgressBar",
     # persistence and interop
     "save",
     "load",

@@ -1,1 +1,33 @@
-"""Training: optimisers and clipping (``optim``) and the training loop (``fit``)."""
+"""Training: optimisers and clipping (``optim``), the training loop (``fit``) and its
+callbacks (``callbacks``): validation, early stopping, checkpoints, a progress bar.
+
+The loop itself is :func:`xlstm.fit` (``xlstm.training.fit.fit``: the name ``fit`` here is
+its module); the rest of its names are here.
+"""
+
+from .callbacks import (
+    BeginInfo,
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    EndInfo,
+    EvalInfo,
+    ProgressBar,
+    StepInfo,
+)
+from .fit import EvalRecord, FitResult, StepRecord, accuracy
+
+__all__ = [
+    "FitResult",
+    "StepRecord",
+    "EvalRecord",
+    "accuracy",
+    "Callback",
+    "ProgressBar",
+    "Checkpoint",
+    "EarlyStopping",
+    "BeginInfo",
+    "StepInfo",
+    "EvalInfo",
+    "EndInfo",
+]

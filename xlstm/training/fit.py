@@ -1,17 +1,19 @@
-"""A minimal training loop: minibatches, an optimizer step, clipping, a loss history.
+"""A minimal training loop: minibatches, an optimizer step, clipping, validation, a
+history, callbacks.
 
 :func:`fit` is the loop that every script on top of the losses and optimizers would
 otherwise write by hand::
 
-    from xlstm import Adam, init_params, sequence_cross_entropy
+    from xlstm import Adam, EarlyStopping, init_params, sequence_cross_entropy
     from xlstm.training.fit import fit
 
     def loss_fn(params, batch):
         x, labels = batch
         return sequence_cross_entropy(x, a0, params, labels)
 
-    result = fit(params, batches, loss_fn, Adam(lr=3e-3), epochs=5, clip_norm=5.0)
-    params, history = result.params, result.history
+    result = fit(params, batches, loss_fn, Adam(lr=3e-3), epochs=5, clip_norm=5.0,
+                 validation=held_out, callbacks=[EarlyStopping("loss", patience=2)])
+    params, history, evals = result.params, result.history, result.evals
 
 It is functional like the optimizers: ``params`` are never modified, every step makes new
 arrays, so it runs unchanged on numpy, CuPy, torch, JAX and array-api-strict. It adds no
@@ -19,67 +21,97 @@ randomness of its own: with deterministic batches and a deterministic ``loss_fn`
 give the same history, bit for bit, on the CPU.
 
 Two numbers are read back to the host per step (two device synchronisations): the loss, to
-record the history, show it on the progress bar, hand it to the callback and stop on a
+record the history, show it on the progress bar, hand it to the callbacks and stop on a
 non-finite value; and whether every gradient is finite, to stop before an update with inf
 or NaN (one reduction over the gradients; with ``clip_norm`` alone, their global norm,
-which clipping needs anyway).
+which clipping needs anyway). A validation reads back every metric of every validation
+batch.
+
+Its messages are records of the ``logging`` logger ``"xlstm.training"`` (see
+:mod:`xlstm.training.callbacks`); it prints nothing itself.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from numbers import Real
 from typing import Any, NamedTuple
 
-from .._lib.checks import positive_int
+from .._lib.checks import check_shape
+from .._lib.compat import namespace, on_input_device
 from .._lib.tree import flatten, is_tree
-from .._lib.typing import Grads, Params
+from .._lib.typing import Array, Grads, Params
+from .callbacks import (
+    _DISPLAY,
+    BeginInfo,
+    Callback,
+    Checkpoint,
+    EndInfo,
+    EvalInfo,
+    ProgressBar,
+    StepInfo,
+    _Display,
+    _emit,
+    _FunctionCallback,
+    _hooks_of,
+    _log,
+    _positive,
+    _smoothing,
+    _split_state,
+    _stop_requested,
+)
 from .optim import clip_by_global_norm, clip_by_value
 
-__all__ = ["fit", "FitResult", "StepInfo"]
+__all__ = ["fit", "FitResult", "StepInfo", "StepRecord", "EvalRecord", "accuracy"]
 
 
-class StepInfo(NamedTuple):
-    """What :func:`fit` passes to its ``callback`` after every step.
+class StepRecord(NamedTuple):
+    """One optimizer step of a run, as ``FitResult.records`` holds it.
 
     Attributes
     ----------
     step : int
-        Number of optimizer steps taken so far (1 after the first step; a resumed run
-        counts its checkpoint's steps too).
+        Optimizer steps taken after this one (1 for the first; a resumed run counts its
+        checkpoint's steps too).
     epoch : int
-        Index of the current epoch, from 0.
+        Index of its epoch, from 0.
     loss : float
-        This step's loss, before the update (as returned by ``loss_fn``).
-    params : dict of arrays
-        The parameters *after* this step's update.
-    opt_state : dict
-        The optimizer state after this step's update.
-    grads : dict of arrays
-        The gradients used for the update (after clipping): those the optimizer steps.
-    grad_norm : array or None
-        Global L2 norm of the parameter gradients before clipping, a 0-d array, when
-        ``clip_norm`` is set; otherwise ``None``. Not read back to the host.
+        Its loss, before the update (with ``comm``, the mean over the ranks).
     seconds : float
-        Wall time since :func:`fit` started.
-    log : callable
-        ``log(message)`` prints a line without breaking the progress bar (plain ``print``
-        when there is no bar).
+        Wall time from the start of :func:`fit` to the end of this step.
     """
 
     step: int
     epoch: int
     loss: float
-    params: dict
-    opt_state: dict
-    grads: dict
-    grad_norm: Any
     seconds: float
-    log: Callable[[str], None]
+
+
+class EvalRecord(NamedTuple):
+    """One validation of a run, as ``FitResult.evals`` holds it.
+
+    Attributes
+    ----------
+    step : int
+        Optimizer steps taken when it ran (the parameters evaluated are those after this
+        step).
+    epoch : int
+        Index of the epoch in which it ran, from 0.
+    metrics : dict of str to float
+        Every metric of ``eval_fn``, in its order: the mean over the validation batches
+        (with ``comm``, the mean over the ranks of each rank's mean).
+    seconds : float
+        Wall time from the start of :func:`fit` to the end of this validation.
+    """
+
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    seconds: float
 
 
 class FitResult(NamedTuple):
@@ -87,53 +119,91 @@ class FitResult(NamedTuple):
 
     Attributes
     ----------
-    params : dict of arrays
-        The trained parameters (new arrays; the input dict is not modified).
+    params : dict of arrays, or a tree of them
+        The trained parameters (new arrays; the input is not modified), or those that a
+        callback's ``on_train_end`` handed back (:class:`xlstm.EarlyStopping` with
+        ``restore_best=True``: the best validation's).
     history : list of float
         The loss of every step this call took, in order (with ``comm``, the mean over the
-        ranks).
+        ranks): ``[r.loss for r in records]``.
     opt_state : dict
         The final optimizer state; pass it back as ``fit(..., opt_state=...)`` to go on
         training where this run stopped.
     stopped_early : bool
-        True when the callback asked to stop.
+        True when a callback asked to stop.
     seconds : float
         Wall time of the whole run.
+    records : list of StepRecord
+        Every step this call took: its step count, epoch, loss and time.
+    evals : list of EvalRecord
+        Every validation of the run (empty without ``validation``), in order.
     """
 
-    params: dict
-    history: list
-    opt_state: dict
+    params: Params
+    history: list[float]
+    opt_state: dict[str, Any]
     stopped_early: bool
     seconds: float
+    records: list[StepRecord]
+    evals: list[EvalRecord]
+
+
+# ------------------------------------------------------------------------------ metrics
+@on_input_device
+def accuracy(logits: Array, labels: Array, *, mask: Array | None = None) -> Array:
+    """The fraction of positions whose most likely class is the label: a metric for
+    ``fit``'s ``eval_fn``.
+
+    Parameters
+    ----------
+    logits : array, shape (n_y, m, T)
+        Scores of every class, example and step (logits or probabilities: only their
+        argmax counts; a tie goes to the first class).
+    labels : array of integers, shape (m, T)
+        The class of every position.
+    mask : array, shape (m, T), optional
+        Which positions count (boolean) or their weights (floating, of the logits'
+        dtype), as in :func:`xlstm.softmax_cross_entropy`. With a model's ``lengths``,
+        ``arange(T) < lengths[:, None]`` counts each sequence's steps.
+
+    Returns
+    -------
+    array, shape ()
+        The (weighted) mean of the hits, a 0-d array of the logits' dtype, namespace and
+        device (NaN when no position counts).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arrays of the wrong kind or shape, naming the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xlstm.training import accuracy
+    >>> logits = np.array([[[2.0, 0.0]], [[1.0, 3.0]]])      # (n_y=2, m=1, T=2)
+    >>> float(accuracy(logits, np.array([[0, 0]])))          # argmax is (0, 1)
+    0.5
+    >>> float(accuracy(logits, np.array([[0, 0]]), mask=np.array([[True, False]])))
+    1.0
+    """
+    xp = namespace(logits=logits, labels=labels, mask=mask, optional=("mask",),
+                   kinds={"labels": ("integral",), "mask": ("bool",)})
+    check_shape("logits", logits, (None, None, None), "(n_y, m, T)")
+    _, m, T = logits.shape
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    check_shape("labels", labels, (m, T), "(m, T)")
+    best = xp.argmax(logits, axis=0)  # (m, T)
+    hit = xp.astype(best == xp.astype(labels, best.dtype), logits.dtype)
+    if mask is None:
+        return xp.mean(hit)
+    check_shape("mask", mask, (m, T), "(m, T)")
+    weights = xp.astype(mask, logits.dtype) if xp.isdtype(mask.dtype, "bool") else mask
+    return xp.sum(hit * weights) / xp.sum(weights)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _positive(name, value, kind):
-    """``value`` checked positive (``None`` passes): an int of any integer type for
-    ``kind=int``, else any finite real number, returned as a Python int or float."""
-    if value is None:
-        return None
-    if kind is int:
-        return positive_int(name, value)
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    return value
-
-
-def _smoothing(value):
-    """``smoothing`` checked to be a number in (0, 1], as a Python float."""
-    if value is None:
-        raise TypeError("smoothing must be a number in (0, 1], got None")
-    value = _positive("smoothing", value, float)
-    if value > 1.0:
-        raise ValueError(f"smoothing must be in (0, 1], got {value!r}")
-    return value
-
-
 def _check_callables(callback, loss_fn, optimizer):
     """Refuse a ``callback``, ``loss_fn`` or ``optimizer`` that cannot be called as
     :func:`fit` calls it."""
@@ -209,63 +279,11 @@ def _expected_steps(batches, epochs, steps):
     return steps
 
 
-def _want_bar(progress, file):
-    """Whether to show a bar: forced by True/False, else only on an interactive terminal."""
-    if progress is not None:
-        return bool(progress)
-    streams = (sys.stdout, file)
-    return all(getattr(s, "isatty", None) is not None and s.isatty() for s in streams)
-
-
-def _make_bar(progress, total, desc, file):
-    """A tqdm bar, or None when there should be none or tqdm is not installed."""
-    if not _want_bar(progress, file):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if progress:  # asked for explicitly: say why it is missing, once, and go on
-            print("progress bar unavailable: tqdm is not installed", file=file)
-        return None
-    return tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True, leave=True)
-
-
-class _Progress:
-    """The progress callback: the running mean of the loss on a tqdm bar (on the leading
-    rank only), and ``log``, which prints a line without breaking the bar."""
-
-    def __init__(self, progress, total, desc, smoothing, lead):
-        self.bar = _make_bar(progress if lead else False, total, desc, sys.stderr)
-        self.smoothing, self.running = smoothing, None
-        if self.bar is not None:
-            self.log = self._write
-        else:
-            self.log = print if lead else _quiet
-
-    def _write(self, message):
-        self.bar.write(str(message), file=sys.stdout)
-
-    def update(self, loss):
-        """Count one step of loss ``loss``."""
-        r = self.running
-        self.running = loss if r is None else r + self.smoothing * (loss - r)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{self.running:.4f}", refresh=False)
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _quiet(message):
-    """The ``log`` of a rank that does not report."""
-
 
 # --------------------------------------------------------------------------------- fit
 def fit(
     params: Params,
-    batches: Iterable | Callable[[], Iterable],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
     loss_fn: Callable[[Params, Any], tuple[Any, Grads]],
     optimizer: Any,
     *,
@@ -273,24 +291,30 @@ def fit(
     steps: int | None = None,
     clip_norm: float | None = None,
     clip_value: float | None = None,
-    opt_state: dict | None = None,
+    opt_state: dict[str, Any] | None = None,
     callback: Callable[[StepInfo], Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    validation: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    eval_fn: Callable[[Params, Any], Mapping[str, Any] | Any] | None = None,
+    validate_every: int | None = None,
     progress: bool | None = None,
     desc: str = "train",
     smoothing: float = 0.05,
+    verbose: bool = True,
     comm: Any = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike[str] | None = None,
 ) -> FitResult:
-    """Train ``params`` on minibatches: loss and gradients, clipping, optimizer step.
+    """Train ``params`` on minibatches: loss and gradients, clipping, optimizer step,
+    validation, callbacks.
 
     For every batch: ``loss, grads = loss_fn(params, batch)``; check that the loss and
     every gradient are finite; clip the gradients by value and/or by global norm;
-    ``params, state = optimizer.step(params, grads, state)``; record ``float(loss)``; call
-    ``callback``. The gradients checked and clipped are exactly those the optimizer
-    steps: the ``"d" + key`` entry of every key of a flat ``params`` dict (whatever the
-    key), or every leaf of a tree.
+    ``params, state = optimizer.step(params, grads, state)``; record ``float(loss)``;
+    validate when due; call the callbacks. The gradients checked and clipped are exactly
+    those the optimizer steps: the ``"d" + key`` entry of every key of a flat ``params``
+    dict (whatever the key), or every leaf of a tree.
 
     Parameters
     ----------
@@ -325,39 +349,72 @@ def fit(
     clip_value : float, optional
         Clip every gradient the optimizer steps elementwise to ``[-clip_value,
         clip_value]`` (:func:`xlstm.clip_by_value` with ``params``), before any norm
-        clipping.
-        Default: none.
+        clipping. Default: none.
     opt_state : dict, optional
         Optimizer state to resume from (``FitResult.opt_state`` of an earlier run).
         Default: ``optimizer.init(params)``.
     callback : callable, optional
         ``callback(info)`` after every step, with a :class:`StepInfo`. It returns ``None``
         or a bool (a number or a 0-d array counts as its truth): a true value stops
-        training after this step (early stopping).
+        training after this step. It runs after the ``checkpoint`` and before
+        ``callbacks``.
+    callbacks : sequence of Callback, optional
+        Objects with the hooks of :class:`xlstm.Callback` (``on_train_begin``,
+        ``on_step_end``, ``on_eval_end``, ``on_train_end``), called in this order:
+        :class:`xlstm.EarlyStopping`, :class:`xlstm.Checkpoint`,
+        :class:`xlstm.ProgressBar` or your own. A true value from a step's or a
+        validation's hooks stops training after it; ``on_train_end`` may hand back the
+        parameters that ``fit`` returns.
+    validation : iterable, or callable returning an iterable, optional
+        The validation batches: a sequence, or a callable called for a fresh iterable at
+        every validation (a one-shot iterator cannot be evaluated twice and is refused).
+        With ``comm``, every rank passes its shard of every validation batch.
+    eval_fn : callable, optional
+        ``eval_fn(params, batch) -> {name: value}``: the metrics of one validation batch,
+        each a Python number or a one-element array (a mean over the batch, such as
+        :func:`xlstm.training.accuracy` or a loss), with no gradient; a single number is
+        the metric ``"loss"``. Every batch must give the same names. Default: ``{"loss":
+        loss_fn(params, batch)[0]}`` (which computes gradients only to drop them).
+    validate_every : int, optional
+        Validate after every ``validate_every`` optimizer steps (counted from the start
+        of training, as ``StepInfo.step``). Default: at the end of every epoch (when its
+        batches run out), and after the last step when ``steps`` ends the run inside an
+        epoch.
     progress : bool or None, optional
         ``None`` (default) shows a tqdm progress bar with the running loss when tqdm is
         installed and both stdout and stderr are terminals; ``True`` forces it (when tqdm
-        is installed), ``False`` turns it off.
+        is installed), ``False`` turns it off. Ignored when ``callbacks`` hold a
+        :class:`xlstm.ProgressBar`.
     desc : str, optional
         Label of the progress bar.
     smoothing : float, optional
         Weight of the newest loss in the running average shown on the bar, in (0, 1].
         Default 0.05.
+    verbose : bool, optional
+        ``True`` (default): show the run's log records of the ``"xlstm.training"`` logger
+        (``info.log`` lines, the validation metrics, early stopping, a missing tqdm) on
+        the leading rank while it runs: INFO on stdout, warnings on stderr, through the
+        progress bar when one is shown. ``False``: leave them to the application's
+        ``logging`` configuration alone (pass it when that configuration shows them
+        already, so that they do not appear twice).
     comm : communicator, optional
         Data-parallel training (:mod:`xlstm.distributed`): every rank runs this same call
-        with ``batches`` yielding its shard of every global batch (equal shards). The
-        starting parameters and optimizer state are rank 0's (broadcast); before every
-        step the gradients and the loss are averaged over the ranks, so the parameters
-        stay identical on every rank, which is checked at the end. Rank 0 alone shows
-        progress, runs ``callback`` (whose return value stops every rank) and writes
-        checkpoints. When a rank fails (an exception from its batches or ``loss_fn``, or
-        rank 0's callback or checkpoint), every rank raises
-        :class:`xlstm.distributed.RankError` with that rank's error; batches of different
-        shapes on different ranks, or sources that run out at different steps, raise
-        ``ValueError`` on every rank.
+        with ``batches`` (and ``validation``) yielding its shard of every global batch
+        (equal shards). The starting parameters and optimizer state are rank 0's
+        (broadcast); before every step the gradients and the loss are averaged over the
+        ranks, so the parameters stay identical on every rank, which is checked at the
+        end; every validation metric is averaged over the ranks, so every rank records
+        the same ones. Rank 0 alone shows progress, runs ``callback`` and ``callbacks``
+        (whose answers stop every rank, and whose replacement parameters are broadcast)
+        and writes checkpoints. When a rank fails (an exception from its batches,
+        ``loss_fn`` or ``eval_fn``, or rank 0's callbacks or checkpoint), every rank
+        raises :class:`xlstm.distributed.RankError` with that rank's error; batches of
+        different shapes on different ranks, or sources that run out at different steps,
+        raise ``ValueError`` on every rank.
     checkpoint : str or os.PathLike, optional
-        Where to write a checkpoint (:func:`xlstm.io.save_checkpoint`, atomically): the
-        parameters, the optimizer state and the position in the batches, every
+        Where to write a checkpoint: adds ``xlstm.Checkpoint(checkpoint,
+        every=checkpoint_every)``, which writes the parameters, the optimizer state and
+        the position in the batches (:func:`xlstm.io.save_checkpoint`, atomically) every
         ``checkpoint_every`` steps and at the end. Checked before the first step: its
         folder must exist and be writable, and it must not be a folder itself.
     checkpoint_every : int, optional
@@ -372,9 +429,11 @@ def fit(
     Returns
     -------
     FitResult
-        ``(params, history, opt_state, stopped_early, seconds)``: the trained parameters,
-        the per-step losses as Python floats, the final optimizer state, whether the
-        callback stopped the run and its wall time.
+        ``(params, history, opt_state, stopped_early, seconds, records, evals)``: the
+        trained parameters, the per-step losses as Python floats, the final optimizer
+        state, whether a callback stopped the run, its wall time, a
+        :class:`xlstm.training.StepRecord` per step and an
+        :class:`xlstm.training.EvalRecord` per validation.
 
     Raises
     ------
@@ -383,33 +442,73 @@ def fit(
         inf or NaN (the message names it and the step; the update is not made), or whose
         gradients' global norm exceeds their dtype's range. The parameters of the steps
         before are lost with the exception: checkpoint, lower the learning rate or clip.
+        (A validation metric that is not finite is recorded, not raised.)
     TypeError, ValueError
         For an invalid argument (the message names it), before the first step: among
         them a ``checkpoint`` path that cannot be written, a ``resume`` checkpoint that
-        lacks a counter or was written in an epoch past ``epochs``. During the run: a
+        lacks a counter or was written in an epoch past ``epochs``, an
+        :class:`xlstm.EarlyStopping` without ``validation``. During the run: a
         ``loss_fn`` that does not return a pair of a one-number loss and the gradients
-        (or lacks the gradient of a parameter: ``KeyError``), a ``callback`` that returns
-        anything but ``None``, a bool or a number.
+        (or lacks the gradient of a parameter: ``KeyError``), an ``eval_fn`` that does
+        not return metrics of one number each, a validation with no batch, a
+        ``callback`` that returns anything but ``None``, a bool or a number.
 
     Notes
     -----
     Each step reads two numbers back to the host (the loss, and whether the gradients are
     finite); clipping and the update stay on the device. Running the loop on the CPU with
-    the same batches and parameters gives an identical history.
+    the same batches and parameters gives an identical history, and identical
+    validations: the metrics are summed on the host in batch order (``math.fsum``).
+
+    Examples
+    --------
+    A parameter ``w`` fitted to batches of mean 2, validated against 1 every 2 steps: the
+    validation loss stops improving, and early stopping ends the run:
+
+    >>> import numpy as np
+    >>> import xlstm
+    >>> def loss_fn(params, batch):                     # (w - batch)^2 and its gradient
+    ...     return (params["w"] - batch) ** 2, {"dw": 2.0 * (params["w"] - batch)}
+    >>> def eval_fn(params, batch):                     # no gradient
+    ...     return {"loss": (params["w"] - batch) ** 2}
+    >>> result = xlstm.fit({"w": np.array(0.0)}, [1.0, 3.0] * 4, loss_fn,
+    ...                    xlstm.SGD(lr=0.1), validation=[1.0], eval_fn=eval_fn,
+    ...                    validate_every=2, callbacks=[xlstm.EarlyStopping(patience=1)],
+    ...                    progress=False, verbose=False)
+    >>> [(r.step, round(r.metrics["loss"], 4)) for r in result.evals]
+    [(2, 0.0576), (4, 0.0607), (6, 0.311)]
+    >>> len(result.history), result.stopped_early
+    (6, True)
     """
     epochs = _positive("epochs", epochs, int)
     steps = _positive("steps", steps, int)
     clip_norm = _positive("clip_norm", clip_norm, float)
     clip_value = _positive("clip_value", clip_value, float)
     smoothing = _smoothing(smoothing)
+    if not isinstance(verbose, bool):
+        raise TypeError(f"verbose must be True or False, got {verbose!r}")
     _check_callables(callback, loss_fn, optimizer)
     source = _epoch_source(batches, epochs)
-    saver = _Checkpoint.of(checkpoint, checkpoint_every)
+    val = _Validation.of(validation, eval_fn, validate_every, loss_fn)
+    hooks = _Hooks.of(callbacks, callback, checkpoint, checkpoint_every, progress, desc,
+                      smoothing, val is not None)
     ranks = _Ranks(comm)
-    if saver is not None:  # what the end of the run needs, checked before its start
-        ranks.on_lead(0, saver.check)
     state = optimizer.init(params) if opt_state is None else opt_state
     ranks.check_same_kind(params, state)  # before rank 0's values are broadcast into them
+    shown = _DISPLAY.set(_Display() if verbose and ranks.lead else None)
+    try:
+        return _run(params, state, source, loss_fn, optimizer, epochs, steps, clip_norm,
+                    clip_value, val, hooks, ranks, resume, _expected_steps(batches, epochs,
+                                                                          steps))
+    finally:
+        if ranks.lead:
+            hooks.close()
+        _DISPLAY.reset(shown)
+
+
+def _run(params, state, source, loss_fn, optimizer, epochs, steps, clip_norm, clip_value,
+         val, hooks, ranks, resume, total):
+    """The body of :func:`fit`, its arguments checked."""
     done, start = 0, (0, 0)  # steps taken before; (epoch, batches of it) to skip
     if resume is not None:
         params, state, done, start = _resume(resume, params, state, ranks)
@@ -421,57 +520,299 @@ def fit(
             )
     params, state = ranks.broadcast_start(params, state)  # everyone starts from rank 0's
     if steps is not None and done >= steps:  # the checkpoint's run had finished
-        return FitResult(params, [], state, False, 0.0)
+        return FitResult(params, [], state, False, 0.0, [], [])
 
-    total = _expected_steps(batches, epochs, steps)
-    shown = _Progress(progress, None if total is None else total - done, desc, smoothing,
-                      ranks.lead)
-    history, stopped, position = [], False, start
     t0 = time.perf_counter()
-    try:
-        for epoch, it, used in _epochs(source, epochs, start):
-            while True:
-                batch, failed, value, grads = _next_step(it, params, loss_fn)
-                value = ranks.loss(done + 1, batch, failed, value)
-                if value is None:
-                    break  # every rank's batches of this epoch ran out
-                used += 1
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"loss is {value} at step {done + 1} (epoch {epoch}); lower "
-                        "the learning rate, clip the gradients (clip_norm=) or check the data"
-                    )
-                grads, norm = _finite_and_clipped(params, ranks.mean(grads), clip_value,
-                                                  clip_norm, done + 1, epoch)
-                params, state = optimizer.step(params, grads, state)
-                history.append(value)
-                done += 1
-                position = (epoch, used)
-                shown.update(value)
-                last = steps is not None and done >= steps
-                due = saver is not None and saver.due(done, last)
-                if callback is not None or due:
+    history, records, evals = [], [], []
+    stopped, position = False, start
+    # what the end of the run needs (a checkpoint's path), checked before its first step
+    ranks.on_lead(done, lambda: hooks.begin(BeginInfo(done, total, _log)))
 
-                    def report():  # on the leading rank: a true value stops every rank
-                        if due:
-                            saver.save(params, state, done, position)
-                        if callback is None:
-                            return False
-                        info = StepInfo(done, epoch, value, params, state, grads, norm,
-                                        time.perf_counter() - t0, shown.log)
-                        return _stop_requested(callback(info))
+    def validate(epoch):
+        """Validate ``params`` (on every rank); record and report it; whether a
+        callback stopped training."""
+        metrics = ranks.metrics(done, *val.run(params))
+        record = EvalRecord(done, epoch, metrics, time.perf_counter() - t0)
+        evals.append(record)
+        if ranks.lead:
+            _emit(logging.INFO, f"step {done} (epoch {epoch}): validation "
+                                + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return record
 
-                    stopped = ranks.on_lead(done, report)
-                if stopped or last:
-                    break  # (the last step: before drawing another batch from the source)
-            if stopped or (steps is not None and done >= steps):
-                break
-        if saver is not None:
-            ranks.on_lead(done, lambda: saver.save(params, state, done, position))
-        ranks.check_identical(params)
-    finally:
-        shown.close()
-    return FitResult(params, history, state, stopped, time.perf_counter() - t0)
+    for epoch, it, used in _epochs(source, epochs, start):
+        ran_out = False
+        while True:
+            batch, failed, value, grads = _next_step(it, params, loss_fn)
+            value = ranks.loss(done + 1, batch, failed, value)
+            if value is None:
+                ran_out = True
+                break  # every rank's batches of this epoch ran out
+            used += 1
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value} at step {done + 1} (epoch {epoch}); lower "
+                    "the learning rate, clip the gradients (clip_norm=) or check the data"
+                )
+            grads, norm = _finite_and_clipped(params, ranks.mean(grads), clip_value,
+                                              clip_norm, done + 1, epoch)
+            params, state = optimizer.step(params, grads, state)
+            history.append(value)
+            done += 1
+            position = (epoch, used)
+            records.append(StepRecord(done, epoch, value, time.perf_counter() - t0))
+            last = steps is not None and done >= steps
+            record = validate(epoch) if val is not None and val.due(done, last) else None
+            info = StepInfo(done, epoch, value, params, state, grads, norm,
+                            time.perf_counter() - t0, _log, used)
+            if ranks.lead:
+                hooks.show_step(info)
+            if hooks.step_due(done) or record is not None:
+
+                def report(info=info, record=record, params=params, state=state):
+                    stop = hooks.step(info)
+                    if record is not None:
+                        stop = hooks.evaluated(_eval_info(record, params, state)) or stop
+                    return stop
+
+                # on the leading rank; a true value stops every rank
+                stopped = ranks.on_lead(done, report)
+            if stopped or last:
+                break  # (the last step: before drawing another batch from the source)
+        if ran_out and val is not None and val.every is None:  # the end of an epoch
+            record = validate(epoch)
+            stopped = ranks.on_lead(done, lambda r=record, p=params, s=state: hooks.evaluated(
+                _eval_info(r, p, s)))
+        if stopped or (steps is not None and done >= steps):
+            break
+    end = EndInfo(done, position[0], position[1], params, state, stopped,
+                  time.perf_counter() - t0, _log)
+    final = None
+
+    def finish():  # on the leading rank: the final checkpoint, a callback's parameters
+        nonlocal final
+        final = hooks.end(end)
+        return final is not None
+
+    swap = ranks.on_lead(done, finish) if hooks.has_end else False
+    ranks.check_identical(params)
+    if swap:  # every rank returns rank 0's replacement, identical everywhere
+        params = final if ranks.comm is None else ranks.comm.broadcast(
+            final if ranks.lead else params, root=0)
+    return FitResult(params, history, state, stopped, time.perf_counter() - t0, records,
+                     evals)
+
+
+def _eval_info(record, params, state):
+    return EvalInfo(record.step, record.epoch, record.metrics, params, state,
+                    record.seconds, _log)
+
+
+class _Hooks:
+    """The callbacks of a run, which the leading rank calls: ``show`` (progress bars,
+    which never stop training and need no agreement between the ranks) and ``rest``."""
+
+    def __init__(self, show, rest):
+        self.show, self.rest = show, rest
+        self.has_end = any(_hook(cb, "on_train_end") is not None for cb in rest)
+        self._steps = [cb for cb in rest if _hook(cb, "on_step_end") is not None]
+
+    @classmethod
+    def of(cls, callbacks, callback, checkpoint, checkpoint_every, progress, desc,
+           smoothing, validates):
+        """The run's callbacks, checked: fit's progress bar (unless ``callbacks`` hold
+        one), its checkpoint, its ``callback`` and ``callbacks``, in this order."""
+        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable) \
+                or _is_callback(callbacks):
+            raise TypeError(f"callbacks must be a list of callbacks (xlstm.Callback), got "
+                            f"{type(callbacks).__name__}" + (
+                                "; put it in a list: callbacks=[...]"
+                                if _is_callback(callbacks) else ""))
+        given = list(callbacks)
+        for cb in given:
+            _hooks_of(cb)
+            if getattr(cb, "requires_validation", False) and not validates:
+                raise ValueError(f"{type(cb).__name__} reads the validation metrics: pass "
+                                 "validation= (and eval_fn=) to fit, or leave it out")
+        show = [cb for cb in given if isinstance(cb, ProgressBar)]
+        if not show:
+            show = [ProgressBar(enabled=None if progress is None else bool(progress),
+                                desc=desc, smoothing=smoothing)]
+        rest = [cb for cb in given if not isinstance(cb, ProgressBar)]
+        saver = Checkpoint._of_fit(checkpoint, checkpoint_every)
+        front = ([] if saver is None else [saver]) + (
+            [] if callback is None else [_FunctionCallback(callback)])
+        return cls(show, front + rest)
+
+    def begin(self, info):
+        for cb in self.show + self.rest:
+            hook = _hook(cb, "on_train_begin")
+            if hook is not None:
+                hook(info)
+
+    def show_step(self, info):
+        for cb in self.show:
+            cb.on_step_end(info)
+
+    def step_due(self, step):
+        """Whether a step hook has work after ``step`` (the same on every rank: a
+        checkpoint's, only when one is due), so that the ranks meet only then."""
+        return any(not isinstance(cb, Checkpoint) or
+                   (cb.every is not None and step % cb.every == 0) for cb in self._steps)
+
+    def step(self, info):
+        return self._ask("on_step_end", info)
+
+    def evaluated(self, info):
+        for cb in self.show:
+            cb.on_eval_end(info)
+        return self._ask("on_eval_end", info)
+
+    def _ask(self, name, info):
+        """Every callback's answer to hook ``name``; whether any asks to stop."""
+        stop = False
+        for cb in self.rest:
+            hook = _hook(cb, name)
+            if hook is not None:
+                stop = _stop_requested(hook(info), f"{type(cb).__name__}.{name}") or stop
+        return stop
+
+    def end(self, info):
+        """Run every ``on_train_end``; the parameters the last one that answered handed
+        back (checked to be like ``info.params``), or ``None``."""
+        for cb in self.show:
+            cb.on_train_end(info)
+        final = None
+        for cb in self.rest:
+            hook = _hook(cb, "on_train_end")
+            got = None if hook is None else hook(info)
+            if got is not None:
+                _check_like(got, info.params, f"{type(cb).__name__}.on_train_end")
+                final = got
+        return final
+
+    def close(self):
+        for cb in self.show:
+            cb.close()
+
+
+def _is_callback(obj):
+    return isinstance(obj, Callback) or any(
+        callable(getattr(obj, n, None)) for n in ("on_step_end", "on_eval_end"))
+
+
+def _hook(cb, name):
+    """``cb``'s hook ``name``, or ``None`` where it has none or :class:`Callback`'s."""
+    hook = getattr(cb, name, None)
+    if hook is None or getattr(type(cb), name, None) is getattr(Callback, name):
+        return None
+    return hook
+
+
+def _check_like(got, params, name):
+    """Refuse replacement parameters ``got`` unlike ``params`` in structure, shape or
+    dtype."""
+    from .._lib.tree import same_structure
+
+    same_structure(params, got, "params", f"the parameters of {name}")
+    theirs = flatten(got)
+    for k, v in flatten(params).items():
+        g = theirs[k]
+        if tuple(getattr(g, "shape", ())) != tuple(v.shape) or getattr(g, "dtype",
+                                                                       None) != v.dtype:
+            raise ValueError(f"{name} returned params{k} of shape "
+                             f"{tuple(getattr(g, 'shape', ()))} and dtype "
+                             f"{getattr(g, 'dtype', type(g).__name__)}; the trained "
+                             f"params{k} is {tuple(v.shape)} {v.dtype}")
+
+
+# --------------------------------------------------------------------------- validation
+class _Validation:
+    """The validation of a run: its batches, its metrics function and when it runs."""
+
+    def __init__(self, data, eval_fn, every):
+        self.data, self.eval_fn, self.every = data, eval_fn, every
+
+    @classmethod
+    def of(cls, data, eval_fn, every, loss_fn):
+        """The validation of ``fit``'s arguments, checked (``None`` without ``data``)."""
+        every = _positive("validate_every", every, int)
+        if data is None:
+            for name, given in (("eval_fn", eval_fn), ("validate_every", every)):
+                if given is not None:
+                    raise ValueError(f"{name} needs validation= (the validation batches)")
+            return None
+        if eval_fn is not None and not callable(eval_fn):
+            raise TypeError(f"eval_fn must be callable or None, got {type(eval_fn).__name__}")
+        if not callable(data):
+            if not isinstance(data, Iterable):
+                raise TypeError("validation must be an iterable of batches or a callable "
+                                f"returning one, got {type(data).__name__}")
+            if iter(data) is data:
+                raise ValueError(
+                    "validation is a one-shot iterator (a generator, say), which cannot be "
+                    "evaluated more than once; pass a list, or a callable that returns a "
+                    "fresh iterable of the validation batches")
+        if eval_fn is None:
+            def eval_fn(params, batch):
+                return {"loss": _loss_and_grads(loss_fn(params, batch))[0]}
+        return cls(data, eval_fn, every)
+
+    def due(self, step, last):
+        """Whether to validate after step ``step`` (``last``: the run's last step)."""
+        return last if self.every is None else step % self.every == 0
+
+    def run(self, params):
+        """``(metrics, count, failure)`` on this rank: the mean of every metric over the
+        validation batches, their count, and the exception raised (or ``None``)."""
+        try:
+            data = self.data() if callable(self.data) else self.data
+            if not isinstance(data, Iterable):
+                raise TypeError(f"validation() returned {type(data).__name__}; it must "
+                                "return an iterable of batches")
+            values: dict[str, list[float]] = {}
+            count = 0
+            for count, batch in enumerate(data, 1):
+                got = _metrics(self.eval_fn(params, batch), count)
+                if count == 1:
+                    values = {k: [] for k in got}
+                elif list(got) != list(values):
+                    raise ValueError(f"eval_fn gave the metrics {list(got)} for validation "
+                                     f"batch {count} but {list(values)} for batch 1; it "
+                                     "must give the same names for every batch")
+                for k, v in got.items():
+                    values[k].append(v)
+            return {k: math.fsum(v) / count for k, v in values.items()}, count, None
+        except Exception as exc:  # noqa: BLE001 - handed to every rank by the caller
+            return None, 0, exc
+
+
+def _metrics(out, index):
+    """``eval_fn``'s result for validation batch ``index``, checked: ``{name: float}``."""
+    if not isinstance(out, Mapping):
+        out = {"loss": out}
+    if not out:
+        raise ValueError("eval_fn returned no metrics; return {name: value}, such as "
+                         "{'loss': loss, 'accuracy': acc}")
+    got = {}
+    for k, v in out.items():
+        if not isinstance(k, str):
+            raise TypeError(f"eval_fn's metric names must be str, got {k!r}")
+        if not (isinstance(v, Real) or hasattr(v, "shape")):
+            raise TypeError(f"eval_fn's metric {k!r} must be a number or a one-element "
+                            f"array, got {type(v).__name__}")
+        if hasattr(v, "shape") and math.prod(v.shape) != 1:
+            raise ValueError(f"eval_fn's metric {k!r} must be one number (a mean over the "
+                             f"batch), got shape {tuple(v.shape)} for validation batch "
+                             f"{index}")
+        got[k] = _scalar(v)
+    return got
+
+
+def _scalar(value):
+    """A number or a one-element array (of any shape) as a Python float."""
+    if hasattr(value, "shape"):
+        value = value[(0,) * len(value.shape)]
+    return float(value)
 
 
 # ---------------------------------------------------------------------------- one step
@@ -492,7 +833,7 @@ def _next_step(it, params, loss_fn):
     try:
         loss, grads = _loss_and_grads(loss_fn(params, batch))
         grads = _param_grads(params, grads)  # exactly what the optimizer steps
-        return batch, None, float(loss), grads  # the first host synchronisation of the step
+        return batch, None, _scalar(loss), grads  # the first host synchronisation of the step
     except Exception as exc:  # noqa: BLE001
         return batch, exc, None, None
 
@@ -514,18 +855,6 @@ def _loss_and_grads(out):
         raise TypeError(f"loss_fn's grads must be a dict of gradients (a tree of them for a "
                         f"tree of parameters), got {type(grads).__name__}")
     return loss, grads
-
-
-def _stop_requested(answer):
-    """Whether the callback's ``answer`` asks to stop: ``None``, a bool or a number (0-d
-    arrays of them included); anything else is refused."""
-    if answer is None:
-        return False
-    if isinstance(answer, (bool, Real)) or (hasattr(answer, "shape") and answer.shape == ()):
-        return bool(answer)
-    raise TypeError(f"callback must return None or a bool (True stops training), got "
-                    f"{type(answer).__name__}" + (f" of shape {tuple(answer.shape)}"
-                                                  if hasattr(answer, "shape") else ""))
 
 
 def _clipped(params, grads, clip_value, clip_norm):
@@ -590,33 +919,6 @@ def _check_finite(grads, norm, step, epoch):
         "or check the data")
 
 
-def _check_writable(path, name):
-    """Refuse a ``path`` that cannot be written at the end of a run: its folder missing or
-    not a folder, the path a folder itself, or nothing creatable there (a file is made and
-    removed)."""
-    import tempfile
-
-    try:
-        where = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got "
-                        f"{type(path).__name__}") from None
-    folder = os.path.dirname(os.path.abspath(where))
-    if os.path.isdir(where):
-        raise ValueError(f"{name}={where!r} is a directory; give the path of a file in it, "
-                         f"such as {os.path.join(where, 'checkpoint.npz')!r}")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{name}={where!r}: the folder {folder!r} does not exist; create it "
-                         "first (os.makedirs) or choose another path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".xlstm-", suffix=".probe", dir=folder)
-    except OSError as exc:
-        raise ValueError(f"{name}={where!r}: nothing can be written in {folder!r} "
-                         f"({exc.strerror or exc}); choose another path") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def _param_grads(params, grads):
     """The gradients that the optimizer reads, and only those: the tree itself, or a flat
     dict's ``"d" + key`` entry for every key of ``params`` (a loss's ``dx``, ``da0`` and
@@ -631,58 +933,8 @@ def _param_grads(params, grads):
     return {"d" + k: grads["d" + k] for k in params}
 
 
-def _split_state(state):
-    """An optimizer state as its arrays (a tree, or ``None``) and its integer counters;
-    an empty buffer dict (SGD without momentum) is neither, and stays as it is."""
-    arrays, counts = {}, {}
-    for k, v in state.items():
-        if isinstance(v, (dict, list, tuple)):
-            if v:
-                arrays[k] = v
-        elif getattr(v, "ndim", 0):
-            arrays[k] = v
-        else:
-            counts[k] = v
-    return (arrays or None), counts
 
-
-# ----------------------------------------------------------- checkpoints, resume, ranks
-class _Checkpoint:
-    """The checkpoint callback: the leading rank writes the parameters, the optimizer state
-    and the position in the batches (:func:`xlstm.io.save_checkpoint`, atomically) to
-    ``path`` every ``every`` steps and at the end of the run."""
-
-    def __init__(self, path, every):
-        self.path, self.every = path, every
-
-    @classmethod
-    def of(cls, path, every):
-        """The callback for ``fit``'s ``checkpoint=`` and ``checkpoint_every=``, checked
-        (``None`` without a path)."""
-        every = _positive("checkpoint_every", every, int)
-        if every is not None and path is None:
-            raise ValueError("checkpoint_every needs checkpoint= (where to write)")
-        return None if path is None else cls(path, every)
-
-    def check(self):
-        """Refuse, before the first step, a path that the end of the run cannot write."""
-        _check_writable(self.path, "checkpoint")
-
-    def due(self, done, last):
-        """Whether to write after step ``done``: every ``every`` steps, but not after the
-        last, which the end of the run writes."""
-        return self.every is not None and done % self.every == 0 and not last
-
-    def save(self, params, state, done, position):
-        from ..io import save_checkpoint
-
-        arrays, counts = _split_state(state)
-        tree = {"params": params} if arrays is None else {"params": params, "opt_state": arrays}
-        counters = {"step": done, "epoch": position[0], "batch": position[1],
-                    **{"opt_state." + k: v for k, v in counts.items()}}
-        save_checkpoint(self.path, tree, counters)
-
-
+# ----------------------------------------------------------------------- resume, ranks
 class _Ranks:
     """The ranks of a run and the decisions they take together.
 
@@ -734,6 +986,38 @@ class _Ranks:
     def mean(self, grads):
         """The gradients averaged over the ranks."""
         return grads if self.comm is None else self.comm.allreduce_mean(grads)
+
+    def metrics(self, step, metrics, count, failed):
+        """The validation metrics of step ``step`` (``metrics, count, failed``: this
+        rank's mean of each over its ``count`` batches, and its exception or ``None``):
+        with ``comm``, the mean over the ranks of each rank's mean, the same numbers on
+        every rank. A rank's failure, ranks that evaluated different numbers of batches
+        or metrics, and a validation without batches raise on every rank."""
+        import zlib
+
+        import numpy as np
+
+        if self.agree is not None:
+            self.agree.step(step, failed=failed, exhausted=False, batch=None, loss=None)
+        elif failed is not None:
+            raise failed
+        if self.agree is not None:
+            kind = zlib.crc32(repr((count, list(metrics))).encode()) % 1_000_003
+            got = self.comm.allreduce_mean({"k": np.array([kind, float(kind) ** 2])})["k"]
+            if got[1] - got[0] ** 2 != 0.0:
+                raise ValueError(
+                    f"the ranks' validations differ at step {step}: this rank "
+                    f"({self.comm.rank}) evaluated {count} batches with the metrics "
+                    f"{list(metrics)}; every rank must evaluate its shard of every "
+                    "validation batch, with the same eval_fn")
+        if count == 0:
+            raise ValueError(f"the validation at step {step} had no batch: validation= "
+                             "must give at least one batch (a callable, every time)")
+        if self.agree is None:
+            return metrics
+        values = np.array(list(metrics.values()), dtype=np.float64)
+        mean = self.comm.allreduce_mean({"m": values})["m"]
+        return {k: float(v) for k, v in zip(metrics, mean)}
 
     def check_same_kind(self, params, state):
         """Refuse parameters and optimizer states that differ between the ranks in
