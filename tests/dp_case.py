@@ -42,7 +42,7 @@ def notebook_case():
 
 def model_case():
     """A 2-layer ``xlstm.MLSTM`` with a linear softmax head: a parameter tree."""
-    model = xlstm.MLSTM(N_X, N_A, num_heads=2, num_layers=2, seed=1)
+    model = xlstm.MLSTM(N_X, N_A, num_heads=2, num_layers=2, seed=1, dtype="float64")
     rng = np.random.default_rng(2)
     params = {"rnn": model.params,
               "head": {"Wy": 0.3 * rng.standard_normal((N_Y, N_A)), "by": np.zeros((N_Y, 1))}}

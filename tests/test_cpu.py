@@ -297,7 +297,7 @@ def test_threads_compile_the_loops_one_at_a_time(tmp_path):
     script = (
         "import numpy as np, xlstm\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
-        "model = xlstm.LSTM(3, 5, num_layers=2, bidirectional=True, seed=1)\n"
+        "model = xlstm.LSTM(3, 5, num_layers=2, bidirectional=True, seed=1, dtype='float64')\n"
         "x = np.random.default_rng(0).standard_normal((3, 12, 7))\n"
         "def run(i):\n"
         "    return model.forward(x[:, i:i + 3], return_cache=False)[0]\n"
@@ -581,7 +581,7 @@ def test_a_numba_that_fails_to_load_in_any_way_leaves_the_array_path(tmp_path):
             "from xlstm.accel import registry as _accel\n"
             "module, why = _accel.cpu_loops_module()\n"
             "assert module is None and 'bad ELF' in why, why\n"
-            "m = xlstm.LSTM(3, 4, seed=0)\n"
+            "m = xlstm.LSTM(3, 4, seed=0, dtype='float64')\n"
             "print(m.forward(np.ones((3, 2, 5)))[0].shape)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path),
                                                         os.environ.get("PYTHONPATH", "")])}

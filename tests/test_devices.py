@@ -81,7 +81,7 @@ def test_device_scope_for_constructors(fake_cupy):
 
 def _public_array_functions():
     """Every public function and optimizer method that takes arrays."""
-    takes_no_arrays = {"init_params", "load_params", "from_torch_lstm_weights",
+    takes_no_arrays = {"init_params", "load_params", "save", "load", "from_torch_lstm_weights",
                        "to_torch_lstm_weights", "save_params", "fit", "accelerators"}
     for name in xlstm.__all__:
         obj = getattr(xlstm, name)

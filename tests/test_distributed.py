@@ -334,7 +334,7 @@ def test_mpi_checkpoint_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------- Dask
 def _predict_case(layout="notebook"):
-    model = xlstm.LSTM(3, 5, num_layers=2, bidirectional=True, seed=1, layout=layout)
+    model = xlstm.LSTM(3, 5, num_layers=2, bidirectional=True, seed=1, layout=layout, dtype="float64")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 10, 7))
     state = tuple(0.1 * rng.standard_normal((4, 5, 10)) for _ in range(2))
@@ -370,7 +370,7 @@ def test_predict_is_lazy_one_task_per_chunk_and_equals_the_local_forward():
 
 def test_predict_batch_first_and_mlstm():
     da = pytest.importorskip("dask.array")
-    model = xlstm.MLSTM(3, 4, num_heads=2, layout="batch_first", seed=2)
+    model = xlstm.MLSTM(3, 4, num_heads=2, layout="batch_first", seed=2, dtype="float64")
     x = np.random.default_rng(1).standard_normal((10, 7, 3))
     y = distributed.predict(model, da.from_array(x, chunks=(4, 7, 3))).compute()
     local = np.concatenate([model.forward(x[lo:lo + 4], return_cache=False)[0]

@@ -222,7 +222,8 @@ def test_model_seeds_are_checked_by_name(cls):
         with pytest.raises(TypeError, match=r"seed must be an int >= 0.*; pass an int such "
                                             r"as seed=\d"):
             model(N_X, N_A, seed=seed)
-    ok = model(N_X, N_A, num_layers=2, dropout=0.5, seed=np.random.default_rng(0))
+    ok = model(N_X, N_A, num_layers=2, dropout=0.5, seed=np.random.default_rng(0),
+               dtype=np.float64)
     ok.forward(x, train=True, seed=np.int64(3))  # numpy integers are ints
     with pytest.raises(ValueError, match=r"seed must be an int >= 0 or None, got -2: .*"
                                          r"seed=2"):
@@ -259,7 +260,7 @@ def test_model_parameters_that_are_not_arrays_are_named(cls):
 def test_model_input_mistakes_say_the_fix(cls):
     """A newcomer's first mistakes: the shape is checked before the dtype, and the messages
     say the fix: ``layout="batch_first"``, ``dtype=np.float32``, ``xp=...``."""
-    model = getattr(xlstm, cls)(N_X, N_A)  # float64, notebook layout
+    model = getattr(xlstm, cls)(N_X, N_A, dtype=np.float64)  # notebook layout
     batch_first = np.zeros((M, T, N_X), np.float32)
     with pytest.raises(ValueError, match=r"got \(5, 6, 3\); that is the batch-first layout "
                                          r"\(m, T, n_x\): build the model with "

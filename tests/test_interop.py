@@ -322,7 +322,7 @@ def test_to_torch_of_one_layer_with_dropout_warns_as_torch_does():
     import xlstm
 
     with pytest.warns(UserWarning, match="dropout"):
-        mod = xlstm.LSTM(N_X, N_A, dropout=0.5).to_torch()
+        mod = xlstm.LSTM(N_X, N_A, dropout=0.5, dtype="float64").to_torch()
     assert mod.dropout == 0.5
 
 

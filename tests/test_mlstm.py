@@ -32,7 +32,7 @@ FORMS = pytest.mark.parametrize("form", mlstm.FORMS)
 
 def _model(**kw):
     kw = {"num_heads": H, "chunk": 3, "seed": 1, **kw}
-    return xlstm.MLSTM(N_X, N_H, **kw)
+    return xlstm.MLSTM(N_X, N_H, **{"dtype": "float64", **kw})
 
 
 def _state(model, rng, m=M):
@@ -289,7 +289,7 @@ def test_inference_holds_one_copy_of_the_output(form, monkeypatch):
     from xlstm.engine import loop as _engine
 
     monkeypatch.setattr(_engine, "CHUNK_ROWS", 64)  # blocks of 16 steps at m = 4
-    model = xlstm.MLSTM(8, 16, num_heads=2, chunk=16, seed=0)
+    model = xlstm.MLSTM(8, 16, num_heads=2, chunk=16, seed=0, dtype="float64")
     x = np.random.default_rng(17).standard_normal((8, 4, 1024))
     model.forward(x[..., :64], form=form, return_cache=False)
     tracemalloc.start()
@@ -328,13 +328,13 @@ def test_the_parallel_form_memory_is_bounded(monkeypatch):
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="n_h=5 is not divisible by num_heads=2"):
-        xlstm.MLSTM(N_X, 5, num_heads=2)
+        xlstm.MLSTM(N_X, 5, num_heads=2, dtype="float64")
     with pytest.raises(ValueError, match="d_qk must be"):
-        xlstm.MLSTM(N_X, N_H, d_qk=0)
+        xlstm.MLSTM(N_X, N_H, d_qk=0, dtype="float64")
     with pytest.raises(TypeError, match="d_qk must be a positive int"):
-        xlstm.MLSTM(N_X, N_H, d_qk=2.5)
+        xlstm.MLSTM(N_X, N_H, d_qk=2.5, dtype="float64")
     with pytest.raises(ValueError, match="form must be one of"):
-        xlstm.MLSTM(N_X, N_H, form="fast")
+        xlstm.MLSTM(N_X, N_H, form="fast", dtype="float64")
     model = _model()
     x = np.zeros((N_X, M, T))
     with pytest.raises(TypeError, match=r"state must be the tuple \(c, n, m\) of MLSTM"):

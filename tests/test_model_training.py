@@ -13,7 +13,7 @@ from xlstm._lib import tree as _tree
 
 
 def _tree_and_grads(seed=0):
-    model = xlstm.GRU(3, 4, num_layers=2, bidirectional=True, seed=seed)
+    model = xlstm.GRU(3, 4, num_layers=2, bidirectional=True, seed=seed, dtype="float64")
     rng = np.random.default_rng(seed)
     head = {"Wy": rng.standard_normal((2, 8)), "by": rng.standard_normal((2, 1))}
     params = {"rnn": model.params, "head": head}
@@ -74,7 +74,7 @@ def test_fit_trains_a_model_with_a_head_and_truncated_backpropagation():
     """A 2-layer LSTM with a linear head outside its parameters, trained by ``fit`` on
     chunks of a long sequence with the state carried between chunks: the loss falls."""
     rng = np.random.default_rng(0)
-    model = xlstm.LSTM(1, 8, num_layers=2, seed=0)
+    model = xlstm.LSTM(1, 8, num_layers=2, seed=0, dtype="float64")
     m, T, chunk = 4, 48, 12
     t = np.arange(T + 1)
     phase = rng.uniform(0, 2 * np.pi, m)
@@ -138,7 +138,7 @@ def test_sequence_labelling_with_lengths_through_a_bidirectional_model():
     from oracles import central_differences
 
     rng = np.random.default_rng(2)
-    model = xlstm.LSTM(3, 4, num_layers=2, bidirectional=True, seed=5)
+    model = xlstm.LSTM(3, 4, num_layers=2, bidirectional=True, seed=5, dtype="float64")
     m, T = 3, 5
     lengths = np.array([2, 5, 1])
     mask = np.arange(T)[None, :] < lengths[:, None]
@@ -166,7 +166,7 @@ def test_regression_from_each_sequence_own_last_step():
     from oracles import central_differences
 
     rng = np.random.default_rng(4)
-    model = xlstm.GRU(2, 5, num_layers=2, seed=6)
+    model = xlstm.GRU(2, 5, num_layers=2, seed=6, dtype="float64")
     m, T = 6, 7
     lengths = np.array([7, 3, 1, 5, 7, 2])
     x = rng.standard_normal((2, m, T)) * (np.arange(T)[None, None, :] < lengths[None, :, None])

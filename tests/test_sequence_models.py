@@ -25,7 +25,7 @@ N_X, N_A, M, T = 3, 4, 2, 6
 def _registry(where=lambda model: True):
     """One maker per model of the registry (xlstm.models.MODELS) for which ``where`` holds."""
     return [pytest.param(functools.partial(cls, **kw), id=name)
-            for name, (cls, kw) in MODELS.items() if where(cls(1, 1, **kw))]
+            for name, (cls, kw) in MODELS.items() if where(cls(1, 1, **kw, dtype="float64"))]
 
 
 #: Every model of the registry.
@@ -48,8 +48,8 @@ def _inputs(seed=0, D=1, layers=2, n_s=2):
 
 @EVERY_MODEL
 def test_dropout_is_reproducible_off_without_train_and_needs_a_seed(cls):
-    model = cls(N_X, N_A, num_layers=3, dropout=0.5, seed=1)
-    plain = cls(N_X, N_A, num_layers=3, seed=1)
+    model = cls(N_X, N_A, num_layers=3, dropout=0.5, seed=1, dtype="float64")
+    plain = cls(N_X, N_A, num_layers=3, seed=1, dtype="float64")
     x, _, _ = _inputs()
     y1, _, _ = model.forward(x, train=True, seed=7)
     y2, _, _ = model.forward(x, train=True, seed=7)
@@ -62,12 +62,12 @@ def test_dropout_is_reproducible_off_without_train_and_needs_a_seed(cls):
     with pytest.raises(ValueError, match="seed is required"):
         model.forward(x, train=True)
     # no mask is drawn where none applies: one layer, or no dropout
-    assert_close(cls(N_X, N_A, dropout=0.5, seed=1).forward(x, train=True)[0],
-                 cls(N_X, N_A, seed=1).forward(x)[0], **EXACT)
+    assert_close(cls(N_X, N_A, dropout=0.5, seed=1, dtype="float64").forward(x, train=True)[0],
+                 cls(N_X, N_A, seed=1, dtype="float64").forward(x)[0], **EXACT)
 
 
 def test_dropout_masks_keep_the_expected_fraction_scaled():
-    model = xlstm.LSTM(N_X, N_A, num_layers=2, dropout=0.25, bidirectional=True)
+    model = xlstm.LSTM(N_X, N_A, num_layers=2, dropout=0.25, bidirectional=True, dtype="float64")
     x = np.zeros((N_X, 50, 40))
     masks = model._masks(3, 50, 40, model.xp, x)
     (mask,) = masks
@@ -80,7 +80,7 @@ def test_dropout_masks_keep_the_expected_fraction_scaled():
 def test_dropout_gradient_is_right(cls):
     """With the masks fixed by the seed, dropout is a linear map: its gradient is checked
     against central differences of the whole stacked, bidirectional model."""
-    model = cls(N_X, N_A, num_layers=2, bidirectional=True, dropout=0.4, seed=2)
+    model = cls(N_X, N_A, num_layers=2, bidirectional=True, dropout=0.4, seed=2, dtype="float64")
     n_s = len(model.layer.state_names)
     x, dy, _ = _inputs(3, D=2, n_s=n_s)
     y, _, cache = model.forward(x, train=True, seed=11)
@@ -105,8 +105,8 @@ def test_dropout_gradient_is_right(cls):
 
 @EVERY_MODEL
 def test_batch_first_is_the_notebook_layout_transposed(cls):
-    nb = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6)
-    bf = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6, layout="batch_first")
+    nb = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6, dtype="float64")
+    bf = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=6, layout="batch_first", dtype="float64")
     x, dy, _ = _inputs(7, D=2)
     rng = np.random.default_rng(8)
     state = tuple(0.5 * rng.standard_normal(shape) for shape in nb._state_shapes(M))
@@ -134,7 +134,7 @@ def test_the_final_state_is_each_sequence_own_last_step(cls):
     """With lengths, the last layer's forward final hidden state is its output at each
     sequence's own last step (what last-step regression reads), the outputs past the end
     are zero, and the reverse direction's output at step 0 is its final state."""
-    model = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=8)
+    model = cls(N_X, N_A, num_layers=2, bidirectional=True, seed=8, dtype="float64")
     rng = np.random.default_rng(9)
     x = rng.standard_normal((N_X, 4, T))
     lengths = np.array([3, T, 1, 4])
@@ -148,7 +148,7 @@ def test_the_final_state_is_each_sequence_own_last_step(cls):
 
 def test_narrow_integer_lengths_work_past_their_range():
     """uint8 lengths with T beyond 255 (and m T beyond it): the same as int64 lengths."""
-    model = xlstm.GRU(2, 3, bidirectional=True, seed=1)
+    model = xlstm.GRU(2, 3, bidirectional=True, seed=1, dtype="float64")
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 300))
     lengths = np.array([255, 7, 200])

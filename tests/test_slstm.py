@@ -65,7 +65,7 @@ def test_stabilised_form_equals_the_plain_equations(forget_gate, num_heads, acce
     """At small inputs the stabilised model equals the unstabilised equations to rounding,
     for every head count (the block-diagonal recurrence) and both forget gates."""
     rng = np.random.default_rng(0)
-    model = xlstm.SLSTM(N_X, N_H, num_heads=num_heads, forget_gate=forget_gate, seed=1)
+    model = xlstm.SLSTM(N_X, N_H, num_heads=num_heads, forget_gate=forget_gate, seed=1, dtype="float64")
     x = rng.standard_normal((N_X, M, T))
     state = _state(rng)
     with xlstm.accelerators(accel):
@@ -80,7 +80,7 @@ def test_zero_state_per_element(forget_gate):
     """Where the initial ``n`` is zero (an empty memory) that unit starts afresh, whatever its
     ``m``; elsewhere the given state carries on. ``state=None`` is the all-zero state."""
     rng = np.random.default_rng(1)
-    model = xlstm.SLSTM(N_X, N_H, forget_gate=forget_gate, seed=2)
+    model = xlstm.SLSTM(N_X, N_H, forget_gate=forget_gate, seed=2, dtype="float64")
     x = rng.standard_normal((N_X, M, T))
     zero_n = rng.random((1, N_H, M)) < 0.5
     zero_n[0, 0, 0], zero_n[0, 1, 0] = True, False
@@ -100,12 +100,12 @@ def test_zero_state_per_element(forget_gate):
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="n_h=5 is not divisible by num_heads=2"):
-        xlstm.SLSTM(N_X, 5, num_heads=2)
+        xlstm.SLSTM(N_X, 5, num_heads=2, dtype="float64")
     with pytest.raises(ValueError, match="forget_gate must be one of"):
-        xlstm.SLSTM(N_X, N_H, forget_gate="tanh")
+        xlstm.SLSTM(N_X, N_H, forget_gate="tanh", dtype="float64")
     with pytest.raises(TypeError, match="num_heads must be a positive int"):
-        xlstm.SLSTM(N_X, N_H, num_heads=0.5)
-    model = xlstm.SLSTM(N_X, N_H, num_heads=2)
+        xlstm.SLSTM(N_X, N_H, num_heads=0.5, dtype="float64")
+    model = xlstm.SLSTM(N_X, N_H, num_heads=2, dtype="float64")
     x = np.zeros((N_X, M, T))
     with pytest.raises(TypeError, match=r"state must be the tuple \(h, c, n, m\)"):
         model.forward(x, (np.zeros((1, N_H, M)),) * 2)

@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from .._lib.compat import c_contiguous
 from .._lib.typing import Array
-from ..cells.base import Cell
+from ..cells.base import NO_OUT, Cell, array_ops
 from ..engine import loop as _engine
 
 __all__ = ["Layer", "CellLayer"]
@@ -78,6 +79,14 @@ class Layer(Protocol):
         """``(dx, dstate0, grads)`` from ``dy`` and the gradient on the final state
         (``None``, whole or per part, for zero); ``grads`` keyed like the parameters."""
 
+    def prepare(self, params: Mapping, *, xp: Any) -> Any:
+        """The parameters as :meth:`step` reads them (fused weights, say), made once for
+        many steps."""
+
+    def step(self, x: Array, state: tuple, prepared: Any, *, xp: Any) -> tuple[Array, tuple]:
+        """One step of inference: ``(y, state)`` from ``x (m, n_in)`` and the state (batch
+        first, every part given), with the weights of :meth:`prepare`."""
+
 
 class CellLayer:
     """The layer of an engine cell: the engine's one time loop runs ``cell`` (and its
@@ -126,6 +135,21 @@ class CellLayer:
         dX, d0, g = _engine.backward(self.cell, dy, cache, xp=xp, dstate=dstate, active=active)
         keys = self.param_shapes(cache.X.shape[1])
         return dX, tuple(d0), self.cell.param_grads(g, keys)
+
+    def prepare(self, params, *, xp):
+        WxT, bx, WaT, ba = self.cell.fuse_forward(params, self.n_h, xp=xp)
+        return c_contiguous(WxT), bx, c_contiguous(WaT), ba
+
+    def step(self, x, state, prepared, *, xp):
+        """The engine's step frame over one step: the input term, then
+        :func:`~xlstm.engine.loop.forward_step` on the array path."""
+        WxT, bx, WaT, ba = prepared
+        gx = x @ WxT
+        gx = gx + bx
+        cell = self.cell
+        new = _engine.forward_step(array_ops(xp), cell, WaT, ba, gx,
+                                   cell.start(state, xp=xp), None, NO_OUT)
+        return new[cell.state_names[0]], tuple([new[k] for k in cell.state_names])
 
     def __repr__(self):
         return f"CellLayer({self.cell.name}, n_h={self.n_h})"

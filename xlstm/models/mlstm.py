@@ -680,6 +680,16 @@ class MLSTMLayer:
                 f"xlstm.mlstm.MAX_PARALLEL_BYTES is {_gib(MAX_PARALLEL_BYTES)}: pass {fix}, "
                 "or raise the bound on a machine with the memory")
 
+    def prepare(self, params, *, xp):
+        return params
+
+    def step(self, x, state, prepared, *, xp):
+        """One step of the recurrent form: ``x (m, n_in)``, the state batch first."""
+        y, state, _ = layer_forward(xp, prepared, x[:, None, :], state, None, "recurrent",
+                                    H=self.H, d_qk=self.d_qk, d_v=self.d_v, chunk=self.chunk,
+                                    keep=False)
+        return y[:, 0, :], tuple(state)
+
     def backward(self, dy, kept, dstate, *, xp, active):
         dC, dn = (None, None) if dstate is None else dstate[:2]
         dX, dC0, dn0, grads = layer_backward(
@@ -810,7 +820,5 @@ class MLSTM(_Model):
         return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
                              return_cache=return_cache, opts={"form": form})
 
-    def __repr__(self):
-        return (f"MLSTM(n_x={self.n_x}, n_h={self.n_h}, num_heads={self.num_heads}, "
-                f"d_qk={self.d_qk}, form={self.form!r}, num_layers={self.num_layers}, "
-                f"bidirectional={self.bidirectional})")
+    def _defaults(self):
+        return {**super()._defaults(), "d_qk": self.d_v}  # None means d_v

@@ -41,7 +41,9 @@ class LSTM(_Model):
         Axis order of ``x`` and ``y``: ``(n_x, m, T)`` and ``(D n_a, m, T)``, or
         ``(m, T, n_x)`` and ``(m, T, D n_a)``.
     xp, dtype, device : optional
-        Namespace (default numpy), real floating dtype and device of the parameters.
+        Namespace (default numpy), real floating dtype (default float32) and device of the
+        parameters. torch's ``input_size``, ``hidden_size`` and ``batch_first`` are
+        accepted as aliases of ``n_x``, ``n_a`` and ``layout``.
     seed : int, optional
         Seed of the initial parameters (torch's scheme, drawn on the host).
     """
@@ -49,9 +51,6 @@ class LSTM(_Model):
     cell = LSTM_CELL
     torch_name = "LSTM"
     variants = {"lstm": {}}
-
-
-
 
 
 class GRU(_Model):
@@ -144,10 +143,6 @@ class SLSTM(_Model):
     def _extra_config(self):
         return {"num_heads": self.num_heads, "forget_gate": self.forget_gate}
 
-    def __repr__(self):
-        return (f"SLSTM(n_x={self.n_x}, n_h={self.n_h}, num_heads={self.num_heads}, "
-                f"forget_gate={self.forget_gate!r}, num_layers={self.num_layers}, "
-                f"bidirectional={self.bidirectional})")
 
 
 class Recurrent(_Model):
@@ -188,7 +183,3 @@ class Recurrent(_Model):
 
     def _extra_config(self):
         return {"cell": self.cell.name}
-
-    def __repr__(self):
-        return (f"Recurrent(n_x={self.n_x}, n_a={self.n_a}, cell={self.cell.name!r}, "
-                f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")

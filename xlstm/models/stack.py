@@ -26,6 +26,9 @@ sees them.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +46,7 @@ from .._lib.compat import (
     namespace_or_none,
     on_input_device,
     resolve_dtype,
+    to_host,
 )
 from .._lib.typing import Array
 from .layers import CellLayer, Layer
@@ -78,7 +82,74 @@ class ModelCache:
         return f"ModelCache({self.config[0]}, m={self.m}, T={T})"
 
 
-class _Model:
+#: torch's argument names, accepted as aliases of xlstm's (``hidden_size`` is the class's
+#: hidden size, ``n_a`` or ``n_h``; ``batch_first`` a bool for ``layout``).
+_TORCH_NAMES = {"input_size": "n_x", "hidden_size": None, "batch_first": "layout"}
+#: torch's arguments that xlstm has no counterpart for, with the fix.
+_TORCH_REFUSED = {
+    "bias": "xlstm's models always have biases; for bias=False set them to zero and leave "
+            "them out of the optimizer",
+    "proj_size": "xlstm's LSTM has no projection (torch's LSTMP)",
+}
+
+
+class _ModelType(type):
+    """The model classes' type: a call ``LSTM(...)`` translates torch's argument names
+    (:data:`_TORCH_NAMES`) into xlstm's, and refuses a keyword the class does not take
+    with a message naming the class and its arguments (not ``_Model.__init__``)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **_torch_aliases(cls, kwargs))
+
+
+def _accepted(cls) -> list[str]:
+    """The keyword arguments of ``cls``'s constructor, its own and the stack's, in order."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
+                    and p.name not in names:
+                names.append(p.name)
+        if klass is _Model:
+            break
+    return names
+
+
+def _torch_aliases(cls, kwargs: dict) -> dict:
+    """``kwargs`` with torch's names for xlstm's (:data:`_TORCH_NAMES`); raises on a name
+    the class does not take, saying which it does."""
+    if not kwargs:
+        return kwargs
+    out = {}
+    for key, value in kwargs.items():
+        if key in _TORCH_NAMES:
+            mine = _TORCH_NAMES[key] or cls._hidden
+            if key == "batch_first":
+                if not isinstance(value, bool):
+                    raise TypeError(f"batch_first must be a bool, got {value!r}")
+                value = "batch_first" if value else "notebook"
+            if mine in kwargs or mine in out:
+                raise TypeError(f"{cls.__name__}() got both {key!r} and {mine!r}, which name "
+                                f"the same argument; pass {mine!r} only")
+            out[mine] = value
+        elif key in _TORCH_REFUSED and key not in _accepted(cls):
+            raise TypeError(f"{cls.__name__}() has no argument {key!r}: "
+                            f"{_TORCH_REFUSED[key]}")
+        else:
+            out[key] = value
+    unknown = [k for k in out if k not in _accepted(cls)]
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}() got an unexpected keyword argument {unknown[0]!r}; its "
+            f"arguments are {', '.join(_accepted(cls))} (torch's input_size, hidden_size "
+            f"and batch_first are accepted too)")
+    return out
+
+
+class _Model(metaclass=_ModelType):
     """The stack: the one driver of layers x directions x lengths x dropout for every model
     class. A subclass gives its layer (:meth:`_make_layer`)."""
 
@@ -107,7 +178,10 @@ class _Model:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         self.layout = layout
         self.xp = namespace_of_module(xp)
-        self.dtype = resolve_dtype(self.xp, dtype, device=device)
+        # float32 unless asked, as torch, Keras and Flax (the notebook's functions keep
+        # the notebook's float64)
+        self.dtype = resolve_dtype(self.xp, "float32" if dtype is None else dtype,
+                                   device=device)
         self.device = device
         self.layer = self._make_layer()
         self.params = self._init_params(np.random.default_rng(seed_value("seed", seed,
@@ -244,6 +318,34 @@ class _Model:
                     f"got {got}"
                 )
 
+    def initial_state(self, m: int) -> tuple:
+        """The zero state for a batch of ``m``: each array ``(num_layers * D, ..., m)``, in
+        the model's namespace, dtype and device (an empty memory for the sLSTM and mLSTM).
+
+        Examples
+        --------
+        >>> import xlstm
+        >>> a, c = xlstm.LSTM(3, 4, num_layers=2).initial_state(5)
+        >>> a.shape, c.dtype
+        ((2, 4, 5), dtype('float32'))
+        """
+        m = positive_int("m", m)
+        xp = self.xp
+        with device_scope(xp=xp, device=self.device):
+            return tuple(xp.zeros(shape, dtype=self.dtype, device=self.device)
+                         for shape in self._state_shapes(m))
+
+    def num_parameters(self) -> int:
+        """The number of parameters (scalars) of every layer and direction.
+
+        Examples
+        --------
+        >>> import xlstm
+        >>> xlstm.RNN(3, 4).num_parameters()  # Wax (4, 3), Waa (4, 4), ba and bha (4, 1)
+        36
+        """
+        return sum(math.prod(v.shape) for layer in self.params for v in layer.values())
+
     # ------------------------------------------------------------------ running
     def forward(
         self, x: Array, state: Any = None, *, lengths: Array | None = None,
@@ -291,6 +393,118 @@ class _Model:
         """
         return self._forward(x, state, lengths=lengths, params=params, train=train, seed=seed,
                              return_cache=return_cache, opts={})
+
+    def __call__(self, x: Array, state: Any = None, *,
+                 lengths: Array | None = None) -> tuple[Array, tuple]:
+        """Inference: ``y, state = model(x, state)``, with no cache kept for a backward
+        pass, so that the memory beyond the outputs does not grow with ``T``.
+
+        The same as ``model.forward(x, state, lengths=lengths, return_cache=False)``
+        without its ``None``; :meth:`forward` has the arguments.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import xlstm
+        >>> model = xlstm.LSTM(3, 4)
+        >>> y, (a, c) = model(np.ones((3, 2, 5), dtype=np.float32))  # (n_x, m, T)
+        >>> y.shape, a.shape
+        ((4, 2, 5), (1, 4, 2))
+        """
+        y, final, _ = self.forward(x, state, lengths=lengths, return_cache=False)
+        return y, final
+
+    def step(self, x_t: Array, state: Any = None) -> tuple[Array, tuple]:
+        """One time step of inference: ``y_t, state = model.step(x_t, state)``.
+
+        Run over the steps of a sequence, it gives what :meth:`forward` gives for the
+        whole sequence, to rounding (the mLSTM by its recurrent form). It does only what
+        one step needs: the cells' fused weights are kept between calls (remade whenever
+        ``model.params`` holds other arrays, or a torch tensor among them was written in
+        place), and the input and state are checked for their shapes only. Write into the
+        parameters' numpy or CuPy arrays in place, and the next step must be told:
+        rebind them (``model.params = [dict(p) for p in model.params]``).
+
+        Parameters
+        ----------
+        x_t : array, shape (n_x, m), or (m, n_x) with ``layout="batch_first"``
+            The step's input, in the model's namespace, dtype and device.
+        state : tuple of arrays, optional
+            The state before the step, in the layout of :meth:`initial_state` (the state
+            that :meth:`forward` and :meth:`step` return); default zeros.
+
+        Returns
+        -------
+        y_t : array, shape (n_a, m), or (m, n_a) with ``layout="batch_first"``
+            The last layer's output.
+        state : tuple of arrays
+            The state after the step.
+
+        Raises
+        ------
+        ValueError
+            For a bidirectional model (its reverse direction needs the whole sequence:
+            call the model on it), or an input or state of the wrong shape.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import xlstm
+        >>> model = xlstm.GRU(3, 4, num_layers=2)
+        >>> x = np.random.default_rng(0).standard_normal((3, 2, 6)).astype(np.float32)
+        >>> state = model.initial_state(2)
+        >>> ys = []
+        >>> for t in range(6):
+        ...     y_t, state = model.step(x[:, :, t], state)
+        ...     ys.append(y_t)
+        >>> y, final = model(x)
+        >>> bool(np.allclose(np.stack(ys, axis=-1), y, atol=1e-6))
+        True
+        """
+        if self.bidirectional:
+            raise ValueError(
+                f"step runs one direction: a bidirectional {type(self).__name__}'s reverse "
+                "direction needs the whole sequence; call the model on it, model(x)")
+        xp = self.xp
+        first = self.layout == "batch_first"
+        shape = getattr(x_t, "shape", None)
+        if shape is None or len(shape) != 2 or shape[1 if first else 0] != self.n_x:
+            want = "(m, n_x)" if first else "(n_x, m)"
+            got = None if shape is None else tuple(shape)
+            raise ValueError(f"x_t must have shape {want} with n_x={self.n_x} "
+                             f"(layout={self.layout!r}), got {got}")
+        m = shape[0 if first else 1]
+        if state is None:
+            state = self.initial_state(m)
+        else:
+            state = self._state_arrays(state, "state")
+            self._check_state_shapes(state, "state", m)
+        prepared = self._step_weights()
+        h = x_t if first else xp.permute_dims(x_t, (1, 0))
+        news = []
+        for i in range(self.num_layers):
+            h, new = self.layer.step(h, tuple([_batch_first(s[i, ...], xp) for s in state]),
+                                     prepared[i], xp=xp)
+            news.append(new)
+        if self.num_layers == 1:
+            final = tuple([xp.expand_dims(_batch_last(s, xp), axis=0) for s in news[0]])
+        else:
+            final = tuple([xp.stack([_batch_last(new[k], xp) for new in news])
+                           for k in range(len(news[0]))])
+        return (h if first else xp.permute_dims(h, (1, 0))), final
+
+    def _step_weights(self) -> list:
+        """Each layer's weights as :meth:`step` reads them (``layer.prepare``), made once
+        for the arrays that ``params`` holds: remade when one of them is another array,
+        or a torch tensor's version counter moved (an in-place write)."""
+        leaves = [v for layer in self.params for v in layer.values()]
+        versions = [getattr(v, "_version", None) for v in leaves]
+        kept = self.__dict__.get("_prepared")
+        if kept is None or kept[1] != versions or len(kept[0]) != len(leaves) \
+                or any(a is not b for a, b in zip(kept[0], leaves)):
+            prepared = [self.layer.prepare(p, xp=self.xp) for p in self.params]
+            kept = self._prepared = (leaves, versions, prepared)
+        return kept[2]
 
     @on_input_device
     def _forward(self, x, state, *, lengths, params, train, seed, return_cache, opts):
@@ -651,9 +865,100 @@ class _Model:
 
         return model_to_torch(self)
 
+    # ------------------------------------------------------------------ conversion, copies
+    def to(self, xp: Any = None, *, dtype: Any = None, device: Any = None) -> _Model:
+        """A copy of the model with its parameters in another namespace, dtype or device.
+
+        Parameters
+        ----------
+        xp : namespace, optional
+            The target namespace (``numpy``, ``torch``, ``cupy``, ``jax.numpy``,
+            ``array_api_strict``); default the model's.
+        dtype : dtype or str, optional
+            A real floating dtype of the target namespace, or its name; default the
+            model's (by name, in another namespace).
+        device : optional
+            The target device; default the model's in its own namespace, else the target
+            namespace's default.
+
+        Returns
+        -------
+        model
+            A new model of the same class and configuration. Its parameters are copies:
+            the two models share no memory.
+
+        Examples
+        --------
+        >>> import xlstm
+        >>> model = xlstm.LSTM(3, 4)
+        >>> model.to(dtype="float64")
+        LSTM(n_x=3, n_a=4, dtype='float64', xp='numpy')
+        """
+        target = self.xp if xp is None else namespace_of_module(xp)
+        same = target is self.xp
+        if dtype is None:
+            dtype = self.dtype if same else _dtype_name(self.dtype)
+        dtype = resolve_dtype(target, dtype, device=device)
+        if device is None and same:
+            device = self.device
+        with device_scope(xp=target, device=device):
+            params = [{k: target.asarray(v if same else to_host(v), dtype=dtype,
+                                         device=device, copy=True)
+                       for k, v in layer.items()} for layer in self.params]
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.pop("_prepared", None)
+        new.xp, new.dtype, new.device, new.params = target, dtype, device, params
+        return new
+
+    def __getstate__(self) -> dict:
+        """What pickle and :func:`copy.deepcopy` keep: the namespace and dtype by name
+        (modules do not pickle), the device as that of the parameters, and the
+        parameters as their namespace pickles them."""
+        state = dict(self.__dict__)
+        state.pop("_prepared", None)  # the step's weights are made again when needed
+        state["xp"] = _module_name(next(iter(self.params[0].values())))
+        state["dtype"] = _dtype_name(self.dtype)
+        state["device"] = self.device is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        xp = namespace_of_module(importlib.import_module(state["xp"]))
+        state["xp"] = xp
+        state["dtype"] = resolve_dtype(xp, state["dtype"])
+        first = next(iter(state["params"][0].values()))
+        state["device"] = device_of(first) if state["device"] else None
+        self.__dict__.update(state)
+
+    def _defaults(self) -> dict:
+        """The constructor's default arguments, by name."""
+        out: dict = {}
+        for klass in reversed(type(self).__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.default is not p.empty:
+                    out[p.name] = p.default
+        return out
+
     def __repr__(self):
-        return (f"{type(self).__name__}(n_x={self.n_x}, {self._hidden}={self.n_h}, "
-                f"num_layers={self.num_layers}, bidirectional={self.bidirectional})")
+        """Every constructor argument that differs from its default, with the dtype and
+        the namespace (and the device, where one was given)."""
+        config = self.config()
+        defaults = self._defaults()
+        parts = [f"n_x={self.n_x}", f"{self._hidden}={self.n_h}"]
+        for k, v in config.items():
+            if k in ("n_x", self._hidden, "xp", "dtype"):
+                continue
+            if k in defaults and defaults[k] == v and type(defaults[k]) is type(v):
+                continue
+            parts.append(f"{k}={v!r}")
+        parts += [f"dtype={config['dtype']!r}", f"xp={config['xp']!r}"]
+        if self.device is not None:
+            parts.append(f"device={self.device!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def _module_name(a) -> str:
