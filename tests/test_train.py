@@ -51,6 +51,9 @@ def test_fit_reduces_the_loss():
     assert isinstance(res, FitResult)
     assert len(res.history) == 80
     assert all(isinstance(v, float) for v in res.history)
+    assert [(r.step, r.epoch, r.loss) for r in res.records] == [
+        (i + 1, i // 8, v) for i, v in enumerate(res.history)]
+    assert res.evals == []  # no validation
     first, last = np.mean(res.history[:8]), np.mean(res.history[-8:])
     assert first > 0.9  # about log(3) at the start
     assert last < 0.25 * first
@@ -226,14 +229,19 @@ def test_bar_can_be_forced(capsys):
     assert "loudrun" in err and "loss=" in err and "3/3" in err
 
 
-def test_log_goes_to_stdout_with_and_without_bar(capsys):
+def test_log_goes_to_stdout_with_and_without_bar(capsys, caplog):
+    """info.log lines are records of the "xlstm.training" logger; verbose=True (the
+    default) shows them on stdout, through the bar or not, and verbose=False does not."""
     pytest.importorskip("tqdm")
+    caplog.set_level("INFO", logger="xlstm.training")
     params, batches = host_setup(n_batches=2)
-    for progress in (True, False):
-        fit(params, batches, make_loss(), SGD(lr=0.1), progress=progress,
+    for progress, verbose in ((True, True), (False, True), (True, False), (False, False)):
+        caplog.clear()
+        fit(params, batches, make_loss(), SGD(lr=0.1), progress=progress, verbose=verbose,
             callback=lambda info: info.log(f"hello {info.step}"))
         out, _ = capsys.readouterr()
-        assert "hello 1\n" in out and "hello 2\n" in out
+        assert [r.getMessage() for r in caplog.records] == ["hello 1", "hello 2"]
+        assert out == ("hello 1\nhello 2\n" if verbose else "")
 
 
 def test_no_bar_without_tqdm(monkeypatch, capsys):
@@ -243,7 +251,9 @@ def test_no_bar_without_tqdm(monkeypatch, capsys):
     res = fit(params, batches, make_loss(), SGD(lr=0.1), progress=True)
     assert len(res.history) == 2
     _, err = capsys.readouterr()
-    assert "tqdm is not installed" in err
+    assert err == "progress bar unavailable: tqdm is not installed\n"
+    fit(params, batches, make_loss(), SGD(lr=0.1), progress=True, verbose=False)
+    assert capsys.readouterr() == ("", "")  # (a warning record of "xlstm.training" alone)
 
 
 # ------------------------------------------------------------------------ every backend

@@ -528,7 +528,7 @@ class Checkpoint(Callback):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, every: int | None = None) -> None:
-        self._name = f"Checkpoint path {path!r}"
+        self._name = "Checkpoint path"
         self._setup(path, every, "every")
 
     @classmethod
@@ -549,10 +549,10 @@ class Checkpoint(Callback):
         try:
             self.path = os.fspath(path)
         except TypeError:
-            raise TypeError(f"{self._name.split(' ')[0]} path must be a str or os.PathLike, "
-                            f"got {type(path).__name__}") from None
+            raise TypeError(f"{self._name} must be a str or os.PathLike, got "
+                            f"{type(path).__name__}") from None
         if not isinstance(self.path, str):
-            raise TypeError(f"{self._name} must be a str path, not bytes")
+            raise TypeError(f"{self._name} must be a str or os.PathLike of a str, not bytes")
         self.every = _positive(every_name, every, int)
         self._formatted = self.path != self._path_of(0, 0)
         self.written: list[str] = []
@@ -563,7 +563,7 @@ class Checkpoint(Callback):
             return self.path.format(step=step, epoch=epoch)
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
-                f"{self._name}: its braces must be the fields {{step}} or {{epoch}} "
+                f"{self._name}={self.path!r}: its braces must be the fields {{step}} or {{epoch}} "
                 f"(with an optional format, {{step:06d}}); write a literal brace twice "
                 f"({{{{ or }}}}): {type(exc).__name__}: {exc}") from None
 
@@ -693,10 +693,11 @@ class EarlyStopping(Callback):
         self._wait += 1
         if self._wait > self.patience:
             self.stopped_step = info.step
+            since = ("no validation gave a number" if self.best is None else
+                     f"it has not improved on {self.best:.6g} (step {self.best_step})")
             _emit(logging.INFO,
-                  f"early stopping after step {info.step}: validation {self.monitor} has not "
-                  f"improved on {self.best:.6g} (step {self.best_step}) for {self._wait} "
-                  f"validation{'s' if self._wait > 1 else ''}")
+                  f"early stopping after step {info.step}: validation {self.monitor}: {since} "
+                  f"for {self._wait} validation{'s' if self._wait > 1 else ''}")
             return True
         return False
 
