@@ -167,7 +167,7 @@ class Recurrent(_Model):
     >>> import numpy as np
     >>> from xlstm.models import Recurrent
     >>> model = Recurrent(3, 4, cell="gru", seed=0)
-    >>> y, (a,), cache = model.forward(np.zeros((3, 2, 5)))
+    >>> y, (a,) = model(np.zeros((3, 2, 5), dtype=np.float32))
     >>> y.shape, a.shape
     ((4, 2, 5), (1, 4, 2))
     """

@@ -781,7 +781,7 @@ class _Model(metaclass=_ModelType):
         >>> import xlstm
         >>> cfg = xlstm.GRU(3, 4, num_layers=2).config()
         >>> cfg["n_a"], cfg["num_layers"], cfg["xp"], cfg["dtype"]
-        (4, 2, 'numpy', 'float64')
+        (4, 2, 'numpy', 'float32')
         >>> xlstm.GRU.from_config(cfg).config() == cfg
         True
         """
