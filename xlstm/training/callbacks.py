@@ -225,7 +225,7 @@ def _emit(level: int, message: str) -> None:
         logger.log(level, message, stacklevel=2)
     display = _DISPLAY.get()
     if display is not None and level >= display.level:
-        display.handle(logger.makeRecord(logger.name, level, __file__, 0, message, None,
+        display.handle(logger.makeRecord(logger.name, level, __file__, 0, message, (),
                                          None))
 
 
@@ -643,27 +643,27 @@ class EarlyStopping(Callback):
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"monitor must be the name of a metric (a non-empty str), got "
                             f"{monitor!r}")
-        self.monitor = monitor
-        self.patience = positive_int("patience", patience, low=0)
+        self.monitor: str = monitor
+        self.patience: int = positive_int("patience", patience, low=0)
         if isinstance(min_delta, bool) or not isinstance(min_delta, Real):
             raise TypeError(f"min_delta must be a number, got {min_delta!r}")
         if not (math.isfinite(float(min_delta)) and float(min_delta) >= 0.0):
             raise ValueError(f"min_delta must be finite and >= 0, got {min_delta!r}")
-        self.min_delta = float(min_delta)
+        self.min_delta: float = float(min_delta)
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         if mode == "auto":
             mode = "max" if "acc" in monitor.lower() else "min"
-        self.mode = mode
+        self.mode: str = mode
         if not isinstance(restore_best, bool):
             raise TypeError(f"restore_best must be a bool, got {restore_best!r}")
-        self.restore_best = restore_best
+        self.restore_best: bool = restore_best
         self._reset()
 
     #: :func:`xlstm.fit` refuses this callback without ``validation=``.
     requires_validation = True
 
-    def _reset(self):
+    def _reset(self) -> None:
         self.best: float | None = None
         self.best_step: int | None = None
         self.stopped_step: int | None = None
@@ -673,7 +673,7 @@ class EarlyStopping(Callback):
     def on_train_begin(self, info: BeginInfo) -> None:
         self._reset()
 
-    def _improves(self, value):
+    def _improves(self, value: float) -> bool:
         if self.best is None:
             return not math.isnan(value)
         if self.mode == "min":
