@@ -7,12 +7,11 @@ inputs' namespace, dtype and device.
 import logging as _logging
 import sys as _sys
 
-from . import models, notebook, training
+from . import autodiff, models, notebook, training
 from .engine.loop import accelerators
 from .io import load, load_params, save, save_params
 from .models.mlstm import MLSTM
 from .models.recurrent import GRU, LSTM, RNN, SLSTM, ModelCache
-from .notebook import autodiff
 from .notebook.activations import sigmoid, softmax
 from .notebook.interop import from_torch_lstm_weights, to_torch_lstm_weights
 from .notebook.losses import last_step_mse, last_step_predict, sequence_cross_entropy
@@ -46,7 +45,6 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 # The module paths of earlier versions keep working: ``import xlstm.lstm``, ``xlstm.train.fit``.
 _MOVED = {
     "activations": notebook.activations,
-    "autodiff": notebook.autodiff,
     "interop": notebook.interop,
     "losses": notebook.losses,
     "lstm": notebook.lstm,
