@@ -351,6 +351,70 @@ def test_demo_without_a_name_names_only_what_is_missing(capsys):
     assert line.endswith("error: the following arguments are required: NAME")
 
 
+#: Every subcommand's usage line: the options a user types, no internal names.
+USAGE = {
+    (): "usage: python -m xlstm [-h] [--version] {check,info,demo} ...",
+    ("check",): "usage: python -m xlstm check [-h] [--backends NAMES]",
+    ("info",): "usage: python -m xlstm info [-h]",
+    ("demo",): "usage: python -m xlstm demo [-h] NAME ...",
+    **{("demo", name): f"usage: python -m xlstm demo {name} [options]"
+       for name in ("charlm", "adding", "bidirectional", "recall", "cells")},
+}
+#: The names that the parsers keep to themselves.
+INTERNAL = re.compile(r"demo_args|demo_parser|command_parser|\bfunc\b|\bcommand\b")
+
+
+@pytest.mark.parametrize("argv", list(USAGE), ids=lambda argv: " ".join(argv) or "top")
+def test_usage_lines_show_no_internal_names(capsys, argv):
+    """The usage line of ``--help`` and of an error is the same, and names only options."""
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == USAGE[argv]
+    assert not INTERNAL.search(out), INTERNAL.findall(out)
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--no-such-option"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == USAGE[argv]
+    assert not INTERNAL.search(err), err
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["check", "extra"], ("check",)),
+    (["info", "extra"], ("info",)),
+    (["demo", "adding", "extra"], ("demo", "adding")),
+    (["demo", "recall", "--steps", "5", "--nosuch", "1"], ("demo", "recall")),
+])
+def test_unrecognized_arguments_are_the_error_of_their_subcommand(capsys, tmp_path,
+                                                                   monkeypatch, argv, usage):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    first, line = captured.err.splitlines()
+    prog = USAGE[usage].removeprefix("usage: ").split(" [")[0]
+    assert first == USAGE[usage]
+    assert line.startswith(f"{prog}: error: unrecognized arguments: ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_command_name_follows_how_it_was_run(capsys, monkeypatch):
+    """``xlstm`` as the installed command (its usage lines say so), else ``python -m xlstm``."""
+    for argv0, prog in (("/usr/bin/xlstm", "xlstm"), ("venv/Scripts/xlstm.exe", "xlstm"),
+                        ("/src/xlstm/__main__.py", "python -m xlstm"),
+                        ("/src/xlstm.py", "python -m xlstm"), ("", "python -m xlstm")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert cli.program_name() == prog, argv0
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "cells", "--steps", "0"], prog="xlstm")
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: xlstm demo cells [options]",
+        "xlstm demo cells: error: argument --steps: must be an integer >= 1, got 0"]
+
+
 @pytest.mark.parametrize("argv", [
     ["demo"],
     ["demo", "recall", "--keys", "1"],

@@ -1,4 +1,4 @@
-"""xlstm: the LSTM of the step-by-step notebook, written once for the Python array API.
+"""xlstm: LSTM, GRU, RNN, sLSTM and mLSTM, written once for the Python array API.
 
 The same call runs on numpy, CuPy, torch, JAX and array-api-strict arrays; results keep the
 inputs' namespace, dtype and device.

@@ -1,4 +1,4 @@
-"""Command line: ``python -m xlstm {check,info,demo}``.
+"""Command line: ``python -m xlstm {check,info,demo}``, installed as the ``xlstm`` command too.
 
 ``check`` runs the seed notebook's four examples and float64 gradient checks of the LSTM and
 the RNN notebook APIs on every backend that is importable here, prints a pass/fail table and
@@ -7,7 +7,8 @@ exits non-zero on any failure, or when no backend ran, or when a backend named w
 ``info`` prints versions and devices.
 ``demo charlm``, ``demo adding``, ``demo bidirectional``, ``demo recall`` and ``demo
 cells`` train the demos of :mod:`xlstm.demos`.
-Bad arguments are argparse errors: a usage line and one error line, exit status 2.
+Bad arguments are argparse errors: a usage line and one error line (from the subcommand
+that was given them), exit status 2.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 import xlstm
 
+from . import demos
 from ._lib.compat import (
     BACKEND_MODULES,
     BACKENDS,
@@ -37,9 +40,9 @@ from .notebook import seed as _seed
 CPU_EXTRA = "numba>=0.61"
 #: The top-level ``--help`` text (plain: argparse prints it as it is).
 DESCRIPTION = (
-    "xlstm: the LSTM of the notebook 'Building your LSTM RNN - Step by Step', written once "
-    "for the Python array API. "
-    "Check it on every backend, print versions and devices, or train a demo."
+    "xlstm: LSTM, GRU, RNN, sLSTM and mLSTM, forward and backward, written once for the "
+    "Python array API (numpy, CuPy, torch, JAX). Check the notebook's examples and the "
+    "gradients on every backend, print versions and devices, or train a demo."
 )
 
 SEED_TOL = 1e-7  # the notebook prints 8-12 significant digits
@@ -270,16 +273,25 @@ def cmd_info(_args):
     return 0
 
 
-def cmd_demo(args):
-    from . import demos
+#: The names in a parsed ``demo`` command line that are not the demo's options.
+_NOT_DEMO_OPTIONS = ("command", "func", "command_parser")
 
-    result = demos.main([args.demo, *args.demo_args])
+
+def cmd_demo(args):
+    result = demos.run_parsed(args, ignore=_NOT_DEMO_OPTIONS)
     return 0 if result.get("solved", True) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m xlstm`` argument parser (plain-text help, no markup)."""
-    parser = argparse.ArgumentParser(prog="python -m xlstm", description=DESCRIPTION)
+def program_name() -> str:
+    """``xlstm`` when this runs as the installed ``xlstm`` command, else ``python -m xlstm``."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return "xlstm" if path.stem == "xlstm" and path.suffix in ("", ".exe") else "python -m xlstm"
+
+
+def build_parser(prog: str = "python -m xlstm") -> argparse.ArgumentParser:
+    """The command-line parser (plain-text help, no markup); ``prog`` names the command in
+    usage lines and errors."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"xlstm {xlstm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{check,info,demo}")
     p = sub.add_parser(
@@ -290,34 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "failure, when no backend ran, or when a named backend cannot run here.")
     p.add_argument("--backends", type=_backend_names, metavar="NAMES",
                    help=f"comma-separated subset of {','.join(BACKENDS)}")
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=cmd_check, command_parser=p)
     p = sub.add_parser("info", help="versions and devices",
                        description="Print the versions of xlstm, Python and the array "
                                    "libraries, and the devices that each backend sees.")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, command_parser=p)
     p = sub.add_parser("demo", help="training demos (see: demo NAME --help)",
-                       description="Train one of the demos; demo NAME --help lists its options.")
-    p.add_argument("demo", choices=("charlm", "adding", "bidirectional", "recall", "cells"),
-                   metavar="NAME",
-                   help="charlm: character-level language model; adding: the adding problem; "
-                        "bidirectional: both directions on variable lengths; recall: "
-                        "associative recall with LSTM, sLSTM and mLSTM; cells: charlm with "
-                        "the three")
-    options = p.add_argument("demo_args", nargs=argparse.REMAINDER, metavar="OPTIONS",
-                             help="options of the demo")
-    # argparse counts a REMAINDER positional as required, and would name it when NAME is
-    # missing: the demo's options are optional
-    options.required = False
-    p.set_defaults(func=cmd_demo)
+                       description="Train one of the demos; demo NAME --help lists its "
+                                   "options and how long its defaults take.")
+    p.set_defaults(func=cmd_demo, command_parser=p)
+    for demo_parser in demos.add_parsers(p.add_subparsers(dest="demo", required=True,
+                                                          metavar="NAME")).values():
+        demo_parser.set_defaults(command_parser=demo_parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
-    Argument errors raise ``SystemExit(2)`` after argparse prints the usage and the error.
+    ``prog`` names the command in usage lines and errors (default: ``xlstm`` when this runs
+    as the installed ``xlstm`` command, else ``python -m xlstm``). Argument errors raise
+    ``SystemExit(2)`` after argparse prints the usage and the error.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser(program_name() if prog is None else prog)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand that was given them, with its usage line
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

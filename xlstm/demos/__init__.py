@@ -67,7 +67,7 @@ from .recall import recall, recall_data
 __all__ = [
     "charlm", "adding", "bidirectional", "charlm_main", "adding_main", "main", "load_corpus",
     "sample", "adding_data", "next_symbol_data", "recall", "recall_data",
-    "charlm_cells", "ArgumentError",
+    "charlm_cells", "ArgumentError", "add_parsers", "run_parsed",
 ]
 
 #: The demos by command-line name.
@@ -104,6 +104,78 @@ def _run_demo(parser, demo, args):
         parser.error(f"argument {exc.option}: {exc.reason}")
 
 
+#: One line per demo, for the list of ``python -m xlstm demo --help``.
+HELP = {
+    "charlm": "character-level language model (a stacked LSTM, or an sLSTM or mLSTM)",
+    "adding": "the adding problem of Hochreiter and Schmidhuber (1997)",
+    "bidirectional": "bidirectional against one-direction LSTM on variable lengths",
+    "recall": "associative recall with an LSTM, an sLSTM and an mLSTM",
+    "cells": "the character model with an LSTM, an sLSTM and an mLSTM",
+}
+
+#: The function that adds each demo's options to a parser, by command-line name.
+PARSERS = {"charlm": charlm_parser, "adding": adding_parser,
+           "bidirectional": bidirectional_parser, "recall": recall_parser,
+           "cells": cells_parser}
+
+
+def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    """Add one subcommand per demo to ``sub``, the result of ``add_subparsers``.
+
+    Parameters
+    ----------
+    sub : argparse subparsers action
+        Where the demos go: each becomes ``sub.add_parser(name)``, with its options, its
+        usage line and its description.
+
+    Returns
+    -------
+    dict
+        The demos' parsers by name. Each one's namespace carries ``demo_parser`` (the
+        parser itself), which :func:`run_parsed` uses.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="xlstm demo")
+    >>> parsers = add_parsers(parser.add_subparsers(dest="demo", metavar="NAME"))
+    >>> sorted(parsers)
+    ['adding', 'bidirectional', 'cells', 'charlm', 'recall']
+    >>> parsers["adding"].format_usage()
+    'usage: xlstm demo adding [options]\\n'
+    """
+    parsers = {}
+    for name, add_options in PARSERS.items():
+        p = add_options(sub.add_parser(name, help=HELP[name]))
+        p.set_defaults(demo_parser=p)
+        parsers[name] = p
+    return parsers
+
+
+def run_parsed(args: argparse.Namespace, *, ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the demo that ``args`` names, parsed by a parser of :func:`add_parsers`.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed command line: ``demo`` (the name), ``demo_parser`` and the demo's options.
+    ignore : sequence of str, optional
+        Other names in ``args`` that are not options of the demo (those of an enclosing
+        command line).
+
+    Returns
+    -------
+    dict
+        The demo's result dict. A value that the demo refuses ends in the argparse error of
+        its option (``SystemExit(2)``), before any training.
+    """
+    opts = {k: v for k, v in vars(args).items()
+            if k not in ("demo", "demo_parser", *ignore)}
+    parser = args.demo_parser
+    opts = vars(_check_args(parser, argparse.Namespace(**opts)))
+    return _run_demo(parser, DEMOS[args.demo], opts)
+
+
 def charlm_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`charlm`; returns its result dict."""
     parser = charlm_parser()
@@ -116,30 +188,26 @@ def adding_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return _run_demo(parser, adding, vars(_check_args(parser, parser.parse_args(argv))))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``main(["charlm", ...])``, ``main(["adding", ...])`` or ``main(["bidirectional",
-    ...])``: run a demo by name.
+def main(argv: Sequence[str] | None = None, *,
+         prog: str = "python -m xlstm demo") -> dict[str, Any]:
+    """Run a demo by name: ``main(["charlm", "--steps", "500"])``.
 
-    Returns the demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse
-    prints the usage and the error, before any training.
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The demo's name and its options (default ``sys.argv[1:]``).
+    prog : str, optional
+        The command's name in usage lines and errors.
+
+    Returns
+    -------
+    dict
+        The demo's result dict. Bad arguments raise ``SystemExit(2)`` after argparse prints
+        the usage and the error, before any training.
     """
-    parser = argparse.ArgumentParser(prog="python -m xlstm demo",
-                                     description="Training demos of xlstm.")
-    sub = parser.add_subparsers(dest="demo", required=True, metavar="NAME")
-    parsers = {
-        "charlm": charlm_parser(sub.add_parser("charlm", help="character-level language model")),
-        "adding": adding_parser(sub.add_parser("adding", help="the adding problem")),
-        "bidirectional": bidirectional_parser(sub.add_parser(
-            "bidirectional", help="bidirectional against one-direction, variable lengths")),
-        "recall": recall_parser(sub.add_parser(
-            "recall", help="associative recall: LSTM, sLSTM and mLSTM")),
-        "cells": cells_parser(sub.add_parser(
-            "cells", help="the character model with LSTM, sLSTM and mLSTM")),
-    }
-    args = parser.parse_args(argv)
-    name = args.demo
-    args = vars(_check_args(parsers[name], args))
-    del args["demo"]
-    return _run_demo(parsers[name], DEMOS[name], args)
-
-
+    parser = argparse.ArgumentParser(prog=prog, description="Training demos of xlstm.")
+    parsers = add_parsers(parser.add_subparsers(dest="demo", required=True, metavar="NAME"))
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the error and usage of the demo's own parser, not the enclosing one's
+        parsers[args.demo].error(f"unrecognized arguments: {' '.join(extra)}")
+    return run_parsed(args)
