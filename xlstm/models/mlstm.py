@@ -737,6 +737,19 @@ class MLSTM(_Model):
     **kwargs
         ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
         ``device`` and ``seed``, as for :class:`xlstm.LSTM`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.MLSTM(3, 8, num_heads=2, dtype="float64")
+    >>> x = np.random.default_rng(0).standard_normal((3, 2, 100))
+    >>> y, (C, n, m) = model(x)             # T <= chunk: the parallel form
+    >>> C.shape                             # (L D, H, d_v, d_qk, m)
+    (1, 2, 4, 4, 2)
+    >>> y2, _, _ = model.forward(x, form="recurrent", return_cache=False)
+    >>> bool(np.allclose(y, y2))            # the forms agree to rounding
+    True
     """
 
     torch_name = None

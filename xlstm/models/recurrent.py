@@ -46,6 +46,22 @@ class LSTM(_Model):
         accepted as aliases of ``n_x``, ``n_a`` and ``layout``.
     seed : int, optional
         Seed of the initial parameters (torch's scheme, drawn on the host).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.LSTM(3, 5, num_layers=2)
+    >>> model
+    LSTM(n_x=3, n_a=5, num_layers=2, dtype='float32', xp='numpy')
+    >>> x = np.ones((3, 4, 7), dtype=np.float32)  # (n_x, m, T)
+    >>> y, (a, c) = model(x)                       # inference
+    >>> y.shape, a.shape, c.shape
+    ((5, 4, 7), (2, 5, 4), (2, 5, 4))
+    >>> y, state, cache = model.forward(x)         # training: then the backward pass
+    >>> dx, dstate0, grads = model.backward(np.ones_like(y), cache)
+    >>> dx.shape, sorted(grads[0])[:4]
+    ((3, 4, 7), ['Wc', 'Wf', 'Wi', 'Wo'])
     """
 
     cell = LSTM_CELL
@@ -59,6 +75,15 @@ class GRU(_Model):
     of shape ``(n_a, n_a + n_x)`` acting on ``[a_prev; x_t]``) and ``bhr, bhz, bhn``.
 
     The parameters are those of :class:`LSTM`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.GRU(input_size=3, hidden_size=4, batch_first=True)  # torch's names
+    >>> y, (a,) = model(np.zeros((2, 6, 3), dtype=np.float32))            # (m, T, n_x)
+    >>> y.shape, a.shape, model.num_parameters()
+    ((2, 6, 4), (1, 4, 2), 108)
     """
 
     cell = GRU_CELL
@@ -72,6 +97,15 @@ class RNN(_Model):
 
     ``nonlinearity`` is ``"tanh"`` (default) or ``"relu"``; the other parameters are those
     of :class:`LSTM`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.RNN(3, 4, nonlinearity="relu", dtype="float64")
+    >>> y_t, (a,) = model.step(np.ones((3, 2)))  # one step: x_t (n_x, m)
+    >>> y_t.shape, y_t.dtype, bool((y_t >= 0).all())
+    ((4, 2), dtype('float64'), True)
     """
 
     torch_name = "RNN"
@@ -118,6 +152,17 @@ class SLSTM(_Model):
     **kwargs
         ``num_layers``, ``bidirectional``, ``dropout``, ``layout``, ``xp``, ``dtype``,
         ``device`` and ``seed``, as for :class:`LSTM`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.SLSTM(3, 8, num_heads=2)
+    >>> model.params[0]["R"].shape  # (gates, heads, d, d): one block per head
+    (4, 2, 4, 4)
+    >>> y, (h, c, n, m) = model(np.ones((3, 5, 10), dtype=np.float32))
+    >>> y.shape, n.shape, bool((n > 0).all())
+    ((8, 5, 10), (1, 8, 5), True)
     """
 
     torch_name = None

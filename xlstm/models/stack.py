@@ -63,6 +63,16 @@ class ModelCache:
     Treat it as opaque. It holds copies, so later writes into the inputs, the parameters or
     the outputs do not change the gradients. It can be copied and pickled as far as the
     arrays of its namespace can.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> model = xlstm.GRU(3, 4)
+    >>> y, state, cache = model.forward(np.zeros((3, 2, 5), dtype=np.float32))
+    >>> cache
+    ModelCache(GRU, m=2, T=5)
+    >>> dx, dstate0, grads = model.backward(np.ones_like(y), cache)
     """
 
     __slots__ = ("layer", "config", "m", "states", "masks", "pad")
@@ -414,6 +424,7 @@ class _Model(metaclass=_ModelType):
         y, final, _ = self.forward(x, state, lengths=lengths, return_cache=False)
         return y, final
 
+    @on_input_device
     def step(self, x_t: Array, state: Any = None) -> tuple[Array, tuple]:
         """One time step of inference: ``y_t, state = model.step(x_t, state)``.
 
