@@ -58,6 +58,17 @@ def softmax(x: Array, axis: int = 0) -> Array:
     -------
     array
         Same namespace, dtype, shape and device as ``x``; sums to 1 along ``axis``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> xlstm.softmax(np.array([[0.0, -1e4], [0.0, 1e4]]))  # classes along axis 0
+    array([[0.5, 0. ],
+           [0.5, 1. ]])
+    >>> p = xlstm.softmax(np.array([[1.0, 2.0, 3.0]]), axis=1)
+    >>> p.shape, bool(np.isclose(p.sum(), 1.0))
+    ((1, 3), True)
     """
     xp = namespace(x=x)
     if x.ndim == 0:

@@ -86,6 +86,21 @@ def to_torch_lstm_weights(params: Params, *, device: Any = None) -> dict[str, An
     See Also
     --------
     from_torch_lstm_weights
+
+    Examples
+    --------
+    >>> import torch
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y; float64
+    >>> lstm = torch.nn.LSTM(3, 5, dtype=torch.float64)
+    >>> lstm.load_state_dict(xlstm.to_torch_lstm_weights(params))
+    <All keys matched successfully>
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> h = lstm(torch.from_numpy(x.transpose(2, 1, 0)))[0]  # torch's (T_x, m, n_a)
+    >>> a = xlstm.lstm_forward(x, np.zeros((5, 4)), params)[0]
+    >>> bool(np.allclose(h.detach().numpy().transpose(2, 1, 0), a))
+    True
     """
     import numpy as np
     import torch
@@ -220,6 +235,18 @@ def from_torch_lstm_weights(
     See Also
     --------
     to_torch_lstm_weights
+
+    Examples
+    --------
+    >>> import torch
+    >>> import xlstm
+    >>> lstm = torch.nn.LSTM(3, 5)  # n_x=3, n_a=5, float32
+    >>> params = xlstm.from_torch_lstm_weights(lstm, n_y=2)  # a zero output layer
+    >>> params["Wf"].shape, params["Wy"].shape, params["Wf"].dtype
+    ((5, 8), (2, 5), dtype('float32'))
+    >>> back = xlstm.to_torch_lstm_weights(params)
+    >>> bool(torch.equal(back["weight_ih_l0"], lstm.weight_ih_l0.detach()))
+    True
     """
     import numpy as np
 

@@ -118,6 +118,21 @@ def sequence_cross_entropy(
     is read back); everything else stays on the device. Labels of any integer dtype are
     compared in the namespace's default integer dtype, so ``uint8`` labels work with any
     number of classes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> labels = np.zeros((4, 7), dtype=np.int64)  # (m, T_x), classes in [0, n_y)
+    >>> loss, grads = xlstm.sequence_cross_entropy(x, np.zeros((5, 4)), params, labels)
+    >>> loss.shape, loss.dtype, grads["dWy"].shape, grads["dx"].shape
+    ((), dtype('float64'), (2, 5), (3, 4, 7))
+    >>> mask = np.arange(7) < np.array([7, 5, 3, 1])[:, None]  # each sequence's length
+    >>> _, grads = xlstm.sequence_cross_entropy(x, np.zeros((5, 4)), params, labels, mask=mask)
+    >>> bool(np.all(grads["dx"][:, 3, 1:] == 0.0))  # no gradient from past the end
+    True
     """
     xp, n_a, _, n_y, m, T_x = _prepare(
         params, x, a0, c0, labels=labels, mask=mask,
@@ -153,6 +168,19 @@ def last_step_predict(x: Array, a0: Array, params: Params, *, c0: Array | None =
     -------
     pred : array, shape (n_y, m)
         :math:`W_y a_{T_x} + b_y`, in the inputs' namespace, dtype and device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> pred = xlstm.last_step_predict(x, np.zeros((5, 4)), params)
+    >>> pred.shape, pred.dtype
+    ((2, 4), dtype('float64'))
+    >>> a = xlstm.lstm_forward(x, np.zeros((5, 4)), params)[0]
+    >>> bool(np.allclose(pred, params["Wy"] @ a[:, :, -1] + params["by"]))
+    True
     """
     a, _, _, _ = lstm_forward(x, a0, params, c0, return_caches=False)
     return params["Wy"] @ a[:, :, -1] + params["by"]
@@ -195,6 +223,20 @@ def last_step_mse(
     KeyError, TypeError, ValueError
         For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
         disagrees; the message names the argument (for instance ``targets``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> targets = np.ones((2, 4))  # (n_y, m)
+    >>> loss, grads = xlstm.last_step_mse(x, np.zeros((5, 4)), params, targets)
+    >>> pred = xlstm.last_step_predict(x, np.zeros((5, 4)), params)
+    >>> bool(np.isclose(loss, np.mean((pred - targets) ** 2)))
+    True
+    >>> grads["dWy"].shape, grads["dby"].shape, grads["da0"].shape
+    ((2, 5), (2, 1), (5, 4))
     """
     xp, n_a, _, n_y, m, T_x = _prepare(params, x, a0, c0, targets=targets)
     check_shape("targets", targets, (n_y, m), "(n_y, m)")

@@ -46,7 +46,20 @@ LSTMCache = namedtuple(
 )
 LSTMCache.__doc__ = """One step's cache, in the notebook's order. All arrays are ``(n_a, m)``
 except ``xt`` ``(n_x, m)``; ``params`` is a copy of the parameter dict taken by the forward
-pass, so that changing the caller's parameters afterwards does not change the gradients."""
+pass, so that changing the caller's parameters afterwards does not change the gradients.
+
+Examples
+--------
+>>> import numpy as np
+>>> import xlstm
+>>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+>>> *_, cache = xlstm.lstm_cell_forward(np.ones((3, 4)), np.zeros((5, 4)),
+...                                     np.zeros((5, 4)), params)
+>>> isinstance(cache, xlstm.LSTMCache), cache._fields[:4]
+(True, ('a_next', 'c_next', 'a_prev', 'c_prev'))
+>>> cache.ft.shape, cache.xt.shape, cache.params is params
+((5, 4), (3, 4), False)
+"""
 
 
 class _StepCaches(StepCaches):
@@ -72,6 +85,17 @@ class LSTMCaches(SequenceCaches):
 
     It can be copied (``copy.copy``, ``copy.deepcopy``) and pickled, as far as the
     arrays of its namespace can.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> _, _, _, caches = xlstm.lstm_forward(x, np.zeros((5, 4)), params)
+    >>> steps, x_again = caches
+    >>> len(steps), type(steps[0]).__name__, steps[-1].a_next.shape, x_again is x
+    (7, 'LSTMCache', (5, 4), True)
     """
 
 
@@ -134,6 +158,18 @@ def lstm_cell_forward(
     KeyError, TypeError, ValueError
         For a missing parameter, mixed namespaces or dtypes, or a shape that disagrees;
         the message names the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> xt, a_prev, c_prev = np.ones((3, 4)), np.zeros((5, 4)), np.zeros((5, 4))
+    >>> a_next, c_next, yt_pred, cache = xlstm.lstm_cell_forward(xt, a_prev, c_prev, params)
+    >>> a_next.shape, c_next.shape, yt_pred.shape, a_next.dtype
+    ((5, 4), (5, 4), (2, 4), dtype('float64'))
+    >>> bool(np.allclose(yt_pred.sum(axis=0), 1.0))  # a softmax over the classes
+    True
     """
     xp, (n_a, n_x, _) = check_inputs(_resolve, params, xt, {"a_prev": a_prev, "c_prev": c_prev},
                                      step=True)
@@ -196,6 +232,18 @@ def lstm_forward(
 
     The returned ``a``, ``c`` and ``y`` are independent of ``caches``: writing into them
     never changes what :func:`lstm_backward` computes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> a, y, c, caches = xlstm.lstm_forward(x, np.zeros((5, 4)), params)
+    >>> a.shape, y.shape, c.shape, len(caches)
+    ((5, 4, 7), (2, 4, 7), (5, 4, 7), 2)
+    >>> xlstm.lstm_forward(x, np.zeros((5, 4)), params, return_caches=False)[3] is None
+    True
     """
     xp, (n_a, _, _) = _check_sequence(params, x, a0, c0)
     return _forward(x, a0, params, c0, n_a, xp=xp, keep=bool(return_caches))
@@ -238,6 +286,17 @@ def lstm_cell_backward(da_next: Array, dc_next: Array, cache: tuple) -> Grads:
         ``dxt`` ``(n_x, m)`` eq. (21); ``da_prev`` ``(n_a, m)`` eq. (19);
         ``dc_prev`` ``(n_a, m)`` eq. (20); ``dWf, dWi, dWc, dWo`` ``(n_a, n_a + n_x)``
         eqs. (11)-(14); ``dbf, dbi, dbc, dbo`` ``(n_a, 1)`` eqs. (15)-(18).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> *_, cache = xlstm.lstm_cell_forward(np.ones((3, 4)), np.zeros((5, 4)),
+    ...                                     np.zeros((5, 4)), params)
+    >>> grads = xlstm.lstm_cell_backward(np.ones((5, 4)), np.zeros((5, 4)), cache)
+    >>> grads["dxt"].shape, grads["da_prev"].shape, grads["dWf"].shape, grads["dbf"].shape
+    ((3, 4), (5, 4), (5, 8), (5, 1))
     """
     xp, n_a, m = check_step_cache(cache, LSTMCache._fields,
                                   {"da_next": da_next, "dc_next": dc_next}, _resolve,
@@ -291,6 +350,17 @@ def lstm_backward(da: Array, caches: tuple) -> Grads:
     pre-activation gradients ``dG``. Extra memory: ``dG``, ``4 n_a m`` numbers per step,
     plus the backward coefficients, another ``5 n_a m`` per step (the CUDA kernels on CuPy
     form them on the fly).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> a, _, _, caches = xlstm.lstm_forward(x, np.zeros((5, 4)), params)
+    >>> grads = xlstm.lstm_backward(np.ones_like(a), caches)  # the loss sum(a)
+    >>> grads["dx"].shape, grads["da0"].shape, grads["dWf"].shape, grads["dc0"].shape
+    ((3, 4, 7), (5, 4), (5, 8), (5, 4))
     """
     return sequence_backward(da, caches, cell=LSTM_CELL, fused=LSTMCaches, resolve=_resolve,
                              step_backward=lstm_cell_backward, fields=len(LSTMCache._fields),

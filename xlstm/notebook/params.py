@@ -133,6 +133,19 @@ def init_params(
         weights would all be zero).
     ValueError
         If a size is smaller than 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> params["Wf"].shape, params["bf"].shape, params["Wy"].shape, params["Wf"].dtype
+    ((5, 8), (5, 1), (2, 5), dtype('float64'))
+    >>> U = params["Wf"][:, :5]  # the recurrent part: orthogonal
+    >>> bool(np.allclose(U @ U.T, np.eye(5))), bool(np.all(params["bf"] == 1.0))
+    (True, True)
+    >>> xlstm.init_params(3, 5, 2, dtype="float32", seed=0)["Wo"].dtype
+    dtype('float32')
     """
     n_x, n_a, n_y = (positive_int(k, v) for k, v in (("n_x", n_x), ("n_a", n_a), ("n_y", n_y)))
     xp = namespace_of_module(xp)

@@ -57,7 +57,22 @@ RNNCache = namedtuple("RNNCache", ["a_next", "a_prev", "xt", "parameters"])
 RNNCache.__doc__ = """One step's cache, in the notebook's order: ``a_next`` and ``a_prev``
 ``(n_a, m)``, ``xt`` ``(n_x, m)``; ``parameters`` is a copy of the parameter dict taken by
 the forward pass, so that changing the caller's parameters afterwards does not change the
-gradients."""
+gradients.
+
+Examples
+--------
+>>> import numpy as np
+>>> import xlstm
+>>> rng = np.random.default_rng(0)
+>>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+>>> *_, cache = xlstm.rnn_cell_forward(np.ones((3, 4)), np.zeros((5, 4)), parameters)
+>>> isinstance(cache, xlstm.RNNCache), cache._fields
+(True, ('a_next', 'a_prev', 'xt', 'parameters'))
+>>> cache.a_next.shape, cache.xt.shape
+((5, 4), (3, 4))
+"""
 
 
 class _StepCaches(StepCaches):
@@ -79,6 +94,20 @@ class RNNCaches(SequenceCaches):
 
     It can be copied (``copy.copy``, ``copy.deepcopy``) and pickled, as far as the
     arrays of its namespace can.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> rng = np.random.default_rng(0)
+    >>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+    ...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+    ...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+    >>> x = rng.standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> _, _, caches = xlstm.rnn_forward(x, np.zeros((5, 4)), parameters)
+    >>> steps, x_again = caches
+    >>> len(steps), type(steps[0]).__name__, steps[-1].a_next.shape, x_again is x
+    (7, 'RNNCache', (5, 4), True)
     """
 
 
@@ -137,6 +166,21 @@ def rnn_cell_forward(
     KeyError, TypeError, ValueError
         For a missing parameter, mixed namespaces, dtypes or devices, or a shape that
         disagrees; the message names the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> rng = np.random.default_rng(0)
+    >>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+    ...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+    ...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+    >>> a_next, yt_pred, cache = xlstm.rnn_cell_forward(np.ones((3, 4)), np.zeros((5, 4)),
+    ...                                                 parameters)
+    >>> a_next.shape, yt_pred.shape, a_next.dtype
+    ((5, 4), (2, 4), dtype('float64'))
+    >>> bool(np.allclose(a_next, np.tanh(parameters["Wax"] @ np.ones((3, 4)))))
+    True
     """
     xp, (n_a, n_x, _) = check_inputs(_resolve, parameters, xt, {"a_prev": a_prev}, step=True)
     m = xt.shape[1]
@@ -185,6 +229,21 @@ def rnn_forward(
     numbers per step (``a`` twice and a copy of ``x_t``) on top of the outputs. The
     returned ``a`` and ``y_pred`` are independent of ``caches``: writing into them never
     changes what :func:`rnn_backward` computes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> rng = np.random.default_rng(0)
+    >>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+    ...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+    ...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+    >>> x = rng.standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> a, y_pred, caches = xlstm.rnn_forward(x, np.zeros((5, 4)), parameters)
+    >>> a.shape, y_pred.shape, len(caches)
+    ((5, 4, 7), (2, 4, 7), 2)
+    >>> bool(np.allclose(y_pred.sum(axis=0), 1.0))  # a softmax over the classes
+    True
     """
     xp, (n_a, _, _) = check_inputs(_resolve, parameters, x, {"a0": a0})
     keep = bool(return_caches)
@@ -228,6 +287,22 @@ def rnn_cell_backward(da_next: Array, cache: tuple) -> Grads:
     KeyError, TypeError, ValueError
         For a cache that is not the 4-tuple, a missing parameter, mixed namespaces, dtypes
         or devices, or a shape that disagrees; the message names the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> rng = np.random.default_rng(0)
+    >>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+    ...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+    ...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+    >>> a_next, _, cache = xlstm.rnn_cell_forward(np.ones((3, 4)), np.zeros((5, 4)),
+    ...                                           parameters)
+    >>> grads = xlstm.rnn_cell_backward(np.ones((5, 4)), cache)
+    >>> grads["dxt"].shape, grads["da_prev"].shape, grads["dWax"].shape, grads["dba"].shape
+    ((3, 4), (5, 4), (5, 3), (5, 1))
+    >>> bool(np.allclose(grads["dba"], (1 - a_next**2).sum(axis=1, keepdims=True)))
+    True
     """
     xp, n_a, m = check_step_cache(cache, RNNCache._fields, {"da_next": da_next}, _resolve,
                                   "rnn_cell_forward")
@@ -274,6 +349,20 @@ def rnn_backward(da: Array, caches: tuple) -> Grads:
     Per step: one pointwise pass and one GEMM with ``Waa``. After the loop: one GEMM each
     for ``dWax``, ``dWaa`` and ``dx`` and one reduction for ``dba`` over the stacked
     pre-activation gradients, ``n_a m`` numbers per step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> rng = np.random.default_rng(0)
+    >>> parameters = {"Wax": rng.standard_normal((5, 3)), "Waa": rng.standard_normal((5, 5)),
+    ...               "Wya": rng.standard_normal((2, 5)), "ba": np.zeros((5, 1)),
+    ...               "by": np.zeros((2, 1))}  # n_x=3, n_a=5, n_y=2
+    >>> x = rng.standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> a, _, caches = xlstm.rnn_forward(x, np.zeros((5, 4)), parameters)
+    >>> grads = xlstm.rnn_backward(np.ones_like(a), caches)  # the loss sum(a)
+    >>> grads["dx"].shape, grads["da0"].shape, grads["dWaa"].shape, grads["dba"].shape
+    ((3, 4, 7), (5, 4), (5, 5), (5, 1))
     """
     return sequence_backward(da, caches, cell=RNN_TANH, fused=RNNCaches, resolve=_resolve,
                              step_backward=rnn_cell_backward, fields=len(RNNCache._fields),
