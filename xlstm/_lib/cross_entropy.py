@@ -50,6 +50,20 @@ def softmax_cross_entropy(
     ------
     TypeError, ValueError
         As :func:`sequence_cross_entropy`, naming ``logits``, ``labels`` or ``mask``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> logits = np.zeros((3, 2, 4))  # (n_y, m, T): every class equally likely
+    >>> labels = np.zeros((2, 4), dtype=np.int64)  # (m, T)
+    >>> loss, dlogits = xlstm.softmax_cross_entropy(logits, labels)
+    >>> bool(np.isclose(loss, np.log(3))), dlogits.shape
+    (True, (3, 2, 4))
+    >>> mask = np.arange(4) < np.array([4, 2])[:, None]  # lengths 4 and 2
+    >>> _, dlogits = xlstm.softmax_cross_entropy(logits, labels, mask=mask)
+    >>> bool(np.all(dlogits[:, 1, 2:] == 0.0))  # nothing from past the end
+    True
     """
     xp = namespace(logits=logits, labels=labels, mask=mask, optional=("mask",),
                    kinds={"labels": ("integral",), "mask": ("bool",)})

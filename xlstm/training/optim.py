@@ -270,6 +270,20 @@ class SGD(_Optimizer):
     ------
     ValueError
         If a hyperparameter is out of range; the message names it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = {"w": np.array([1.0, -2.0])}
+    >>> opt = xlstm.SGD(lr=0.5, momentum=0.5)
+    >>> state = opt.init(params)
+    >>> params, state = opt.step(params, {"dw": np.array([1.0, 2.0])}, state)
+    >>> params["w"], state["step"]  # p - lr * g on the first step
+    (array([ 0.5, -3. ]), 1)
+    >>> params, state = opt.step(params, {"dw": np.array([1.0, 2.0])}, state)
+    >>> params["w"], state["velocity"]["w"]  # v = 0.5 v + g
+    (array([-0.25, -4.5 ]), array([1.5, 3. ]))
     """
 
     def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False) -> None:
@@ -352,6 +366,17 @@ class Adam(_Optimizer):
     ------
     ValueError
         If a hyperparameter is out of range; the message names it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = {"w": np.array([1.0, -2.0])}
+    >>> opt = xlstm.Adam(lr=0.01)
+    >>> state = opt.init(params)
+    >>> params, state = opt.step(params, {"dw": np.array([0.5, -30.0])}, state)
+    >>> np.round(params["w"], 6), state["step"]  # the first step: lr * sign(g)
+    (array([ 0.99, -1.99]), 1)
     """
 
     def __init__(
@@ -470,6 +495,15 @@ def clip_by_value(grads: Grads, max_value: float, *, params: Params | None = Non
     ValueError
         If ``max_value`` is not a positive finite number, or ``grads`` holds no parameter
         gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> grads = {"dWy": np.array([[-3.0, 0.5, 7.0]]), "dx": np.array([10.0])}
+    >>> clipped = xlstm.clip_by_value(grads, 1.0)
+    >>> clipped["dWy"], clipped["dx"]  # dx is not a parameter's gradient
+    (array([[-1. ,  0.5,  1. ]]), array([10.]))
     """
     bound = _real("max_value", max_value, low=0.0, low_open=True)
     flat, keys, rebuild = _to_clip(grads, params)
@@ -545,6 +579,18 @@ def clip_by_global_norm(grads: Grads, max_norm: float, *, params: Params | None 
     meaningful scale: the gradients are returned unscaled (never silently zeroed or
     turned into ``nan``) and the returned ``norm`` is not finite. :func:`xlstm.fit`
     checks it and raises ``FloatingPointError`` naming the step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> grads = {"dWy": np.array([[3.0, 0.0]]), "dby": np.array([[4.0]])}  # norm 5
+    >>> clipped, norm = xlstm.clip_by_global_norm(grads, 1.0)
+    >>> float(norm), np.round(clipped["dWy"], 6), np.round(clipped["dby"], 6)
+    (5.0, array([[0.6, 0. ]]), array([[0.8]]))
+    >>> clipped, norm = xlstm.clip_by_global_norm(grads, 10.0)  # already within the bound
+    >>> bool(np.array_equal(clipped["dWy"], grads["dWy"]))
+    True
     """
     bound = _real("max_norm", max_norm, low=0.0, low_open=True)
     flat, keys, rebuild = _to_clip(grads, params)
