@@ -79,6 +79,18 @@ def accelerators(enabled: bool) -> Iterator[None]:
     ----------
     enabled : bool
         True allows the accelerators, False turns them off.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # n_x, n_a, n_y
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 7))  # (n_x, m, T_x)
+    >>> fast = xlstm.lstm_forward(x, np.zeros((5, 4)), params, return_caches=False)[0]
+    >>> with xlstm.accelerators(False):  # the plain array path in this block
+    ...     plain = xlstm.lstm_forward(x, np.zeros((5, 4)), params, return_caches=False)[0]
+    >>> bool(np.array_equal(fast, plain))  # bit for bit on numpy
+    True
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")

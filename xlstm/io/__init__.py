@@ -115,6 +115,19 @@ def save_params(path: str | os.PathLike | BinaryIO, params: Params | list | tupl
     See Also
     --------
     load_params
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import xlstm
+    >>> params = xlstm.init_params(3, 5, 2, seed=0)  # the notebook's dict, float64
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "params.npz")
+    ...     xlstm.save_params(path, params)
+    ...     back = xlstm.load_params(path)
+    >>> sorted(back) == sorted(params), all(np.array_equal(back[k], params[k]) for k in params)
+    (True, True)
     """
     _save(path, params, None)
 
@@ -299,6 +312,20 @@ def load_params(
     See Also
     --------
     save_params
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import xlstm
+    >>> W, b = np.ones((2, 3), dtype=np.float32), np.zeros(2, dtype=np.float32)
+    >>> tree = {"rnn": [{"W": W}], "head": (b,)}  # a tuple comes back as a list
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "tree.npz")
+    ...     xlstm.save_params(path, tree)
+    ...     back = xlstm.load_params(path)
+    >>> back["rnn"][0]["W"].shape, back["rnn"][0]["W"].dtype, type(back["head"]).__name__
+    ((2, 3), dtype('float32'), 'list')
     """
     return _load(path, xp, device)[0]
 
