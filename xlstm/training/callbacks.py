@@ -110,6 +110,21 @@ class StepInfo(NamedTuple):
     batch : int
         Batches of this epoch used so far, this step's included (the position that a
         checkpoint records for ``resume``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> def loss_fn(params, batch):  # (w - batch)^2 and its gradient
+    ...     return (params["w"] - batch) ** 2, {"dw": 2.0 * (params["w"] - batch)}
+    >>> seen = []
+    >>> def callback(info):
+    ...     seen.append((info.step, info.epoch, info.batch, info.loss, float(info.params["w"])))
+    >>> _ = xlstm.fit({"w": np.array(0.0)}, [1.0, 1.0], loss_fn, xlstm.SGD(lr=0.25),
+    ...               epochs=2, callback=callback, progress=False)
+    >>> seen  # the loss before each step's update, the parameters after it
+    [(1, 0, 1, 1.0, 0.5), (2, 0, 2, 0.25, 0.75),
+     (3, 1, 1, 0.0625, 0.875), (4, 1, 2, 0.015625, 0.9375)]
     """
 
     step: int

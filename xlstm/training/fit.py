@@ -137,6 +137,19 @@ class FitResult(NamedTuple):
         Every step this call took: its step count, epoch, loss and time.
     evals : list of EvalRecord
         Every validation of the run (empty without ``validation``), in order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import xlstm
+    >>> def loss_fn(params, batch):  # (w - batch)^2 and its gradient
+    ...     return (params["w"] - batch) ** 2, {"dw": 2.0 * (params["w"] - batch)}
+    >>> result = xlstm.fit({"w": np.array(0.0)}, [1.0, 1.0], loss_fn, xlstm.SGD(lr=0.25),
+    ...                    progress=False)
+    >>> result.history, float(result.params["w"]), result.stopped_early
+    ([1.0, 0.25], 0.75, False)
+    >>> result.opt_state["step"], [r.step for r in result.records], result.evals
+    (2, [1, 2], [])
     """
 
     params: Params
