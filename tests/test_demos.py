@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import math
 import os
 import subprocess
@@ -486,3 +488,62 @@ def test_cells_demo_compares_the_three_cells_and_samples_from_each(tmp_path, cap
     assert len(text) == 5 and set(text) <= set(vocab)
     with pytest.raises(ValueError, match="cell must be one of"):
         demos.charlm(cell="gru", text=str(path), steps=1, seq_len=8, batch=2, verbose=False)
+
+
+#: Tiny settings of every demo, and the files that each writes by default (PNGs only where
+#: matplotlib draws them).
+DEFAULT_OUTPUTS = {
+    "charlm": ([*TINY_CHARLM, "--text", "TEXT"], {"charlm_params.npz", "charlm_params_loss.png"}),
+    "adding": (TINY_ADDING, {"adding_params.npz", "adding_params_loss.png"}),
+    "bidirectional": (["--T", "4", "--steps", "2", "--test-size", "4", "--no-progress"],
+                      {"bidirectional_loss.png"}),
+    "recall": (["--pairs", "1", "--queries", "1", "--keys", "2", "--values", "2", "--hidden",
+                "4", "--steps", "2", "--test-size", "4", "--no-progress"], {"recall_loss.png"}),
+    "cells": (["--text", "TEXT", "--hidden", "4", "--steps", "2", "--sample-every", "1",
+               "--seq-len", "8", "--batch", "2", "--no-progress"],
+              {"charlm_lstm.npz", "charlm_slstm.npz", "charlm_mlstm.npz", "charlm_cells.png"}),
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ignored(name, gitignore):
+    """Whether ``.gitignore`` ignores the file ``name`` at the top of the checkout."""
+    ignored = False
+    for line in gitignore.splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").lstrip("/")
+        if "/" not in pattern.rstrip("/") and fnmatch.fnmatchcase(name, pattern):
+            ignored = not negated
+    return ignored
+
+
+def test_gitignore_matcher():
+    rules = "# comment\n/a.npz\n*.png\n!keep.png\nsub/b.npz\n"
+    assert _ignored("a.npz", rules) and _ignored("loss.png", rules)
+    assert not _ignored("keep.png", rules) and not _ignored("b.npz", rules)
+    assert not _ignored("a.npzx", rules)
+
+
+def test_every_default_output_of_the_demos_is_ignored_by_git(tmp_path, monkeypatch):
+    """Each demo run from the top of a checkout with its defaults writes only files that
+    ``.gitignore`` names (the tiny settings change no file name)."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path.parent / f"{tmp_path.name}.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    plots = importlib.util.find_spec("matplotlib") is not None
+    written = set()
+    for name, (args, outputs) in DEFAULT_OUTPUTS.items():
+        before = set(os.listdir(tmp_path))
+        args = [str(text) if a == "TEXT" else a for a in args]
+        demos.main([name, *args, "--quiet"])
+        new = set(os.listdir(tmp_path)) - before
+        assert new == {f for f in outputs if plots or not f.endswith(".png")}, name
+        written |= new
+    gitignore = ROOT / ".gitignore"
+    if not gitignore.exists():
+        pytest.skip("no .gitignore next to the tests")
+    rules = gitignore.read_text(encoding="utf-8")
+    assert not [f for f in sorted(written) if not _ignored(f, rules)]
