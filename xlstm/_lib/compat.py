@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import array_api_compat as _aac
+
+#: A function, which :func:`on_input_device` returns with its signature unchanged.
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = [
     "namespace",
@@ -212,7 +217,7 @@ def _first_array(obj, depth=0):
     return None
 
 
-def on_input_device(fn):
+def on_input_device(fn: _F) -> _F:
     """Decorate a public function so that its CuPy work runs on its inputs' GPU.
 
     The first array among the positional and keyword arguments (looking into parameter
@@ -221,15 +226,15 @@ def on_input_device(fn):
     """
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         first = _first_array((*args, *kwargs.values()))
         if first is None or not _aac.is_cupy_array(first):
             return fn(*args, **kwargs)
         with first.device:
             return fn(*args, **kwargs)
 
-    wrapper.__xlstm_on_input_device__ = True
-    return wrapper
+    wrapper.__xlstm_on_input_device__ = True  # type: ignore[attr-defined]
+    return cast(_F, wrapper)
 
 
 def namespace_or_none(x):

@@ -41,7 +41,8 @@ such steps out of its products, :func:`_set_aside`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -785,10 +786,36 @@ class MLSTM(_Model):
                 "chunk": self.chunk}
 
     # ------------------------------------------------------------------ running
-    def forward(self, x: Array, state: tuple | None = None, *, lengths: Array | None = None,
-                params: list | None = None, train: bool = False, seed: int | None = None,
-                return_cache: bool = True, form: str | None = None,
-                ) -> tuple[Array, tuple, ModelCache | None]:
+    @overload
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: Literal[True] = True, form: str | None = None,
+    ) -> tuple[Array, tuple[Array, ...], ModelCache]: ...
+
+    @overload
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: Literal[False], form: str | None = None,
+    ) -> tuple[Array, tuple[Array, ...], None]: ...
+
+    @overload
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: bool, form: str | None = None,
+    ) -> tuple[Array, tuple[Array, ...], ModelCache | None]: ...
+
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: bool = True, form: str | None = None,
+    ) -> tuple[Array, tuple[Array, ...], ModelCache | None]:
         """Run the model over a batch of sequences.
 
         Parameters

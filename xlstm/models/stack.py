@@ -31,7 +31,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 
@@ -54,6 +54,10 @@ from .layers import CellLayer, Layer
 __all__ = ["ModelCache"]
 
 _LAYOUTS = ("notebook", "batch_first")
+
+#: A model class's instance: what the constructor, :meth:`_Model.to` and the class
+#: methods that build a model return.
+_M = TypeVar("_M", bound="_Model")
 
 
 class ModelCache:
@@ -167,6 +171,20 @@ class _Model(metaclass=_ModelType):
     layer: Layer
     #: The torch module class of the same model, by name in ``torch.nn`` (None: none).
     torch_name: str | None
+    #: The parameters: one dict of arrays per (layer, direction), indexed ``layer D +
+    #: direction``.
+    params: list[dict[str, Array]]
+    n_x: int
+    #: The hidden size (``n_a`` for the LSTM, GRU and RNN, ``n_h`` for the xLSTM models).
+    n_h: int
+    num_layers: int
+    bidirectional: bool
+    dropout: float
+    layout: str
+    #: The namespace, dtype and device of the parameters.
+    xp: Any
+    dtype: Any
+    device: Any
 
     def __init__(
         self, n_x: int, n_a: int, *, num_layers: int = 1, bidirectional: bool = False,
@@ -227,7 +245,7 @@ class _Model(metaclass=_ModelType):
         cell."""
         return CellLayer(self.cell, self.n_h)
 
-    def param_shapes(self, index: int = 0) -> dict:
+    def param_shapes(self, index: int = 0) -> dict[str, tuple[int, ...]]:
         """The parameter dict of (layer, direction) ``index``: key to shape, in order."""
         return self.layer.param_shapes(self._n_in(index))
 
@@ -328,7 +346,7 @@ class _Model(metaclass=_ModelType):
                     f"got {got}"
                 )
 
-    def initial_state(self, m: int) -> tuple:
+    def initial_state(self, m: int) -> tuple[Array, ...]:
         """The zero state for a batch of ``m``: each array ``(num_layers * D, ..., m)``, in
         the model's namespace, dtype and device (an empty memory for the sLSTM and mLSTM).
 
@@ -357,11 +375,36 @@ class _Model(metaclass=_ModelType):
         return sum(math.prod(v.shape) for layer in self.params for v in layer.values())
 
     # ------------------------------------------------------------------ running
+    @overload
     def forward(
         self, x: Array, state: Any = None, *, lengths: Array | None = None,
-        params: list | None = None, train: bool = False, seed: int | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: Literal[True] = True,
+    ) -> tuple[Array, tuple[Array, ...], ModelCache]: ...
+
+    @overload
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: Literal[False],
+    ) -> tuple[Array, tuple[Array, ...], None]: ...
+
+    @overload
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
+        return_cache: bool,
+    ) -> tuple[Array, tuple[Array, ...], ModelCache | None]: ...
+
+    def forward(
+        self, x: Array, state: Any = None, *, lengths: Array | None = None,
+        params: Sequence[Mapping[str, Array]] | None = None, train: bool = False,
+        seed: int | None = None,
         return_cache: bool = True,
-    ) -> tuple[Array, tuple, ModelCache | None]:
+    ) -> tuple[Array, tuple[Array, ...], ModelCache | None]:
         """Run the model over a batch of sequences.
 
         Parameters
@@ -405,7 +448,7 @@ class _Model(metaclass=_ModelType):
                              return_cache=return_cache, opts={})
 
     def __call__(self, x: Array, state: Any = None, *,
-                 lengths: Array | None = None) -> tuple[Array, tuple]:
+                 lengths: Array | None = None) -> tuple[Array, tuple[Array, ...]]:
         """Inference: ``y, state = model(x, state)``, with no cache kept for a backward
         pass, so that the memory beyond the outputs does not grow with ``T``.
 
@@ -425,7 +468,7 @@ class _Model(metaclass=_ModelType):
         return y, final
 
     @on_input_device
-    def step(self, x_t: Array, state: Any = None) -> tuple[Array, tuple]:
+    def step(self, x_t: Array, state: Any = None) -> tuple[Array, tuple[Array, ...]]:
         """One time step of inference: ``y_t, state = model.step(x_t, state)``.
 
         Run over the steps of a sequence, it gives what :meth:`forward` gives for the
@@ -692,7 +735,7 @@ class _Model(metaclass=_ModelType):
     @on_input_device
     def backward(
         self, dy: Array, cache: ModelCache, dstate: Any = None
-    ) -> tuple[Array, tuple, list]:
+    ) -> tuple[Array, tuple[Array, ...], list[dict[str, Array]]]:
         """Backpropagation through time for a :meth:`forward` call.
 
         Parameters
@@ -745,8 +788,8 @@ class _Model(metaclass=_ModelType):
         dy = xp.permute_dims(dy, self._time_major)  # (T, m, D n_h)
         if dstate is not None:
             self._check_state_shapes(dstate, "dstate", m)
-        grads = [None] * (self.num_layers * D)
-        d0 = [None] * (self.num_layers * D)
+        grads: list[Any] = [None] * (self.num_layers * D)
+        d0: list[Any] = [None] * (self.num_layers * D)
         active, order = (None, None) if cache.pad is None else cache.pad
         # the output is zero past each length, whatever dy holds there (torch's packed
         # output has no such positions): no layer reads it
@@ -779,7 +822,7 @@ class _Model(metaclass=_ModelType):
         """The constructor's arguments of the class beyond the stack's."""
         return {}
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """The constructor's arguments, JSON-able: ``type(model).from_config(model.config())``
         builds a model of the same configuration (its parameters drawn afresh from
         ``seed``; save the parameters to keep them).
@@ -803,8 +846,8 @@ class _Model(metaclass=_ModelType):
                 "dtype": _dtype_name(self.dtype)}
 
     @classmethod
-    def from_config(cls, config: Mapping, *, xp: Any = None, device: Any = None,
-                    seed: int | np.random.Generator | None = 0) -> _Model:
+    def from_config(cls: type[_M], config: Mapping[str, Any], *, xp: Any = None,
+                    device: Any = None, seed: int | np.random.Generator | None = 0) -> _M:
         """A model built from ``config`` (:meth:`config`), with fresh parameters.
 
         Parameters
@@ -832,8 +875,8 @@ class _Model(metaclass=_ModelType):
 
     # ------------------------------------------------------------------ torch
     @classmethod
-    def from_torch(cls, module: Any, *, xp: Any = None, dtype: Any = None,
-                   device: Any = None) -> _Model:
+    def from_torch(cls: type[_M], module: Any, *, xp: Any = None, dtype: Any = None,
+                   device: Any = None) -> _M:
         """A model with the weights of a ``torch.nn`` module of the same kind.
 
         Parameters
@@ -877,7 +920,7 @@ class _Model(metaclass=_ModelType):
         return model_to_torch(self)
 
     # ------------------------------------------------------------------ conversion, copies
-    def to(self, xp: Any = None, *, dtype: Any = None, device: Any = None) -> _Model:
+    def to(self: _M, xp: Any = None, *, dtype: Any = None, device: Any = None) -> _M:
         """A copy of the model with its parameters in another namespace, dtype or device.
 
         Parameters

@@ -12,6 +12,7 @@ same pointwise code, so the two agree to floating-point rounding.
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import Literal, overload
 
 from .._lib.compat import copy, namespace, on_input_device
 from .._lib.typing import Array, Grads, Params
@@ -183,6 +184,21 @@ def lstm_cell_forward(
     cache = _StepCaches(state, xp)[0]
     return copy(tr(A[1, ...])), copy(tr(C[1, ...])), tr(Y[0, ...]), cache
 
+
+@overload
+def lstm_forward(
+    x: Array, a0: Array, params: Params, c0: Array | None = None, *, return_caches: Literal[True] = True
+) -> tuple[Array, Array, Array, LSTMCaches]: ...
+
+@overload
+def lstm_forward(
+    x: Array, a0: Array, params: Params, c0: Array | None = None, *, return_caches: Literal[False]
+) -> tuple[Array, Array, Array, None]: ...
+
+@overload
+def lstm_forward(
+    x: Array, a0: Array, params: Params, c0: Array | None = None, *, return_caches: bool
+) -> tuple[Array, Array, Array, LSTMCaches | None]: ...
 
 @on_input_device
 def lstm_forward(

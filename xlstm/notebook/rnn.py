@@ -22,6 +22,7 @@ agree to floating-point rounding.
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import Literal, overload
 
 from .._lib.checks import check_shape, require_mapping_keys
 from .._lib.compat import copy, namespace, on_input_device
@@ -191,6 +192,21 @@ def rnn_cell_forward(
     )
     return copy(tr(stacks["A"][1, ...])), tr(Y[0, ...]), _StepCaches(state, xp)[0]
 
+
+@overload
+def rnn_forward(
+    x: Array, a0: Array, parameters: Params, *, return_caches: Literal[True] = True
+) -> tuple[Array, Array, RNNCaches]: ...
+
+@overload
+def rnn_forward(
+    x: Array, a0: Array, parameters: Params, *, return_caches: Literal[False]
+) -> tuple[Array, Array, None]: ...
+
+@overload
+def rnn_forward(
+    x: Array, a0: Array, parameters: Params, *, return_caches: bool
+) -> tuple[Array, Array, RNNCaches | None]: ...
 
 @on_input_device
 def rnn_forward(
