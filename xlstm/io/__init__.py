@@ -48,7 +48,7 @@ from typing import Any, BinaryIO
 from .._lib.compat import device_scope, namespace, namespace_of_module, to_host
 from .._lib.files import check_file_object, describe, open_regular
 from .._lib.tree import flatten, is_tree, unflatten
-from .._lib.typing import Array, Params
+from .._lib.typing import Params
 from ..notebook.params import PARAM_KEYS, check_params, param_arrays
 from . import safetensors
 from .archive import read_archive
@@ -251,7 +251,7 @@ def _umask():
 
 def load_params(
     path: str | os.PathLike | BinaryIO, *, xp: Any = None, device: Any = None
-) -> dict[str, Array] | list:
+) -> Any:  # a dict or a list, as saved: the file says which
     """Load the parameters written by :func:`save_params`: the notebook's dict or a tree.
 
     The archive is read as untrusted data. Before any array data is read, every check is
