@@ -146,11 +146,17 @@ def test_examples_pass_mypy_strict(page, mypy_errors):
     assert not mypy_errors[page], "\n".join(mypy_errors[page])
 
 
-def test_example_modules_join_what_runs_together():
+def test_example_modules_join_what_runs_together(tmp_path):
     """An example continues the one before exactly when it reads a name it does not bind."""
-    readme = [(text, [number for _, number in starts])
-              for text, starts in example_modules(README)]
-    assert sum(len(numbers) for _, numbers in readme) == len(examples(README))
+    page = tmp_path / "page.md"
+    page.write_text("```python\nimport numpy as np\nx = np.ones(3)\n```\ntext\n"
+                    "```python\ndef f() -> float:\n    return float(x.sum())\n```\n"
+                    "```python\nimport numpy as np\nfor i in range(3):\n    print(i)\n```\n",
+                    encoding="utf-8")
+    modules = example_modules(page)
+    assert [[number for _, number in starts] for _, starts in modules] == [[1, 2], [3]]
+    assert modules[0][1] == [(1, 1), (3, 2)]  # example 2 starts on the module's line 3
+    assert modules[0][0].splitlines()[2] == "def f() -> float:"
     assert _free_names("import numpy as np\nx = np.ones(3)\ndef f():\n    return x, y\n") \
         == {"y"}
     assert _free_names("for i in range(3):\n    print(i, [j for j in range(i)])\n") == set()
