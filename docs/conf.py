@@ -8,8 +8,10 @@ Nothing is generated into the source tree: the API reference is written out in
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
+import types
 import warnings
 
 # Document the checkout next to this folder, even when another copy is installed.
@@ -26,6 +28,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",  # a [source] link beside every documented object
+    "sphinx-mathjax-offline",  # MathJax served from _static/, never from the network
     "numpydoc",
 ]
 
@@ -45,12 +49,31 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 
-html_theme = "alabaster"
+# viewcode: follow the public names to the modules that define them (xlstm.LSTM lives in
+# xlstm.models.recurrent), so that their [source] links lead there.
+viewcode_follow_imported_members = True
+
+# The theme. Nothing is fetched from the network when a page is read: the theme's fonts and
+# icons ship with it, and sphinx-mathjax-offline copies MathJax into _static/mathjax.
+html_theme = "pydata_sphinx_theme"
 html_title = f"xlstm {release}"
+html_short_title = "xlstm"
+html_last_updated_fmt = None
+html_show_sourcelink = False  # the [source] links of viewcode show the code; no .rst links
 html_theme_options = {
-    "description": "The LSTM of the step-by-step notebook, written once for the Python array API",
-    "fixed_sidebar": True,
+    "logo": {"text": f"xlstm {release}"},
+    "navbar_align": "left",
+    "header_links_before_dropdown": 5,
+    "navbar_persistent": [],
+    "navbar_end": ["search-button", "theme-switcher"],
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+    "secondary_sidebar_items": ["page-toc"],
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version", "theme-version"],
 }
+html_sidebars = {"**": []}  # a flat site: the navigation bar lists every page
+html_context = {"default_mode": "auto"}  # light or dark, as the reader's system is
 
 
 def _warning_to_sphinx(message, category, filename, lineno, file=None, line=None):
@@ -80,18 +103,25 @@ def _check_api_complete(app, env):
 def _public_alias(app, env, node, contnode):
     """Resolve ``xlstm.<module>.<name>`` to the documented ``xlstm.<name>``.
 
-    Docstrings may name a public object by its defining module (``xlstm.lstm.lstm_forward``);
+    Docstrings may name a public object by its defining module (``xlstm.lstm.lstm_forward``),
+    or by its bare name in that module's own docstrings (``fit`` in ``xlstm.training.fit``);
     the reference documents it once, under the package.
     """
     if node.get("refdomain") != "py":
         return None
     module, _, name = node.get("reftarget", "").rpartition(".")
+    bare = not module
+    if bare:  # look in the module whose docstring holds it
+        module = node.get("py:module") or ""
     if not module.startswith("xlstm.") or name not in xlstm.__all__:
         return None
     try:
-        same = getattr(importlib.import_module(module), name) is getattr(xlstm, name)
+        found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
+    # A bare name that is a submodule there (``xlstm.training.fit``) cannot be what a
+    # :func: or :class: role names: it means the public object.
+    same = found is getattr(xlstm, name) or (bare and isinstance(found, types.ModuleType))
     if not same:
         return None
     return env.get_domain("py").resolve_xref(
@@ -99,7 +129,24 @@ def _public_alias(app, env, node, contnode):
     )
 
 
+def _class_signature(app, what, name, obj, options, signature, return_annotation):
+    """A class whose metaclass defines ``__call__`` (the model classes' type translates
+    torch's argument names) is shown by autodoc with that call's ``(*args, **kwargs)``:
+    show its ``__init__``'s parameters instead, without annotations (as every signature
+    here: the numpydoc sections carry the types)."""
+    if what != "class" or signature != "(*args, **kwargs)":
+        return None
+    try:
+        sig = inspect.signature(obj.__init__)
+    except (TypeError, ValueError):
+        return None
+    params = [q.replace(annotation=inspect.Parameter.empty)
+              for q in list(sig.parameters.values())[1:]]  # without self
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty)), None
+
+
 def setup(app):
+    app.connect("autodoc-process-signature", _class_signature)
     app.connect("env-check-consistency", _check_api_complete)
     app.connect("missing-reference", _public_alias)
     return {"parallel_read_safe": True}
