@@ -17,6 +17,7 @@ as in the conformance suite.
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import numpy as np
@@ -160,7 +161,8 @@ def test_torch_gradcheck(torch, name, config):
         y, final = functional_call(module, params, (x, s), {"lengths": lengths})
         return (y, *(final[i] for i in outputs))
 
-    assert torch.autograd.gradcheck(fn, (x, *diff, *values), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (x, *diff, *values), fast_mode=True, rtol=1e-6,
+                                    atol=1e-8)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -263,39 +265,56 @@ def _close_jax(jax, actual, expected, err=""):
                  dtype=jax.numpy.float64, rtol=1e-10, atol=1e-12, err=err)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("name", NAMES)
-def test_jax_function_equals_forward_and_backward_under_jit(jax, name, config):
-    """Under ``jax.jit``: outputs, final state and the VJP (params, x, state) equal the
-    model's forward and backward; the frozen part gets zeros; its cotangent is unused."""
+def _jax_case(jax, case):
+    """The case's x, state, lengths and cotangents (dy, dstate) as JAX arrays."""
     jnp = jax.numpy
-    model = _model(name, config)
-    case = _case(model, config)
-    f = jax_function(_jax_model(jax, name, config))
-    params = _jax_model(jax, name, config).params
-    x, state = jnp.asarray(case["x"]), tuple(jnp.asarray(s) for s in case["state"])
     lengths = None if case["lengths"] is None else jnp.asarray(case["lengths"])
     ct = (jnp.asarray(case["dy"]), tuple(jnp.asarray(d) for d in case["dstate"]))
+    return (jnp.asarray(case["x"]), tuple(jnp.asarray(s) for s in case["state"]), lengths,
+            ct)
 
-    @jax.jit
+
+def _vjp(f):
+    """``(y, state), (dparams, dx, dstate0)`` of ``f`` at params, x, state, lengths for
+    the cotangent ``ct``."""
+    import jax
+
     def run(params, x, state, lengths, ct):
         out, vjp = jax.vjp(lambda p, x, s: f(p, x, s, lengths), params, x, state)
         return out, vjp(ct)
 
-    (y, final), (grads, dx, dstate0) = run(params, x, state, lengths, ct)
+    return run
+
+
+def _check_against_reference(jax, model, case, out, grads, params):
+    """``out`` and ``grads`` of :func:`_vjp` against the model's forward and backward."""
+    (y, final), (dparams, dx, dstate0) = out, grads
     want_y, want_final, want_dx, want_dstate0, want_grads = _reference(model, case)
     _close_jax(jax, y, want_y, "y")
+    assert isinstance(final, tuple) and isinstance(dstate0, tuple)
     for k, got, want in zip(model.layer.state_names, final, want_final):
         _close_jax(jax, got, want, f"final {k}")
     _close_jax(jax, dx, want_dx, "dx")
-    assert isinstance(dstate0, tuple)
     for k, got, want, frozen in zip(model.layer.state_names, dstate0, want_dstate0,
                                     _frozen(model)):
         _close_jax(jax, got, np.zeros_like(want) if frozen else want, f"dstate0 {k}")
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert jax.tree.structure(dparams) == jax.tree.structure(params)
     for i, layer in enumerate(want_grads):
         for k, want in layer.items():
-            _close_jax(jax, grads[i][k], want, f"d{i}_{k}")
+            _close_jax(jax, dparams[i][k], want, f"d{i}_{k}")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("name", NAMES)
+def test_jax_function_equals_forward_and_backward(jax, name, config):
+    """Outputs, final state and the VJP (params, x, state) equal the model's forward and
+    backward; the frozen part gets zeros and its cotangent is not used."""
+    model = _model(name, config)
+    case = _case(model, config)
+    jmodel = _jax_model(jax, name, config)
+    x, state, lengths, ct = _jax_case(jax, case)
+    out, grads = _vjp(jax_function(jmodel))(jmodel.params, x, state, lengths, ct)
+    _check_against_reference(jax, model, case, out, grads, jmodel.params)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -306,13 +325,11 @@ def test_jax_check_grads(jax, name, config):
     parts."""
     from jax.test_util import check_grads
 
-    jnp = jax.numpy
     model = _jax_model(jax, name, config)
     case = _case(model, config, seed=1)
     f = jax_function(model)
     frozen = _frozen(model)
-    state = [jnp.asarray(s) for s in case["state"]]
-    lengths = None if case["lengths"] is None else jnp.asarray(case["lengths"])
+    x, state, lengths, _ = _jax_case(jax, case)
     outputs = _checked_outputs(model)
 
     def g(params, x, diff):
@@ -322,33 +339,29 @@ def test_jax_check_grads(jax, name, config):
         return (y, *(final[i] for i in outputs))
 
     diff = [s for s, fr in zip(state, frozen) if not fr]
-    check_grads(g, (model.params, jnp.asarray(case["x"]), diff), order=1, modes=["rev"])
+    check_grads(g, (model.params, x, diff), order=1, modes=["rev"])
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_jax_vmap_of_grad(jax, name):
-    """``jax.vmap`` over a leading batch of x (of the gradient too) equals one call per
-    element; ``state=None`` and a padded batch included."""
+def test_jax_function_under_jit_and_vmap(jax, name):
+    """``jax.jit`` of ``jax.vmap`` over a leading batch of x and of the cotangents (two
+    bidirectional layers, a padded batch): each element's outputs and VJP equal the
+    model's forward and backward of that element."""
     jnp = jax.numpy
     config = (2, True, True)
-    model = _jax_model(jax, name, config)
-    case = _case(model, config)
-    f = jax_function(model)
-    lengths = jnp.asarray(case["lengths"])
-    w = jnp.asarray(case["dy"])
-
-    def loss(params, x):
-        y, final = f(params, x, None, lengths)
-        return jnp.sum(y * w) + sum(jnp.sum(final[i]) for i in _checked_outputs(model))
-
-    xs = jnp.stack([jnp.asarray(case["x"]), -0.5 * jnp.asarray(case["x"])])
-    ys, _ = jax.vmap(lambda x: f(model.params, x, None, lengths))(xs)
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(model.params, xs)
-    for b in range(2):
-        _close_jax(jax, ys[b], f(model.params, xs[b], None, lengths)[0], f"y[{b}]")
-        one = jax.grad(loss)(model.params, xs[b])
-        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(one)):
-            _close_jax(jax, got[b], want, f"grads[{b}]")
+    model = _model(name, config)
+    cases = [_case(model, config, seed=s) for s in (2, 3)]
+    for c in cases[1:]:  # one state and one set of lengths for the whole batch
+        c["state"], c["lengths"] = cases[0]["state"], cases[0]["lengths"]
+    jmodel = _jax_model(jax, name, config)
+    _, state, lengths, _ = _jax_case(jax, cases[0])
+    xs, cts = zip(*((x, ct) for x, _, _, ct in (_jax_case(jax, c) for c in cases)))
+    batched = jax.jit(jax.vmap(_vjp(jax_function(jmodel)), in_axes=(None, 0, None, None, 0)))
+    outs, grads = batched(jmodel.params, jnp.stack(xs), state, lengths,
+                          jax.tree.map(lambda *a: jnp.stack(a), *cts))
+    for b, case in enumerate(cases):
+        pick = functools.partial(jax.tree.map, lambda a: a[b])
+        _check_against_reference(jax, model, case, pick(outs), pick(grads), jmodel.params)
 
 
 def test_jax_state_structures_dropout_and_errors(jax):
