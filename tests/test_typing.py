@@ -3,6 +3,7 @@ method has annotations on all its parameters and its return, and they resolve.""
 
 from __future__ import annotations
 
+import ast
 import builtins
 import inspect
 import re
@@ -14,7 +15,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from test_readme import README, examples
+from test_readme import PAGES, examples
 
 import xlstm
 import xlstm.autodiff
@@ -55,10 +56,39 @@ _UNFOLLOWED = ("torch", "jax", "jaxlib", "cupy", "cupyx", "numba", "llvmlite", "
                "array_api_compat", "safetensors")
 
 
+def _bound_names(code: str) -> set[str]:
+    """The names that ``code`` binds at its top level."""
+    return {s.get_name() for s in symtable.symtable(code, "example", "exec").get_symbols()
+            if s.is_assigned() or s.is_imported()}
+
+
+class _TopLevel(ast.NodeVisitor):
+    """The names a statement reads and binds in its own scope (not in a function, class,
+    lambda or comprehension that it defines, whose name alone it binds)."""
+
+    def __init__(self) -> None:
+        self.read: set[str] = set()
+        self.bound: set[str] = set()
+
+    def visit_Name(self, node: ast.Name) -> None:
+        (self.read if isinstance(node.ctx, ast.Load) else self.bound).add(node.id)
+
+    def visit_alias(self, node: ast.alias) -> None:
+        self.bound.add((node.asname or node.name).split(".")[0])
+
+    def _scope(self, node: ast.AST) -> None:
+        name = getattr(node, "name", None)
+        if name is not None:
+            self.bound.add(name)
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _scope
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _scope
+
+
 def _free_names(code: str) -> set[str]:
-    """The names that ``code`` reads without binding them (builtins aside)."""
+    """The names that ``code`` reads without binding them first (builtins aside): those its
+    functions read and it never binds, and those a statement reads before one binds them."""
     top = symtable.symtable(code, "example", "exec")
-    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
     read: set[str] = set()
 
     def walk(table: symtable.SymbolTable) -> None:
@@ -68,22 +98,46 @@ def _free_names(code: str) -> set[str]:
             walk(child)
 
     walk(top)
-    return read - bound - set(dir(builtins))
+    free = read - _bound_names(code)
+    bound: set[str] = set()
+    for statement in ast.parse(code).body:
+        names = _TopLevel()
+        names.visit(statement)
+        free |= names.read - bound - names.bound  # (a loop reads what it binds)
+        bound |= names.bound
+    return free - set(dir(builtins))
 
 
-def example_modules(page: Path) -> list[tuple[str, list[tuple[int, int]]]]:
-    """The examples of ``page`` as the modules a reader type-checks: an example that reads a
-    name it does not bind continues the module of the one before (the examples of a page run
-    in one namespace), any other starts a module. Each module comes with its ``(first line,
-    example number)`` pairs, to name the example of a line."""
-    modules: list[tuple[str, list[tuple[int, int]]]] = []
+def example_modules(page: Path) -> list[tuple[str, str, list[tuple[int, int]]]]:
+    """The examples of ``page`` as the modules of a package ``examples`` that a reader
+    type-checks, as ``(name, text, starts)``.
+
+    The examples of a page run in one namespace: an example that reads a name it does not
+    bind continues the module of the one before, any other starts a module; a module that
+    still reads a name it does not bind imports it from the last module before it that
+    binds it. ``starts`` pairs each example's first line in the module with its number,
+    to name the example of a line."""
+    stem = re.sub(r"\W", "_", page.stem.lower())
+    chunks: list[tuple[str, list[tuple[int, int]]]] = []
     for number, code in enumerate(examples(page), start=1):
-        if modules and _free_names(code):
-            text, starts = modules[-1]
-            starts.append((text.count("\n") + 1, number))
-            modules[-1] = (text + code, starts)
+        if chunks and _free_names(code):
+            text, starts = chunks[-1]
+            chunks[-1] = (text + code, [*starts, (text.count("\n") + 1, number)])
         else:
-            modules.append((code, [(1, number)]))
+            chunks.append((code, [(1, number)]))
+    modules: list[tuple[str, str, list[tuple[int, int]]]] = []
+    for k, (text, starts) in enumerate(chunks):
+        imports: dict[int, list[str]] = {}
+        for name in sorted(_free_names(text)):
+            source = next((j for j in range(k - 1, -1, -1)
+                           if name in _bound_names(chunks[j][0])), None)
+            if source is not None:  # else mypy reports the name as undefined
+                imports.setdefault(source, []).append(name)
+        head = "".join(f"from examples.{stem}_{j + 1} import {', '.join(names)}\n"
+                       for j, names in sorted(imports.items()))
+        lines = head.count("\n")
+        modules.append((f"{stem}_{k + 1}", head + text,
+                        [(first + lines, number) for first, number in starts]))
     return modules
 
 
@@ -95,7 +149,8 @@ def _mypy_config(folder: Path) -> Path:
     installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
     if package_root not in installed:  # a checkout (an editable install's import hook
         lines.append(f"mypy_path = {package_root}")  # is invisible to mypy)
-    lines += ["[mypy-xlstm.*]", "follow_imports = silent",
+    lines += ["[mypy-examples.*]", "implicit_reexport = True",  # a page's shared names
+              "[mypy-xlstm.*]", "follow_imports = silent",
               "[mypy-" + ",".join(f"{name}.*" for name in _UNFOLLOWED) + "]",
               "follow_imports = skip", "ignore_missing_imports = True"]
     config = folder / "mypy.ini"
@@ -110,19 +165,19 @@ def mypy_errors(tmp_path_factory) -> dict[Path, list[str]]:
     pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy, or the "
                                        "package's test extra)")
     folder = tmp_path_factory.mktemp("mypy")
+    (folder / "examples").mkdir()
+    (folder / "examples" / "__init__.py").write_text("", encoding="utf-8")
     where: dict[str, tuple[Path, list[tuple[int, int]]]] = {}
     for page in _CHECKED_PAGES:
-        stem = re.sub(r"\W", "_", page.stem.lower())
-        for k, (text, starts) in enumerate(example_modules(page), start=1):
-            name = f"{stem}_{k}.py"
-            (folder / name).write_text(text, encoding="utf-8")
-            where[name] = (page, starts)
+        for name, text, starts in example_modules(page):
+            (folder / "examples" / f"{name}.py").write_text(text, encoding="utf-8")
+            where[f"{name}.py"] = (page, starts)
     run = subprocess.run([sys.executable, "-m", "mypy", "--config-file",
-                          str(_mypy_config(folder)), "--no-error-summary", *sorted(where)],
+                          str(_mypy_config(folder)), "--no-error-summary", "examples"],
                          cwd=folder, capture_output=True, text=True, timeout=300, check=False)
     errors: dict[Path, list[str]] = {page: [] for page in _CHECKED_PAGES}
     for line in run.stdout.splitlines():
-        found = re.match(r"(\w+\.py):(\d+): (.*)", line)
+        found = re.match(r"examples[/\\](\w+\.py):(\d+): (.*)", line)
         if not found or found.group(1) not in where:
             continue
         page, starts = where[found.group(1)]
@@ -135,8 +190,8 @@ def mypy_errors(tmp_path_factory) -> dict[Path, list[str]]:
     return errors
 
 
-#: The pages whose examples are type-checked.
-_CHECKED_PAGES = (README,)
+#: The pages whose examples are type-checked: the README and every page of ``docs/``.
+_CHECKED_PAGES = PAGES
 
 
 @pytest.mark.parametrize("page", _CHECKED_PAGES, ids=lambda p: p.name)
@@ -154,9 +209,15 @@ def test_example_modules_join_what_runs_together(tmp_path):
                     "```python\nimport numpy as np\nfor i in range(3):\n    print(i)\n```\n",
                     encoding="utf-8")
     modules = example_modules(page)
-    assert [[number for _, number in starts] for _, starts in modules] == [[1, 2], [3]]
-    assert modules[0][1] == [(1, 1), (3, 2)]  # example 2 starts on the module's line 3
-    assert modules[0][0].splitlines()[2] == "def f() -> float:"
+    assert [[number for _, number in starts] for _, _, starts in modules] == [[1, 2], [3]]
+    assert modules[0][2] == [(1, 1), (3, 2)]  # example 2 starts on the module's line 3
+    assert modules[0][1].splitlines()[2] == "def f() -> float:"
+    page.write_text(page.read_text(encoding="utf-8")
+                    + "```python\nprint(x, np.pi, f())\n```\n", encoding="utf-8")
+    name, text, starts = example_modules(page)[-1]  # joins 3, importing from 1
+    assert name == "page_2" and starts == [(2, 3), (5, 4)]
+    assert text.startswith("from examples.page_1 import f, x\nimport numpy as np\n")
     assert _free_names("import numpy as np\nx = np.ones(3)\ndef f():\n    return x, y\n") \
         == {"y"}
     assert _free_names("for i in range(3):\n    print(i, [j for j in range(i)])\n") == set()
+    assert _free_names("save(params)\nparams = load()\n") == {"save", "params", "load"}
