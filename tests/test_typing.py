@@ -1,5 +1,7 @@
 """The public API is typed (the package ships ``py.typed``): every public function and
-method has annotations on all its parameters and its return, and they resolve."""
+method has annotations on all its parameters and its return, and they resolve; and the
+examples of the README and of every page of ``docs/`` pass ``mypy --strict`` as written
+(skipped where mypy is not installed: it is in the ``test`` extra)."""
 
 from __future__ import annotations
 
