@@ -200,7 +200,9 @@ def test_torch_parameters_train_and_state_carries(torch, name):
         for k, v in layer.items():
             assert not np.allclose(v.numpy(), before[i][k]), f"{i} {k} did not change"
             np.testing.assert_array_equal(model.params[i][k], before[i][k])  # the model's
-    assert pickle.loads(pickle.dumps(type(module))) is type(module)  # a class by name
+    back = pickle.loads(pickle.dumps(module))  # the class is found by name
+    assert type(back) is type(module)
+    _close_torch(torch, back(x)[0], module(x)[0].detach(), "y, unpickled")
 
 
 def test_torch_dropout_inference_and_errors(torch):
@@ -231,6 +233,8 @@ def test_torch_dropout_inference_and_errors(torch):
         module(x.float())
     with pytest.raises(TypeError, match=r"state must be the tuple \(a, c\)"):
         module(x, torch.zeros(4, 4, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"state\[1\] must be a torch.Tensor"):
+        module(x, (torch.zeros(4, 4, 2, dtype=torch.float64), case["state"][1]))
     with pytest.raises(TypeError, match="model must be an instance of a model class"):
         torch_module(torch.nn.LSTM(3, 4))
     single = torch_module(_model("gru"), dtype="float32")  # a bare array for a one-part state
@@ -398,6 +402,29 @@ def test_jax_state_structures_dropout_and_errors(jax):
     _close_jax(jax, run(model.params, case["x"])[0], model.forward(case["x"])[0], "y, eval")
     with pytest.raises(TypeError, match="model must be an instance of a model class"):
         jax_function(lambda x: x)
+
+
+def test_second_order(jax, torch):
+    """JAX differentiates the backward pass in turn (a Hessian-vector product equals JAX's
+    autodiff of the forward pass); torch's backward pass is not differentiable and says
+    so."""
+    jnp = jax.numpy
+    model = _jax_model(jax, "lstm", (1, False, False))
+    f = jax_function(model)
+    x = jnp.asarray(_case(model, (1, False, False))["x"])
+    v = jnp.cos(x)
+
+    def hvp(loss):
+        return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
+
+    mine = hvp(lambda x: jnp.sum(jnp.tanh(f(model.params, x)[0])))
+    plain = hvp(lambda x: jnp.sum(jnp.tanh(model.forward(x, return_cache=False)[0])))
+    _close_jax(jax, mine, plain, "hvp")
+    module = torch_module(_model("lstm"))
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    (dx,) = torch.autograd.grad(module(xt)[0].square().sum(), xt, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.sum().backward()
 
 
 def test_top_level_module_keeps_the_notebook_function():

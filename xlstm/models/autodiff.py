@@ -147,7 +147,8 @@ def _torch_runner(model, torch, dtype, device):
     if callable(to):
         runner = to(xp=torch, dtype=dtype, device=device)
     else:
-        runner = type(model).from_config(model.config(), xp=torch, device=device)
+        config = {**model.config(), "dtype": _dtype_name(dtype)}
+        runner = type(model).from_config(config, xp=torch, device=device)
     # copies, so that the module's parameters share no memory with the model's
     runner.params = [
         {k: v.detach().to(dtype=dtype, device=device, copy=True) if on_torch else
@@ -217,13 +218,14 @@ def _torch_classes():
                 for layer in runner.params
             )
 
-        def model_params(self) -> list:
+        def model_params(self) -> list[dict[str, Any]]:
             """The parameters in the structure of ``model.params`` (detached tensors, which
             share memory with the module's)."""
             return [{k: layer[k].detach() for k in ks}
                     for layer, ks in zip(self.params, self._keys)]
 
-        def forward(self, x, state=None, *, lengths=None, seed=None):
+        def forward(self, x: Any, state: Any = None, *, lengths: Any = None,
+                    seed: int | None = None) -> tuple[Any, tuple]:
             """``(y, state)`` of the model's :meth:`forward` (see :func:`torch_module`)."""
             runner = self.model
             if not isinstance(x, torch.Tensor):
@@ -243,6 +245,10 @@ def _torch_classes():
                                     f"of {type(runner).__name__}, or None, got "
                                     f"{type(state).__name__}")
                 state = tuple(state)
+                for i, s in enumerate(state):
+                    if not isinstance(s, torch.Tensor):
+                        raise TypeError(f"state[{i}] must be a torch.Tensor, got "
+                                        f"{type(s).__name__}")
             train = self.training
             if seed is None and train and runner.dropout > 0.0 and runner.num_layers > 1:
                 seed = int(torch.randint(0, 2**62, ()))  # torch's generator decides
@@ -259,7 +265,7 @@ def _torch_classes():
                                       *(state or ()), *values)
             return out[0], tuple(out[1:])
 
-        def extra_repr(self):
+        def extra_repr(self) -> str:
             return f"model={self.model!r}"
 
     # the class is this module's TorchModule (see __getattr__), by name: it pickles
