@@ -731,9 +731,6 @@ def test_torch_modules_of_another_kind_are_refused(spec):
         if other != spec[0]:
             with pytest.raises(TypeError, match=f"module must be a torch.nn.{spec[0]}"):
                 cls.from_torch(getattr(torch.nn, other)(N_X, N_A))
-    if spec[0] == "LSTM":
-        with pytest.raises(ValueError, match="proj_size=2"):
-            cls.from_torch(torch.nn.LSTM(N_X, N_A, proj_size=2))
 
 
 @SPEC

@@ -329,14 +329,16 @@ def _walk(jaxpr):
 
 # ---------------------------------------------------------------------- autodiff wrappers
 def _count_backward(monkeypatch):
+    from xlstm.notebook import autodiff as notebook_autodiff  # where lstm is defined
+
     calls = []
-    real = autodiff.lstm_backward
+    real = notebook_autodiff.lstm_backward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(autodiff, "lstm_backward", counted)
+    monkeypatch.setattr(notebook_autodiff, "lstm_backward", counted)
     return calls
 
 

@@ -229,8 +229,9 @@ def test_torch_names_are_aliases_and_unknown_names_are_named():
     assert (model.n_x, model.n_a, model.layout, model.num_layers) == (3, 5, "batch_first", 2)
     assert xlstm.SLSTM(input_size=3, hidden_size=4, num_heads=2).n_h == 4
     assert xlstm.GRU(3, 4, batch_first=False).layout == "notebook"
-    with pytest.raises(TypeError, match=r"LSTM\(\) has no argument 'proj_size'"):
-        xlstm.LSTM(3, 4, proj_size=2)
+    with pytest.raises(TypeError, match=r"GRU\(\) has no argument 'proj_size': a projection "
+                                        r"\(torch's LSTMP\) is the LSTM's"):
+        xlstm.GRU(3, 4, proj_size=2)
     with pytest.raises(TypeError, match=r"GRU\(\) has no argument 'bias': .*set them to zero"):
         xlstm.GRU(3, 4, bias=False)
     with pytest.raises(TypeError, match=r"RNN\(\) got an unexpected keyword argument 'hidden'; "
@@ -240,3 +241,18 @@ def test_torch_names_are_aliases_and_unknown_names_are_named():
         xlstm.LSTM(3, n_a=4, hidden_size=4)
     with pytest.raises(TypeError, match="batch_first must be a bool"):
         xlstm.LSTM(3, 4, batch_first="yes")
+
+
+def test_jit_reads_lengths_closed_over(backend_named):
+    """Lengths that a jitted function closes over are concrete: checked and used."""
+    xp, device = backend_named("jax")
+    import jax
+
+    model = xlstm.GRU(N_X, N_A, xp=xp, device=device, seed=1)
+    x = xp.asarray(np.ones((N_X, M, T), np.float32), device=device)
+    lengths = xp.asarray([T, 2], device=device)
+    y = jax.jit(lambda x: model(x, lengths=lengths)[0])(x)
+    assert_close(y, model(x, lengths=lengths)[0], xp=xp, device=device)
+    bad = xp.asarray([T + 1, 2], device=device)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, T\]"):
+        jax.jit(lambda x: model(x, lengths=bad)[0])(x)

@@ -303,10 +303,12 @@ class Cell:
 
     def from_torch_arrays(self, w_ih, w_hh, b_ih, b_hh) -> dict:
         """One layer's dict (host numpy arrays) from torch's ``weight_ih, weight_hh,
-        bias_ih, bias_hh`` of that layer and direction (host numpy arrays)."""
+        bias_ih, bias_hh`` of that layer and direction (host numpy arrays). ``weight_hh``
+        may have fewer columns than rows per gate (the LSTM's projection: its recurrent
+        input is the projected state)."""
         import numpy as np
 
-        n_a = w_hh.shape[1]
+        n_a = w_hh.shape[0] // self.n_gates
         out = {}
         for j, g in enumerate(self.torch_gates):
             rows = slice(j * n_a, (j + 1) * n_a)
@@ -315,15 +317,17 @@ class Cell:
             out["bh" + g] = b_hh[rows].reshape(n_a, 1).copy()
         return {k: out[k] for k in self.param_shapes(w_ih.shape[1], n_a)}
 
-    def to_torch_arrays(self, layer: Mapping) -> tuple:
-        """Inverse of :meth:`from_torch_arrays`: ``(w_ih, w_hh, b_ih, b_hh)``."""
+    def to_torch_arrays(self, layer: Mapping, n_rec: int | None = None) -> tuple:
+        """Inverse of :meth:`from_torch_arrays`: ``(w_ih, w_hh, b_ih, b_hh)``; ``n_rec`` is
+        the width of the recurrent input (default ``n_a``; the projection's size for a
+        projected LSTM)."""
         import numpy as np
 
-        n_a = layer["W" + self.torch_gates[0]].shape[0]
+        n_rec = layer["W" + self.torch_gates[0]].shape[0] if n_rec is None else n_rec
         W = np.concatenate([layer["W" + g] for g in self.torch_gates], axis=0)
         b = np.concatenate([layer["b" + g] for g in self.torch_gates], axis=0).reshape(-1)
         bh = np.concatenate([layer["bh" + g] for g in self.torch_gates], axis=0).reshape(-1)
-        return W[:, n_a:], W[:, :n_a], b, bh
+        return W[:, n_rec:], W[:, :n_rec], b, bh
 
     def fuse_forward(self, params: Mapping, n_a: int, *, xp: Any):
         """``(WxT, bx, WaT, ba)``: ``(n_x, k n_a)``, ``(1, k n_a)``, ``(n_a, k n_a)`` and

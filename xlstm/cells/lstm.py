@@ -31,7 +31,8 @@ def fused_forward_weights(params, n_a, *, xp):
     """Stacked weights for the forward pass: ``(WaT, WxT, b)``.
 
     ``WaT`` is ``(n_a, 4 n_a)``, ``WxT`` is ``(n_x, 4 n_a)`` and ``b`` is ``(1, 4 n_a)``, in
-    gate order (o, f, i, c). The sigmoid-gate rows are pre-multiplied by 0.5, so that one
+    gate order (o, f, i, c); ``n_a`` splits the columns of ``W*`` (the recurrent input's
+    width: a projected LSTM's ``proj_size``). The sigmoid-gate rows are pre-multiplied by 0.5, so that one
     ``tanh`` over all four gates yields ``tanh(z/2)`` for the sigmoid gates
     (``sigmoid(z) = 0.5 tanh(z/2) + 0.5``) and ``tanh(z)`` for the candidate. Scaling by a
     power of two is exact in binary floating point, so this is bit-for-bit the same as
@@ -41,7 +42,7 @@ def fused_forward_weights(params, n_a, *, xp):
         [0.5 * params["Wo"], 0.5 * params["Wf"], 0.5 * params["Wi"], params["Wc"]], xp=xp
     )
     b = xp.concat([0.5 * params["bo"], 0.5 * params["bf"], 0.5 * params["bi"], params["bc"]])
-    return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, 4 * n_a))
+    return WT[:n_a, :], WT[n_a:, :], xp.reshape(b, (1, b.shape[0]))
 
 
 def fused_backward_weights(params, n_a, *, xp):
@@ -158,7 +159,7 @@ class LSTMCell(Cell):
         if self.hidden_bias_keys[0] in params:
             bh = xp.concat([0.5 * params["bho"], 0.5 * params["bhf"], 0.5 * params["bhi"],
                             params["bhc"]])
-            b = b + xp.reshape(bh, (1, 4 * n_a))
+            b = b + xp.reshape(bh, (1, bh.shape[0]))
         return WxT, b, WaT, None
 
     def fuse_backward(self, params, n_a, *, xp):

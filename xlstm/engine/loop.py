@@ -199,7 +199,8 @@ class _Collect:
         return self.xp.concat([b for _, b in self.blocks], axis=0)
 
 
-def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, active=None):
+def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, active=None,
+            g0=None):
     """Run ``cell`` over ``x``, time-major ``(T, m, n_x)``.
 
     ``state0`` holds one ``(m, n_a)`` array or ``None`` (zeros) per state of the cell;
@@ -213,7 +214,9 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     Without ``keep``, the memory beyond the collected stacks does not grow with ``T``.
 
     ``active``, if given, is a ``(T, m, 1)`` boolean array: where it is false the row is
-    padding and keeps its state (the cell's new values are discarded).
+    padding and keeps its state (the cell's new values are discarded). ``g0``, if given,
+    is a ``(m, k n_a)`` term added to the first step's input term (in the fused layout of
+    ``cell.fuse_forward``): the projected LSTM's recurrent term of its initial state.
     """
     T, m, n_x = x.shape
     dtype, dev = x.dtype, device_of(x)
@@ -283,6 +286,11 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
         else:
             Gx = Gx + bx
         Gx = xp.reshape(Gx, (t1 - t0, m, WxT.shape[1]))
+        if t0 == 0 and g0 is not None:
+            if is_writeable(Gx):
+                Gx[0, ...] += g0
+            else:
+                Gx = xp.concat([(Gx[0, ...] + g0)[None, ...], Gx[1:, ...]], axis=0)
         if loops is not None:
             sl = slice(t0, t1) if keep else slice(0, 1)
             chunk_bufs = {k: bufs[k] for k in cell.state_names}
@@ -313,7 +321,7 @@ def forward(cell, x, state0, params, n_a, *, xp, keep, head=None, collect=None, 
     return stacks, finals, res.get("Y"), kept
 
 
-def backward(cell, da, cache, *, xp, dstate=None, active=None):
+def backward(cell, da, cache, *, xp, dstate=None, active=None, first=False):
     """Backward pass over the first ``T_da = da.shape[0]`` steps of a forward pass, from its
     ``cache`` (the cell's ``Cache``).
 
@@ -324,7 +332,8 @@ def backward(cell, da, cache, *, xp, dstate=None, active=None):
     gradients in the cell's names (:meth:`~xlstm.cells.base.Cell.unfuse_grads`).
     ``active`` is the forward pass's (:func:`forward`): a padded row's step has no gate
     gradients, ignores its ``da`` (the caller's output there is zero) and passes the
-    gradients on its state through.
+    gradients on its state through. ``first=True`` appends the gradient on the first
+    step's input term, ``(m, k n_a)`` (that of :func:`forward`'s ``g0``).
     """
     n_a = cache.n_a
     T, m = da.shape[0], da.shape[1]
@@ -365,4 +374,7 @@ def backward(cell, da, cache, *, xp, dstate=None, active=None):
     dbx = xp.sum(dGxT, axis=1, keepdims=True)  # (15)-(18)
     dba = xp.sum(dGaT, axis=1, keepdims=True) if cell.split else dbx
     dX = xp.reshape(dGx @ Wx, (T, m, Wx.shape[1]))  # (21)
-    return dX, tuple(carry), cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp, params=cache.params)
+    grads = cell.unfuse_grads(dWx, dWa, dbx, dba, xp=xp, params=cache.params)
+    if first:
+        return dX, tuple(carry), grads, dGx[:m, ...]
+    return dX, tuple(carry), grads

@@ -2,7 +2,7 @@
 
 :func:`torch_module` wraps a model as a ``torch.nn.Module`` whose parameters are torch
 ``Parameter``\\ s and whose call is a ``torch.autograd.Function``: torch autograd (and any
-torch optimizer) runs the model's hand-written :meth:`backward` instead of recording the
+torch optimizer) runs the model's hand-written :meth:`~xlstm.LSTM.backward` instead of recording the
 forward pass operation by operation. :func:`jax_function` gives the model as a
 ``jax.custom_vjp`` function of its parameters, ``f(params, x, state=None, lengths=None)``,
 for ``jax.grad``, ``jax.jit`` and ``jax.vmap``::
@@ -15,10 +15,10 @@ for ``jax.grad``, ``jax.jit`` and ``jax.vmap``::
 
 The stabiliser of the xLSTM models (the ``m_state`` of :class:`~xlstm.SLSTM` and
 :class:`~xlstm.MLSTM`; ``model.layer.frozen``) carries no gradient, as in
-:meth:`backward`: its part of the initial state gets none, and a gradient on its part of the
+:meth:`~xlstm.LSTM.backward`: its part of the initial state gets none, and a gradient on its part of the
 final state is not used. The parts kept in its scale (their ``c`` and ``n_state``, the
 mLSTM's ``C``; ``model.layer.scaled``) take and give gradients in that scale with the
-stabiliser held, as :meth:`backward`'s ``dstate``: exact for state carried across calls to a
+stabiliser held, as :meth:`~xlstm.LSTM.backward`'s ``dstate``: exact for state carried across calls to a
 loss on the outputs (truncated backpropagation), but not the derivative of their raw values,
 which are defined only up to the stabiliser's scale.
 
@@ -61,14 +61,14 @@ def torch_module(model: Any, *, dtype: Any = None, device: Any = None) -> Any:
     ``ParameterDict`` per (layer, direction) (``module.params[i]["Wf"]``, state-dict keys
     ``params.<i>.<key>``), so that torch optimizers, ``state_dict``, ``.to()``,
     ``.double()`` and ``torch.func.functional_call`` work as for any module. Its call runs
-    a ``torch.autograd.Function`` whose forward is :meth:`forward` and whose backward is
-    :meth:`backward` (xlstm's hand-written backpropagation through time).
+    a ``torch.autograd.Function`` whose forward is :meth:`~xlstm.LSTM.forward` and whose backward is
+    :meth:`~xlstm.LSTM.backward` (xlstm's hand-written backpropagation through time).
 
     Parameters
     ----------
     model : LSTM, GRU, RNN, SLSTM, MLSTM or Recurrent
         The model, in any namespace; its configuration and parameters are copied (training
-        the module does not change ``model.params``; :meth:`model_params` gives the
+        the module does not change ``model.params``; ``model_params()`` gives the
         module's).
     dtype : torch.dtype or str, optional
         The parameters' dtype; default the model's (``torch.float64`` for a float64 model).
@@ -79,7 +79,7 @@ def torch_module(model: Any, *, dtype: Any = None, device: Any = None) -> Any:
     -------
     module : torch.nn.Module
         ``module(x, state=None, *, lengths=None, seed=None) -> (y, state)``, with ``x``,
-        ``y`` and ``state`` as in the model's :meth:`forward` (its layout, a tuple of
+        ``y`` and ``state`` as in the model's :meth:`~xlstm.LSTM.forward` (its layout, a tuple of
         ``(num_layers * D, ..., m)`` state arrays). ``module.training`` is the model's
         ``train`` (dropout between layers; torch modules start in training mode, so call
         ``module.eval()`` for inference). ``seed`` seeds the dropout masks; when they are
@@ -101,11 +101,11 @@ def torch_module(model: Any, *, dtype: Any = None, device: Any = None) -> Any:
     returned as a tensor that does not require grad, and a frozen part of the initial state
     gets no gradient (``None``), by the model's definition: the outputs do not depend on it.
     The parts in its scale (``model.layer.scaled``) take and give gradients in that scale
-    with the stabiliser held (see :meth:`backward`).
+    with the stabiliser held (see :meth:`~xlstm.LSTM.backward`).
 
     Without grad mode, or when nothing requires grad (``torch.no_grad()``,
     ``module.requires_grad_(False)``), the call keeps nothing for a backward pass
-    (:meth:`forward` with ``return_cache=False``). The backward pass is not itself
+    (:meth:`~xlstm.LSTM.forward` with ``return_cache=False``). The backward pass is not itself
     differentiable: a second-order gradient raises.
 
     Examples
@@ -173,8 +173,8 @@ def _torch_classes():
     from torch.autograd.function import once_differentiable
 
     class ModelFunction(torch.autograd.Function):
-        """``(y, *final_state)`` of a model's :meth:`forward`; backward is its
-        :meth:`backward`."""
+        """``(y, *final_state)`` of a model's :meth:`~xlstm.LSTM.forward`; backward is its
+        :meth:`~xlstm.LSTM.backward`."""
 
         @staticmethod
         def forward(ctx, runner, call, keys, n_state, x, lengths, *arrays):
@@ -226,7 +226,7 @@ def _torch_classes():
 
         def forward(self, x: Any, state: Any = None, *, lengths: Any = None,
                     seed: int | None = None) -> tuple[Any, tuple]:
-            """``(y, state)`` of the model's :meth:`forward` (see :func:`torch_module`)."""
+            """``(y, state)`` of the model's :meth:`~xlstm.LSTM.forward` (see :func:`torch_module`)."""
             runner = self.model
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -285,7 +285,7 @@ def jax_function(model: Any) -> Callable:
 
     ``f(params, x, state=None, lengths=None, train=False, seed=None) -> (y, state)`` is
     ``model.forward(x, state, lengths=lengths, params=params, train=train, seed=seed)``
-    without the cache; reverse mode (``jax.grad``, ``jax.vjp``) runs :meth:`backward`,
+    without the cache; reverse mode (``jax.grad``, ``jax.vjp``) runs :meth:`~xlstm.LSTM.backward`,
     xlstm's hand-written backpropagation through time, instead of differentiating the
     forward pass. It works under ``jax.jit`` and ``jax.vmap`` (over a
     leading batch of ``x``, say: each element is one call of the model).
@@ -300,7 +300,7 @@ def jax_function(model: Any) -> Callable:
     f : jax.custom_vjp
         ``f(params, x, state=None, lengths=None, train=False, seed=None)``. ``params`` has
         the structure of ``model.params``; ``x``, ``state`` and ``lengths`` are as in
-        :meth:`forward` (anything ``jax.numpy.asarray`` takes; integers for ``lengths``).
+        :meth:`~xlstm.LSTM.forward` (anything ``jax.numpy.asarray`` takes; integers for ``lengths``).
         ``train`` and ``seed`` (dropout between layers) are static: pass them as Python
         values (``jax.jit(f, static_argnames=("train", "seed"))``); under ``jax.vmap``
         every element of the batch gets the same masks. Returns ``(y, state)``, ``state``
@@ -318,16 +318,16 @@ def jax_function(model: Any) -> Callable:
     The frozen part (the xLSTM stabiliser, ``m_state``; ``model.layer.frozen``) gets a zero
     gradient and its cotangent is not used; the parts in its scale
     (``model.layer.scaled``) take and give gradients in that scale with the stabiliser held
-    (see :meth:`backward`).
+    (see :meth:`~xlstm.LSTM.backward`).
 
     Residuals. A model's cache is not a pytree of arrays, so the function keeps its inputs
     ``(params, x, state, lengths)`` as residuals and the backward rule runs the forward
-    pass again, with its cache, before :meth:`backward`: one more forward pass per
+    pass again, with its cache, before :meth:`~xlstm.LSTM.backward`: one more forward pass per
     gradient, and between the two passes no memory beyond the inputs (gradient
     checkpointing of the whole call).
 
     Higher derivatives: reverse mode of reverse mode works (JAX differentiates
-    :meth:`backward` in turn); forward mode (``jax.jvp``, ``jax.jacfwd``) raises, as for
+    :meth:`~xlstm.LSTM.backward` in turn); forward mode (``jax.jvp``, ``jax.jacfwd``) raises, as for
     every ``custom_vjp``.
 
     Examples

@@ -33,7 +33,7 @@ def model_from_torch(cls: type, module: Any, *, xp: Any = None, dtype: Any = Non
         A model class with a torch twin (``cls.torch_name``, e.g. ``"LSTM"``).
     module : torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN
         An instance of ``torch.nn.<cls.torch_name>`` or of a subclass, on any real device
-        (not ``"meta"``), without projections (``proj_size=0``).
+        (not ``"meta"``); an LSTM's ``proj_size`` is carried over.
     xp, dtype, device : optional
         Target namespace (default numpy), dtype (default the module's: float64 for
         float64 weights, else float32) and device.
@@ -48,7 +48,7 @@ def model_from_torch(cls: type, module: Any, *, xp: Any = None, dtype: Any = Non
     TypeError
         If ``cls`` has no torch twin or ``module`` is not a ``torch.nn.<cls.torch_name>``.
     ValueError
-        For a projected LSTM, a ``dropout`` outside ``[0, 1)``, or weights on the
+        For a ``dropout`` outside ``[0, 1)``, or weights on the
         ``"meta"`` device.
     """
     import numpy as np
@@ -60,9 +60,6 @@ def model_from_torch(cls: type, module: Any, *, xp: Any = None, dtype: Any = Non
     if not isinstance(module, kind):
         raise TypeError(f"module must be a torch.nn.{cls.torch_name} (or a subclass), got "
                         f"{type(module).__module__}.{type(module).__name__}")
-    if getattr(module, "proj_size", 0):
-        raise ValueError(f"module has proj_size={module.proj_size}: projected LSTMs have no "
-                         "equivalent here; convert an LSTM built with proj_size=0")
     dropout = float(module.dropout)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"module has dropout={module.dropout!r}; models here take dropout in "
@@ -88,8 +85,11 @@ def model_from_torch(cls: type, module: Any, *, xp: Any = None, dtype: Any = Non
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w_ih, w_hh = host("weight_ih" + sfx, None), host("weight_hh" + sfx, None)
             rows = w_hh.shape[0]
-            layers.append(model.cell.from_torch_arrays(
-                w_ih, w_hh, host("bias_ih" + sfx, rows), host("bias_hh" + sfx, rows)))
+            arrays = model.cell.from_torch_arrays(
+                w_ih, w_hh, host("bias_ih" + sfx, rows), host("bias_hh" + sfx, rows))
+            if getattr(module, "proj_size", 0):  # the LSTM's projection
+                arrays["Whr"] = host("weight_hr" + sfx, None)
+            layers.append(arrays)
     model.params = cls._to_xp(layers, model.xp, model.dtype, device)
     return model
 
@@ -136,8 +136,13 @@ def model_to_torch(model: Any) -> Any:
     sd = {}
     for i, layer in enumerate(host):
         sfx = f"_l{i // model.D}" + ("_reverse" if i % model.D else "")
-        for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                            model.cell.to_torch_arrays(layer)):
+        proj = layer.get("Whr")  # the LSTM's projection
+        if proj is None:
+            arrays = model.cell.to_torch_arrays(layer)
+        else:
+            arrays = (*model.cell.to_torch_arrays(layer, proj.shape[0]), proj)
+        for key, arr in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"),
+                            arrays):
             sd[key + sfx] = torch.from_numpy(np.array(arr, copy=True, order="C"))
     mod.load_state_dict(sd)
     return mod

@@ -103,7 +103,7 @@ _TORCH_NAMES = {"input_size": "n_x", "hidden_size": None, "batch_first": "layout
 _TORCH_REFUSED = {
     "bias": "xlstm's models always have biases; for bias=False set them to zero and leave "
             "them out of the optimizer",
-    "proj_size": "xlstm's LSTM has no projection (torch's LSTMP)",
+    "proj_size": "a projection (torch's LSTMP) is the LSTM's: xlstm.LSTM(..., proj_size=k)",
 }
 
 
@@ -238,7 +238,7 @@ class _Model(metaclass=_ModelType):
 
     def _n_in(self, index):
         """Input features of (layer, direction) ``index``: ``n_x``, then ``D n_a``."""
-        return self.n_x if index < self.D else self.D * self.n_h
+        return self.n_x if index < self.D else self.D * self.layer.n_h
 
     def _make_layer(self) -> Layer:
         """The layer of every (layer, direction): by default the engine's, over the class's
@@ -676,7 +676,8 @@ class _Model(metaclass=_ModelType):
         if tuple(lengths.shape) != (m,):
             raise ValueError(f"lengths must have shape (m,) = ({m},), got {tuple(lengths.shape)}")
         if is_concrete(lengths):  # under jax.jit the values cannot be read, nor checked
-            lo, hi = int(xp.min(lengths)), int(xp.max(lengths))
+            host = to_host(lengths)  # on the host: a concrete array closed over by a
+            lo, hi = int(host.min()), int(host.max())  # jitted function is read there
             if lo < 1 or hi > T:
                 raise ValueError(
                     f"lengths must be in [1, T] = [1, {T}], got values in [{lo}, {hi}]")
@@ -727,7 +728,7 @@ class _Model(metaclass=_ModelType):
         for _ in range(self.num_layers - 1):
             # drawn as (D n_h, m, T), the layout of earlier versions: one seed, the same masks
             host = np.ascontiguousarray(
-                ((rng.random((self.D * self.n_h, m, T)) < keep) / keep).transpose(2, 1, 0))
+                ((rng.random((self.D * self.layer.n_h, m, T)) < keep) / keep).transpose(2, 1, 0))
             with device_scope(xp=xp, device=self.device):
                 masks.append(xp.asarray(host, dtype=like.dtype, device=device_of(like)))
         return tuple(masks)
@@ -776,7 +777,7 @@ class _Model(metaclass=_ModelType):
         if dstate is not None:
             named.update((f"dstate[{i}]", s) for i, s in enumerate(dstate) if s is not None)
         xp = namespace(**named, **{"cache": cache.states[0].X})
-        m, D, n_h = cache.m, self.D, self.n_h
+        m, D, n_h = cache.m, self.D, self.layer.n_h  # the output's features
         T = cache.states[0].X.shape[0] // m
         first = self.layout == "batch_first"
         want = (m, T, D * n_h) if first else (D * n_h, m, T)
@@ -882,7 +883,7 @@ class _Model(metaclass=_ModelType):
         Parameters
         ----------
         module : torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN
-            The module of this class's kind, without projections (``proj_size=0``).
+            The module of this class's kind (an LSTM's ``proj_size`` is carried over).
             A subclass is welcome; ``bias=False`` gives zero biases.
         xp, dtype, device : optional
             Target namespace (default numpy), dtype (default the module's: float32 for
