@@ -149,7 +149,7 @@ def test_parameters_files_and_configuration(tmp_path):
     assert back.proj_size == P
     x = np.ones((N_X, M, T), np.float32)
     np.testing.assert_array_equal(back(x)[0], model(x)[0])
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     assert model.num_parameters() == sum(p.numel() for p in model.to_torch().parameters())
 
 
