@@ -48,13 +48,11 @@ def _step_cases(name, xp):
     cases = []
     for layers in (1, 2):
         for layout in ("notebook", "batch_first"):
-            # every model on numpy; elsewhere the LSTM and the mLSTM (the engine's step and
-            # the recurrent form's), two layers, batch first
+            # every model and configuration on numpy; elsewhere every model with two
+            # layers, batch first
             if name != "numpy" and not (layers == 2 and layout == "batch_first"):
                 continue
             for mk in _makers():
-                if name != "numpy" and mk.values[0].func not in (xlstm.LSTM, xlstm.MLSTM):
-                    continue
                 cases.append(pytest.param(mk.values[0], layers, layout,
                                           id=f"{mk.id}-L{layers}-{layout}"))
     return cases
