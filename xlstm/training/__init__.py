@@ -15,7 +15,8 @@ from .callbacks import (
     ProgressBar,
     StepInfo,
 )
-from .fit import EvalRecord, FitResult, StepRecord, accuracy
+from .fit import EvalRecord, FitResult, StepRecord
+from .losses import accuracy
 
 __all__ = [
     "FitResult",

@@ -41,10 +41,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from numbers import Real
 from typing import Any, NamedTuple
 
-from .._lib.checks import check_shape
-from .._lib.compat import namespace, on_input_device
+from .._lib.compat import on_input_device
 from .._lib.tree import flatten, is_tree
-from .._lib.typing import Array, Grads, Params
+from .._lib.typing import Grads, Params
 from .callbacks import (
     _DISPLAY,
     BeginInfo,
@@ -66,7 +65,7 @@ from .callbacks import (
 )
 from .optim import clip_by_global_norm, clip_by_value
 
-__all__ = ["fit", "FitResult", "StepInfo", "StepRecord", "EvalRecord", "accuracy"]
+__all__ = ["fit", "FitResult", "StepInfo", "StepRecord", "EvalRecord"]
 
 
 class StepRecord(NamedTuple):
@@ -163,59 +162,6 @@ class FitResult(NamedTuple):
 
 # ------------------------------------------------------------------------------ metrics
 @on_input_device
-def accuracy(logits: Array, labels: Array, *, mask: Array | None = None) -> Array:
-    """The fraction of positions whose most likely class is the label: a metric for
-    ``fit``'s ``eval_fn``.
-
-    Parameters
-    ----------
-    logits : array, shape (n_y, m, T)
-        Scores of every class, example and step (logits or probabilities: only their
-        argmax counts; a tie goes to the first class).
-    labels : array of integers, shape (m, T)
-        The class of every position.
-    mask : array, shape (m, T), optional
-        Which positions count (boolean) or their weights (floating, of the logits'
-        dtype), as in :func:`xlstm.softmax_cross_entropy`. With a model's ``lengths``,
-        ``arange(T) < lengths[:, None]`` counts each sequence's steps.
-
-    Returns
-    -------
-    array, shape ()
-        The (weighted) mean of the hits, a 0-d array of the logits' dtype, namespace and
-        device (NaN when no position counts).
-
-    Raises
-    ------
-    TypeError, ValueError
-        For arrays of the wrong kind or shape, naming the argument.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from xlstm.training import accuracy
-    >>> logits = np.array([[[2.0, 0.0]], [[1.0, 3.0]]])      # (n_y=2, m=1, T=2)
-    >>> float(accuracy(logits, np.array([[0, 0]])))          # argmax is (0, 1)
-    0.5
-    >>> float(accuracy(logits, np.array([[0, 0]]), mask=np.array([[True, False]])))
-    1.0
-    """
-    xp = namespace(logits=logits, labels=labels, mask=mask, optional=("mask",),
-                   kinds={"labels": ("integral",), "mask": ("bool",)})
-    check_shape("logits", logits, (None, None, None), "(n_y, m, T)")
-    _, m, T = logits.shape
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    check_shape("labels", labels, (m, T), "(m, T)")
-    best = xp.argmax(logits, axis=0)  # (m, T)
-    hit = xp.astype(best == xp.astype(labels, best.dtype), logits.dtype)
-    if mask is None:
-        return xp.mean(hit)
-    check_shape("mask", mask, (m, T), "(m, T)")
-    weights = xp.astype(mask, logits.dtype) if xp.isdtype(mask.dtype, "bool") else mask
-    return xp.sum(hit * weights) / xp.sum(weights)
-
-
 # ----------------------------------------------------------------------------- helpers
 def _check_callables(callback, loss_fn, optimizer):
     """Refuse a ``callback``, ``loss_fn`` or ``optimizer`` that cannot be called as
