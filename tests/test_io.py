@@ -1047,3 +1047,16 @@ def test_a_deflated_entry_beyond_deflates_ratio_is_refused_unread(tmp_path):
     write_zip(tmp_path / "bomb.npz", good_members(tmp_path, Wf=wf))
     with pytest.raises(ValueError, match=r"'Wf' declares 1000000000 bytes stored in \d+"):
         load_params(tmp_path / "bomb.npz")
+
+
+def test_zero_dimensional_leaves_keep_their_shape(tmp_path):
+    """A 0-d parameter (a scalar gain, say) comes back 0-d from a tree and a checkpoint."""
+    from xlstm.io import load_checkpoint, save_checkpoint
+
+    tree = {"params": {"gain": np.array(2.5), "W": np.ones((2, 3))}}
+    save_params(tmp_path / "t.npz", tree)
+    back = load_params(tmp_path / "t.npz")
+    assert back["params"]["gain"].shape == () and float(back["params"]["gain"]) == 2.5
+    save_checkpoint(tmp_path / "c.npz", tree, {"step": 3})
+    again, counters = load_checkpoint(tmp_path / "c.npz")
+    assert again["params"]["gain"].shape == () and counters["step"] == 3

@@ -170,7 +170,8 @@ def _save(path, params, counters):
         n_a, n_x, n_y = check_params(params)
         arrays = param_arrays(params)
     namespace(**arrays)
-    host = [np.ascontiguousarray(to_host(a)) for a in arrays.values()]
+    # np.asarray(order="C"), not ascontiguousarray, which makes a 0-d array 1-d
+    host = [np.asarray(to_host(a), order="C") for a in arrays.values()]
     dtype = host[0].dtype.name
     if dtype not in DTYPES:
         raise TypeError(f"params must be float32 or float64 to be saved, got {dtype}")
