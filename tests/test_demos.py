@@ -6,6 +6,7 @@ import fnmatch
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -547,3 +548,24 @@ def test_every_default_output_of_the_demos_is_ignored_by_git(tmp_path, monkeypat
         pytest.skip("no .gitignore next to the tests")
     rules = gitignore.read_text(encoding="utf-8")
     assert not [f for f in sorted(written) if not _ignored(f, rules)]
+
+
+def test_every_demo_says_how_long_its_defaults_take(capsys):
+    """``--help`` of each demo ends its description with the measured run time of its
+    defaults, and the README says the same."""
+    from xlstm.demos._cli import DEFAULT_RUN_TIME
+
+    assert set(DEFAULT_RUN_TIME) == set(demos.DEMOS)
+    readme = ROOT / "README.md"
+    readme = " ".join(readme.read_text(encoding="utf-8").split()) if readme.exists() else None
+    for name, took in DEFAULT_RUN_TIME.items():
+        assert re.fullmatch(r"\d+ (seconds|minutes?)", took), took
+        with pytest.raises(SystemExit) as info:
+            demos.main([name, "--help"])
+        assert info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"With the defaults it takes about {took} on two CPU cores." in text, name
+        if readme is not None:
+            said = re.search(rf"python -m xlstm demo {name}\b(?:(?!python -m xlstm demo ).)*?"
+                             rf"about {took}", readme)
+            assert said is not None, f"the README does not say that demo {name} takes {took}"

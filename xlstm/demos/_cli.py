@@ -100,12 +100,13 @@ def training_options(parser, *, steps, hidden, batch, lr, clip, steps_what="opti
                         help=f"global-norm clip (default {clip:g})")
 
 
-def text_options(parser, **what):
+def text_options(parser, *, steps, hidden, **what):
     """The options of a demo that learns a text: ``--text`` and :func:`training_options`
-    (``what``: their ``steps_what`` and ``hidden_what``)."""
+    (``steps`` and ``hidden``: their defaults; ``what``: their ``steps_what`` and
+    ``hidden_what``)."""
     parser.add_argument("--text", type=input_file, default=None,
                         help="UTF-8 text file to learn (default: Python's pydoc_data.topics)")
-    training_options(parser, steps=2000, hidden=128, batch=32, lr=5e-3, clip=5.0,
+    training_options(parser, steps=steps, hidden=hidden, batch=32, lr=5e-3, clip=5.0,
                      batch_of="contiguous streams of the text", **what)
 
 
@@ -119,12 +120,24 @@ def comparison_options(parser, *, steps, hidden, lr, hidden_what, plot):
     common_options(parser, plot=plot)
 
 
+#: How long each demo takes with its defaults on numpy float32 with the compiled loops, two
+#: CPU cores and numpy's default BLAS threads (measured; ``--help`` and the README say it).
+DEFAULT_RUN_TIME = {
+    "charlm": "70 seconds",
+    "adding": "15 seconds",
+    "bidirectional": "10 seconds",
+    "recall": "40 seconds",
+    "cells": "90 seconds",
+}
+
+
 def demo_parser(parser, command, description):
     """``parser``, or a new parser of ``python -m xlstm demo <command>``, with the usage line
-    and the ``description`` of a demo."""
+    and the ``description`` of a demo, which ends with how long its defaults take."""
     p = parser or argparse.ArgumentParser(prog=f"python -m xlstm demo {command}")
     p.usage = "%(prog)s [options]"  # the options are listed by --help
-    p.description = description
+    p.description = (f"{description} With the defaults it takes about "
+                     f"{DEFAULT_RUN_TIME[command]} on two CPU cores.")
     return p
 
 
@@ -134,15 +147,15 @@ def charlm_parser(parser=None):
                     "Character-level language model, a stacked LSTM trained by truncated "
                     "backpropagation through time: train on a text, print samples as it "
                     "learns, save the parameters and a loss curve.")
-    text_options(p, hidden_what="hidden size of every layer")
+    text_options(p, steps=1000, hidden=128, hidden_what="hidden size of every layer")
     p.add_argument("--layers", type=int_at_least(1), default=2,
                    help="stacked layers (default 2; the mLSTM runs one)")
     p.add_argument("--cell", default="lstm", choices=("lstm", "slstm", "mlstm"),
                    help="the model: LSTM (default), sLSTM or mLSTM")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="characters per step, the span of backpropagation (default 50)")
-    p.add_argument("--sample-every", type=int_at_least(0), default=500,
-                   help="evaluate and print a sample every N steps (default 500, 0: never)")
+    p.add_argument("--sample-every", type=int_at_least(0), default=250,
+                   help="evaluate and print a sample every N steps (default 250, 0: never)")
     p.add_argument("--sample-len", type=int_at_least(0), default=200,
                    help="characters per sample (default 200)")
     p.add_argument("--temperature", type=positive_float, default=0.7,
@@ -198,7 +211,7 @@ def recall_parser(parser=None):
     p.add_argument("--keys", type=int_at_least(1), default=8, help="key symbols (default 8)")
     p.add_argument("--values", type=int_at_least(2), default=8,
                    help="value symbols (default 8)")
-    comparison_options(p, steps=4000, hidden=32, lr=5e-3,
+    comparison_options(p, steps=1000, hidden=32, lr=5e-3,
                        hidden_what="the LSTM's hidden size; the others match its parameters",
                        plot="recall_loss.png")
     return p
@@ -210,12 +223,12 @@ def cells_parser(parser=None):
                     "The character-level language model with an LSTM, an sLSTM and an "
                     "mLSTM of one layer and about equal size: the held-out losses of the "
                     "three in one plot.")
-    text_options(p, steps_what="optimizer steps per model",
+    text_options(p, steps=500, hidden=64, steps_what="optimizer steps per model",
                  hidden_what="the LSTM's hidden size; the others match its parameters")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="characters per step, the span of backpropagation (default 50)")
-    p.add_argument("--sample-every", type=int_at_least(1), default=250,
-                   help="measure the held-out loss every N steps (default 250)")
+    p.add_argument("--sample-every", type=int_at_least(1), default=100,
+                   help="measure the held-out loss every N steps (default 100)")
     p.add_argument("--out-dir", type=output_folder, default=".",
                    help="folder of the parameter files (default .)")
     common_options(p, plot="charlm_cells.png")

@@ -308,7 +308,7 @@ def charlm(
     backend: str = "numpy",
     dtype: str = "float32",
     seed: int = 0,
-    steps: int = 2000,
+    steps: int = 1000,
     hidden: int = 128,
     layers: int = 2,
     cell: str = "lstm",
@@ -316,7 +316,7 @@ def charlm(
     batch: int = 32,
     lr: float = 5e-3,
     clip: float = 5.0,
-    sample_every: int = 500,
+    sample_every: int = 250,
     sample_len: int = 200,
     temperature: float = 0.7,
     prime: str = "The ",
@@ -349,7 +349,7 @@ def charlm(
     seed : int, optional
         Seeds the parameters and the samples. Default 0.
     steps : int, optional
-        Optimizer steps. Default 2000.
+        Optimizer steps. Default 1000.
     hidden : int, optional
         Hidden size ``n_a`` of every layer. Default 128.
     layers : int, optional
@@ -512,9 +512,9 @@ def charlm_cells(
     *,
     cells: Sequence[str] = ("lstm", "slstm", "mlstm"),
     text: str | None = None,
-    hidden: int = 128,
-    steps: int = 2000,
-    sample_every: int = 250,
+    hidden: int = 64,
+    steps: int = 500,
+    sample_every: int = 100,
     out_dir: str = ".",
     plot: str | bool | None = "charlm_cells.png",
     verbose: bool = True,
@@ -532,7 +532,7 @@ def charlm_cells(
         As for :func:`charlm` (``sample_every`` also sets how often the held-out loss is
         measured).
     hidden : int, optional
-        The LSTM's hidden size, which sets the parameter budget. Default 128.
+        The LSTM's hidden size, which sets the parameter budget. Default 64.
     out_dir : str, optional
         Folder for each run's parameters, ``charlm_<cell>.npz``. Default the current one.
     plot : str or False, optional

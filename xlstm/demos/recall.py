@@ -72,7 +72,7 @@ def recall(
     values=8,
     hidden=32,
     batch=32,
-    steps=4000,
+    steps=1000,
     lr=5e-3,
     clip=5.0,
     test_size=512,
