@@ -121,7 +121,7 @@ def test_sample_runs_the_tree_one_character_per_call_with_the_state_carried():
     for layers in (1, 3):
         params = lm_tree(4, 5, layers, seed=layers)
         text = demos.sample(params, vocab, 12, prime="ab", rng=np.random.default_rng(0))
-        model = xlstm.LSTM(4, 5, num_layers=layers)
+        model = xlstm.LSTM(4, 5, num_layers=layers, dtype="float64")
         ids = [vocab.index(ch) for ch in "ab" + text]
         x = np.eye(4)[:, ids][:, None, :]
         y, _, _ = model.forward(x, params=params["rnn"], return_cache=False)
