@@ -123,7 +123,7 @@ def comparison_options(parser, *, steps, hidden, lr, hidden_what, plot):
 #: How long each demo takes with its defaults on numpy float32 with the compiled loops, two
 #: CPU cores and numpy's default BLAS threads (measured; ``--help`` and the README say it).
 DEFAULT_RUN_TIME = {
-    "charlm": "70 seconds",
+    "charlm": "90 seconds",
     "adding": "15 seconds",
     "bidirectional": "10 seconds",
     "recall": "40 seconds",
@@ -147,15 +147,15 @@ def charlm_parser(parser=None):
                     "Character-level language model, a stacked LSTM trained by truncated "
                     "backpropagation through time: train on a text, print samples as it "
                     "learns, save the parameters and a loss curve.")
-    text_options(p, steps=1000, hidden=128, hidden_what="hidden size of every layer")
+    text_options(p, steps=2000, hidden=128, hidden_what="hidden size of every layer")
     p.add_argument("--layers", type=int_at_least(1), default=2,
                    help="stacked layers (default 2; the mLSTM runs one)")
     p.add_argument("--cell", default="lstm", choices=("lstm", "slstm", "mlstm"),
                    help="the model: LSTM (default), sLSTM or mLSTM")
     p.add_argument("--seq-len", type=int_at_least(1), default=50,
                    help="characters per step, the span of backpropagation (default 50)")
-    p.add_argument("--sample-every", type=int_at_least(0), default=250,
-                   help="evaluate and print a sample every N steps (default 250, 0: never)")
+    p.add_argument("--sample-every", type=int_at_least(0), default=500,
+                   help="evaluate and print a sample every N steps (default 500, 0: never)")
     p.add_argument("--sample-len", type=int_at_least(0), default=200,
                    help="characters per sample (default 200)")
     p.add_argument("--temperature", type=positive_float, default=0.7,
