@@ -24,7 +24,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _machine import cpu_machine, set_threads, versions, write_cpu_report  # noqa: E402
+from _machine import (  # noqa: E402
+    blas_kernel,
+    cpu_machine,
+    set_threads,
+    thread_info,
+    versions,
+    write_cpu_report,
+)
 
 CELLS = {"lstm": ("LSTM", "LSTMCell"), "gru": ("GRU", "GRUCell")}
 
@@ -64,8 +71,10 @@ def worker(impl, cell, n, m, repeat, threads):
 
         sync = lambda: None  # noqa: E731
     t = measure(once, sync, repeat, warmup=50)
+    torch = sys.modules.get("torch")
     return {"median_us": 1e3 * t["median_ms"], "min_us": 1e3 * t["min_ms"],
-            "calls_per_sample": t["calls_per_sample"]}
+            "calls_per_sample": t["calls_per_sample"],
+            "blas": blas_kernel(thread_info(threads, torch)), "versions": versions()}
 
 
 def main(argv=None):
@@ -102,8 +111,12 @@ def main(argv=None):
             table.append(f"| {cell} | {m} | {med['xlstm']:.1f} | {med['torch']:.1f} | "
                          f"{ratio:.2f}x |")
             print(table[-1], flush=True)
+    first = results[0]["rounds"]
+    machine = cpu_machine(cores=args.threads)
+    machine["blas"] = first["xlstm"][0]["blas"]  # the kernel numpy ran, seen in its worker
     report = {"benchmark": "bench_step", "n": args.n, "threads": args.threads,
-              "machine": cpu_machine(cores=args.threads), "versions": versions(),
+              "machine": machine,
+              "versions": {**first["torch"][0]["versions"], **first["xlstm"][0]["versions"]},
               "results": results}
     write_cpu_report(args.out, "bench_step", report,
                      f"# Per-token inference, n_x = n_a = {args.n}, float32, "
