@@ -190,9 +190,12 @@ def test_pickle_and_deepcopy_keep_the_model(make):
         assert_close(clone(x)[0], y, xp=NP, device=CPU, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax", "strict"], indirect=True)
-def test_pickle_stores_the_namespace_by_name(backend, backend_named):
+def test_pickle_stores_the_namespace_by_name(backend):
     name, xp, device = backend
+    try:
+        pickle.dumps(xp.asarray([1.0], device=device))
+    except Exception as exc:  # noqa: BLE001 - array-api-strict 2.3's arrays do not pickle
+        pytest.skip(f"{name}'s arrays do not pickle: {exc}")
     model = xlstm.GRU(N_X, N_A, xp=xp, device=device, seed=1)
     clone = pickle.loads(pickle.dumps(model))
     assert clone.xp is model.xp
@@ -201,7 +204,6 @@ def test_pickle_stores_the_namespace_by_name(backend, backend_named):
     assert_close(clone(x)[0], model(x)[0], xp=xp, device=device, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "strict"], indirect=True)
 def test_to_converts_a_copy(backend):
     name, xp, device = backend
     model = xlstm.SLSTM(N_X, N_A, num_heads=2, num_layers=2, seed=2)
